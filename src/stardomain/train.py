@@ -1,0 +1,193 @@
+"""Regular training (sources, held-outs) and evaluation.
+
+A seed fixes everything (initialisation, shuffling, augmentation): two CPU runs with the same seed give
+bitwise-identical weights. Training state is saved after every epoch, so a killed run resumes where it
+stopped and ends with the same weights; a NaN/inf loss stops with the last good state kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import load_state, save_model, save_state
+from .config import Config, OptimizerConfig, ScheduleConfig, TrainConfig
+from .data import DataBundle, Split, batches, get_dataset, num_batches
+from .errors import UserError
+from .models import build_model
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available here; use --device auto or cpu")
+    return torch.device(device)
+
+
+def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Multiplier of the base learning rate at a given optimiser step (schedules step per batch)."""
+    total = max(1, steps_per_epoch * epochs)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.name == "onecycle":
+        up = max(1, int(cfg.pct_start * total))
+        if step < up:
+            return 0.04 + 0.96 * step / up
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - up) / max(1, total - up))))
+    if warm and step < warm:
+        return (step + 1) / warm
+    if cfg.name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    if cfg.name == "step":
+        epoch = step // steps_per_epoch
+        return cfg.gamma ** sum(epoch >= e for e in cfg.step_epochs)
+    return 1.0
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(cfg.schedule, s, steps_per_epoch, cfg.epochs))
+
+
+def autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, device: str | torch.device | None = None,
+             forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy (a fraction) over a whole split, in eval mode."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    fwd = forward or model
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in batches(split, batch_size, device=device):
+        out = fwd(x).float()
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return {"loss": loss_sum / n, "acc": correct / n}
+
+
+def evaluate_splits(model: nn.Module, data: DataBundle, batch_size: int = 1000) -> dict[str, dict[str, float]]:
+    """The contract of `stardomain eval --json`: {"train": {...}, "test": {...}} on un-augmented data."""
+    return {s: evaluate(model, data.split(s), batch_size) for s in ("train", "test")}
+
+
+def config_digest(cfg: Config) -> str:
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+
+
+def model_meta(cfg: Config, data: DataBundle, seed: int, role: str, **extra: Any) -> dict[str, Any]:
+    """The metadata every model file carries (DESIGN.md): enough to rebuild it and know how it was made."""
+    return {
+        "model": cfg.model.model_dump(),
+        "data": {"name": data.name, "config": cfg.data.model_dump(), "input_shape": list(data.input_shape),
+                 "num_classes": data.num_classes, "train_size": len(data.train), **data.info},
+        "seed": seed,
+        "role": role,
+        "config": cfg.model_dump(),
+        **extra,
+    }
+
+
+def init_model(cfg: Config, data: DataBundle, seed: int) -> nn.Module:
+    """The seeded initialisation: the same seed always gives the same initial weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(cfg.model, data.input_shape, data.num_classes)
+
+
+def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_path: str | Path | None = None,
+          progress: bool | None = None, init: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
+    """Train one model from its seed. -> (model in eval mode, final metrics on train and test)."""
+    device = resolve_device(device)
+    data = get_dataset(cfg.data)
+    tc = cfg.train
+    model = init_model(cfg, data, seed)
+    if init is not None:
+        model.load_state_dict(init)
+    model.to(device)
+    opt = build_optimizer(model.parameters(), tc.optimizer)
+    steps = num_batches(data.train, tc.batch_size, drop_last=len(data.train) > tc.batch_size)
+    sched = build_scheduler(opt, tc, steps)
+    gen = torch.Generator().manual_seed(seed)
+    start_epoch, digest = 0, config_digest(cfg)
+    torch.manual_seed(seed)  # dropout and other global draws; restored below when resuming
+
+    if state_path and Path(state_path).exists():
+        st = load_state(state_path)
+        if st.get("digest") == digest and st.get("seed") == seed:
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            gen.set_state(st["generator"])
+            torch.set_rng_state(st["torch_rng"])
+            start_epoch = st["epoch"]
+
+    bar = tqdm(total=tc.epochs * steps, initial=start_epoch * steps, disable=None if progress is None else not progress,
+               desc=f"train seed {seed}", unit="batch", leave=False, dynamic_ncols=True)
+    for epoch in range(start_epoch, tc.epochs):
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in batches(data.train, tc.batch_size, generator=gen, augment=data.augment, device=device,
+                            drop_last=len(data.train) > tc.batch_size):
+            with autocast(device, tc.amp):
+                out = model(x)
+                loss = F.cross_entropy(out.float(), y, label_smoothing=tc.label_smoothing)
+            if not torch.isfinite(loss):
+                bar.close()
+                kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path else ""
+                raise UserError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1} "
+                                f"(seed {seed}){kept}; lower train.optimizer.lr or set train.grad_clip")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.update()
+            bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        if state_path:
+            save_state(state_path, {"digest": digest, "seed": seed, "epoch": epoch + 1, "model": model.state_dict(),
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+    bar.close()
+    model.eval()
+    metrics = evaluate_splits(model, data, tc.eval_batch_size)
+    return model, metrics
+
+
+def train_to_file(cfg: Config, seed: int, out: str | Path, *, role: str = "source", device: str = "auto",
+                  progress: bool | None = None) -> dict[str, Any]:
+    """Train and write a model file; resumable through `OUT.state` (removed when done). -> metadata."""
+    out = Path(out)
+    state_path = out.with_name(out.name + ".state")
+    model, metrics = train(cfg, seed, device=device, state_path=state_path, progress=progress)
+    meta = save_model(out, model.state_dict(), model_meta(cfg, get_dataset(cfg.data), seed, role, metrics=metrics))
+    state_path.unlink(missing_ok=True)
+    return meta
