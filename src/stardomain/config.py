@@ -84,6 +84,70 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(1000, ge=1)
 
 
+PAIR_KINDS = ("star_heldout", "regular_regular", "heldout_heldout", "star_source", "average_heldout")
+
+
+class StudyEvalConfig(Section):
+    """How each pair is measured (PAPER.md: 11 points, after weight matching, BN recalibrated)."""
+
+    points: int = Field(11, ge=3)
+    align: bool = True  # weight matching before interpolating (the paper's "modulo permutations")
+    bn_batches: int | None = Field(None, ge=1)  # BN recalibration batches per point; None: the whole train split
+    batch_size: int = Field(1000, ge=1)
+
+
+class StudySweeps(Section):
+    """Extra stars / populations: a star per |Z| value, a population per width or depth, a star per t scheme."""
+
+    n_sources: list[int] = Field(default_factory=list)
+    width: list[int] = Field(default_factory=list)
+    depth: list[int] = Field(default_factory=list)
+    t_sampling: list[str] = Field(default_factory=list)
+
+
+class StudyConfig(Section):
+    """The star-domain study: N sources, H held-outs (optionally another recipe), a star, pairs to measure."""
+
+    n_sources: int = Field(10, ge=1)
+    n_heldouts: int = Field(5, ge=1)
+    seed: int = 0  # sources use seed+i, held-outs seed+1000+i, stars seed
+    heldout_train: dict[str, Any] | None = None  # partial train section merged over `train` for held-outs
+    pairs: list[Literal[PAIR_KINDS]] = Field(default_factory=lambda: list(PAIR_KINDS))
+    eval: StudyEvalConfig = Field(default_factory=StudyEvalConfig)
+    sweeps: StudySweeps = Field(default_factory=StudySweeps)
+    bma: bool = False  # also run star-domain BMA vs the deep ensemble of the sources
+    bma_k: int = Field(32, ge=1)
+    cpus_per_task: int = Field(1, ge=1)  # torch threads per task (and Ray num_cpus); fixed so results never
+    gpus_per_task: float = Field(0.0, ge=0)  # depend on the executor
+    device: str = "auto"
+    bootstrap: int = Field(10000, ge=100)  # resamples for the 95% CI
+
+
+class StarConfig(Section):
+    """Starlight (PAPER.md, Algorithm 1): how the star model is trained from its sources."""
+
+    t_sampling: Literal["uniform", "beta", "constant"] = "uniform"
+    beta: tuple[float, float] = (2.0, 2.0)  # Beta(a, b) when t_sampling = beta
+    t_constant: float = Field(0.5, ge=0, le=1)  # t when t_sampling = constant
+    mu: float = Field(0.0, ge=0)  # weight of the star's own loss; total (L_interp + mu*L(star)) / (1 + mu)
+    align_every: Literal["epoch", "never"] | int = "epoch"  # re-align sources to the star: per epoch, N steps, never
+    init: Literal["random", "source", "average"] = "random"  # random (seeded), one source, aligned average
+    init_source: int = Field(0, ge=0)  # which source when init = source (and the anchor of init = average)
+    chunks: int = Field(1, ge=1)  # variance reduction: k (source, t) draws per mini-batch, one per chunk
+    bn_batches: int | None = Field(None, ge=1)  # BN recompute after each epoch: None = all training batches
+    sources_on: Literal["auto", "device", "cpu"] = "auto"  # where source weights live when training on a GPU
+    match_iters: int = Field(100, ge=1)  # weight-matching sweeps per alignment
+    train: TrainConfig | None = None  # None: the same recipe as the regular models (cfg.train)
+
+    @model_validator(mode="after")
+    def _check(self) -> "StarConfig":
+        if isinstance(self.align_every, int) and self.align_every < 1:
+            raise ValueError("align_every must be 'epoch', 'never' or a positive number of steps")
+        if self.beta[0] <= 0 or self.beta[1] <= 0:
+            raise ValueError("beta parameters must be positive")
+        return self
+
+
 class Config(Section):
     """The whole run. Unknown keys are errors, so a typo never silently falls back to a default."""
 
@@ -91,6 +155,8 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    star: StarConfig = Field(default_factory=StarConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
 
 
 def _format_validation_error(err: ValidationError) -> str:
