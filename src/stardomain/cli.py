@@ -106,6 +106,35 @@ def eval_(path: Path = typer.Argument(..., help="A model file written by stardom
             typer.echo(f"{split:<6} loss {r['loss']:.4f}  acc {r['acc']:.4f}")
 
 
+@app.command()
+def star(
+    sources: List[Path] = typer.Option(..., "--sources", help="Source model files (trained with the same model "
+                                       "and data config), e.g. --sources runs/s0.safetensors runs/s1.safetensors"),
+    out: Path = typer.Option(..., "--out", "-o", help="Star model file to write (.safetensors)."),
+    config: Optional[Path] = ConfigOpt,
+    seed: int = typer.Option(0, "--seed", help="Fixes the star's initialisation, data order and (source, t) draws."),
+    set_: List[str] = SetOpt,
+    device: str = DeviceOpt,
+):
+    """Train a star model with Starlight (PAPER.md, Algorithm 1) from source model files.
+
+    Each mini-batch goes through (1-t)*star + t*source for a random source and t; settings live in the
+    `star` config section (t_sampling, mu, align_every, init, chunks, bn_batches, train). A killed run
+    resumes from OUT.state when re-run with the same arguments.
+
+    Example: stardomain star --config configs/mnist_mlp.yaml --sources runs/s*.safetensors
+    --out runs/star.safetensors --set star.align_every=never --set star.chunks=4
+    """
+    from .config import load_config
+    from .starlight import star_to_file
+
+    cfg = load_config(config, set_)
+    meta = star_to_file(cfg, [str(p) for p in sources], out, seed=seed, device=device)
+    m = meta["metrics"]
+    typer.echo(f"wrote {out}  ({len(sources)} sources)  train loss {m['train']['loss']:.4f} acc "
+               f"{m['train']['acc']:.4f}  test loss {m['test']['loss']:.4f} acc {m['test']['acc']:.4f}")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,398 @@
+"""Starlight (PAPER.md, Algorithm 1): train a star model θ that sees its sources along straight lines.
+
+Every mini-batch draws a source θ_n uniformly and t from the configured scheme, forwards the batch through
+the interpolated weights (1-t)·θ + t·θ_n (BatchNorm in train mode) and back-propagates into θ *through the
+interpolation itself*: the interpolated parameters are built with `torch.lerp` from θ's own Parameters and
+handed to `torch.func.functional_call`, so autograd applies the (1-t) factor exactly once and no weights are
+copied into a second module. The cost over an ordinary step is one lerp per parameter tensor forward and one
+scale backward.
+
+BatchNorm buffers: an interpolated forward in train mode would update running statistics with the
+statistics of the *interpolated* network. Those are not θ's statistics, so interpolated forwards run with
+scratch buffers (a private copy that absorbs the updates); θ's own buffers are touched only by θ's own
+forwards (the μ term) and are recomputed on training data after every epoch anyway (`recalibrate_bn`).
+
+Alignment: sources are re-aligned to the current θ (weight matching) every epoch, every N steps or never.
+Each alignment starts from the *original* source weights, so the aligned copies depend only on θ at that
+moment; the permutations (small integer vectors) go into the resume state, so a restarted run rebuilds the
+exact aligned copies without storing N models.
+
+Resume: the star, optimiser, scheduler, the data-order generator, the (source, t) generator, the global
+torch RNG, the permutations and progress are saved atomically after every epoch (`checkpoint.save_state`);
+a killed run re-run with the same arguments ends with the bitwise-identical star.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .checkpoint import compatible, load_state, read_model_file, save_model, save_state, weights_sha256
+from .config import Config, StarConfig, TrainConfig
+from .data import get_dataset, num_batches, batches
+from .errors import UserError
+from .interpolate import average, has_bn, recalibrate_bn
+from .train import (autocast, build_optimizer, build_scheduler, config_digest, evaluate_splits, init_model,
+                    model_meta, resolve_device)
+
+StateDict = dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------- the step
+
+def interpolated_forward(model: nn.Module, params: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
+                         t: float, x: torch.Tensor, buffers: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Forward `x` through (1-t)·params + t·source. Gradients reach `params` scaled by (1-t) by autograd
+    (torch.lerp's derivative in its first argument); `source` needs no gradient. `buffers`, when given,
+    replace the module's buffers for this call (BatchNorm updates land there, not in the module)."""
+    mixed = {k: torch.lerp(p, source[k], t) for k, p in params.items()}
+    if buffers:
+        mixed.update(buffers)
+    return functional_call(model, mixed, (x,))
+
+
+def star_loss(model: nn.Module, params: Mapping[str, torch.Tensor], draws: Sequence[tuple[Mapping[str, torch.Tensor], float]],
+              x: torch.Tensor, y: torch.Tensor, *, mu: float = 0.0, label_smoothing: float = 0.0,
+              scratch: Mapping[str, torch.Tensor] | None = None, backward: bool = True) -> float:
+    """One Starlight objective on a mini-batch split into len(draws) chunks, chunk i through its own
+    (source_i, t_i). L_interp is the mean loss over the whole batch; with μ > 0 the total is
+    (L_interp + μ·L(θ)) / (1 + μ). With `backward`, gradients are accumulated chunk by chunk (peak memory
+    of one chunk's activations). -> the total loss value."""
+    k = len(draws)
+    n = len(y)
+    scale = 1.0 / (1.0 + mu)
+    total = 0.0
+    xs, ys = (torch.tensor_split(x, k), torch.tensor_split(y, k)) if k > 1 else ((x,), (y,))
+    for (src, t), xc, yc in zip(draws, xs, ys):
+        out = interpolated_forward(model, params, src, t, xc, scratch)
+        loss = F.cross_entropy(out.float(), yc, label_smoothing=label_smoothing, reduction="sum") * (scale / n)
+        if backward:
+            loss.backward()
+        total += loss.item()
+    if mu > 0:
+        out = model(x)  # θ's own forward: its BatchNorm buffers get θ's statistics
+        loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing) * (mu * scale)
+        if backward:
+            loss.backward()
+        total += loss.item()
+    return total
+
+
+# ---------------------------------------------------------------- draws
+
+class Draws:
+    """The seeded (source, t) generator: numpy's PCG64, whose state is plain JSON (resumable, no pickle)."""
+
+    def __init__(self, sc: StarConfig, n_sources: int, seed: int):
+        self.sc, self.n = sc, n_sources
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x5747])))
+
+    def draw(self) -> tuple[int, float]:
+        n = int(self.rng.integers(self.n))
+        if self.sc.t_sampling == "uniform":
+            t = float(self.rng.random())
+        elif self.sc.t_sampling == "beta":
+            t = float(self.rng.beta(*self.sc.beta))
+        else:
+            t = float(self.sc.t_constant)
+        return n, t
+
+    def get_state(self) -> str:
+        return json.dumps(self.rng.bit_generator.state)
+
+    def set_state(self, s: str) -> None:
+        self.rng.bit_generator.state = json.loads(s)
+
+
+# ---------------------------------------------------------------- sources
+
+def _permute_module():
+    """The alignment module (stardomain.permute) or None where it is not installed yet."""
+    try:
+        from . import permute
+    except ImportError:
+        return None
+    return permute if all(hasattr(permute, n) for n in ("spec_for", "weight_matching", "apply_permutation")) else None
+
+
+class SourceBank:
+    """The sources' parameters as the star trains against them: N aligned copies (parameters only), on the
+    training device when they fit there, else on the CPU with the drawn one moved per step. Originals are
+    read through `originals[n]` (a list, or a lazy sequence that reads files) and never modified."""
+
+    def __init__(self, originals: Sequence[StateDict], param_names: list[str], device: torch.device, where: str):
+        self.originals = originals
+        self.names = param_names
+        self.device = device
+        self.perms: list[dict[str, torch.Tensor] | None] = [None] * len(originals)
+        first = originals[0]
+        bytes_per = sum(first[k].numel() * first[k].element_size() for k in param_names)
+        if where == "auto":
+            where = "device"
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                where = "device" if bytes_per * len(originals) < 0.3 * free else "cpu"
+        self.on_device = where == "device" or device.type == "cpu"
+        self.bytes = bytes_per * len(originals)
+        self.params: list[StateDict] = [self._params(originals[n]) for n in range(len(originals))]
+
+    def _params(self, sd: StateDict) -> StateDict:
+        dev = self.device if self.on_device else torch.device("cpu")
+        return {k: sd[k].detach().to(dev, torch.float32 if sd[k].is_floating_point() else sd[k].dtype)
+                for k in self.names}
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def get(self, n: int) -> StateDict:
+        p = self.params[n]
+        if self.on_device:
+            return p
+        return {k: v.to(self.device, non_blocking=True) for k, v in p.items()}
+
+    def set_perm(self, n: int, perm: dict[str, torch.Tensor] | None, permute=None, spec=None) -> None:
+        """Make copy n the original permuted by `perm` (None: the original itself)."""
+        sd = self.originals[n]
+        if perm is not None:
+            sd = permute.apply_permutation(spec, sd, perm)
+        self.perms[n] = perm
+        self.params[n] = self._params(sd)
+
+    def align_to(self, star_sd: StateDict, permute, spec, seed: int, max_iter: int) -> dict[str, float]:
+        """Re-align every source (from its original weights) to the star by weight matching."""
+        iters = []
+        for n in range(len(self.params)):
+            perm, info = permute.weight_matching(spec, star_sd, self.originals[n], seed=seed + n, max_iter=max_iter)
+            perm = {g: p.detach().cpu().to(torch.int64) for g, p in perm.items()}
+            self.set_perm(n, perm, permute, spec)
+            iters.append(info.get("iterations", 0) if isinstance(info, dict) else 0)
+        return {"mean_iterations": float(np.mean(iters)) if iters else 0.0}
+
+
+class SourceFiles(Sequence):
+    """Sources as model files, read on access: the originals stay on disk, so only the aligned copies
+    (N models) live in memory. Each read is checked against the file's sha256."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        self.paths = [Path(p) for p in paths]
+        self.metas = [read_model_file(p)[1] for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, n):  # type: ignore[override]
+        sd, meta = read_model_file(self.paths[n])
+        if meta["sha256"] != self.metas[n]["sha256"]:
+            raise UserError(f"{self.paths[n]} changed while the star was training")
+        return sd
+
+
+# ---------------------------------------------------------------- training
+
+def star_settings(sc: StarConfig) -> dict[str, Any]:
+    """The settings recorded in a star file's metadata."""
+    return {"t_sampling": sc.t_sampling, "beta": list(sc.beta), "t_constant": sc.t_constant, "mu": sc.mu,
+            "align_every": sc.align_every, "init": sc.init, "init_source": sc.init_source, "chunks": sc.chunks,
+            "bn_batches": sc.bn_batches, "match_iters": sc.match_iters}
+
+
+def _check_sources(model: nn.Module, sources: Sequence[StateDict]) -> None:
+    want = model.state_dict()
+    for i in range(len(sources)):
+        sd = sources[i]
+        missing = [k for k in want if k not in sd]
+        extra = [k for k in sd if k not in want]
+        bad = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+        if missing or extra or bad:
+            raise UserError(f"source {i} does not fit the configured model ({cfg_hint(missing, extra, bad)}); "
+                            "give sources trained with the same model config")
+
+
+def cfg_hint(missing, extra, bad) -> str:
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:3]}")
+    if extra:
+        parts.append(f"unexpected {extra[:3]}")
+    if bad:
+        parts.append(f"shape differs for {bad[:3]}")
+    return ", ".join(parts)
+
+
+def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, device: str | torch.device = "auto",
+               state_path: str | Path | None = None, progress: bool | None = None,
+               source_ids: Sequence[str] | None = None,
+               on_epoch: Callable[[int, dict], None] | None = None) -> tuple[nn.Module, dict]:
+    """Train a star model from `sources` (state dicts of cfg.model trained on cfg.data) with Algorithm 1.
+    -> (star module in eval mode, info: metrics, settings, timings, per-epoch history).
+
+    `state_path`: resume file, written after every epoch. `source_ids`: digests identifying the sources in
+    the resume state (default: their weights' sha256). `on_epoch(epoch, record)` is called after each
+    epoch's state is saved (progress reporting; tests use it to interrupt a run)."""
+    sc = cfg.star
+    tc: TrainConfig = sc.train or cfg.train
+    if len(sources) < 1:
+        raise UserError("Starlight needs at least one source model")
+    device = resolve_device(device)
+    data = get_dataset(cfg.data)
+    model = init_model(cfg, data, seed)
+    _check_sources(model, sources)
+    param_names = [k for k, _ in model.named_parameters()]
+    permute = _permute_module()
+    align_on = sc.align_every != "never" or sc.init == "average"
+    if align_on and permute is None:
+        raise UserError("alignment needs stardomain.permute, which is not installed here; set "
+                        "star.align_every=never (and star.init to random or source)")
+    drop_last = len(data.train) > tc.batch_size
+    if has_bn(model) and tc.batch_size // sc.chunks < 2:
+        raise UserError(f"star.chunks={sc.chunks} leaves chunks of under 2 examples at batch size {tc.batch_size}; "
+                        "BatchNorm needs at least 2: lower star.chunks or raise the batch size")
+    if sc.init_source >= len(sources) and sc.init in ("source", "average"):
+        raise UserError(f"star.init_source={sc.init_source} but only {len(sources)} sources were given")
+
+    example = data.train.x[:2] if data.train.x is not None else torch.stack([data.train.dataset[i][0] for i in (0, 1)])
+    spec = permute.spec_for(model, example) if permute is not None and align_on else None
+
+    # θ_0: random (seeded), a source, or the aligned average of the sources
+    if sc.init == "source":
+        model.load_state_dict(sources[sc.init_source])
+    elif sc.init == "average":
+        anchor = sources[sc.init_source]
+        aligned = []
+        for n in range(len(sources)):
+            if n == sc.init_source:
+                aligned.append(anchor)
+                continue
+            perm, _ = permute.weight_matching(spec, anchor, sources[n], seed=seed + n, max_iter=sc.match_iters)
+            aligned.append(permute.apply_permutation(spec, sources[n], perm))
+        model.load_state_dict(average(aligned))
+        del aligned
+        recalibrate_bn(model, data.train, tc.eval_batch_size, sc.bn_batches)
+    model.to(device)
+
+    bank = SourceBank(sources, param_names, device, sc.sources_on)
+    opt = build_optimizer(model.parameters(), tc.optimizer)
+    steps = num_batches(data.train, tc.batch_size, drop_last=drop_last)
+    sched = build_scheduler(opt, tc, steps)
+    gen = torch.Generator().manual_seed(seed)
+    draws = Draws(sc, len(sources), seed)
+    torch.manual_seed(seed)
+    ids = list(source_ids) if source_ids is not None else [weights_sha256(sources[n]) for n in range(len(sources))]
+    digest = config_digest(cfg) + ":" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:16]
+    start_epoch, step, history = 0, 0, []
+
+    if state_path and Path(state_path).exists():
+        st = load_state(state_path)
+        if st.get("digest") == digest and st.get("seed") == seed:
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            gen.set_state(st["generator"])
+            draws.set_state(st["draws"])
+            torch.set_rng_state(st["torch_rng"])
+            if device.type == "cuda" and st.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(st["cuda_rng"], device)
+            for n, perm in enumerate(st["perms"]):
+                if perm is not None:
+                    bank.set_perm(n, perm, permute, spec)
+            start_epoch, step, history = st["epoch"], st["step"], list(st["history"])
+
+    params = dict(model.named_parameters())
+    scratch = {k: b.detach().clone() for k, b in model.named_buffers()} if has_bn(model) else None
+    label_smoothing = tc.label_smoothing
+    t0 = time.perf_counter()
+    align_seconds, n_align = 0.0, 0
+
+    def align():
+        nonlocal align_seconds, n_align
+        a0 = time.perf_counter()
+        star_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        bank.align_to(star_sd, permute, spec, seed=seed * 100003 + step, max_iter=sc.match_iters)
+        align_seconds += time.perf_counter() - a0
+        n_align += 1
+
+    bar = tqdm(total=tc.epochs * steps, initial=start_epoch * steps, disable=None if progress is None else not progress,
+               desc="starlight", unit="batch", leave=False, dynamic_ncols=True)
+    for epoch in range(start_epoch, tc.epochs):
+        if sc.align_every == "epoch":
+            align()
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for x, y in batches(data.train, tc.batch_size, generator=gen, augment=data.augment, device=device,
+                            drop_last=drop_last):
+            if isinstance(sc.align_every, int) and step % sc.align_every == 0:
+                align()
+            chosen = [draws.draw() for _ in range(sc.chunks)]
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, tc.amp):
+                loss = star_loss(model, params, [(bank.get(n), t) for n, t in chosen], x, y, mu=sc.mu,
+                                 label_smoothing=label_smoothing, scratch=scratch)
+            if not np.isfinite(loss):
+                bar.close()
+                raise UserError(f"Starlight diverged: loss {loss} at epoch {epoch + 1}; lower the learning rate "
+                                f"({'star.train' if sc.train else 'train'}.optimizer.lr) or set grad_clip")
+            if tc.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            loss_sum += loss * len(y)
+            seen += len(y)
+            bar.update()
+            bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{loss_sum / seen:.4f}")
+        recalibrate_bn(model, data.train, tc.eval_batch_size, sc.bn_batches, device)
+        history.append({"epoch": epoch + 1, "interp_loss": loss_sum / max(1, seen)})
+        if state_path:
+            save_state(state_path, {
+                "digest": digest, "seed": seed, "epoch": epoch + 1, "step": step, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                "draws": draws.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "perms": bank.perms, "history": history})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history[-1])
+    bar.close()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    metrics = evaluate_splits(model, data, tc.eval_batch_size)
+    info = {"metrics": metrics, "star": star_settings(sc), "epochs": tc.epochs, "steps": step,
+            "n_sources": len(sources), "seconds": seconds, "align_seconds": align_seconds, "alignments": n_align,
+            "sources_on": "device" if bank.on_device else "cpu", "source_bytes": bank.bytes, "history": history}
+    return model, info
+
+
+def star_to_file(cfg: Config, source_paths: Sequence[str | Path], out: str | Path, *, seed: int = 0,
+                 device: str | torch.device = "auto", progress: bool | None = None) -> dict:
+    """Train a star from model files and write it (resumable through `OUT.state`, removed when done).
+    The metadata lists the sources (path + sha256), the Starlight settings and final metrics. -> metadata."""
+    if not source_paths:
+        raise UserError("give at least one source model file (--sources F1 F2 ...)")
+    files = SourceFiles(source_paths)
+    data = get_dataset(cfg.data)
+    want = {"model": cfg.model.model_dump(), "data": {"config": cfg.data.model_dump()}}
+    for p, m in zip(files.paths, files.metas):
+        why = compatible(want, m)
+        if why:
+            raise UserError(f"{p} does not match the config: {why}")
+    out = Path(out)
+    state_path = out.with_name(out.name + ".state")
+    ids = [m["sha256"] for m in files.metas]
+    model, info = train_star(cfg, files, seed=seed, device=device, state_path=state_path, progress=progress,
+                             source_ids=ids)
+    extra = {k: info[k] for k in ("epochs", "steps", "seconds", "align_seconds", "alignments", "history")}
+    meta = save_model(out, model.state_dict(), model_meta(
+        cfg, data, seed, "star", metrics=info["metrics"], star={**info["star"], **extra},
+        sources=[{"path": str(p), "sha256": m["sha256"], "seed": m.get("seed")}
+                 for p, m in zip(files.paths, files.metas)]))
+    state_path.unlink(missing_ok=True)
+    return meta
