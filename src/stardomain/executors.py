@@ -1,0 +1,150 @@
+"""Executors for study plans: `local` (in-process, sequential) and `ray` (one Ray task per study task).
+
+Both run the same `study.execute(task, root)` on the same plan and cache folder, so results do not depend
+on the executor; they differ only in where and how many tasks run at once. Tasks whose artifact already
+exists are skipped, which is what makes a killed study resume.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .study import Plan, Task, execute, is_done
+
+
+class _Progress:
+    """One overall bar: tasks done/total, the current task, elapsed time and an estimate (tqdm)."""
+
+    def __init__(self, total: int, done: int, enabled: bool | None):
+        self.bar = tqdm(total=total, initial=done, desc="study", unit="task", dynamic_ncols=True,
+                        disable=None if enabled is None else not enabled,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} tasks |{bar}| {elapsed}<{remaining} {postfix}")
+
+    def current(self, text: str) -> None:
+        self.bar.set_postfix_str(text[:60])
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def pending(plan: Plan, root: Path) -> list[Task]:
+    tasks = plan.by_key()
+    return [t for t in plan.tasks if not is_done(t, root, tasks)]
+
+
+class LocalExecutor:
+    name = "local"
+
+    def run(self, plan: Plan, root: str | Path, progress: bool | None = None, only: set[str] | None = None) -> None:
+        root = Path(root)
+        todo = [t for t in pending(plan, root) if only is None or t.op in only]
+        bar = _Progress(len(plan.tasks), len(plan.tasks) - len(todo), progress)
+        try:
+            for t in todo:  # plan order is topological
+                bar.current(t.label)
+                execute(t, root)
+                bar.advance()
+        finally:
+            bar.close()
+
+
+def _ray_execute(task_dict: dict, root: str) -> str:
+    return execute(Task(**{**task_dict, "deps": tuple(task_dict["deps"])}), root)
+
+
+class RayExecutor:
+    """Each study task becomes `ray.remote(num_cpus=task.cpus, num_gpus=task.gpus)`; a task is submitted when
+    its inputs exist. Joins the cluster at `address` if given, else starts a local one (`num_workers` CPUs)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_workers: int | None = None):
+        self.address = address
+        self.num_workers = num_workers
+
+    def _init(self):
+        try:
+            import ray
+        except ImportError:
+            raise UserError("the ray executor needs Ray: pip install 'stardomain[ray]'") from None
+        if not ray.is_initialized():
+            kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            if self.address:
+                try:
+                    ray.init(address=self.address, **kw)
+                except (ConnectionError, RuntimeError, ValueError) as e:
+                    raise UserError(f"cannot join the Ray cluster at {self.address}: {e}") from None
+            else:
+                ray.init(num_cpus=self.num_workers or os.cpu_count(), **kw)
+        return ray
+
+    def run(self, plan: Plan, root: str | Path, progress: bool | None = None, only: set[str] | None = None) -> None:
+        from dataclasses import asdict
+
+        root = Path(root)
+        todo = [t for t in pending(plan, root) if only is None or t.op in only]
+        if not todo:
+            return
+        ray = self._init()
+        remote = ray.remote(_ray_execute)
+        waiting = {t.key: t for t in todo}
+        running: dict = {}
+        bar = _Progress(len(plan.tasks), len(plan.tasks) - len(todo), progress)
+        try:
+            while waiting or running:
+                for key, t in list(waiting.items()):
+                    if not any(d in waiting or d in running.values() for d in t.deps):
+                        ref = remote.options(num_cpus=t.cpus, num_gpus=t.gpus, max_retries=0,
+                                             name=t.label[:60]).remote(asdict(t), str(root.resolve()))
+                        running[ref] = key
+                        del waiting[key]
+                if not running:
+                    raise UserError("study plan has tasks whose inputs are never produced (a cycle?)")
+                bar.current(", ".join(waiting.get(k, None).label if k in waiting else
+                                      next(t.label for t in todo if t.key == k) for k in list(running.values())[:2]))
+                done, _ = ray.wait(list(running), num_returns=1)
+                for ref in done:
+                    key = running.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # a RayTaskError wraps the worker's exception
+                        cause = getattr(e, "cause", None)
+                        if isinstance(cause, UserError):
+                            raise UserError(str(cause)) from None
+                        raise
+                    bar.advance()
+        finally:
+            bar.close()
+            for ref in list(running):
+                ray.cancel(ref, force=True)
+
+    def shutdown(self):
+        import ray
+
+        if ray.is_initialized() and not self.address:
+            ray.shutdown()
+
+
+def get_executor(name: str, *, address: str | None = None, num_workers: int | None = None):
+    if name == "local":
+        if address:
+            raise UserError("--ray-address only applies with --executor ray")
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address, num_workers)
+    raise UserError(f"unknown executor {name!r}; choose local or ray")
+
+
+def timed_run(executor, plan: Plan, root: str | Path, only: set[str] | None = None) -> float:
+    """Wall seconds of one executor run (benchmarks)."""
+    t0 = time.perf_counter()
+    executor.run(plan, root, progress=False, only=only)
+    return time.perf_counter() - t0

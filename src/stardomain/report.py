@@ -1,0 +1,315 @@
+"""The study report: plots (matplotlib, PNG), `report.md`, and a self-contained `report.html` (PNGs
+embedded as base64) written from `results.json` alone, so a report can be rebuilt without recomputing.
+
+Figures: mean ± std interpolation curves per pair kind on one figure (the paper's key figure), barrier
+distributions per pair kind, barrier against |Z| / width / depth / t-sampling when swept.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import atomic_write_bytes, atomic_write_text
+
+KIND_NAMES = {"star_heldout": "star – held-out", "regular_regular": "regular – regular (source × held-out)",
+              "heldout_heldout": "held-out – held-out", "star_source": "star – source",
+              "average_heldout": "aligned average – held-out"}
+KIND_COLORS = {"star_heldout": "tab:red", "regular_regular": "tab:blue", "heldout_heldout": "tab:cyan",
+               "star_source": "tab:orange", "average_heldout": "tab:green"}
+METRIC_NAMES = {"train_loss": "training-loss barrier", "test_loss": "test-loss barrier",
+                "train_acc": "training-accuracy barrier (drop)", "test_acc": "test-accuracy barrier (drop)"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def plot_curves(results: dict) -> bytes | None:
+    """Loss along the path, mean ± std over pairs, one line per pair kind (train and test panels)."""
+    pairs = {k: v for k, v in results.get("pairs", {}).items() if v}
+    if not pairs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, split in zip(axes, ("train", "test")):
+        for kind, recs in pairs.items():
+            t = np.asarray(recs[0]["t"], float)
+            y = np.asarray([r[split]["loss"] for r in recs], float)
+            m, s = y.mean(0), (y.std(0, ddof=1) if len(y) > 1 else np.zeros_like(t))
+            c = KIND_COLORS.get(kind)
+            ax.plot(t, m, "-o", ms=3, color=c, label=f"{KIND_NAMES.get(kind, kind)} (n={len(recs)})")
+            ax.fill_between(t, m - s, m + s, color=c, alpha=0.18)
+        ax.set_xlabel("t   (0 = first model, 1 = second model, aligned)")
+        ax.set_ylabel(f"{split} loss")
+        ax.set_title(f"{split} loss along linear paths (mean ± std)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_distributions(results: dict) -> bytes | None:
+    """Per pair kind: every barrier as a dot, with a box plot, for train and test loss."""
+    pairs = {k: v for k, v in results.get("pairs", {}).items() if v}
+    if not pairs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    kinds = list(pairs)
+    for ax, metric in zip(axes, ("train_loss", "test_loss")):
+        data = [[r["barrier"][metric] for r in pairs[k]] for k in kinds]
+        ax.boxplot(data, showfliers=False)
+        ax.set_xticks(range(1, len(kinds) + 1))
+        rng = np.random.default_rng(0)
+        for i, (k, d) in enumerate(zip(kinds, data), start=1):
+            ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=12, color=KIND_COLORS.get(k), alpha=0.8, zorder=3)
+        ax.set_xticklabels([KIND_NAMES.get(k, k).split(" (")[0] for k in kinds], rotation=20, fontsize=8)
+        ax.set_ylabel(METRIC_NAMES[metric])
+        ax.set_title(f"{METRIC_NAMES[metric]} per pair kind")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | None:
+    rows = results.get("sweeps", {}).get(dim) or []
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    labels = [str(r["value"]) for r in rows]
+    numeric = all(isinstance(r["value"], (int, float)) for r in rows)
+    xs = [r["value"] for r in rows] if numeric else list(range(len(rows)))
+    for kind in ("star_heldout", "regular_regular"):
+        pts = [(x, r["summary"].get(kind, {}).get(metric)) for x, r in zip(xs, rows)]
+        pts = [(x, s) for x, s in pts if s and s["n"]]
+        if not pts:
+            continue
+        ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
+                    fmt="-o", capsize=4, color=KIND_COLORS[kind], label=KIND_NAMES[kind])
+    reg = results.get("summary", {}).get("regular_regular", {}).get(metric)
+    if dim in ("n_sources", "t_sampling") and reg:
+        ax.axhline(reg["mean"], ls="--", color=KIND_COLORS["regular_regular"],
+                   label=f"regular – regular (main study) {reg['mean']:.3g}")
+    if not numeric:
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels)
+    names = {"n_sources": "number of sources |Z|", "width": "width", "depth": "depth", "t_sampling": "t sampling"}
+    ax.set_xlabel(names.get(dim, dim))
+    ax.set_ylabel(METRIC_NAMES[metric])
+    ax.set_title(f"{METRIC_NAMES[metric]} against {names.get(dim, dim)} (mean ± std)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def make_plots(results: dict) -> dict[str, bytes]:
+    plots = {"curves": plot_curves(results), "barriers": plot_distributions(results)}
+    for dim in results.get("sweeps", {}):
+        plots[f"sweep_{dim}"] = plot_sweep(results, dim)
+    return {k: v for k, v in plots.items() if v}
+
+
+def _f(x, nd=4) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _summary_table(results: dict) -> list[str]:
+    rows = ["| pair kind | metric | mean | std | 95% CI | n | min | max |", "|---|---|---|---|---|---|---|---|"]
+    for kind, metrics in results.get("summary", {}).items():
+        for m in ("train_loss", "test_loss", "train_acc", "test_acc"):
+            s = metrics.get(m)
+            if s:
+                rows.append(f"| {KIND_NAMES.get(kind, kind)} | {m} | {_f(s['mean'])} | {_f(s['std'])} | "
+                            f"[{_f(s['ci95'][0])}, {_f(s['ci95'][1])}] | {s['n']} | {_f(s['min'])} | {_f(s['max'])} |")
+    return rows
+
+
+def _tests_table(results: dict) -> list[str]:
+    rows = ["| comparison | metric | test | statistic | p-value |", "|---|---|---|---|---|"]
+    for name, by_metric in results.get("tests", {}).items():
+        for m, t in (by_metric or {}).items():
+            if t and m in METRIC_NAMES:
+                rows.append(f"| {name.replace('_', ' ')} | {m} | {t['test']} ({t['alternative']}) | "
+                            f"{t['statistic']:.4g} | {t['p_value']:.4g} |")
+    return rows if len(rows) > 2 else []
+
+
+def _quality_table(results: dict) -> list[str]:
+    q = results.get("star_quality", {})
+    rows = ["| model | train loss | train acc | test loss | test acc |", "|---|---|---|---|---|"]
+    reg = q.get("regular")
+    if reg:
+        rows.append(f"| regular (mean ± std, n={reg['train_loss']['n']}) | {_f(reg['train_loss']['mean'])} ± "
+                    f"{_f(reg['train_loss']['std'])} | {_f(reg['train_acc']['mean'])} | {_f(reg['test_loss']['mean'])}"
+                    f" ± {_f(reg['test_loss']['std'])} | {_f(reg['test_acc']['mean'])} |")
+    for name in ("star", "average"):
+        if name in q:
+            m = q[name]
+            rows.append(f"| {name} | {_f(m['train']['loss'])} | {_f(m['train']['acc'])} | {_f(m['test']['loss'])} | "
+                        f"{_f(m['test']['acc'])} |")
+    return rows
+
+
+def _sweep_tables(results: dict) -> list[str]:
+    out = []
+    for dim, rows in results.get("sweeps", {}).items():
+        out += [f"### Sweep: {dim}", "", "| value | star–held-out train-loss barrier | regular–regular | star train loss"
+                " | star test acc |", "|---|---|---|---|---|"]
+        for r in rows:
+            sh = r["summary"].get("star_heldout", {}).get("train_loss")
+            rr = r["summary"].get("regular_regular", {}).get("train_loss")
+            out.append(f"| {r['value']} | {_f(sh and sh['mean'])} ± {_f(sh and sh['std'])} | "
+                       f"{_f(rr['mean']) + ' ± ' + _f(rr['std']) if rr else '—'} | "
+                       f"{_f(r['star']['metrics']['train']['loss'])} | {_f(r['star']['metrics']['test']['acc'])} |")
+        out.append("")
+    return out
+
+
+def _bma_section(results: dict) -> str | None:
+    res = results.get("bma")
+    if not res:
+        return None
+    try:
+        from . import bma
+
+        fn = getattr(bma, "report_section", None)
+        if fn is not None:
+            return fn(res)
+    except ImportError:
+        pass
+    rows = ["| predictor | " + " | ".join(k for k in ("accuracy", "nll", "brier", "ece", "auroc_misclassification")) + " |",
+            "|---|---|---|---|---|---|"]
+    for name, m in res.items():
+        if isinstance(m, dict) and "accuracy" in m:
+            rows.append(f"| {name} | " + " | ".join(_f(m.get(k)) for k in ("accuracy", "nll", "brier", "ece",
+                                                                           "auroc_misclassification")) + " |")
+    return "\n".join(rows)
+
+
+def _cost_lines(timings: dict | None) -> list[str]:
+    if not timings:
+        return []
+    by = timings.get("total_seconds_by_op", {})
+    tasks = timings.get("tasks", {})
+    n = {op: sum(1 for v in tasks.values() if v.get("op") == op) for op in by}
+    lines = ["## Cost (this machine; not part of results.json)", "",
+             "| task kind | count | total seconds | seconds each |", "|---|---|---|---|"]
+    for op, s in by.items():
+        lines.append(f"| {op} | {n.get(op, 0)} | {s:.1f} | {s / max(1, n.get(op, 1)):.2f} |")
+    return lines + [""]
+
+
+def render_markdown(results: dict, plots: dict[str, str], timings: dict | None = None) -> str:
+    cfg = results.get("config", {})
+    st = cfg.get("study", {})
+    model = cfg.get("model", {})
+    lines = ["# Star-domain study", "",
+             f"Data **{cfg.get('data', {}).get('name') or cfg.get('data', {}).get('factory')}**, model "
+             f"**{model.get('name') or model.get('factory')}** {model.get('kwargs', {})}, "
+             f"{st.get('n_sources')} sources, {st.get('n_heldouts')} held-outs, barriers on "
+             f"{st.get('eval', {}).get('points')} points, "
+             f"{'after weight matching' if st.get('eval', {}).get('align') else 'without alignment'}.", "",
+             "## Verdict", "", results.get("verdict", ""), "",
+             "## Interpolation curves", "", f"![curves]({plots['curves']})" if "curves" in plots else "", "",
+             "## Barriers", "", *_summary_table(results), ""]
+    if "barriers" in plots:
+        lines += [f"![barriers]({plots['barriers']})", ""]
+    t = _tests_table(results)
+    if t:
+        lines += ["## Tests", "", "One-sided: is the first kind's barrier below the second's? Mann–Whitney U "
+                  "compares all pairs; the paired Wilcoxon test pairs each held-out's star barrier with the mean of "
+                  "the sources' barriers to it.", "", *t, ""]
+    lines += ["## Is the star a solution at all?", "", *_quality_table(results), ""]
+    sw = _sweep_tables(results)
+    if sw:
+        lines += ["## Sweeps", "", *sw]
+        for k, p in plots.items():
+            if k.startswith("sweep_"):
+                lines += [f"![{k}]({p})", ""]
+    b = _bma_section(results)
+    if b:
+        lines += ["## Bayesian model averaging over the star domain", "", b, ""]
+    lines += _cost_lines(timings)
+    return "\n".join(lines) + "\n"
+
+
+def _md_to_html(md: str, images: dict[str, bytes], plots: dict[str, str]) -> str:
+    """A small Markdown subset (headings, tables, paragraphs, images) to HTML, images inlined."""
+    src_to_png = {path: images[name] for name, path in plots.items()}
+    out, table = [], []
+
+    def flush_table():
+        if not table:
+            return
+        rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
+        out.append("<table>")
+        for i, r in enumerate(rows):
+            cells = [c.strip() for c in r.strip().strip("|").split("|")]
+            tag = "th" if i == 0 else "td"
+            out.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+        out.append("</table>")
+        table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("![") and "](" in line:
+            alt = line[2:line.index("]")]
+            src = line[line.index("](") + 2:-1]
+            b64 = base64.b64encode(src_to_png[src]).decode() if src in src_to_png else ""
+            out.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></figure>')
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    flush_table()
+    body = "\n".join(out)
+    return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Star-domain study</title><style>"
+            "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+            "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
+            "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+            "img{max-width:100%}</style></head><body>\n" + body + "\n</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    s = html.escape(text)
+    parts = s.split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def write_report(results: dict, out: str | Path, timings: dict | None = None) -> dict[str, Path]:
+    """Write plots/*.png, report.md (images by relative path) and report.html (images embedded)."""
+    out = Path(out)
+    images = make_plots(results)
+    paths = {}
+    for name, png in images.items():
+        p = out / "plots" / f"{name}.png"
+        atomic_write_bytes(p, png)
+        paths[name] = f"plots/{name}.png"
+    md = render_markdown(results, paths, timings)
+    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / "report.html", _md_to_html(md, images, paths))
+    return {"md": out / "report.md", "html": out / "report.html", **{k: out / v for k, v in paths.items()}}
