@@ -103,6 +103,8 @@ class StudySweeps(Section):
     width: list[int] = Field(default_factory=list)
     depth: list[int] = Field(default_factory=list)
     t_sampling: list[str] = Field(default_factory=list)
+    width_key: str = "width"  # the model kwarg the width sweep sets (wrn: width_factor)
+    depth_key: str = "depth"
 
 
 class StudyConfig(Section):

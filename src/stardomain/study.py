@@ -215,7 +215,7 @@ def build_plan(cfg: Config) -> Plan:
             continue
         rows = []
         for v in dict.fromkeys(values):
-            cfgd = deep_merge(base, {"model": {"kwargs": {dim: v}}})
+            cfgd = deep_merge(base, {"model": {"kwargs": {getattr(sw, f"{dim}_key"): v}}})
             validate(Config, cfgd, f"study.sweeps.{dim}={v}")
             tag = f"-{dim[0]}{v}"
             src_v, ho_v = b.population(cfgd, st.n_sources, st.n_heldouts, tag)
@@ -659,17 +659,16 @@ def _timing_table(plan: Plan, root: Path) -> dict:
 def run_study(cfg: Config, out: str | Path, *, executor: str = "local", ray_address: str | None = None,
               progress: bool | None = None, report: bool = True, num_workers: int | None = None) -> dict:
     """Plan, execute what is not cached, collect, write results.json (+ timings.json, report)."""
+    from .data import get_dataset
     from .executors import get_executor
 
+    ex = get_executor(executor, address=ray_address, num_workers=num_workers)
+    plan = build_plan(cfg)
+    get_dataset(cfg.data)  # a missing data set stops here, before any work
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    plan = build_plan(cfg)
-    from .data import get_dataset
-
-    get_dataset(cfg.data)  # a missing data set stops here, before any work
     atomic_write_json(root / "plan.json", plan.to_json())
     t0 = time.perf_counter()
-    ex = get_executor(executor, address=ray_address, num_workers=num_workers)
     ex.run(plan, root, progress=progress)
     wall = time.perf_counter() - t0
     results = collect(cfg, plan, root)
