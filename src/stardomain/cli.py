@@ -164,6 +164,58 @@ def run(
     typer.echo(f"wrote {out}/results.json, {out}/report.md, {out}/report.html")
 
 
+@app.command("bma")
+def bma_(
+    files: List[Path] = typer.Argument(None, help="Source model files (after --sources).", show_default=False),
+    star: Path = typer.Option(..., "--star", help="The star model file; its metadata names the data and model."),
+    sources_flag: bool = typer.Option(False, "--sources", help="Marks the source model files that follow: "
+                                      "--sources F1 F2 ... (they are the positional FILES)."),
+    k: int = typer.Option(32, "--k", help="Models sampled per BMA run."),
+    seeds: int = typer.Option(3, "--seeds", help="Evaluation seeds: BMA draws repeated this many times (CIs)."),
+    seed: int = typer.Option(0, "--seed", help="First evaluation seed."),
+    json_out: Path = typer.Option(..., "--json", help="Write the per-predictor metrics here (JSON)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Reliability diagrams + metric-vs-K curves (PNG)."),
+    fusion: Optional[Path] = typer.Option(None, "--fusion", help="A mu > 0 star to score as one more predictor."),
+    ns: Optional[str] = typer.Option(None, "--ns", help="Also score with only the first n sources, e.g. 1,2,5."),
+    align: bool = typer.Option(True, "--align/--no-align", help="Weight-match sources before interpolating."),
+    bn_batches: Optional[int] = typer.Option(None, "--bn-batches", help="Training batches per BN recalibration "
+                                             "(default: the whole training split)."),
+    ood: bool = typer.Option(True, "--ood/--no-ood", help="OOD AUROC against inverted / rotated / noise images."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the markdown BMA section here."),
+    device: str = DeviceOpt,
+):
+    """Bayesian model averaging over the star domain vs a deep ensemble, single models, the star alone,
+    regular-domain BMA and the aligned weight average: accuracy, NLL, Brier, ECE, ACE, misclassification
+    and OOD AUROC, seconds per predictor.
+
+    Example: stardomain bma --star runs/star.safetensors --sources runs/s0.safetensors runs/s1.safetensors
+    --k 32 --seeds 3 --json runs/bma.json --plot runs/bma.png
+    """
+    from .bma import bma_files, predictors, report_section
+    from .checkpoint import atomic_write_text
+
+    if not files:
+        raise UserError("give the source model files: --sources F1 F2 ...")
+    try:
+        n_list = [int(v) for v in ns.split(",") if v.strip()] if ns else None
+    except ValueError:
+        raise UserError(f"--ns must be comma-separated integers such as 1,2,5 (got {ns!r})") from None
+    res = bma_files(star, [str(f) for f in files], k=k, seed=seed, json_out=json_out, seeds=seeds, plot=plot,
+                    fusion_path=fusion, align=align, ns=n_list, bn_batches=bn_batches, device=device, ood=ood,
+                    progress=lambda s: typer.echo(f"  {s}", err=True))
+    if report:
+        atomic_write_text(report, report_section(res))
+    cols = ("accuracy", "nll", "brier", "ece", "auroc_misclassification", "ood_auroc", "seconds")
+    typer.echo(f"{'predictor':<16}" + "".join(f"{c[:12]:>13}" for c in cols))
+    for name in predictors(res):
+        if name.startswith("source_"):
+            continue
+        e = res[name]
+        typer.echo(f"{name:<16}" + "".join(f"{e[c]:>13.4f}" if isinstance(e.get(c), float) else f"{'n/a':>13}"
+                                           for c in cols))
+    typer.echo(f"wrote {json_out}" + (f" and {plot}" if plot else ""))
+
+
 def main() -> None:
     try:
         app()

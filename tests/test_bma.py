@@ -1,0 +1,219 @@
+"""BMA: the stacked functional evaluation against a plain loop over modules (an independent
+implementation), single-model identities, and the CLI end to end on digits."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stardomain import bma
+from stardomain import metrics as M
+from stardomain.checkpoint import save_model
+from stardomain.cli import app
+from stardomain.config import Config
+from stardomain.data import get_dataset
+from stardomain.interpolate import average, lerp, recalibrate_bn
+from stardomain.models import build_model
+from stardomain.train import init_model, model_meta
+
+
+def _cfg(model):
+    return Config.model_validate({"data": {"name": "digits"}, "model": model,
+                                  "train": {"epochs": 3, "batch_size": 64, "optimizer": {"lr": 0.05}}})
+
+
+MLP_BN = {"name": "mlp", "kwargs": {"width": 16, "bn": True}}
+CNN_BN = {"name": "cnn", "kwargs": {"widths": [4, 8], "norm": "bn"}}
+
+
+def _perturbed(cfg, data, seed):
+    """A random network with non-trivial BN parameters (so recalibration matters)."""
+    sd = init_model(cfg, data, seed).state_dict()
+    g = torch.Generator().manual_seed(100 + seed)
+    return {k: (v + 0.3 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _loop_bma(cfg, data, star, sources, idx, t, bn_batches, batch_size):
+    """The straightforward way: build each sampled model as a module, recalibrate, softmax, average."""
+    x = data.test.x
+    total = torch.zeros(len(x), data.num_classes, dtype=torch.float64)
+    for n, tt in zip(idx.tolist(), t.tolist()):
+        model = build_model(cfg.model, data.input_shape, data.num_classes)
+        model.load_state_dict(lerp(star, sources[n], tt))
+        recalibrate_bn(model, data.train, batch_size=batch_size, max_batches=bn_batches)
+        with torch.no_grad():
+            total += model(x).softmax(-1).double()
+    return total / len(t)
+
+
+@pytest.mark.parametrize("model", [MLP_BN, CNN_BN], ids=["mlp-bn", "cnn-bn"])
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+def test_functional_bma_equals_module_loop(model, vectorize):
+    cfg = _cfg(model)
+    data = get_dataset(cfg.data)
+    star = _perturbed(cfg, data, 0)
+    sources = [_perturbed(cfg, data, s) for s in (1, 2, 3)]
+    k = 6
+    idx, t = bma.draw_star(len(sources), k, torch.Generator().manual_seed(0))
+    ev = bma.Stacked(build_model(cfg.model, data.input_shape, data.num_classes), vectorize=vectorize)
+
+    def chunk_weights(sl):
+        rows = idx[sl].tolist()
+        return bma.stack([star] * len(rows)), bma.stack([sources[r] for r in rows])
+
+    (final, curve) = bma._bma_run(ev, chunk_weights, t, data.test.x, data.test.y, {}, data.train.x, chunk=4,
+                                  batch_size=300, bn_batches=3, ks=[1, 6], n_bins=15)
+    want = _loop_bma(cfg, data, star, sources, idx, t, bn_batches=3, batch_size=300)
+    assert (final["test"] - want).abs().max().item() < 1e-5
+    # the prefix curve's last point is the final predictor
+    assert curve[6]["nll"] == pytest.approx(M.nll(final["test"], data.test.y))
+    # first point: one model only
+    first = _loop_bma(cfg, data, star, sources, idx[:1], t[:1], bn_batches=3, batch_size=300)
+    assert curve[1]["nll"] == pytest.approx(M.nll(first, data.test.y), abs=1e-5)
+
+
+def test_batched_recalibration_matches_recalibrate_bn_whole_split():
+    cfg = _cfg(CNN_BN)
+    data = get_dataset(cfg.data)
+    sds = [_perturbed(cfg, data, s) for s in (4, 5)]
+    ev = bma.Stacked(build_model(cfg.model, data.input_shape, data.num_classes))
+    w = ev.recalibrate(bma.stack(sds), data.train.x, batch_size=500)  # last batch is smaller: equal weights
+    for i, sd in enumerate(sds):
+        m = build_model(cfg.model, data.input_shape, data.num_classes)
+        m.load_state_dict(sd)
+        recalibrate_bn(m, data.train, batch_size=500)
+        for key, v in m.state_dict().items():
+            if "running" in key:
+                assert torch.allclose(w[key][i], v, atol=1e-5), key
+
+
+def test_evaluate_predictors_against_independent_computation():
+    cfg = _cfg(MLP_BN)
+    data = get_dataset(cfg.data)
+    star = _perturbed(cfg, data, 0)
+    sources = [_perturbed(cfg, data, s) for s in (1, 2, 3)]
+    res = bma.evaluate_predictors(cfg, star, sources, k=4, seed=7, seeds=2, align=False, device="cpu",
+                                  bn_batches=2, batch_size=400, ns=[1, 3])
+    y = data.test.y
+
+    def probs(sd, recal=False):
+        m = build_model(cfg.model, data.input_shape, data.num_classes)
+        m.load_state_dict(sd)
+        if recal:
+            recalibrate_bn(m, data.train, batch_size=400, max_batches=2)
+        m.eval()
+        with torch.no_grad():
+            return m(data.test.x).softmax(-1).double()
+
+    ps = [probs(sd) for sd in sources]
+    assert res["source_1"]["nll"] == pytest.approx(M.nll(ps[1], y), abs=1e-6)
+    assert res["ensemble"]["nll"] == pytest.approx(M.nll(sum(ps) / 3, y), abs=1e-6)
+    assert res["ensemble"]["ece"] == pytest.approx(M.ece(sum(ps) / 3, y), abs=1e-6)
+    assert res["star"]["brier"] == pytest.approx(M.brier(probs(star), y), abs=1e-6)
+    assert res["weight_average"]["nll"] == pytest.approx(M.nll(probs(average(sources), recal=True), y), abs=1e-5)
+    # star BMA: the same draws through the module loop, mean over the two evaluation seeds
+    vals = []
+    for s in (7, 8):
+        idx, t = bma.draw_star(3, 4, bma._generator(s, "star-bma-3"))
+        vals.append(M.nll(_loop_bma(cfg, data, star, sources, idx, t, bn_batches=2, batch_size=400), y))
+    assert res["star_bma"]["nll"] == pytest.approx(sum(vals) / 2, abs=1e-5)
+    assert res["star_bma"]["values"]["nll"] == pytest.approx(vals, abs=1e-5)
+    assert res["star_bma"]["n_values"] == 2 and res["star_bma"]["n_sources"] == 3 and res["star_bma"]["ci95"]["nll"] >= 0
+    # a 1-source ensemble is that source
+    assert res["_by_n"]["1"]["ensemble"]["nll"] == pytest.approx(res["source_0"]["nll"])
+    assert "regular_bma" not in res["_by_n"]["1"] and "regular_bma" in res["_by_n"]["3"]
+    # OOD shifts are scored, and the means are the means
+    shifts = res["_info"]["ood_shifts"]
+    assert set(shifts) == {"inverted", "rot90", "noise"}
+    assert res["star"]["ood_auroc"] == pytest.approx(sum(res["star"][f"ood_auroc_{s}"] for s in shifts) / 3)
+    assert res["_curves"]["k"] == [1, 2, 4]
+    assert res["_curves"]["star_bma"]["nll"][-1] == pytest.approx(res["star_bma"]["nll"])
+
+
+def test_ensemble_of_one_is_that_model():
+    cfg = _cfg(MLP_BN)
+    data = get_dataset(cfg.data)
+    sd = _perturbed(cfg, data, 9)
+    res = bma.evaluate_predictors(cfg, None, [sd], k=2, align=False, device="cpu", ood=False)
+    for m in bma.METRICS:
+        a, b = res["ensemble"][m], res["source_0"][m]
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12)
+    assert "star_bma" not in res and "regular_bma" not in res
+
+
+def test_ood_sets_are_deterministic_and_shifted():
+    data = get_dataset("digits")
+    a, b = bma.ood_sets(data, seed=0), bma.ood_sets(data, seed=0)
+    for k in a:
+        assert torch.equal(a[k], b[k]) and a[k].shape == data.test.x.shape
+    mean, std = data.info["normalisation"]["mean"][0], data.info["normalisation"]["std"][0]
+    pix = data.test.x * std + mean
+    assert torch.allclose(a["inverted"] * std + mean, 1 - pix, atol=1e-5)
+    assert torch.equal(a["rot90"][0, 0], torch.rot90(data.test.x[0, 0]))
+    noise = a["noise"] * std + mean
+    assert noise.min() >= -1e-6 and noise.max() <= 1 + 1e-6
+
+
+def _train_files(tmp_path):
+    from stardomain.train import train
+
+    cfg = _cfg(MLP_BN)
+    data = get_dataset(cfg.data)
+    paths = []
+    for s in range(3):
+        model, metrics = train(cfg, s, device="cpu", progress=False)
+        p = tmp_path / f"s{s}.safetensors"
+        save_model(p, model.state_dict(), model_meta(cfg, data, s, "source", metrics=metrics))
+        paths.append(p)
+    try:
+        from stardomain.starlight import train_star
+
+        star_model, info = train_star(cfg, [__import__("stardomain.checkpoint", fromlist=["x"]).read_model_file(p)[0]
+                                            for p in paths[:2]], seed=0, device="cpu")
+        star_sd = star_model.state_dict()
+    except ImportError:  # starlight not available: any model file with role star will do
+        star_sd = train(cfg, 10, device="cpu", progress=False)[0].state_dict()
+    star = tmp_path / "star.safetensors"
+    save_model(star, star_sd, model_meta(cfg, data, 0, "star"))
+    return star, paths[:2]
+
+
+def test_cli_end_to_end_on_digits(tmp_path):
+    star, sources = _train_files(tmp_path)
+    try:
+        import stardomain.permute  # noqa: F401
+        align = []
+    except ImportError:
+        align = ["--no-align"]
+    out, png, md = tmp_path / "bma.json", tmp_path / "bma.png", tmp_path / "bma.md"
+    r = CliRunner().invoke(app, ["bma", "--star", str(star), "--sources", *map(str, sources), "--k", "4",
+                                 "--seeds", "2", "--json", str(out), "--plot", str(png), "--report", str(md),
+                                 "--bn-batches", "2", "--device", "cpu", *align])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    for name in ("source_0", "source_1", "ensemble", "star", "star_bma", "regular_bma", "weight_average"):
+        e = res[name]
+        for m in ("accuracy", "nll", "brier", "ece", "ace", "auroc_misclassification",
+                  "auroc_misclassification_entropy", "ood_auroc", "seconds"):
+            assert m in e, (name, m)
+        assert 0 <= e["accuracy"] <= 1 and e["nll"] > 0 and 0 <= e["brier"] <= 2
+    assert res["ensemble"]["accuracy"] > 0.8  # trained models on digits
+    assert res["_info"]["aligned"] == (not align)
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    text = md.read_text()
+    assert "| star_bma |" in text and "ensemble" in text and "star BMA vs ensemble" in text
+    assert text == bma.report_section(res)
+
+
+def test_cli_refuses_bad_input(tmp_path):
+    from stardomain.cli import main
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from stardomain.cli import main; main()", "bma", "--star",
+                        str(tmp_path / "nope.safetensors"), "--sources", str(tmp_path / "x.safetensors"),
+                        "--json", str(tmp_path / "o.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    assert main  # imported for the subprocess path
