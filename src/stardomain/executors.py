@@ -94,6 +94,11 @@ class RayExecutor:
         if not todo:
             return
         ray = self._init()
+        need_gpu = max(t.gpus for t in todo)
+        have_gpu = ray.cluster_resources().get("GPU", 0)
+        if need_gpu > have_gpu:
+            raise UserError(f"study tasks ask for {need_gpu} GPU(s) each but the Ray cluster has {have_gpu}; "
+                            "set study.gpus_per_task=0 or join a cluster with GPUs (--ray-address)")
         remote = ray.remote(_ray_execute)
         waiting = {t.key: t for t in todo}
         running: dict = {}

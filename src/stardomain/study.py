@@ -80,9 +80,13 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _model_cfg(cfg: dict) -> dict:
-    """The part of a config that determines trained weights (study and bma settings excluded)."""
-    return {k: v for k, v in cfg.items() if k not in ("study", "bma", "eval")}
+def _model_cfg(cfg: dict, sections: Sequence[str] = ("data", "model", "train", "star")) -> dict:
+    """The part of a config that determines an artifact: a regular model reads data, model, train; a
+    star also reads star. Nothing else enters its key, so e.g. a star setting never retrains sources."""
+    return {k: v for k, v in cfg.items() if k in sections}
+
+
+_REGULAR = ("data", "model", "train")
 
 
 class _Builder:
@@ -104,10 +108,11 @@ class _Builder:
         return f"models/{self.tasks[key].params['name']}.safetensors"
 
     def train(self, cfgd: dict, seed: int, role: str, idx: int, tag: str) -> str:
-        ident = {"op": "train", "v": CACHE_VERSION, "config": _model_cfg(cfgd), "seed": seed, "role": role}
+        ident = {"op": "train", "v": CACHE_VERSION, "config": _model_cfg(cfgd, _REGULAR), "seed": seed,
+                 "role": role}
         key = key_of(ident)
         name = f"{role}{tag}-s{seed}-{key[:12]}"
-        return self._add(Task(key, "train", f"{role} {idx}{tag}", {"config": _model_cfg(cfgd), "seed": seed,
+        return self._add(Task(key, "train", f"{role} {idx}{tag}", {"config": _model_cfg(cfgd, _REGULAR), "seed": seed,
                                                                    "role": role, "name": name}, (), **self._res()))
 
     def star(self, cfgd: dict, sources: list[str], tag: str) -> str:
@@ -126,7 +131,7 @@ class _Builder:
         key = key_of(ident)
         name = f"average{tag}-{key[:12]}"
         return self._add(Task(key, "average", f"average{tag}", {
-            "config": _model_cfg(cfgd), "seed": self.st.seed, "name": name, "align": ev.align,
+            "config": _model_cfg(cfgd, _REGULAR), "seed": self.st.seed, "name": name, "align": ev.align,
             "bn_batches": ev.bn_batches, "batch_size": ev.batch_size,
             "sources": [self.model_file(s) for s in sources]}, tuple(sources), **self._res()))
 
@@ -581,7 +586,19 @@ def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
         rec = _read_json(root / tasks[plan.layout["bma"]].output)
         results["bma"] = rec["result"] if rec else None
     results["verdict"] = verdict(results)
-    return _json_safe(results)
+    return _rounded(_json_safe(results))
+
+
+def _rounded(obj: Any, digits: int = 12) -> Any:
+    """Floats to 12 significant digits: reductions whose order depends on memory alignment (diagnostics such
+    as alignment distances) can differ in the last bit between processes; the file should not."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    return obj
 
 
 def _fmt(x: float | None, nd: int = 3) -> str:

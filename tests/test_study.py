@@ -1,0 +1,330 @@
+"""The end-to-end study: plan/cache keys, resume after SIGKILL, ray == local, statistics, report files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats as sps
+
+from stardomain.config import Config, load_config, validate
+from stardomain.errors import UserError
+from stardomain.executors import LocalExecutor, pending
+from stardomain.study import (build_plan, mann_whitney_less, paired_wilcoxon_less, run_study, summarize,
+                              default_config_path)
+
+ROOT = Path(__file__).resolve().parents[1]
+STARDOMAIN = str(Path(sys.executable).with_name("stardomain"))
+
+
+def _has_permute() -> bool:
+    try:
+        from stardomain.permute import align  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+ALIGN = _has_permute()
+
+TINY = {
+    "data": {"name": "digits"},
+    "model": {"name": "mlp", "kwargs": {"width": 8}},
+    "train": {"epochs": 2, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+    "star": {"align_every": "epoch" if ALIGN else "never"},
+    "study": {"n_sources": 3, "n_heldouts": 2, "eval": {"points": 5, "align": ALIGN}, "bootstrap": 500},
+}
+
+
+def tiny_cfg(**over) -> Config:
+    from stardomain.study import deep_merge
+
+    return validate(Config, deep_merge(TINY, over))
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    p.write_text(yaml.safe_dump(TINY))
+    return p
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, tiny_yaml):
+    out = tmp_path_factory.mktemp("local")
+    res = run_study(load_config(tiny_yaml), out, progress=False)
+    return out, res
+
+
+# ---------------------------------------------------------------- plan and cache keys
+
+def _keys(plan, op=None):
+    return [t.key for t in plan.tasks if op is None or t.op == op]
+
+
+def test_plan_shape_and_determinism():
+    cfg = tiny_cfg()
+    p1, p2 = build_plan(cfg), build_plan(cfg)
+    assert p1.to_json() == p2.to_json()
+    L = p1.layout["main"]
+    assert len(_keys(p1, "train")) == 5 and len(_keys(p1, "star")) == 1 and len(_keys(p1, "average")) == 1
+    n = {k: len(v) for k, v in L["pairs"].items()}
+    assert n == {"star_heldout": 2, "regular_regular": 6, "heldout_heldout": 1, "star_source": 3,
+                 "average_heldout": 2}
+    # every dependency comes earlier in the plan (topological order)
+    seen = set()
+    for t in p1.tasks:
+        assert set(t.deps) <= seen
+        seen.add(t.key)
+
+
+def test_keys_change_exactly_with_their_inputs():
+    base = build_plan(tiny_cfg())
+    by_op = {op: set(_keys(base, op)) for op in ("train", "star", "average", "pair")}
+    L = base.layout["main"]
+    rr = set(L["pairs"]["regular_regular"])
+
+    # evaluation settings: only pair keys change
+    p = build_plan(tiny_cfg(study={"eval": {"points": 7}}))
+    assert set(_keys(p, "train")) == by_op["train"] and set(_keys(p, "star")) == by_op["star"]
+    assert not set(_keys(p, "pair")) & by_op["pair"]
+
+    # a star setting: star and pairs touching the star change; models and regular pairs stay
+    p = build_plan(tiny_cfg(star={"mu": 0.5}))
+    assert set(_keys(p, "train")) == by_op["train"] and set(_keys(p, "average")) == by_op["average"]
+    assert not set(_keys(p, "star")) & by_op["star"]
+    assert rr <= set(_keys(p, "pair"))
+    assert not set(p.layout["main"]["pairs"]["star_heldout"]) & set(L["pairs"]["star_heldout"])
+
+    # the recipe: everything changes
+    p = build_plan(tiny_cfg(train={"epochs": 3}))
+    assert not set(_keys(p)) & set(_keys(base))
+
+    # a held-out recipe: sources and the star stay, held-outs and every pair with a held-out change
+    p = build_plan(tiny_cfg(study={"heldout_train": {"optimizer": {"lr": 0.05}}}))
+    assert set(p.layout["main"]["sources"]) == set(L["sources"]) and p.layout["main"]["star"] == L["star"]
+    assert not set(p.layout["main"]["heldouts"]) & set(L["heldouts"])
+    assert set(p.layout["main"]["pairs"]["star_source"]) == set(L["pairs"]["star_source"])
+
+    # one more held-out: every old key survives (a superset), nothing is recomputed
+    p = build_plan(tiny_cfg(study={"n_heldouts": 3}))
+    assert set(_keys(base)) <= set(_keys(p))
+
+    # the base seed: a model is its seed, so shifting by one reuses the overlapping sources
+    p = build_plan(tiny_cfg(study={"seed": 1}))
+    assert p.layout["main"]["sources"][:2] == L["sources"][1:]
+    assert p.layout["main"]["sources"][2] not in by_op["train"] and p.layout["main"]["star"] != L["star"]
+
+
+def test_sweeps_add_stars_and_populations():
+    p = build_plan(tiny_cfg(study={"sweeps": {"n_sources": [1, 3, 4], "width": [4, 8]}}))
+    sw = p.layout["sweeps"]
+    assert [r["value"] for r in sw["n_sources"]] == [1, 3, 4]
+    # |Z| = n_sources is the main star itself; the pool grows to the largest |Z|
+    assert sw["n_sources"][1]["star"] == p.layout["main"]["star"]
+    assert len(_keys(p, "train")) == 4 + 2 + (3 + 2)  # pool of 4 + held-outs, width 4 population (8 = main)
+    assert sw["width"][1]["star"] == p.layout["main"]["star"]
+
+
+def test_bad_study_config_is_a_user_error():
+    with pytest.raises(UserError):
+        validate(Config, {**TINY, "study": {"pairs": ["star_heldout", "nonsense"]}})
+    with pytest.raises(UserError):
+        build_plan(tiny_cfg(study={"heldout_train": {"epochs": 0}}))
+
+
+# ---------------------------------------------------------------- statistics
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-10, 10, allow_nan=False), min_size=1, max_size=30))
+def test_summary_invariants(xs):
+    s = summarize(xs, seed=3, n_boot=500)
+    x = np.asarray(xs)
+    assert s["n"] == len(xs)
+    assert s["mean"] == pytest.approx(float(np.mean(x)))
+    assert s["std"] == pytest.approx(float(np.std(x, ddof=1)) if len(xs) > 1 else 0.0)
+    lo, hi = s["ci95"]
+    tol = 1e-9 * (1 + abs(s["mean"]))
+    assert s["min"] - tol <= lo <= hi <= s["max"] + tol
+    assert summarize(xs, seed=3, n_boot=500) == s  # seeded
+
+
+def test_bootstrap_ci_matches_normal_theory():
+    x = np.random.default_rng(0).normal(2.0, 1.0, size=400)
+    s = summarize(x, seed=0, n_boot=4000)
+    half = 1.96 * x.std(ddof=1) / np.sqrt(len(x))
+    assert s["ci95"][0] < x.mean() < s["ci95"][1]
+    assert s["ci95"][0] == pytest.approx(x.mean() - half, abs=0.25 * half)
+    assert s["ci95"][1] == pytest.approx(x.mean() + half, abs=0.25 * half)
+
+
+def test_mann_whitney_against_hand_and_scipy():
+    r = mann_whitney_less([1, 2, 3], [4, 5, 6])
+    assert r["statistic"] == 0 and r["p_value"] == pytest.approx(1 / 20)  # 1 / C(6, 3), exact
+    a, b = [0.1, 0.5, 0.2, 0.9], [0.4, 0.8, 1.2, 0.7, 1.1]
+    ref = sps.mannwhitneyu(a, b, alternative="less")
+    r = mann_whitney_less(a, b)
+    assert r["p_value"] == pytest.approx(ref.pvalue) and r["statistic"] == pytest.approx(ref.statistic)
+    assert mann_whitney_less([], [1.0]) is None
+
+
+def test_paired_wilcoxon_all_below():
+    r = paired_wilcoxon_less([0.1, 0.2, 0.3, 0.4, 0.5], [1.0, 1.1, 1.5, 1.2, 1.3])
+    assert r["p_value"] == pytest.approx(1 / 32)  # every difference negative: 1 / 2^5, exact
+
+
+# ---------------------------------------------------------------- the whole study
+
+def test_local_study_results_and_report(local_run, tiny_yaml):
+    out, res = local_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == res
+    assert {"pairs", "summary", "tests", "star_quality", "verdict", "models"} <= set(res)
+    for kind, recs in res["pairs"].items():
+        vals = [r["barrier"]["train_loss"] for r in recs]
+        s = res["summary"][kind]["train_loss"]
+        assert s["n"] == len(vals) and s["mean"] == pytest.approx(np.mean(vals))
+        assert s["min"] <= s["ci95"][0] <= s["ci95"][1] <= s["max"]
+        assert all(len(r["t"]) == 5 and r["barrier"]["train_loss"] >= 0 for r in recs)
+    t = res["tests"]["star_heldout_below_regular_regular"]["train_loss"]
+    ref = sps.mannwhitneyu([r["barrier"]["train_loss"] for r in res["pairs"]["star_heldout"]],
+                           [r["barrier"]["train_loss"] for r in res["pairs"]["regular_regular"]], alternative="less")
+    assert t["p_value"] == pytest.approx(ref.pvalue)
+    # no timings in results.json
+    assert "seconds" not in json.dumps(res) and "timings" not in json.dumps(res)
+    # the star's own quality sits beside the regular models'
+    assert set(res["star_quality"]) >= {"regular", "star", "average"}
+    assert f"{res['summary']['star_heldout']['train_loss']['mean']:.3f}" in res["verdict"]
+
+    # report files; the HTML embeds every plot
+    html = (out / "report.html").read_text()
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert {p.stem for p in pngs} >= {"curves", "barriers"}
+    assert html.count("data:image/png;base64,") == len(pngs)
+    first = html.split("data:image/png;base64,")[1].split('"')[0]
+    assert base64.b64decode(first)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Verdict" in (out / "report.md").read_text()
+    assert len(list((out / "models").glob("*.safetensors"))) == 7
+
+
+def test_pair_record_matches_direct_measurement(local_run):
+    from stardomain import barrier
+
+    out, res = local_run
+    rec = res["pairs"]["regular_regular"][0]
+    direct = barrier.measure_files(out / rec["a_file"], out / rec["b_file"], points=5, align=ALIGN, device="cpu")
+    for m in ("train_loss", "test_loss", "train_acc", "test_acc"):
+        assert rec["barrier"][m] == pytest.approx(direct["barrier"][m], abs=1e-6)
+
+
+def test_rerun_skips_and_changed_setting_recomputes_only_dependents(local_run, tiny_yaml):
+    out, res = local_run
+    cfg = load_config(tiny_yaml)
+    assert pending(build_plan(cfg), out) == []
+    assert run_study(cfg, out, progress=False, report=False) == res
+    cfg2 = load_config(tiny_yaml, ["study.eval.points=3"])
+    todo = pending(build_plan(cfg2), out)
+    assert todo and {t.op for t in todo} == {"pair"}
+    cfg3 = load_config(tiny_yaml, ["star.mu=0.5"])
+    assert {t.op for t in pending(build_plan(cfg3), out)} == {"star", "pair"}
+
+
+def test_stale_pair_is_recomputed(local_run, tmp_path, tiny_yaml):
+    """A pair record whose inputs' sha256 no longer match the model files is not trusted."""
+    import shutil
+
+    out, _ = local_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    plan = build_plan(load_config(tiny_yaml))
+    t = next(t for t in plan.tasks if t.op == "pair")
+    rec = json.loads((copy / t.output).read_text())
+    rec["sha256_a"] = "0" * 64
+    (copy / t.output).write_text(json.dumps(rec))
+    assert [x.key for x in pending(plan, copy)] == [t.key]
+
+
+def test_killed_study_resumes_to_identical_results(local_run, tiny_yaml, tmp_path):
+    out_ref, _ = local_run
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([STARDOMAIN, "run", str(tiny_yaml), "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((out / "models").glob("*.json"))) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the study finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    assert not (out / "results.json").exists()
+    done = len(list((out / "models").glob("*.json")))
+    assert 3 <= done < 7
+    r = subprocess.run([STARDOMAIN, "run", str(tiny_yaml), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "results.json").read_bytes() == (out_ref / "results.json").read_bytes()
+
+
+def test_ray_executor_gives_the_same_results(local_run, tiny_yaml, tmp_path):
+    pytest.importorskip("ray")
+    import ray
+
+    out_ref, _ = local_run
+    out = tmp_path / "ray"
+    try:
+        run_study(load_config(tiny_yaml), out, executor="ray", num_workers=2, progress=False, report=False)
+    finally:
+        ray.shutdown()
+    assert (out / "results.json").read_bytes() == (out_ref / "results.json").read_bytes()
+
+
+# ---------------------------------------------------------------- configs and CLI
+
+def test_default_config_is_embedded_and_identical():
+    repo = ROOT / "configs" / "default.yaml"
+    assert default_config_path().read_bytes() == repo.read_bytes()
+    cfg = load_config(repo)
+    p = build_plan(cfg)
+    assert cfg.data.name == "mnist" and cfg.model.kwargs["width"] == 16
+    assert len(_keys(p, "train")) == 15 and len(_keys(p, "star")) == 1
+    assert {k: len(v) for k, v in p.layout["main"]["pairs"].items()} == {
+        "star_heldout": 5, "regular_regular": 50, "heldout_heldout": 10, "star_source": 10, "average_heldout": 5}
+
+
+@pytest.mark.parametrize("name", ["cifar10_resnet18", "cifar100_resnet18", "cifar10_vgg11", "cifar10_vgg19",
+                                  "cifar10_densenet40", "cifar10_wrn22", "mnist_cnn"])
+def test_ready_configs_validate_and_plan(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert build_plan(cfg).tasks
+
+
+def test_cli_missing_data_stops_at_once(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "data": {"name": "cifar10", "kwargs": {"root": str(tmp_path / "none"),
+                                                                                   "download": False}}}))
+    r = subprocess.run([STARDOMAIN, "run", str(cfg), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "models").exists()
+
+
+def test_cli_bad_executor(tmp_path, tiny_yaml):
+    r = subprocess.run([STARDOMAIN, "run", str(tiny_yaml), "--out", str(tmp_path / "o"), "--executor", "spark"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "local or ray" in r.stderr
