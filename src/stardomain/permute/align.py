@@ -1,0 +1,113 @@
+"""Aligning one model to another, with the function-preservation check that makes it trustworthy."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from .matching import activation_matching, apply_permutation, distance, weight_matching
+from .spec import PermutationSpec, spec_from_model
+
+TOLERANCE = 1e-5
+_CACHE: "OrderedDict[tuple, PermutationSpec]" = OrderedDict()
+
+
+class EquivalenceError(RuntimeError):
+    """A permuted model computes a different function: a bug in the spec, never to be ignored."""
+
+
+def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
+    """spec_from_model, cached by architecture (class, module structure, input shape and dtype)."""
+    key = (type(model).__module__, type(model).__qualname__, repr(model),
+           tuple(example_input.shape), str(example_input.dtype),
+           tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    spec = spec_from_model(model, example_input)
+    _CACHE[key] = spec
+    while len(_CACHE) > 32:
+        _CACHE.popitem(last=False)
+    return spec
+
+
+def _outputs(model: nn.Module, sd: dict, x: torch.Tensor) -> torch.Tensor:
+    model.load_state_dict(sd)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    if isinstance(out, (tuple, list)):
+        out = torch.cat([o.reshape(-1) for o in out if isinstance(o, torch.Tensor)])
+    return out.double()
+
+
+def equivalence_error(model: nn.Module, sd: dict, sd_perm: dict, example_input: torch.Tensor,
+                      seed: int = 0) -> float:
+    """max |f_perm(x) - f(x)| / max |f(x)| in eval mode, on the example input and (for float inputs) a
+    seeded standard-normal batch of the same shape. Computed in float64 where the model allows, so
+    rounding (which deep normalised nets amplify to ~1e-6 in float32) cannot hide or fake an error.
+    `model` is copied; its weights are untouched."""
+    m = copy.deepcopy(model)
+    xs = [example_input]
+    if torch.is_floating_point(example_input):
+        g = torch.Generator().manual_seed(seed)
+        xs.append(torch.randn(example_input.shape, generator=g, dtype=example_input.dtype))
+    xs32, sd32, sdp32 = list(xs), sd, sd_perm
+    try:
+        m = m.double()
+        sd, sd_perm = _to64(sd), _to64(sd_perm)
+        xs = [x.double() if torch.is_floating_point(x) else x for x in xs]
+        _outputs(m, sd, xs[0])
+    except (RuntimeError, TypeError):  # an op without float64 support: compare in the model's dtype
+        m, xs, sd, sd_perm = copy.deepcopy(model), xs32, sd32, sdp32
+    dev = next((p.device for p in m.parameters()), torch.device("cpu"))
+    err = 0.0
+    for x in xs:
+        x = x.to(dev)
+        a, b = _outputs(m, sd, x), _outputs(m, sd_perm, x)
+        err = max(err, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
+    return err
+
+
+def _to64(sd: dict) -> dict:
+    return {k: v.double() if torch.is_floating_point(v) else v for k, v in sd.items()}
+
+
+def check_equivalence(model, sd, sd_perm, example_input, tol: float = TOLERANCE) -> float:
+    err = equivalence_error(model, sd, sd_perm, example_input)
+    if not err <= tol:
+        raise EquivalenceError(f"the permuted model's outputs differ from the original's by {err:.3g} "
+                               f"(relative; tolerance {tol:g}): the permutation spec is wrong for this model")
+    return err
+
+
+def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tensor, method: str = "weight",
+          data_x: torch.Tensor | None = None, seed: int = 0, check: bool = True,
+          spec: PermutationSpec | None = None, max_iter: int = 100) -> tuple[dict, dict]:
+    """-> (pi(sd_b) best matching sd_a, info). `model` only provides the architecture.
+
+    method "weight": weight matching; "activation": correlation of activations on `data_x`.
+    With check=True (the default) pi(B) is verified to compute B's function, else EquivalenceError.
+    """
+    t0 = time.perf_counter()
+    spec = spec if spec is not None else spec_for(model, example_input)
+    if method == "weight":
+        perm, info = weight_matching(spec, sd_a, sd_b, seed=seed, max_iter=max_iter)
+    elif method == "activation":
+        if data_x is None:
+            raise UserError("activation matching needs data (data_x): a batch of inputs")
+        perm, info = activation_matching(spec, model, sd_a, sd_b, data_x)
+    else:
+        raise UserError(f"unknown alignment method {method!r}; choose weight or activation")
+    sd_p = apply_permutation(spec, sd_b, perm)
+    seconds = time.perf_counter() - t0
+    err = check_equivalence(model, sd_b, sd_p, example_input) if check else None
+    info = {"method": method, **info, "distance_before": distance(sd_a, sd_b), "distance_after": distance(sd_a, sd_p),
+            "equivalence_error": err, "seconds": seconds, "permutable_fraction": spec.permutable_fraction(),
+            "perm": {k: v.tolist() for k, v in perm.items()}}
+    return sd_p, info

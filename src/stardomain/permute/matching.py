@@ -1,0 +1,263 @@
+"""Applying permutations to state dicts, and finding them: weight matching and activation matching.
+
+Convention: a permutation `p` of a group of size n puts unit p[i] of the input at position i
+(new = old.index_select(axis, p)). `weight_matching(spec, a, b)` returns the p to apply to b.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .spec import PermutationSpec
+
+
+def identity(spec: PermutationSpec) -> dict[str, torch.Tensor]:
+    return {k: torch.arange(g.size) for k, g in spec.groups.items()}
+
+
+def inverse(perm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.argsort(p) for k, p in perm.items()}
+
+
+def random_permutation(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """A uniformly random legal permutation (head groups: heads permuted together, units within each)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, g in spec.groups.items():
+        if g.heads:
+            if k in out:
+                continue
+            hp = torch.randperm(g.heads, generator=generator)
+            for name in [k] + ([g.couple] if g.couple else []):
+                out[name] = _head_perm(hp, [torch.randperm(g.size // g.heads, generator=generator)
+                                            for _ in range(g.heads)], g.size // g.heads)
+        else:
+            out[k] = torch.randperm(g.size, generator=generator)
+    return out
+
+
+def _head_perm(head_perm: torch.Tensor, within: list[torch.Tensor], dh: int) -> torch.Tensor:
+    """Position block i takes source head head_perm[i], its units reordered by within[i]."""
+    return torch.cat([int(h) * dh + w for h, w in zip(head_perm, within)])
+
+
+def _plan(spec: PermutationSpec) -> dict[str, list[tuple[int, int, int, int, str]]]:
+    """tensor -> [(axis, offset, size, block, group)]."""
+    plan: dict[str, list] = {}
+    for k, g in spec.groups.items():
+        for m in g.members:
+            plan.setdefault(m.tensor, []).append((m.axis, m.offset, g.size, m.block, k))
+    return plan
+
+
+def _axis_index(length: int, items, perm, skip: str | None = None) -> torch.Tensor | None:
+    idx = None
+    for _, off, n, blk, k in items:
+        if k == skip:
+            continue
+        p = perm[k]
+        if idx is None:
+            idx = torch.arange(length)
+        idx[off:off + n * blk] = off + (p.view(-1, 1) * blk + torch.arange(blk)).reshape(-1)
+    return idx
+
+
+def _permute_tensor(t: torch.Tensor, items, perm, skip: str | None = None) -> torch.Tensor:
+    axes: dict[int, list] = {}
+    for it in items:
+        axes.setdefault(it[0], []).append(it)
+    for ax, its in axes.items():
+        idx = _axis_index(t.shape[ax], its, perm, skip)
+        if idx is not None:
+            t = t.index_select(ax, idx.to(t.device))
+    return t
+
+
+def apply_permutation(spec: PermutationSpec, sd: dict, perm: dict[str, torch.Tensor]) -> dict:
+    """A new state dict with every tensor axis a group touches permuted (parameters and buffers)."""
+    missing = set(spec.groups) - set(perm)
+    if missing:
+        raise ValueError(f"permutation lacks groups {sorted(missing)[:5]}")
+    out = dict(sd)
+    for name, items in _plan(spec).items():
+        if name in sd:
+            out[name] = _permute_tensor(sd[name], items, perm)
+    return out
+
+
+def distance(sd_a: dict, sd_b: dict) -> float:
+    """L2 distance over all floating-point tensors (parameters and buffers)."""
+    tot = 0.0
+    for k, a in sd_a.items():
+        if torch.is_floating_point(a):
+            tot += float((a.double() - sd_b[k].double()).pow(2).sum())
+    return tot ** 0.5
+
+
+def _slice_rows(t: torch.Tensor, ax: int, off: int, n: int, blk: int) -> torch.Tensor:
+    return t.narrow(ax, off, n * blk).movedim(ax, 0).reshape(n, -1)
+
+
+def _lsa(cost: np.ndarray) -> np.ndarray:
+    return linear_sum_assignment(cost, maximize=True)[1]
+
+
+def _solve_heads(cq: torch.Tensor, cv: torch.Tensor | None, heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Best head-structured assignment for one or two coupled cost matrices (A unit x B unit)."""
+    n = cq.shape[0]
+    dh = n // heads
+    mats = [c.double().cpu().numpy().reshape(heads, dh, heads, dh).transpose(0, 2, 1, 3) for c in (cq, cv)
+            if c is not None]
+    score = np.zeros((heads, heads))
+    within: dict[tuple[int, int], list[np.ndarray]] = {}
+    for a in range(heads):
+        for b in range(heads):
+            cols = [_lsa(m[a, b]) for m in mats]
+            within[a, b] = cols
+            score[a, b] = sum(m[a, b][np.arange(dh), c].sum() for m, c in zip(mats, cols))
+    hp = _lsa(score)
+    perms = [torch.from_numpy(np.concatenate([hp[a] * dh + within[a, hp[a]][i] for a in range(heads)])).long()
+             for i in range(len(mats))]
+    return perms[0], (perms[1] if len(perms) > 1 else None)
+
+
+def weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int = 0, max_iter: int = 100,
+                    init: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Git Re-Basin weight matching: -> (perm for B maximising sum_k <A_k, perm(B)_k>, info).
+
+    Coordinate descent over groups in a seeded random order; each step is one linear assignment on
+    the summed inner products of every tensor slice the group touches, with all other groups'
+    current permutations applied to B. A step is taken only if it strictly improves the objective,
+    so the distance to A never grows; stops after a full pass with no change (or max_iter passes).
+    """
+    plan = _plan(spec)
+    dtype = torch.float64 if any(sd_a[t].dtype == torch.float64 for t in plan) else torch.float32
+    A = {t: sd_a[t].to(dtype) for t in plan}
+    B = {t: sd_b[t].to(dtype) for t in plan}
+    members: dict[str, list[tuple[str, int, int, int]]] = {k: [] for k in spec.groups}
+    for t, items in plan.items():
+        for ax, off, n, blk, k in items:
+            members[k].append((t, ax, off, blk))
+    perm = {k: v.clone() for k, v in (init or identity(spec)).items()}
+    # units of the descent: single groups, or coupled head groups solved jointly
+    units: list[tuple[str, ...]] = []
+    done: set[str] = set()
+    for k, g in spec.groups.items():
+        if k in done:
+            continue
+        u = (k, g.couple) if g.couple else (k,)
+        done.update(u)
+        units.append(u)
+
+    def cost(k: str) -> torch.Tensor:
+        n = spec.groups[k].size
+        c = torch.zeros(n, n, dtype=dtype, device=next(iter(A.values())).device)
+        for t, ax, off, blk in members[k]:
+            b = _permute_tensor(B[t], plan[t], perm, skip=k)
+            c += _slice_rows(A[t], ax, off, n, blk) @ _slice_rows(b, ax, off, n, blk).T
+        return c
+
+    gen = torch.Generator().manual_seed(seed)
+    it, converged = 0, not units
+    while units and it < max_iter:
+        it += 1
+        changed = False
+        for i in torch.randperm(len(units), generator=gen).tolist():
+            u = units[i]
+            cs = [cost(k) for k in u]
+            g = spec.groups[u[0]]
+            if g.heads:
+                new = _solve_heads(cs[0], cs[1] if len(cs) > 1 else None, g.heads)
+                new = [p for p in new if p is not None]
+            else:
+                new = [torch.from_numpy(_lsa(cs[0].double().cpu().numpy())).long()]
+            ar = torch.arange(g.size)
+            old_v = sum(float(c[ar, perm[k]].sum()) for c, k in zip(cs, u))
+            new_v = sum(float(c[ar, p].sum()) for c, p in zip(cs, new))
+            if new_v > old_v + 1e-9 * max(1.0, abs(old_v)):
+                for k, p in zip(u, new):
+                    perm[k] = p
+                changed = True
+        if not changed:
+            converged = True
+            break
+    return perm, {"iterations": it, "converged": converged, "groups": len(spec.groups)}
+
+
+def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dict, sd_b: dict,
+                        x: torch.Tensor, *, max_probes: int = 3) -> tuple[dict[str, torch.Tensor], dict]:
+    """Match units by the correlation of their activations on a batch `x` (-> perm for B, info).
+
+    Each group is observed at up to `max_probes` places in the traced graph (preferring the output
+    of nonlinearities); correlations are summed over those places and one assignment solved per group.
+    """
+    import copy
+
+    import torch.fx as fx
+
+    gm = fx.symbolic_trace(copy.deepcopy(model))
+    probes_by_node: dict[str, list] = {}
+    chosen: dict[str, list] = {}
+    for k, g in spec.groups.items():
+        ps = sorted(g.probes, key=lambda p: (not _is_nonlinear(gm, p.node),))[:max_probes]
+        chosen[k] = ps
+        for p in ps:
+            probes_by_node.setdefault(p.node, []).append(p)
+
+    def run(sd):
+        gm.load_state_dict(sd)
+        gm.eval()
+        acts: dict[str, torch.Tensor] = {}
+
+        class Rec(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n.name in probes_by_node:
+                    acts[n.name] = out.detach()
+                return out
+
+        with torch.no_grad():
+            Rec(gm).run(x)
+        return acts
+
+    acts_a, acts_b = run(sd_a), run(sd_b)
+
+    def feats(t, p, n):
+        f = t.narrow(p.axis, p.offset, n * p.block).movedim(p.axis, -1)
+        f = f.reshape(*f.shape[:-1], n, p.block).movedim(-2, -1).reshape(-1, n).double()
+        f = f - f.mean(0)
+        return f / (f.norm(dim=0) + 1e-12)
+
+    perm: dict[str, torch.Tensor] = {}
+    for k, g in spec.groups.items():
+        if k in perm:
+            continue
+        corr = {}
+        for kk in [k] + ([g.couple] if g.couple else []):
+            c = torch.zeros(g.size, g.size, dtype=torch.float64)
+            for p in chosen[kk]:
+                c += feats(acts_a[p.node], p, g.size).T @ feats(acts_b[p.node], p, g.size)
+            corr[kk] = c
+        if g.heads:
+            ks = list(corr)
+            ps = _solve_heads(corr[ks[0]], corr[ks[1]] if len(ks) > 1 else None, g.heads)
+            for kk, p in zip(ks, ps):
+                perm[kk] = p
+        else:
+            perm[k] = torch.from_numpy(_lsa(corr[k].numpy())).long()
+    return perm, {"iterations": 1, "converged": True, "groups": len(spec.groups)}
+
+
+_NONLIN = ("relu", "gelu", "silu", "sigmoid", "tanh", "elu", "mish", "softplus", "hardswish")
+
+
+def _is_nonlinear(gm, node_name: str) -> bool:
+    for n in gm.graph.nodes:
+        if n.name == node_name:
+            t = n.target
+            name = t if isinstance(t, str) else getattr(t, "__name__", "")
+            if n.op == "call_module":
+                name = type(gm.get_submodule(t)).__name__
+            return any(s in name.lower() for s in _NONLIN)
+    return False

@@ -1,0 +1,639 @@
+"""Permutation specs derived from a torch.fx trace: which tensor axes share a permutation.
+
+A *group* is a set of hidden units (channels, features, heads) whose order is arbitrary: permuting
+them consistently in every tensor axis they index leaves the network's function unchanged. Each
+member of a group says "the slice [offset, offset + size*block) of this tensor axis, viewed as
+(size, block), has its first dimension permuted" (block > 1 after a flatten: a channel owns H*W
+inputs of the next Linear). Groups are found by abstract interpretation of the traced graph: every
+value carries a layout of its feature axis (which groups own which slices), operations propagate or
+merge layouts (union-find), and anything not understood pins its groups as unpermuted, with the
+reason recorded. The rule is: never a wrong permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Member:
+    """Slice [offset, offset + size*block) of `tensor`'s `axis`, viewed as (size, block)."""
+    tensor: str
+    axis: int
+    offset: int = 0
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Where a group's units can be observed in the traced graph (for activation matching)."""
+    node: str
+    axis: int
+    offset: int = 0
+    block: int = 1
+
+
+@dataclass
+class Group:
+    name: str
+    size: int
+    members: list[Member]
+    probes: list[Probe] = field(default_factory=list)
+    heads: int = 0            # >0: permutations must map whole heads (blocks of size // heads) to heads
+    couple: str | None = None  # a group that must share this group's head-level permutation
+
+
+@dataclass
+class Unpermuted:
+    what: str      # the tensor axes concerned
+    reason: str
+
+
+@dataclass
+class PermutationSpec:
+    groups: dict[str, Group]
+    unpermuted: list[Unpermuted]
+    shapes: dict[str, list[int]]      # every state-dict tensor's shape (parameters and buffers)
+    parameters: list[str]             # which of them are parameters
+
+    # ---- plain data ----
+    def to_dict(self) -> dict:
+        return {"groups": {k: asdict(g) for k, g in self.groups.items()},
+                "unpermuted": [asdict(u) for u in self.unpermuted],
+                "shapes": self.shapes, "parameters": self.parameters}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PermutationSpec":
+        groups = {k: Group(name=g["name"], size=g["size"], members=[Member(**m) for m in g["members"]],
+                           probes=[Probe(**p) for p in g.get("probes", [])], heads=g.get("heads", 0),
+                           couple=g.get("couple"))
+                  for k, g in d["groups"].items()}
+        return cls(groups, [Unpermuted(**u) for u in d["unpermuted"]],
+                   {k: list(v) for k, v in d["shapes"].items()}, list(d["parameters"]))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PermutationSpec) and self.to_dict() == other.to_dict()
+
+    def permutable_tensors(self) -> set[str]:
+        return {m.tensor for g in self.groups.values() for m in g.members}
+
+    def permutable_fraction(self) -> float:
+        """Fraction of parameter numbers (not buffers) in tensors that at least one group permutes."""
+        tot = sum(math.prod(self.shapes[p]) for p in self.parameters)
+        perm = sum(math.prod(self.shapes[p]) for p in self.parameters if p in self.permutable_tensors())
+        return perm / tot if tot else 0.0
+
+    def summary(self) -> str:
+        lines = [f"{len(self.groups)} permutation groups, "
+                 f"{100 * self.permutable_fraction():.1f}% of parameters permutable"]
+        for g in self.groups.values():
+            extra = f", {g.heads} heads" + (f" coupled with {g.couple}" if g.couple else "") if g.heads else ""
+            ms = ", ".join(f"{m.tensor}[{m.axis}]" + (f"@{m.offset}" if m.offset else "")
+                           + (f"x{m.block}" if m.block > 1 else "") for m in g.members)
+            lines.append(f"  {g.name}: size {g.size}{extra}: {ms}")
+        if self.unpermuted:
+            lines.append("unpermuted:")
+            lines += [f"  {u.what}: {u.reason}" for u in self.unpermuted]
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+# ---------------------------------------------------------------------------------------------
+# abstract interpretation
+
+@dataclass(frozen=True)
+class _Lay:
+    """The feature axis of a value and the groups owning consecutive slices of it: (gid, n, block)."""
+    axis: int
+    segs: tuple[tuple[int, int, int], ...]
+
+
+class _Fix(Exception):
+    pass
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.n: list[int] = []
+        self.reasons: list[list[str]] = []
+        self.members: list[list[Member]] = []
+        self.probes: list[list[Probe]] = []
+        self.label: list[str] = []
+        self.heads: list[int] = []
+        self.couple: list[int | None] = []
+
+    def new(self, n: int, label: str, reason: str | None = None) -> int:
+        g = len(self.parent)
+        self.parent.append(g)
+        self.n.append(n)
+        self.reasons.append([reason] if reason else [])
+        self.members.append([])
+        self.probes.append([])
+        self.label.append(label)
+        self.heads.append(0)
+        self.couple.append(None)
+        return g
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return a
+        if self.n[a] != self.n[b]:  # cannot happen for a consistent graph; be safe
+            self.fix(a, "size mismatch in a merge")
+            self.fix(b, "size mismatch in a merge")
+        if b < a:
+            a, b = b, a
+        self.parent[b] = a
+        self.reasons[a] += self.reasons[b]
+        self.members[a] += self.members[b]
+        self.probes[a] += self.probes[b]
+        if self.heads[b] or self.heads[a]:  # attention structure does not survive merges with others
+            self.fix(a, "attention heads merged with another group")
+        return a
+
+    def fix(self, g: int, reason: str) -> None:
+        r = self.find(g)
+        if reason not in self.reasons[r]:
+            self.reasons[r].append(reason)
+
+    def fix_lay(self, lay: "_Lay | None", reason: str) -> None:
+        if isinstance(lay, _Lay):
+            for gid, _, _ in lay.segs:
+                self.fix(gid, reason)
+        elif isinstance(lay, (tuple, list)):
+            for x in lay:
+                self.fix_lay(x, reason)
+
+    def add(self, gid: int, m: Member) -> None:
+        self.members[self.find(gid)].append(m)
+
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Softmax, nn.LogSoftmax,
+)
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.LPPool1d, nn.LPPool2d,
+)
+_ELEMENTWISE_FUNCS = {
+    torch.relu, F.relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu, F.mish, F.elu, F.selu,
+    F.leaky_relu, F.relu6, F.hardswish, F.hardtanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d,
+    F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.exp, torch.abs, torch.neg,
+    torch.square, torch.sqrt, torch.rsqrt, torch.clamp, F.alpha_dropout,
+}
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "exp", "abs", "neg", "contiguous", "clone", "float",
+                        "double", "half", "to", "detach", "softmax", "log_softmax", "clamp", "sqrt", "square",
+                        "type_as", "relu_", "sigmoid_", "tanh_"}
+_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+           operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum"}
+_POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+               F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+               F.adaptive_max_pool2d}
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
+_REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin", "logsumexp"}
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, fx.Node):
+        return None
+    tm = node.meta.get("tensor_meta")
+    shape = getattr(tm, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _seg_offsets(lay: _Lay):
+    off = 0
+    for gid, n, blk in lay.segs:
+        yield gid, n, blk, off
+        off += n * blk
+
+
+class _Tracer:
+    def __init__(self, gm: fx.GraphModule | None, sd_keys: set[str]):
+        self.gm = gm
+        self.b = _Builder()
+        self.env: dict[fx.Node, Any] = {}
+        self.sd_keys = sd_keys
+        self.modules = dict(gm.named_modules()) if gm is not None else {}
+
+    # -- helpers --
+    def lay(self, a: Any) -> Any:
+        return self.env.get(a) if isinstance(a, fx.Node) else None
+
+    def all_lays(self, args: Any) -> list:
+        out: list = []
+        fx.node.map_arg(args, lambda n: out.append(self.env.get(n)) or n)
+        return out
+
+    def fix_args(self, node: fx.Node, reason: str) -> None:
+        for lay in self.all_lays((node.args, node.kwargs)):
+            self.b.fix_lay(lay, reason)
+
+    def fresh(self, n: int, label: str, axis: int, members: list[tuple[str, int]]) -> _Lay:
+        g = self.b.new(n, label)
+        for name, ax in members:
+            if name in self.sd_keys:
+                self.b.add(g, Member(name, ax))
+        return _Lay(axis, ((g, n, 1),))
+
+    def add_members(self, lay: _Lay, tensors: list[tuple[str, int]], need_block1: bool = True) -> None:
+        for gid, n, blk, off in _seg_offsets(lay):
+            if need_block1 and blk != 1:
+                raise _Fix("per-channel parameters on a flattened axis")
+            for name, ax in tensors:
+                if name in self.sd_keys:
+                    self.b.add(gid, Member(name, ax, off, blk))
+
+    def merge(self, lays: list[_Lay]) -> _Lay:
+        first = lays[0]
+        for other in lays[1:]:
+            if [s[1:] for s in other.segs] != [s[1:] for s in first.segs]:
+                raise _Fix("elementwise op on differently structured feature axes")
+        for other in lays[1:]:
+            for (g1, _, _), (g2, _, _) in zip(first.segs, other.segs):
+                self.b.union(g1, g2)
+        return first
+
+    # -- the walk --
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            try:
+                out = self.visit(node)
+            except _Fix as e:
+                self.fix_args(node, f"{e} (at {node.format_node()[:120]})")
+                out = None
+            self.env[node] = out
+            if isinstance(out, _Lay) and node.op != "get_attr":
+                for gid, n, blk, off in _seg_offsets(out):
+                    self.b.probes[self.b.find(gid)].append(Probe(node.name, out.axis, off, blk))
+
+    def visit(self, node: fx.Node) -> Any:
+        op = node.op
+        if op == "placeholder":
+            return None
+        if op == "output":
+            self.fix_args(node, "model output")
+            return None
+        if op == "get_attr":
+            shape = _shape(node)
+            if node.target in self.sd_keys and shape:
+                return self.fresh(shape[-1], str(node.target), len(shape) - 1, [(str(node.target), len(shape) - 1)])
+            return None
+        if op == "call_module":
+            return self.visit_module(node, self.modules[node.target])
+        if op == "call_function":
+            return self.visit_function(node, node.target)
+        if op == "call_method":
+            return self.visit_method(node, node.target)
+        raise _Fix(f"unknown node kind {op}")
+
+    def visit_module(self, node: fx.Node, mod: nn.Module) -> Any:
+        name = node.target
+        x = node.args[0] if node.args else None
+        lay = self.lay(x)
+        shape_in, shape_out = _shape(x), _shape(node)
+        if isinstance(mod, nn.Linear):
+            if lay is not None:
+                if lay.axis != len(shape_in) - 1:
+                    raise _Fix("Linear applied across a non-feature axis")
+                self.add_members(lay, [(f"{name}.weight", 1)], need_block1=False)
+            return self.fresh(mod.out_features, name, len(shape_out) - 1, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if lay is not None and (lay.axis != 1 or any(s[2] != 1 for s in lay.segs)):
+                raise _Fix("convolution over a non-channel axis")
+            if mod.groups == 1:
+                if lay is not None:
+                    self.add_members(lay, [(f"{name}.weight", 1)])
+                return self.fresh(mod.out_channels, name, 1, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
+            if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: a per-channel op
+                if lay is None:
+                    return None
+                self.add_members(lay, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
+                return lay
+            raise _Fix(f"grouped convolution (groups={mod.groups}) ties channels to groups")
+        if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and mod.groups == 1:
+            if lay is not None:
+                if lay.axis != 1 or any(s[2] != 1 for s in lay.segs):
+                    raise _Fix("transposed convolution over a non-channel axis")
+                self.add_members(lay, [(f"{name}.weight", 0)])
+            return self.fresh(mod.out_channels, name, 1, [(f"{name}.weight", 1), (f"{name}.bias", 0)])
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if lay is None:
+                return None
+            if lay.axis != 1:
+                raise _Fix("BatchNorm over a non-channel axis")
+            self.add_members(lay, [(f"{name}.{t}", 0) for t in ("weight", "bias", "running_mean", "running_var")])
+            return lay
+        if isinstance(mod, nn.GroupNorm):
+            if lay is None:
+                return None
+            if lay.axis != 1:
+                raise _Fix("GroupNorm over a non-channel axis")
+            if mod.num_groups not in (1, mod.num_channels):
+                raise _Fix(f"GroupNorm with {mod.num_groups} groups of {mod.num_channels // mod.num_groups} "
+                           "channels (only 1 group or 1 channel per group is permutation-equivariant)")
+            self.add_members(lay, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
+            return lay
+        if isinstance(mod, nn.LayerNorm):
+            if lay is None:
+                return None
+            k = len(mod.normalized_shape)
+            nd = len(shape_in)
+            if lay.axis < nd - k:  # normalised over other axes: the feature axis just rides along
+                return lay
+            if k == 1:
+                self.add_members(lay, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
+                return lay
+            raise _Fix("LayerNorm over several axes including the feature axis")
+        if isinstance(mod, _ELEMENTWISE_MODULES):
+            return lay
+        if isinstance(mod, _POOL_MODULES):
+            if getattr(mod, "return_indices", False):
+                raise _Fix("pooling that returns indices")
+            if lay is not None and lay.axis != 1:
+                raise _Fix("pooling over the feature axis")
+            return lay
+        if isinstance(mod, nn.Flatten):
+            return self.reshape(lay, shape_in, shape_out)
+        if isinstance(mod, nn.Embedding):
+            return self.fresh(mod.embedding_dim, name, len(shape_out) - 1, [(f"{name}.weight", 1)])
+        if isinstance(mod, nn.MultiheadAttention):
+            return self.visit_mha(node, mod)
+        if isinstance(mod, nn.Sequential) and len(mod) == 0:
+            return lay
+        raise _Fix(f"unsupported module {type(mod).__name__}")
+
+    def visit_function(self, node: fx.Node, fn: Any) -> Any:
+        args = node.args
+        if fn in _ELEMENTWISE_FUNCS:
+            return self.lay(args[0])
+        if fn in _BINARY:
+            return self.binary(node)
+        if fn is torch.cat or fn is torch.concat:
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            return self.cat(node, list(args[0]), dim)
+        if fn in (torch.flatten, torch.reshape):
+            return self.reshape(self.lay(args[0]), _shape(args[0]), _shape(node))
+        if fn is torch.transpose:
+            return self.transpose(node, args[0], args[1], args[2])
+        if fn is torch.permute:
+            return self.permute(node, args[0], args[1])
+        if fn in _POOL_FUNCS:
+            lay = self.lay(args[0])
+            if lay is not None and lay.axis != 1:
+                raise _Fix("pooling over the feature axis")
+            return lay
+        if fn in _REDUCE_FUNCS:
+            return self.reduce(node, args[0], args[1] if len(args) > 1 else node.kwargs.get("dim"),
+                               args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
+        if fn is operator.getitem:
+            return self.getitem(node)
+        if fn is getattr:
+            return None  # x.shape and friends: no values flow
+        raise _Fix(f"unsupported function {getattr(fn, '__name__', fn)}")
+
+    def visit_method(self, node: fx.Node, name: str) -> Any:
+        args = node.args
+        if name in _SHAPE_METHODS:
+            return None
+        if name in _ELEMENTWISE_METHODS:
+            return self.lay(args[0])
+        if name in _BINARY_METHODS:
+            return self.binary(node)
+        if name in ("flatten", "view", "reshape"):
+            return self.reshape(self.lay(args[0]), _shape(args[0]), _shape(node))
+        if name == "transpose":
+            return self.transpose(node, args[0], args[1], args[2])
+        if name == "permute":
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            return self.permute(node, args[0], dims)
+        if name in _REDUCE_METHODS:
+            return self.reduce(node, args[0], args[1] if len(args) > 1 else node.kwargs.get("dim"),
+                               args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
+        if name == "expand":
+            lay = self.lay(args[0])
+            if lay is None:
+                return None
+            si, so = _shape(args[0]), _shape(node)
+            ax = lay.axis + len(so) - len(si)
+            if so[ax] != si[lay.axis]:
+                raise _Fix("expand along the feature axis")
+            return _Lay(ax, lay.segs)
+        raise _Fix(f"unsupported method .{name}()")
+
+    # -- layout rules --
+    def binary(self, node: fx.Node) -> Any:
+        so = _shape(node)
+        if so is None:
+            return None
+        lays, plain = [], []
+        for a in list(node.args) + list(node.kwargs.values()):
+            if not isinstance(a, fx.Node):
+                continue
+            lay, sa = self.lay(a), _shape(a)
+            if lay is not None:
+                lays.append(_Lay(lay.axis + len(so) - len(sa), lay.segs))
+            elif sa is not None:
+                plain.append(sa)
+        if not lays:
+            return None
+        ax = lays[0].axis
+        if any(lay.axis != ax for lay in lays):
+            raise _Fix("elementwise op on tensors with different feature axes")
+        for sa in plain:  # an unpermuted operand must be constant along the feature axis
+            k = ax - (len(so) - len(sa))
+            if k >= 0 and sa[k] != 1:
+                raise _Fix("elementwise op with an unpermutable tensor")
+        return self.merge(lays)
+
+    def cat(self, node: fx.Node, parts: list, dim: int) -> Any:
+        so = _shape(node)
+        dim = dim % len(so)
+        lays = [self.lay(p) for p in parts]
+        if all(lay is None for lay in lays):
+            return None
+        if any(lay is not None and lay.axis != dim for lay in lays):  # cat along another axis: merge
+            if any(lay is None for lay in lays):
+                raise _Fix("concatenation of permutable and unpermutable tensors")
+            return self.merge(lays)
+        segs: list = []
+        for p, lay in zip(parts, lays):
+            if lay is None:
+                size = _shape(p)[dim]
+                g = self.b.new(size, f"{node.name}:part", "concatenated with an unpermutable tensor")
+                segs.append((g, size, 1))
+            else:
+                segs += list(lay.segs)
+        return _Lay(dim, tuple(segs))
+
+    def reshape(self, lay: Any, si: tuple | None, so: tuple | None) -> Any:
+        if lay is None:
+            return None
+        if si is None or so is None:
+            raise _Fix("reshape of unknown shape")
+        a = lay.axis
+        pre = math.prod(si[:a])
+        c = si[a]
+        # the output axis b with prod(so[:b]) == pre and so[b] == c * prod(si[a+1:k]) for some k
+        acc, b = 1, 0
+        while acc < pre and b < len(so):
+            acc *= so[b]
+            b += 1
+        if acc != pre or b >= len(so) or so[b] % c:
+            raise _Fix("reshape that splits the feature axis")
+        mult, k, m = so[b] // c, a + 1, 1
+        while m < mult and k < len(si):
+            m *= si[k]
+            k += 1
+        if m != mult:
+            raise _Fix("reshape that mixes the feature axis with others")
+        return _Lay(b, tuple((g, n, blk * mult) for g, n, blk in lay.segs))
+
+    def transpose(self, node, x, d0, d1) -> Any:
+        lay = self.lay(x)
+        if lay is None:
+            return None
+        nd = len(_shape(x))
+        d0, d1 = d0 % nd, d1 % nd
+        ax = d1 if lay.axis == d0 else d0 if lay.axis == d1 else lay.axis
+        return _Lay(ax, lay.segs)
+
+    def permute(self, node, x, dims) -> Any:
+        lay = self.lay(x)
+        if lay is None:
+            return None
+        nd = len(_shape(x))
+        dims = [d % nd for d in dims]
+        return _Lay(dims.index(lay.axis), lay.segs)
+
+    def reduce(self, node, x, dim, keepdim) -> Any:
+        lay = self.lay(x)
+        if lay is None:
+            return None
+        nd = len(_shape(x))
+        if dim is None:
+            return None  # a full reduction is invariant to permutations
+        dims = [d % nd for d in (dim if isinstance(dim, (tuple, list)) else [dim])]
+        if lay.axis in dims:
+            return None  # summing/averaging over units does not depend on their order
+        return _Lay(lay.axis if keepdim else lay.axis - sum(d < lay.axis for d in dims), lay.segs)
+
+    def getitem(self, node: fx.Node) -> Any:
+        x, idx = node.args
+        lay = self.lay(x)
+        if isinstance(lay, (tuple, list)):
+            return lay[idx] if isinstance(idx, int) and -len(lay) <= idx < len(lay) else None
+        if lay is None:
+            return None
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        removed = 0
+        for i, e in enumerate(idx):
+            if e is Ellipsis or e is None or isinstance(e, fx.Node):
+                raise _Fix("advanced indexing")
+            if i == lay.axis:
+                if not (isinstance(e, slice) and e == slice(None)):
+                    raise _Fix("indexing into the feature axis")
+            elif isinstance(e, int) and i < lay.axis:
+                removed += 1
+        return _Lay(lay.axis - removed, lay.segs)
+
+    # -- result --
+    def spec(self, model: nn.Module, trace_error: str | None = None) -> PermutationSpec:
+        b = self.b
+        sd = model.state_dict()
+        params = {n for n, _ in model.named_parameters()}
+        roots: dict[int, list[Member]] = {}
+        for g in range(len(b.parent)):
+            r = b.find(g)
+            roots.setdefault(r, b.members[r])
+        # a tensor axis slice owned by two groups: they must be one group (shared weights)
+        owner: dict[tuple[str, int, int], int] = {}
+        for r in list(roots):
+            for m in b.members[b.find(r)]:
+                key = (m.tensor, m.axis, m.offset)
+                if key in owner and b.find(owner[key]) != b.find(r):
+                    b.union(owner[key], r)
+                owner[key] = b.find(r)
+        groups: dict[str, Group] = {}
+        unperm: list[Unpermuted] = []
+        seen = set()
+        for g in range(len(b.parent)):
+            r = b.find(g)
+            if r in seen:
+                continue
+            seen.add(r)
+            members = list(dict.fromkeys(b.members[r]))
+            if not members:
+                continue
+            what = ", ".join(dict.fromkeys(f"{m.tensor}[{m.axis}]" for m in members))
+            if b.reasons[r]:
+                unperm.append(Unpermuted(what, "; ".join(dict.fromkeys(b.reasons[r]))))
+                continue
+            if b.n[r] < 2:
+                continue
+            name = b.label[r]
+            while name in groups:
+                name += "'"
+            groups[name] = Group(name, b.n[r], members, list(dict.fromkeys(b.probes[r])), b.heads[r])
+            b.label[r] = name
+        for g in range(len(b.parent)):  # attention: couple q/k with v/o groups by their names
+            r = b.find(g)
+            c = b.couple[r]
+            if c is not None and b.label[r] in groups:
+                other = b.label[b.find(c)]
+                if other in groups:
+                    groups[b.label[r]].couple = other
+                else:  # partner pinned: pin this one too (they share the head permutation)
+                    gr = groups.pop(b.label[r])
+                    unperm.append(Unpermuted(", ".join(f"{m.tensor}[{m.axis}]" for m in gr.members),
+                                             "its attention heads' partner group is unpermutable"))
+        if trace_error:
+            unperm.append(Unpermuted("whole model", trace_error))
+        return PermutationSpec(groups, unperm, {k: list(v.shape) for k, v in sd.items()},
+                               [k for k in sd if k in params])
+
+
+def spec_from_model(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
+    """Derive the permutation spec of `model` by tracing it on `example_input` (weights unused)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    sd_keys = set(model.state_dict())
+    was_training = model.training
+    try:
+        gm = fx.symbolic_trace(model)
+        model.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as e:  # noqa: BLE001 - any trace failure means: permute nothing
+        tr = _Tracer(None, sd_keys)
+        return tr.spec(model, f"torch.fx could not trace the model ({type(e).__name__}: {str(e)[:200]})")
+    finally:
+        model.train(was_training)
+    tr = _Tracer(gm, sd_keys)
+    tr.run()
+    return tr.spec(model)

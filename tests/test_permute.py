@@ -1,0 +1,230 @@
+"""Permutation specs, apply, weight/activation matching, equivalence: checked against invariants
+(a permuted network computes the same function; matching a network to its own permuted copy
+recovers the inverse permutation exactly) and closed-form parameter counts."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stardomain.models import MODELS, build_model
+from stardomain.permute import (EquivalenceError, PermutationSpec, align, apply_permutation, check_equivalence,
+                                distance, equivalence_error, inverse, random_permutation, spec_for,
+                                spec_from_model, weight_matching)
+
+CASES = [
+    ("mlp", {"width": 8, "depth": 2}, (1, 8, 8)),
+    ("mlp", {"width": 8, "depth": 2, "bn": True}, (1, 8, 8)),
+    ("cnn", {"widths": [4, 8]}, (1, 8, 8)),
+    ("cnn", {"widths": [4, 6], "norm": "ln"}, (1, 8, 8)),
+    ("cnn", {"widths": [4, 6], "norm": "none"}, (1, 8, 8)),
+    ("resnet", {"depth": 20, "width": 0.25, "norm": "bn"}, (3, 8, 8)),
+    ("resnet", {"depth": 20, "width": 0.25, "norm": "ln"}, (3, 8, 8)),
+    ("resnet", {"depth": 20, "width": 0.5, "norm": "gn"}, (3, 8, 8)),
+    ("vgg", {"depth": 11, "width": 0.0625}, (3, 8, 8)),
+    ("vgg", {"depth": 11, "width": 0.0625, "bn": True}, (3, 8, 8)),
+    ("wrn", {"depth": 10, "width_factor": 1}, (3, 8, 8)),
+    ("densenet", {"depth": 10, "growth": 4}, (3, 8, 8)),
+]
+
+
+def _noisy_state(model, seed=0):
+    """Weights plus random BN statistics/affines, so a wrongly permuted buffer changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if torch.is_floating_point(v) and any(s in k for s in ("running_var", "running_mean", "bn", "weight", "bias")):
+            noise = torch.rand(v.shape, generator=g)
+            v = v + (noise if "running_var" in k else 0.1 * (noise - 0.5))
+        sd[k] = v
+    return sd
+
+
+def _check_roundtrip(model, shape, seed=0):
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
+    spec = spec_from_model(model, x)
+    sd = _noisy_state(model, seed)
+    p = random_permutation(spec, torch.Generator().manual_seed(seed + 1))
+    sp = apply_permutation(spec, sd, p)
+    assert equivalence_error(model, sd, sp, x) < 1e-10  # float64 check: exact up to rounding
+    if any(not torch.equal(v, torch.arange(len(v))) for v in p.values()):
+        assert distance(sd, sp) > 0
+    q, info = weight_matching(spec, sd, sp, seed=seed)
+    assert info["converged"]
+    rec = apply_permutation(spec, sp, q)
+    assert distance(sd, rec) == 0.0
+    for k in spec.groups:
+        assert torch.equal(q[k], inverse(p)[k]), k
+    return spec
+
+
+@pytest.mark.parametrize("name,kwargs,shape", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_registry_models_permute_exactly(name, kwargs, shape):
+    torch.manual_seed(0)
+    model = build_model({"name": name, "kwargs": kwargs}, shape, 5)
+    spec = _check_roundtrip(model, shape)
+    # only the classifier's output axis is pinned (it is the model output)
+    assert len(spec.unpermuted) == 1 and spec.unpermuted[0].reason == "model output"
+    assert spec.groups
+
+
+def test_every_registered_model_is_covered():
+    assert {c[0] for c in CASES} >= {"mlp", "cnn", "resnet", "vgg", "wrn", "densenet"}
+    for name in MODELS:
+        if name not in {c[0] for c in CASES}:
+            pytest.skip(f"{name} is covered in its own test file")
+
+
+def test_mlp_fraction_closed_form():
+    model = build_model({"name": "mlp", "kwargs": {"width": 8, "depth": 2}}, (1, 8, 8), 5)
+    spec = spec_from_model(model, torch.zeros(2, 1, 8, 8))
+    total = (64 * 8 + 8) + (8 * 8 + 8) + (8 * 5 + 5)
+    assert spec.permutable_fraction() == pytest.approx(1 - 5 / total)  # only the output bias is untouched
+    assert sorted(g.size for g in spec.groups.values()) == [8, 8]
+
+
+def test_flatten_into_linear_uses_blocks():
+    model = build_model({"name": "cnn", "kwargs": {"widths": [3, 4]}}, (1, 8, 8), 5)  # 8->4->2: 4 ch x 2x2
+    spec = spec_from_model(model, torch.zeros(2, 1, 8, 8))
+    last = [g for g in spec.groups.values() if any(m.tensor == "9.weight" for m in g.members)]
+    assert len(last) == 1 and last[0].size == 4
+    (m,) = [m for m in last[0].members if m.tensor == "9.weight"]
+    assert (m.axis, m.offset, m.block) == (1, 0, 4)
+
+
+def test_resnet_residual_streams_share_one_group_per_stage():
+    model = build_model({"name": "resnet", "kwargs": {"depth": 20, "width": 0.25}}, (3, 8, 8), 5)
+    spec = spec_from_model(model, torch.zeros(2, 3, 8, 8))
+    # 3 stages: one stream group each + one internal group per block (9 blocks)
+    assert len(spec.groups) == 3 + 9
+    stream0 = [g for g in spec.groups.values() if any(m.tensor == "conv1.weight" and m.axis == 0 for m in g.members)]
+    tensors = {m.tensor for m in stream0[0].members}
+    assert {"bn1.weight", "layers.0.0.conv1.weight", "layers.0.2.bn2.running_var", "layers.1.0.shortcut.0.weight"} <= tensors
+
+
+def test_densenet_concat_is_union_of_parts():
+    model = build_model({"name": "densenet", "kwargs": {"depth": 10, "growth": 3}}, (3, 8, 8), 5)
+    spec = spec_from_model(model, torch.zeros(2, 3, 8, 8))
+
+    def parts(tensor):
+        return sorted((m.offset, g.size) for g in spec.groups.values() for m in g.members
+                      if m.tensor == tensor and m.axis == (1 if tensor.endswith("conv.weight") or tensor == "5.weight" else 0))
+
+    # 2 dense layers per block: layer 1 sees [stem 6], layer 2 sees [stem 6, layer-1 3],
+    # the 1x1 transition conv sees [stem 6, layer-1 3, layer-2 3]
+    assert parts("1.bn.weight") == [(0, 6)]
+    assert parts("2.bn.weight") == [(0, 6), (6, 3)]
+    assert parts("5.weight") == [(0, 6), (6, 3), (9, 3)]
+
+
+class _Odd(nn.Module):
+    """Grouped conv, a GroupNorm with 2 groups, and a channel cumsum: all must stay unpermuted."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.n = nn.GroupNorm(2, 8)
+        self.c2 = nn.Conv2d(8, 6, 1)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.c3 = nn.Conv2d(6, 5, 1)
+        self.c4 = nn.Conv2d(5, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.n(self.g(self.c1(x))))
+        x = self.dw(torch.relu(self.c2(x)))
+        x = torch.cumsum(self.c3(x), dim=1)
+        return self.fc(self.c4(x).mean((2, 3)))
+
+
+def test_unsupported_layers_stay_unpermuted_and_say_why():
+    model = _Odd()
+    spec = _check_roundtrip(model, (2, 5, 5))
+    reasons = " ".join(u.reason for u in spec.unpermuted)
+    assert "grouped convolution" in reasons and "cumsum" in reasons
+    # the depthwise conv is a per-channel op: c2's out channels, dw's weight/bias share one group
+    (g,) = [g for g in spec.groups.values() if any(m.tensor == "dw.weight" for m in g.members)]
+    assert {m.tensor for m in g.members} == {"c2.weight", "c2.bias", "dw.weight", "dw.bias", "c3.weight"}
+    assert sorted(g.size for g in spec.groups.values()) == [4, 6]  # c1/g/c3 groups are pinned
+
+
+def test_untraceable_model_permutes_nothing():
+    class Dyn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else -self.a(x)
+
+    spec = spec_from_model(Dyn(), torch.zeros(2, 3))
+    assert not spec.groups and "torch.fx" in spec.unpermuted[0].reason
+
+
+def test_spec_is_plain_data():
+    model = build_model({"name": "resnet", "kwargs": {"depth": 20, "width": 0.25}}, (3, 8, 8), 5)
+    spec = spec_from_model(model, torch.zeros(2, 3, 8, 8))
+    again = PermutationSpec.from_dict(json.loads(spec.to_json()))
+    assert again == spec and str(again) == str(spec)
+    assert "permutation groups" in str(spec)
+    assert spec_for(model, torch.zeros(2, 3, 8, 8)) is spec_for(model, torch.ones(2, 3, 8, 8))
+
+
+def test_wrong_permutation_is_caught():
+    model = build_model({"name": "mlp", "kwargs": {"width": 6, "depth": 2}}, (1, 4, 4), 3)
+    x = torch.randn(2, 1, 4, 4)
+    sd = model.state_dict()
+    bad = dict(sd)
+    bad["1.weight"] = sd["1.weight"].flip(0)  # permute a layer's outputs without its consumer
+    with pytest.raises(EquivalenceError):
+        check_equivalence(model, sd, bad, x)
+
+
+# ---- hypothesis: random networks of each family ----
+
+def _family(draw):
+    fam = draw(st.sampled_from(["mlp", "cnn", "resnet", "vgg", "densenet", "wrn"]))
+    if fam == "mlp":
+        return fam, {"width": draw(st.integers(2, 9)), "depth": draw(st.integers(1, 3)), "bn": draw(st.booleans())}, (1, 4, 4)
+    if fam == "cnn":
+        return fam, {"widths": draw(st.lists(st.integers(2, 6), min_size=1, max_size=3)),
+                     "norm": draw(st.sampled_from(["bn", "ln", "gn", "none"]))}, (draw(st.integers(1, 3)), 6, 6)
+    if fam == "resnet":
+        return fam, {"depth": 8, "width": draw(st.sampled_from([0.125, 0.25, 0.375])),
+                     "norm": draw(st.sampled_from(["bn", "ln", "gn"]))}, (3, 4, 4)
+    if fam == "vgg":
+        return fam, {"depth": 11, "width": 0.03125, "bn": draw(st.booleans())}, (3, 4, 4)
+    if fam == "densenet":
+        return fam, {"depth": 7, "growth": draw(st.integers(2, 4))}, (3, 4, 4)
+    return fam, {"depth": 10, "width_factor": 1, "norm": draw(st.sampled_from(["bn", "ln"]))}, (3, 4, 4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.data())
+def test_random_networks_roundtrip(data):
+    name, kwargs, shape = data.draw(st.builds(lambda: None).flatmap(lambda _: st.composite(lambda d: _family(d))()))
+    seed = data.draw(st.integers(0, 1000))
+    torch.manual_seed(seed)
+    model = build_model({"name": name, "kwargs": kwargs}, shape, 3)
+    _check_roundtrip(model, shape, seed)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 10_000))
+def test_align_independent_twins_never_increases_distance(seed):
+    torch.manual_seed(seed)
+    model = build_model({"name": "resnet", "kwargs": {"depth": 8, "width": 0.25}}, (3, 4, 4), 3)
+    sd_a = _noisy_state(model, seed)
+    torch.manual_seed(seed + 1)
+    sd_b = _noisy_state(build_model({"name": "resnet", "kwargs": {"depth": 8, "width": 0.25}}, (3, 4, 4), 3), seed + 1)
+    x = torch.randn(2, 3, 4, 4)
+    out, info = align(model, sd_a, sd_b, example_input=x, seed=seed)
+    assert info["distance_after"] <= info["distance_before"] + 1e-9
+    assert info["distance_after"] == pytest.approx(distance(sd_a, out))
+    assert info["equivalence_error"] < 1e-5
+    out2, info2 = align(model, sd_a, sd_b, example_input=x, method="activation", data_x=torch.randn(32, 3, 4, 4))
+    assert info2["equivalence_error"] < 1e-5
