@@ -109,9 +109,13 @@ def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | N
     if dim in ("n_sources", "t_sampling") and reg:
         ax.axhline(reg["mean"], ls="--", color=KIND_COLORS["regular_regular"],
                    label=f"regular – regular (main study) {reg['mean']:.3g}")
-    if not numeric:
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels)
+    if numeric and dim in ("n_sources", "width") and min(xs) > 0 and max(xs) / min(xs) >= 8:
+        ax.set_xscale("log")
         ax.set_xticks(xs)
         ax.set_xticklabels(labels)
+        ax.minorticks_off()
     names = {"n_sources": "number of sources |Z|", "width": "width", "depth": "depth", "t_sampling": "t sampling"}
     ax.set_xlabel(names.get(dim, dim))
     ax.set_ylabel(METRIC_NAMES[metric])
@@ -185,8 +189,9 @@ def _sweep_tables(results: dict) -> list[str]:
     return out
 
 
-def _bma_section(results: dict) -> str | None:
-    res = results.get("bma")
+def _bma_section(results: dict, raw: dict | None = None) -> str | None:
+    """bma.report_section on the full BMA result (with its timings) when available; else a small table."""
+    res = raw or results.get("bma")
     if not res:
         return None
     try:
@@ -197,7 +202,8 @@ def _bma_section(results: dict) -> str | None:
             return fn(res)
     except ImportError:
         pass
-    rows = ["| predictor | " + " | ".join(k for k in ("accuracy", "nll", "brier", "ece", "auroc_misclassification")) + " |",
+    cols = ("accuracy", "nll", "brier", "ece", "auroc_misclassification")
+    rows = ["## Bayesian model averaging over the star domain", "", "| predictor | " + " | ".join(cols) + " |",
             "|---|---|---|---|---|---|"]
     for name, m in res.items():
         if isinstance(m, dict) and "accuracy" in m:
@@ -219,7 +225,8 @@ def _cost_lines(timings: dict | None) -> list[str]:
     return lines + [""]
 
 
-def render_markdown(results: dict, plots: dict[str, str], timings: dict | None = None) -> str:
+def render_markdown(results: dict, plots: dict[str, str], timings: dict | None = None,
+                    bma_raw: dict | None = None) -> str:
     cfg = results.get("config", {})
     st = cfg.get("study", {})
     model = cfg.get("model", {})
@@ -246,9 +253,9 @@ def render_markdown(results: dict, plots: dict[str, str], timings: dict | None =
         for k, p in plots.items():
             if k.startswith("sweep_"):
                 lines += [f"![{k}]({p})", ""]
-    b = _bma_section(results)
+    b = _bma_section(results, bma_raw)
     if b:
-        lines += ["## Bayesian model averaging over the star domain", "", b, ""]
+        lines += [b, ""]
     lines += _cost_lines(timings)
     return "\n".join(lines) + "\n"
 
@@ -300,7 +307,8 @@ def _inline(text: str) -> str:
     return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
 
 
-def write_report(results: dict, out: str | Path, timings: dict | None = None) -> dict[str, Path]:
+def write_report(results: dict, out: str | Path, timings: dict | None = None,
+                 bma_raw: dict | None = None) -> dict[str, Path]:
     """Write plots/*.png, report.md (images by relative path) and report.html (images embedded)."""
     out = Path(out)
     images = make_plots(results)
@@ -309,7 +317,7 @@ def write_report(results: dict, out: str | Path, timings: dict | None = None) ->
         p = out / "plots" / f"{name}.png"
         atomic_write_bytes(p, png)
         paths[name] = f"plots/{name}.png"
-    md = render_markdown(results, paths, timings)
+    md = render_markdown(results, paths, timings, bma_raw)
     atomic_write_text(out / "report.md", md)
     atomic_write_text(out / "report.html", _md_to_html(md, images, paths))
     return {"md": out / "report.md", "html": out / "report.html", **{k: out / v for k, v in paths.items()}}

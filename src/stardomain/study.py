@@ -425,8 +425,13 @@ def _run_bma(task: Task, root: Path) -> None:
 
     p = task.params
     t0 = time.perf_counter()
-    res = bma.bma_files(str(root / p["star"]), [str(root / s) for s in p["sources"]], k=p["k"], seed=p["seed"])
-    atomic_write_json(root / task.output, {"key": task.key, "result": _json_safe(res),
+    res = bma.bma_files(str(root / p["star"]), [str(root / s) for s in p["sources"]], k=p["k"], seed=p["seed"],
+                        device=p.get("device", "auto"))
+    files = (res.get("_info") or {}).get("files") or {}
+    for entry in [files.get("star"), *(files.get("sources") or [])]:
+        if isinstance(entry, dict) and "path" in entry:  # relative: results must not depend on the folder
+            entry["path"] = str(Path(entry["path"]).resolve().relative_to(root.resolve()))
+    atomic_write_json(root / task.output, {"key": task.key, "result": _json_safe(res), "raw": bma._json_safe(res),
                                            "timings_": {"seconds": time.perf_counter() - t0, **_timings(res)}})
 
 
@@ -629,13 +634,19 @@ def verdict(results: dict, metric: str = "train_loss") -> str:
                "level)." if below else "so the data do not support the star-domain conjecture on this task."))
     q = results.get("star_quality", {})
     if "star" in q:
-        reg = q["regular"]["train_loss"]["mean"]
+        reg = q["regular"]["train_loss"]
         star_l = q["star"]["train"]["loss"]
-        worse = star_l > 2 * reg + 1e-3
+        if star_l > reg["max"]:
+            judge = (f"higher than every regular model's ({star_l / reg['mean']:.2f}× their mean), so the star is a "
+                     "worse fit than a regular solution and a low barrier to it says less")
+        elif star_l < reg["min"]:
+            judge = "lower than every regular model's: the star is at least as good a solution"
+        else:
+            judge = "within the range of the regular models': the star is as good a solution as they are"
         parts.append(
             f"The star's own training loss is {_fmt(star_l, 4)} (test accuracy {100 * q['star']['test']['acc']:.2f}%)"
-            f" against {_fmt(reg, 4)} (test accuracy {100 * q['regular']['test_acc']['mean']:.2f}%) for a regular "
-            f"model: {'it is a clearly worse fit than a regular solution, so a low barrier to it says less' if worse else 'it is about as good a solution as a regular model'}.")
+            f" against {_fmt(reg['mean'], 4)} on average (range {_fmt(reg['min'], 4)}–{_fmt(reg['max'], 4)}; test "
+            f"accuracy {100 * q['regular']['test_acc']['mean']:.2f}%) for the regular models: {judge}.")
     av = s.get("average_heldout", {}).get(metric)
     if av and sh and av["n"] and sh["n"]:
         parts.append(
@@ -655,7 +666,9 @@ def verdict(results: dict, metric: str = "train_loss") -> str:
         vals = [(k, v) for k, v in vals if v is not None]
         if len(vals) > 1:
             trend = "falls" if vals[-1][1] < vals[0][1] else "does not fall"
-            parts.append(f"With more sources the star–held-out barrier {trend}: "
+            mono = all(b[1] <= a[1] for a, b in zip(vals, vals[1:]))
+            parts.append(f"From |Z|={vals[0][0]} to |Z|={vals[-1][0]} the star–held-out barrier {trend}"
+                         f"{' steadily' if mono and trend == 'falls' else ''}: "
                          + ", ".join(f"|Z|={k}: {_fmt(v)}" for k, v in vals) + ".")
     return " ".join(parts) if parts else "Not enough pairs were measured to say anything."
 
@@ -695,7 +708,10 @@ def run_study(cfg: Config, out: str | Path, *, executor: str = "local", ray_addr
     if report:
         from .report import write_report
 
-        write_report(results, root, timings=_read_json(root / "timings.json"))
+        bma_raw = None
+        if plan.layout.get("bma"):
+            bma_raw = (_read_json(root / plan.by_key()[plan.layout["bma"]].output) or {}).get("raw")
+        write_report(results, root, timings=_read_json(root / "timings.json"), bma_raw=bma_raw)
     return results
 
 
