@@ -216,6 +216,47 @@ def bma_(
     typer.echo(f"wrote {json_out}" + (f" and {plot}" if plot else ""))
 
 
+@app.command("align")
+def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
+           b: Path = typer.Argument(..., help="Model file to permute (B)."),
+           out: Path = typer.Option(..., "--out", "-o", help="Where to write pi(B) (.safetensors)."),
+           method: str = typer.Option("weight", "--method", help="weight (weight matching) or activation "
+                                      "(correlation of activations on training data)."),
+           seed: int = typer.Option(0, "--seed", help="Order of the coordinate descent."),
+           json_: Optional[Path] = typer.Option(None, "--json", help="Also write the record as JSON here.")):
+    """Permute B's hidden units to best match A without changing B's function (checked).
+
+    The output keeps B's metadata plus an `alignment` record (method, permutation, A's sha256).
+    Example: stardomain align runs/m0.safetensors runs/m1.safetensors --out runs/m1_to_m0.safetensors
+    """
+    from .checkpoint import atomic_write_json
+    from .permute.files import align_files
+
+    rec = align_files(a, b, out, method=method, seed=seed)
+    if json_:
+        atomic_write_json(json_, rec)
+    typer.echo(f"wrote {out}  method {rec['method']}  iterations {rec['iterations']}  "
+               f"L2 distance to A {rec['distance_before']:.4f} -> {rec['distance_after']:.4f}  "
+               f"equivalence error {rec['equivalence_error']:.2e}  {rec['seconds']:.2f}s")
+
+
+@app.command("spec")
+def spec_(path: Path = typer.Argument(..., help="A model file written by stardomain."),
+          json_: bool = typer.Option(False, "--json", help="Print the spec as JSON (plain data).")):
+    """Show the permutation groups derived from the model's traced graph, their sizes, what stays
+    unpermuted and why, and the fraction of parameters that can be permuted.
+
+    Example: stardomain spec runs/m0.safetensors
+    """
+    from .permute.files import spec_file
+
+    spec, _ = spec_file(path)
+    if json_:
+        echo_json(spec.to_dict())
+    else:
+        typer.echo(spec.summary())
+
+
 def main() -> None:
     try:
         app()

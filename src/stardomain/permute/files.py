@@ -1,0 +1,58 @@
+"""Model-file front ends for the CLI: align two files, describe a file's permutation spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import build_from_meta, compatible, read_model_file, save_model
+from ..errors import UserError
+from .align import align, spec_for
+from .spec import PermutationSpec
+
+
+def example_input(meta: dict) -> torch.Tensor:
+    """Zeros of shape (2, *input_shape): enough to trace shapes (weights and values are irrelevant)."""
+    return torch.zeros(2, *[int(s) for s in meta["data"]["input_shape"]])
+
+
+def data_batch(meta: dict, n: int = 512) -> torch.Tensor:
+    """The first n training inputs of the file's data set (for activation matching)."""
+    from ..data import get_dataset
+
+    data = get_dataset(meta["data"]["config"])
+    x = getattr(data.train, "x", None)
+    if x is None:
+        x = torch.stack([data.train.dataset[i][0] for i in range(min(n, len(data.train.dataset)))])
+    return x[:n].float()
+
+
+def spec_file(path: str | Path) -> tuple[PermutationSpec, dict]:
+    sd, meta = read_model_file(path)
+    return spec_for(build_from_meta(meta), example_input(meta)), meta
+
+
+def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
+                seed: int = 0, max_iter: int = 100) -> dict:
+    """Write pi(B), aligned to A, to `out` (B's metadata plus `alignment` provenance). -> the record."""
+    sd_a, meta_a = read_model_file(path_a)
+    sd_b, meta_b = read_model_file(path_b)
+    why = compatible(meta_a, meta_b)
+    if why:
+        raise UserError(f"cannot align {path_b} to {path_a}: {why}")
+    model = build_from_meta(meta_a)
+    x = example_input(meta_a)
+    data_x = data_batch(meta_a) if method == "activation" else None
+    sd_p, info = align(model, sd_a, sd_b, example_input=x, method=method, data_x=data_x, seed=seed,
+                       check=True, max_iter=max_iter)
+    rec = {k: info[k] for k in ("method", "iterations", "converged", "groups", "distance_before", "distance_after",
+                                "equivalence_error", "seconds", "permutable_fraction")}
+    rec.update({"seed": seed, "reference": str(path_a), "reference_sha256": meta_a["sha256"],
+                "source": str(path_b), "source_sha256": meta_b["sha256"]})
+    meta = {k: v for k, v in meta_b.items() if k != "sha256"}
+    meta["alignment"] = {**rec, "perm": info["perm"]}
+    saved = save_model(out, sd_p, meta)
+    rec["out"] = str(out)
+    rec["out_sha256"] = saved["sha256"]
+    return rec
