@@ -649,11 +649,18 @@ def verdict(results: dict, metric: str = "train_loss") -> str:
             f"accuracy {100 * q['regular']['test_acc']['mean']:.2f}%) for the regular models: {judge}.")
     av = s.get("average_heldout", {}).get(metric)
     if av and sh and av["n"] and sh["n"]:
-        parts.append(
-            f"The aligned weight average of the sources, a naive centre, has a held-out barrier of {_fmt(av['mean'])}"
-            f" ± {_fmt(av['std'])}: " + ("Starlight's star is a better centre than plain averaging."
-                                          if sh["mean"] < av["mean"] else
-                                          "plain averaging does as well as Starlight here, so the star is not special."))
+        avg_q = q.get("average")
+        worse_fit = bool(avg_q and "star" in q and avg_q["train"]["loss"] > q["star"]["train"]["loss"])
+        own = f" (its own training loss {_fmt(avg_q['train']['loss'], 4)})" if avg_q else ""
+        if sh["mean"] < av["mean"]:
+            judge = "Starlight's star is a better centre than plain averaging."
+        elif worse_fit:
+            judge = ("its barriers are as low as the star's, but it is a worse fit than the star, and a low barrier "
+                     "to a poor model is cheap; of the two, the star is the better centre.")
+        else:
+            judge = "plain averaging does as well as Starlight here, so the star is not special."
+        parts.append(f"The aligned weight average of the sources, a naive centre{own}, has a held-out barrier of "
+                     f"{_fmt(av['mean'])} ± {_fmt(av['std'])}: {judge}")
     hh = s.get("heldout_heldout", {}).get(metric)
     if hh and hh["n"]:
         parts.append(f"Held-out–held-out pairs have {_fmt(hh['mean'])} ± {_fmt(hh['std'])} (n={hh['n']}).")
