@@ -313,7 +313,7 @@ def _bma_run(ev: Stacked, chunk_weights: Callable[[slice], tuple[dict, dict]], t
 
 def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDict], *, k: int = 32,
                         seed: int = 0, device: str | torch.device = "auto", fusion_sd: StateDict | None = None,
-                        seeds: int = 1, align: bool = True, ns: Sequence[int] | None = None,
+                        seeds: int = 3, align: bool = True, ns: Sequence[int] | None = None,
                         bn_batches: int | None = None, batch_size: int = 1000, chunk: int = 8,
                         ood: bool = True, ood_max: int | None = None, n_bins: int = 15,
                         vectorize: bool = True, progress: Callable[[str], None] | None = None) -> dict:
@@ -513,7 +513,7 @@ def _json_safe(obj):
 
 
 def bma_files(star_path, source_paths: Sequence, *, k: int = 32, seed: int = 0, json_out=None,
-              seeds: int = 1, plot=None, fusion_path=None, align: bool = True, ns: Sequence[int] | None = None,
+              seeds: int = 3, plot=None, fusion_path=None, align: bool = True, ns: Sequence[int] | None = None,
               bn_batches: int | None = None, device: str = "auto", ood: bool = True,
               progress: Callable[[str], None] | None = None) -> dict:
     """Load the model files, check they fit together, evaluate every predictor, write JSON (NaN -> null)
