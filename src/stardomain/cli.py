@@ -106,10 +106,12 @@ def eval_(path: Path = typer.Argument(..., help="A model file written by stardom
             typer.echo(f"{split:<6} loss {r['loss']:.4f}  acc {r['acc']:.4f}")
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def star(
+    ctx: typer.Context,
     sources: List[Path] = typer.Option(..., "--sources", help="Source model files (trained with the same model "
-                                       "and data config), e.g. --sources runs/s0.safetensors runs/s1.safetensors"),
+                                       "and data config): --sources runs/s0.safetensors runs/s1.safetensors ... "
+                                       "(or a shell glob; repeating --sources works too)"),
     out: Path = typer.Option(..., "--out", "-o", help="Star model file to write (.safetensors)."),
     config: Optional[Path] = ConfigOpt,
     seed: int = typer.Option(0, "--seed", help="Fixes the star's initialisation, data order and (source, t) draws."),
@@ -128,6 +130,10 @@ def star(
     from .config import load_config
     from .starlight import star_to_file
 
+    extra = [a for a in ctx.args]
+    if any(a.startswith("-") for a in extra):
+        raise UserError(f"unknown option {next(a for a in extra if a.startswith('-'))}; see stardomain star --help")
+    sources = list(sources) + [Path(a) for a in extra]  # --sources F1 F2 F3: the rest arrive as extra args
     cfg = load_config(config, set_)
     meta = star_to_file(cfg, [str(p) for p in sources], out, seed=seed, device=device)
     m = meta["metrics"]
