@@ -328,3 +328,62 @@ def test_killed_cli_run_restarts_to_the_bitwise_identical_star(source_files, tmp
     assert read_model_file(out)[1]["sha256"] == read_model_file(ref)[1]["sha256"]
     assert json.loads(json.dumps(read_model_file(out)[1]["metrics"])) == read_model_file(ref)[1]["metrics"]
     assert not state.exists()
+
+
+# ---------------------------------------------------------------- alignment during training
+
+def test_alignment_during_training_permutes_the_originals_and_resumes(digits_cfg, digit_sources, tmp_path):
+    permute = pytest.importorskip("stardomain.permute")
+    cfg = star_cfg(digits_cfg, align_every=7)  # every 7 steps: alignments fall inside epochs
+    bank_seen = {}
+    real_align = sl.SourceBank.align_to
+
+    def spy(self, star_sd, *a, **kw):
+        out = real_align(self, star_sd, *a, **kw)
+        bank_seen["bank"], bank_seen["star"] = self, star_sd
+        return out
+
+    sl.SourceBank.align_to = spy
+    try:
+        ref, info = sl.train_star(cfg, digit_sources, seed=2, progress=False)
+    finally:
+        sl.SourceBank.align_to = real_align
+    assert info["alignments"] == -(-info["steps"] // 7)
+    bank, star_sd = bank_seen["bank"], bank_seen["star"]
+    model = build_model(cfg.model, (1, 8, 8), 10)
+    spec = permute.spec_for(model, torch.zeros(2, 1, 8, 8))
+    for n, orig in enumerate(digit_sources):
+        want = permute.apply_permutation(spec, orig, bank.perms[n])
+        for k in bank.names:  # the aligned copy is exactly the permuted original ...
+            assert torch.equal(bank.params[n][k], want[k])
+        # ... at least as close to the star as the original (weight matching never moves away)
+        assert permute.distance(star_sd, want) <= permute.distance(star_sd, orig) + 1e-6
+    # interrupted after epoch 1 (mid-way between alignments) and resumed: the same bits
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, rec):
+        if epoch == 1:
+            raise Stop
+
+    state = tmp_path / "s.state"
+    with pytest.raises(Stop):
+        sl.train_star(cfg, digit_sources, seed=2, state_path=state, progress=False, on_epoch=stop)
+    got, _ = sl.train_star(cfg, digit_sources, seed=2, state_path=state, progress=False)
+    assert weights_sha256(got.state_dict()) == weights_sha256(ref.state_dict())
+
+
+def test_init_average_is_the_aligned_average(digits_cfg, digit_sources):
+    permute = pytest.importorskip("stardomain.permute")
+    cfg = star_cfg(digits_cfg, init="average", init_source=1)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"optimizer": cfg.train.optimizer.model_copy(
+        update={"lr": 1e-12, "momentum": 0.0})})})  # (almost) no step: the star stays at its initialisation
+    star, _ = sl.train_star(cfg, digit_sources, seed=0, progress=False)
+    spec = permute.spec_for(build_model(cfg.model, (1, 8, 8), 10), torch.zeros(2, 1, 8, 8))
+    anchor = digit_sources[1]
+    aligned = [permute.apply_permutation(spec, s, permute.weight_matching(spec, anchor, s, seed=n)[0])
+               if n != 1 else anchor for n, s in enumerate(digit_sources)]
+    for k, v in star.state_dict().items():
+        want = sum(a[k] for a in aligned) / len(aligned)
+        torch.testing.assert_close(v, want, rtol=1e-5, atol=1e-6)

@@ -13,9 +13,9 @@ scratch buffers (a private copy that absorbs the updates); θ's own buffers are 
 forwards (the μ term) and are recomputed on training data after every epoch anyway (`recalibrate_bn`).
 
 Alignment: sources are re-aligned to the current θ (weight matching) every epoch, every N steps or never.
-Each alignment starts from the *original* source weights, so the aligned copies depend only on θ at that
-moment; the permutations (small integer vectors) go into the resume state, so a restarted run rebuilds the
-exact aligned copies without storing N models.
+Each alignment permutes the *original* source weights (weight matching warm-started from the previous
+permutation); the permutations (small integer vectors) go into the resume state, so a restarted run
+rebuilds the exact aligned copies without storing N models.
 
 Resume: the star, optimiser, scheduler, the data-order generator, the (source, t) generator, the global
 torch RNG, the permutations and progress are saved atomically after every epoch (`checkpoint.save_state`);
@@ -172,7 +172,10 @@ class SourceBank:
         """Re-align every source (from its original weights) to the star by weight matching."""
         iters = []
         for n in range(len(self.params)):
-            perm, info = permute.weight_matching(spec, star_sd, self.originals[n], seed=seed + n, max_iter=max_iter)
+            # warm start from the last permutation (saved in the resume state, so this stays reproducible)
+            kw = {"init": self.perms[n]} if self.perms[n] is not None else {}
+            perm, info = permute.weight_matching(spec, star_sd, self.originals[n], seed=seed + n, max_iter=max_iter,
+                                                 **kw)
             perm = {g: p.detach().cpu().to(torch.int64) for g, p in perm.items()}
             self.set_perm(n, perm, permute, spec)
             iters.append(info.get("iterations", 0) if isinstance(info, dict) else 0)
