@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from stardomain import bma
@@ -95,7 +97,7 @@ def test_evaluate_predictors_against_independent_computation():
     star = _perturbed(cfg, data, 0)
     sources = [_perturbed(cfg, data, s) for s in (1, 2, 3)]
     res = bma.evaluate_predictors(cfg, star, sources, k=4, seed=7, seeds=2, align=False, device="cpu",
-                                  bn_batches=2, batch_size=400, ns=[1, 3])
+                                  bn_batches=2, batch_size=400, ns=[1])
     y = data.test.y
 
     def probs(sd, recal=False):
@@ -123,7 +125,7 @@ def test_evaluate_predictors_against_independent_computation():
     assert res["star_bma"]["n_values"] == 2 and res["star_bma"]["n_sources"] == 3 and res["star_bma"]["ci95"]["nll"] >= 0
     # a 1-source ensemble is that source
     assert res["_by_n"]["1"]["ensemble"]["nll"] == pytest.approx(res["source_0"]["nll"])
-    assert "regular_bma" not in res["_by_n"]["1"] and "regular_bma" in res["_by_n"]["3"]
+    assert "regular_bma" not in res["_by_n"]["1"] and "star_bma" in res["_by_n"]["1"]
     # OOD shifts are scored, and the means are the means
     shifts = res["_info"]["ood_shifts"]
     assert set(shifts) == {"inverted", "rot90", "noise"}
@@ -217,3 +219,34 @@ def test_cli_refuses_bad_input(tmp_path):
                         "--json", str(tmp_path / "o.json")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
     assert main  # imported for the subprocess path
+
+
+def test_report_section_says_where_star_bma_wins():
+    ens = {"accuracy": 0.90, "nll": 0.30, "ece": 0.02, "auroc_misclassification": 0.80, "seconds": 1.0}
+    sb = {"accuracy": 0.95, "nll": 0.31, "ece": 0.05, "auroc_misclassification": 0.85, "seconds": 2.0,
+          "ci95": {"accuracy": 0.01, "nll": 0.02, "ece": 0.01, "auroc_misclassification": 0.01}}
+    res = {"ensemble": ens, "star_bma": sb, "_info": {"k": 8, "seeds": [0, 1, 2], "n_sources": 5}}
+    text = bma.report_section(res)
+    win = text.split("beats the deep ensemble on ")[1].split(";")[0]
+    assert "acc (0.9500 vs 0.9000)" in win and "AUROC mis (max-p)" in win and "ECE" not in win
+    assert "worse on ECE (0.0500 vs 0.0200)" in text
+    assert "within the 95% CI on NLL (0.3100 vs 0.3000)" in text
+    assert "| star_bma | 0.9500 ± 0.0100 |" in text
+
+
+@settings(max_examples=30, deadline=None)
+@given(ts=st.lists(st.floats(0, 1), min_size=1, max_size=4))
+def test_interpolate_stacked_equals_lerp(ts):
+    a = {"w": torch.randn(3, 2, generator=torch.Generator().manual_seed(0)), "n": torch.tensor(5)}
+    b = {"w": torch.randn(3, 2, generator=torch.Generator().manual_seed(1)), "n": torch.tensor(7)}
+    out = bma.interpolate_stacked(bma.stack([a] * len(ts)), bma.stack([b] * len(ts)), torch.tensor(ts, dtype=torch.float64))
+    for i, t in enumerate(ts):
+        want = lerp(a, b, t)
+        assert torch.allclose(out["w"][i], want["w"], atol=1e-6) and out["n"][i] == 5
+
+
+@given(k=st.integers(1, 300))
+def test_k_checkpoints(k):
+    ks = bma.k_checkpoints(k)
+    assert ks[-1] == k and ks[0] == 1 and ks == sorted(set(ks))
+    assert all(x & (x - 1) == 0 for x in ks[:-1])
