@@ -263,6 +263,42 @@ def spec_(path: Path = typer.Argument(..., help="A model file written by stardom
         typer.echo(spec.summary())
 
 
+@app.command("barrier")
+def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
+             b: Path = typer.Argument(..., help="Model file B (t = 1); weight-matched to A first unless --no-align."),
+             json_out: Path = typer.Option(..., "--json", help="Where to write the barrier record (JSON)."),
+             plot_out: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG of loss/accuracy vs t."),
+             points: int = typer.Option(11, "--points", help="Evenly spaced t values from 0 to 1 (11: 0, 0.1, ..., 1)."),
+             no_align: bool = typer.Option(False, "--no-align", help="Interpolate B as it is, without weight matching."),
+             bn_batches: Optional[int] = typer.Option(None, "--bn-batches", help="Training batches (of 1000) that "
+                                                      "recompute BatchNorm statistics at interior t; default: all."),
+             refine: int = typer.Option(0, "--refine", help="Extra t values searched around the worst grid point."),
+             seed: int = typer.Option(0, "--seed", help="Seed of weight matching's random group order."),
+             device: str = DeviceOpt):
+    """Loss and accuracy along (1-t)·A + t·B on train and test, and the barriers (PAPER.md).
+
+    Loss barrier: max over interior t of loss minus its chord, floored at 0. Accuracy barrier: the
+    largest drop of accuracy below its chord (a positive fraction). BatchNorm statistics are recomputed
+    on training data at every interior t.
+
+    Example: stardomain barrier runs/m0.safetensors runs/m1.safetensors --json b01.json --plot b01.png
+    """
+    from .barrier import measure_files, plot
+
+    rec = measure_files(a, b, points=points, align=not no_align, bn_batches=bn_batches, device=device,
+                        refine=refine, seed=seed)
+    from .checkpoint import atomic_write_json
+
+    atomic_write_json(json_out, rec)
+    if plot_out is not None:
+        plot(rec, plot_out, title=f"{a.name} → {b.name} ({'aligned' if not no_align else 'not aligned'})")
+    br = rec["barrier"]
+    typer.echo(f"barrier  train loss {br['train_loss']:.4f} (t={br['train_loss_t']})  test loss "
+               f"{br['test_loss']:.4f}  train acc drop {br['train_acc']:.4f}  test acc drop {br['test_acc']:.4f}"
+               f"  [{'aligned' if rec['alignment']['aligned'] else 'not aligned'}, {rec['timings']['total_s']:.1f}s]")
+    typer.echo(f"wrote {json_out}" + (f" and {plot_out}" if plot_out else ""))
+
+
 def main() -> None:
     try:
         app()
