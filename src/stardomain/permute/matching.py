@@ -122,8 +122,36 @@ def _solve_heads(cq: torch.Tensor, cv: torch.Tensor | None, heads: int) -> tuple
     return perms[0], (perms[1] if len(perms) > 1 else None)
 
 
+class _Threads:
+    """Run small CPU work on one thread: matrices of a few hundred rows gain little from threads on an idle
+    machine and lose 10-50x to OpenMP contention on a busy one. Large problems keep torch's setting."""
+
+    def __init__(self, numel: int, device: torch.device):
+        self.active = device.type == "cpu" and numel < (1 << 24)
+
+    def __enter__(self):
+        if self.active:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.saved)
+
+
 def weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int = 0, max_iter: int = 100,
                     init: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Git Re-Basin weight matching -> (perm to apply to B, {"iterations", "converged", "groups"})."""
+    plan = _plan(spec)
+    if not plan:
+        return identity(spec), {"iterations": 0, "converged": True, "groups": 0}
+    numel = sum(sd_a[t].numel() for t in plan)
+    with _Threads(numel, sd_a[next(iter(plan))].device):
+        return _weight_matching(spec, sd_a, sd_b, seed=seed, max_iter=max_iter, init=init)
+
+
+def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int = 0, max_iter: int = 100,
+                     init: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Git Re-Basin weight matching: -> (perm for B maximising sum_k <A_k, perm(B)_k>, info).
 
     Coordinate descent over groups in a seeded random order; each step is one linear assignment on
@@ -150,14 +178,37 @@ def weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int 
         done.update(u)
         units.append(u)
 
+    # a tensor touched by one group only contributes a constant to that group's cost: compute it once
+    const: dict[str, torch.Tensor | None] = {}
+    varying: dict[str, list] = {}
+    for k in spec.groups:
+        n = spec.groups[k].size
+        c = None
+        varying[k] = []
+        for t, ax, off, blk in members[k]:
+            if all(it[4] == k for it in plan[t]) and len(plan[t]) == 1:
+                term = _slice_rows(A[t], ax, off, n, blk) @ _slice_rows(B[t], ax, off, n, blk).T
+                c = term if c is None else c + term
+            else:
+                varying[k].append((t, ax, off, blk))
+        const[k] = c
+
     def cost(k: str) -> torch.Tensor:
         n = spec.groups[k].size
-        c = torch.zeros(n, n, dtype=dtype, device=next(iter(A.values())).device)
-        for t, ax, off, blk in members[k]:
+        c = const[k]
+        c = c.clone() if c is not None else None
+        for t, ax, off, blk in varying[k]:
             b = _permute_tensor(B[t], plan[t], perm, skip=k)
-            c += _slice_rows(A[t], ax, off, n, blk) @ _slice_rows(b, ax, off, n, blk).T
+            term = _slice_rows(A[t], ax, off, n, blk) @ _slice_rows(b, ax, off, n, blk).T
+            c = term if c is None else c.add_(term)
         return c
 
+    # a unit's cost matrices depend only on the groups sharing a tensor with it: if none of them
+    # changed since the unit was last solved, solving again would give the same answer, so skip it
+    nbrs = {u: {it[4] for k in u for t, *_ in members[k] for it in plan[t]} - set(u) for u in units}
+    changed_at = {k: -1 for k in spec.groups}
+    solved_at: dict[tuple[str, ...], int] = {}
+    step = 0
     gen = torch.Generator().manual_seed(seed)
     it, converged = 0, not units
     while units and it < max_iter:
@@ -165,6 +216,10 @@ def weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int 
         changed = False
         for i in torch.randperm(len(units), generator=gen).tolist():
             u = units[i]
+            step += 1
+            if u in solved_at and all(changed_at[k] < solved_at[u] for k in nbrs[u]):
+                continue
+            solved_at[u] = step
             cs = [cost(k) for k in u]
             g = spec.groups[u[0]]
             if g.heads:
@@ -178,6 +233,7 @@ def weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int 
             if new_v > old_v + 1e-9 * max(1.0, abs(old_v)):
                 for k, p in zip(u, new):
                     perm[k] = p
+                    changed_at[k] = step
                 changed = True
         if not changed:
             converged = True

@@ -627,8 +627,13 @@ def spec_from_model(model: nn.Module, example_input: torch.Tensor) -> Permutatio
     try:
         gm = fx.symbolic_trace(model)
         model.eval()
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a batch of 2: threads only add contention (50x slower on a busy machine)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(example_input)
+        finally:
+            torch.set_num_threads(threads)
     except Exception as e:  # noqa: BLE001 - any trace failure means: permute nothing
         tr = _Tracer(None, sd_keys)
         return tr.spec(model, f"torch.fx could not trace the model ({type(e).__name__}: {str(e)[:200]})")
