@@ -250,3 +250,31 @@ def test_k_checkpoints(k):
     ks = bma.k_checkpoints(k)
     assert ks[-1] == k and ks[0] == 1 and ks == sorted(set(ks))
     assert all(x & (x - 1) == 0 for x in ks[:-1])
+
+
+class ItemNet(torch.nn.Module):
+    """Data-dependent Python control flow (.item()): vmap cannot run it, a loop can."""
+
+    def __init__(self, in_shape, num_classes):
+        super().__init__()
+        self.fc = torch.nn.Linear(int(torch.tensor(in_shape).prod()), num_classes)
+
+    def forward(self, x):
+        if self.fc.weight.abs().sum().item() >= 0:
+            return self.fc(x.flatten(1))
+        return -self.fc(x.flatten(1))
+
+
+def make_itemnet(in_shape, num_classes):
+    return ItemNet(in_shape, num_classes)
+
+
+def test_modules_vmap_rejects_fall_back_to_a_loop():
+    cfg = _cfg({"factory": "test_bma:make_itemnet"})
+    data = get_dataset(cfg.data)
+    star, *sources = [_perturbed(cfg, data, s) for s in range(3)]
+    res = bma.evaluate_predictors(cfg, star, sources, k=3, seed=1, seeds=1, align=False, device="cpu", ood=False)
+    assert res["_info"]["vectorized"] is False and "vmap_error" in res["_info"]
+    idx, t = bma.draw_star(2, 3, bma._generator(1, "star-bma-2"))
+    want = M.nll(_loop_bma(cfg, data, star, sources, idx, t, bn_batches=None, batch_size=1000), data.test.y)
+    assert res["star_bma"]["nll"] == pytest.approx(want, abs=1e-6)

@@ -370,7 +370,16 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
 
     # ---- single sources and the deep ensemble
     say("sources")
-    ev.probs(stack(source_sds[:1], dev), x_test[:2])  # warm-up, so the first timing is not inflated
+    # warm-up (so the first timing is not inflated); a module vmap cannot run falls back to a loop
+    try:
+        w0 = stack(source_sds[:1], dev)
+        ev.probs(ev.recalibrate(w0, x_train[:8], 8, 1), x_test[:2])
+    except Exception as e:  # noqa: BLE001 - any vmap failure: same numbers, looped
+        if not ev.vectorize:
+            raise
+        ev.vectorize = False
+        info["vectorized"] = False
+        info["vmap_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     src_probs, src_seconds, src_runs = [], [], []
     for i, sd in enumerate(source_sds):
         p, m, sec = single(sd)
