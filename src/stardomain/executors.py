@@ -62,7 +62,9 @@ def _ray_execute(task_dict: dict, root: str) -> str:
 
 class RayExecutor:
     """Each study task becomes `ray.remote(num_cpus=task.cpus, num_gpus=task.gpus)`; a task is submitted when
-    its inputs exist. Joins the cluster at `address` if given, else starts a local one (`num_workers` CPUs)."""
+    its inputs exist. Joins the cluster at `address` if given, else starts a local one (`num_workers` CPUs).
+    Tasks read and write the study folder directly, so on a multi-machine cluster it must be on a file
+    system every node mounts at the same path."""
 
     name = "ray"
 
@@ -101,6 +103,7 @@ class RayExecutor:
                             "set study.gpus_per_task=0 or join a cluster with GPUs (--ray-address)")
         remote = ray.remote(_ray_execute)
         waiting = {t.key: t for t in todo}
+        labels = {t.key: t.label for t in todo}
         running: dict = {}
         bar = _Progress(len(plan.tasks), len(plan.tasks) - len(todo), progress)
         try:
@@ -113,8 +116,8 @@ class RayExecutor:
                         del waiting[key]
                 if not running:
                     raise UserError("study plan has tasks whose inputs are never produced (a cycle?)")
-                bar.current(", ".join(waiting.get(k, None).label if k in waiting else
-                                      next(t.label for t in todo if t.key == k) for k in list(running.values())[:2]))
+                bar.current(", ".join(labels[k] for k in list(running.values())[:2])
+                            + (f" (+{len(running) - 2})" if len(running) > 2 else ""))
                 done, _ = ray.wait(list(running), num_returns=1)
                 for ref in done:
                     key = running.pop(ref)

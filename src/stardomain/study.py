@@ -113,7 +113,8 @@ class _Builder:
         key = key_of(ident)
         name = f"{role}{tag}-s{seed}-{key[:12]}"
         return self._add(Task(key, "train", f"{role} {idx}{tag}", {"config": _model_cfg(cfgd, _REGULAR), "seed": seed,
-                                                                   "role": role, "name": name}, (), **self._res()))
+                                                                   "role": role, "name": name,
+                                                                   "device": self.st.device}, (), **self._res()))
 
     def star(self, cfgd: dict, sources: list[str], tag: str) -> str:
         ident = {"op": "star", "v": CACHE_VERSION, "config": _model_cfg(cfgd), "seed": self.st.seed,
@@ -121,7 +122,7 @@ class _Builder:
         key = key_of(ident)
         name = f"star{tag}-{key[:12]}"
         return self._add(Task(key, "star", f"star{tag}", {
-            "config": _model_cfg(cfgd), "seed": self.st.seed, "name": name,
+            "config": _model_cfg(cfgd), "seed": self.st.seed, "name": name, "device": self.st.device,
             "sources": [self.model_file(s) for s in sources]}, tuple(sources), **self._res()))
 
     def average(self, cfgd: dict, sources: list[str], tag: str) -> str:
@@ -148,7 +149,7 @@ class _Builder:
                       "seed": self.st.seed})
         return self._add(Task(key, "bma", "bma", {
             "star": self.model_file(star), "sources": [self.model_file(s) for s in sources],
-            "k": self.st.bma_k, "seed": self.st.seed}, (star, *sources), **self._res()))
+            "k": self.st.bma_k, "seed": self.st.seed, "device": self.st.device}, (star, *sources), **self._res()))
 
     def population(self, cfgd: dict, n_sources: int, n_heldouts: int, tag: str = "") -> tuple[list, list]:
         st = self.st
@@ -344,7 +345,7 @@ def _run_star(task: Task, root: Path) -> None:
     meta = _existing_model(out)
     if meta is None:
         meta = starlight.star_to_file(_config(p), [str(root / s) for s in p["sources"]], out, seed=p["seed"],
-                                      device=p.get("device", "auto"))
+                                      device=p.get("device", "auto"), progress=False)
         meta = _existing_model(out) or meta
     info = {k: v for k, v in meta.items() if k in ("star", "starlight", "info", "alignment")}
     _finish_model(task, root, meta, info=info, seconds=time.perf_counter() - t0)
