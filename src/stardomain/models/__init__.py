@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..errors import UserError
+from . import vit as _vit
 from . import zoo
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -22,6 +23,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg": zoo.vgg,
     "wrn": zoo.wrn,
     "densenet": zoo.densenet,
+    "vit": _vit.vit,
 }
 
 

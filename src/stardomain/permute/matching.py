@@ -289,6 +289,10 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
     for k, g in spec.groups.items():
         if k in perm:
             continue
+        if not chosen[k] and not (g.couple and chosen[g.couple]):  # never observed (inside a fused op)
+            for kk in [k] + ([g.couple] if g.couple else []):
+                perm[kk] = torch.arange(g.size)
+            continue
         corr = {}
         for kk in [k] + ([g.couple] if g.couple else []):
             c = torch.zeros(g.size, g.size, dtype=torch.float64)

@@ -388,6 +388,48 @@ class _Tracer:
             return lay
         raise _Fix(f"unsupported module {type(mod).__name__}")
 
+    def visit_mha(self, node: fx.Node, mod: nn.MultiheadAttention) -> Any:
+        """nn.MultiheadAttention: its inputs share in_proj's input axis; out_proj's outputs are a new
+        group; inside, whole heads permute as blocks, and units within a head permute jointly in q/k
+        (one group) and in v/out_proj's input (a second group sharing the head permutation)."""
+        name = node.target
+        names = ("query", "key", "value")
+        ins = [node.args[i] if len(node.args) > i else node.kwargs.get(names[i]) for i in range(3)]
+        extra = [a for a in list(node.args[3:]) + [v for k, v in node.kwargs.items() if k not in names]
+                 if isinstance(a, fx.Node)]
+        if extra:
+            raise _Fix("MultiheadAttention with masks")
+        if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
+            raise _Fix("MultiheadAttention with separate q/k/v projections or extra key/value biases")
+        lays = [self.lay(a) for a in ins]
+        present = [lay for lay in lays if lay is not None]
+        if present:
+            if len(present) < 3:
+                raise _Fix("attention over a mix of permutable and unpermutable inputs")
+            for a, lay in zip(ins, lays):
+                if lay.axis != len(_shape(a)) - 1 or any(sg[2] != 1 for sg in lay.segs):
+                    raise _Fix("attention over a non-feature axis")
+            lay = self.merge(present)  # one in_proj input axis: q, k and v inputs share a permutation
+            self.add_members(lay, [(f"{name}.in_proj_weight", 1)])
+        e, h = mod.embed_dim, mod.num_heads
+        if h >= 1 and e // h >= 1:
+            qk = self.b.new(e, f"{name}.qk")
+            vo = self.b.new(e, f"{name}.vo")
+            for off in (0, e):
+                self.b.add(qk, Member(f"{name}.in_proj_weight", 0, off))
+                if f"{name}.in_proj_bias" in self.sd_keys:
+                    self.b.add(qk, Member(f"{name}.in_proj_bias", 0, off))
+            self.b.add(vo, Member(f"{name}.in_proj_weight", 0, 2 * e))
+            if f"{name}.in_proj_bias" in self.sd_keys:
+                self.b.add(vo, Member(f"{name}.in_proj_bias", 0, 2 * e))
+            self.b.add(vo, Member(f"{name}.out_proj.weight", 1))
+            self.b.heads[qk] = self.b.heads[vo] = h
+            self.b.couple[qk], self.b.couple[vo] = vo, qk
+        so = _shape(node)
+        nd = len(so[0]) if so and isinstance(so[0], (tuple, list)) else len(_shape(ins[0]))
+        out = self.fresh(e, f"{name}.out_proj", nd - 1, [(f"{name}.out_proj.weight", 0), (f"{name}.out_proj.bias", 0)])
+        return (out, None)
+
     def visit_function(self, node: fx.Node, fn: Any) -> Any:
         args = node.args
         if fn in _ELEMENTWISE_FUNCS:

@@ -1,0 +1,133 @@
+"""Attention: the ViT's spec (residual stream with LayerNorm, MLP units, whole heads, units within
+heads in q/k and v/out jointly), checked by function equivalence and exact recovery."""
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stardomain.models import MODELS, build_model
+from stardomain.permute import (align, apply_permutation, distance, equivalence_error, inverse, random_permutation,
+                                spec_from_model, weight_matching)
+
+
+def _vit(dim=12, heads=3, depth=2, mlp_dim=10, seed=0):
+    torch.manual_seed(seed)
+    return build_model({"name": "vit", "kwargs": {"patch": 4, "dim": dim, "depth": depth, "heads": heads,
+                                                   "mlp_dim": mlp_dim}}, (1, 8, 8), 5)
+
+
+def test_vit_is_registered_and_runs():
+    assert "vit" in MODELS
+    assert _vit()(torch.zeros(3, 1, 8, 8)).shape == (3, 5)
+    with pytest.raises(Exception):
+        _vit(dim=10, heads=3)
+
+
+def test_vit_spec_structure():
+    m = _vit()
+    spec = spec_from_model(m, torch.zeros(2, 1, 8, 8))
+    sizes = sorted((g.size, g.heads) for g in spec.groups.values())
+    # 1 residual stream (12), per block: MLP hidden (10), q/k and v/o (12 units in 3 heads)
+    assert sizes == [(10, 0), (10, 0), (12, 0), (12, 3), (12, 3), (12, 3), (12, 3)]
+    stream = [g for g in spec.groups.values() if any(m.tensor == "pos" for m in g.members)][0]
+    assert {"cls_token", "patch.weight", "ln.weight", "blocks.1.ln2.bias", "head.weight",
+            "blocks.0.attn.in_proj_weight", "blocks.0.attn.out_proj.bias"} <= {m.tensor for m in stream.members}
+    qk = spec.groups["blocks.0.attn.qk"]
+    assert qk.couple == "blocks.0.attn.vo" and spec.groups[qk.couple].couple == qk.name
+    assert spec.permutable_fraction() == pytest.approx(1 - 5 / sum(p.numel() for p in m.parameters()))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 2), st.integers(2, 6), st.integers(0, 99))
+def test_random_vits_roundtrip(heads, dh, depth, mlp_dim, seed):
+    m = _vit(dim=heads * dh, heads=heads, depth=depth, mlp_dim=mlp_dim, seed=seed)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    spec = spec_from_model(m, x)
+    sd = {k: v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)) for k, v in m.state_dict().items()}
+    p = random_permutation(spec, torch.Generator().manual_seed(seed + 1))
+    sp = apply_permutation(spec, sd, p)
+    assert equivalence_error(m, sd, sp, x) < 1e-10
+    q, info = weight_matching(spec, sd, sp, seed=seed)
+    assert distance(sd, apply_permutation(spec, sp, q)) == 0.0
+    for k in spec.groups:
+        assert torch.equal(q[k], inverse(p)[k])
+
+
+def test_head_structure_is_necessary():
+    """Moving one unit of q/k to another head (not a legal permutation) changes the function: the
+    head constraint in the spec is real, not decoration."""
+    m = _vit()
+    x = torch.randn(2, 1, 8, 8)
+    spec = spec_from_model(m, x)
+    sd = m.state_dict()
+    perm = {k: torch.arange(g.size) for k, g in spec.groups.items()}
+    bad = torch.arange(12)
+    bad[[3, 4]] = bad[[4, 3]]  # swap unit 3 (head 0) with unit 4 (head 1)
+    perm["blocks.0.attn.qk"] = bad
+    assert equivalence_error(m, sd, apply_permutation(spec, sd, perm), x) > 1e-4
+    good = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11])  # swap heads 0 and 1 ...
+    perm["blocks.0.attn.qk"] = good
+    assert equivalence_error(m, sd, apply_permutation(spec, sd, perm), x) > 1e-4  # ... in q/k only: wrong
+    perm["blocks.0.attn.vo"] = good  # ... and in v/o too: legal
+    assert equivalence_error(m, sd, apply_permutation(spec, sd, perm), x) < 1e-10
+
+
+class HandAttention(nn.Module):
+    """Attention written from Linear layers and reshapes: the tracer does not infer heads here, so the
+    q/k/v/o units must stay unpermuted while the residual stream and MLP are still permuted."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Linear(3, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.mlp = nn.Sequential(nn.Linear(dim, 6), nn.ReLU(), nn.Linear(6, dim))
+        self.out = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        x = self.emb(x)
+        b, t, d = x.shape
+        h = self.ln(x)
+        q = self.q(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        k = self.k(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        v = self.v(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        a = torch.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5, dim=-1)
+        x = x + self.o((a @ v).transpose(1, 2).reshape(b, t, d))
+        x = x + self.mlp(x)
+        return self.out(x.mean(1))
+
+
+def test_hand_written_attention_is_safe():
+    torch.manual_seed(0)
+    m = HandAttention()
+    x = torch.randn(2, 5, 3)
+    spec = spec_from_model(m, x)
+    permuted = {mm.tensor for g in spec.groups.values() for mm in g.members}
+    assert {"emb.weight", "ln.weight", "q.weight", "o.bias", "mlp.0.weight"} <= permuted
+    assert sorted(g.size for g in spec.groups.values()) == [6, 8]  # stream and MLP hidden
+    assert any("reshape that splits" in u.reason for u in spec.unpermuted)
+    sd = m.state_dict()
+    p = random_permutation(spec, torch.Generator().manual_seed(3))
+    assert equivalence_error(m, sd, apply_permutation(spec, sd, p), x) < 1e-10
+
+
+def test_vit_trained_twins_align_on_digits(digits_cfg):
+    from stardomain.train import train
+
+    cfg = digits_cfg.model_copy(update={"model": digits_cfg.model.model_validate(
+        {"name": "vit", "kwargs": {"patch": 4, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16}})})
+    cfg.train.epochs = 1
+    ma, _ = train(cfg, 0, device="cpu", progress=False)
+    mb, _ = train(cfg, 1, device="cpu", progress=False)
+    x = torch.zeros(2, 1, 8, 8)
+    for method in ("weight", "activation"):
+        from stardomain.data import get_dataset
+
+        data_x = get_dataset({"name": "digits"}).train.x[:256]
+        out, info = align(ma, ma.state_dict(), mb.state_dict(), example_input=x, method=method, data_x=data_x)
+        assert info["equivalence_error"] < 1e-5
+        if method == "weight":
+            assert info["distance_after"] < info["distance_before"]
