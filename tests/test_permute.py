@@ -228,3 +228,60 @@ def test_align_independent_twins_never_increases_distance(seed):
     assert info["equivalence_error"] < 1e-5
     out2, info2 = align(model, sd_a, sd_b, example_input=x, method="activation", data_x=torch.randn(32, 3, 4, 4))
     assert info2["equivalence_error"] < 1e-5
+
+
+# ---- models a user writes from the supported layers ----
+
+class _Seq1d(nn.Module):
+    """Embedding -> Conv1d (+ depthwise) -> BatchNorm1d -> pooling function -> Linear, with a
+    channel-wise gate and a concatenation, over integer tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.c1 = nn.Conv1d(6, 5, 3, padding=1)
+        self.bn = nn.BatchNorm1d(5)
+        self.dw = nn.Conv1d(5, 5, 3, padding=1, groups=5)
+        self.c2 = nn.Conv1d(6, 4, 1)
+        self.gn = nn.GroupNorm(9, 9)
+        self.fc = nn.Linear(9, 3)
+
+    def forward(self, tok):
+        e = self.emb(tok).transpose(1, 2)                 # (N, 6, L)
+        a = self.dw(torch.nn.functional.relu(self.bn(self.c1(e))))
+        a = a * torch.sigmoid(a.mean(-1, keepdim=True))    # squeeze-excite style gate
+        b = torch.tanh(self.c2(e))
+        y = self.gn(torch.cat([a, b], dim=1))
+        y = torch.nn.functional.adaptive_max_pool1d(y, 1).flatten(1)
+        return self.fc(torch.nn.functional.dropout(y, 0.1, self.training))
+
+
+def test_user_sequence_model():
+    model = _Seq1d().eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.running_mean.normal_()
+    tok = torch.randint(0, 11, (2, 7), generator=torch.Generator().manual_seed(0))
+    spec = spec_from_model(model, tok)
+    sizes = sorted(g.size for g in spec.groups.values())
+    assert sizes == [4, 5, 6]  # embedding dim, c1/dw/bn channels, c2 channels (gn acts per channel)
+    (ge,) = [g for g in spec.groups.values() if any(m.tensor == "emb.weight" for m in g.members)]
+    assert {(m.tensor, m.axis) for m in ge.members} == {("emb.weight", 1), ("c1.weight", 1), ("c2.weight", 1)}
+    sd = model.state_dict()
+    p = random_permutation(spec, torch.Generator().manual_seed(1))
+    sp = apply_permutation(spec, sd, p)
+    assert equivalence_error(model, sd, sp, tok) < 1e-10
+    q, _ = weight_matching(spec, sd, sp)
+    assert distance(sd, apply_permutation(spec, sp, q)) == 0.0
+
+
+def test_activation_matching_recovers_a_permuted_copy():
+    torch.manual_seed(0)
+    model = build_model({"name": "cnn", "kwargs": {"widths": [4, 6]}}, (1, 8, 8), 5)
+    x = torch.randn(64, 1, 8, 8)
+    spec = spec_from_model(model, x[:2])
+    sd = _noisy_state(model)
+    p = random_permutation(spec, torch.Generator().manual_seed(2))
+    sp = apply_permutation(spec, sd, p)
+    out, info = align(model, sd, sp, example_input=x[:2], method="activation", data_x=x)
+    assert info["distance_after"] == 0.0 and info["method"] == "activation"
