@@ -136,6 +136,13 @@ def test_sweeps_add_stars_and_populations():
     assert len(_keys(p, "train")) == 4 + 2 + (3 + 2)  # pool of 4 + held-outs, width 4 population (8 = main)
     assert sw["width"][1]["star"] == p.layout["main"]["star"]
 
+    p = build_plan(tiny_cfg(study={"sweeps": {"t_sampling": ["uniform", "beta", "constant"], "depth": [2]}}))
+    stars = [r["star"] for r in p.layout["sweeps"]["t_sampling"]]
+    assert stars[0] == p.layout["main"]["star"] and len(set(stars)) == 3  # uniform is the default scheme
+    assert p.layout["sweeps"]["depth"][0]["star"] != p.layout["main"]["star"]
+    with pytest.raises(UserError):
+        build_plan(tiny_cfg(study={"sweeps": {"t_sampling": ["sideways"]}}))
+
 
 def test_bad_study_config_is_a_user_error():
     with pytest.raises(UserError):
