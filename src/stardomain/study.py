@@ -632,7 +632,7 @@ def verdict(results: dict, metric: str = "train_loss") -> str:
             + ("so the difference is significant at the 5% level; this supports the star-domain conjecture on "
                "this task." if sig and below else
                "so the data do not establish that the star's barriers are lower (not significant at the 5% "
-               "level)." if below else "so the data do not support the star-domain conjecture on this task."))
+               "level)." if below else "so this study gives no evidence for the star-domain conjecture on this task."))
     q = results.get("star_quality", {})
     if "star" in q:
         reg = q["regular"]["train_loss"]
