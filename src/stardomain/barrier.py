@@ -23,6 +23,7 @@ import copy
 import io
 import math
 import time
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -95,7 +96,8 @@ def _inference_module(m: nn.Module, example: torch.Tensor) -> nn.Module:
     convolutions (oneDNN layouts on CPU) where the architecture scripts, else channels-last."""
     m.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still fastest on CPU
             fm = torch.jit.optimize_for_inference(torch.jit.script(m))
             fm(example)
         return fm
@@ -206,7 +208,8 @@ def _split_first_layer(m: nn.Module):
     return pre, mods[i][1], name, rest, names
 
 
-def _curve_vmap(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, max_models, act_budget) -> dict:
+def _curve_vmap(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, max_models, act_budget,
+                states_only: bool = False):
     from torch.func import functional_call, vmap
 
     m = copy.deepcopy(model).to(device).eval()
@@ -303,6 +306,16 @@ def _curve_vmap(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, max
         for k in bn_stat:
             bufs[k][idx_t] = (sums[k] / n_bn_batches).to(bufs[k].dtype)
     m.eval()
+    if states_only:
+        out = []
+        for i, t in enumerate(ts):
+            sd = {**{k: v[i].clone() for k, v in params.items()}, **{k: v[i].clone() for k, v in bufs.items()}}
+            for k in inames:
+                own = sd_a[k] if t != 1.0 else sd_b[k]
+                sd[k] = own.clone() if _is_endpoint(t) or not k.endswith("num_batches_tracked") or not bns \
+                    else torch.full_like(own, n_bn_batches)
+            out.append(sd)
+        return out
 
     rec: dict[str, Any] = {"t": list(ts)}
     with torch.no_grad():
@@ -377,6 +390,17 @@ def curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, 
                  "batches": "all" if bn_batches is None else bn_batches, "batch_size": batch_size}
     rec["seconds"] = time.perf_counter() - t0
     return rec
+
+
+def interpolated_states(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle,
+                        ts: Sequence[float], *, bn_batches: int | None = None, batch_size: int = 1000,
+                        device=None, max_models: int | None = None) -> list[StateDict]:
+    """The state dicts (1-t)·A + t·B for every t, BatchNorm statistics recomputed at interior t exactly
+    as `interpolate.recalibrate_bn` would, but for all t in one pass over the training data."""
+    from .train import resolve_device
+
+    return _curve_vmap(model, sd_a, sd_b, data, [float(t) for t in ts], bn_batches, batch_size,
+                       resolve_device(device or "cpu"), max_models, DEFAULT_ACT_BUDGET, states_only=True)
 
 
 # --------------------------------------------------------------------------------------------------
