@@ -121,6 +121,15 @@ class _Lay:
     segs: tuple[tuple[int, int, int], ...]
 
 
+@dataclass(frozen=True)
+class _HLay:
+    """A feature axis split into heads: `head_axis` indexes heads, `unit_axis` (None once contracted
+    away, as in attention scores) indexes units within a head; both belong to group `gid`."""
+    head_axis: int
+    unit_axis: int | None
+    gid: int
+
+
 class _Fix(Exception):
     pass
 
@@ -167,9 +176,32 @@ class _Builder:
         self.reasons[a] += self.reasons[b]
         self.members[a] += self.members[b]
         self.probes[a] += self.probes[b]
-        if self.heads[b] or self.heads[a]:  # attention structure does not survive merges with others
-            self.fix(a, "attention heads merged with another group")
+        ha, hb = self.heads[a], self.heads[b]
+        if ha and hb and ha != hb:
+            self.fix(a, "merged groups split into different numbers of heads")
+        self.heads[a] = ha or hb  # a head-structured permutation is legal for the merged group too
+        ca, cb = self.couple[a], self.couple[b]
+        if ca is not None and cb is not None and self.find(ca) != self.find(cb):
+            self.fix(a, "attention heads coupled to two different groups")
+        self.couple[a] = ca if ca is not None else cb
         return a
+
+    def set_heads(self, g: int, h: int) -> None:
+        r = self.find(g)
+        if self.heads[r] and self.heads[r] != h:
+            self.fix(r, "split into different numbers of heads")
+        self.heads[r] = h
+
+    def set_couple(self, a: int, b: int) -> None:
+        """Two head-structured groups that must share their head-level permutation (q/k with v/o)."""
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return
+        for x, y in ((a, b), (b, a)):
+            if self.couple[x] is not None and self.find(self.couple[x]) != y:
+                self.fix(x, "attention heads coupled to two different groups")
+                self.fix(y, "attention heads coupled to two different groups")
+            self.couple[x] = y
 
     def fix(self, g: int, reason: str) -> None:
         r = self.find(g)
@@ -180,6 +212,8 @@ class _Builder:
         if isinstance(lay, _Lay):
             for gid, _, _ in lay.segs:
                 self.fix(gid, reason)
+        elif isinstance(lay, _HLay):
+            self.fix(lay.gid, reason)
         elif isinstance(lay, (tuple, list)):
             for x in lay:
                 self.fix_lay(x, reason)
@@ -213,6 +247,10 @@ _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "
 _POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
                F.adaptive_max_pool2d}
+_HLAY_FUNCS = {torch.softmax, F.softmax, F.dropout, operator.truediv, operator.mul, torch.div, torch.mul,
+               torch.transpose, torch.permute, torch.reshape, getattr}
+_HLAY_METHODS = {"softmax", "transpose", "permute", "view", "reshape", "contiguous", "size", "dim", "div", "mul",
+                 "float", "to", "type_as", "clone"}
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
 _REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "logsumexp"}
@@ -314,6 +352,10 @@ class _Tracer:
 
     def visit_module(self, node: fx.Node, mod: nn.Module) -> Any:
         name = node.target
+        if any(isinstance(lay, _HLay) for lay in self.all_lays((node.args, node.kwargs))):
+            if isinstance(mod, (nn.Dropout, nn.Identity, nn.Softmax)):
+                return self.lay(node.args[0])
+            raise _Fix(f"{type(mod).__name__} on per-head tensors")
         x = node.args[0] if node.args else None
         lay = self.lay(x)
         shape_in, shape_out = _shape(x), _shape(node)
@@ -432,6 +474,10 @@ class _Tracer:
 
     def visit_function(self, node: fx.Node, fn: Any) -> Any:
         args = node.args
+        if fn in (operator.matmul, torch.matmul, torch.bmm):
+            return self.matmul(node)
+        if fn not in _HLAY_FUNCS and any(isinstance(lay, _HLay) for lay in self.all_lays((node.args, node.kwargs))):
+            raise _Fix(f"{getattr(fn, '__name__', fn)} on per-head tensors")
         if fn in _ELEMENTWISE_FUNCS:
             return self.lay(args[0])
         if fn in _BINARY:
@@ -461,6 +507,10 @@ class _Tracer:
 
     def visit_method(self, node: fx.Node, name: str) -> Any:
         args = node.args
+        if name in ("matmul", "bmm"):
+            return self.matmul(node)
+        if name not in _HLAY_METHODS and any(isinstance(lay, _HLay) for lay in self.all_lays((node.args, node.kwargs))):
+            raise _Fix(f".{name}() on per-head tensors")
         if name in _SHAPE_METHODS:
             return None
         if name in _ELEMENTWISE_METHODS:
@@ -493,6 +543,13 @@ class _Tracer:
         so = _shape(node)
         if so is None:
             return None
+        tensor_args = [a for a in list(node.args) + list(node.kwargs.values())
+                       if isinstance(a, fx.Node) and _shape(a) is not None]
+        hl = [self.lay(a) for a in tensor_args if isinstance(self.lay(a), _HLay)]
+        if hl:
+            if len(tensor_args) > 1:
+                raise _Fix("elementwise op between per-head tensors")
+            return hl[0]
         lays, plain = [], []
         for a in list(node.args) + list(node.kwargs.values()):
             if not isinstance(a, fx.Node):
@@ -538,6 +595,18 @@ class _Tracer:
             return None
         if si is None or so is None:
             raise _Fix("reshape of unknown shape")
+        if isinstance(lay, _HLay):
+            return self.merge_heads(lay, si, so)
+        try:
+            return self.reshape_plain(lay, si, so)
+        except _Fix:
+            if len(lay.segs) == 1 and lay.segs[0][2] == 1:
+                split = self.split_heads(lay, si, so)
+                if split is not None:
+                    return split
+            raise
+
+    def reshape_plain(self, lay: _Lay, si: tuple, so: tuple) -> _Lay:
         a = lay.axis
         pre = math.prod(si[:a])
         c = si[a]
@@ -556,14 +625,64 @@ class _Tracer:
             raise _Fix("reshape that mixes the feature axis with others")
         return _Lay(b, tuple((g, n, blk * mult) for g, n, blk in lay.segs))
 
+    def split_heads(self, lay: _Lay, si: tuple, so: tuple) -> "_HLay | None":
+        """(.., H*dh, ..) -> (.., H, dh, ..): the units of one group split into heads."""
+        a = lay.axis
+        gid, n, _ = lay.segs[0]
+        pre, post = math.prod(si[:a]), math.prod(si[a + 1:])
+        for b in range(len(so) - 1):
+            if (math.prod(so[:b]) == pre and so[b] * so[b + 1] == n and math.prod(so[b + 2:]) == post
+                    and 1 <= so[b] <= n):
+                self.b.set_heads(gid, so[b])
+                return _HLay(b, b + 1, gid)
+        return None
+
+    def merge_heads(self, lay: _HLay, si: tuple, so: tuple) -> _Lay:
+        """(.., H, dh, ..) -> (.., H*dh, ..): heads merged back into one feature axis."""
+        h, u = lay.head_axis, lay.unit_axis
+        if u != h + 1:
+            raise _Fix("reshape of per-head tensors other than merging heads back")
+        n = si[h] * si[u]
+        pre, post = math.prod(si[:h]), math.prod(si[u + 1:])
+        for b in range(len(so)):
+            if math.prod(so[:b]) == pre and so[b] == n and math.prod(so[b + 1:]) == post:
+                return _Lay(b, ((lay.gid, n, 1),))
+        raise _Fix("reshape of per-head tensors other than merging heads back")
+
+    def matmul(self, node: fx.Node) -> Any:
+        """Attention's two products: q @ k^T contracts units (q and k share a group, heads kept);
+        scores @ v keeps v's units and pairs the score heads with v's heads (coupled groups)."""
+        x, y = node.args[:2]
+        lx, ly = self.lay(x), self.lay(y)
+        if lx is None and ly is None:
+            return None
+        if not (isinstance(lx, _HLay) and isinstance(ly, _HLay)):
+            raise _Fix("matrix product involving permuted units")
+        nx, ny, no = len(_shape(x)), len(_shape(y)), len(_shape(node))
+        hx, hy = lx.head_axis - nx, ly.head_axis - ny  # batch axes, counted from the end
+        if hx != hy or hx > -3:
+            raise _Fix("matrix product across heads")
+        if lx.unit_axis == nx - 1 and ly.unit_axis == ny - 2:  # q @ k^T
+            g = self.b.union(lx.gid, ly.gid)
+            return _HLay(no + hx, None, g)
+        if lx.unit_axis is None and ly.unit_axis == ny - 1:  # scores @ v
+            self.b.set_couple(lx.gid, ly.gid)
+            return _HLay(no + hx, no - 1, ly.gid)
+        raise _Fix("matrix product of per-head tensors in an unrecognised pattern")
+
     def transpose(self, node, x, d0, d1) -> Any:
         lay = self.lay(x)
         if lay is None:
             return None
         nd = len(_shape(x))
         d0, d1 = d0 % nd, d1 % nd
-        ax = d1 if lay.axis == d0 else d0 if lay.axis == d1 else lay.axis
-        return _Lay(ax, lay.segs)
+
+        def mv(ax):
+            return ax if ax is None else d1 if ax == d0 else d0 if ax == d1 else ax
+
+        if isinstance(lay, _HLay):
+            return _HLay(mv(lay.head_axis), mv(lay.unit_axis), lay.gid)
+        return _Lay(mv(lay.axis), lay.segs)
 
     def permute(self, node, x, dims) -> Any:
         lay = self.lay(x)
@@ -571,6 +690,9 @@ class _Tracer:
             return None
         nd = len(_shape(x))
         dims = [d % nd for d in dims]
+        if isinstance(lay, _HLay):
+            return _HLay(dims.index(lay.head_axis), None if lay.unit_axis is None else dims.index(lay.unit_axis),
+                         lay.gid)
         return _Lay(dims.index(lay.axis), lay.segs)
 
     def reduce(self, node, x, dim, keepdim) -> Any:
