@@ -309,7 +309,7 @@ def test_default_config_is_embedded_and_identical():
     cfg = load_config(repo)
     p = build_plan(cfg)
     assert cfg.data.name == "mnist" and cfg.model.kwargs["width"] == 16
-    assert len(_keys(p, "train")) == 15 and len(_keys(p, "star")) == 1
+    assert len(_keys(p, "train")) == 15 and len(_keys(p, "star")) == 3  # main star + |Z| = 1, 3
     assert {k: len(v) for k, v in p.layout["main"]["pairs"].items()} == {
         "star_heldout": 5, "regular_regular": 50, "heldout_heldout": 10, "star_source": 10, "average_heldout": 5}
 
