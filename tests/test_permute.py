@@ -298,3 +298,19 @@ def test_weight_matching_init_never_increases_distance(seed, init):
     q, info = weight_matching(spec, sd_a, sd_b, seed=seed, init=init)
     assert info["converged"]
     assert distance(sd_a, apply_permutation(spec, sd_b, q)) <= distance(sd_a, sd_b) + 1e-9
+
+
+def test_groupnorm_with_several_channels_per_group_permutes_whole_groups():
+    torch.manual_seed(0)
+    model = build_model({"name": "resnet", "kwargs": {"depth": 8, "width": 1, "norm": "gn"}}, (3, 4, 4), 3)
+    # widths 16, 32, 64 -> GroupNorm(16, 16), GroupNorm(32, 32), GroupNorm(32, 64): 2 channels per group
+    x = torch.randn(2, 3, 4, 4)
+    spec = _check_roundtrip(model, (3, 4, 4))
+    structured = [g for g in spec.groups.values() if g.heads]
+    assert structured and all(g.size == 64 and g.heads == 32 for g in structured)
+    sd = model.state_dict()
+    perm = {k: torch.arange(g.size) for k, g in spec.groups.items()}
+    swap = torch.arange(64)
+    swap[[1, 2]] = swap[[2, 1]]  # moves channel 1 out of its GroupNorm group: illegal
+    perm[structured[0].name] = swap
+    assert equivalence_error(model, sd, apply_permutation(spec, sd, perm), x) > 1e-4

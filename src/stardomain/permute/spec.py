@@ -397,8 +397,11 @@ class _Tracer:
             if lay.axis != 1:
                 raise _Fix("GroupNorm over a non-channel axis")
             if mod.num_groups not in (1, mod.num_channels):
-                raise _Fix(f"GroupNorm with {mod.num_groups} groups of {mod.num_channels // mod.num_groups} "
-                           "channels (only 1 group or 1 channel per group is permutation-equivariant)")
+                # legal permutations move whole groups and reorder channels within each: the same
+                # block structure as attention heads
+                if len(lay.segs) != 1:
+                    raise _Fix(f"GroupNorm with {mod.num_groups} groups over concatenated channels")
+                self.b.set_heads(lay.segs[0][0], mod.num_groups)
             self.add_members(lay, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
             return lay
         if isinstance(mod, nn.LayerNorm):
