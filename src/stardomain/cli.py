@@ -120,12 +120,13 @@ def star(
 ):
     """Train a star model with Starlight (PAPER.md, Algorithm 1) from source model files.
 
-    Each mini-batch goes through (1-t)*star + t*source for a random source and t; settings live in the
-    `star` config section (t_sampling, mu, align_every, init, chunks, bn_batches, train). A killed run
-    resumes from OUT.state when re-run with the same arguments.
+    Each mini-batch goes through (1-t)*star + t*source for a random source and t.
 
-    Example: stardomain star --config configs/mnist_mlp.yaml --sources runs/s*.safetensors
-    --out runs/star.safetensors --set star.align_every=never --set star.chunks=4
+    Settings: the `star` config section (t_sampling, beta, mu, align_every, init, chunks, bn_batches, train).
+
+    A killed run resumes from OUT.state when re-run with the same arguments.
+
+    Example: stardomain star --config c.yaml --sources runs/s*.safetensors --out runs/star.safetensors --set star.chunks=4
     """
     from .config import load_config
     from .starlight import star_to_file
