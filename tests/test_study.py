@@ -208,6 +208,13 @@ def test_local_study_results_and_report(local_run, tiny_yaml):
     ref = sps.mannwhitneyu([r["barrier"]["train_loss"] for r in res["pairs"]["star_heldout"]],
                            [r["barrier"]["train_loss"] for r in res["pairs"]["regular_regular"]], alternative="less")
     assert t["p_value"] == pytest.approx(ref.pvalue)
+    # paired by held-out: star->h against the mean over sources of source->h (regular_regular is source-major)
+    sh = [r["barrier"]["train_loss"] for r in res["pairs"]["star_heldout"]]
+    rr = {(r["a"], r["b"]): r["barrier"]["train_loss"] for r in res["pairs"]["regular_regular"]}
+    per_h = [np.mean([v for (a, b), v in rr.items() if b == r["b"]]) for r in res["pairs"]["star_heldout"]]
+    paired = res["tests"]["star_heldout_below_regular_regular_paired"]["train_loss"]
+    if paired is not None:
+        assert paired["p_value"] == pytest.approx(sps.wilcoxon(np.subtract(sh, per_h), alternative="less").pvalue)
     # no timings in results.json
     assert "seconds" not in json.dumps(res) and "timings" not in json.dumps(res)
     # the star's own quality sits beside the regular models'
