@@ -202,7 +202,7 @@ def _family(draw):
     return fam, {"depth": 10, "width_factor": 1, "norm": draw(st.sampled_from(["bn", "ln"]))}, (3, 4, 4)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(st.data())
 def test_random_networks_roundtrip(data):
     name, kwargs, shape = data.draw(st.builds(lambda: None).flatmap(lambda _: st.composite(lambda d: _family(d))()))
@@ -212,7 +212,7 @@ def test_random_networks_roundtrip(data):
     _check_roundtrip(model, shape, seed)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(st.integers(0, 10_000))
 def test_align_independent_twins_never_increases_distance(seed):
     torch.manual_seed(seed)

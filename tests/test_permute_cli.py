@@ -1,7 +1,6 @@
 """`stardomain align` / `stardomain spec` end to end on digits, checked against the library."""
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -13,8 +12,31 @@ from stardomain.permute import apply_permutation, distance, spec_from_model
 DIGITS = ["--set", "data.name=digits", "--set", "train.epochs=2", "--set", "train.batch_size=64"]
 
 
+class _R:
+    def __init__(self, code, out, err):
+        self.returncode, self.stdout, self.stderr = code, out, err
+
+
 def run(*args, ok=True):
-    r = subprocess.run([sys.executable, "-m", "stardomain.cli", *map(str, args)], capture_output=True, text=True)
+    """The real entry point (`stardomain.cli.main`: exit codes, one-line errors), run in-process to
+    spare a Python + torch start per command."""
+    import contextlib
+    import io
+
+    from stardomain.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["stardomain", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    r = _R(code, out.getvalue(), err.getvalue())
     if ok:
         assert r.returncode == 0, r.stderr
     return r

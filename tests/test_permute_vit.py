@@ -146,8 +146,9 @@ def test_vit_trained_twins_align_on_digits(digits_cfg):
     from stardomain.train import train
 
     cfg = digits_cfg.model_copy(update={"model": digits_cfg.model.model_validate(
-        {"name": "vit", "kwargs": {"patch": 4, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16}})})
+        {"name": "vit", "kwargs": {"patch": 4, "dim": 8, "depth": 1, "heads": 2, "mlp_dim": 8}})})
     cfg.train.epochs = 1
+    cfg.data.train_subset = 400
     ma, _ = train(cfg, 0, device="cpu", progress=False)
     mb, _ = train(cfg, 1, device="cpu", progress=False)
     x = torch.zeros(2, 1, 8, 8)
