@@ -314,3 +314,43 @@ def test_groupnorm_with_several_channels_per_group_permutes_whole_groups():
     swap[[1, 2]] = swap[[2, 1]]  # moves channel 1 out of its GroupNorm group: illegal
     perm[structured[0].name] = swap
     assert equivalence_error(model, sd, apply_permutation(spec, sd, perm), x) > 1e-4
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, c, e):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(c, c * e, 1, bias=False), nn.BatchNorm2d(c * e), nn.ReLU6(inplace=True),
+            nn.Conv2d(c * e, c * e, 3, padding=1, groups=c * e, bias=False), nn.BatchNorm2d(c * e),
+            nn.ReLU6(inplace=True), nn.Conv2d(c * e, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class _MobileSE(nn.Module):
+    """MobileNetV2-style blocks, a squeeze-excite gate broadcast with None-indexing, view-flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.b1, self.b2 = _InvertedResidual(8, 3), _InvertedResidual(8, 2)
+        self.se1, self.se2 = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = self.b2(self.b1(torch.nn.functional.relu(self.stem(x))))
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        w = torch.sigmoid(self.se2(torch.nn.functional.relu(self.se1(pooled))))
+        x = torch.nn.functional.max_pool2d(x * w[:, :, None, None], 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_mobile_style_network_is_fully_permutable():
+    torch.manual_seed(0)
+    model = _MobileSE().eval()
+    spec = _check_roundtrip(model, (3, 16, 16))
+    assert sorted(g.size for g in spec.groups.values()) == [4, 8, 16, 24]  # SE hidden, stream, 2 expansions
+    assert [u.reason for u in spec.unpermuted] == ["model output"]
+    (fc,) = [m for g in spec.groups.values() for m in g.members if m.tensor == "fc.weight"]
+    assert (fc.axis, fc.block) == (1, 16)  # each stream channel owns 4x4 inputs of the classifier

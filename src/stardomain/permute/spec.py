@@ -504,6 +504,8 @@ class _Tracer:
                                args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
         if fn is operator.getitem:
             return self.getitem(node)
+        if fn is torch.unsqueeze:
+            return self.unsqueeze(node, args[0], args[1] if len(args) > 1 else node.kwargs["dim"])
         if fn is getattr:
             return None  # x.shape and friends: no values flow
         raise _Fix(f"unsupported function {getattr(fn, '__name__', fn)}")
@@ -530,6 +532,8 @@ class _Tracer:
         if name in _REDUCE_METHODS:
             return self.reduce(node, args[0], args[1] if len(args) > 1 else node.kwargs.get("dim"),
                                args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
+        if name == "unsqueeze":
+            return self.unsqueeze(node, args[0], args[1] if len(args) > 1 else node.kwargs["dim"])
         if name == "expand":
             lay = self.lay(args[0])
             if lay is None:
@@ -717,17 +721,39 @@ class _Tracer:
             return lay[idx] if isinstance(idx, int) and -len(lay) <= idx < len(lay) else None
         if lay is None:
             return None
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        removed = 0
-        for i, e in enumerate(idx):
-            if e is Ellipsis or e is None or isinstance(e, fx.Node):
+        if isinstance(lay, _HLay):
+            raise _Fix("indexing per-head tensors")
+        nd = len(_shape(x))
+        idx = list(idx) if isinstance(idx, tuple) else [idx]
+        if sum(e is Ellipsis for e in idx) > 1:
+            raise _Fix("advanced indexing")
+        if Ellipsis in idx:  # expand to full slices over the axes it stands for
+            k = idx.index(Ellipsis)
+            used = sum(e is not None and e is not Ellipsis for e in idx)
+            idx[k:k + 1] = [slice(None)] * (nd - used)
+        i_in = i_out = 0
+        for e in idx:
+            if e is None:
+                i_out += 1
+                continue
+            if isinstance(e, fx.Node) or not isinstance(e, (int, slice)):
                 raise _Fix("advanced indexing")
-            if i == lay.axis:
+            if i_in == lay.axis:
                 if not (isinstance(e, slice) and e == slice(None)):
                     raise _Fix("indexing into the feature axis")
-            elif isinstance(e, int) and i < lay.axis:
-                removed += 1
-        return _Lay(lay.axis - removed, lay.segs)
+                return _Lay(i_out, lay.segs)
+            i_in += 1
+            i_out += isinstance(e, slice)
+        return _Lay(i_out + (lay.axis - i_in), lay.segs)  # the feature axis is past the index
+
+    def unsqueeze(self, node: fx.Node, x, dim) -> Any:
+        lay = self.lay(x)
+        if lay is None:
+            return None
+        if isinstance(lay, _HLay):
+            raise _Fix("unsqueeze of per-head tensors")
+        dim = dim % len(_shape(node))
+        return _Lay(lay.axis + (dim <= lay.axis), lay.segs)
 
     # -- result --
     def spec(self, model: nn.Module, trace_error: str | None = None) -> PermutationSpec:
