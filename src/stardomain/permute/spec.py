@@ -420,7 +420,7 @@ class _Tracer:
         if isinstance(mod, _POOL_MODULES):
             if getattr(mod, "return_indices", False):
                 raise _Fix("pooling that returns indices")
-            if lay is not None and lay.axis != 1:
+            if lay is not None and (lay.axis != 1 or len(shape_in) < 3):
                 raise _Fix("pooling over the feature axis")
             return lay
         if isinstance(mod, nn.Flatten):
@@ -496,7 +496,7 @@ class _Tracer:
             return self.permute(node, args[0], args[1])
         if fn in _POOL_FUNCS:
             lay = self.lay(args[0])
-            if lay is not None and lay.axis != 1:
+            if lay is not None and (lay.axis != 1 or len(_shape(args[0])) < 3):
                 raise _Fix("pooling over the feature axis")
             return lay
         if fn in _REDUCE_FUNCS:
