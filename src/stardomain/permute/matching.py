@@ -56,7 +56,7 @@ def _axis_index(length: int, items, perm, skip: str | None = None) -> torch.Tens
     for _, off, n, blk, k in items:
         if k == skip:
             continue
-        p = perm[k]
+        p = perm[k].cpu().long()
         if idx is None:
             idx = torch.arange(length)
         idx[off:off + n * blk] = off + (p.view(-1, 1) * blk + torch.arange(blk)).reshape(-1)
