@@ -62,7 +62,7 @@ def main() -> None:
                 {k: torch.stack([sources[r][k] for r in rows]) for k in star})
 
     t0 = time.perf_counter()
-    (final, _) = bma._bma_run(ev, chunk_weights, t, x, data.test.y, {}, xtr, chunk=a.chunk,
+    (final, _, _) = bma._bma_run(ev, chunk_weights, t, x, data.test.y, {}, xtr, chunk=a.chunk,
                               batch_size=a.batch_size, bn_batches=a.bn_batches, ks=[], n_bins=15)
     t_fun = time.perf_counter() - t0
     diff = (final["test"] - loop).abs().max().item()

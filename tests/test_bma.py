@@ -65,7 +65,7 @@ def test_functional_bma_equals_module_loop(model, vectorize):
         rows = idx[sl].tolist()
         return bma.stack([star] * len(rows)), bma.stack([sources[r] for r in rows])
 
-    (final, curve) = bma._bma_run(ev, chunk_weights, t, data.test.x, data.test.y, {}, data.train.x, chunk=4,
+    (final, curve, _) = bma._bma_run(ev, chunk_weights, t, data.test.x, data.test.y, {}, data.train.x, chunk=4,
                                   batch_size=300, bn_batches=3, ks=[1, 6], n_bins=15)
     want = _loop_bma(cfg, data, star, sources, idx, t, bn_batches=3, batch_size=300)
     assert (final["test"] - want).abs().max().item() < 1e-5

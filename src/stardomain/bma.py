@@ -17,6 +17,10 @@ BatchNorm recalibration is batched the same way: one train-mode pass per trainin
 chunk, collecting each BN layer's batch mean and unbiased variance with forward pre-hooks and averaging
 them over batches with equal weight, exactly what `interpolate.recalibrate_bn` (momentum=None) computes.
 
+Timing: `seconds` is the cost of producing a predictor's test and OOD probabilities (sampling weights,
+BN recalibration, forward passes, averaging; for the ensemble its members' forward passes), not the
+metric computation and not alignment (reported once under `_info.alignment`). BMA seconds are per run.
+
 Evaluation seeds: the K draws of a BMA predictor are repeated with seeds seed, seed+1, ...; its metrics
 are the mean over those runs with a 95% t-interval. Deterministic predictors have one value. The metric-
 vs-K curves use prefixes of the same K draws (the first k models of each run).
@@ -288,10 +292,12 @@ def _bma_run(ev: Stacked, chunk_weights: Callable[[slice], tuple[dict, dict]], t
     """One BMA run: the i-th model is (1 - t_i)·base_i + t_i·end_i, where `chunk_weights(slice)` gives the
     stacked (base, end) weights of a slice of the K draws. Streams the K models in chunks, never holding
     more than `chunk` weight sets or their probabilities at once.
-    -> (final mean probabilities on test and each shift, metrics at each prefix size in ks)."""
+    -> (final mean probabilities on test and each shift, metrics at each prefix size in ks, seconds spent
+    scoring the prefixes)."""
     k = len(t)
     sums: dict[str, torch.Tensor] = {}
     curve: dict[int, dict[str, float]] = {}
+    t_score = 0.0
     for start in range(0, k, chunk):
         sl = slice(start, min(k, start + chunk))
         base, ends = chunk_weights(sl)
@@ -305,10 +311,12 @@ def _bma_run(ev: Stacked, chunk_weights: Callable[[slice], tuple[dict, dict]], t
         for j in range(sl.stop - sl.start):
             kk = start + j + 1
             if kk in ks:
+                t0 = time.perf_counter()
                 curve[kk] = score((prefix["test"][j] / kk).cpu(), labels,
                                   {s: (prefix[s][j] / kk).cpu() for s in ood_x}, n_bins)
+                t_score += time.perf_counter() - t0
     final = {s: (v / k).cpu() for s, v in sums.items()}
-    return final, curve
+    return final, curve, t_score
 
 
 def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDict], *, k: int = 32,
@@ -363,7 +371,8 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
         probs = {"test": ev.probs(w, x_test, batch_size)[0].cpu()}
         for s, xo in ood_x.items():
             probs[s] = ev.probs(w, xo, batch_size)[0].cpu()
-        return probs, score(probs["test"], y_test, {s: probs[s] for s in ood_x}, n_bins), time.perf_counter() - t0
+        sec = time.perf_counter() - t0
+        return probs, score(probs["test"], y_test, {s: probs[s] for s in ood_x}, n_bins), sec
 
     def entry(m: dict, seconds: float, probs_test: torch.Tensor, **extra) -> dict:
         return {**m, "seconds": seconds, "reliability": M.calibration_bins(probs_test, y_test, n_bins), **extra}
@@ -392,9 +401,10 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
     def ensemble(n: int) -> dict:
         t0 = time.perf_counter()
         p = {s: torch.stack([sp[s] for sp in src_probs[:n]]).mean(0) for s in src_probs[0]}
+        sec = time.perf_counter() - t0
         m = score(p["test"], y_test, {s: p[s] for s in ood_x}, n_bins)
         # an ensemble costs its members' forward passes (done once above) plus the averaging
-        return entry(m, sum(src_seconds[:n]) + time.perf_counter() - t0, p["test"], kind="ensemble", n_sources=n)
+        return entry(m, sum(src_seconds[:n]) + sec, p["test"], kind="ensemble", n_sources=n)
 
     res["ensemble"] = ensemble(N)
 
@@ -431,8 +441,9 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
     p = {"test": ev.probs(w, x_test, batch_size)[0].cpu()}
     for s, xo in ood_x.items():
         p[s] = ev.probs(w, xo, batch_size)[0].cpu()
+    sec = time.perf_counter() - t1
     m = score(p["test"], y_test, {s: p[s] for s in ood_x}, n_bins)
-    res["weight_average"] = entry(m, time.perf_counter() - t1, p["test"], kind="single", anchor="source_0")
+    res["weight_average"] = entry(m, sec, p["test"], kind="single", anchor="source_0")
 
     # ---- BMA runs
     def run_star(n: int, s: int):
@@ -466,8 +477,8 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
         for s in range(seed, seed + seeds):
             say(f"{kind} n={n} seed={s}")
             t0 = time.perf_counter()
-            (final, curve), t_align = (run_star if kind == "star_bma" else run_regular)(n, s)
-            secs.append(time.perf_counter() - t0 - t_align)
+            (final, curve, t_score), t_align = (run_star if kind == "star_bma" else run_regular)(n, s)
+            secs.append(time.perf_counter() - t0 - t_align - t_score)
             m = score(final["test"], y_test, {sh: final[sh] for sh in ood_x}, n_bins)
             runs.append(m)
             curves.append(curve)
