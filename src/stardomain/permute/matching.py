@@ -223,7 +223,7 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
     for t, items in plan.items():
         for ax, off, n, blk, k in items:
             members[k].append((t, ax, off, blk))
-    perm = {k: v.clone() for k, v in (init or identity(spec)).items()}
+    perm = {k: v.detach().cpu().long().clone() for k, v in (init or identity(spec)).items()}
     # units of the descent: single groups, or coupled head groups solved jointly
     units: list[tuple[str, ...]] = []
     done: set[str] = set()
