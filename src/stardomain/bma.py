@@ -644,6 +644,11 @@ def report_section(result: dict) -> str:
                          f"{_num(st.get('nll')):.4f} at the cost of one network, against "
                          f"{_num(en.get('accuracy')):.4f} and {_num(en.get('nll')):.4f} for the "
                          f"{info.get('n_sources')}-model ensemble.")
+        if "fusion_star" in result:
+            fu = result["fusion_star"]
+            lines.append(f"The fusion star (mu > 0) reaches accuracy {_num(fu.get('accuracy')):.4f} and NLL "
+                         f"{_num(fu.get('nll')):.4f}, one network against the ensemble's "
+                         f"{_num(en.get('accuracy')):.4f} and {_num(en.get('nll')):.4f}.")
         if "regular_bma" in result:
             rb = result["regular_bma"]
             lines.append(f"Control: regular-domain BMA has NLL {_cell(rb, 'nll')} and misclassification AUROC "
