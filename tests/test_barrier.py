@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 import numpy as np
@@ -305,11 +304,21 @@ def test_plot_is_a_png(mlp_pair, digits, tmp_path):
 # ---- CLI end to end -----------------------------------------------------------------------------
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "stardomain.cli", *map(str, args)], capture_output=True, text=True)
+def _cli(capsys, monkeypatch, *args):
+    """Run `stardomain ...` in process through cli.main (the console entry point) -> (exit code, stderr)."""
+    from stardomain import cli
+
+    monkeypatch.setattr(sys, "argv", ["stardomain", *map(str, args)])
+    capsys.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    return code, capsys.readouterr().err
 
 
-def test_cli_end_to_end(tmp_path, mlp_pair):
+def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     from stardomain.train import train_to_file
 
     base = {"data": {"name": "digits"}, "train": {"epochs": 1, "batch_size": 64}}
@@ -320,8 +329,8 @@ def test_cli_end_to_end(tmp_path, mlp_pair):
     train_to_file(Config.model_validate({**base, "model": {"name": "mlp", "kwargs": {"width": 8}}}), 0, c,
                   progress=False)
     out, png = tmp_path / "ab.json", tmp_path / "ab.png"
-    r = _cli("barrier", a, b, "--points", 6, "--json", out, "--plot", png)
-    assert r.returncode == 0, r.stderr
+    code, err = _cli(capsys, monkeypatch, "barrier", a, b, "--points", 6, "--json", out, "--plot", png)
+    assert code == 0, err
     rec = json.loads(out.read_text())
     assert rec["t"] == grid(6) and rec["alignment"]["aligned"] is True
     assert set(rec["barrier"]) >= {"train_loss", "test_loss", "train_acc", "test_acc"}
@@ -336,7 +345,7 @@ def test_cli_end_to_end(tmp_path, mlp_pair):
                   points=6, align=True)
     assert rec["barrier"]["train_loss"] == pytest.approx(lib["barrier"]["train_loss"], abs=1e-9)
 
-    r = _cli("barrier", a, c, "--json", tmp_path / "ac.json")
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "different architectures" in r.stderr
+    code, err = _cli(capsys, monkeypatch, "barrier", a, c, "--json", tmp_path / "ac.json")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "different architectures" in err
     assert not (tmp_path / "ac.json").exists()
