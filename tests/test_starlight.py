@@ -239,6 +239,9 @@ def test_star_sees_heldouts_it_never_saw_better_than_regular_models_see_each_oth
     reg_reg = [_train_loss_barrier(probe, data.train, s, _match_one_hidden_layer(s, h))
                for s in sources for h in heldouts]
     assert np.mean(star_held) < 0.5 * np.mean(reg_reg), (star_held, reg_reg)
+    barrier = pytest.importorskip("stardomain.barrier")  # the package's measurement agrees with ours
+    rec = barrier.measure(probe, star_sd, heldouts[0], data, points=11, align=True)
+    assert rec["barrier"]["train_loss"] == pytest.approx(star_held[0], abs=1e-4)
     # not a degenerate centre: the star is itself a usable classifier (its own loss is above the sources':
     # a width-16 MLP has little room to be central and a solution at once; RESULTS.md has the numbers)
     assert info["metrics"]["train"]["acc"] > 0.85
