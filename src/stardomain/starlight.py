@@ -74,6 +74,8 @@ def star_loss(model: nn.Module, params: Mapping[str, torch.Tensor], draws: Seque
     total = 0.0
     xs, ys = (torch.tensor_split(x, k), torch.tensor_split(y, k)) if k > 1 else ((x,), (y,))
     for (src, t), xc, yc in zip(draws, xs, ys):
+        if len(yc) == 0:  # a batch smaller than the number of chunks
+            continue
         out = interpolated_forward(model, params, src, t, xc, scratch)
         loss = F.cross_entropy(out.float(), yc, label_smoothing=label_smoothing, reduction="sum") * (scale / n)
         if backward:
