@@ -184,15 +184,10 @@ def _train_files(tmp_path):
 
 def test_cli_end_to_end_on_digits(tmp_path):
     star, sources = _train_files(tmp_path)
-    try:
-        import stardomain.permute  # noqa: F401
-        align = []
-    except ImportError:
-        align = ["--no-align"]
     out, png, md = tmp_path / "bma.json", tmp_path / "bma.png", tmp_path / "bma.md"
     r = CliRunner().invoke(app, ["bma", "--star", str(star), "--sources", *map(str, sources), "--k", "4",
                                  "--seeds", "2", "--json", str(out), "--plot", str(png), "--report", str(md),
-                                 "--bn-batches", "2", "--device", "cpu", *align])
+                                 "--bn-batches", "2", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     for name in ("source_0", "source_1", "ensemble", "star", "star_bma", "regular_bma", "weight_average"):

@@ -33,6 +33,14 @@ def echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
+def sources_with_extra(ctx: typer.Context, sources: List[Path], command: str) -> List[Path]:
+    """`--sources F1 F2 F3`: typer binds F1 to the option, the rest arrive as extra arguments."""
+    extra = list(ctx.args)
+    if any(a.startswith("-") for a in extra):
+        raise UserError(f"unknown option {next(a for a in extra if a.startswith('-'))}; see stardomain {command} --help")
+    return list(sources) + [Path(a) for a in extra]
+
+
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (.safetensors)."),
@@ -131,10 +139,7 @@ def star(
     from .config import load_config
     from .starlight import star_to_file
 
-    extra = [a for a in ctx.args]
-    if any(a.startswith("-") for a in extra):
-        raise UserError(f"unknown option {next(a for a in extra if a.startswith('-'))}; see stardomain star --help")
-    sources = list(sources) + [Path(a) for a in extra]  # --sources F1 F2 F3: the rest arrive as extra args
+    sources = sources_with_extra(ctx, sources, "star")
     cfg = load_config(config, set_)
     meta = star_to_file(cfg, [str(p) for p in sources], out, seed=seed, device=device)
     m = meta["metrics"]
@@ -171,12 +176,12 @@ def run(
     typer.echo(f"wrote {out}/results.json, {out}/report.md, {out}/report.html")
 
 
-@app.command("bma")
+@app.command("bma", context_settings={"allow_extra_args": True})
 def bma_(
-    files: List[Path] = typer.Argument(None, help="Source model files (after --sources).", show_default=False),
+    ctx: typer.Context,
+    sources: List[Path] = typer.Option(..., "--sources", help="Source model files: --sources F1 F2 ... "
+                                       "(or a shell glob; repeating --sources works too)."),
     star: Path = typer.Option(..., "--star", help="The star model file; its metadata names the data and model."),
-    sources_flag: bool = typer.Option(False, "--sources", help="Marks the source model files that follow: "
-                                      "--sources F1 F2 ... (they are the positional FILES)."),
     k: int = typer.Option(32, "--k", help="Models sampled per BMA run."),
     seeds: int = typer.Option(3, "--seeds", help="Evaluation seeds: BMA draws repeated this many times (CIs)."),
     seed: int = typer.Option(0, "--seed", help="First evaluation seed."),
@@ -201,8 +206,7 @@ def bma_(
     from .bma import bma_files, predictors, report_section
     from .checkpoint import atomic_write_text
 
-    if not files:
-        raise UserError("give the source model files: --sources F1 F2 ...")
+    files = sources_with_extra(ctx, sources, "bma")
     try:
         n_list = [int(v) for v in ns.split(",") if v.strip()] if ns else None
     except ValueError:
