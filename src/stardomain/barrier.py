@@ -93,7 +93,7 @@ def _curve_loop(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device) -> 
 
 def _inference_module(m: nn.Module, example: torch.Tensor) -> nn.Module:
     """An eval-mode module for fast inference: TorchScript-frozen with BatchNorm folded into the
-    convolutions (oneDNN layouts on CPU) where the architecture scripts, else channels-last."""
+    convolutions (oneDNN layouts on CPU) where the architecture scripts, else the module itself."""
     m.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -339,7 +339,7 @@ def curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, 
     `model` is any module of the architecture (its weights are not used). `bn_batches`: how many
     training batches recalibrate BatchNorm at interior t (None: the whole training split).
     `method`: "vmap" (all t share each batch, first layer evaluated twice instead of K times), "fused"
-    (one t at a time through channels-last / BN-folded TorchScript kernels), "loop" (the reference:
+    (one t at a time, evaluated through a frozen BN-folded TorchScript module), "loop" (the reference:
     one t at a time, plain modules) or "auto" (fused for conv nets, where vmap would mean slow grouped
     convolutions; vmap otherwise, falling back to loop for an operation vmap cannot batch).
     """
