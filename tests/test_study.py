@@ -20,7 +20,7 @@ from scipy import stats as sps
 
 from stardomain.config import Config, load_config, validate
 from stardomain.errors import UserError
-from stardomain.executors import LocalExecutor, pending
+from stardomain.executors import pending
 from stardomain.study import (build_plan, mann_whitney_less, paired_wilcoxon_less, run_study, summarize,
                               default_config_path)
 
@@ -28,22 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 STARDOMAIN = str(Path(sys.executable).with_name("stardomain"))
 
 
-def _has_permute() -> bool:
-    try:
-        from stardomain.permute import align  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-ALIGN = _has_permute()
 
 TINY = {
     "data": {"name": "digits"},
     "model": {"name": "mlp", "kwargs": {"width": 8}},
     "train": {"epochs": 2, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
-    "star": {"align_every": "epoch" if ALIGN else "never"},
-    "study": {"n_sources": 3, "n_heldouts": 2, "eval": {"points": 5, "align": ALIGN}, "bootstrap": 500},
+    "star": {"align_every": "epoch"},
+    "study": {"n_sources": 3, "n_heldouts": 2, "eval": {"points": 5, "align": True}, "bootstrap": 500},
 }
 
 
@@ -237,7 +228,7 @@ def test_pair_record_matches_direct_measurement(local_run):
 
     out, res = local_run
     rec = res["pairs"]["regular_regular"][0]
-    direct = barrier.measure_files(out / rec["a_file"], out / rec["b_file"], points=5, align=ALIGN, device="cpu")
+    direct = barrier.measure_files(out / rec["a_file"], out / rec["b_file"], points=5, align=True, device="cpu")
     for m in ("train_loss", "test_loss", "train_acc", "test_acc"):
         assert rec["barrier"][m] == pytest.approx(direct["barrier"][m], abs=1e-6)
 

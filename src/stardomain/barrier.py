@@ -469,11 +469,7 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
     alignment: dict[str, Any] = {"aligned": False}
     t_align = 0.0
     if align:
-        try:
-            from .permute import align as permute_align
-        except ImportError:
-            raise UserError("alignment needs stardomain.permute, which is not installed in this build; "
-                            "run without alignment (--no-align / align=False)") from None
+        from .permute import align as permute_align
         if example_input is None:
             x = data.train.x[:2] if data.train.x is not None else next(batches(data.train, 2))[0]
             example_input = x
@@ -536,14 +532,10 @@ def _sha(sd: StateDict) -> str:
 def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_batches: int | None = None,
                   device: str = "auto", refine: int = 0, seed: int = 0) -> dict:
     """`measure` on two model files; refuses incompatible pairs (UserError). Adds both files' sha256."""
-    from .checkpoint import build_from_meta, compatible, read_model_file
+    from .checkpoint import build_from_meta, read_pair
     from .data import get_dataset
 
-    sd_a, meta_a = read_model_file(path_a)
-    sd_b, meta_b = read_model_file(path_b)
-    why = compatible(meta_a, meta_b)
-    if why:
-        raise UserError(f"cannot interpolate {path_a} and {path_b}: {why}")
+    sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "interpolate")
     model = build_from_meta(meta_a)
     data = get_dataset(meta_a["data"]["config"])
     rec = measure(model, sd_a, sd_b, data, points=points, align=align, bn_batches=bn_batches, device=device,

@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -269,11 +268,7 @@ def _aligner(align: bool, model: nn.Module, example_input: torch.Tensor, seed: i
     """-> fn(sd_a, sd_b) -> (π(sd_b) matched to sd_a, info), or the identity when align is False."""
     if not align:
         return lambda a, b: (b, {"method": "none", "seconds": 0.0})
-    try:
-        from .permute import align as _align
-    except ImportError:
-        raise UserError("alignment needs stardomain.permute, which this installation lacks; "
-                        "run with --no-align (align=False) to compare unaligned models") from None
+    from .permute import align as _align
 
     def fn(a, b):
         return _align(model, a, b, example_input=example_input, seed=seed)

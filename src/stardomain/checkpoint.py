@@ -162,6 +162,17 @@ def compatible(meta_a: dict, meta_b: dict) -> str | None:
     return None
 
 
+def read_pair(path_a: str | Path, path_b: str | Path, verb: str = "compare"):
+    """Two model files that can be compared or interpolated -> (sd_a, meta_a, sd_b, meta_b); a UserError
+    saying why not otherwise."""
+    sd_a, meta_a = read_model_file(path_a)
+    sd_b, meta_b = read_model_file(path_b)
+    why = compatible(meta_a, meta_b)
+    if why:
+        raise UserError(f"cannot {verb} {path_a} and {path_b}: {why}")
+    return sd_a, meta_a, sd_b, meta_b
+
+
 # ---- training state (resume): tensors in safetensors, structure in JSON, nothing pickled ----
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:

@@ -11,7 +11,6 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -190,26 +189,13 @@ def _sweep_tables(results: dict) -> list[str]:
 
 
 def _bma_section(results: dict, raw: dict | None = None) -> str | None:
-    """bma.report_section on the full BMA result (with its timings) when available; else a small table."""
+    """bma.report_section on the full BMA result (with its timings)."""
     res = raw or results.get("bma")
     if not res:
         return None
-    try:
-        from . import bma
+    from .bma import report_section
 
-        fn = getattr(bma, "report_section", None)
-        if fn is not None:
-            return fn(res)
-    except ImportError:
-        pass
-    cols = ("accuracy", "nll", "brier", "ece", "auroc_misclassification")
-    rows = ["## Bayesian model averaging over the star domain", "", "| predictor | " + " | ".join(cols) + " |",
-            "|---|---|---|---|---|---|"]
-    for name, m in res.items():
-        if isinstance(m, dict) and "accuracy" in m:
-            rows.append(f"| {name} | " + " | ".join(_f(m.get(k)) for k in ("accuracy", "nll", "brier", "ece",
-                                                                           "auroc_misclassification")) + " |")
-    return "\n".join(rows)
+    return report_section(res)
 
 
 def _cost_lines(timings: dict | None) -> list[str]:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from . import permute
 from .checkpoint import compatible, load_state, read_model_file, save_model, save_state, weights_sha256
 from .config import Config, StarConfig, TrainConfig
 from .data import get_dataset, num_batches, batches
@@ -117,15 +118,6 @@ class Draws:
 
 
 # ---------------------------------------------------------------- sources
-
-def _permute_module():
-    """The alignment module (stardomain.permute) or None where it is not installed yet."""
-    try:
-        from . import permute
-    except ImportError:
-        return None
-    return permute if all(hasattr(permute, n) for n in ("spec_for", "weight_matching", "apply_permutation")) else None
-
 
 class SourceBank:
     """The sources' parameters as the star trains against them: N aligned copies (parameters only), on the
@@ -253,11 +245,7 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
     model = init_model(cfg, data, seed)
     _check_sources(model, sources)
     param_names = [k for k, _ in model.named_parameters()]
-    permute = _permute_module()
     align_on = sc.align_every != "never" or sc.init == "average"
-    if align_on and permute is None:
-        raise UserError("alignment needs stardomain.permute, which is not installed here; set "
-                        "star.align_every=never (and star.init to random or source)")
     drop_last = len(data.train) > tc.batch_size
     if has_bn(model) and tc.batch_size // sc.chunks < 2:
         raise UserError(f"star.chunks={sc.chunks} leaves chunks of under 2 examples at batch size {tc.batch_size}; "
@@ -266,7 +254,7 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
         raise UserError(f"star.init_source={sc.init_source} but only {len(sources)} sources were given")
 
     example = data.train.x[:2] if data.train.x is not None else torch.stack([data.train.dataset[i][0] for i in (0, 1)])
-    spec = permute.spec_for(model, example) if permute is not None and align_on else None
+    spec = permute.spec_for(model, example) if align_on else None
 
     # θ_0: random (seeded), a source, or the aligned average of the sources
     if sc.init == "source":

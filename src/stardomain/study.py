@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .checkpoint import atomic_write_json
-from .config import PAIR_KINDS, Config, TrainConfig, validate
+from .config import Config, TrainConfig, validate
 from .errors import UserError
 
 CACHE_VERSION = 1
@@ -396,7 +396,7 @@ def _example_input(data):
 
 def _run_pair(task: Task, root: Path) -> None:
     from . import barrier
-    from .checkpoint import compatible, read_model_file
+    from .checkpoint import read_pair
     from .checkpoint import build_from_meta
     from .data import get_dataset
     from .train import resolve_device
@@ -404,11 +404,7 @@ def _run_pair(task: Task, root: Path) -> None:
     p = task.params
     ev = p["eval"]
     t0 = time.perf_counter()
-    sd_a, meta_a = read_model_file(root / p["a"])
-    sd_b, meta_b = read_model_file(root / p["b"])
-    why = compatible(meta_a, meta_b)
-    if why:
-        raise UserError(f"cannot compare {p['a']} and {p['b']}: {why}")
+    sd_a, meta_a, sd_b, meta_b = read_pair(root / p["a"], root / p["b"])
     data = get_dataset(meta_a["data"]["config"])
     device = resolve_device(p.get("device", "auto"))
     model = build_from_meta(meta_a).to(device)

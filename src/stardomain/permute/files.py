@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import build_from_meta, compatible, read_model_file, save_model
-from ..errors import UserError
+from ..checkpoint import build_from_meta, read_model_file, read_pair, save_model
 from .align import align, spec_for
 from .spec import PermutationSpec
 
@@ -36,11 +35,7 @@ def spec_file(path: str | Path) -> tuple[PermutationSpec, dict]:
 def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
                 seed: int = 0, max_iter: int = 100) -> dict:
     """Write pi(B), aligned to A, to `out` (B's metadata plus `alignment` provenance). -> the record."""
-    sd_a, meta_a = read_model_file(path_a)
-    sd_b, meta_b = read_model_file(path_b)
-    why = compatible(meta_a, meta_b)
-    if why:
-        raise UserError(f"cannot align {path_b} to {path_a}: {why}")
+    sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "align")
     model = build_from_meta(meta_a)
     x = example_input(meta_a)
     data_x = data_batch(meta_a) if method == "activation" else None
