@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from stardomain.models import build_model
-from stardomain.starlight import star_loss
+from stardomain.starlight import new_work, star_loss
 
 MODELS = {
     "mlp": ({"name": "mlp", "kwargs": {"width": 512, "depth": 2}}, (1, 28, 28)),
@@ -41,6 +41,7 @@ def make_steps(arch, shape, batch):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     params = dict(model.named_parameters())
     scratch = {k: b.clone() for k, b in model.named_buffers()}
+    work = new_work(params)
     src_vec = parameters_to_vector(src.values())
     t = 0.37
 
@@ -51,7 +52,7 @@ def make_steps(arch, shape, batch):
 
     def ours():
         opt.zero_grad(set_to_none=True)
-        star_loss(model, params, [(src, t)], x, y, scratch=scratch)
+        star_loss(model, params, [(src, t)], x, y, scratch=scratch, work=work)
         opt.step()
 
     def reference():

@@ -2,10 +2,10 @@
 
 Every mini-batch draws a source θ_n uniformly and t from the configured scheme, forwards the batch through
 the interpolated weights (1-t)·θ + t·θ_n (BatchNorm in train mode) and back-propagates into θ *through the
-interpolation itself*: the interpolated parameters are built with `torch.lerp` from θ's own Parameters and
-handed to `torch.func.functional_call`, so autograd applies the (1-t) factor exactly once and no weights are
-copied into a second module. The cost over an ordinary step is one lerp per parameter tensor forward and one
-scale backward.
+interpolation itself*: the interpolated parameters are written by `torch.lerp` into reusable leaf tensors
+that `torch.func.functional_call` runs the module with (no second module), and the chain rule's (1-t)
+factor is applied exactly once, on the loss, so back-propagation delivers (1-t)·∇L at the interpolated
+point, which becomes θ's gradient. The cost over an ordinary step is one lerp per parameter tensor.
 
 BatchNorm buffers: an interpolated forward in train mode would update running statistics with the
 statistics of the *interpolated* network. Those are not θ's statistics, so interpolated forwards run with
@@ -51,40 +51,55 @@ StateDict = dict[str, torch.Tensor]
 
 # ---------------------------------------------------------------- the step
 
-def interpolated_forward(model: nn.Module, params: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
-                         t: float, x: torch.Tensor, buffers: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Forward `x` through (1-t)·params + t·source. Gradients reach `params` scaled by (1-t) by autograd
-    (torch.lerp's derivative in its first argument); `source` needs no gradient. `buffers`, when given,
-    replace the module's buffers for this call (BatchNorm updates land there, not in the module)."""
-    mixed = {k: torch.lerp(p, source[k], t) for k, p in params.items()}
-    if buffers:
-        mixed.update(buffers)
-    return functional_call(model, mixed, (x,))
+def interpolate_into(work: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
+                     source: Mapping[str, torch.Tensor], t: float) -> None:
+    """work[k] <- (1-t)·params[k] + t·source[k], in place and outside autograd."""
+    with torch.no_grad():
+        for k, p in params.items():
+            torch.lerp(p, source[k], t, out=work[k])
+
+
+def new_work(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Leaf tensors that hold the interpolated weights; reused every step so nothing is allocated."""
+    return {k: torch.empty_like(p, requires_grad=True) for k, p in params.items()}
 
 
 def star_loss(model: nn.Module, params: Mapping[str, torch.Tensor], draws: Sequence[tuple[Mapping[str, torch.Tensor], float]],
               x: torch.Tensor, y: torch.Tensor, *, mu: float = 0.0, label_smoothing: float = 0.0,
-              scratch: Mapping[str, torch.Tensor] | None = None, backward: bool = True) -> float:
+              scratch: Mapping[str, torch.Tensor] | None = None, backward: bool = True,
+              work: Mapping[str, torch.Tensor] | None = None) -> float:
     """One Starlight objective on a mini-batch split into len(draws) chunks, chunk i through its own
     (source_i, t_i). L_interp is the mean loss over the whole batch; with μ > 0 the total is
-    (L_interp + μ·L(θ)) / (1 + μ). With `backward`, gradients are accumulated chunk by chunk (peak memory
-    of one chunk's activations). -> the total loss value."""
+    (L_interp + μ·L(θ)) / (1 + μ). With `backward`, θ's gradients (`params[k].grad`) receive
+    ∂total/∂θ: for each chunk, d/dθ L((1-t)·θ + t·θ_n) = (1-t)·∇L at the interpolated point, computed by
+    back-propagating (1-t)·L into the interpolated leaves `work` (see `new_work`). `scratch`, when given,
+    replaces the module's buffers in interpolated forwards (BatchNorm updates land there). -> the total."""
     k = len(draws)
     n = len(y)
     scale = 1.0 / (1.0 + mu)
     total = 0.0
+    work = new_work(params) if work is None else work
     xs, ys = (torch.tensor_split(x, k), torch.tensor_split(y, k)) if k > 1 else ((x,), (y,))
     for (src, t), xc, yc in zip(draws, xs, ys):
-        if len(yc) == 0:  # a batch smaller than the number of chunks
+        if len(yc) == 0:
             continue
-        out = interpolated_forward(model, params, src, t, xc, scratch)
-        loss = F.cross_entropy(out.float(), yc, label_smoothing=label_smoothing, reduction="sum") * (scale / n)
+        interpolate_into(work, params, src, t)
+        with torch.set_grad_enabled(backward):
+            out = functional_call(model, {**work, **scratch} if scratch else work, (xc,))
+            loss = F.cross_entropy(out.float(), yc, label_smoothing=label_smoothing, reduction="sum") * (scale / n)
         if backward:
-            loss.backward()
+            (loss * (1.0 - t)).backward()
+            for name, p in params.items():
+                g, work[name].grad = work[name].grad, None
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
         total += loss.item()
     if mu > 0:
-        out = model(x)  # θ's own forward: its BatchNorm buffers get θ's statistics
-        loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing) * (mu * scale)
+        with torch.set_grad_enabled(backward):
+            out = model(x)  # θ's own forward: its BatchNorm buffers get θ's statistics
+            loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing) * (mu * scale)
         if backward:
             loss.backward()
         total += loss.item()
@@ -302,6 +317,7 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
 
     params = dict(model.named_parameters())
     scratch = {k: b.detach().clone() for k, b in model.named_buffers()} if has_bn(model) else None
+    work = new_work(params)
     label_smoothing = tc.label_smoothing
     t0 = time.perf_counter()
     align_seconds, n_align = 0.0, 0
@@ -329,7 +345,7 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
             opt.zero_grad(set_to_none=True)
             with autocast(device, tc.amp):
                 loss = star_loss(model, params, [(bank.get(n), t) for n, t in chosen], x, y, mu=sc.mu,
-                                 label_smoothing=label_smoothing, scratch=scratch)
+                                 label_smoothing=label_smoothing, scratch=scratch, work=work)
             if not np.isfinite(loss):
                 bar.close()
                 raise UserError(f"Starlight diverged: loss {loss} at epoch {epoch + 1}; lower the learning rate "
