@@ -75,19 +75,32 @@ def _eval_split(model: nn.Module, split: Split, batch_size: int, device) -> dict
     return {"loss": loss_sum / n, "acc": correct / n}
 
 
-def _curve_loop(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device) -> dict:
-    """For each t: build the model, recalibrate BN (interior t), one pass over train and one over test."""
+def _curve_loop(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, repair: bool = False) -> dict:
+    """For each t: build the model, recalibrate BN (interior t), one pass over train and one over test.
+    With `repair`, interior models are REPAIR-renormalised (stardomain.repair) instead."""
+    from .repair import apply_repair, channel_stats, remove_repair
+
     m = copy.deepcopy(model).to(device)
     rec = {"t": list(ts), "train": {"loss": [], "acc": []}, "test": {"loss": [], "acc": []}}
+    if repair:
+        stats = []
+        for sd in (sd_a, sd_b):
+            m.load_state_dict(sd)
+            stats.append(channel_stats(m, data.train, batch_size, bn_batches, device))
     for t in ts:
         sd = sd_a if t == 0.0 else sd_b if t == 1.0 else lerp(sd_a, sd_b, t)
         m.load_state_dict(sd)
+        hooks = []
         if not _is_endpoint(t):
-            recalibrate_bn(m, data.train, batch_size, bn_batches, device)
+            if repair:
+                hooks = apply_repair(m, stats[0], stats[1], t, data.train, batch_size, bn_batches, device)
+            else:
+                recalibrate_bn(m, data.train, batch_size, bn_batches, device)
         for s in ("train", "test"):
             r = _eval_split(m, data.split(s), batch_size, device)
             rec[s]["loss"].append(r["loss"])
             rec[s]["acc"].append(r["acc"])
+        remove_repair(hooks)
     return rec
 
 
@@ -332,7 +345,7 @@ def _curve_vmap(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, max
 
 def curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, ts: Sequence[float], *,
           bn_batches: int | None = None, batch_size: int = 1000, device=None, method: str = "auto",
-          max_models: int | None = None, act_budget: int = DEFAULT_ACT_BUDGET) -> dict:
+          max_models: int | None = None, act_budget: int = DEFAULT_ACT_BUDGET, repair: bool = False) -> dict:
     """Loss and accuracy along (1-t)·A + t·B for every t in `ts`, on train (no augmentation) and test.
 
     -> {"t": [...], "train": {"loss": [...], "acc": [...]}, "test": {...}, "method": ...}.
@@ -342,6 +355,8 @@ def curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, 
     (one t at a time, evaluated through a frozen BN-folded TorchScript module), "loop" (the reference:
     one t at a time, plain modules) or "auto" (fused for conv nets, where vmap would mean slow grouped
     convolutions; vmap otherwise, falling back to loop for an operation vmap cannot batch).
+    `repair`: for networks without BatchNorm, renormalise interior models with REPAIR (Jordan et al.
+    2023; `stardomain.repair`), evaluated one t at a time.
     """
     from .train import resolve_device
 
@@ -356,12 +371,17 @@ def curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, 
     if method not in METHODS:
         raise UserError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
     device = resolve_device(device or "cpu")
+    if repair and bn_layers(model):
+        raise UserError("REPAIR is for networks without BatchNorm; BatchNorm networks are recalibrated "
+                        "at every interior t already (drop --repair)")
     t0 = time.perf_counter()
     used = method
+    if repair:
+        method = used = "loop"
     if method == "auto":
         method = used = "fused" if _has_conv(model) else "auto"
     if method == "loop":
-        rec = _curve_loop(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device)
+        rec = _curve_loop(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, repair)
     elif method == "fused":
         rec = _curve_fused(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device)
     else:
@@ -376,7 +396,7 @@ def curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, 
             rec["vmap_fallback_reason"] = str(e).splitlines()[0][:200]
     rec["method"] = used
     rec["bn"] = {"recalibrated": bool(bn_layers(model)) and any(not _is_endpoint(t) for t in ts),
-                 "batches": "all" if bn_batches is None else bn_batches, "batch_size": batch_size}
+                 "repair": repair, "batches": "all" if bn_batches is None else bn_batches, "batch_size": batch_size}
     rec["seconds"] = time.perf_counter() - t0
     return rec
 
@@ -456,7 +476,7 @@ def _refine_points(ts: list[float], dev_t: float | None, n: int) -> list[float]:
 def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, *, points: int = 11,
             align: bool = True, example_input: torch.Tensor | None = None, bn_batches: int | None = None,
             seed: int = 0, device=None, ts: Sequence[float] | None = None, refine: int = 0,
-            batch_size: int = 1000, method: str = "auto") -> dict:
+            batch_size: int = 1000, method: str = "auto", repair: bool = False) -> dict:
     """The barrier record of DESIGN.md: t, train, test, barrier{...}, alignment{...}, bn, timings.
 
     With `align`, B is first replaced by the permutation of B that best matches A (weight matching,
@@ -480,7 +500,7 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
         t_align = time.perf_counter() - ta
         alignment = {"aligned": True, **{k: v for k, v in info.items() if k != "perm" and _jsonable(v)}}
     rec = curve(model, sd_a, sd_b, data, ts, bn_batches=bn_batches, batch_size=batch_size, device=device,
-                method=method)
+                method=method, repair=repair)
     out: dict[str, Any] = {"t": rec["t"], "train": rec["train"], "test": rec["test"], "barrier": barriers(rec)}
     t_refine = 0.0
     if refine > 0:
@@ -489,7 +509,7 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
         extra = sorted(set(_refine_points(ts, b["train_loss_t"], refine)) | set(_refine_points(ts, b["test_loss_t"], refine)))
         if extra:
             r2 = curve(model, sd_a, sd_b, data, extra, bn_batches=bn_batches, batch_size=batch_size,
-                       device=device, method=method)
+                       device=device, method=method, repair=repair)
             merged = _merge(rec, r2)
             rb = barriers(merged)
             out["barrier_refined"] = {"t": r2["t"], "train": r2["train"], "test": r2["test"],
@@ -530,7 +550,7 @@ def _sha(sd: StateDict) -> str:
 
 
 def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_batches: int | None = None,
-                  device: str = "auto", refine: int = 0, seed: int = 0) -> dict:
+                  device: str = "auto", refine: int = 0, seed: int = 0, repair: bool = False) -> dict:
     """`measure` on two model files; refuses incompatible pairs (UserError). Adds both files' sha256."""
     from .checkpoint import build_from_meta, read_pair
     from .data import get_dataset
@@ -539,7 +559,7 @@ def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_ba
     model = build_from_meta(meta_a)
     data = get_dataset(meta_a["data"]["config"])
     rec = measure(model, sd_a, sd_b, data, points=points, align=align, bn_batches=bn_batches, device=device,
-                  refine=refine, seed=seed)
+                  refine=refine, seed=seed, repair=repair)
     rec["files"] = {"a": str(path_a), "b": str(path_b)}
     rec["sha256"] = {"a": meta_a["sha256"], "b": meta_b["sha256"], "b_interpolated": rec["sha256"]["b"]}
     return rec

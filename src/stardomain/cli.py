@@ -279,6 +279,8 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
                                                       "recompute BatchNorm statistics at interior t; default: all."),
              refine: int = typer.Option(0, "--refine", help="Extra t values searched around the worst grid point."),
              seed: int = typer.Option(0, "--seed", help="Seed of weight matching's random group order."),
+             repair: bool = typer.Option(False, "--repair", help="Networks without BatchNorm: REPAIR-renormalise "
+                                         "hidden channels at interior t (Jordan et al. 2023)."),
              device: str = DeviceOpt):
     """Loss and accuracy along (1-t)·A + t·B on train and test, and the barriers (PAPER.md).
 
@@ -291,7 +293,7 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     from .barrier import measure_files, plot
 
     rec = measure_files(a, b, points=points, align=not no_align, bn_batches=bn_batches, device=device,
-                        refine=refine, seed=seed)
+                        refine=refine, seed=seed, repair=repair)
     from .checkpoint import atomic_write_json
 
     atomic_write_json(json_out, rec)
