@@ -38,13 +38,13 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from . import permute
-from .checkpoint import compatible, load_state, read_model_file, save_model, save_state, weights_sha256
+from .checkpoint import compatible, read_model_file, save_model, weights_sha256
 from .config import Config, StarConfig, TrainConfig
 from .data import get_dataset, num_batches, batches
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
 from .train import (autocast, build_optimizer, build_scheduler, config_digest, evaluate_splits, init_model,
-                    model_meta, resolve_device)
+                    model_meta, resolve_device, resume_training_state, save_training_state)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -299,21 +299,13 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
     digest = config_digest(cfg) + ":" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:16]
     start_epoch, step, history = 0, 0, []
 
-    if state_path and Path(state_path).exists():
-        st = load_state(state_path)
-        if st.get("digest") == digest and st.get("seed") == seed:
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            gen.set_state(st["generator"])
-            draws.set_state(st["draws"])
-            torch.set_rng_state(st["torch_rng"])
-            if device.type == "cuda" and st.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(st["cuda_rng"], device)
-            for n, perm in enumerate(st["perms"]):
-                if perm is not None:
-                    bank.set_perm(n, perm, permute, spec)
-            start_epoch, step, history = st["epoch"], st["step"], list(st["history"])
+    st = resume_training_state(state_path, digest, seed, model, opt, sched, gen, device)
+    if st is not None:
+        draws.set_state(st["draws"])
+        for n, perm in enumerate(st["perms"]):
+            if perm is not None:
+                bank.set_perm(n, perm, permute, spec)
+        start_epoch, step, history = st["epoch"], st["step"], list(st["history"])
 
     params = dict(model.named_parameters())
     scratch = {k: b.detach().clone() for k, b in model.named_buffers()} if has_bn(model) else None
@@ -362,12 +354,8 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
         recalibrate_bn(model, data.train, tc.eval_batch_size, sc.bn_batches, device)
         history.append({"epoch": epoch + 1, "interp_loss": loss_sum / max(1, seen)})
         if state_path:
-            save_state(state_path, {
-                "digest": digest, "seed": seed, "epoch": epoch + 1, "step": step, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                "draws": draws.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "perms": bank.perms, "history": history})
+            save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device, step=step,
+                                draws=draws.get_state(), perms=bank.perms, history=history)
         if on_epoch is not None:
             on_epoch(epoch + 1, history[-1])
     bar.close()

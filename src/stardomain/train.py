@@ -119,6 +119,34 @@ def init_model(cfg: Config, data: DataBundle, seed: int) -> nn.Module:
         return build_model(cfg.model, data.input_shape, data.num_classes)
 
 
+def save_training_state(path, digest: str, seed: int, epoch: int, model: nn.Module, opt, sched,
+                        gen: torch.Generator, device: torch.device, **extra: Any) -> None:
+    """Everything a resumed run needs to continue bit for bit, saved atomically (no pickle)."""
+    save_state(path, {"digest": digest, "seed": seed, "epoch": epoch, "model": model.state_dict(),
+                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                      "torch_rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, **extra})
+
+
+def resume_training_state(path, digest: str, seed: int, model: nn.Module, opt, sched, gen: torch.Generator,
+                          device: torch.device) -> dict | None:
+    """Restore a saved state into the run's objects if it belongs to this run (same config digest and
+    seed). -> the state (for fields of the caller's own), or None when there is nothing to resume."""
+    if not path or not Path(path).exists():
+        return None
+    st = load_state(path)
+    if st.get("digest") != digest or st.get("seed") != seed:
+        return None
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    gen.set_state(st["generator"])
+    torch.set_rng_state(st["torch_rng"])
+    if device.type == "cuda" and st.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(st["cuda_rng"], device)
+    return st
+
+
 def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_path: str | Path | None = None,
           progress: bool | None = None, init: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
     """Train one model from its seed. -> (model in eval mode, final metrics on train and test)."""
@@ -136,15 +164,9 @@ def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_
     start_epoch, digest = 0, config_digest(cfg)
     torch.manual_seed(seed)  # dropout and other global draws; restored below when resuming
 
-    if state_path and Path(state_path).exists():
-        st = load_state(state_path)
-        if st.get("digest") == digest and st.get("seed") == seed:
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            gen.set_state(st["generator"])
-            torch.set_rng_state(st["torch_rng"])
-            start_epoch = st["epoch"]
+    st = resume_training_state(state_path, digest, seed, model, opt, sched, gen, device)
+    if st is not None:
+        start_epoch = st["epoch"]
 
     bar = tqdm(total=tc.epochs * steps, initial=start_epoch * steps, disable=None if progress is None else not progress,
                desc=f"train seed {seed}", unit="batch", leave=False, dynamic_ncols=True)
@@ -173,9 +195,7 @@ def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_
             bar.update()
             bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         if state_path:
-            save_state(state_path, {"digest": digest, "seed": seed, "epoch": epoch + 1, "model": model.state_dict(),
-                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+            save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device)
     bar.close()
     model.eval()
     metrics = evaluate_splits(model, data, tc.eval_batch_size)
