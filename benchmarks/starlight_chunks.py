@@ -19,22 +19,12 @@ import time
 import numpy as np
 import torch
 
-from stardomain import permute
 from stardomain import starlight as sl
 from stardomain import train as tr
+from stardomain.barrier import measure
 from stardomain.config import Config
 from stardomain.data import get_dataset
-from stardomain.interpolate import lerp
 from stardomain.models import build_model
-
-
-def barrier(model, split, a, b, points=11):
-    losses = []
-    for t in np.linspace(0, 1, points):
-        model.load_state_dict(lerp(a, b, float(t)))
-        losses.append(tr.evaluate(model, split)["loss"])
-    chord = np.linspace(losses[0], losses[-1], points)
-    return max(0.0, float(np.max(np.array(losses[1:-1]) - chord[1:-1])))
 
 
 def main():
@@ -52,11 +42,9 @@ def main():
     models = [tr.train(cfg, seed=s, progress=False)[0].state_dict() for s in range(9)]
     sources, heldouts = models[:5], models[5:]
     probe = build_model(cfg.model, data.input_shape, data.num_classes)
-    spec = permute.spec_for(probe, data.train.x[:2])
 
     def aligned_barrier(sd_a, sd_b):
-        perm, _ = permute.weight_matching(spec, sd_a, sd_b)
-        return barrier(probe, data.train, sd_a, permute.apply_permutation(spec, sd_b, perm))
+        return measure(probe, sd_a, sd_b, data, points=11)["barrier"]["train_loss"]
 
     reg = [aligned_barrier(s, h) for s in sources for h in heldouts]
     print(f"regular-regular (source x held-out, aligned): {np.mean(reg):.4f} +- {np.std(reg) / np.sqrt(len(reg)):.4f}"
