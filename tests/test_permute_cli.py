@@ -63,15 +63,17 @@ def test_align_cli_end_to_end(pair, method):
     sd_b, meta_b = read_model_file(b)
     sd_o, meta_o = read_model_file(out)
     assert rec["method"] == method and rec["reference_sha256"] == meta_a["sha256"]
-    assert rec["distance_before"] == pytest.approx(distance(sd_a, sd_b))
-    assert rec["distance_after"] == pytest.approx(distance(sd_a, sd_o))
+    model, _ = load_model(b)
+    params = [n for n, _ in model.named_parameters()]
+    assert rec["distance_over"] == "parameters"
+    assert rec["distance_before"] == pytest.approx(distance(sd_a, sd_b, params))
+    assert rec["distance_after"] == pytest.approx(distance(sd_a, sd_o, params))
     if method == "weight":
         assert rec["distance_after"] <= rec["distance_before"]
     assert rec["equivalence_error"] < 1e-5
     # B's metadata kept, provenance added; the stored permutation reproduces the file
     assert meta_o["seed"] == meta_b["seed"] and meta_o["metrics"] == meta_b["metrics"]
     assert meta_o["alignment"]["source_sha256"] == meta_b["sha256"]
-    model, _ = load_model(b)
     spec = spec_from_model(model, torch.zeros(2, 1, 8, 8))
     perm = {k: torch.tensor(v) for k, v in meta_o["alignment"]["perm"].items()}
     again = apply_permutation(spec, sd_b, perm)

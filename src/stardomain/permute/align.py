@@ -93,6 +93,10 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tens
 
     method "weight": weight matching; "activation": correlation of activations on `data_x`.
     With check=True (the default) pi(B) is verified to compute B's function, else EquivalenceError.
+    info["distance_before"/"distance_after"] are L2 distances to A over parameters only
+    (info["distance_over"] == "parameters"): the quantity weight matching minimises, so aligning
+    never increases it. Buffers (BatchNorm running statistics) are permuted but not measured: they
+    summarise data, and interpolation paths recompute them.
     """
     t0 = time.perf_counter()
     spec = spec if spec is not None else spec_for(model, example_input)
@@ -107,7 +111,8 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tens
     sd_p = apply_permutation(spec, sd_b, perm)
     seconds = time.perf_counter() - t0
     err = check_equivalence(model, sd_b, sd_p, example_input) if check else None
-    info = {"method": method, **info, "distance_before": distance(sd_a, sd_b), "distance_after": distance(sd_a, sd_p),
+    info = {"method": method, **info, "distance_before": distance(sd_a, sd_b, spec.parameters),
+            "distance_after": distance(sd_a, sd_p, spec.parameters), "distance_over": "parameters",
             "equivalence_error": err, "seconds": seconds, "permutable_fraction": spec.permutable_fraction(),
             "perm": {k: v.tolist() for k, v in perm.items()}}
     return sd_p, info
