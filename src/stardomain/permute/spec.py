@@ -257,11 +257,19 @@ _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "logsumexp"}
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
-    if not isinstance(node, fx.Node):
-        return None
-    tm = node.meta.get("tensor_meta")
-    shape = getattr(tm, "shape", None)
-    return tuple(shape) if shape is not None else None
+    """The shape a tensor-valued node had on the example input (None for other values)."""
+    return node.meta.get("shape") if isinstance(node, fx.Node) else None
+
+
+class _Shapes(fx.Interpreter):
+    """Runs the traced graph on the module itself, recording each tensor-valued node's shape: all the
+    spec needs (ShapeProp's full tensor metadata and a GraphModule's generated code cost as much again)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["shape"] = tuple(out.shape)
+        return out
 
 
 def _seg_offsets(lay: _Lay):
@@ -272,12 +280,12 @@ def _seg_offsets(lay: _Lay):
 
 
 class _Tracer:
-    def __init__(self, gm: fx.GraphModule | None, sd_keys: set[str]):
-        self.gm = gm
+    def __init__(self, model: nn.Module | None, graph: fx.Graph | None, sd_keys: set[str]):
+        self.graph = graph
         self.b = _Builder()
         self.env: dict[fx.Node, Any] = {}
         self.sd_keys = sd_keys
-        self.modules = dict(gm.named_modules()) if gm is not None else {}
+        self.modules = dict(model.named_modules()) if model is not None else {}
 
     # -- helpers --
     def lay(self, a: Any) -> Any:
@@ -319,7 +327,7 @@ class _Tracer:
 
     # -- the walk --
     def run(self) -> None:
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             try:
                 out = self.visit(node)
             except _Fix as e:
@@ -756,9 +764,8 @@ class _Tracer:
         return _Lay(lay.axis + (dim <= lay.axis), lay.segs)
 
     # -- result --
-    def spec(self, model: nn.Module, trace_error: str | None = None) -> PermutationSpec:
+    def spec(self, model: nn.Module, sd: dict, trace_error: str | None = None) -> PermutationSpec:
         b = self.b
-        sd = model.state_dict()
         params = {n for n, _ in model.named_parameters()}
         roots: dict[int, list[Member]] = {}
         for g in range(len(b.parent)):
@@ -813,25 +820,24 @@ class _Tracer:
 
 def spec_from_model(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
     """Derive the permutation spec of `model` by tracing it on `example_input` (weights unused)."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    sd_keys = set(model.state_dict())
+    sd = model.state_dict()
+    sd_keys = set(sd)
     was_training = model.training
     try:
-        gm = fx.symbolic_trace(model)
+        graph = fx.Tracer().trace(model)
         model.eval()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # a batch of 2: threads only add contention (50x slower on a busy machine)
         try:
             with torch.no_grad():
-                ShapeProp(gm).propagate(example_input)
+                _Shapes(model, graph=graph).run(example_input)
         finally:
             torch.set_num_threads(threads)
     except Exception as e:  # noqa: BLE001 - any trace failure means: permute nothing
-        tr = _Tracer(None, sd_keys)
-        return tr.spec(model, f"torch.fx could not trace the model ({type(e).__name__}: {str(e)[:200]})")
+        tr = _Tracer(None, None, sd_keys)
+        return tr.spec(model, sd, f"torch.fx could not trace the model ({type(e).__name__}: {str(e)[:200]})")
     finally:
         model.train(was_training)
-    tr = _Tracer(gm, sd_keys)
+    tr = _Tracer(model, graph, sd_keys)
     tr.run()
-    return tr.spec(model)
+    return tr.spec(model, sd)
