@@ -88,8 +88,11 @@ def apply_permutation(spec: PermutationSpec, sd: dict, perm: dict[str, torch.Ten
     if missing:
         raise ValueError(f"permutation lacks groups {sorted(missing)[:5]}")
     out = dict(sd)
-    for name, items in _plan(spec).items():
-        if name in sd:
+    plan = {t: items for t, items in _plan(spec).items() if t in sd}
+    if not plan:
+        return out
+    with _Threads(sum(sd[t].numel() for t in plan), sd[next(iter(plan))].device):
+        for name, items in plan.items():
             out[name] = _permute_tensor(sd[name], items, perm)
     return out
 
@@ -141,6 +144,9 @@ def _solve_heads(cq: np.ndarray, cv: np.ndarray | None, heads: int) -> tuple[tor
 
 def _np64(c: torch.Tensor) -> np.ndarray:
     return c.detach().cpu().double().numpy()
+
+
+_POOL_MIN_SIZE = 128
 
 
 class _Threads:
@@ -246,8 +252,11 @@ def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
     terms: dict[str, list] = {k: [] for k in spec.groups}
     for t, items in plan.items():
         for ax, off, n, blk, k in items:
-            ra = _slice_rows(A[t], ax, off, n, blk).contiguous()
-            bm = B[t].narrow(ax, off, n * blk).movedim(ax, 0).contiguous()
+            if ax == 0 and off == 0 and n * blk == B[t].shape[0]:  # the usual case: views, no copies
+                ra, bm = A[t].reshape(n, -1).contiguous(), B[t]
+            else:
+                ra = _slice_rows(A[t], ax, off, n, blk).contiguous()
+                bm = B[t].narrow(ax, off, n * blk).movedim(ax, 0).contiguous()
             # other groups' axes (items on k's own axis permute other slices; k's own are skipped)
             others: dict[int, list] = {}
             for it in items:
@@ -306,6 +315,9 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
             ((ax, its),) = others.items()
             idx = _axis_index(bm.shape[ax], its, perm)
             prev = last.get((k, j))
+            if prev is not None and prev[0] is idx:  # the other group has not moved (same tensor)
+                c += prev[1]
+                continue
             ch = (idx != prev[0]).nonzero().flatten() if prev is not None else None
             if ch is not None and 2 * len(ch) < len(idx):
                 # the other group moved only a few units: update the last term with those slices alone
@@ -339,7 +351,9 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
     solved_at: dict[tuple[str, ...], int] = {}
     step = 0
     gen = torch.Generator().manual_seed(seed)
-    pool = ThreadPoolExecutor(workers - 1) if workers > 1 and len(units) > 1 else None
+    # threads pay off only for assignments of a few hundred units (a 64x64 one takes ~0.1 ms)
+    big = {u for u in units if spec.groups[u[0]].size >= _POOL_MIN_SIZE}
+    pool = ThreadPoolExecutor(workers - 1) if workers > 1 and len(big) > 1 else None
     it, converged = 0, not units
     try:
         while units and it < max_iter:
@@ -348,9 +362,10 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
             order = [units[i] for i in torch.randperm(len(units), generator=gen).tolist()]
             i = 0
             while i < len(order):
-                # a batch: consecutive units sharing no tensor with each other (one unit without a pool)
+                # a batch: consecutive large units sharing no tensor with each other (one unit without a pool)
                 batch = [order[i]]
                 while (pool is not None and len(batch) < workers and i + len(batch) < len(order)
+                       and {order[i], order[i + len(batch)]} <= big
                        and not any(set(order[i + len(batch)]) & nbrs[v] for v in batch)):
                     batch.append(order[i + len(batch)])
                 i += len(batch)
