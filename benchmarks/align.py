@@ -2,14 +2,19 @@
 
 Same pairs, same process: an MLP 784-512-512-10, the small BN CNN (Conv-BN-ReLU-MaxPool x4, flatten,
 linear; 28x28 input) and a CIFAR ResNet-20 (BN). A and B are independent seeded initialisations with
-randomised BN statistics (timing does not depend on training; correctness is about the function).
-Reported per side: wall time of the whole alignment (tracing + matching + applying), the ratio, the
-L2 distance to A after alignment, and the output error of the aligned B against B
+randomised BN statistics and affines. With --trained, also MLP and BN CNN pairs trained for one epoch
+on MNIST (stardomain.train, seeds 0 and 1): trained weights give less degenerate assignment problems.
+Reported per side: wall time of the whole alignment (tracing + matching + applying; ours: best of
+--reps, each run from scratch), the ratio, the L2 distance to A over *parameters* before and after
+alignment (the quantity weight matching minimises; BN running statistics are data summaries that
+interpolation recomputes), and the output error of the aligned B against B
 (max |f_aligned(x) - f_B(x)| / max |f_B(x)|, eval mode, float32, 64 random inputs). A correct
-alignment has an output error at float32 rounding level (~1e-6).
+alignment has an output error at float32 rounding level (~1e-6). For ours, the number of linear
+assignment problems solved and their total time (a separate, instrumented run) show how much of the
+time is scipy's solver.
 
     .venv/bin/pip install rebasin==0.0.47      # optional; not a stardomain dependency
-    .venv/bin/python benchmarks/align.py [--reps 3]
+    .venv/bin/python benchmarks/align.py [--reps 3] [--threads 1] [--trained]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 
 import torch
 
+import stardomain.permute.matching as matching
 from stardomain.models import build_model
 from stardomain.permute import apply_permutation, distance, spec_from_model, weight_matching
 
@@ -28,6 +34,7 @@ PAIRS = [
     ("BN CNN 32-64-128-256 (28x28)", {"name": "cnn", "kwargs": {"widths": [32, 64, 128, 256], "norm": "bn"}}, (1, 28, 28), 10),
     ("ResNet-20 BN (32x32)", {"name": "resnet", "kwargs": {"depth": 20, "norm": "bn"}}, (3, 32, 32), 10),
 ]
+TRAINED = [PAIRS[0], PAIRS[1]]
 
 
 def make(cfg, shape, classes, seed):
@@ -41,6 +48,18 @@ def make(cfg, shape, classes, seed):
             mod.weight.data.copy_(1 + 0.1 * torch.randn(mod.weight.shape, generator=g))
             mod.bias.data.copy_(0.1 * torch.randn(mod.bias.shape, generator=g))
     return m.eval()
+
+
+def trained(cfg, seed, subset):
+    """One epoch of MNIST (the first `subset` training images) from seed `seed`."""
+    from stardomain.config import load_config
+    from stardomain.train import train
+
+    conf = load_config(None, ["data.name=mnist", f"data.train_subset={subset}", f"model.name={cfg['name']}",
+                              f"model.kwargs={cfg['kwargs']}", "train.epochs=1", "train.batch_size=128",
+                              "train.optimizer={name: sgd, lr: 0.05, momentum: 0.9}"])
+    model, metrics = train(conf, seed, device="cpu", progress=False)
+    return model.eval(), metrics["test"]["acc"]
 
 
 def out_error(model, sd_ref, sd_new, x):
@@ -59,7 +78,30 @@ def ours(ma, mb, x_trace):
     perm, info = weight_matching(spec, ma.state_dict(), mb.state_dict())
     sd = apply_permutation(spec, mb.state_dict(), perm)
     t2 = time.perf_counter()
-    return sd, t2 - t0, t2 - t1, info["iterations"]
+    return sd, t2 - t0, t1 - t0, info["iterations"]
+
+
+def lap_census(ma, mb, x_trace):
+    """(number of assignment problems, their sizes, seconds in scipy) of one weight matching."""
+    spec = spec_from_model(mb, x_trace)
+    log: list[tuple[int, float]] = []
+    solve = matching._lsa
+
+    def timed(c):
+        t0 = time.perf_counter()
+        out = solve(c)
+        log.append((c.shape[0], time.perf_counter() - t0))
+        return out
+
+    matching._lsa = timed
+    try:
+        weight_matching(spec, ma.state_dict(), mb.state_dict())
+    finally:
+        matching._lsa = solve
+    sizes: dict[int, int] = {}
+    for n, _ in log:
+        sizes[n] = sizes.get(n, 0) + 1
+    return len(log), sizes, sum(t for _, t in log)
 
 
 def theirs(ma, mb, x_trace):
@@ -77,6 +119,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="repetitions of ours (best time is reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (on a shared 2-core "
                     "machine more than 1 makes small convolutions 50x slower through thread contention)")
+    ap.add_argument("--trained", action="store_true", help="also align MLP and BN CNN pairs trained 1 epoch on MNIST")
+    ap.add_argument("--subset", type=int, default=10000, help="MNIST training images for --trained")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -85,25 +129,46 @@ def main() -> None:
     except ImportError:
         have = False
         print("rebasin not installed: `.venv/bin/pip install rebasin==0.0.47` to compare; timing ours only")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for label, cfg, shape, classes in PAIRS:
-        ma, mb = make(cfg, shape, classes, 0), make(cfg, shape, classes, 1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; distances are L2 over parameters")
+    jobs = [(label, cfg, shape, classes, None) for label, cfg, shape, classes in PAIRS]
+    if args.trained:
+        jobs += [(label + ", trained", cfg, shape, classes, args.subset) for label, cfg, shape, classes in TRAINED]
+    rows = []
+    for label, cfg, shape, classes, subset in jobs:
+        if subset is None:
+            ma, mb = make(cfg, shape, classes, 0), make(cfg, shape, classes, 1)
+            note = "random init"
+        else:
+            (ma, acc_a), (mb, acc_b) = trained(cfg, 0, subset), trained(cfg, 1, subset)
+            note = f"1 epoch on {subset} MNIST images, test acc {acc_a:.3f} / {acc_b:.3f}"
         x_trace = torch.randn(2, *shape, generator=torch.Generator().manual_seed(5))
         x = torch.randn(64, *shape, generator=torch.Generator().manual_seed(6))
         sd_a, sd_b = ma.state_dict(), mb.state_dict()
+        params = [n for n, _ in mb.named_parameters()]
         best = None
         for _ in range(args.reps):
             r = ours(ma, mb, x_trace)
             best = r if best is None or r[1] < best[1] else best
-        sd_o, t_o, t_wm, iters = best
-        print(f"\n{label}: distance A-B {distance(sd_a, sd_b):.3f}")
-        print(f"  stardomain  {t_o:8.3f} s (matching {t_wm:.3f} s, {iters} passes)  distance after "
-              f"{distance(sd_a, sd_o):.3f}  output error {out_error(mb, sd_b, sd_o, x):.2e}")
+        sd_o, t_o, t_spec, iters = best
+        n_lap, sizes, t_lap = lap_census(ma, mb, x_trace)
+        d0, d_o, e_o = distance(sd_a, sd_b, params), distance(sd_a, sd_o, params), out_error(mb, sd_b, sd_o, x)
+        print(f"\n{label} ({note}): parameter distance A-B {d0:.3f}")
+        print(f"  stardomain  {t_o:8.3f} s (spec {t_spec:.3f} s, {iters} passes, {n_lap} assignments "
+              f"{dict(sorted(sizes.items()))} taking {t_lap:.3f} s)  distance after {d_o:.3f}  output error {e_o:.2e}")
+        row = [label, t_o, d0, d_o, e_o, None, None, None]
         if have:
             sd_r, t_r = theirs(ma, mb, x_trace)
-            print(f"  rebasin     {t_r:8.3f} s  distance after {distance(sd_a, sd_r):.3f}  "
-                  f"output error {out_error(mb, sd_b, sd_r, x):.2e}")
-            print(f"  speed-up    {t_r / t_o:8.1f}x")
+            d_r, e_r = distance(sd_a, sd_r, params), out_error(mb, sd_b, sd_r, x)
+            print(f"  rebasin     {t_r:8.3f} s  distance after {d_r:.3f}  output error {e_r:.2e}")
+            print(f"  speed-up    {t_r / t_o:8.1f}x   (scipy's assignments alone: {t_r / t_lap:.1f}x)")
+            row[5:] = [t_r, d_r, e_r]
+        rows.append(row)
+    print(f"\n| pair | rebasin s | ours s | speed-up | param distance A-B | after: rebasin / ours | "
+          f"output error: rebasin / ours |\n|---|---|---|---|---|---|---|")
+    for label, t_o, d0, d_o, e_o, t_r, d_r, e_r in rows:
+        rs = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        print(f"| {label} | {rs(t_r, '.3f')} | {t_o:.3f} | {rs(t_r and t_r / t_o, '.1f')}x | {d0:.3f} | "
+              f"{rs(d_r, '.3f')} / {d_o:.3f} | {rs(e_r, '.1e')} / {e_o:.1e} |")
 
 
 if __name__ == "__main__":
