@@ -75,8 +75,9 @@ def ours(ma, mb, x_trace):
     t0 = time.perf_counter()
     spec = spec_from_model(mb, x_trace)
     t1 = time.perf_counter()
-    perm, info = weight_matching(spec, ma.state_dict(), mb.state_dict())
-    sd = apply_permutation(spec, mb.state_dict(), perm)
+    sd_b = mb.state_dict()
+    perm, info = weight_matching(spec, ma.state_dict(), sd_b)
+    sd = apply_permutation(spec, sd_b, perm)
     t2 = time.perf_counter()
     return sd, t2 - t0, t1 - t0, info["iterations"]
 

@@ -55,30 +55,25 @@ def _plan(spec: PermutationSpec, tensors=None) -> dict[str, list[tuple[int, int,
     return plan
 
 
-def _axis_index(length: int, items, perm, skip: str | None = None) -> torch.Tensor | None:
-    if len(items) == 1 and items[0][4] != skip and items[0][1] == 0 and items[0][2] * items[0][3] == length:
+def _axis_index(length: int, items, perm) -> torch.Tensor:
+    """The gather index along one axis for the groups (items) owning slices of it."""
+    if len(items) == 1 and items[0][1] == 0 and items[0][2] * items[0][3] == length:
         _, _, n, blk, k = items[0]  # one group owns the whole axis (the usual case)
         p = perm[k].cpu().long()
         return p if blk == 1 else (p.view(-1, 1) * blk + torch.arange(blk)).reshape(-1)
-    idx = None
+    idx = torch.arange(length)
     for _, off, n, blk, k in items:
-        if k == skip:
-            continue
         p = perm[k].cpu().long()
-        if idx is None:
-            idx = torch.arange(length)
         idx[off:off + n * blk] = off + (p.view(-1, 1) * blk + torch.arange(blk)).reshape(-1)
     return idx
 
 
-def _permute_tensor(t: torch.Tensor, items, perm, skip: str | None = None) -> torch.Tensor:
+def _permute_tensor(t: torch.Tensor, items, perm) -> torch.Tensor:
     axes: dict[int, list] = {}
     for it in items:
         axes.setdefault(it[0], []).append(it)
     for ax, its in axes.items():
-        idx = _axis_index(t.shape[ax], its, perm, skip)
-        if idx is not None:
-            t = t.index_select(ax, idx.to(t.device))
+        t = t.index_select(ax, _axis_index(t.shape[ax], its, perm).to(t.device))
     return t
 
 
