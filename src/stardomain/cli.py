@@ -247,7 +247,7 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     if json_:
         atomic_write_json(json_, rec)
     typer.echo(f"wrote {out}  method {rec['method']}  iterations {rec['iterations']}  "
-               f"L2 distance to A {rec['distance_before']:.4f} -> {rec['distance_after']:.4f}  "
+               f"parameter L2 distance to A {rec['distance_before']:.4f} -> {rec['distance_after']:.4f}  "
                f"equivalence error {rec['equivalence_error']:.2e}  {rec['seconds']:.2f}s")
 
 
