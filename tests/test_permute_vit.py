@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stardomain.models import MODELS, build_model
-from stardomain.permute import (align, apply_permutation, distance, equivalence_error, inverse, random_permutation,
-                                spec_from_model, weight_matching)
+from stardomain.permute import (activation_matching, align, apply_permutation, distance, equivalence_error, inverse,
+                                random_permutation, spec_for, spec_from_model, weight_matching)
 
 
 def _vit(dim=12, heads=3, depth=2, mlp_dim=10, seed=0):
@@ -86,6 +86,107 @@ def test_default_start_recovers_where_the_identity_start_stalls(heads, dh, depth
     _check_recovered(spec, sd, sp, p, q2)
 
 
+def _images(seed, n=64):
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed + 7))
+
+
+# dh >= 3 and heads * dh >= 3: a LayerNorm over 2 features leaves one degree of freedom, so every unit
+# after it is an affine function of one scalar and all are perfectly (anti)correlated: no correlation
+# can tell them apart
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(3, 4), st.integers(1, 2), st.integers(4, 8), st.integers(0, 99))
+def test_activation_matching_recovers_permuted_vits(heads, dh, depth, mlp_dim, seed):
+    """q, k and v live inside nn.MultiheadAttention's fused op; they are recomputed from its inputs, so
+    every group, heads included, is recovered exactly from a permuted copy."""
+    m, x, spec, sd, p, sp = _permuted_copy(heads, dh, depth, mlp_dim, seed)
+    out, info = align(m, sd, sp, example_input=x, method="activation", data_x=_images(seed))
+    assert info["distance_after"] == 0.0 and info["equivalence_error"] < 1e-10
+    for k in spec.groups:
+        assert info["perm"][k] == inverse(p)[k].tolist(), k
+
+
+def _mha_inputs(model, sd, x):
+    """{attention module name: (query, key, value)} seen by forward pre-hooks (no tracing involved)."""
+    model.load_state_dict(sd)
+    seen, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda mod, args, kwargs, name=name: seen.__setitem__(name, args[:3]), with_kwargs=True))
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _corr(fa, fb):
+    fa, fb = (f.reshape(-1, f.shape[-1]).double() for f in (fa, fb))
+    fa, fb = fa - fa.mean(0), fb - fb.mean(0)
+    return (fa / fa.norm(dim=0)).T @ (fb / fb.norm(dim=0))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_activation_matching_of_attention_heads_is_the_best_legal_matching(seed):
+    """Independent twins (2 heads of 2 units): over all 32 legal (q/k, v/out) permutation pairs, by
+    brute force on correlations of q, k, v computed from hooked inputs, the one chosen scores highest."""
+    import itertools
+
+    ma, mb = _vit(dim=4, heads=2, depth=1, mlp_dim=6, seed=seed), _vit(dim=4, heads=2, depth=1, mlp_dim=6, seed=seed + 50)
+    x = _images(seed)
+    spec = spec_from_model(ma, x[:2])
+    sd_a, sd_b = ma.state_dict(), mb.state_dict()
+    q, _ = activation_matching(spec, ma, sd_a, sd_b, x)
+    ins_a, ins_b = _mha_inputs(ma, sd_a, x)["blocks.0.attn"], _mha_inputs(mb, sd_b, x)["blocks.0.attn"]
+
+    def proj(sd, ins, i):
+        w, b = sd["blocks.0.attn.in_proj_weight"][4 * i:4 * i + 4], sd["blocks.0.attn.in_proj_bias"][4 * i:4 * i + 4]
+        return ins[i] @ w.T + b
+
+    c_qk = _corr(proj(sd_a, ins_a, 0), proj(sd_b, ins_b, 0)) + _corr(proj(sd_a, ins_a, 1), proj(sd_b, ins_b, 1))
+    c_vo = _corr(proj(sd_a, ins_a, 2), proj(sd_b, ins_b, 2))
+
+    def score(pq, pv):
+        return float(c_qk[range(4), pq].sum() + c_vo[range(4), pv].sum())
+
+    legal = []
+    for heads in itertools.permutations(range(2)):
+        for wq in itertools.product(itertools.permutations(range(2)), repeat=2):
+            for wv in itertools.product(itertools.permutations(range(2)), repeat=2):
+                legal.append(([2 * heads[a] + wq[a][i] for a in range(2) for i in range(2)],
+                              [2 * heads[a] + wv[a][i] for a in range(2) for i in range(2)]))
+    assert len(legal) == 32
+    best = max(score(pq, pv) for pq, pv in legal)
+    chosen = (q["blocks.0.attn.qk"].tolist(), q["blocks.0.attn.vo"].tolist())
+    assert chosen in legal
+    assert score(*chosen) == pytest.approx(best, abs=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 4), st.integers(1, 2), st.integers(4, 8), st.integers(0, 99))
+def test_activation_matching_of_independent_vits_is_equivalent(heads, dh, depth, mlp_dim, seed):
+    """Independent twins: the aligned twin computes its original function (align raises
+    EquivalenceError otherwise); that its attention groups are matched, not left at the identity, is
+    checked against brute force above."""
+    dim = heads * dh
+    ma = _vit(dim=dim, heads=heads, depth=depth, mlp_dim=mlp_dim, seed=seed)
+    mb = _vit(dim=dim, heads=heads, depth=depth, mlp_dim=mlp_dim, seed=seed + 1000)
+    x = _images(seed)
+    out, info = align(ma, ma.state_dict(), mb.state_dict(), example_input=x[:2], method="activation", data_x=x)
+    assert info["equivalence_error"] < 1e-10
+    assert equivalence_error(mb, mb.state_dict(), out, x) < 1e-10
+
+
+def test_spec_cache_tells_head_counts_apart():
+    """Same width, same tensor shapes, different heads: different specs (nn.MultiheadAttention's repr
+    does not show num_heads; a shared spec would permute across heads)."""
+    x = torch.zeros(2, 1, 8, 8)
+    s3, s4 = spec_for(_vit(dim=12, heads=3), x), spec_for(_vit(dim=12, heads=4), x)
+    assert s3.groups["blocks.0.attn.qk"].heads == 3 and s4.groups["blocks.0.attn.qk"].heads == 4
+    h2, h4 = spec_for(HandAttention(heads=2), torch.zeros(2, 5, 3)), spec_for(HandAttention(heads=4), torch.zeros(2, 5, 3))
+    assert sorted(g.heads for g in h2.groups.values()) != sorted(g.heads for g in h4.groups.values())
+
+
 def test_head_structure_is_necessary():
     """Moving one unit of q/k to another head (not a legal permutation) changes the function: the
     head constraint in the spec is real, not decoration."""
@@ -151,6 +252,46 @@ def test_random_hand_written_attention_roundtrip(heads, dh, seed):
     assert equivalence_error(m, sd, sp, x) < 1e-10
     q, _ = weight_matching(spec, sd, sp, seed=seed)
     _check_recovered(spec, sd, sp, p, q)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_activation_matching_recovers_hand_written_attention(heads):
+    m, x, spec, sd, p, sp = _hand_copy(4 * heads, heads, heads)
+    out, info = align(m, sd, sp, example_input=x, method="activation", data_x=torch.randn(64, 5, 3))
+    assert info["distance_after"] == 0.0
+    assert all(info["perm"][k] == inverse(p)[k].tolist() for k in spec.groups)
+
+
+class SeqFirstAttention(nn.Module):
+    """nn.MultiheadAttention in (sequence, batch, feature) layout, called with keywords, attending from
+    one stream (queries) to another (keys and values)."""
+
+    def __init__(self, dim=6, heads=2):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, dim), nn.Linear(3, dim)
+        self.attn = nn.MultiheadAttention(dim, heads)
+        self.out = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        q, kv = torch.tanh(self.a(x)), torch.sigmoid(self.b(x))
+        y, _ = self.attn(query=q, key=kv, value=kv, need_weights=False)
+        return self.out(torch.relu(y + q).mean(0))
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3])
+def test_activation_matching_sees_inside_keyword_sequence_first_attention(heads):
+    torch.manual_seed(heads)
+    m = SeqFirstAttention(dim=3 * heads, heads=heads)
+    x = torch.randn(7, 2, 3)  # (sequence, batch, features)
+    spec = spec_from_model(m, x)
+    assert {k.rsplit(".", 1)[-1] for k in spec.groups} >= {"qk", "vo"}
+    g = torch.Generator().manual_seed(heads)
+    sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in m.state_dict().items()}
+    p = random_permutation(spec, torch.Generator().manual_seed(heads + 1))
+    sp = apply_permutation(spec, sd, p)
+    out, info = align(m, sd, sp, example_input=x, method="activation", data_x=torch.randn(7, 32, 3))
+    assert info["distance_after"] == 0.0
+    assert all(info["perm"][k] == inverse(p)[k].tolist() for k in spec.groups)
 
 
 def test_hand_written_attention_where_the_identity_start_stalls():

@@ -21,10 +21,23 @@ class EquivalenceError(RuntimeError):
     """A permuted model computes a different function: a bug in the spec, never to be ignored."""
 
 
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _architecture(model: nn.Module) -> tuple:
+    """Every module's class and plain attributes: what forward reads besides the weights. repr() is not
+    enough: nn.MultiheadAttention's omits num_heads, so a 4-head and a 3-head ViT of one width looked
+    alike and shared a spec."""
+    def attrs(m):
+        return tuple(sorted((k, repr(v)) for k, v in vars(m).items() if k != "training" and (
+            isinstance(v, _PLAIN) or (isinstance(v, (tuple, list)) and all(isinstance(e, _PLAIN) for e in v)))))
+
+    return tuple((name, type(m).__module__, type(m).__qualname__, attrs(m)) for name, m in model.named_modules())
+
+
 def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
-    """spec_from_model, cached by architecture (class, module structure, input shape and dtype)."""
-    key = (type(model).__module__, type(model).__qualname__, repr(model),
-           tuple(example_input.shape), str(example_input.dtype),
+    """spec_from_model, cached by architecture (every module's class and settings, input shape and dtype)."""
+    key = (_architecture(model), tuple(example_input.shape), str(example_input.dtype),
            tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
     if key in _CACHE:
         _CACHE.move_to_end(key)

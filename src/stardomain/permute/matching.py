@@ -439,7 +439,10 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
     """Match units by the correlation of their activations on a batch `x` (-> perm for B, info).
 
     Each group is observed at up to `max_probes` places in the traced graph (preferring the output
-    of nonlinearities); correlations are summed over those places and one assignment solved per group.
+    of nonlinearities); correlations are summed over those places and one assignment solved per group
+    (head groups: whole heads as blocks, units within a head's q/k jointly and v/out jointly).
+    nn.MultiheadAttention computes its q, k and v inside one fused op, so no graph node shows them:
+    they are recomputed from the module's observed inputs and the model's own in_proj weights.
     """
     import copy
 
@@ -453,14 +456,20 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
         chosen[k] = ps
         for p in ps:
             probes_by_node.setdefault(p.node, []).append(p)
+    fused = _mha_probes(spec, gm)
+    mha_nodes = {node for ps in fused.values() for node, *_ in ps}
 
     def run(sd):
         gm.load_state_dict(sd)
         gm.eval()
-        acts: dict[str, torch.Tensor] = {}
+        acts: dict = {}
 
         class Rec(fx.Interpreter):
             def run_node(self, n):
+                if n.name in mha_nodes:  # the attention's query, key and value inputs
+                    args, kwargs = self.fetch_args_kwargs_from_env(n)
+                    for i, name in enumerate(("query", "key", "value")):
+                        acts[n.name, i] = (args[i] if len(args) > i else kwargs[name]).detach()
                 out = super().run_node(n)
                 if n.name in probes_by_node:
                     acts[n.name] = out.detach()
@@ -474,32 +483,62 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
 
     def feats(t, p, n):
         f = t.narrow(p.axis, p.offset, n * p.block).movedim(p.axis, -1)
-        f = f.reshape(*f.shape[:-1], n, p.block).movedim(-2, -1).reshape(-1, n).double()
-        f = f - f.mean(0)
-        return f / (f.norm(dim=0) + 1e-12)
+        return _normalised(f.reshape(*f.shape[:-1], n, p.block).movedim(-2, -1).reshape(-1, n))
+
+    def projected(acts, sd, probe, n):
+        """Rows offset..offset+n of in_proj applied to the observed input: q, k or v units."""
+        node, i, weight, bias, off = probe
+        f = acts[node, i].double() @ sd[weight][off:off + n].double().T
+        return _normalised(f + sd[bias][off:off + n].double() if bias is not None else f)
 
     perm: dict[str, torch.Tensor] = {}
     for k, g in spec.groups.items():
         if k in perm:
             continue
-        if not chosen[k] and not (g.couple and chosen[g.couple]):  # never observed (inside a fused op)
-            for kk in [k] + ([g.couple] if g.couple else []):
-                perm[kk] = torch.arange(g.size)
+        ks = [k] + ([g.couple] if g.couple else [])
+        if not any(chosen[kk] or fused.get(kk) for kk in ks):  # never observed
+            perm.update({kk: torch.arange(g.size) for kk in ks})
             continue
         corr = {}
-        for kk in [k] + ([g.couple] if g.couple else []):
+        for kk in ks:
             c = torch.zeros(g.size, g.size, dtype=torch.float64)
             for p in chosen[kk]:
                 c += feats(acts_a[p.node], p, g.size).T @ feats(acts_b[p.node], p, g.size)
+            for p in fused.get(kk, []):
+                c += projected(acts_a, sd_a, p, g.size).T @ projected(acts_b, sd_b, p, g.size)
             corr[kk] = c
         if g.heads:
-            ks = list(corr)
             ps = _solve_heads(corr[ks[0]].numpy(), corr[ks[1]].numpy() if len(ks) > 1 else None, g.heads)
-            for kk, p in zip(ks, ps):
-                perm[kk] = p
+            perm.update(zip(ks, ps))
         else:
             perm[k] = torch.from_numpy(_lsa(corr[k].numpy())).long()
     return perm, {"iterations": 1, "converged": True, "groups": len(spec.groups)}
+
+
+def _normalised(f: torch.Tensor) -> torch.Tensor:
+    """(samples, units) -> centred unit columns of norm 1 (their inner products are correlations)."""
+    f = f.reshape(-1, f.shape[-1]).double()
+    f = f - f.mean(0)
+    return f / (f.norm(dim=0) + 1e-12)
+
+
+def _mha_probes(spec: PermutationSpec, gm) -> dict[str, list[tuple[str, int, str, str | None, int]]]:
+    """group -> [(MultiheadAttention node, input (0 query, 1 key, 2 value), in_proj weight, its bias or
+    None, first row)] for every group owning rows of an nn.MultiheadAttention's in_proj_weight."""
+    nodes: dict[str, list[str]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.MultiheadAttention):
+            nodes.setdefault(n.target, []).append(n.name)
+    out: dict[str, list] = {}
+    for k, g in spec.groups.items():
+        for m in g.members:
+            mod = m.tensor.removesuffix(".in_proj_weight")
+            if m.axis != 0 or m.block != 1 or mod == m.tensor or mod not in nodes:
+                continue
+            bias = f"{mod}.in_proj_bias" if f"{mod}.in_proj_bias" in spec.shapes else None
+            e = gm.get_submodule(mod).embed_dim
+            out.setdefault(k, []).extend((node, m.offset // e, m.tensor, bias, m.offset) for node in nodes[mod])
+    return out
 
 
 _NONLIN = ("relu", "gelu", "silu", "sigmoid", "tanh", "elu", "mish", "softplus", "hardswish")
