@@ -241,7 +241,7 @@ def _mlp_twins(width, depth, seed, shape=(1, 3, 3)):
     return model, spec_from_model(model, torch.zeros(2, *shape)), sd_a, sd_b
 
 
-@pytest.mark.parametrize("width,depth,seed", [(4, 2, 12), (4, 2, 204), (3, 3, 290)])
+@pytest.mark.parametrize("width,depth,seed", [(3, 2, 115), (3, 2, 295), (4, 3, 159)])
 def test_informed_start_falls_back_when_it_ends_farther_than_b(width, depth, seed):
     """Half-blind first steps can leave the descent farther from A than B itself: then the paper's
     descent from the identity is returned, so aligning never increases the distance."""

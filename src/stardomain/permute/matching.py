@@ -168,17 +168,17 @@ def weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int 
 
     The objective is Ainsworth et al.'s: the L2 distance between *parameters* (spec.parameters);
     buffers such as BatchNorm running statistics are permuted by apply_permutation but not matched.
-    init "informed" (default): coordinate descent from the identity whose first pass matches each
-    group only on what is known when its turn comes: its fixed terms (parameters no other group
-    permutes: biases, norm affines, first-layer weights, classifier columns) and the groups already
-    solved in that pass. The paper's first pass also reads each neighbour not yet solved through its
-    arbitrary identity order; in tiny networks (ViTs and MLPs a few units wide) that noise outweighs
-    the fixed terms and sends the descent to a wrong, self-consistent optimum: 2-3% of their permuted
-    copies were not recovered. Informed, a copy is recovered exactly (its fixed terms are maximised by
-    the true permutation alone, and so is each later step once its neighbours are right), and
-    independent pairs tend to need fewer passes. Its half-blind first steps may lower the objective:
-    if the result ends farther from A than B itself, the paper's descent runs instead, so the distance
-    to A never grows.
+    init "informed" (default): coordinate descent from the identity whose first pass visits the groups
+    in trace order (from the input on) and matches each only on what is known when its turn comes: its
+    fixed terms (parameters no other group permutes: biases, norm affines, first-layer weights,
+    classifier columns) and the groups already solved in that pass. The paper's first pass also reads
+    each neighbour not yet solved through its arbitrary identity order; in tiny networks (ViTs and
+    MLPs a few units wide) that noise outweighs the fixed terms and sends the descent to a wrong,
+    self-consistent optimum: 2-3% of their permuted copies were not recovered. Informed, a copy is
+    recovered exactly (its fixed terms are maximised by the true permutation alone, and so is each
+    later step once its neighbours are right), and independent pairs need fewer passes. Half-blind
+    first steps may lower the objective: if the result ends farther from A than B itself, the
+    paper's descent runs instead, so the distance to A never grows.
     init "identity": the paper's algorithm, coordinate descent from the identity.
     init "sorted": start from a permutation-invariant matching (each unit described by the sorted
     values of its weights, which no other group's permutation changes); about 2-4x the cost. If that
@@ -295,9 +295,10 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
     the summed inner products of every parameter slice the group touches, with all other groups'
     current permutations applied to B. A step is taken only if it strictly improves the objective,
     so the distance to A never grows; stops after a full pass with no change (or max_iter passes).
-    informed: in the first pass, terms read through a group not solved yet in that pass are left out
-    of the assignment (see weight_matching); such a step is judged on the terms it saw, its effect
-    on the objective is still counted, and the group is solved again in the next pass.
+    informed: the first pass goes in trace order and leaves out of each assignment the terms read
+    through a group not solved yet in that pass (see weight_matching); such a step is judged on the
+    terms it saw, its effect on the objective is still counted, and the group is solved again in the
+    next pass.
     With workers > 1, consecutive units of a pass that share no tensor are solved at once on threads
     (scipy releases the GIL): neither one's cost matrices depend on the other's answer, so the result
     is the same as solving them one after the other.
@@ -394,6 +395,8 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
             it += 1
             changed = pending = False
             order = [units[i] for i in torch.randperm(len(units), generator=gen).tolist()]
+            if unknown:  # the informed first pass goes from the input on: each group after the layers feeding it
+                order = list(units)
             i = 0
             while i < len(order):
                 # a batch: consecutive large units sharing no tensor with each other (one unit without a pool)
