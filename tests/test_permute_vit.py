@@ -132,7 +132,7 @@ def test_activation_matching_of_attention_heads_is_the_best_legal_matching(seed)
     brute force on correlations of q, k, v computed from hooked inputs, the one chosen scores highest."""
     import itertools
 
-    ma, mb = _vit(dim=4, heads=2, depth=1, mlp_dim=6, seed=seed), _vit(dim=4, heads=2, depth=1, mlp_dim=6, seed=seed + 50)
+    ma, mb = (_vit(dim=4, heads=2, depth=1, mlp_dim=6, seed=s) for s in (seed, seed + 50))
     x = _images(seed)
     spec = spec_from_model(ma, x[:2])
     sd_a, sd_b = ma.state_dict(), mb.state_dict()
@@ -183,7 +183,7 @@ def test_spec_cache_tells_head_counts_apart():
     x = torch.zeros(2, 1, 8, 8)
     s3, s4 = spec_for(_vit(dim=12, heads=3), x), spec_for(_vit(dim=12, heads=4), x)
     assert s3.groups["blocks.0.attn.qk"].heads == 3 and s4.groups["blocks.0.attn.qk"].heads == 4
-    h2, h4 = spec_for(HandAttention(heads=2), torch.zeros(2, 5, 3)), spec_for(HandAttention(heads=4), torch.zeros(2, 5, 3))
+    h2, h4 = (spec_for(HandAttention(heads=h), torch.zeros(2, 5, 3)) for h in (2, 4))
     assert sorted(g.heads for g in h2.groups.values()) != sorted(g.heads for g in h4.groups.values())
 
 

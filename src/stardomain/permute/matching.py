@@ -370,8 +370,8 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
         ar = np.arange(g.size)
 
         def value(ps, full):
-            return sum(float(c[ar, p.numpy()].sum()) + (float(b[ar, p.numpy()].sum()) if full and b is not None else 0.0)
-                       for (c, b), p in zip(cs, ps))
+            mats = [(c, b) if full and b is not None else (c,) for c, b in cs]
+            return sum(float(m[ar, p.numpy()].sum()) for ms, p in zip(mats, ps) for m in ms)
 
         old_v, new_v = value(olds, False), value(new, False)
         return new, old_v, new_v, value(olds, True), value(new, True)
