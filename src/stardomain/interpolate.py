@@ -80,7 +80,8 @@ def recalibrate_bn(model: nn.Module, split: Split, batch_size: int = 1000, max_b
     if not layers:
         return model.eval()
     device = torch.device(device or next(model.parameters()).device)
-    channels_last = device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    channels_last = (device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+                     and all(p.dim() != 5 for p in model.parameters()))  # Module.to would reject 5-D weights
     sums = {m: [0.0, 0.0] for m in layers}
     for m in layers:
         m.forward = _exact_batch_norm(m, sums[m])  # instance attribute: shadows the class's forward
