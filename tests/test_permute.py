@@ -487,3 +487,44 @@ def test_weight_matching_converges_to_a_coordinatewise_optimum(name, kwargs, sha
         here = c[range(g.size), q[k].numpy()].sum()
         best = c[linear_sum_assignment(c, maximize=True)].sum()
         assert best <= here + 1e-9 * abs(here), k
+
+
+class _WithDefault(nn.Module):
+    """A second forward argument with a default, and a reshape that mixes batch and features."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x, scale=2.0):
+        y = self.bn(self.c(x)).relu()
+        return self.fc(y.reshape(y.shape[0], -1)) * scale, y.reshape(-1, 4)
+
+
+def test_spec_records_the_shapes_shape_prop_finds_and_restores_training_modes():
+    import torch.fx as fx
+    from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+    import stardomain.permute.spec as spec_mod
+
+    model = _WithDefault()
+    model.bn.eval()  # mixed modes: each module's own mode must come back, not the root's
+    stats = model.bn.running_mean.clone()
+    x = torch.randn(3, 3, 8, 8)
+    graph = fx.Tracer().trace(model)
+    with torch.no_grad():
+        spec_mod._record_shapes(model, graph, x)
+    ref = fx.GraphModule(model, fx.Tracer().trace(model))
+    ShapeProp(ref.eval()).propagate(x)
+    model.train()
+    model.bn.eval()
+    want = {n.name: tuple(n.meta["tensor_meta"].shape) for n in ref.graph.nodes
+            if isinstance(n.meta.get("tensor_meta"), TensorMetadata)}
+    got = {n.name: n.meta["shape"] for n in graph.nodes if "shape" in n.meta}
+    assert got == want and got["reshape_1"] == (3 * 36, 4)
+    spec = spec_from_model(model, x)
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+    assert torch.equal(model.bn.running_mean, stats)  # traced in eval mode: statistics untouched
+    assert not spec.groups and "reshape" in " ".join(u.reason for u in spec.unpermuted)  # it pins c's group

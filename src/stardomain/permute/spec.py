@@ -261,15 +261,44 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return node.meta.get("shape") if isinstance(node, fx.Node) else None
 
 
-class _Shapes(fx.Interpreter):
-    """Runs the traced graph on the module itself, recording each tensor-valued node's shape: all the
-    spec needs (ShapeProp's full tensor metadata and a GraphModule's generated code cost as much again)."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
+def _record_shapes(model: nn.Module, graph: fx.Graph, example_input: torch.Tensor) -> None:
+    """Runs the traced graph on the module itself, recording each tensor-valued node's shape in
+    node.meta["shape"]: all the spec needs. A plain loop rather than an fx.Interpreter (whose per-node
+    dispatch cost as much as the batch-2 convolutions themselves); values are dropped after their last
+    use, so memory stays that of a forward pass."""
+    last: dict[fx.Node, fx.Node] = {}
+    for n in graph.nodes:
+        for a in n.all_input_nodes:
+            last[a] = n
+    env: dict[fx.Node, Any] = {}
+    inputs = iter([example_input])
+    modules = dict(model.named_modules())
+    for n in graph.nodes:
+        op = n.op
+        if op == "output":
+            break
+        if op == "placeholder":  # the example, then declared defaults (as fx.Interpreter does)
+            out = list(inputs) if n.target.startswith("*") else next(inputs, n.args[0] if n.args else None)
+            if out is None and not n.args:
+                raise TypeError(f"forward needs an argument {n.target!r} beyond the example input")
+        elif op == "get_attr":
+            out = model
+            for part in n.target.split("."):
+                out = getattr(out, part)
+        else:
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+            if op == "call_module":
+                out = modules[n.target](*args, **kwargs)
+            elif op == "call_function":
+                out = n.target(*args, **kwargs)
+            else:
+                out = getattr(args[0], n.target)(*args[1:], **kwargs)
         if isinstance(out, torch.Tensor):
             n.meta["shape"] = tuple(out.shape)
-        return out
+        env[n] = out
+        for a in n.all_input_nodes:
+            if last[a] is n:
+                del env[a]
 
 
 def _seg_offsets(lay: _Lay):
@@ -822,22 +851,24 @@ def spec_from_model(model: nn.Module, example_input: torch.Tensor) -> Permutatio
     """Derive the permutation spec of `model` by tracing it on `example_input` (weights unused)."""
     sd = model.state_dict()
     sd_keys = set(sd)
-    was_training = model.training
+    training = [m for m in model.modules() if m.training]  # restored exactly afterwards
     try:
         graph = fx.Tracer().trace(model)
-        model.eval()
+        for m in training:
+            m.training = False
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # a batch of 2: threads only add contention (50x slower on a busy machine)
         try:
             with torch.no_grad():
-                _Shapes(model, graph=graph).run(example_input)
+                _record_shapes(model, graph, example_input)
         finally:
             torch.set_num_threads(threads)
     except Exception as e:  # noqa: BLE001 - any trace failure means: permute nothing
         tr = _Tracer(None, None, sd_keys)
         return tr.spec(model, sd, f"torch.fx could not trace the model ({type(e).__name__}: {str(e)[:200]})")
     finally:
-        model.train(was_training)
+        for m in training:
+            m.training = True
     tr = _Tracer(model, graph, sd_keys)
     tr.run()
     return tr.spec(model, sd)
