@@ -142,6 +142,7 @@ def _np64(c: torch.Tensor) -> np.ndarray:
 
 
 _POOL_MIN_SIZE = 128
+_INCREMENTAL_MIN_MACS = 1 << 20  # a cost term updated from the units that moved, not recomputed, from this size
 
 
 class _Threads:
@@ -345,7 +346,9 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
             if prev is not None and prev[0] is idx:  # the other group has not moved (same tensor)
                 tgt += prev[1]
                 continue
-            ch = (idx != prev[0]).nonzero().flatten() if prev is not None else None
+            # testing which units moved costs three small ops: worth it only where the matmul is large
+            big = prev is not None and ra.numel() * n >= _INCREMENTAL_MIN_MACS
+            ch = (idx != prev[0]).nonzero().flatten() if big else None
             if ch is not None and 2 * len(ch) < len(idx):
                 # the other group moved only a few units: update the last term with those slices alone
                 # (late passes change a few units of a group; its neighbours' matmuls shrink accordingly)
@@ -374,6 +377,8 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
             return sum(float(m[ar, p.numpy()].sum()) for ms, p in zip(mats, ps) for m in ms)
 
         old_v, new_v = value(olds, False), value(new, False)
+        if all(b is None for _, b in cs):  # nothing left out: the full cost is the one solved
+            return new, old_v, new_v, old_v, new_v
         return new, old_v, new_v, value(olds, True), value(new, True)
 
     # a unit's cost matrices depend only on the groups sharing a tensor with it: if none of them
