@@ -264,7 +264,7 @@ def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
     Everything that does not change during the descent is prepared once: A's row matrices, and B's
     slice with k's axis moved first (contiguous), so a step costs one gather per other axis and a matmul.
     A tensor no other group permutes (on another axis) contributes a constant term."""
-    const: dict[str, torch.Tensor | None] = {k: None for k in spec.groups}
+    fixed: dict[str, list] = {k: [] for k in spec.groups}  # (rows of A, rows of B) of the constant part
     terms: dict[str, list] = {k: [] for k in spec.groups}
     for t, items in plan.items():
         for ax, off, n, blk, k in items:
@@ -279,10 +279,12 @@ def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
                 if it[4] != k and it[0] != ax:
                     others.setdefault(it[0] + (it[0] < ax), []).append(it)
             if not others:
-                term = ra @ bm.reshape(n, -1).T
-                const[k] = term if const[k] is None else const[k].add_(term)
+                fixed[k].append((ra, bm.reshape(n, -1)))
             else:
                 terms[k].append((ra, bm, others))
+    # one matmul per group for its constant part (biases and norm affines are single columns)
+    const = {k: None if not fs else fs[0][0] @ fs[0][1].T if len(fs) == 1 else
+             torch.cat([a for a, _ in fs], 1) @ torch.cat([b for _, b in fs], 1).T for k, fs in fixed.items()}
     return const, terms
 
 
@@ -324,27 +326,30 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
 
     last: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # term -> (index used, its matrix)
 
-    def cost(k: str) -> tuple[np.ndarray, np.ndarray | None]:
+    def cost(k: str) -> tuple[np.ndarray, list | None]:
         """-> (the cost matrix the assignment is solved on, the terms left out of it or None): terms
-        read through a group not yet solved in the informed first pass are left out."""
+        read through a group not yet solved in the informed first pass are left out, as (rows of A,
+        rows of B read through the current permutations): only their value at the old and the new
+        permutation is needed, <A, B[p]>, n times cheaper than their matrix."""
         n = spec.groups[k].size
         c = const[k].clone() if const[k] is not None else torch.zeros(n, n, dtype=dtype)
-        blind = None
+        blind = []
         for j, (ra, bm, others) in enumerate(terms[k]):
-            tgt = c
-            if unknown and any(it[4] in unknown for its in others.values() for it in its):
-                blind = tgt = torch.zeros(n, n, dtype=dtype) if blind is None else blind
-            if len(others) > 1:  # several other groups' axes: recompute
+            left_out = bool(unknown) and any(it[4] in unknown for its in others.values() for it in its)
+            if left_out or len(others) > 1:  # read B through every other axis (several: recomputed)
                 b = bm
                 for ax, its in others.items():
                     b = b.index_select(ax, _axis_index(b.shape[ax], its, perm))
-                tgt.addmm_(ra, b.reshape(n, -1).T)
+                if left_out:
+                    blind.append((ra, b.reshape(n, -1)))
+                else:
+                    c.addmm_(ra, b.reshape(n, -1).T)
                 continue
             ((ax, its),) = others.items()
             idx = _axis_index(bm.shape[ax], its, perm)
             prev = last.get((k, j))
             if prev is not None and prev[0] is idx:  # the other group has not moved (same tensor)
-                tgt += prev[1]
+                c += prev[1]
                 continue
             # testing which units moved costs three small ops: worth it only where the matmul is large
             big = prev is not None and ra.numel() * n >= _INCREMENTAL_MIN_MACS
@@ -358,10 +363,10 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
             else:
                 term = ra @ bm.index_select(ax, idx).reshape(n, -1).T
             last[k, j] = (idx, term)
-            tgt += term
-        return _np64(c), (None if blind is None else _np64(blind))
+            c += term
+        return _np64(c), (blind or None)
 
-    def solve(u: tuple[str, ...], cs: list[tuple[np.ndarray, np.ndarray | None]], olds: list[torch.Tensor]):
+    def solve(u: tuple[str, ...], cs: list[tuple[np.ndarray, list | None]], olds: list[torch.Tensor]):
         """-> (new permutations of u's groups, value of the old ones, of the new ones (on the matrices
         solved), the same two on the full cost); reads no shared state."""
         g = spec.groups[u[0]]
@@ -373,8 +378,11 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
         ar = np.arange(g.size)
 
         def value(ps, full):
-            mats = [(c, b) if full and b is not None else (c,) for c, b in cs]
-            return sum(float(m[ar, p.numpy()].sum()) for ms, p in zip(mats, ps) for m in ms)
+            v = sum(float(c[ar, p.numpy()].sum()) for (c, _), p in zip(cs, ps))
+            if full:  # sum_i <A_i, B_p(i)> of each term left out
+                v += sum(float(torch.dot(a.view(-1), b.index_select(0, p).view(-1)))
+                         for (_, bl), p in zip(cs, ps) if bl for a, b in bl)
+            return v
 
         old_v, new_v = value(olds, False), value(new, False)
         if all(b is None for _, b in cs):  # nothing left out: the full cost is the one solved
