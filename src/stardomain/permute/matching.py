@@ -391,7 +391,10 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
 
     # a unit's cost matrices depend only on the groups sharing a tensor with it: if none of them
     # changed since the unit was last solved, solving again would give the same answer, so skip it
-    members = {k: {t for t, items in plan.items() for it in items if it[4] == k} for k in spec.groups}
+    members: dict[str, set[str]] = {k: set() for k in spec.groups}
+    for t, items in plan.items():
+        for it in items:
+            members[it[4]].add(t)
     nbrs = {u: {it[4] for k in u for t in members[k] for it in plan[t]} - set(u) for u in units}
     changed_at = {k: -1 for k in spec.groups}
     solved_at: dict[tuple[str, ...], int] = {}
