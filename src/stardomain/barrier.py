@@ -175,8 +175,8 @@ def _peak_elements_per_example(model: nn.Module, x: torch.Tensor) -> int:
     return max(peak[0], 1)
 
 
-def _call(vrun, p, b, x, sel, split):
-    return vrun(p, b, x) if split is None else vrun(p, b, x, sel)
+def _call(vrun, p, b, x, sel, split, first=None):
+    return vrun(p, b, x) if split is None else vrun(p, b, x, sel, first)
 
 
 _PARAM_FREE = (nn.Flatten, nn.Identity, nn.Dropout)
@@ -247,6 +247,7 @@ def _curve_vmap(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, max
         return [idx[i:i + chunk] for i in range(0, len(idx), chunk)]
 
     split = _split_first_layer(m)
+    first_numel = 0
     if split is None:
         def run(p, b, x):
             return functional_call(m, (p, b, ints), (x,), tie_weights=False)
@@ -269,15 +270,24 @@ def _curve_vmap(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, max
         both = {k: torch.cat([sd_a[f"{first_name}.{k}"], sd_b[f"{first_name}.{k}"]], 0) for k in fkeys}
         n_out = sd_a[f"{first_name}.{fkeys[0]}"].shape[0]
 
-        def vrun(p, b, x, sel=None):
-            z = pre(x)
-            hab = functional_call(first, both, (z,))
+        def first_out(x):
+            return functional_call(first, both, (pre(x),))
+
+        with torch.no_grad():
+            first_numel = first_out(x0)[0].numel()
+
+        def vrun(p, b, x, sel=None, hab=None):
+            hab = first_out(x) if hab is None else hab
             ha, hb = hab[:, :n_out], hab[:, n_out:]
             w = tt.to(device, ha.dtype)[sel].view(-1, *([1] * ha.dim()))
             h = torch.lerp(ha.unsqueeze(0).expand(len(w), *ha.shape), hb.unsqueeze(0).expand(len(w), *hb.shape), w)
             return vrest(p, b, h)
     interior = [i for i, t in enumerate(ts) if not _is_endpoint(t)]
     n_bn_batches = 0
+    # The first layer's outputs on the training split are the same in the BN pass and in the evaluation:
+    # kept from the one for the other when the BN pass sees the whole split and they fit in half the budget.
+    keep_first = [] if (split is not None and bn_batches is None and not states_only and len(data.train)
+                        * first_numel <= act_budget // 2) else None
     if bns and interior:
         # Momentum 1 makes each train-mode call leave exactly that batch's statistics in the (stacked)
         # running buffers; we average them over batches ourselves, as recalibrate_bn's cumulative mode.
@@ -290,11 +300,14 @@ def _curve_vmap(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, max
                 mod.train()
             with torch.no_grad():
                 for x, _ in batches(data.train, batch_size, device=device, max_batches=bn_batches):
+                    hab = first_out(x) if split is not None else None
+                    if keep_first is not None:
+                        keep_first.append(hab)
                     for c in chunks(list(range(len(interior)))):
                         sel = idx_t[c]
                         p = {k: v[sel] for k, v in params.items()}
                         b = {k: v[sel].clone() for k, v in bufs.items()}
-                        _call(vrun, p, b, x, sel, split)
+                        _call(vrun, p, b, x, sel, split, hab)
                         for k in bn_stat:
                             sums[k][c] += b[k].double()
                     n_bn_batches += 1
@@ -323,11 +336,13 @@ def _curve_vmap(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, max
             loss = torch.zeros(K, dtype=torch.float64, device=device)
             correct = torch.zeros(K, dtype=torch.int64, device=device)
             n = 0
+            kept = torch.cat(keep_first) if s == "train" and keep_first else None
             for x, y in batches(data.split(s), eval_bs, device=device):
+                hab = kept[n:n + len(y)] if kept is not None else None
                 for c in chunks(list(range(K))):
                     sel = torch.tensor(c, device=device)
                     out = _call(vrun, {k: v[sel] for k, v in params.items()}, {k: v[sel] for k, v in bufs.items()}, x,
-                                sel, split).float()
+                                sel, split, hab).float()
                     kc, bsz, ncls = out.shape
                     # cross-entropy = logsumexp - picked logit (cheaper than F.cross_entropy on K·B rows)
                     picked = out.gather(2, y.view(1, -1, 1).expand(kc, bsz, 1)).squeeze(2)
