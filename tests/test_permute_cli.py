@@ -87,6 +87,26 @@ def test_align_cli_end_to_end(pair, method):
         assert torch.allclose(mo(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_align_init_option(pair):
+    """--init identity runs the paper's descent (recorded), equal to the library call; a wrong start is
+    refused with one line and exit code 2, writing nothing."""
+    from stardomain.permute import weight_matching
+
+    d, a, b, _ = pair
+    out, js = d / "b_identity.safetensors", d / "identity.json"
+    run("align", a, b, "--out", out, "--init", "identity", "--json", js)
+    rec = json.loads(js.read_text())
+    assert rec["init"] == "identity"
+    model, _ = load_model(b)
+    spec = spec_from_model(model, torch.zeros(2, 1, 8, 8))
+    perm, _ = weight_matching(spec, read_model_file(a)[0], read_model_file(b)[0], init="identity")
+    stored = read_model_file(out)[1]["alignment"]["perm"]
+    assert all(stored[k] == perm[k].tolist() for k in perm)
+    r = run("align", a, b, "--out", d / "y.safetensors", "--init", "bogus", ok=False)
+    assert r.returncode == 2 and "bogus" in r.stderr and "Traceback" not in r.stderr
+    assert not (d / "y.safetensors").exists()
+
+
 def test_align_refuses_incompatible_models(pair):
     d, a, _, c = pair
     r = run("align", a, c, "--out", d / "x.safetensors", ok=False)

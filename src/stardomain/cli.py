@@ -234,6 +234,9 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
            method: str = typer.Option("weight", "--method", help="weight (weight matching) or activation "
                                       "(correlation of activations on training data)."),
            seed: int = typer.Option(0, "--seed", help="Order of the coordinate descent."),
+           init: str = typer.Option("informed", "--init", help="Start of weight matching: informed (first pass "
+                                    "in trace order, each group on what is known; recovers permuted copies "
+                                    "exactly), identity (the paper's algorithm) or sorted."),
            json_: Optional[Path] = typer.Option(None, "--json", help="Also write the record as JSON here.")):
     """Permute B's hidden units to best match A without changing B's function (checked).
 
@@ -243,7 +246,7 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     from .checkpoint import atomic_write_json
     from .permute.files import align_files
 
-    rec = align_files(a, b, out, method=method, seed=seed)
+    rec = align_files(a, b, out, method=method, seed=seed, init=init)
     if json_:
         atomic_write_json(json_, rec)
     typer.echo(f"wrote {out}  method {rec['method']}  iterations {rec['iterations']}  "

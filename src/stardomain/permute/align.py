@@ -99,12 +99,16 @@ def check_equivalence(model, sd, sd_perm, example_input, tol: float = TOLERANCE)
     return err
 
 
+INITS = ("informed", "identity", "sorted")
+
+
 def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tensor, method: str = "weight",
           data_x: torch.Tensor | None = None, seed: int = 0, check: bool = True,
-          spec: PermutationSpec | None = None, max_iter: int = 100) -> tuple[dict, dict]:
+          spec: PermutationSpec | None = None, max_iter: int = 100, init: str = "informed") -> tuple[dict, dict]:
     """-> (pi(sd_b) best matching sd_a, info). `model` only provides the architecture.
 
-    method "weight": weight matching; "activation": correlation of activations on `data_x`.
+    method "weight": weight matching (`init`: its start, see `weight_matching`; "identity" is the
+    paper's algorithm); "activation": correlation of activations on `data_x`.
     With check=True (the default) pi(B) is verified to compute B's function, else EquivalenceError.
     info["distance_before"/"distance_after"] are L2 distances to A over parameters only
     (info["distance_over"] == "parameters"): the quantity weight matching minimises, so aligning
@@ -114,7 +118,9 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tens
     t0 = time.perf_counter()
     spec = spec if spec is not None else spec_for(model, example_input)
     if method == "weight":
-        perm, info = weight_matching(spec, sd_a, sd_b, seed=seed, max_iter=max_iter)
+        if init not in INITS:
+            raise UserError(f"unknown weight-matching start {init!r}; choose {', '.join(INITS)}")
+        perm, info = weight_matching(spec, sd_a, sd_b, seed=seed, max_iter=max_iter, init=init)
     elif method == "activation":
         if data_x is None:
             raise UserError("activation matching needs data (data_x): a batch of inputs")

@@ -33,7 +33,7 @@ def spec_file(path: str | Path) -> tuple[PermutationSpec, dict]:
 
 
 def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
-                seed: int = 0, max_iter: int = 100) -> dict:
+                seed: int = 0, max_iter: int = 100, init: str = "informed") -> dict:
     """Write pi(B), aligned to A, to `out` (B's metadata plus `alignment` provenance). -> the record
     (distances to A are over parameters: "distance_over": "parameters")."""
     sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "align")
@@ -41,10 +41,10 @@ def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, meth
     x = example_input(meta_a)
     data_x = data_batch(meta_a) if method == "activation" else None
     sd_p, info = align(model, sd_a, sd_b, example_input=x, method=method, data_x=data_x, seed=seed,
-                       check=True, max_iter=max_iter)
+                       check=True, max_iter=max_iter, init=init)
     rec = {k: info[k] for k in ("method", "iterations", "converged", "groups", "distance_before", "distance_after",
                                 "distance_over", "equivalence_error", "seconds", "permutable_fraction")}
-    rec.update({"seed": seed, "reference": str(path_a), "reference_sha256": meta_a["sha256"],
+    rec.update({"init": info.get("init"), "seed": seed, "reference": str(path_a), "reference_sha256": meta_a["sha256"],
                 "source": str(path_b), "source_sha256": meta_b["sha256"]})
     meta = {k: v for k, v in meta_b.items() if k != "sha256"}
     meta["alignment"] = {**rec, "perm": info["perm"]}
