@@ -529,3 +529,33 @@ def test_spec_records_the_shapes_shape_prop_finds_and_restores_training_modes():
     assert [m.training for m in model.modules()] == [True, True, False, True]
     assert torch.equal(model.bn.running_mean, stats)  # traced in eval mode: statistics untouched
     assert not spec.groups and "reshape" in " ".join(u.reason for u in spec.unpermuted)  # it pins c's group
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_conv_zeros_have_the_convolutions_output_shape(data):
+    """The shape pass sizes plain convolutions by formula: it must agree with running them."""
+    import stardomain.permute.spec as spec_mod
+
+    nd = data.draw(st.integers(1, 3))
+    groups = data.draw(st.sampled_from([1, 2, 3]))
+    cin, cout = groups * data.draw(st.integers(1, 3)), groups * data.draw(st.integers(1, 3))
+    k = tuple(data.draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd)))
+    dil = tuple(data.draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd)))
+    mode = data.draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    pad = data.draw(st.sampled_from(["same", "valid", "int"]))
+    stride = 1 if pad == "same" else tuple(data.draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd)))
+    if pad == "int":
+        pad = tuple(data.draw(st.lists(st.integers(0, 2), min_size=nd, max_size=nd)))
+    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][nd - 1](cin, cout, k, stride, pad, dil, groups, padding_mode=mode)
+    batch = data.draw(st.sampled_from([(), (2,)]))
+    x = torch.randn(*batch, cin, *data.draw(st.lists(st.integers(1, 12), min_size=nd, max_size=nd)))
+    try:
+        want = conv(x).shape
+    except RuntimeError:  # too small for the kernel, or padding larger than the input allows
+        with pytest.raises(RuntimeError):
+            spec_mod._conv_zeros(conv, x)
+        return
+    got = spec_mod._conv_zeros(conv, x)
+    assert got.shape == want
+    assert (mode == "zeros") == (not got.any())  # other padding modes run the module itself

@@ -269,11 +269,35 @@ class _GraphTracer(fx.Tracer):
         return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
 
 
-def _record_shapes(model: nn.Module, graph: fx.Graph, example_input: torch.Tensor) -> None:
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _conv_zeros(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like conv(x), sized by the output-length formula of torch's docs,
+    floor((L + 2 padding - dilation (kernel - 1) - 1) / stride) + 1: at the traced batch the
+    convolutions cost as much as the rest of the spec, and only shapes are recorded (the values
+    downstream are as arbitrary as the example input's). Anything unusual runs the module itself."""
+    nd = len(conv.kernel_size)
+    if (conv.padding_mode != "zeros" or x.dim() not in (nd + 1, nd + 2) or x.shape[-nd - 1] != conv.in_channels
+            or x.dtype != conv.weight.dtype):
+        return conv(x)
+    if conv.padding == "same":
+        spatial = list(x.shape[-nd:])
+    else:
+        pad = (0,) * nd if conv.padding == "valid" else conv.padding
+        spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+                   for n, p, d, k, s in zip(x.shape[-nd:], pad, conv.dilation, conv.kernel_size, conv.stride)]
+    if min(spatial) < 1:
+        return conv(x)  # let the module raise its own error
+    return x.new_zeros((*x.shape[:-nd - 1], conv.out_channels, *spatial))
+
+
+def _record_shapes(model: nn.Module, graph: fx.Graph, example_input: torch.Tensor, fast_convs: bool = True) -> None:
     """Runs the traced graph on the module itself, recording each tensor-valued node's shape in
     node.meta["shape"]: all the spec needs. A plain loop rather than an fx.Interpreter (whose per-node
     dispatch cost as much as the batch-2 convolutions themselves); values are dropped after their last
-    use, so memory stays that of a forward pass."""
+    use, so memory stays that of a forward pass. fast_convs: plain convolutions yield zeros of their
+    output's shape (see _conv_zeros)."""
     last: dict[fx.Node, fx.Node] = {}
     for n in graph.nodes:
         for a in n.all_input_nodes:
@@ -296,7 +320,9 @@ def _record_shapes(model: nn.Module, graph: fx.Graph, example_input: torch.Tenso
         else:
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
             if op == "call_module":
-                out = modules[n.target](*args, **kwargs)
+                mod = modules[n.target]
+                plain_conv = fast_convs and type(mod) in _CONVS and len(args) == 1 and not kwargs
+                out = _conv_zeros(mod, args[0]) if plain_conv else mod(*args, **kwargs)
             elif op == "call_function":
                 out = n.target(*args, **kwargs)
             else:
@@ -868,7 +894,10 @@ def spec_from_model(model: nn.Module, example_input: torch.Tensor) -> Permutatio
         torch.set_num_threads(1)  # a batch of 2: threads only add contention (50x slower on a busy machine)
         try:
             with torch.no_grad():
-                _record_shapes(model, graph, example_input)
+                try:
+                    _record_shapes(model, graph, example_input)
+                except Exception:  # noqa: BLE001 - an op downstream refused zeros: the real values then
+                    _record_shapes(model, graph, example_input, fast_convs=False)
         finally:
             torch.set_num_threads(threads)
     except Exception as e:  # noqa: BLE001 - any trace failure means: permute nothing
