@@ -533,7 +533,7 @@ def test_spec_records_the_shapes_shape_prop_finds_and_restores_training_modes():
 
 @settings(max_examples=200, deadline=None)
 @given(st.data())
-def test_conv_zeros_have_the_convolutions_output_shape(data):
+def test_shape_pass_sizes_convolutions_as_running_them_does(data):
     """The shape pass sizes plain convolutions by formula: it must agree with running them."""
     import stardomain.permute.spec as spec_mod
 
@@ -553,9 +553,28 @@ def test_conv_zeros_have_the_convolutions_output_shape(data):
     try:
         want = conv(x).shape
     except RuntimeError:  # too small for the kernel, or padding larger than the input allows
-        with pytest.raises(RuntimeError):
-            spec_mod._conv_zeros(conv, x)
+        assert spec_mod._shaped_like_output(conv, x) is None  # left to the module, which raises
         return
-    got = spec_mod._conv_zeros(conv, x)
-    assert got.shape == want
-    assert (mode == "zeros") == (not got.any())  # other padding modes run the module itself
+    got = spec_mod._shaped_like_output(conv, x)
+    if mode == "zeros":
+        assert got.shape == want and not got.any()
+    else:
+        assert got is None  # other padding modes run the module itself
+
+
+@pytest.mark.parametrize("bn, dims", [(nn.BatchNorm1d, (2, 3)), (nn.BatchNorm2d, (4,)), (nn.BatchNorm3d, (5,))])
+def test_shape_pass_skips_batchnorm_only_where_it_would_run(bn, dims):
+    import stardomain.permute.spec as spec_mod
+
+    mod = bn(3).eval()
+    for d in range(1, 7):
+        for c in (3, 4):
+            x = torch.randn(2, c, *[2] * (d - 2)) if d >= 2 else torch.randn(3)
+            try:
+                mod(x)
+                runs = True
+            except (RuntimeError, ValueError):
+                runs = False
+            got = spec_mod._shaped_like_output(mod, x)
+            assert (got is x) == runs and (runs or got is None)
+    assert spec_mod._shaped_like_output(mod.train(), torch.randn(2, 3, *[2] * (dims[-1] - 2))) is None

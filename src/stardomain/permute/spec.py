@@ -270,34 +270,44 @@ class _GraphTracer(fx.Tracer):
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}  # the input's dims
 
 
-def _conv_zeros(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """Zeros shaped like conv(x), sized by the output-length formula of torch's docs,
-    floor((L + 2 padding - dilation (kernel - 1) - 1) / stride) + 1: at the traced batch the
-    convolutions cost as much as the rest of the spec, and only shapes are recorded (the values
-    downstream are as arbitrary as the example input's). Anything unusual runs the module itself."""
-    nd = len(conv.kernel_size)
-    if (conv.padding_mode != "zeros" or x.dim() not in (nd + 1, nd + 2) or x.shape[-nd - 1] != conv.in_channels
-            or x.dtype != conv.weight.dtype):
-        return conv(x)
-    if conv.padding == "same":
+def _shaped_like_output(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """A tensor shaped like mod(x) without running mod, where its type (exactly: a subclass may
+    override forward) fixes the shape: x itself for elementwise layers and eval-mode BatchNorm; zeros
+    for zero-padded convolutions, sized by the output-length formula of torch's docs,
+    floor((L + 2 padding - dilation (kernel - 1) - 1) / stride) + 1. None: run mod. Only shapes are
+    recorded, and the values downstream are as arbitrary as the example input's; at the traced batch
+    the convolutions cost as much as the rest of the spec."""
+    kind = type(mod)
+    if kind in _ELEMENTWISE_MODULES:
+        return x
+    if kind in _BATCH_NORM_DIMS:
+        ok = x.dim() in _BATCH_NORM_DIMS[kind] and x.shape[1] == mod.num_features and not mod.training
+        return x if ok else None
+    if kind not in _CONVS or mod.padding_mode != "zeros" or x.dtype != mod.weight.dtype:
+        return None
+    nd = len(mod.kernel_size)
+    if x.dim() not in (nd + 1, nd + 2) or x.shape[-nd - 1] != mod.in_channels:
+        return None
+    if mod.padding == "same":
         spatial = list(x.shape[-nd:])
     else:
-        pad = (0,) * nd if conv.padding == "valid" else conv.padding
+        pad = (0,) * nd if mod.padding == "valid" else mod.padding
         spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-                   for n, p, d, k, s in zip(x.shape[-nd:], pad, conv.dilation, conv.kernel_size, conv.stride)]
+                   for n, p, d, k, s in zip(x.shape[-nd:], pad, mod.dilation, mod.kernel_size, mod.stride)]
     if min(spatial) < 1:
-        return conv(x)  # let the module raise its own error
-    return x.new_zeros((*x.shape[:-nd - 1], conv.out_channels, *spatial))
+        return None  # the module raises its own error
+    return x.new_zeros((*x.shape[:-nd - 1], mod.out_channels, *spatial))
 
 
-def _record_shapes(model: nn.Module, graph: fx.Graph, example_input: torch.Tensor, fast_convs: bool = True) -> None:
+def _record_shapes(model: nn.Module, graph: fx.Graph, example_input: torch.Tensor, fast: bool = True) -> None:
     """Runs the traced graph on the module itself, recording each tensor-valued node's shape in
     node.meta["shape"]: all the spec needs. A plain loop rather than an fx.Interpreter (whose per-node
     dispatch cost as much as the batch-2 convolutions themselves); values are dropped after their last
-    use, so memory stays that of a forward pass. fast_convs: plain convolutions yield zeros of their
-    output's shape (see _conv_zeros)."""
+    use, so memory stays that of a forward pass. fast: modules whose type fixes their output's shape
+    are not run (see _shaped_like_output)."""
     last: dict[fx.Node, fx.Node] = {}
     for n in graph.nodes:
         for a in n.all_input_nodes:
@@ -321,8 +331,10 @@ def _record_shapes(model: nn.Module, graph: fx.Graph, example_input: torch.Tenso
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
             if op == "call_module":
                 mod = modules[n.target]
-                plain_conv = fast_convs and type(mod) in _CONVS and len(args) == 1 and not kwargs
-                out = _conv_zeros(mod, args[0]) if plain_conv else mod(*args, **kwargs)
+                one = fast and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+                out = _shaped_like_output(mod, args[0]) if one else None
+                if out is None:
+                    out = mod(*args, **kwargs)
             elif op == "call_function":
                 out = n.target(*args, **kwargs)
             else:
@@ -897,7 +909,7 @@ def spec_from_model(model: nn.Module, example_input: torch.Tensor) -> Permutatio
                 try:
                     _record_shapes(model, graph, example_input)
                 except Exception:  # noqa: BLE001 - an op downstream refused zeros: the real values then
-                    _record_shapes(model, graph, example_input, fast_convs=False)
+                    _record_shapes(model, graph, example_input, fast=False)
         finally:
             torch.set_num_threads(threads)
     except Exception as e:  # noqa: BLE001 - any trace failure means: permute nothing
