@@ -326,11 +326,11 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
 
     last: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # term -> (index used, its matrix)
 
-    def cost(k: str) -> tuple[np.ndarray, list | None]:
+    def cost(k: str) -> tuple[np.ndarray, tuple | None]:
         """-> (the cost matrix the assignment is solved on, the terms left out of it or None): terms
         read through a group not yet solved in the informed first pass are left out, as (rows of A,
-        rows of B read through the current permutations): only their value at the old and the new
-        permutation is needed, <A, B[p]>, n times cheaper than their matrix."""
+        rows of B read through the current permutations), all such terms side by side: only their
+        value at the old and the new permutation is needed, <A, B[p]>, n times cheaper than their matrix."""
         n = spec.groups[k].size
         c = const[k].clone() if const[k] is not None else torch.zeros(n, n, dtype=dtype)
         blind = []
@@ -364,9 +364,11 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
                 term = ra @ bm.index_select(ax, idx).reshape(n, -1).T
             last[k, j] = (idx, term)
             c += term
-        return _np64(c), (blind or None)
+        if len(blind) > 1:
+            blind = [(torch.cat([a for a, _ in blind], 1), torch.cat([b for _, b in blind], 1))]
+        return _np64(c), (blind[0] if blind else None)
 
-    def solve(u: tuple[str, ...], cs: list[tuple[np.ndarray, list | None]], olds: list[torch.Tensor]):
+    def solve(u: tuple[str, ...], cs: list[tuple[np.ndarray, tuple | None]], olds: list[torch.Tensor]):
         """-> (new permutations of u's groups, value of the old ones, of the new ones (on the matrices
         solved), the same two on the full cost); reads no shared state."""
         g = spec.groups[u[0]]
@@ -380,8 +382,8 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
         def value(ps, full):
             v = sum(float(c[ar, p.numpy()].sum()) for (c, _), p in zip(cs, ps))
             if full:  # sum_i <A_i, B_p(i)> of each term left out
-                v += sum(float(torch.dot(a.view(-1), b.index_select(0, p).view(-1)))
-                         for (_, bl), p in zip(cs, ps) if bl for a, b in bl)
+                v += sum(float(torch.dot(bl[0].view(-1), bl[1].index_select(0, p).view(-1)))
+                         for (_, bl), p in zip(cs, ps) if bl is not None)
             return v
 
         old_v, new_v = value(olds, False), value(new, False)
