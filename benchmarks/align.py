@@ -4,9 +4,11 @@ Same pairs, same process: an MLP 784-512-512-10, the small BN CNN (Conv-BN-ReLU-
 linear; 28x28 input) and a CIFAR ResNet-20 (BN). A and B are independent seeded initialisations with
 randomised BN statistics and affines. With --trained, also MLP and BN CNN pairs trained for one epoch
 on MNIST (stardomain.train, seeds 0 and 1): trained weights give less degenerate assignment problems.
-Reported per side: wall time of the whole alignment (tracing + matching + applying; ours: best of
---reps, each run from scratch), the ratio, the L2 distance to A over *parameters* before and after
-alignment (the quantity weight matching minimises; BN running statistics are data summaries that
+Reported per side: wall time of the whole alignment (tracing + matching + applying), the median of
+--reps runs, each from scratch after a garbage collection (the median, not the best: rebasin draws a
+random group order, and its time varies 0.25-0.56 s on ResNet-20 with it; its runs are seeded 0, 1, ...
+so they repeat; ours is seeded and deterministic; the range is printed too), the ratio of the medians,
+the L2 distance to A over *parameters* before and after alignment (the quantity weight matching minimises; BN running statistics are data summaries that
 interpolation recomputes), and the output error of the aligned B against B
 (max |f_aligned(x) - f_B(x)| / max |f_B(x)|, eval mode, float32, 64 random inputs). A correct
 alignment has an output error at float32 rounding level (~1e-6). For ours, the number of linear
@@ -14,13 +16,15 @@ assignment problems solved and their total time (a separate, instrumented run) s
 time is scipy's solver.
 
     .venv/bin/pip install rebasin==0.0.47      # optional; not a stardomain dependency
-    .venv/bin/python benchmarks/align.py [--reps 3] [--threads 1] [--trained]
+    .venv/bin/python benchmarks/align.py [--reps 5] [--threads 1] [--trained]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import statistics
 import time
 
 import torch
@@ -72,6 +76,7 @@ def out_error(model, sd_ref, sd_new, x):
 
 
 def ours(ma, mb, x_trace):
+    gc.collect()
     t0 = time.perf_counter()
     spec = spec_from_model(mb, x_trace)
     t1 = time.perf_counter()
@@ -109,15 +114,17 @@ def theirs(ma, mb, x_trace):
     from rebasin import PermutationCoordinateDescent
 
     mb = copy.deepcopy(mb)
+    ma = copy.deepcopy(ma)
+    gc.collect()
     t0 = time.perf_counter()
-    pcd = PermutationCoordinateDescent(copy.deepcopy(ma), mb, x_trace)
+    pcd = PermutationCoordinateDescent(ma, mb, x_trace)
     pcd.rebasin()
     return {k: v.detach().clone() for k, v in mb.state_dict().items()}, time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=3, help="repetitions of ours (best time is reported)")
+    ap.add_argument("--reps", type=int, default=5, help="runs of each side (the median time is reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (on a shared 2-core "
                     "machine more than 1 makes small convolutions 50x slower through thread contention)")
     ap.add_argument("--trained", action="store_true", help="also align MLP and BN CNN pairs trained 1 epoch on MNIST")
@@ -146,21 +153,24 @@ def main() -> None:
         x = torch.randn(64, *shape, generator=torch.Generator().manual_seed(6))
         sd_a, sd_b = ma.state_dict(), mb.state_dict()
         params = [n for n, _ in mb.named_parameters()]
-        best = None
-        for _ in range(args.reps):
-            r = ours(ma, mb, x_trace)
-            best = r if best is None or r[1] < best[1] else best
-        sd_o, t_o, t_spec, iters = best
+        runs = [ours(ma, mb, x_trace) for _ in range(args.reps)]
+        sd_o, _, _, iters = runs[0]
+        t_o, t_spec = statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
+        span_o = f"{min(r[1] for r in runs):.3f}-{max(r[1] for r in runs):.3f}"
         n_lap, sizes, t_lap = lap_census(ma, mb, x_trace)
         d0, d_o, e_o = distance(sd_a, sd_b, params), distance(sd_a, sd_o, params), out_error(mb, sd_b, sd_o, x)
         print(f"\n{label} ({note}): parameter distance A-B {d0:.3f}")
-        print(f"  stardomain  {t_o:8.3f} s (spec {t_spec:.3f} s, {iters} passes, {n_lap} assignments "
+        print(f"  stardomain  {t_o:8.3f} s ({span_o}; spec {t_spec:.3f} s, {iters} passes, {n_lap} assignments "
               f"{dict(sorted(sizes.items()))} taking {t_lap:.3f} s)  distance after {d_o:.3f}  output error {e_o:.2e}")
         row = [label, t_o, d0, d_o, e_o, None, None, None]
         if have:
-            sd_r, t_r = theirs(ma, mb, x_trace)
+            runs = []
+            for rep in range(args.reps):
+                torch.manual_seed(rep)
+                runs.append(theirs(ma, mb, x_trace))
+            sd_r, t_r = runs[0][0], statistics.median(r[1] for r in runs)
             d_r, e_r = distance(sd_a, sd_r, params), out_error(mb, sd_b, sd_r, x)
-            print(f"  rebasin     {t_r:8.3f} s  distance after {d_r:.3f}  output error {e_r:.2e}")
+            print(f"  rebasin     {t_r:8.3f} s ({min(r[1] for r in runs):.3f}-{max(r[1] for r in runs):.3f})  distance after {d_r:.3f}  output error {e_r:.2e}")
             print(f"  speed-up    {t_r / t_o:8.1f}x   (scipy's assignments alone: {t_r / t_lap:.1f}x)")
             row[5:] = [t_r, d_r, e_r]
         rows.append(row)
