@@ -531,6 +531,7 @@ def test_spec_records_the_shapes_shape_prop_finds_and_restores_training_modes():
     assert not spec.groups and "reshape" in " ".join(u.reason for u in spec.unpermuted)  # it pins c's group
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's, when it runs them
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_shape_pass_sizes_convolutions_as_running_them_does(data):
@@ -576,5 +577,5 @@ def test_shape_pass_skips_batchnorm_only_where_it_would_run(bn, dims):
             except (RuntimeError, ValueError):
                 runs = False
             got = spec_mod._shaped_like_output(mod, x)
-            assert (got is x) == runs and (runs or got is None)
+            assert got.shape == x.shape and not got.any() if runs else got is None
     assert spec_mod._shaped_like_output(mod.train(), torch.randn(2, 3, *[2] * (dims[-1] - 2))) is None

@@ -274,18 +274,19 @@ _BATCH_NORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d
 
 
 def _shaped_like_output(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """A tensor shaped like mod(x) without running mod, where its type (exactly: a subclass may
-    override forward) fixes the shape: x itself for elementwise layers and eval-mode BatchNorm; zeros
-    for zero-padded convolutions, sized by the output-length formula of torch's docs,
+    """Zeros shaped like mod(x) without running mod, where its type (exactly: a subclass may override
+    forward) fixes the shape: x's for elementwise layers and eval-mode BatchNorm; for zero-padded
+    convolutions, the output-length formula of torch's docs,
     floor((L + 2 padding - dilation (kernel - 1) - 1) / stride) + 1. None: run mod. Only shapes are
     recorded, and the values downstream are as arbitrary as the example input's; at the traced batch
-    the convolutions cost as much as the rest of the spec."""
+    the convolutions cost as much as the rest of the spec. (Zeros, not x itself: an in-place op
+    downstream must not reach the caller's input or the model's weights through an alias.)"""
     kind = type(mod)
     if kind in _ELEMENTWISE_MODULES:
-        return x
+        return torch.zeros_like(x)
     if kind in _BATCH_NORM_DIMS:
         ok = x.dim() in _BATCH_NORM_DIMS[kind] and x.shape[1] == mod.num_features and not mod.training
-        return x if ok else None
+        return torch.zeros_like(x) if ok else None
     if kind not in _CONVS or mod.padding_mode != "zeros" or x.dtype != mod.weight.dtype:
         return None
     nd = len(mod.kernel_size)
