@@ -579,3 +579,30 @@ def test_shape_pass_skips_batchnorm_only_where_it_would_run(bn, dims):
             got = spec_mod._shaped_like_output(mod, x)
             assert got.shape == x.shape and not got.any() if runs else got is None
     assert spec_mod._shaped_like_output(mod.train(), torch.randn(2, 3, *[2] * (dims[-1] - 2))) is None
+
+
+class _InvertsItsFeatures(nn.Module):
+    """conv features reshaped to 2x2 matrices and inverted: zeros (the shape pass's placeholders for the
+    conv's output) are singular, the real values are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        m = self.c(x).mean((2, 3)).reshape(-1, 2, 2)
+        return self.fc(torch.linalg.inv(m).reshape(-1, 4))
+
+
+def test_shape_pass_reruns_on_real_values_when_an_op_refuses_the_placeholders():
+    import stardomain.permute.spec as spec_mod
+
+    model, x = _InvertsItsFeatures(), torch.randn(2, 1, 6, 6)
+    graph = spec_mod._GraphTracer().trace(model)
+    with pytest.raises(RuntimeError), torch.no_grad():
+        spec_mod._record_shapes(model, graph, x)  # the fast pass alone fails
+    spec = spec_from_model(model, x)
+    assert not any("could not trace" in u.reason for u in spec.unpermuted)
+    assert not spec.groups  # the conv's channels feed an op the tracer does not know: pinned, and said so
+    assert any(u.reason for u in spec.unpermuted)
