@@ -17,3 +17,19 @@ def digits_cfg():
         "model": {"name": "mlp", "kwargs": {"width": 16}},
         "train": {"epochs": 3, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
     })
+
+
+@pytest.fixture
+def spec_running_every_layer(monkeypatch):
+    """spec_from_model with a shape pass that runs every layer, where the default one puts zeros of the
+    right shape in for convolutions, BatchNorm and activations: the two specs must be equal."""
+    import stardomain.permute.spec as spec_mod
+
+    real = spec_mod._record_shapes
+
+    def spec(model, x):
+        with monkeypatch.context() as mp:
+            mp.setattr(spec_mod, "_record_shapes", lambda m, g, example, fast=True: real(m, g, example, fast=False))
+            return spec_mod.spec_from_model(model, x)
+
+    return spec

@@ -62,13 +62,14 @@ def _check_roundtrip(model, shape, seed=0):
 
 
 @pytest.mark.parametrize("name,kwargs,shape", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_registry_models_permute_exactly(name, kwargs, shape):
+def test_registry_models_permute_exactly(name, kwargs, shape, spec_running_every_layer):
     torch.manual_seed(0)
     model = build_model({"name": name, "kwargs": kwargs}, shape, 5)
     spec = _check_roundtrip(model, shape)
     # only the classifier's output axis is pinned (it is the model output)
     assert len(spec.unpermuted) == 1 and spec.unpermuted[0].reason == "model output"
     assert spec.groups
+    assert spec_running_every_layer(model, torch.randn(2, *shape)) == spec
 
 
 def test_every_registered_model_is_covered():

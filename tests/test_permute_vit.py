@@ -25,9 +25,10 @@ def test_vit_is_registered_and_runs():
         _vit(dim=10, heads=3)
 
 
-def test_vit_spec_structure():
+def test_vit_spec_structure(spec_running_every_layer):
     m = _vit()
     spec = spec_from_model(m, torch.zeros(2, 1, 8, 8))
+    assert spec_running_every_layer(m, torch.zeros(2, 1, 8, 8)) == spec
     sizes = sorted((g.size, g.heads) for g in spec.groups.values())
     # 1 residual stream (12), per block: MLP hidden (10), q/k and v/o (12 units in 3 heads)
     assert sizes == [(10, 0), (10, 0), (12, 0), (12, 3), (12, 3), (12, 3), (12, 3)]
