@@ -5,15 +5,15 @@ linear; 28x28 input) and a CIFAR ResNet-20 (BN). A and B are independent seeded 
 randomised BN statistics and affines. With --trained, also MLP and BN CNN pairs trained for one epoch
 on MNIST (stardomain.train, seeds 0 and 1): trained weights give less degenerate assignment problems.
 Reported per side: wall time of the whole alignment (tracing + matching + applying), the median of
---reps runs, each from scratch after a garbage collection (the median, not the best: rebasin draws a
-random group order, and its time varies 0.25-0.56 s on ResNet-20 with it; its runs are seeded 0, 1, ...
-so they repeat; ours is seeded and deterministic; the range is printed too), the ratio of the medians,
-the L2 distance to A over *parameters* before and after alignment (the quantity weight matching minimises; BN running statistics are data summaries that
-interpolation recomputes), and the output error of the aligned B against B
-(max |f_aligned(x) - f_B(x)| / max |f_B(x)|, eval mode, float32, 64 random inputs). A correct
-alignment has an output error at float32 rounding level (~1e-6). For ours, the number of linear
-assignment problems solved and their total time (a separate, instrumented run) show how much of the
-time is scipy's solver.
+--reps runs, each from scratch after a garbage collection, with their range. The median, not the best:
+rebasin draws a random group order and its time varies with it (0.26-0.95 s on ResNet-20 over 30
+seeds); its runs are seeded 0, 1, ... so they repeat, and ours is seeded and deterministic. Also the
+ratio of the medians, the L2 distance to A over *parameters* before and after alignment (the quantity
+weight matching minimises; BN running statistics are data summaries that interpolation recomputes), and
+the output error of the aligned B against B (max |f_aligned(x) - f_B(x)| / max |f_B(x)|, eval mode,
+float32, 64 random inputs). A correct alignment has an output error at float32 rounding level (~1e-6).
+For ours, the number of linear assignment problems solved and their total time (a separate,
+instrumented run) show how much of the time is scipy's solver.
 
     .venv/bin/pip install rebasin==0.0.47      # optional; not a stardomain dependency
     .venv/bin/python benchmarks/align.py [--reps 5] [--threads 1] [--trained]
@@ -170,7 +170,8 @@ def main() -> None:
                 runs.append(theirs(ma, mb, x_trace))
             sd_r, t_r = runs[0][0], statistics.median(r[1] for r in runs)
             d_r, e_r = distance(sd_a, sd_r, params), out_error(mb, sd_b, sd_r, x)
-            print(f"  rebasin     {t_r:8.3f} s ({min(r[1] for r in runs):.3f}-{max(r[1] for r in runs):.3f})  distance after {d_r:.3f}  output error {e_r:.2e}")
+            span_r = f"{min(r[1] for r in runs):.3f}-{max(r[1] for r in runs):.3f}"
+            print(f"  rebasin     {t_r:8.3f} s ({span_r})  distance after {d_r:.3f}  output error {e_r:.2e}")
             print(f"  speed-up    {t_r / t_o:8.1f}x   (scipy's assignments alone: {t_r / t_lap:.1f}x)")
             row[5:] = [t_r, d_r, e_r]
         rows.append(row)
