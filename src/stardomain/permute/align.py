@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .matching import activation_matching, apply_permutation, distance, weight_matching
+from .matching import INITS, activation_matching, apply_permutation, distance, weight_matching
 from .spec import PermutationSpec, spec_from_model
 
 TOLERANCE = 1e-5
@@ -97,9 +97,6 @@ def check_equivalence(model, sd, sd_perm, example_input, tol: float = TOLERANCE)
         raise EquivalenceError(f"the permuted model's outputs differ from the original's by {err:.3g} "
                                f"(relative; tolerance {tol:g}): the permutation spec is wrong for this model")
     return err
-
-
-INITS = ("informed", "identity", "sorted")
 
 
 def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tensor, method: str = "weight",

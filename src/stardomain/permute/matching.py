@@ -162,6 +162,9 @@ class _Threads:
             torch.set_num_threads(self.saved)
 
 
+INITS = ("informed", "identity", "sorted")  # weight_matching's named starts
+
+
 def weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int = 0, max_iter: int = 100,
                     init: dict[str, torch.Tensor] | str | None = "informed",
                     workers: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -211,7 +214,7 @@ def weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int 
             perm, info, _ = _weight_matching(spec, sd_a, sd_b, **kw)
             return perm, {**info, "init": "identity"}
         if init != "sorted":
-            raise ValueError(f"init must be 'informed', 'identity', 'sorted' or a permutation dict, got {init!r}")
+            raise ValueError(f"init must be one of {INITS} or a permutation dict, got {init!r}")
         perm, info, _ = _weight_matching(spec, sd_a, sd_b, init=_sorted_init(spec, sd_a, sd_b), **kw)
         info["init"] = "sorted"
         if _objective(spec, sd_a, sd_b, perm) < _objective(spec, sd_a, sd_b, identity(spec)):
