@@ -389,3 +389,37 @@ def test_init_average_is_the_aligned_average(digits_cfg, digit_sources):
     for k, v in star.state_dict().items():
         want = sum(a[k] for a in aligned) / len(aligned)
         torch.testing.assert_close(v, want, rtol=1e-5, atol=1e-6)
+
+
+def _untimed(meta: dict) -> dict:
+    """A star file's metadata without its timings (the only fields allowed to differ between runs)."""
+    star = {k: v for k, v in meta["star"].items() if k not in ("seconds", "align_seconds")}
+    return {**meta, "star": star}
+
+
+def test_interrupted_star_file_has_the_same_metadata_and_bits(source_files, tmp_path):
+    """Killed after epoch 1 of 3 and re-run: the same weights and the same metadata (alignment count,
+    history, steps, metrics), timings aside; the counters are not per process."""
+    conf, paths = source_files
+    cfg = load_config(conf, ["star.align_every=epoch", "train.epochs=3"])
+    ref = tmp_path / "ref.safetensors"
+    sl.star_to_file(cfg, paths, ref, seed=4, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_1(epoch, rec):
+        if epoch == 1:
+            raise Stop
+
+    out = tmp_path / "star.safetensors"
+    with pytest.raises(Stop):
+        sl.star_to_file(cfg, paths, out, seed=4, progress=False, on_epoch=stop_after_1)
+    assert out.with_name(out.name + ".state").exists() and not out.exists()
+    sl.star_to_file(cfg, paths, out, seed=4, progress=False)
+    sd_ref, meta_ref = read_model_file(ref)
+    sd, meta = read_model_file(out)
+    assert meta["star"]["alignments"] == 3 == meta_ref["star"]["alignments"]  # one per epoch, by hand
+    assert [h["epoch"] for h in meta["star"]["history"]] == [1, 2, 3]
+    assert _untimed(meta) == _untimed(meta_ref)
+    assert all(torch.equal(sd[k], sd_ref[k]) for k in sd_ref)
