@@ -286,6 +286,88 @@ def test_killed_study_resumes_to_identical_results(local_run, tiny_yaml, tmp_pat
     assert (out / "results.json").read_bytes() == (out_ref / "results.json").read_bytes()
 
 
+def test_study_interrupted_inside_the_star_resumes_to_identical_results(local_run, tiny_yaml, tmp_path, monkeypatch):
+    """Stopped after the star's first epoch (its resume state on disk), then re-run: results.json byte for
+    byte as uninterrupted, the star's provenance (number of alignments, history) included."""
+    import stardomain.starlight as sl
+
+    out_ref, _ = local_run
+    real = sl.star_to_file
+
+    class Killed(Exception):
+        pass
+
+    def die_after_epoch_1(epoch, rec):
+        if epoch == 1:
+            raise Killed
+
+    monkeypatch.setattr(sl, "star_to_file", lambda *a, **kw: real(*a, **kw, on_epoch=die_after_epoch_1))
+    out = tmp_path / "s"
+    with pytest.raises(Killed):
+        run_study(load_config(tiny_yaml), out, progress=False, report=False)
+    assert list((out / "models").glob("star-*.safetensors.state"))
+    assert not list((out / "models").glob("star-*.safetensors"))
+    monkeypatch.setattr(sl, "star_to_file", real)
+    res = run_study(load_config(tiny_yaml), out, progress=False, report=False)
+    assert res["models"]["star"]["info"]["star"]["alignments"] == 2  # align_every epoch, 2 epochs
+    assert (out / "results.json").read_bytes() == (out_ref / "results.json").read_bytes()
+
+
+# ---------------------------------------------------------------- one run per folder
+
+def test_second_run_on_a_locked_folder_exits_2_naming_the_holder(tiny_yaml, tmp_path):
+    import socket
+
+    from stardomain.lock import study_lock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with study_lock(out, command="test"):
+        line = (out / ".lock").read_text()
+        assert line.startswith(f"pid {os.getpid()} host {socket.gethostname()} since ") and "command test" in line
+        r = subprocess.run([STARDOMAIN, "run", str(tiny_yaml), "--out", str(out)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"study folder {out} is in use by pid {os.getpid()} on {socket.gethostname()} since " in r.stderr
+        assert "wait for it or use another --out" in r.stderr
+        with pytest.raises(UserError, match="is in use by pid"):  # the library entry is locked too
+            run_study(load_config(tiny_yaml), out, progress=False)
+        assert not (out / "models").exists()
+    assert (out / ".lock").read_text() == ""  # released: nobody named
+
+
+def test_lock_of_a_killed_run_is_released(tmp_path):
+    from stardomain.lock import study_lock
+
+    code = ("import sys, time; from stardomain.lock import study_lock\n"
+            "with study_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"in use by pid {proc.pid} "):
+            with study_lock(tmp_path):
+                pass
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs in the holder
+        proc.wait()
+    with study_lock(tmp_path) as p:  # the kernel dropped the dead holder's lock
+        assert p.read_text().startswith(f"pid {os.getpid()} ")
+
+
+def test_out_must_be_a_study_folder(tiny_yaml, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("mine")
+    with pytest.raises(UserError, match="is a file"):
+        run_study(load_config(tiny_yaml), f, progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.md").write_text("mine")
+    r = subprocess.run([STARDOMAIN, "run", str(tiny_yaml), "--out", str(other)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "--force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in other.iterdir()) == ["notes.md"]
+
+
 def test_ray_executor_gives_the_same_results(local_run, tiny_yaml, tmp_path):
     pytest.importorskip("ray")
     import ray

@@ -690,17 +690,40 @@ def _timing_table(plan: Plan, root: Path) -> dict:
     return {"tasks": out, "total_seconds_by_op": by_op}
 
 
+_STUDY_MARKS = ("plan.json", ".lock", "results.json")
+
+
+def check_study_folder(root: Path, force: bool = False) -> None:
+    """The study folder is DIR itself: refuse a file, and a non-empty folder that is not a study folder
+    (a run writes report.md, plots/, ... into it) unless `force`."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file; a study writes a folder (give a folder path)")
+    if not force and root.is_dir() and any(root.iterdir()) and not any((root / m).exists() for m in _STUDY_MARKS):
+        raise UserError(f"--out {root} is a folder with other files in it, not a study folder; choose another "
+                        "--out or pass --force to write the study into it")
+
+
 def run_study(cfg: Config, out: str | Path, *, executor: str = "local", ray_address: str | None = None,
-              progress: bool | None = None, report: bool = True, num_workers: int | None = None) -> dict:
-    """Plan, execute what is not cached, collect, write results.json (+ timings.json, report)."""
+              progress: bool | None = None, report: bool = True, num_workers: int | None = None,
+              force: bool = False) -> dict:
+    """Plan, execute what is not cached, collect, write results.json (+ timings.json, report). The folder is
+    locked while this runs (`lock.study_lock`): a second run on it stops with a UserError naming the holder."""
     from .data import get_dataset
     from .executors import get_executor
+    from .lock import study_lock
 
     ex = get_executor(executor, address=ray_address, num_workers=num_workers)
     plan = build_plan(cfg)
     get_dataset(cfg.data)  # a missing data set stops here, before any work
     root = Path(out)
+    check_study_folder(root, force)
     root.mkdir(parents=True, exist_ok=True)
+    with study_lock(root):
+        return _run_locked(cfg, plan, ex, executor, root, progress, report)
+
+
+def _run_locked(cfg: Config, plan: Plan, ex, executor: str, root: Path, progress: bool | None, report: bool) -> dict:
+    """run_study's work, with the folder's lock held."""
     atomic_write_json(root / "plan.json", plan.to_json())
     t0 = time.perf_counter()
     ex.run(plan, root, progress=progress)
