@@ -381,6 +381,35 @@ def test_ray_executor_gives_the_same_results(local_run, tiny_yaml, tmp_path):
     assert (out / "results.json").read_bytes() == (out_ref / "results.json").read_bytes()
 
 
+@pytest.mark.slow
+def test_ray_worker_killed_mid_study_is_retried(tmp_path, monkeypatch):
+    """A local cluster of a head and a worker node; the worker process that starts the star kills itself
+    (SIGKILL, once): Ray retries the task and the study ends with the local executor's results.json."""
+    pytest.importorskip("ray")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from stardomain.study import CRASH_ENV
+
+    cfg = tiny_cfg(study={"n_sources": 2, "n_heldouts": 1})
+    ref = tmp_path / "local"
+    run_study(cfg, ref, progress=False, report=False)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setenv(CRASH_ENV, f"star:{marks}")  # before the nodes start: their workers inherit it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        run_study(cfg, tmp_path / "ray", executor="ray", ray_address=cluster.address, progress=False, report=False)
+        assert len(ray.nodes()) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert (marks / "crashed-star").exists()  # a worker did die starting the star
+    assert (tmp_path / "ray" / "results.json").read_bytes() == (ref / "results.json").read_bytes()
+
+
 # ---------------------------------------------------------------- configs and CLI
 
 def test_default_config_is_embedded_and_identical():

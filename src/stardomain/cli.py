@@ -225,7 +225,8 @@ def bma_(
 
     files = sources_with_extra(ctx, sources, "bma")
     check_distinct(json=json_out, plot=plot, report=report)
-    for path, kind, opt in ((json_out, "bma.json", "--json"), (plot, "bma.png", "--plot"), (report, "bma.md", "--report")):
+    for path, kind, opt in ((json_out, "bma.json", "--json"), (plot, "bma.png", "--plot"),
+                            (report, "bma.md", "--report")):
         check_output(path, kind, force=force, inputs=[star, *files, fusion], option=opt)
     try:
         n_list = [int(v) for v in ns.split(",") if v.strip()] if ns else None

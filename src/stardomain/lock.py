@@ -33,7 +33,8 @@ def study_lock(root: str | Path, command: str | None = None) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"study folder {root} is in use by {_holder(fd)}; wait for it or use another --out") from None
+            raise UserError(f"study folder {root} is in use by {_holder(fd)}; wait for it or use another "
+                            "--out") from None
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         line = f"pid {os.getpid()} host {socket.gethostname()} since {when} command {command or shlex.join(sys.argv)}\n"
         os.ftruncate(fd, 0)

@@ -17,6 +17,8 @@ import copy
 import hashlib
 import json
 import math
+import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -435,12 +437,30 @@ def _run_bma(task: Task, root: Path) -> None:
 _OPS = {"train": _run_train, "star": _run_star, "average": _run_average, "pair": _run_pair, "bma": _run_bma}
 
 
+CRASH_ENV = "STARDOMAIN_TEST_CRASH_ONCE"
+
+
+def _test_crash_once(task: Task) -> None:
+    """Tests of fault tolerance only: with STARDOMAIN_TEST_CRASH_ONCE=OP:DIR in the environment (Ray workers
+    inherit it), the first process to start a task of op OP creates DIR/crashed-OP and kills itself with
+    SIGKILL, as if the machine had killed the worker; every later attempt runs normally."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec or spec.split(":", 1)[0] != task.op:
+        return
+    try:
+        os.close(os.open(os.path.join(spec.split(":", 1)[1], f"crashed-{task.op}"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def execute(task: Task, root: str | Path) -> str:
     """Run one task in this process (any executor calls this). Deterministic: fixed torch threads and a
     global RNG seeded from the task key, so the result never depends on what ran before in the process."""
     import torch
 
     root = Path(root)
+    _test_crash_once(task)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(task.cpus)))
     try:
