@@ -21,8 +21,8 @@ from scipy import stats as sps
 from stardomain.config import Config, load_config, validate
 from stardomain.errors import UserError
 from stardomain.executors import pending
-from stardomain.study import (build_plan, mann_whitney_less, paired_wilcoxon_less, run_study, summarize,
-                              default_config_path)
+from stardomain.study import (build_plan, check_study_folder, mann_whitney_less, paired_wilcoxon_less, run_study,
+                              summarize, default_config_path)
 
 ROOT = Path(__file__).resolve().parents[1]
 STARDOMAIN = str(Path(sys.executable).with_name("stardomain"))
@@ -315,7 +315,17 @@ def test_study_interrupted_inside_the_star_resumes_to_identical_results(local_ru
 
 # ---------------------------------------------------------------- one run per folder
 
-def test_second_run_on_a_locked_folder_exits_2_naming_the_holder(tiny_yaml, tmp_path):
+def _main(monkeypatch, capsys, *args):
+    """The CLI in process (the console script's main()): -> (exit code, stderr)."""
+    from stardomain import cli
+
+    monkeypatch.setattr(sys, "argv", ["stardomain", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    return e.value.code, capsys.readouterr().err
+
+
+def test_second_run_on_a_locked_folder_exits_2_naming_the_holder(tiny_yaml, tmp_path, monkeypatch, capsys):
     import socket
 
     from stardomain.lock import study_lock
@@ -325,11 +335,11 @@ def test_second_run_on_a_locked_folder_exits_2_naming_the_holder(tiny_yaml, tmp_
     with study_lock(out, command="test"):
         line = (out / ".lock").read_text()
         assert line.startswith(f"pid {os.getpid()} host {socket.gethostname()} since ") and "command test" in line
-        r = subprocess.run([STARDOMAIN, "run", str(tiny_yaml), "--out", str(out)], capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert f"study folder {out} is in use by pid {os.getpid()} on {socket.gethostname()} since " in r.stderr
-        assert "wait for it or use another --out" in r.stderr
+        # a second open file description of .lock, as another process would have: flock refuses it too
+        code, err = _main(monkeypatch, capsys, "run", tiny_yaml, "--out", out)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"study folder {out} is in use by pid {os.getpid()} on {socket.gethostname()} since " in err
+        assert "wait for it or use another --out" in err
         with pytest.raises(UserError, match="is in use by pid"):  # the library entry is locked too
             run_study(load_config(tiny_yaml), out, progress=False)
         assert not (out / "models").exists()
@@ -354,7 +364,7 @@ def test_lock_of_a_killed_run_is_released(tmp_path):
         assert p.read_text().startswith(f"pid {os.getpid()} ")
 
 
-def test_out_must_be_a_study_folder(tiny_yaml, tmp_path):
+def test_out_must_be_a_study_folder(tiny_yaml, tmp_path, monkeypatch, capsys):
     f = tmp_path / "file"
     f.write_text("mine")
     with pytest.raises(UserError, match="is a file"):
@@ -362,10 +372,14 @@ def test_out_must_be_a_study_folder(tiny_yaml, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.md").write_text("mine")
-    r = subprocess.run([STARDOMAIN, "run", str(tiny_yaml), "--out", str(other)], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and "--force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    code, err = _main(monkeypatch, capsys, "run", tiny_yaml, "--out", other)
+    assert code == 2 and "--force" in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in other.iterdir()) == ["notes.md"]
+    check_study_folder(other, force=True)  # what --force allows
+    (other / "plan.json").write_text("{}")
+    check_study_folder(other)  # a study folder (of any config: artifacts are keyed) is reused
+    with pytest.raises(UserError, match="is a file"):
+        check_study_folder(f, force=True)
 
 
 def test_ray_executor_gives_the_same_results(local_run, tiny_yaml, tmp_path):
