@@ -57,10 +57,9 @@ def train(
 
     Example: stardomain train --config configs/mnist_mlp.yaml --seed 0 --out runs/m0.safetensors
     """
+    from .checkpoint import check_output
     from .config import load_config
     from .train import train_to_file
-
-    from .checkpoint import check_output
 
     cfg = load_config(config, set_)
     check_output(out, "train", {"role": role, "seed": seed, "config": cfg.model_dump()}, force=force,
@@ -144,10 +143,9 @@ def star(
 
     Example: stardomain star --config c.yaml --sources runs/s*.safetensors --out runs/star.safetensors --set star.chunks=4
     """
+    from .checkpoint import check_output, read_model_file, read_model_meta
     from .config import load_config
     from .starlight import star_to_file
-
-    from .checkpoint import check_output, read_model_file, read_model_meta
 
     sources = sources_with_extra(ctx, sources, "star")
     cfg = load_config(config, set_)
