@@ -389,3 +389,50 @@ def test_init_average_is_the_aligned_average(digits_cfg, digit_sources):
     for k, v in star.state_dict().items():
         want = sum(a[k] for a in aligned) / len(aligned)
         torch.testing.assert_close(v, want, rtol=1e-5, atol=1e-6)
+
+
+def _untimed(meta: dict) -> dict:
+    """A star file's metadata without its timings (the only fields allowed to differ between runs)."""
+    star = {k: v for k, v in meta["star"].items() if k not in ("seconds", "align_seconds")}
+    return {**meta, "star": star}
+
+
+@pytest.mark.parametrize("align_every", ["epoch", "5"])
+@pytest.mark.parametrize("old_state", [False, True])
+def test_interrupted_star_file_has_the_same_metadata_and_bits(source_files, tmp_path, align_every, old_state):
+    """Killed after epoch 1 of 3 and re-run: the same weights and the same metadata (alignment count,
+    history, steps, metrics), timings aside; the counters are not per process. `old_state`: a resume
+    state written before the counters were saved (they are then derived from the progress)."""
+    from stardomain.checkpoint import load_state, save_state
+
+    conf, paths = source_files
+    cfg = load_config(conf, [f"star.align_every={align_every}", "train.epochs=3"])
+    ref = tmp_path / "ref.safetensors"
+    sl.star_to_file(cfg, paths, ref, seed=4, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_1(epoch, rec):
+        if epoch == 1:
+            raise Stop
+
+    out = tmp_path / "star.safetensors"
+    with pytest.raises(Stop):
+        sl.star_to_file(cfg, paths, out, seed=4, progress=False, on_epoch=stop_after_1)
+    state = out.with_name(out.name + ".state")
+    assert state.exists() and not out.exists()
+    if old_state:
+        st = load_state(state)
+        assert st["alignments"] == (1 if align_every == "epoch" else -(-st["step"] // 5))
+        save_state(state, {k: v for k, v in st.items() if k not in ("alignments", "align_seconds", "seconds")})
+    sl.star_to_file(cfg, paths, out, seed=4, progress=False)
+    sd_ref, meta_ref = read_model_file(ref)
+    sd, meta = read_model_file(out)
+    steps = meta_ref["star"]["steps"]
+    assert steps == 3 * (1347 // 64)
+    want = 3 if align_every == "epoch" else -(-steps // 5)  # one per epoch / every 5th step from step 0, by hand
+    assert meta["star"]["alignments"] == want == meta_ref["star"]["alignments"]
+    assert [h["epoch"] for h in meta["star"]["history"]] == [1, 2, 3]
+    assert _untimed(meta) == _untimed(meta_ref)
+    assert all(torch.equal(sd[k], sd_ref[k]) for k in sd_ref)

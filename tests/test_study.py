@@ -21,8 +21,8 @@ from scipy import stats as sps
 from stardomain.config import Config, load_config, validate
 from stardomain.errors import UserError
 from stardomain.executors import pending
-from stardomain.study import (build_plan, mann_whitney_less, paired_wilcoxon_less, run_study, summarize,
-                              default_config_path)
+from stardomain.study import (build_plan, check_study_folder, mann_whitney_less, paired_wilcoxon_less, run_study,
+                              summarize, default_config_path)
 
 ROOT = Path(__file__).resolve().parents[1]
 STARDOMAIN = str(Path(sys.executable).with_name("stardomain"))
@@ -286,6 +286,102 @@ def test_killed_study_resumes_to_identical_results(local_run, tiny_yaml, tmp_pat
     assert (out / "results.json").read_bytes() == (out_ref / "results.json").read_bytes()
 
 
+def test_study_interrupted_inside_the_star_resumes_to_identical_results(local_run, tiny_yaml, tmp_path, monkeypatch):
+    """Stopped after the star's first epoch (its resume state on disk), then re-run: results.json byte for
+    byte as uninterrupted, the star's provenance (number of alignments, history) included."""
+    import stardomain.starlight as sl
+
+    out_ref, _ = local_run
+    real = sl.star_to_file
+
+    class Killed(Exception):
+        pass
+
+    def die_after_epoch_1(epoch, rec):
+        if epoch == 1:
+            raise Killed
+
+    monkeypatch.setattr(sl, "star_to_file", lambda *a, **kw: real(*a, **kw, on_epoch=die_after_epoch_1))
+    out = tmp_path / "s"
+    with pytest.raises(Killed):
+        run_study(load_config(tiny_yaml), out, progress=False, report=False)
+    assert list((out / "models").glob("star-*.safetensors.state"))
+    assert not list((out / "models").glob("star-*.safetensors"))
+    monkeypatch.setattr(sl, "star_to_file", real)
+    res = run_study(load_config(tiny_yaml), out, progress=False, report=False)
+    assert res["models"]["star"]["info"]["star"]["alignments"] == 2  # align_every epoch, 2 epochs
+    assert (out / "results.json").read_bytes() == (out_ref / "results.json").read_bytes()
+
+
+# ---------------------------------------------------------------- one run per folder
+
+def _main(monkeypatch, capsys, *args):
+    """The CLI in process (the console script's main()): -> (exit code, stderr)."""
+    from stardomain import cli
+
+    monkeypatch.setattr(sys, "argv", ["stardomain", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    return e.value.code, capsys.readouterr().err
+
+
+def test_second_run_on_a_locked_folder_exits_2_naming_the_holder(tiny_yaml, tmp_path, monkeypatch, capsys):
+    import socket
+
+    from stardomain.lock import study_lock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with study_lock(out, command="test"):
+        line = (out / ".lock").read_text()
+        assert line.startswith(f"pid {os.getpid()} host {socket.gethostname()} since ") and "command test" in line
+        # a second open file description of .lock, as another process would have: flock refuses it too
+        code, err = _main(monkeypatch, capsys, "run", tiny_yaml, "--out", out)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"study folder {out} is in use by pid {os.getpid()} on {socket.gethostname()} since " in err
+        assert "wait for it or use another --out" in err
+        with pytest.raises(UserError, match="is in use by pid"):  # the library entry is locked too
+            run_study(load_config(tiny_yaml), out, progress=False)
+        assert not (out / "models").exists()
+    assert (out / ".lock").read_text() == ""  # released: nobody named
+
+
+def test_lock_of_a_killed_run_is_released(tmp_path):
+    from stardomain.lock import study_lock
+
+    code = ("import sys, time; from stardomain.lock import study_lock\n"
+            "with study_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"in use by pid {proc.pid} "):
+            with study_lock(tmp_path):
+                pass
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs in the holder
+        proc.wait()
+    with study_lock(tmp_path) as p:  # the kernel dropped the dead holder's lock
+        assert p.read_text().startswith(f"pid {os.getpid()} ")
+
+
+def test_out_must_be_a_study_folder(tiny_yaml, tmp_path, monkeypatch, capsys):
+    f = tmp_path / "file"
+    f.write_text("mine")
+    with pytest.raises(UserError, match="is a file"):
+        run_study(load_config(tiny_yaml), f, progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.md").write_text("mine")
+    code, err = _main(monkeypatch, capsys, "run", tiny_yaml, "--out", other)
+    assert code == 2 and "--force" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in other.iterdir()) == ["notes.md"]
+    check_study_folder(other, force=True)  # what --force allows
+    (other / "plan.json").write_text("{}")
+    check_study_folder(other)  # a study folder (of any config: artifacts are keyed) is reused
+    with pytest.raises(UserError, match="is a file"):
+        check_study_folder(f, force=True)
+
+
 def test_ray_executor_gives_the_same_results(local_run, tiny_yaml, tmp_path):
     pytest.importorskip("ray")
     import ray
@@ -297,6 +393,35 @@ def test_ray_executor_gives_the_same_results(local_run, tiny_yaml, tmp_path):
     finally:
         ray.shutdown()
     assert (out / "results.json").read_bytes() == (out_ref / "results.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_ray_worker_killed_mid_study_is_retried(tmp_path, monkeypatch):
+    """A local cluster of a head and a worker node; the worker process that starts the star kills itself
+    (SIGKILL, once): Ray retries the task and the study ends with the local executor's results.json."""
+    pytest.importorskip("ray")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from stardomain.study import CRASH_ENV
+
+    cfg = tiny_cfg(study={"n_sources": 2, "n_heldouts": 1})
+    ref = tmp_path / "local"
+    run_study(cfg, ref, progress=False, report=False)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setenv(CRASH_ENV, f"star:{marks}")  # before the nodes start: their workers inherit it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        run_study(cfg, tmp_path / "ray", executor="ray", ray_address=cluster.address, progress=False, report=False)
+        assert len(ray.nodes()) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert (marks / "crashed-star").exists()  # a worker did die starting the star
+    assert (tmp_path / "ray" / "results.json").read_bytes() == (ref / "results.json").read_bytes()
 
 
 # ---------------------------------------------------------------- configs and CLI

@@ -614,7 +614,7 @@ def plot(rec: dict, out=None, title: str | None = None) -> bytes:
                  f"{rec.get('data', '')})", fontsize=11)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", metadata={"Software": "stardomain barrier"})  # see checkpoint.check_output
     plt.close(fig)
     png = buf.getvalue()
     if out is not None:

@@ -708,6 +708,6 @@ def plot_result(result: dict, path) -> None:
     fig.suptitle(f"BMA: {result.get('_info', {}).get('n_sources')} sources, K = {result.get('_info', {}).get('k')}")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, metadata={"Software": "stardomain bma"})  # see checkpoint.check_output
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())

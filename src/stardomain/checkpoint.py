@@ -13,7 +13,7 @@ import platform
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -222,3 +222,139 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if "state" not in meta:
         raise UserError(f"{path}: not a stardomain training state")
     return _unflatten(json.loads(meta["state"]), tensors)
+
+
+# ---- output policy: nothing is overwritten by surprise ----
+
+# What each output option writes, and how to recognise a file an earlier run of the same command wrote.
+_JSON_KEYS = {"barrier.json": {"t", "train", "test", "barrier", "files"},
+              "align.json": {"method", "reference_sha256", "source_sha256", "out_sha256"}}
+_PNG_SOFTWARE = {"barrier.png": "stardomain barrier", "bma.png": "stardomain bma"}
+_MD_HEAD = {"bma.md": "## Bayesian model averaging"}
+MODEL_KINDS = ("train", "star", "align")
+
+
+def read_model_meta(path: str | Path) -> dict | None:
+    """The stardomain metadata of a model file from its header alone (no weights read, nothing verified):
+    cheap enough to ask of any path. None when it is not a stardomain model file."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 0 < n <= 100_000_000:
+                return None
+            header = json.loads(f.read(n))
+        meta = json.loads(header["__metadata__"][META_KEY])
+        return meta if isinstance(meta, dict) else None
+    except (OSError, struct.error, ValueError, KeyError, TypeError):
+        return None
+
+
+def model_kind(meta: dict) -> str:
+    """Which command made a model file: align (has an alignment record), star, merged, or train."""
+    if "alignment" in meta:
+        return "align"
+    if meta.get("role") == "star" and "sources" in meta:
+        return "star"
+    return "merged" if "merge" in meta else "train"
+
+
+def model_job(kind: str, meta: dict) -> dict:
+    """What identifies the job that wrote a model file: re-running that job may replace the file (a refresh
+    or a resume, not a surprise). train: role, seed, config; star: + the sources' sha256; align: A's and B's
+    sha256. Normalised through JSON so a live config and one read back from a file compare equal."""
+    if kind == "align":
+        a = meta.get("alignment") or {}
+        job = {"reference_sha256": a.get("reference_sha256"), "source_sha256": a.get("source_sha256")}
+    else:
+        job = {"role": meta.get("role"), "seed": meta.get("seed"), "config": meta.get("config")}
+        if kind == "star":
+            job["sources"] = [s.get("sha256") for s in meta.get("sources") or []]
+    return json.loads(json.dumps(job, sort_keys=True, default=str))
+
+
+def _png_software(path: Path) -> str | None:
+    """The PNG's tEXt "Software" entry (stardomain's plots name themselves there), read from the chunks
+    before the image data; None when it is not a PNG or has none."""
+    with open(path, "rb") as f:
+        data = f.read(1 << 16)
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    i = 8
+    while i + 8 <= len(data):
+        (n,) = struct.unpack(">I", data[i:i + 4])
+        kind, body = data[i + 4:i + 8], data[i + 8:i + 8 + n]
+        if kind == b"IDAT":
+            return None
+        if kind == b"tEXt" and body.startswith(b"Software\0"):
+            return body[9:].decode("latin-1")
+        i += 12 + n
+    return None
+
+
+def _why_not_replaceable(path: Path, kind: str, job: dict | None) -> str | None:
+    """None when `path` is an earlier output of this kind (and, for model files, of this job)."""
+    if kind in MODEL_KINDS:
+        meta = read_model_meta(path)
+        if meta is None:
+            return "is not a stardomain model file"
+        if model_kind(meta) != kind:
+            return f"is a stardomain {model_kind(meta)} model file, not a `stardomain {kind}` output"
+        if job is not None:
+            have, want = model_job(kind, meta), model_job(kind, job)
+            diff = [k for k in want if have.get(k) != want[k]]
+            if diff:
+                return f"was written by `stardomain {kind}` for another job (different {', '.join(diff)})"
+        return None
+    what = f"`stardomain {kind.split('.')[0]}` output ({kind.split('.')[1]})"
+    if path.stat().st_size > 200_000_000:
+        return f"is not a {what}"
+    if kind in _PNG_SOFTWARE:
+        ok = _png_software(path) == _PNG_SOFTWARE[kind]
+    elif kind in _MD_HEAD:
+        ok = path.read_bytes().startswith(_MD_HEAD[kind].encode())
+    else:
+        try:
+            obj = json.loads(path.read_bytes())
+        except ValueError:
+            obj = None
+        if kind == "bma.json":
+            ok = isinstance(obj, dict) and isinstance(obj.get("_info"), dict) and "files" in obj["_info"]
+        else:
+            ok = isinstance(obj, dict) and _JSON_KEYS[kind] <= set(obj)
+    return None if ok else f"is not a {what}"
+
+
+def check_output(path: str | Path | None, kind: str, job: dict | None = None, *, force: bool = False,
+                 inputs: Sequence[str | Path | None] = (), option: str = "--out") -> None:
+    """Refuse, before any work, to write `path` where that would destroy something the user did not mean
+    to replace: a folder (always), one of the command's own inputs, or an existing file that is not an
+    earlier output of the same kind (`kind`: train/star/align model files, barrier.json, bma.json,
+    align.json, barrier.png, bma.png, bma.md) and, for model files, of the same job (`job`: the metadata
+    fields `model_job` reads). `force` allows all but the folder."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{option} {p} is a folder; give the path of a file to write")
+    if force or not p.exists():
+        return
+    for q in inputs:
+        if q is not None and Path(q).exists() and os.path.samefile(p, q):
+            raise UserError(f"{option} {p} is also an input of this command and would be overwritten; "
+                            f"choose another {option} (or pass --force)")
+    why = _why_not_replaceable(p, kind, job)
+    if why:
+        raise UserError(f"{option} {p} already exists and {why}; choose another {option} or pass --force "
+                        "to replace it")
+
+
+def check_distinct(**outputs: str | Path | None) -> None:
+    """Two output options naming one file would overwrite each other: refused (e.g. --json x --plot x)."""
+    seen: dict[str, str] = {}
+    for name, p in outputs.items():
+        if p is None:
+            continue
+        key = os.path.abspath(p)
+        if key in seen:
+            raise UserError(f"--{seen[key]} and --{name} name the same file {p}; give each its own path")
+        seen[key] = name

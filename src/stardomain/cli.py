@@ -27,6 +27,8 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (sections dat
 SetOpt = typer.Option([], "--set", "-s", help="Dotted override, repeatable: --set train.epochs=5 "
                       "--set model.kwargs.width=32")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+ForceOpt = typer.Option(False, "--force", help="Replace an existing output file even if it is not an earlier "
+                        "output of this same command and job (without it such a file is refused).")
 
 
 def echo_json(obj) -> None:
@@ -49,15 +51,19 @@ def train(
     set_: List[str] = SetOpt,
     role: str = typer.Option("source", "--role", help="Recorded in the metadata: source, heldout, ..."),
     device: str = DeviceOpt,
+    force: bool = ForceOpt,
 ):
     """Train one model from a seed and write a self-describing .safetensors file.
 
     Example: stardomain train --config configs/mnist_mlp.yaml --seed 0 --out runs/m0.safetensors
     """
+    from .checkpoint import check_output
     from .config import load_config
     from .train import train_to_file
 
     cfg = load_config(config, set_)
+    check_output(out, "train", {"role": role, "seed": seed, "config": cfg.model_dump()}, force=force,
+                 inputs=[config])
     meta = train_to_file(cfg, seed, out, role=role, device=device)
     m = meta["metrics"]
     typer.echo(f"wrote {out}  train loss {m['train']['loss']:.4f} acc {m['train']['acc']:.4f}  "
@@ -125,6 +131,7 @@ def star(
     seed: int = typer.Option(0, "--seed", help="Fixes the star's initialisation, data order and (source, t) draws."),
     set_: List[str] = SetOpt,
     device: str = DeviceOpt,
+    force: bool = ForceOpt,
 ):
     """Train a star model with Starlight (PAPER.md, Algorithm 1) from source model files.
 
@@ -136,11 +143,15 @@ def star(
 
     Example: stardomain star --config c.yaml --sources runs/s*.safetensors --out runs/star.safetensors --set star.chunks=4
     """
+    from .checkpoint import check_output, read_model_file, read_model_meta
     from .config import load_config
     from .starlight import star_to_file
 
     sources = sources_with_extra(ctx, sources, "star")
     cfg = load_config(config, set_)
+    shas = [(read_model_meta(p) or read_model_file(p)[1])["sha256"] for p in sources]
+    check_output(out, "star", {"role": "star", "seed": seed, "config": cfg.model_dump(),
+                               "sources": [{"sha256": h} for h in shas]}, force=force, inputs=[config, *sources])
     meta = star_to_file(cfg, [str(p) for p in sources], out, seed=seed, device=device)
     m = meta["metrics"]
     typer.echo(f"wrote {out}  ({len(sources)} sources)  train loss {m['train']['loss']:.4f} acc "
@@ -158,20 +169,23 @@ def run(
                                               "host:6379); without it --executor ray starts a local one."),
     workers: Optional[int] = typer.Option(None, "--workers", help="CPUs of the local Ray cluster (default: all)."),
     set_: List[str] = SetOpt,
+    force: bool = typer.Option(False, "--force", help="Use --out even if it is a non-empty folder that is not a "
+                               "study folder (without it such a folder is refused)."),
 ):
     """Run the star-domain study: train sources and held-outs, train the star, measure every pair's barrier,
     test star–held-out < regular–regular, and write results.json, report.md and a self-contained report.html.
 
     Example: stardomain run configs/default.yaml --out runs/default --set study.n_sources=5
 
-    Killed at any point, the same command resumes and ends with an identical results.json.
+    Killed at any point, the same command resumes and ends with an identical results.json. One run at a
+    time uses a study folder: a second run on it exits with code 2 saying which process holds it.
     """
     from .config import load_config
     from .study import default_config_path, run_study
 
     path = config or default_config_path()
     cfg = load_config(path, set_)
-    res = run_study(cfg, out, executor=executor, ray_address=ray_address, num_workers=workers)
+    res = run_study(cfg, out, executor=executor, ray_address=ray_address, num_workers=workers, force=force)
     typer.echo(res["verdict"])
     typer.echo(f"wrote {out}/results.json, {out}/report.md, {out}/report.html")
 
@@ -195,6 +209,7 @@ def bma_(
     ood: bool = typer.Option(True, "--ood/--no-ood", help="OOD AUROC against inverted / rotated / noise images."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the markdown BMA section here."),
     device: str = DeviceOpt,
+    force: bool = ForceOpt,
 ):
     """Bayesian model averaging over the star domain vs a deep ensemble, single models, the star alone,
     regular-domain BMA and the aligned weight average: accuracy, NLL, Brier, ECE, ACE, misclassification
@@ -204,9 +219,13 @@ def bma_(
     --k 32 --seeds 3 --json runs/bma.json --plot runs/bma.png
     """
     from .bma import bma_files, predictors, report_section
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_text, check_distinct, check_output
 
     files = sources_with_extra(ctx, sources, "bma")
+    check_distinct(json=json_out, plot=plot, report=report)
+    for path, kind, opt in ((json_out, "bma.json", "--json"), (plot, "bma.png", "--plot"),
+                            (report, "bma.md", "--report")):
+        check_output(path, kind, force=force, inputs=[star, *files, fusion], option=opt)
     try:
         n_list = [int(v) for v in ns.split(",") if v.strip()] if ns else None
     except ValueError:
@@ -237,15 +256,21 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
            init: str = typer.Option("informed", "--init", help="Start of weight matching: informed (first pass "
                                     "in trace order, each group on what is known; recovers permuted copies "
                                     "exactly), identity (the paper's algorithm) or sorted."),
-           json_: Optional[Path] = typer.Option(None, "--json", help="Also write the record as JSON here.")):
+           json_: Optional[Path] = typer.Option(None, "--json", help="Also write the record as JSON here."),
+           force: bool = ForceOpt):
     """Permute B's hidden units to best match A without changing B's function (checked).
 
     The output keeps B's metadata plus an `alignment` record (method, permutation, A's sha256).
     Example: stardomain align runs/m0.safetensors runs/m1.safetensors --out runs/m1_to_m0.safetensors
     """
-    from .checkpoint import atomic_write_json
+    from .checkpoint import atomic_write_json, check_distinct, check_output, read_model_file, read_model_meta
     from .permute.files import align_files
 
+    sha = [(read_model_meta(p) or read_model_file(p)[1])["sha256"] for p in (a, b)]
+    check_distinct(out=out, json=json_)
+    check_output(out, "align", {"alignment": {"reference_sha256": sha[0], "source_sha256": sha[1]}}, force=force,
+                 inputs=[a, b])
+    check_output(json_, "align.json", force=force, inputs=[a, b], option="--json")
     rec = align_files(a, b, out, method=method, seed=seed, init=init)
     if json_:
         atomic_write_json(json_, rec)
@@ -284,7 +309,8 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
              seed: int = typer.Option(0, "--seed", help="Seed of weight matching's random group order."),
              repair: bool = typer.Option(False, "--repair", help="Networks without BatchNorm: REPAIR-renormalise "
                                          "hidden channels at interior t (Jordan et al. 2023)."),
-             device: str = DeviceOpt):
+             device: str = DeviceOpt,
+             force: bool = ForceOpt):
     """Loss and accuracy along (1-t)·A + t·B on train and test, and the barriers (PAPER.md).
 
     Loss barrier: max over interior t of loss minus its chord, floored at 0. Accuracy barrier: the
@@ -294,7 +320,11 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     Example: stardomain barrier runs/m0.safetensors runs/m1.safetensors --json b01.json --plot b01.png
     """
     from .barrier import measure_files, plot
+    from .checkpoint import check_distinct, check_output
 
+    check_distinct(json=json_out, plot=plot_out)
+    check_output(json_out, "barrier.json", force=force, inputs=[a, b], option="--json")
+    check_output(plot_out, "barrier.png", force=force, inputs=[a, b], option="--plot")
     rec = measure_files(a, b, points=points, align=not no_align, bn_batches=bn_batches, device=device,
                         refine=refine, seed=seed, repair=repair)
     from .checkpoint import atomic_write_json

@@ -64,9 +64,14 @@ class RayExecutor:
     """Each study task becomes `ray.remote(num_cpus=task.cpus, num_gpus=task.gpus)`; a task is submitted when
     its inputs exist. Joins the cluster at `address` if given, else starts a local one (`num_workers` CPUs).
     Tasks read and write the study folder directly, so on a multi-machine cluster it must be on a file
-    system every node mounts at the same path."""
+    system every node mounts at the same path.
+
+    A task whose worker process or node dies is retried (up to `MAX_RETRIES` times): tasks are idempotent,
+    since every write is atomic and keyed, and a model task resumes from its `.state` file. An exception a
+    task raises is not retried (it would raise again)."""
 
     name = "ray"
+    MAX_RETRIES = 3
 
     def __init__(self, address: str | None = None, num_workers: int | None = None):
         self.address = address
@@ -110,8 +115,9 @@ class RayExecutor:
             while waiting or running:
                 for key, t in list(waiting.items()):
                     if not any(d in waiting or d in running.values() for d in t.deps):
-                        ref = remote.options(num_cpus=t.cpus, num_gpus=t.gpus, max_retries=0,
-                                             name=t.label[:60]).remote(asdict(t), str(root.resolve()))
+                        ref = remote.options(num_cpus=t.cpus, num_gpus=t.gpus, max_retries=self.MAX_RETRIES,
+                                             retry_exceptions=False, name=t.label[:60]).remote(
+                                                 asdict(t), str(root.resolve()))
                         running[ref] = key
                         del waiting[key]
                 if not running:
@@ -127,6 +133,10 @@ class RayExecutor:
                         cause = getattr(e, "cause", None)
                         if isinstance(cause, UserError):
                             raise UserError(str(cause)) from None
+                        if isinstance(e, _system_failures(ray)):
+                            raise UserError(f"study task {labels[key]!r} failed: its Ray worker died in all "
+                                            f"{1 + self.MAX_RETRIES} attempts ({type(e).__name__}); finished work "
+                                            "is kept, re-run to resume it") from None
                         raise
                     bar.advance()
         finally:
@@ -139,6 +149,12 @@ class RayExecutor:
 
         if ray.is_initialized() and not self.address:
             ray.shutdown()
+
+
+def _system_failures(ray) -> tuple[type, ...]:
+    """What Ray raises when a task's process or node died (retried before it reaches us)."""
+    ex = ray.exceptions
+    return tuple(getattr(ex, n) for n in ("WorkerCrashedError", "NodeDiedError", "OutOfMemoryError") if hasattr(ex, n))
 
 
 def get_executor(name: str, *, address: str | None = None, num_workers: int | None = None):

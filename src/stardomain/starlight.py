@@ -18,8 +18,9 @@ permutation); the permutations (small integer vectors) go into the resume state,
 rebuilds the exact aligned copies without storing N models.
 
 Resume: the star, optimiser, scheduler, the data-order generator, the (source, t) generator, the global
-torch RNG, the permutations and progress are saved atomically after every epoch (`checkpoint.save_state`);
-a killed run re-run with the same arguments ends with the bitwise-identical star.
+torch RNG, the permutations, progress and the counters the metadata reports (alignments, history) are
+saved atomically after every epoch (`checkpoint.save_state`); a killed run re-run with the same arguments
+ends with the bitwise-identical star and the same metadata, timings aside.
 """
 
 from __future__ import annotations
@@ -241,6 +242,13 @@ def cfg_hint(missing, extra, bad) -> str:
     return ", ".join(parts)
 
 
+def _alignments_before(sc: StarConfig, epoch: int, step: int) -> int:
+    """How many alignments a run has done when it has finished `epoch` epochs (`step` steps)."""
+    if sc.align_every == "epoch":
+        return epoch
+    return -(-step // sc.align_every) if isinstance(sc.align_every, int) else 0
+
+
 def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, device: str | torch.device = "auto",
                state_path: str | Path | None = None, progress: bool | None = None,
                source_ids: Sequence[str] | None = None,
@@ -298,6 +306,9 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
     ids = list(source_ids) if source_ids is not None else [weights_sha256(sources[n]) for n in range(len(sources))]
     digest = config_digest(cfg) + ":" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:16]
     start_epoch, step, history = 0, 0, []
+    # counters that reach the metadata continue across a resume, so a resumed star's file says the same
+    # as an uninterrupted one's (timings too, though those are allowed to differ)
+    n_align, align_seconds, seconds_before = 0, 0.0, 0.0
 
     st = resume_training_state(state_path, digest, seed, model, opt, sched, gen, device)
     if st is not None:
@@ -306,13 +317,14 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
             if perm is not None:
                 bank.set_perm(n, perm, permute, spec)
         start_epoch, step, history = st["epoch"], st["step"], list(st["history"])
+        n_align = st.get("alignments", _alignments_before(sc, start_epoch, step))  # old states lack it
+        align_seconds, seconds_before = st.get("align_seconds", 0.0), st.get("seconds", 0.0)
 
     params = dict(model.named_parameters())
     scratch = {k: b.detach().clone() for k, b in model.named_buffers()} if has_bn(model) else None
     work = new_work(params)
     label_smoothing = tc.label_smoothing
     t0 = time.perf_counter()
-    align_seconds, n_align = 0.0, 0
 
     def align():
         nonlocal align_seconds, n_align
@@ -355,11 +367,12 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
         history.append({"epoch": epoch + 1, "interp_loss": loss_sum / max(1, seen)})
         if state_path:
             save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device, step=step,
-                                draws=draws.get_state(), perms=bank.perms, history=history)
+                                draws=draws.get_state(), perms=bank.perms, history=history, alignments=n_align,
+                                align_seconds=align_seconds, seconds=seconds_before + time.perf_counter() - t0)
         if on_epoch is not None:
             on_epoch(epoch + 1, history[-1])
     bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = seconds_before + time.perf_counter() - t0
     model.eval()
     metrics = evaluate_splits(model, data, tc.eval_batch_size)
     info = {"metrics": metrics, "star": star_settings(sc), "epochs": tc.epochs, "steps": step,
@@ -369,7 +382,8 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
 
 
 def star_to_file(cfg: Config, source_paths: Sequence[str | Path], out: str | Path, *, seed: int = 0,
-                 device: str | torch.device = "auto", progress: bool | None = None) -> dict:
+                 device: str | torch.device = "auto", progress: bool | None = None,
+                 on_epoch: Callable[[int, dict], None] | None = None) -> dict:
     """Train a star from model files and write it (resumable through `OUT.state`, removed when done).
     The metadata lists the sources (path + sha256), the Starlight settings and final metrics. -> metadata."""
     if not source_paths:
@@ -385,7 +399,7 @@ def star_to_file(cfg: Config, source_paths: Sequence[str | Path], out: str | Pat
     state_path = out.with_name(out.name + ".state")
     ids = [m["sha256"] for m in files.metas]
     model, info = train_star(cfg, files, seed=seed, device=device, state_path=state_path, progress=progress,
-                             source_ids=ids)
+                             source_ids=ids, on_epoch=on_epoch)
     extra = {k: info[k] for k in ("epochs", "steps", "seconds", "align_seconds", "alignments", "history")}
     meta = save_model(out, model.state_dict(), model_meta(
         cfg, data, seed, "star", metrics=info["metrics"], star={**info["star"], **extra},

@@ -17,6 +17,8 @@ import copy
 import hashlib
 import json
 import math
+import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -435,12 +437,30 @@ def _run_bma(task: Task, root: Path) -> None:
 _OPS = {"train": _run_train, "star": _run_star, "average": _run_average, "pair": _run_pair, "bma": _run_bma}
 
 
+CRASH_ENV = "STARDOMAIN_TEST_CRASH_ONCE"
+
+
+def _test_crash_once(task: Task) -> None:
+    """Tests of fault tolerance only: with STARDOMAIN_TEST_CRASH_ONCE=OP:DIR in the environment (Ray workers
+    inherit it), the first process to start a task of op OP creates DIR/crashed-OP and kills itself with
+    SIGKILL, as if the machine had killed the worker; every later attempt runs normally."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec or spec.split(":", 1)[0] != task.op:
+        return
+    try:
+        os.close(os.open(os.path.join(spec.split(":", 1)[1], f"crashed-{task.op}"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def execute(task: Task, root: str | Path) -> str:
     """Run one task in this process (any executor calls this). Deterministic: fixed torch threads and a
     global RNG seeded from the task key, so the result never depends on what ran before in the process."""
     import torch
 
     root = Path(root)
+    _test_crash_once(task)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(task.cpus)))
     try:
@@ -690,17 +710,40 @@ def _timing_table(plan: Plan, root: Path) -> dict:
     return {"tasks": out, "total_seconds_by_op": by_op}
 
 
+_STUDY_MARKS = ("plan.json", ".lock", "results.json")
+
+
+def check_study_folder(root: Path, force: bool = False) -> None:
+    """The study folder is DIR itself: refuse a file, and a non-empty folder that is not a study folder
+    (a run writes report.md, plots/, ... into it) unless `force`."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file; a study writes a folder (give a folder path)")
+    if not force and root.is_dir() and any(root.iterdir()) and not any((root / m).exists() for m in _STUDY_MARKS):
+        raise UserError(f"--out {root} is a folder with other files in it, not a study folder; choose another "
+                        "--out or pass --force to write the study into it")
+
+
 def run_study(cfg: Config, out: str | Path, *, executor: str = "local", ray_address: str | None = None,
-              progress: bool | None = None, report: bool = True, num_workers: int | None = None) -> dict:
-    """Plan, execute what is not cached, collect, write results.json (+ timings.json, report)."""
+              progress: bool | None = None, report: bool = True, num_workers: int | None = None,
+              force: bool = False) -> dict:
+    """Plan, execute what is not cached, collect, write results.json (+ timings.json, report). The folder is
+    locked while this runs (`lock.study_lock`): a second run on it stops with a UserError naming the holder."""
     from .data import get_dataset
     from .executors import get_executor
+    from .lock import study_lock
 
     ex = get_executor(executor, address=ray_address, num_workers=num_workers)
     plan = build_plan(cfg)
     get_dataset(cfg.data)  # a missing data set stops here, before any work
     root = Path(out)
+    check_study_folder(root, force)
     root.mkdir(parents=True, exist_ok=True)
+    with study_lock(root):
+        return _run_locked(cfg, plan, ex, executor, root, progress, report)
+
+
+def _run_locked(cfg: Config, plan: Plan, ex, executor: str, root: Path, progress: bool | None, report: bool) -> dict:
+    """run_study's work, with the folder's lock held."""
     atomic_write_json(root / "plan.json", plan.to_json())
     t0 = time.perf_counter()
     ex.run(plan, root, progress=progress)
