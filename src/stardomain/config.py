@@ -283,6 +283,8 @@ def decode_text(data: bytes, what: str) -> str:
     """UTF-8 (a BOM is fine); anything else is refused with a line saying how to fix it."""
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise UserError(f"{what} is UTF-16 text; save it as UTF-8")
+    if b"\x00" in data:
+        raise UserError(f"{what} is not UTF-8 text (it holds NUL bytes: UTF-16 without a BOM?); save it as UTF-8")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
