@@ -261,11 +261,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
 def compatible(meta_a: dict, meta_b: dict) -> str | None:
     """Why two model files cannot be compared or interpolated, or None if they can."""
     if meta_a["model"] != meta_b["model"]:
-        return f"different architectures ({meta_a['model']} vs {meta_b['model']})"
+        return f"different architectures ({_short(meta_a['model'])} vs {_short(meta_b['model'])})"
     da, db = meta_a["data"], meta_b["data"]
     if da.get("config") != db.get("config"):
-        return f"trained on different data ({da.get('config')} vs {db.get('config')})"
+        return f"trained on different data ({_short(da.get('config'))} vs {_short(db.get('config'))})"
     return None
+
+
+def _short(obj: Any, limit: int = 200) -> str:
+    s = str(obj)
+    return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
 def read_pair(path_a: str | Path, path_b: str | Path, verb: str = "compare"):
@@ -320,4 +325,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
     tensors, meta = _read_safetensors(Path(path))
     if "state" not in meta:
         raise UserError(f"{path}: not a stardomain training state")
-    return _unflatten(json.loads(meta["state"]), tensors)
+    check_json_limits(meta["state"], f"{path}: its state structure", max_bytes=64 * 2**20)
+    try:
+        return _unflatten(json.loads(meta["state"]), tensors)
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: a corrupt training state; delete it to start afresh") from None

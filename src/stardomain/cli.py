@@ -195,7 +195,6 @@ def run(
                                               "host:6379); without it --executor ray starts a local one."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="CPUs of the local Ray cluster (default: all)."),
     set_: List[str] = SetOpt,
-    allow_factory: List[str] = AllowOpt,
 ):
     """Run the star-domain study: train sources and held-outs, train the star, measure every pair's barrier,
     test star–held-out < regular–regular, and write results.json, report.md and a self-contained report.html.
@@ -207,7 +206,6 @@ def run(
     from .config import load_config
     from .study import default_config_path, run_study
 
-    allow_factories(allow_factory)
     path = config or default_config_path()
     cfg = load_config(path, set_)
     res = run_study(cfg, out, executor=executor, ray_address=ray_address, num_workers=workers)
