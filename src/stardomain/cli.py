@@ -441,7 +441,12 @@ def main(argv: list[str] | None = None) -> None:
         if msg is not None:
             print(f"error: {_one_line(msg)}", file=sys.stderr)
             sys.exit(2)
-        where = "" if _DEBUG["on"] else f" (traceback written to {_write_traceback(e)}; rerun with --debug to print it)"
+        where = ""
+        if not _DEBUG["on"]:
+            try:
+                where = f" (traceback written to {_write_traceback(e)}; rerun with --debug to print it)"
+            except OSError:
+                where = " (rerun with --debug to print the traceback)"
         print(f"internal error: {type(e).__name__}: {_one_line(e, 300)}{where}", file=sys.stderr)
         sys.exit(1)
     if rc:
