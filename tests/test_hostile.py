@@ -250,6 +250,8 @@ def _edit(path_keys, value):
     (["model"], KeyError, "model"),
     (["model", "kwargs"], [1, 2], "kwargs"),
     (["model", "name"], None, "model"),
+    (["model"], {"name": None, "factory": ":", "kwargs": {}}, "package.module:function"),
+    (["data", "config"], {"name": None, "factory": "os.system"}, "package.module:function"),
     (["data", "num_classes"], "10", "num_classes"),
     (["data", "num_classes"], 0, "num_classes"),
     (["data", "input_shape"], [], "input_shape"),
@@ -588,3 +590,54 @@ def test_subprocess_yaml_bomb_ends_fast(tmp_path):
                         str(tmp_path / "m.safetensors")], capture_output=True, text=True, timeout=120)
     assert_one_line(r.returncode, r.stderr, "expands")
     assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize("exc,words", [
+    (MemoryError(), ["out of memory"]),
+    (RecursionError("maximum recursion depth exceeded"), ["nested too deeply"]),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), ["not utf-8"]),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x"), ["/mnt/ro/x", "read-only"]),
+    (OSError(errno.ENOSPC, "No space left on device", "/data/x"), ["/data/x", "no space left"]),
+    (OSError(errno.EISDIR, "Is a directory", "/data/d"), ["/data/d", "folder"]),
+    (OSError(errno.ENOTDIR, "Not a directory", "/data/f/x"), ["/data/f/x", "not a folder"]),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/nope"), ["/data/nope", "no such file"]),
+])
+def test_the_boundary_maps_each_family_to_one_line(good, capsys, monkeypatch, exc, words):
+    """Whatever raises them, these failures of the user's inputs or machine are one line, exit 2."""
+    import stardomain.checkpoint as ckm
+
+    def fail(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(ckm, "read_model_file", fail)
+    code, _, err = run_cli(capsys, monkeypatch, "info", good[0])
+    assert_one_line(code, err, *words)
+
+
+def test_interrupt_is_one_line_and_130(good, capsys, monkeypatch):
+    import stardomain.checkpoint as ckm
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckm, "read_model_file", stop)
+    code, _, err = run_cli(capsys, monkeypatch, "info", good[0])
+    assert_one_line(code, err, "interrupted", code_want=130)
+
+
+def test_star_refuses_a_tampered_source_without_importing_it(good, evil, tmp_path, capsys, monkeypatch):
+    name, sentinel = evil
+    bad = rewrite(good[0], tmp_path / "bad.safetensors", _set_model_factory(f"{name}:make"))
+    code, _, err = run_cli(capsys, monkeypatch, "star", "--sources", good[0], bad, "--out",
+                           tmp_path / "star.safetensors", *TINY_SET)
+    assert_one_line(code, err, "does not match the config")
+    assert not sentinel.exists()
+
+
+def test_override_alias_bomb_is_refused(tmp_path, capsys, monkeypatch):
+    # 10^6 values from 50 aliases: each level holds 10 references to the one before
+    bomb = "{a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], " \
+           "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d], f: [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]}"
+    code, _, err = run_cli(capsys, monkeypatch, "train", "--out", tmp_path / "m.safetensors",
+                           "--set", f"model.kwargs={bomb}", "--set", "data.name=digits")
+    assert_one_line(code, err, "expands")

@@ -6,12 +6,13 @@ Later capabilities add their own sections (star, eval, bma, study) to `Config`.
 
 from __future__ import annotations
 
+import re
 import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -24,6 +25,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _check_factory(v: str | None) -> str | None:
+    if v is not None and not _FACTORY.match(v):
+        raise ValueError("must look like 'package.module:function'")
+    return v
+
+
 class DataConfig(Section):
     """A registered data set (`name`) or a user factory (`factory: "pkg.mod:make"`)."""
 
@@ -33,6 +43,8 @@ class DataConfig(Section):
     split_seed: int = Field(0, ge=0, le=2**63 - 1)  # fixes train/test splits where the data set has none of its own
     train_subset: int | None = Field(None, ge=1)  # use only the first N training examples (after a seeded shuffle)
     augment: bool | None = None  # None: the data set's default (crop+flip for CIFAR, none otherwise)
+
+    _factory = field_validator("factory")(classmethod(lambda cls, v: _check_factory(v)))
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -49,6 +61,8 @@ class ModelConfig(Section):
     name: str | None = "mlp"
     factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    _factory = field_validator("factory")(classmethod(lambda cls, v: _check_factory(v)))
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
