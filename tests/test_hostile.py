@@ -641,3 +641,36 @@ def test_override_alias_bomb_is_refused(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(capsys, monkeypatch, "train", "--out", tmp_path / "m.safetensors",
                            "--set", f"model.kwargs={bomb}", "--set", "data.name=digits")
     assert_one_line(code, err, "expands")
+
+
+def test_a_study_task_imports_the_factories_of_its_own_config(good, tmp_path, monkeypatch):
+    """execute() allows exactly the factories its task's (the user's) config names: the pair is measured."""
+    from stardomain.study import Task, execute
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "goodmod_study.py").write_text(GOOD_FACTORY)
+    (tmp_path / "models").mkdir()
+    sd, meta = ck.read_model_file(good[0])
+    ck.save_model(tmp_path / "models/a.safetensors", sd,
+                  {**meta, "model": {"name": None, "factory": "goodmod_study:make", "kwargs": {"width": 8}}})
+    params = {"a": "models/a.safetensors", "b": "models/a.safetensors", "a_label": "a", "b_label": "a", "seed": 0,
+              "device": "cpu", "eval": {"points": 3, "align": False, "bn_batches": 1, "batch_size": 500}}
+    with pytest.raises(UserError, match="allow-factory"):
+        execute(Task("b" * 64, "pair", "a-a", {**params, "allow": []}), tmp_path)
+    execute(Task("c" * 64, "pair", "a-a", {**params, "allow": ["goodmod_study:make"]}), tmp_path)
+    rec = json.loads((tmp_path / f"cache/pair/{'c' * 64}.json").read_text())
+    # A with itself: every point is A, so the test loss is A's own and the barrier is 0
+    assert rec["test"]["loss"] == pytest.approx([good[1]["metrics"]["test"]["loss"]] * 3, rel=1e-6)
+    assert rec["barrier"]["test_loss"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("edit,words", [
+    (_edit(["data", "input_shape"], [3, 2**20, 2**20]), ["input_shape", "numbers each"]),
+    (_edit(["data", "config", "kwargs"], {"test_fraction": "abc"}), ["test_fraction"]),
+    (_edit(["data", "config", "kwargs"], {"test_fraction": 0}), ["test_fraction"]),
+    (_edit(["data", "config", "kwargs"], {"bogus": 1, "split_seed": 3}), ["split_seed"]),
+])
+def test_hostile_shapes_and_data_kwargs_in_a_file(good, tmp_path, capsys, monkeypatch, edit, words):
+    bad = rewrite(good[0], tmp_path / "k.safetensors", edit)
+    code, _, err = run_cli(capsys, monkeypatch, "eval", bad)
+    assert_one_line(code, err, *words)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -31,6 +31,7 @@ from .safety import check_json_limits, check_meta_factories
 FORMAT_VERSION = 2  # 2: `digest` covers the metadata (1: only the weights were covered, by `sha256`)
 META_KEY = "stardomain"
 REQUIRED = ("format_version", "model", "data", "seed", "role", "sha256")
+MAX_INPUT_NUMEL = 2**24  # numbers in one input example (3x1024x1024 is 3.1M)
 
 
 # ---- the metadata schema: known fields typed (strictly: no "1.5" for a float), others kept ----
@@ -55,6 +56,16 @@ class DataMeta(_Open):
     input_shape: list[Annotated[int, Field(ge=1, le=2**20)]] = Field(min_length=1, max_length=4)
     num_classes: int = Field(ge=1, le=10**6)
     train_size: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _small_enough(self) -> "DataMeta":
+        n = 1
+        for s in self.input_shape:
+            n *= s
+        if n > MAX_INPUT_NUMEL:  # example inputs of this shape are allocated to trace the model
+            raise ValueError(f"input_shape {tuple(self.input_shape)}: inputs hold {n:,} numbers each, more than "
+                             f"{MAX_INPUT_NUMEL:,}")
+        return self
 
 
 _HEX64 = r"^[0-9a-f]{64}$"

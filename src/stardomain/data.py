@@ -100,6 +100,8 @@ def _digits(split_seed: int = 0, test_fraction: float = 0.25, **_: Any) -> dict:
     """scikit-learn's 8x8 digits (1,797 images): tiny, offline, for tests."""
     from sklearn.datasets import load_digits
 
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be a number between 0 and 1 (got {test_fraction!r})")
     d = load_digits()
     x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
     y = torch.tensor(d.target, dtype=torch.int64)
@@ -252,7 +254,10 @@ def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
         if cfg.name not in DATASETS:
             raise UserError(f"unknown data set {cfg.name!r}; choose one of {', '.join(DATASETS)} "
                             "or give data.factory: 'package.module:function'")
-        raw = DATASETS[cfg.name](split_seed=cfg.split_seed, **cfg.kwargs)
+        try:
+            raw = DATASETS[cfg.name](split_seed=cfg.split_seed, **cfg.kwargs)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"data set {cfg.name}: bad kwargs {str(cfg.kwargs)[:120]} ({str(e)[:200]})") from e
         name = cfg.name
     if isinstance(raw, DataBundle):
         bundle = raw
