@@ -358,6 +358,8 @@ model: {name: mlp, kwargs: {width: *i}}
     (b"model: {factory: 'json:nope'}\n", ["no attribute"]),
     (b"model: {factory: 'builtins:dict'}\n", ["not a torch.nn.module"]),
     (b"data: {name: digits, split_seed: -1}\n", ["split_seed"]),
+    (b"data: {factory: 'builtins:len'}\n", ["data factory builtins:len raised TypeError"]),
+    (b"data: {factory: 'builtins:dict'}\n", ["dict with 'train' and 'test'"]),
     (b"train: {epochs: 0}\n", ["epochs"]),
     (b"study: {seed: 1180591620717411303424}\n", ["seed"]),
     (b"study: {device: banana}\n", ["device"]),

@@ -241,7 +241,11 @@ def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
     if cfg.factory:
         fn = import_object(cfg.factory, "data factory")
         kwargs = dict(cfg.kwargs)
-        if "split_seed" in inspect.signature(fn).parameters:
+        try:
+            takes_seed = "split_seed" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # a builtin without a signature
+            takes_seed = False
+        if takes_seed:
             kwargs["split_seed"] = cfg.split_seed
         try:
             raw = fn(**kwargs)
