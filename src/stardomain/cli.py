@@ -362,7 +362,7 @@ _IO_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "not permitted", e
               errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
               errno.EISDIR: "is a folder, not a file", errno.ENOENT: "no such file or folder",
               errno.ENOTDIR: "a part of the path is not a folder", errno.ENAMETOOLONG: "file name too long",
-              errno.EEXIST: "already exists"}
+              errno.EEXIST: "already exists (as a file where a folder is needed?)"}
 
 
 def _user_message(e: BaseException) -> str | None:
