@@ -565,12 +565,11 @@ def _sha(sd: StateDict) -> str:
 def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_batches: int | None = None,
                   device: str = "auto", refine: int = 0, seed: int = 0, repair: bool = False) -> dict:
     """`measure` on two model files; refuses incompatible pairs (UserError). Adds both files' sha256."""
-    from .checkpoint import build_from_meta, read_pair
-    from .data import get_dataset
+    from .checkpoint import build_from_meta, data_from_meta, read_pair
 
     sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "interpolate")
-    model = build_from_meta(meta_a)
-    data = get_dataset(meta_a["data"]["config"])
+    model = build_from_meta(meta_a, str(path_a))
+    data = data_from_meta(meta_a, str(path_a))
     rec = measure(model, sd_a, sd_b, data, points=points, align=align, bn_batches=bn_batches, device=device,
                   refine=refine, seed=seed, repair=repair)
     rec["files"] = {"a": str(path_a), "b": str(path_b)}

@@ -536,6 +536,7 @@ def bma_files(star_path, source_paths: Sequence, *, k: int = 32, seed: int = 0, 
     and the plot. The data set and architecture come from the star's metadata."""
     from .checkpoint import atomic_write_json, compatible, read_model_file, weights_sha256
     from .config import Config, validate
+    from .safety import check_meta_factories
 
     if not source_paths:
         raise UserError("give at least one source model file (--sources F1 F2 ...)")
@@ -546,6 +547,7 @@ def bma_files(star_path, source_paths: Sequence, *, k: int = 32, seed: int = 0, 
         why = compatible(star_meta, meta)
         if why:
             raise UserError(f"{p} cannot be compared with the star {star_path}: {why}")
+    check_meta_factories(star_meta, str(star_path))  # its model and data are built below
     cfg = validate(Config, {"data": star_meta["data"]["config"], "model": star_meta["model"]}, where=str(star_path))
     res = evaluate_predictors(cfg, star_sd, [sd for sd, _ in sources], k=k, seed=seed, device=device,
                               fusion_sd=fusion[0] if fusion else None, seeds=seeds, align=align, ns=ns,

@@ -1,7 +1,10 @@
 """Self-describing model files: one .safetensors file, JSON metadata under the key "stardomain".
 
-Writes are atomic (temp file + rename). Loading never unpickles: the file is parsed by safetensors,
-its metadata validated and the weights' sha256 checked before anything is used.
+Writes are atomic (temp file + rename). Loading never unpickles and never imports what a file names:
+the file is parsed by safetensors, its metadata size- and depth-limited, validated against a schema and
+checked against its digest (format 2: the sha256 of the canonical metadata, which holds the weights'
+sha256) before anything else reads it. A user factory named in the metadata is used only when allowed
+(stardomain.safety).
 """
 
 from __future__ import annotations
@@ -13,18 +16,85 @@ import platform
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .config import DataConfig, ModelConfig, format_validation_error
 from .errors import UserError
+from .safety import check_json_limits, check_meta_factories
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `digest` covers the metadata (1: only the weights were covered, by `sha256`)
 META_KEY = "stardomain"
 REQUIRED = ("format_version", "model", "data", "seed", "role", "sha256")
+MAX_INPUT_NUMEL = 2**24  # numbers in one input example (3x1024x1024 is 3.1M)
+
+
+# ---- the metadata schema: known fields typed (strictly: no "1.5" for a float), others kept ----
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class SplitMetrics(_Open):
+    loss: float
+    acc: float
+
+
+class MetricsMeta(_Open):
+    train: SplitMetrics | None = None
+    test: SplitMetrics | None = None
+
+
+class DataMeta(_Open):
+    name: str | None = None
+    config: DataConfig
+    input_shape: list[Annotated[int, Field(ge=1, le=2**20)]] = Field(min_length=1, max_length=4)
+    num_classes: int = Field(ge=1, le=10**6)
+    train_size: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _small_enough(self) -> "DataMeta":
+        n = 1
+        for s in self.input_shape:
+            n *= s
+        if n > MAX_INPUT_NUMEL:  # example inputs of this shape are allocated to trace the model
+            raise ValueError(f"input_shape {tuple(self.input_shape)}: inputs hold {n:,} numbers each, more than "
+                             f"{MAX_INPUT_NUMEL:,}")
+        return self
+
+
+_HEX64 = r"^[0-9a-f]{64}$"
+
+
+class FileMeta(_Open):
+    """The `stardomain` metadata of a model file (DESIGN.md contract)."""
+
+    format_version: int = Field(ge=1)
+    model: ModelConfig
+    data: DataMeta
+    seed: int
+    role: str = Field(max_length=100)
+    sha256: str = Field(pattern=_HEX64)  # the weights' digest (pair records, star sources rely on it)
+    digest: str | None = Field(None, pattern=_HEX64)  # format 2: sha256 of the canonical metadata
+    metrics: MetricsMeta | None = None
+    config: dict[str, Any] | None = None
+    versions: dict[str, str] | None = None
+    sources: list[dict[str, Any]] | None = None
+    alignment: dict[str, Any] | None = None
+    star: dict[str, Any] | None = None
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of the metadata in canonical JSON, without the `digest` field itself. The metadata holds
+    the weights' sha256, so this one digest covers weights and metadata."""
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+                          .encode()).hexdigest()
 
 
 def _umask() -> int:
@@ -36,8 +106,13 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename: readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are shared as the umask says
         with os.fdopen(fd, "wb") as f:
@@ -45,9 +120,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from e
         raise
 
 
@@ -86,13 +163,15 @@ def _plain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_model(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
     """Save weights + metadata atomically. `meta` needs model, data, seed, role; the rest is filled in."""
     tensors = _plain(state_dict)
-    meta = dict(meta)
-    meta.setdefault("format_version", FORMAT_VERSION)
+    meta = {k: v for k, v in meta.items() if k != "digest"}
+    meta["format_version"] = FORMAT_VERSION  # written now, so in this version's format
     meta.setdefault("versions", package_versions())
     meta["sha256"] = weights_sha256(tensors)
     for k in REQUIRED:
         if k not in meta:
             raise ValueError(f"model metadata needs {k!r}")
+    meta = json.loads(json.dumps(meta))  # plain JSON types: exactly what a reader will see and digest
+    meta["digest"] = meta_digest(meta)
     blob = st_save(tensors, metadata={META_KEY: json.dumps(meta)})
     atomic_write_bytes(path, blob)
     return meta
@@ -100,56 +179,94 @@ def save_model(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    data = path.read_bytes()
+        raise UserError(f"{path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from e
     (hlen,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (-1,)
     if not (0 < hlen <= len(data) - 8 and data[8:9] == b"{"):
         if data[:1] == b"\x80" or data[:2] == b"PK":
             raise UserError(f"{path}: this is a pickle/torch.save file; stardomain only reads .safetensors "
                             "and never unpickles (convert it with safetensors.torch.save_file)")
         raise UserError(f"{path}: not a valid safetensors file (truncated or corrupt header)")
+    check_json_limits(data[8:8 + hlen], f"{path}: the safetensors header", max_bytes=64 * 2**20, max_depth=8)
     try:
         header = json.loads(data[8:8 + hlen])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         tensors = st_load(data)
     except (SafetensorError, ValueError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a valid safetensors file (truncated or corrupt: {e})") from None
-    return tensors, header.get("__metadata__") or {}
+        raise UserError(f"{path}: not a valid safetensors file (truncated or corrupt: {str(e)[:200]})") from None
+    md = header.get("__metadata__") or {}
+    return tensors, md if isinstance(md, dict) else {}
 
 
 def read_model_file(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """-> (state dict, metadata), validated: a pickle, a truncated file or a wrong sha256 is refused."""
+    """-> (state dict, metadata), validated: a pickle, a truncated file, metadata that is too big, too
+    deep, of the wrong shape or edited (format 2), or a wrong weights sha256 is refused. Nothing the
+    metadata names is imported here."""
     path = Path(path)
     tensors, raw_meta = _read_safetensors(path)
     if META_KEY not in raw_meta:
         raise UserError(f"{path}: a safetensors file without stardomain metadata; it was not written by "
                         "stardomain (use stardomain import-weights if you need to bring foreign weights)")
-    try:
-        meta = json.loads(raw_meta[META_KEY])
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: its stardomain metadata is not valid JSON") from None
-    missing = [k for k in REQUIRED if k not in meta]
-    if missing:
-        raise UserError(f"{path}: metadata lacks {', '.join(missing)}")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise UserError(f"{path}: format_version {meta['format_version']} is newer than this stardomain "
-                        f"reads ({FORMAT_VERSION}); upgrade stardomain")
+    meta = parse_meta(raw_meta[META_KEY], str(path))
     if verify and weights_sha256(tensors) != meta["sha256"]:
         raise UserError(f"{path}: weights do not match the sha256 in its metadata (file corrupted or edited)")
     return tensors, meta
 
 
-def build_from_meta(meta: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the architecture a model file describes (weights not loaded)."""
+def parse_meta(text: str, where: str) -> dict[str, Any]:
+    """Limits, JSON, version, schema, digest - in that order, before anything else reads the metadata."""
+    check_json_limits(text, f"{where}: its stardomain metadata")
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise UserError(f"{where}: its stardomain metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: its stardomain metadata is not a JSON object")
+    version = meta.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise UserError(f"{where}: format_version {version} is newer than this stardomain "
+                        f"reads ({FORMAT_VERSION}); upgrade stardomain")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise UserError(f"{where}: metadata lacks {', '.join(missing)}")
+    try:
+        FileMeta.model_validate(meta)
+    except ValidationError as e:
+        raise UserError(f"{where}: its stardomain metadata is malformed: {format_validation_error(e)}") from None
+    if version >= 2:
+        if meta.get("digest") is None:
+            raise UserError(f"{where}: format {version} metadata without its digest (file edited)")
+        if meta_digest(meta) != meta["digest"]:
+            raise UserError(f"{where}: its metadata does not match its digest (file edited or corrupted)")
+    return meta
+
+
+def build_from_meta(meta: dict[str, Any], source: str = "the model file") -> torch.nn.Module:
+    """Rebuild the architecture a model file describes (weights not loaded). A user factory it names
+    is imported only when allowed (stardomain.safety)."""
     from .models import build_model
 
+    check_meta_factories(meta, source)
     d = meta["data"]
     return build_model(meta["model"], tuple(d["input_shape"]), int(d["num_classes"]))
+
+
+def data_from_meta(meta: dict[str, Any], source: str = "the model file"):
+    """The data set a model file was trained on; a user data factory it names only when allowed."""
+    from .data import get_dataset
+
+    check_meta_factories(meta, source)
+    return get_dataset(meta["data"]["config"])
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """-> (module with the file's weights, in eval mode, metadata)."""
     sd, meta = read_model_file(path)
-    model = build_from_meta(meta)
+    model = build_from_meta(meta, str(path))
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -162,11 +279,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
 def compatible(meta_a: dict, meta_b: dict) -> str | None:
     """Why two model files cannot be compared or interpolated, or None if they can."""
     if meta_a["model"] != meta_b["model"]:
-        return f"different architectures ({meta_a['model']} vs {meta_b['model']})"
+        return f"different architectures ({_short(meta_a['model'])} vs {_short(meta_b['model'])})"
     da, db = meta_a["data"], meta_b["data"]
     if da.get("config") != db.get("config"):
-        return f"trained on different data ({da.get('config')} vs {db.get('config')})"
+        return f"trained on different data ({_short(da.get('config'))} vs {_short(db.get('config'))})"
     return None
+
+
+def _short(obj: Any, limit: int = 200) -> str:
+    s = str(obj)
+    return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
 def read_pair(path_a: str | Path, path_b: str | Path, verb: str = "compare"):
@@ -221,7 +343,11 @@ def load_state(path: str | Path) -> dict[str, Any]:
     tensors, meta = _read_safetensors(Path(path))
     if "state" not in meta:
         raise UserError(f"{path}: not a stardomain training state")
-    return _unflatten(json.loads(meta["state"]), tensors)
+    check_json_limits(meta["state"], f"{path}: its state structure", max_bytes=64 * 2**20)
+    try:
+        return _unflatten(json.loads(meta["state"]), tensors)
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: a corrupt training state; delete it to start afresh") from None
 
 
 # ---- output policy: nothing is overwritten by surprise ----

@@ -1,16 +1,26 @@
 """The `stardomain` command: thin wrappers that parse, call the library, print.
 
-A UserError anywhere becomes one line on stderr and exit code 2; no traceback.
+One boundary (main): a UserError, a usage error or a known failure of the user's inputs (files,
+encodings, nesting, memory) becomes one line on stderr and exit code 2; anything else one line saying
+where its traceback was written, exit code 1 (--debug or STARDOMAIN_DEBUG=1 prints the traceback).
 """
 
 from __future__ import annotations
 
+import contextvars
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+try:  # typer >= 0.20 ships its own copy of click; older ones use click itself
+    from typer._click import exceptions as _clickx
+except ImportError:  # pragma: no cover
+    from click import exceptions as _clickx
 
 from .errors import UserError
 
@@ -26,9 +36,32 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (sections dat
                          "Omitted: the defaults (MNIST, MLP width 16).")
 SetOpt = typer.Option([], "--set", "-s", help="Dotted override, repeatable: --set train.epochs=5 "
                       "--set model.kwargs.width=32")
-DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing output file even if it is not an earlier "
                         "output of this same command and job (without it such a file is refused).")
+SEED_MAX = 2**63 - 1
+AllowOpt = typer.Option([], "--allow-factory", metavar="PKG.MOD:FN",
+                        help="Let a model file's metadata name this user model/data factory (imports and runs "
+                        "its code; repeatable; also STARDOMAIN_ALLOW_FACTORIES=a:b,c:d). Without it such a "
+                        "file is refused; registered models and data sets never need it.")
+
+
+def seed_opt(help_: str):
+    return typer.Option(0, "--seed", min=0, max=SEED_MAX, help=help_)
+
+
+def allow_factories(specs: List[str]) -> None:
+    from .safety import allow
+
+    allow(specs)
+
+
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _global(debug: bool = typer.Option(False, "--debug", help="Print the full traceback of any error.")):
+    _DEBUG["on"] = _DEBUG["on"] or debug
 
 
 def echo_json(obj) -> None:
@@ -47,7 +80,7 @@ def sources_with_extra(ctx: typer.Context, sources: List[Path], command: str) ->
 def train(
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (.safetensors)."),
     config: Optional[Path] = ConfigOpt,
-    seed: int = typer.Option(0, "--seed", help="Fixes initialisation, shuffling and augmentation."),
+    seed: int = seed_opt("Fixes initialisation, shuffling and augmentation."),
     set_: List[str] = SetOpt,
     role: str = typer.Option("source", "--role", help="Recorded in the metadata: source, heldout, ..."),
     device: str = DeviceOpt,
@@ -73,7 +106,7 @@ def train(
 @app.command()
 def info(path: Path = typer.Argument(..., help="A model file written by stardomain."),
          json_: bool = typer.Option(False, "--json", help="Print the whole metadata as JSON.")):
-    """Show how a model file was made: architecture, data, seed, role, metrics, sha256."""
+    """Show how a model file was made: architecture, data, seed, role, metrics, sha256 (imports nothing)."""
     from .checkpoint import read_model_file
 
     sd, meta = read_model_file(path)
@@ -97,22 +130,26 @@ def info(path: Path = typer.Argument(..., help="A model file written by stardoma
     for key in ("sources", "alignment", "star"):
         if key in meta:
             lines.append(f"{key:<9} {json.dumps(meta[key])[:200]}")
-    lines += [f"sha256    {meta['sha256']}", f"versions  {meta.get('versions', {})}"]
+    lines += [f"sha256    {meta['sha256']}", f"versions  {meta.get('versions', {})}",
+              f"format    {meta['format_version']}: " + (
+                  "metadata and weights covered by its digest" if meta.get("digest") else
+                  "only the weights are covered by sha256; the metadata is not (written by an older stardomain)")]
     typer.echo("\n".join(lines))
 
 
 @app.command("eval")
 def eval_(path: Path = typer.Argument(..., help="A model file written by stardomain."),
           json_: bool = typer.Option(False, "--json", help='Print {"train": {"loss", "acc"}, "test": {...}}.'),
-          batch_size: int = typer.Option(1000, "--batch-size"),
-          device: str = DeviceOpt):
+          batch_size: int = typer.Option(1000, "--batch-size", min=1),
+          device: str = DeviceOpt,
+          allow_factory: List[str] = AllowOpt):
     """Loss and accuracy (a fraction) on the training split (no augmentation) and the test split."""
-    from .checkpoint import load_model
-    from .data import get_dataset
+    from .checkpoint import data_from_meta, load_model
     from .train import evaluate_splits, resolve_device
 
+    allow_factories(allow_factory)
     model, meta = load_model(path, resolve_device(device))
-    res = evaluate_splits(model, get_dataset(meta["data"]["config"]), batch_size)
+    res = evaluate_splits(model, data_from_meta(meta, str(path)), batch_size)
     if json_:
         echo_json(res)
     else:
@@ -128,7 +165,7 @@ def star(
                                        "(or a shell glob; repeating --sources works too)"),
     out: Path = typer.Option(..., "--out", "-o", help="Star model file to write (.safetensors)."),
     config: Optional[Path] = ConfigOpt,
-    seed: int = typer.Option(0, "--seed", help="Fixes the star's initialisation, data order and (source, t) draws."),
+    seed: int = seed_opt("Fixes the star's initialisation, data order and (source, t) draws."),
     set_: List[str] = SetOpt,
     device: str = DeviceOpt,
     force: bool = ForceOpt,
@@ -167,7 +204,7 @@ def run(
     executor: str = typer.Option("local", "--executor", help="local (in-process, sequential) or ray."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (e.g. auto or "
                                               "host:6379); without it --executor ray starts a local one."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="CPUs of the local Ray cluster (default: all)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="CPUs of the local Ray cluster (default: all)."),
     set_: List[str] = SetOpt,
     force: bool = typer.Option(False, "--force", help="Use --out even if it is a non-empty folder that is not a "
                                "study folder (without it such a folder is refused)."),
@@ -196,20 +233,21 @@ def bma_(
     sources: List[Path] = typer.Option(..., "--sources", help="Source model files: --sources F1 F2 ... "
                                        "(or a shell glob; repeating --sources works too)."),
     star: Path = typer.Option(..., "--star", help="The star model file; its metadata names the data and model."),
-    k: int = typer.Option(32, "--k", help="Models sampled per BMA run."),
-    seeds: int = typer.Option(3, "--seeds", help="Evaluation seeds: BMA draws repeated this many times (CIs)."),
-    seed: int = typer.Option(0, "--seed", help="First evaluation seed."),
+    k: int = typer.Option(32, "--k", min=1, max=100_000, help="Models sampled per BMA run."),
+    seeds: int = typer.Option(3, "--seeds", min=1, max=10_000, help="Evaluation seeds: BMA draws repeated this many times (CIs)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX - 10_000, help="First evaluation seed."),
     json_out: Path = typer.Option(..., "--json", help="Write the per-predictor metrics here (JSON)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Reliability diagrams + metric-vs-K curves (PNG)."),
     fusion: Optional[Path] = typer.Option(None, "--fusion", help="A mu > 0 star to score as one more predictor."),
     ns: Optional[str] = typer.Option(None, "--ns", help="Also score with only the first n sources, e.g. 1,2,5."),
     align: bool = typer.Option(True, "--align/--no-align", help="Weight-match sources before interpolating."),
-    bn_batches: Optional[int] = typer.Option(None, "--bn-batches", help="Training batches per BN recalibration "
+    bn_batches: Optional[int] = typer.Option(None, "--bn-batches", min=1, help="Training batches per BN recalibration "
                                              "(default: the whole training split)."),
     ood: bool = typer.Option(True, "--ood/--no-ood", help="OOD AUROC against inverted / rotated / noise images."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the markdown BMA section here."),
     device: str = DeviceOpt,
     force: bool = ForceOpt,
+    allow_factory: List[str] = AllowOpt,
 ):
     """Bayesian model averaging over the star domain vs a deep ensemble, single models, the star alone,
     regular-domain BMA and the aligned weight average: accuracy, NLL, Brier, ECE, ACE, misclassification
@@ -221,6 +259,7 @@ def bma_(
     from .bma import bma_files, predictors, report_section
     from .checkpoint import atomic_write_text, check_distinct, check_output
 
+    allow_factories(allow_factory)
     files = sources_with_extra(ctx, sources, "bma")
     check_distinct(json=json_out, plot=plot, report=report)
     for path, kind, opt in ((json_out, "bma.json", "--json"), (plot, "bma.png", "--plot"),
@@ -229,7 +268,9 @@ def bma_(
     try:
         n_list = [int(v) for v in ns.split(",") if v.strip()] if ns else None
     except ValueError:
-        raise UserError(f"--ns must be comma-separated integers such as 1,2,5 (got {ns!r})") from None
+        raise UserError(f"--ns must be comma-separated integers such as 1,2,5 (got {ns[:40]!r})") from None
+    if n_list and min(n_list) < 1:
+        raise UserError(f"--ns values must be at least 1 (got {min(n_list)})")
     res = bma_files(star, [str(f) for f in files], k=k, seed=seed, json_out=json_out, seeds=seeds, plot=plot,
                     fusion_path=fusion, align=align, ns=n_list, bn_batches=bn_batches, device=device, ood=ood,
                     progress=lambda s: typer.echo(f"  {s}", err=True))
@@ -252,12 +293,13 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
            out: Path = typer.Option(..., "--out", "-o", help="Where to write pi(B) (.safetensors)."),
            method: str = typer.Option("weight", "--method", help="weight (weight matching) or activation "
                                       "(correlation of activations on training data)."),
-           seed: int = typer.Option(0, "--seed", help="Order of the coordinate descent."),
+           seed: int = seed_opt("Order of the coordinate descent."),
            init: str = typer.Option("informed", "--init", help="Start of weight matching: informed (first pass "
                                     "in trace order, each group on what is known; recovers permuted copies "
                                     "exactly), identity (the paper's algorithm) or sorted."),
            json_: Optional[Path] = typer.Option(None, "--json", help="Also write the record as JSON here."),
-           force: bool = ForceOpt):
+           force: bool = ForceOpt,
+           allow_factory: List[str] = AllowOpt):
     """Permute B's hidden units to best match A without changing B's function (checked).
 
     The output keeps B's metadata plus an `alignment` record (method, permutation, A's sha256).
@@ -266,6 +308,7 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     from .checkpoint import atomic_write_json, check_distinct, check_output, read_model_file, read_model_meta
     from .permute.files import align_files
 
+    allow_factories(allow_factory)
     sha = [(read_model_meta(p) or read_model_file(p)[1])["sha256"] for p in (a, b)]
     check_distinct(out=out, json=json_)
     check_output(out, "align", {"alignment": {"reference_sha256": sha[0], "source_sha256": sha[1]}}, force=force,
@@ -281,7 +324,8 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
 
 @app.command("spec")
 def spec_(path: Path = typer.Argument(..., help="A model file written by stardomain."),
-          json_: bool = typer.Option(False, "--json", help="Print the spec as JSON (plain data).")):
+          json_: bool = typer.Option(False, "--json", help="Print the spec as JSON (plain data)."),
+          allow_factory: List[str] = AllowOpt):
     """Show the permutation groups derived from the model's traced graph, their sizes, what stays
     unpermuted and why, and the fraction of parameters that can be permuted.
 
@@ -289,6 +333,7 @@ def spec_(path: Path = typer.Argument(..., help="A model file written by stardom
     """
     from .permute.files import spec_file
 
+    allow_factories(allow_factory)
     spec, _ = spec_file(path)
     if json_:
         echo_json(spec.to_dict())
@@ -301,16 +346,17 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
              b: Path = typer.Argument(..., help="Model file B (t = 1); weight-matched to A first unless --no-align."),
              json_out: Path = typer.Option(..., "--json", help="Where to write the barrier record (JSON)."),
              plot_out: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG of loss/accuracy vs t."),
-             points: int = typer.Option(11, "--points", help="Evenly spaced t values from 0 to 1 (11: 0, 0.1, ..., 1)."),
+             points: int = typer.Option(11, "--points", min=3, max=10_001, help="Evenly spaced t values from 0 to 1 (11: 0, 0.1, ..., 1)."),
              no_align: bool = typer.Option(False, "--no-align", help="Interpolate B as it is, without weight matching."),
-             bn_batches: Optional[int] = typer.Option(None, "--bn-batches", help="Training batches (of 1000) that "
+             bn_batches: Optional[int] = typer.Option(None, "--bn-batches", min=1, help="Training batches (of 1000) that "
                                                       "recompute BatchNorm statistics at interior t; default: all."),
-             refine: int = typer.Option(0, "--refine", help="Extra t values searched around the worst grid point."),
-             seed: int = typer.Option(0, "--seed", help="Seed of weight matching's random group order."),
+             refine: int = typer.Option(0, "--refine", min=0, max=1000, help="Extra t values searched around the worst grid point."),
+             seed: int = seed_opt("Seed of weight matching's random group order."),
              repair: bool = typer.Option(False, "--repair", help="Networks without BatchNorm: REPAIR-renormalise "
                                          "hidden channels at interior t (Jordan et al. 2023)."),
              device: str = DeviceOpt,
-             force: bool = ForceOpt):
+             force: bool = ForceOpt,
+             allow_factory: List[str] = AllowOpt):
     """Loss and accuracy along (1-t)·A + t·B on train and test, and the barriers (PAPER.md).
 
     Loss barrier: max over interior t of loss minus its chord, floored at 0. Accuracy barrier: the
@@ -322,6 +368,7 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     from .barrier import measure_files, plot
     from .checkpoint import check_distinct, check_output
 
+    allow_factories(allow_factory)
     check_distinct(json=json_out, plot=plot_out)
     check_output(json_out, "barrier.json", force=force, inputs=[a, b], option="--json")
     check_output(plot_out, "barrier.png", force=force, inputs=[a, b], option="--plot")
@@ -339,15 +386,101 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     typer.echo(f"wrote {json_out}" + (f" and {plot_out}" if plot_out else ""))
 
 
-def main() -> None:
+# ---- the one boundary between the user and everything else ----
+
+_IO_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.EROFS: "read-only file system",
+              errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+              errno.EISDIR: "is a folder, not a file", errno.ENOENT: "no such file or folder",
+              errno.ENOTDIR: "a part of the path is not a folder", errno.ENAMETOOLONG: "file name too long",
+              errno.EEXIST: "already exists (as a file where a folder is needed?)"}
+
+
+def _user_message(e: BaseException) -> str | None:
+    """The one line for a failure the user can fix, or None when it is a bug (or unknown)."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in _IO_ERRNOS:
+        where = e.filename if e.filename is not None else "a file"
+        return f"{where}: {_IO_ERRNOS[e.errno]}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file stardomain read is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+    if isinstance(e, RecursionError):
+        return "an input is nested too deeply to read"
+    if isinstance(e, MemoryError):
+        return "out of memory: an input or a setting asks for more memory than this machine has"
+    return None
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _write_traceback(e: BaseException) -> str:
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="stardomain-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"stardomain {' '.join(sys.argv[1:])}\n\n")
+        traceback.print_exception(type(e), e, e.__traceback__, file=f)
+    return path
+
+
+def _click_error(e) -> int:
+    """A usage error keeps click's message and exit code 2, on one line with a pointer to --help."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        e.show()
+        return e.exit_code
+    hint = ""
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, _clickx.UsageError) and ctx is not None:
+        hint = f" (see {ctx.command_path} --help)"
+    print(f"error: {_one_line(e.format_message())}{hint}", file=sys.stderr)
+    return e.exit_code
+
+
+def _run(argv: list[str] | None) -> int:
     try:
-        app()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        rc = app(args=argv, standalone_mode=False)
+    except _clickx.ClickException as e:
+        return _click_error(e)
+    except typer.Abort:
+        rc = 130
+    if rc == 130:
+        print("interrupted; completed work is saved and a re-run resumes it", file=sys.stderr)
+    return rc if isinstance(rc, int) else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point. Each call runs in a fresh context, so --allow-factory never outlives it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _DEBUG["on"] = os.environ.get("STARDOMAIN_DEBUG", "") not in ("", "0") or "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line, not only before the command
+    try:
+        rc = contextvars.copy_context().run(_run, argv)
     except KeyboardInterrupt:
         print("interrupted; completed work is saved and a re-run resumes it", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if _DEBUG["on"]:
+            import traceback
+
+            traceback.print_exception(type(e), e, e.__traceback__)
+        msg = _user_message(e)
+        if msg is not None:
+            print(f"error: {_one_line(msg)}", file=sys.stderr)
+            sys.exit(2)
+        where = ""
+        if not _DEBUG["on"]:
+            try:
+                where = f" (traceback written to {_write_traceback(e)}; rerun with --debug to print it)"
+            except OSError:
+                where = " (rerun with --debug to print the traceback)"
+        print(f"internal error: {type(e).__name__}: {_one_line(e, 300)}{where}", file=sys.stderr)
+        sys.exit(1)
+    if rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

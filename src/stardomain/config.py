@@ -6,17 +6,32 @@ Later capabilities add their own sections (star, eval, bma, study) to `Config`.
 
 from __future__ import annotations
 
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
 
+SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$"
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _check_factory(v: str | None) -> str | None:
+    if v is not None and not _FACTORY.match(v):
+        raise ValueError("must look like 'package.module:function'")
+    return v
 
 
 class DataConfig(Section):
@@ -25,9 +40,11 @@ class DataConfig(Section):
     name: str | None = "mnist"
     factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    split_seed: int = 0  # fixes train/test splits where the data set has none of its own
-    train_subset: int | None = None  # use only the first N training examples (after a seeded shuffle)
+    split_seed: int = Field(0, ge=0, le=2**63 - 1)  # fixes train/test splits where the data set has none of its own
+    train_subset: int | None = Field(None, ge=1)  # use only the first N training examples (after a seeded shuffle)
     augment: bool | None = None  # None: the data set's default (crop+flip for CIFAR, none otherwise)
+
+    _factory = field_validator("factory")(classmethod(lambda cls, v: _check_factory(v)))
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -44,6 +61,8 @@ class ModelConfig(Section):
     name: str | None = "mlp"
     factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    _factory = field_validator("factory")(classmethod(lambda cls, v: _check_factory(v)))
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -112,7 +131,7 @@ class StudyConfig(Section):
 
     n_sources: int = Field(10, ge=1)
     n_heldouts: int = Field(5, ge=1)
-    seed: int = 0  # sources use seed+i, held-outs seed+1000+i, stars seed
+    seed: int = Field(0, ge=0, le=2**62)  # sources use seed+i, held-outs seed+1000+i, stars seed
     heldout_train: dict[str, Any] | None = None  # partial train section merged over `train` for held-outs
     pairs: list[Literal[PAIR_KINDS]] = Field(default_factory=lambda: list(PAIR_KINDS))
     eval: StudyEvalConfig = Field(default_factory=StudyEvalConfig)
@@ -121,7 +140,7 @@ class StudyConfig(Section):
     bma_k: int = Field(32, ge=1)
     cpus_per_task: int = Field(1, ge=1)  # torch threads per task (and Ray num_cpus); fixed so results never
     gpus_per_task: float = Field(0.0, ge=0)  # depend on the executor
-    device: str = "auto"
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
     bootstrap: int = Field(10000, ge=100)  # resamples for the 95% CI
 
 
@@ -161,14 +180,67 @@ class Config(Section):
     study: StudyConfig = Field(default_factory=StudyConfig)
 
 
-def _format_validation_error(err: ValidationError) -> str:
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 4, 60, 60
+
+
+def format_validation_error(err: ValidationError, max_errors: int = 5) -> str:
+    """One line: the first few errors, each value shown in at most 80 characters (reprlib stops early,
+    so a huge or alias-bombed value never gets walked)."""
     parts = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:max_errors]:
         loc = ".".join(str(p) for p in e["loc"]) or "config"
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_r = _REPR.repr(got)
+        got_s = "" if isinstance(got, dict) else f" (got {got_r if len(got_r) <= 80 else got_r[:77] + '...'})"
         parts.append(f"{loc}: {e['msg']}{got_s}")
+    if len(errors) > max_errors:
+        parts.append(f"and {len(errors) - max_errors} more")
     return "; ".join(parts)
+
+
+_format_validation_error = format_validation_error
+
+
+class _BudgetLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a document whose aliases expand to more than MAX_YAML_NODES nodes
+    (a 1 KB "billion laughs" file), counted on the node graph before anything is constructed."""
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_node_budget(node)
+        return self.construct_document(node)
+
+
+MAX_YAML_NODES = 100_000
+MAX_CONFIG_BYTES = 1 * 2**20
+
+
+def _check_node_budget(root) -> None:
+    """Expanded size of the node graph (aliases counted every time they are used), iteratively."""
+    size: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        kids = ([c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode)
+                else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            size[id(node)] = 1 + sum(size[id(c)] for c in kids)
+            if size[id(node)] > MAX_YAML_NODES:
+                raise UserError(f"YAML expands to more than {MAX_YAML_NODES:,} values (aliases used too many "
+                                "times); write the values out")
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in kids if id(c) not in size)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_BudgetLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -180,8 +252,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise UserError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = yaml_load(raw) if raw.strip() else None
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return path, value
 
@@ -203,14 +275,34 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {p} does not exist")
+        raise UserError(f"config file {p} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        data = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read config file {p}: {e.strerror or e}") from e
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {p} is {len(data):,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
+    try:
+        raw = yaml_load(decode_text(data, f"config file {p}")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise UserError(f"config file {p} is nested too deeply") from None
     if not isinstance(raw, dict):
         raise UserError(f"config file {p} must hold a mapping of sections (data, model, train, ...)")
     return raw
+
+
+def decode_text(data: bytes, what: str) -> str:
+    """UTF-8 (a BOM is fine); anything else is refused with a line saying how to fix it."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise UserError(f"{what} is UTF-16 text; save it as UTF-8")
+    if b"\x00" in data:
+        raise UserError(f"{what} is not UTF-8 text (it holds NUL bytes: UTF-16 without a BOM?); save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
 
 
 def validate(cls: type[BaseModel], raw: dict, where: str = "config"):

@@ -100,6 +100,8 @@ def _digits(split_seed: int = 0, test_fraction: float = 0.25, **_: Any) -> dict:
     """scikit-learn's 8x8 digits (1,797 images): tiny, offline, for tests."""
     from sklearn.datasets import load_digits
 
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be a number between 0 and 1 (got {test_fraction!r})")
     d = load_digits()
     x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
     y = torch.tensor(d.target, dtype=torch.int64)
@@ -154,29 +156,72 @@ DATASETS: dict[str, Callable[..., dict]] = {
 
 
 def import_object(spec: str, what: str):
-    """"pkg.mod:attr" -> the object; a clear error when it cannot be found."""
-    if ":" not in spec:
+    """"pkg.mod:attr" -> a callable; a clear error when it cannot be found. Imports run the module's
+    code: callers that got `spec` from a file check it with stardomain.safety first."""
+    mod_name, _, attr = str(spec).partition(":")
+    if not mod_name.strip() or not attr.strip() or mod_name.startswith("."):
         raise UserError(f"{what} {spec!r} must look like 'package.module:function'")
-    mod_name, attr = spec.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise UserError(f"{what} {spec!r}: cannot import {mod_name} ({e})") from None
-    try:
-        return getattr(mod, attr)
-    except AttributeError:
-        raise UserError(f"{what} {spec!r}: module {mod_name} has no attribute {attr}") from None
+    except Exception as e:
+        raise UserError(f"{what} {spec!r}: cannot import {mod_name} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+    obj = mod
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UserError(f"{what} {spec!r}: module {mod_name} has no attribute {attr}") from None
+    if not callable(obj):
+        raise UserError(f"{what} {spec!r} is a {type(obj).__name__}, not a function")
+    return obj
 
 
-def _to_split(v) -> Split:
+def _to_split(v, split: str) -> Split:
     if isinstance(v, Split):
         return v
     if isinstance(v, TorchDataset):
         return Split(dataset=v)
     if isinstance(v, (tuple, list)) and len(v) == 2:
-        x, y = (torch.as_tensor(a) for a in v)
+        try:
+            x, y = (torch.as_tensor(a) for a in v)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"data split {split!r}: x and y must be arrays or tensors ({str(e)[:120]})") from None
+        if y.is_floating_point() and not bool(torch.all(y == y.round())):
+            raise UserError(f"data split {split!r}: labels must be whole numbers (class indices)")
+        if x.dtype == torch.bool or x.is_complex() or y.is_complex() or y.dtype == torch.bool:
+            raise UserError(f"data split {split!r}: x must be real numbers and y class indices")
         return Split(x=x.float(), y=y.long())
     raise UserError("a data factory must return (x, y) tensors or a torch Dataset for each split")
+
+
+def check_bundle(b: DataBundle) -> DataBundle:
+    """What a model and a loss need, checked once when the data is built: non-empty splits, one x per
+    label, finite inputs of one shape, labels in [0, num_classes)."""
+    if not 1 <= b.num_classes <= 10**6:
+        raise UserError(f"data set {b.name}: num_classes must be at least 1 (got {b.num_classes})")
+    for name, sp in (("train", b.train), ("test", b.test), ("val", b.val)):
+        if sp is None:
+            continue
+        if len(sp) == 0:
+            raise UserError(f"data set {b.name}: the {name} split is empty")
+        if sp.x is None:
+            continue
+        if sp.x.dim() < 2:
+            raise UserError(f"data set {b.name}: the {name} split's x has shape {tuple(sp.x.shape)}; want (N, ...)")
+        if sp.y is None or len(sp.x) != len(sp.y) or sp.y.dim() != 1:
+            raise UserError(f"data set {b.name}: the {name} split has {len(sp.x)} inputs but "
+                            f"{len(sp.y) if sp.y is not None else 'no'} labels (want x of shape (N, ...), y of shape (N,))")
+        if tuple(sp.x.shape[1:]) != tuple(b.input_shape):
+            raise UserError(f"data set {b.name}: the {name} split has inputs of shape {tuple(sp.x.shape[1:])}, "
+                            f"the train split {tuple(b.input_shape)}")
+        if sp.x.is_floating_point() and not bool(torch.isfinite(sp.x).all()):
+            raise UserError(f"data set {b.name}: the {name} split has NaN or infinite inputs")
+        lo, hi = int(sp.y.min()), int(sp.y.max())
+        if lo < 0 or hi >= b.num_classes:
+            raise UserError(f"data set {b.name}: the {name} split has labels from {lo} to {hi}, outside "
+                            f"0..{b.num_classes - 1} (num_classes {b.num_classes})")
+    return b
 
 
 _CACHE: dict[str, DataBundle] = {}
@@ -187,22 +232,36 @@ def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
     if isinstance(cfg, str):
         cfg = DataConfig(name=cfg)
     elif isinstance(cfg, dict):
-        cfg = DataConfig.model_validate(cfg)
+        from .config import validate
+
+        cfg = validate(DataConfig, cfg, "data config")
     key = cfg.model_dump_json()
     if key in _CACHE:
         return _CACHE[key]
     if cfg.factory:
         fn = import_object(cfg.factory, "data factory")
         kwargs = dict(cfg.kwargs)
-        if "split_seed" in inspect.signature(fn).parameters:
+        try:
+            takes_seed = "split_seed" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # a builtin without a signature
+            takes_seed = False
+        if takes_seed:
             kwargs["split_seed"] = cfg.split_seed
-        raw = fn(**kwargs)
+        try:
+            raw = fn(**kwargs)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"data factory {cfg.factory} raised {type(e).__name__}: {str(e)[:200]}") from e
         name = cfg.factory
     else:
         if cfg.name not in DATASETS:
             raise UserError(f"unknown data set {cfg.name!r}; choose one of {', '.join(DATASETS)} "
                             "or give data.factory: 'package.module:function'")
-        raw = DATASETS[cfg.name](split_seed=cfg.split_seed, **cfg.kwargs)
+        try:
+            raw = DATASETS[cfg.name](split_seed=cfg.split_seed, **cfg.kwargs)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"data set {cfg.name}: bad kwargs {str(cfg.kwargs)[:120]} ({str(e)[:200]})") from e
         name = cfg.name
     if isinstance(raw, DataBundle):
         bundle = raw
@@ -210,14 +269,18 @@ def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
         if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
             raise UserError("a data factory must return a dict with 'train' and 'test' (and optionally "
                             "'val', 'num_classes')")
-        train, test = _to_split(raw["train"]), _to_split(raw["test"])
-        val = _to_split(raw["val"]) if raw.get("val") is not None else None
+        train, test = _to_split(raw["train"], "train"), _to_split(raw["test"], "test")
+        val = _to_split(raw["val"], "val") if raw.get("val") is not None else None
+        if len(train) == 0:
+            raise UserError(f"data set {name}: the train split is empty")
         x0, _ = (train.x[0], None) if train.x is not None else train.dataset[0]
         num_classes = raw.get("num_classes")
         if num_classes is None:
             if train.y is None:
                 raise UserError("a data factory returning Datasets must also return 'num_classes'")
             num_classes = int(train.y.max()) + 1
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+            raise UserError(f"data set {name}: num_classes must be a whole number (got {num_classes!r})")
         want_aug = raw.get("augment", False) if cfg.augment is None else cfg.augment
         bundle = DataBundle(name=name, train=train, test=test, val=val, num_classes=int(num_classes),
                             input_shape=tuple(x0.shape), info=raw.get("info", {}),
@@ -226,7 +289,7 @@ def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
         n = min(cfg.train_subset, len(bundle.train))
         idx = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(cfg.split_seed))[:n]
         bundle = DataBundle(**{**bundle.__dict__, "train": Split(bundle.train.x[idx], bundle.train.y[idx])})
-    _CACHE[key] = bundle
+    _CACHE[key] = check_bundle(bundle)
     return bundle
 
 

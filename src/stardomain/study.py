@@ -144,14 +144,21 @@ class _Builder:
         return self._add(Task(key, "pair", f"{self.labels[a]} ↔ {self.labels[b]}", {
             "a": self.model_file(a), "b": self.model_file(b), "a_label": self.labels[a],
             "b_label": self.labels[b], "eval": ev, "seed": self.st.seed,
-            "device": self.st.device}, (a, b), **self._res()))
+            "device": self.st.device, "allow": self._allow(a)}, (a, b), **self._res()))
 
     def bma(self, star: str, sources: list[str]) -> str:
         key = key_of({"op": "bma", "v": CACHE_VERSION, "star": star, "sources": sources, "k": self.st.bma_k,
                       "seed": self.st.seed})
         return self._add(Task(key, "bma", "bma", {
             "star": self.model_file(star), "sources": [self.model_file(s) for s in sources],
-            "k": self.st.bma_k, "seed": self.st.seed, "device": self.st.device}, (star, *sources), **self._res()))
+            "k": self.st.bma_k, "seed": self.st.seed, "device": self.st.device, "allow": self._allow(star)},
+            (star, *sources), **self._res()))
+
+    def _allow(self, key: str) -> list[str]:
+        """Factories of the user's own config behind a model: a task may import those from its files."""
+        from .safety import config_factories
+
+        return config_factories(self.tasks[key].params.get("config"))
 
     def population(self, cfgd: dict, n_sources: int, n_heldouts: int, tag: str = "") -> tuple[list, list]:
         st = self.st
@@ -398,18 +405,16 @@ def _example_input(data):
 
 def _run_pair(task: Task, root: Path) -> None:
     from . import barrier
-    from .checkpoint import read_pair
-    from .checkpoint import build_from_meta
-    from .data import get_dataset
+    from .checkpoint import build_from_meta, data_from_meta, read_pair
     from .train import resolve_device
 
     p = task.params
     ev = p["eval"]
     t0 = time.perf_counter()
     sd_a, meta_a, sd_b, meta_b = read_pair(root / p["a"], root / p["b"])
-    data = get_dataset(meta_a["data"]["config"])
+    data = data_from_meta(meta_a, str(root / p["a"]))
     device = resolve_device(p.get("device", "auto"))
-    model = build_from_meta(meta_a).to(device)
+    model = build_from_meta(meta_a, str(root / p["a"])).to(device)
     rec = barrier.measure(model, sd_a, sd_b, data, points=ev["points"], align=ev["align"],
                           example_input=_example_input(data), bn_batches=ev["bn_batches"], seed=p["seed"],
                           device=device)
@@ -459,12 +464,17 @@ def execute(task: Task, root: str | Path) -> str:
     global RNG seeded from the task key, so the result never depends on what ran before in the process."""
     import torch
 
+    from .safety import allowed, config_factories
+
     root = Path(root)
     _test_crash_once(task)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(task.cpus)))
+    # The study config is the user's own: its factories may be imported from the study's model files
+    # (in whatever process runs the task); a factory only a file names is still refused.
+    trusted = config_factories(task.params.get("config")) + list(task.params.get("allow") or [])
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), allowed(trusted):
             torch.manual_seed(int(task.key[:8], 16))
             _OPS[task.op](task, root)
     finally:

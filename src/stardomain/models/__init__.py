@@ -7,8 +7,10 @@ gets `in_shape`/`num_classes` only if its signature names them.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
@@ -31,14 +33,36 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     MODELS[name] = factory
 
 
+MAX_PARAMS_ENV = "STARDOMAIN_MAX_PARAMS"
+
+
+def max_params() -> int:
+    """The largest model (numbers in parameters and buffers) built without asking: 5e8 (2 GB in float32)."""
+    try:
+        return int(os.environ.get(MAX_PARAMS_ENV) or 5 * 10**8)
+    except ValueError:
+        raise UserError(f"{MAX_PARAMS_ENV} must be a whole number") from None
+
+
+def _size_on_meta(fn: Callable[..., nn.Module], kwargs: dict) -> int:
+    """Build on the meta device (no memory) and count: an absurd width is refused before allocation."""
+    with torch.device("meta"):
+        m = fn(**kwargs)
+    return sum(t.numel() for t in (*m.parameters(), *m.buffers()))
+
+
 def build_model(cfg: ModelConfig | dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Registered models check their kwargs and size first; any failure to build is one UserError."""
     if isinstance(cfg, dict):
         cfg = ModelConfig.model_validate(cfg)
     if cfg.factory:
         from ..data import import_object
 
         fn = import_object(cfg.factory, "model factory")
-        params = inspect.signature(fn).parameters
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
         extra = {k: v for k, v in (("in_shape", tuple(in_shape)), ("num_classes", num_classes)) if k in params}
         where = f"model factory {cfg.factory}"
     else:
@@ -46,9 +70,37 @@ def build_model(cfg: ModelConfig | dict, in_shape: tuple[int, ...], num_classes:
             raise UserError(f"unknown model {cfg.name!r}; choose one of {', '.join(MODELS)} "
                             "or give model.factory: 'package.module:function'")
         fn, extra, where = MODELS[cfg.name], {"in_shape": tuple(in_shape), "num_classes": num_classes}, f"model {cfg.name}"
+    kwargs = {**extra, **cfg.kwargs}
     try:
-        return fn(**extra, **cfg.kwargs)
+        if not cfg.factory:
+            n = _size_on_meta(fn, kwargs)
+            if n > max_params():
+                raise UserError(f"{where} with kwargs {_short(cfg.kwargs)} has {n:,} parameters, more than the "
+                                f"{max_params():,} allowed (raise {MAX_PARAMS_ENV} if you mean it)")
+        model = fn(**kwargs)
+    except UserError:
+        raise
     except TypeError as e:
-        raise UserError(f"{where}: bad kwargs {cfg.kwargs} ({e})") from None
+        raise UserError(f"{where}: bad kwargs {_short(cfg.kwargs)} ({_first_line(e)})") from e
     except ValueError as e:
-        raise UserError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {_first_line(e)}") from e
+    except (RuntimeError, MemoryError, OverflowError) as e:
+        raise UserError(f"{where} with kwargs {_short(cfg.kwargs)} could not be built "
+                        f"({type(e).__name__}: {_first_line(e)})") from e
+    except Exception as e:
+        if not cfg.factory:
+            raise
+        raise UserError(f"{where} raised {type(e).__name__}: {_first_line(e)}") from e
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{where} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else "")[:200]
+
+
+def _short(kwargs: dict) -> str:
+    s = repr(kwargs)
+    return s if len(s) <= 120 else s[:117] + "..."

@@ -47,4 +47,10 @@ class ViT(nn.Module):
 def vit(in_shape, num_classes, patch: int = 7, dim: int = 64, depth: int = 2, heads: int = 4,
         mlp_dim: int = 128) -> nn.Module:
     """ViT for small images: (H/patch)*(W/patch) tokens plus a class token (MNIST: patch 7 -> 16 tokens)."""
+    from .zoo import image_shape, pos_int
+
+    image_shape(in_shape, "vit")
+    patch, dim, heads, mlp_dim = (pos_int(k, v) for k, v in (("patch", patch), ("dim", dim), ("heads", heads),
+                                                              ("mlp_dim", mlp_dim)))
+    depth = pos_int("depth", depth, 1000)
     return ViT(in_shape, num_classes, patch, dim, depth, heads, mlp_dim)

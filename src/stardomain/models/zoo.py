@@ -6,6 +6,39 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+NORMS = ("bn", "ln", "gn", "none")
+
+
+def pos_int(name: str, v, hi: int = 2**20) -> int:
+    """A size a user wrote: a whole number in [1, hi] (0 would build a network with no units)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+        raise ValueError(f"{name} must be a whole number from 1 to {hi:,} (got {v!r})")
+    return v
+
+
+def pos_float(name: str, v, hi: float = 1024.0) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= hi:
+        raise ValueError(f"{name} must be a number in (0, {hi:g}] (got {v!r})")
+    return float(v)
+
+
+def flag(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be true or false (got {v!r})")
+    return v
+
+
+def norm_kind(v) -> str:
+    if v not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)} (got {v!r})")
+    return v
+
+
+def image_shape(in_shape, model: str) -> tuple[int, int, int]:
+    if len(in_shape) != 3:
+        raise ValueError(f"{model} needs images of shape (C, H, W); this data has inputs of shape {tuple(in_shape)}")
+    return tuple(in_shape)
+
 
 def _norm2d(kind: str, c: int) -> nn.Module:
     if kind == "bn":
@@ -21,6 +54,7 @@ def _norm2d(kind: str, c: int) -> nn.Module:
 
 def mlp(in_shape, num_classes, width: int = 16, depth: int = 1, bn: bool = False) -> nn.Module:
     """`depth` hidden layers of `width` units with ReLU (the paper's MNIST MLP: depth 1, width 16)."""
+    width, depth, bn = pos_int("width", width), pos_int("depth", depth, 1000), flag("bn", bn)
     d_in = 1
     for s in in_shape:
         d_in *= s
@@ -34,7 +68,11 @@ def mlp(in_shape, num_classes, width: int = 16, depth: int = 1, bn: bool = False
 
 def cnn(in_shape, num_classes, widths=(32, 64, 128, 256), norm: str = "bn") -> nn.Module:
     """Small VGG-style network: (Conv3x3-Norm-ReLU-MaxPool) per width, flatten, linear head."""
-    c, h, w = in_shape
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, (list, tuple)) or not 1 <= len(widths) <= 64:
+        raise ValueError(f"widths must be a list of 1 to 64 channel counts (got {widths!r})")
+    widths = [pos_int("each of widths", v) for v in widths]
+    norm = norm_kind(norm)
+    c, h, w = image_shape(in_shape, "cnn")
     layers: list[nn.Module] = []
     for cw in widths:
         layers += [nn.Conv2d(c, cw, 3, padding=1, bias=norm == "none"), _norm2d(norm, cw), nn.ReLU(),
@@ -86,9 +124,11 @@ class ResNet(nn.Module):
 
 def resnet(in_shape, num_classes, depth: int = 20, width: float = 1, norm: str = "bn") -> nn.Module:
     """CIFAR-style ResNet: depth 6n+2 (20, 32, 56: widths 16/32/64) or 18 (64..512, [2,2,2,2])."""
+    depth, width, norm = pos_int("depth", depth, 2000), pos_float("width", width), norm_kind(norm)
+    image_shape(in_shape, "resnet")
     if depth == 18:
         widths, blocks = [64, 128, 256, 512], [2, 2, 2, 2]
-    elif (depth - 2) % 6 == 0:
+    elif (depth - 2) % 6 == 0 and depth >= 8:
         n = (depth - 2) // 6
         widths, blocks = [16, 32, 64], [n, n, n]
     else:
@@ -106,9 +146,10 @@ _VGG = {
 
 def vgg(in_shape, num_classes, depth: int = 11, bn: bool = False, width: float = 1) -> nn.Module:
     """VGG-11/13/16/19 for small images (ceil-mode pooling keeps 28x28 inputs valid)."""
-    if depth not in _VGG:
-        raise ValueError(f"depth must be one of {sorted(_VGG)}, got {depth}")
-    c, h, w = in_shape
+    if isinstance(depth, bool) or depth not in _VGG:
+        raise ValueError(f"depth must be one of {sorted(_VGG)}, got {depth!r}")
+    bn, width = flag("bn", bn), pos_float("width", width)
+    c, h, w = image_shape(in_shape, "vgg")
     layers: list[nn.Module] = []
     for v in _VGG[depth]:
         if v == "M":
@@ -143,7 +184,9 @@ class WideBlock(nn.Module):
 
 def wrn(in_shape, num_classes, depth: int = 22, width_factor: int = 2, norm: str = "bn") -> nn.Module:
     """WideResNet-depth-k (depth = 6n+4)."""
-    if (depth - 4) % 6:
+    depth, width_factor, norm = pos_int("depth", depth, 2000), pos_int("width_factor", width_factor, 1024), norm_kind(norm)
+    image_shape(in_shape, "wrn")
+    if (depth - 4) % 6 or depth < 10:
         raise ValueError(f"depth must be 6n+4 (16, 22, 28, 40), got {depth}")
     n = (depth - 4) // 6
     widths = [16 * width_factor, 32 * width_factor, 64 * width_factor]
@@ -169,7 +212,9 @@ class DenseLayer(nn.Module):
 
 def densenet(in_shape, num_classes, depth: int = 40, growth: int = 12) -> nn.Module:
     """DenseNet-40-12 style: 3 dense blocks of (depth-4)/3 BN-ReLU-Conv layers, no bottleneck."""
-    if (depth - 4) % 3:
+    depth, growth = pos_int("depth", depth, 2000), pos_int("growth", growth, 4096)
+    image_shape(in_shape, "densenet")
+    if (depth - 4) % 3 or depth < 7:
         raise ValueError(f"depth must be 3n+4 (40, 100), got {depth}")
     n = (depth - 4) // 3
     c = 2 * growth

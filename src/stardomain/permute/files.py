@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import build_from_meta, read_model_file, read_pair, save_model
+from ..checkpoint import build_from_meta, data_from_meta, read_model_file, read_pair, save_model
 from .align import align, spec_for
 from .spec import PermutationSpec
 
@@ -16,11 +16,9 @@ def example_input(meta: dict) -> torch.Tensor:
     return torch.zeros(2, *[int(s) for s in meta["data"]["input_shape"]])
 
 
-def data_batch(meta: dict, n: int = 512) -> torch.Tensor:
+def data_batch(meta: dict, n: int = 512, source: str = "the model file") -> torch.Tensor:
     """The first n training inputs of the file's data set (for activation matching)."""
-    from ..data import get_dataset
-
-    data = get_dataset(meta["data"]["config"])
+    data = data_from_meta(meta, source)
     x = getattr(data.train, "x", None)
     if x is None:
         x = torch.stack([data.train.dataset[i][0] for i in range(min(n, len(data.train.dataset)))])
@@ -29,7 +27,7 @@ def data_batch(meta: dict, n: int = 512) -> torch.Tensor:
 
 def spec_file(path: str | Path) -> tuple[PermutationSpec, dict]:
     sd, meta = read_model_file(path)
-    return spec_for(build_from_meta(meta), example_input(meta)), meta
+    return spec_for(build_from_meta(meta, str(path)), example_input(meta)), meta
 
 
 def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
@@ -37,16 +35,16 @@ def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, meth
     """Write pi(B), aligned to A, to `out` (B's metadata plus `alignment` provenance). -> the record
     (distances to A are over parameters: "distance_over": "parameters")."""
     sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "align")
-    model = build_from_meta(meta_a)
+    model = build_from_meta(meta_a, str(path_a))
     x = example_input(meta_a)
-    data_x = data_batch(meta_a) if method == "activation" else None
+    data_x = data_batch(meta_a, source=str(path_a)) if method == "activation" else None
     sd_p, info = align(model, sd_a, sd_b, example_input=x, method=method, data_x=data_x, seed=seed,
                        check=True, max_iter=max_iter, init=init)
     rec = {k: info[k] for k in ("method", "iterations", "converged", "groups", "distance_before", "distance_after",
                                 "distance_over", "equivalence_error", "seconds", "permutable_fraction")}
     rec.update({"init": info.get("init"), "seed": seed, "reference": str(path_a), "reference_sha256": meta_a["sha256"],
                 "source": str(path_b), "source_sha256": meta_b["sha256"]})
-    meta = {k: v for k, v in meta_b.items() if k != "sha256"}
+    meta = {k: v for k, v in meta_b.items() if k not in ("sha256", "digest")}
     meta["alignment"] = {**rec, "perm": info["perm"]}
     saved = save_model(out, sd_p, meta)
     rec["out"] = str(out)
