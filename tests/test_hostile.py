@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 
+import clitools
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -31,19 +32,7 @@ TINY_SET = ["--set", "data.name=digits", "--set", "model.kwargs.width=8", "--set
 
 def run_cli(capsys, monkeypatch, *args, env=None):
     """cli.main in process -> (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["stardomain", *map(str, args)])
-    for k, v in (env or {}).items():
-        monkeypatch.setenv(k, v)
-    capsys.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    for k in env or {}:
-        monkeypatch.delenv(k)
-    return code, out, err
+    return clitools.run_cli(monkeypatch, capsys, *args, env=env)
 
 
 def assert_one_line(code, err, *words, code_want=2):

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+from clitools import run_cli
 
 import stardomain.checkpoint as ck
 from stardomain.config import load_config
@@ -29,13 +30,16 @@ def files(tmp_path_factory):
 
 def _main(monkeypatch, capsys, *args):
     """The CLI in process (the console script's main()): -> (exit code, stdout, stderr)."""
-    from stardomain import cli
+    return run_cli(monkeypatch, capsys, *args)
 
     monkeypatch.setattr(sys, "argv", ["stardomain", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
+    try:
         cli.main()
+        code = 0  # success returns normally
+    except SystemExit as e:
+        code = e.code
     out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+    return code, out.out, out.err
 
 
 def _refused(code, err, *words):

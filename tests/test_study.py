@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clitools import run_cli
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -317,7 +318,8 @@ def test_study_interrupted_inside_the_star_resumes_to_identical_results(local_ru
 
 def _main(monkeypatch, capsys, *args):
     """The CLI in process (the console script's main()): -> (exit code, stderr)."""
-    from stardomain import cli
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    return code, err
 
     monkeypatch.setattr(sys, "argv", ["stardomain", *map(str, args)])
     with pytest.raises(SystemExit) as e:
