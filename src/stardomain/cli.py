@@ -172,6 +172,8 @@ def run(
     path = config or default_config_path()
     cfg = load_config(path, set_)
     res = run_study(cfg, out, executor=executor, ray_address=ray_address, num_workers=workers)
+    typer.echo(res["verdict_line"])
+    typer.echo("")
     typer.echo(res["verdict"])
     typer.echo(f"wrote {out}/results.json, {out}/report.md, {out}/report.html")
 
