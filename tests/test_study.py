@@ -151,7 +151,10 @@ def test_summary_invariants(xs):
     x = np.asarray(xs)
     assert s["n"] == len(xs)
     assert s["mean"] == pytest.approx(float(np.mean(x)))
-    assert s["std"] == pytest.approx(float(np.std(x, ddof=1)) if len(xs) > 1 else 0.0)
+    if len(xs) <= 2:  # two values cannot estimate a spread: no std, no interval (issue 13)
+        assert s["std"] is None and s["ci95"] == [None, None]
+        return
+    assert s["std"] == pytest.approx(float(np.std(x, ddof=1)))
     lo, hi = s["ci95"]
     tol = 1e-9 * (1 + abs(s["mean"]))
     assert s["min"] - tol <= lo <= hi <= s["max"] + tol
@@ -193,7 +196,10 @@ def test_local_study_results_and_report(local_run, tiny_yaml):
         vals = [r["barrier"]["train_loss"] for r in recs]
         s = res["summary"][kind]["train_loss"]
         assert s["n"] == len(vals) and s["mean"] == pytest.approx(np.mean(vals))
-        assert s["min"] <= s["ci95"][0] <= s["ci95"][1] <= s["max"]
+        if len(vals) <= 2:  # no spread, no interval from two values
+            assert s["std"] is None and s["ci95"] == [None, None]
+        else:
+            assert s["min"] <= s["ci95"][0] <= s["ci95"][1] <= s["max"]
         assert all(len(r["t"]) == 5 and r["barrier"]["train_loss"] >= 0 for r in recs)
     t = res["tests"]["star_heldout_below_regular_regular"]["train_loss"]
     ref = sps.mannwhitneyu([r["barrier"]["train_loss"] for r in res["pairs"]["star_heldout"]],

@@ -25,8 +25,10 @@ def _same(p: dict, q: dict) -> bool:
     return p.keys() == q.keys() and all(torch.equal(p[k], q[k]) for k in p)
 
 
-def _mean_distance(spec: PermutationSpec, centre: StateDict, sds: Sequence[StateDict]) -> float:
-    return float(np.mean([distance(centre, sd, spec.parameters) for sd in sds]))
+def _rms_distance(spec: PermutationSpec, centre: StateDict, sds: Sequence[StateDict]) -> float:
+    """Root-mean-square distance to the centre: sum_i |θ_i - c|² = (1/n) sum_{i<j} |θ_i - θ_j|², which each
+    MergeMany step can only lower (it maximises θ_i's inner product with the others' mean)."""
+    return float(np.sqrt(np.mean([distance(centre, sd, spec.parameters) ** 2 for sd in sds])))
 
 
 def merge_many(spec: PermutationSpec, sds: Sequence[StateDict], *, start: Sequence[dict] | None = None,
@@ -40,7 +42,7 @@ def merge_many(spec: PermutationSpec, sds: Sequence[StateDict], *, start: Sequen
     n = len(sds)
     perms = [dict(p) for p in start] if start is not None else [None] * n
     aligned = [sd if p is None else apply_permutation(spec, sd, p) for sd, p in zip(sds, perms)]
-    before = _mean_distance(spec, average(aligned), aligned)
+    before = _rms_distance(spec, average(aligned), aligned)
     rng = np.random.default_rng(seed)
     done, converged = 0, n < 2
     while not converged and done < rounds:
@@ -57,5 +59,5 @@ def merge_many(spec: PermutationSpec, sds: Sequence[StateDict], *, start: Sequen
         converged = not changed
     centre = average(aligned)
     info = {"method": "merge_many", "rounds": done, "converged": converged, "order_seed": seed,
-            "mean_distance_to_centre_start": before, "mean_distance_to_centre": _mean_distance(spec, centre, aligned)}
+            "rms_distance_to_centre_start": before, "rms_distance_to_centre": _rms_distance(spec, centre, aligned)}
     return centre, perms, info
