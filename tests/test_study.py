@@ -226,6 +226,10 @@ def test_local_study_results_and_report(local_run, tiny_yaml):
     first = html.split("data:image/png;base64,")[1].split('"')[0]
     assert base64.b64decode(first)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Verdict" in (out / "report.md").read_text()
+    # issue 13: a design-aware headline, and the reports open with the one-line verdict
+    assert res["headline"]["test"]["test"] == "sign_flip" and res["headline"]["min_p"] == 1 / 4
+    assert any(f.startswith("too few held-outs") for f in res["headline"]["flags"])
+    assert (out / "report.md").read_text().splitlines()[2] == f"**{res['verdict_line']}**"
     assert len(list((out / "models").glob("*.safetensors"))) == 7
 
 

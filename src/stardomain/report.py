@@ -212,12 +212,14 @@ def _quality_table(results: dict) -> list[str]:
 def _sweep_tables(results: dict) -> list[str]:
     out = []
     for dim, rows in results.get("sweeps", {}).items():
-        out += [f"### Sweep: {dim}", "", "| value | star–held-out train-loss barrier | regular–regular | star train loss"
-                " | star test acc |", "|---|---|---|---|---|"]
+        out += [f"### Sweep: {dim}", "", "| value | star–held-out train-loss barrier | regular–regular | "
+                "ratio (95% CI) | star train loss | star test acc |", "|---|---|---|---|---|---|"]
         for r in rows:
             sh = r["summary"].get("star_heldout", {}).get("train_loss")
             rr = r["summary"].get("regular_regular", {}).get("train_loss")
-            out.append(f"| {r['value']} | {_pm(sh)} | {_pm(rr)} | "
+            hl = r.get("headline")
+            ratio = f"{_f(hl['ratio']['estimate'], 3)} {_ci(hl['ratio']['ci95'], 3)}" if hl else "—"
+            out.append(f"| {r['value']} | {_pm(sh)} | {_pm(rr)} | {ratio} | "
                        f"{_f(r['star']['metrics']['train']['loss'])} | {_f(r['star']['metrics']['test']['acc'])} |")
         out.append("")
         out += _trend_table(results, dim)
@@ -275,7 +277,8 @@ def _controls_lines(results: dict) -> list[str]:
                     f"{_ci(sh['ci95'], 3)} | unaligned {_f(al['unaligned_mean'])}, aligned {_f(al['aligned_mean'])} |")
     ts = c.get("temperature_scaled")
     if ts:
-        rows.append(f"| star–held-out / regular–regular after temperature scaling | {_f(ts['ratio']['estimate'], 3)} | "
+        rows.append(f"| star–held-out / regular–regular after temperature scaling | "
+                    f"{_f(ts['ratio']['estimate'], 3)} | "
                     f"{_ci(ts['ratio']['ci95'], 3)} | star {_f(ts['star_mean'])}, regular {_f(ts['regular_mean'])}, "
                     f"sign-flip p = {_p(ts['p_value'])} |")
     if len(rows) == 2:

@@ -27,7 +27,7 @@ import numpy as np
 from .checkpoint import atomic_write_json
 from .config import Config, TrainConfig, validate
 from .errors import UserError
-from .verdict import analyse, verdict, verdict_line  # the words live in stardomain.verdict
+from .verdict import analyse, row_headline, verdict, verdict_line  # the words live in stardomain.verdict
 
 CACHE_VERSION = 1
 _MODEL_OPS = ("train", "star", "average", "merge")  # tasks whose output is a model file
@@ -587,6 +587,7 @@ def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
                      "summary": summarize_pairs(p, seed=st.seed, n_boot=st.bootstrap), "pairs": p}
             if "sources" in row:
                 entry["regular"] = _quality([_model_entry(root, tasks[k]) for k in row["sources"] + row["heldouts"]])
+                entry["headline"] = row_headline(_json_safe(p), alpha=st.alpha, n_boot=st.bootstrap, seed=st.seed)
             out_rows.append(entry)
         sweeps[dim] = out_rows
 
