@@ -180,3 +180,14 @@ def test_trend_classification_and_shared_heldouts():
     assert stats.classify_trend({"ci95": [None, None]}) == "no clear trend"
     two = stats.trend_fit([1, 10], [np.array([0.2, 0.3]), np.array([0.1, 0.1])], log_x=True)
     assert two["slope"] is not None and two["ci95"] == [None, None]
+
+
+def test_grid_mean_ci_against_an_independent_loop():
+    t = np.random.default_rng(4).normal(size=(4, 3))
+    ci = stats.grid_mean_ci(t, n_boot=2000, seed=5)
+    rng = np.random.default_rng(5)  # same draw order: held-outs first, then sources
+    h_idx = rng.integers(0, 3, size=(2000, 3))
+    s_idx = rng.integers(0, 4, size=(2000, 4))
+    means = [np.mean([t[i][j] for i in s for j in h]) for s, h in zip(s_idx, h_idx)]
+    assert ci == pytest.approx(list(np.percentile(means, [2.5, 97.5])))
+    assert stats.grid_mean_ci(t[:, :2]) == [None, None]

@@ -198,6 +198,8 @@ def test_local_study_results_and_report(local_run, tiny_yaml):
         assert s["n"] == len(vals) and s["mean"] == pytest.approx(np.mean(vals))
         if len(vals) <= 2:  # no spread, no interval from two values
             assert s["std"] is None and s["ci95"] == [None, None]
+        elif kind == "regular_regular":  # 3 sources x 2 held-outs: the cluster bootstrap needs 3 held-outs
+            assert s["ci95"] == [None, None] and s["std"] is not None
         else:
             assert s["min"] <= s["ci95"][0] <= s["ci95"][1] <= s["max"]
         assert all(len(r["t"]) == 5 and r["barrier"]["train_loss"] >= 0 for r in recs)
@@ -319,7 +321,8 @@ def test_default_config_is_embedded_and_identical():
     assert cfg.data.name == "mnist" and cfg.model.kwargs["width"] == 16
     assert len(_keys(p, "train")) == 15 and len(_keys(p, "star")) == 3  # main star + |Z| = 1, 3
     assert {k: len(v) for k, v in p.layout["main"]["pairs"].items()} == {
-        "star_heldout": 5, "regular_regular": 50, "heldout_heldout": 10, "star_source": 10, "average_heldout": 5}
+        "star_heldout": 5, "regular_regular": 50, "heldout_heldout": 10, "star_source": 10, "average_heldout": 5,
+        "regular_regular_unaligned": 50, "merged_heldout": 5}  # the controls of issue 13 are on by default
 
 
 @pytest.mark.parametrize("name", ["cifar10_resnet18", "cifar100_resnet18", "cifar10_vgg11", "cifar10_vgg19",

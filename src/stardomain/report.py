@@ -323,7 +323,10 @@ def render_markdown(results: dict, plots: dict[str, str], timings: dict | None =
              f"{'after weight matching' if st.get('eval', {}).get('align') else 'without alignment'}.", "",
              "## Verdict", "", results.get("verdict", ""), "", *_headline_lines(results), *_controls_lines(results),
              "## Interpolation curves", "", f"![curves]({plots['curves']})" if "curves" in plots else "", "",
-             "## Barriers", "", *_summary_table(results), ""]
+             "## Barriers", "", "95% CI of each mean: source × held-out kinds resample sources and held-outs "
+             "(two-way cluster bootstrap); other kinds resample their pairs (each has its own held-out or source, "
+             "except held-out – held-out pairs, which share held-outs). — : n ≤ 2, no spread or interval.", "",
+             *_summary_table(results), ""]
     if "barriers" in plots:
         lines += [f"![barriers]({plots['barriers']})", ""]
     t = _tests_table(results)

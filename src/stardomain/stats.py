@@ -251,3 +251,16 @@ def table_ratio(num, den, *, n_boot: int = 10000, seed: int = 0, level: float = 
     est = _ratio(num.mean(), den.mean())
     ci = _ci(_ratio(n_m, d_m), level) if H >= MIN_FOR_SPREAD else [None, None]
     return {"estimate": None if np.isnan(est) else float(est), "ci95": ci, "n_sources": S, "n_heldouts": H}
+
+
+def grid_mean_ci(table, *, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> list[float | None]:
+    """95% CI of the mean of an S×H table (source × held-out pairs) from the two-way cluster bootstrap;
+    [None, None] with fewer than 3 held-outs."""
+    t = np.asarray(table, float)
+    S, H = t.shape
+    if H < MIN_FOR_SPREAD:
+        return [None, None]
+    rng = np.random.default_rng(seed)
+    h_idx = rng.integers(0, H, size=(n_boot, H))
+    s_idx = rng.integers(0, S, size=(n_boot, S))
+    return _ci(t[s_idx[:, :, None], h_idx[:, None, :]].mean(axis=(1, 2)), level)

@@ -526,9 +526,31 @@ def _metrics_of(records: list[dict]) -> list[str]:
     return names
 
 
+_GRID_KINDS = ("regular_regular", "regular_regular_unaligned")  # source × held-out: pairs share models
+
+
 def summarize_pairs(pairs: dict[str, list[dict]], *, seed: int = 0, n_boot: int = 10000) -> dict:
-    return {kind: {m: summarize([r["barrier"].get(m) for r in recs], seed=seed, n_boot=n_boot)
-                   for m in _metrics_of(recs)} for kind, recs in pairs.items()}
+    """Per kind and metric: `summarize`. The CI resamples what the pairs' models are: source × held-out
+    kinds resample sources and held-outs (two-way cluster bootstrap); star–held-out, star–source and
+    centre–held-out pairs each have their own held-out or source, so resampling pairs is resampling models.
+    (Held-out–held-out pairs share held-outs; their CI resamples pairs: `ci_method` says which.)"""
+    from .stats import grid_mean_ci
+    from .verdict import grid
+
+    out: dict = {}
+    for kind, recs in pairs.items():
+        out[kind] = {}
+        for m in _metrics_of(recs):
+            s = summarize([r["barrier"].get(m) for r in recs], seed=seed, n_boot=n_boot)
+            g = grid(recs, m) if kind in _GRID_KINDS else None
+            if g is not None and s["n"] >= 3:
+                s["ci95"] = grid_mean_ci(g[0], n_boot=n_boot, seed=seed)
+                s["ci_method"] = "two-way cluster bootstrap over sources and held-outs"
+            elif s["ci95"][0] is not None:
+                s["ci_method"] = "bootstrap over pairs" + (" (pairs share held-outs)" if kind == "heldout_heldout"
+                                                           else "")
+            out[kind][m] = s
+    return out
 
 
 # ---------------------------------------------------------------- assembling results
