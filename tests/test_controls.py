@@ -157,6 +157,8 @@ def test_controls_in_results_report_and_plots(controls_run):
     for text in ("merge-many centre", "not aligned", "temperature", "## Controls"):
         assert text in md
     assert "train_loss_ts" in md
+    assert {p.stem for p in (out / "plots").glob("*.png")} >= {"curves", "barriers", "alignment_control"}
+    assert "alignment_control" in md
 
 
 def test_headline_recomputed_from_pair_records(controls_run):
