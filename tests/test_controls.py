@@ -3,7 +3,6 @@ study's headline/verdict blocks, each against an independent computation."""
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from stardomain import barrier, stats
+from stardomain import barrier
 from stardomain.config import Config, validate
 from stardomain.data import get_dataset
 from stardomain.merge import merge_many

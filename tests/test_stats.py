@@ -191,3 +191,11 @@ def test_grid_mean_ci_against_an_independent_loop():
     means = [np.mean([t[i][j] for i in s for j in h]) for s, h in zip(s_idx, h_idx)]
     assert ci == pytest.approx(list(np.percentile(means, [2.5, 97.5])))
     assert stats.grid_mean_ci(t[:, :2]) == [None, None]
+
+
+def test_grid_means_equal_the_resampled_grids():
+    rng = np.random.default_rng(7)
+    t = rng.normal(size=(6, 4))
+    s_idx, h_idx = rng.integers(0, 6, (300, 6)), rng.integers(0, 4, (300, 4))
+    direct = t[s_idx[:, :, None], h_idx[:, None, :]].mean(axis=(1, 2))
+    np.testing.assert_allclose(stats.grid_means(t, s_idx, h_idx), direct, rtol=1e-12, atol=1e-14)

@@ -57,13 +57,24 @@ def summarize(values: Sequence[float | None], *, seed: int = 0, n_boot: int = 10
 
 # ---------------------------------------------------------------- the clustered design
 
+def _counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """B×n: how often each index occurs in each row of idx."""
+    B = idx.shape[0]
+    return np.bincount((np.arange(B)[:, None] * n + idx).ravel(), minlength=B * n).reshape(B, n).astype(float)
+
+
+def grid_means(table: np.ndarray, s_idx: np.ndarray, h_idx: np.ndarray) -> np.ndarray:
+    """Mean of table[s_idx[b]][:, h_idx[b]] for every resample b, as c_s·T·c_h / (S·H) with the index counts
+    c_s, c_h: O(B·(S+H)) memory instead of the B×S×H resampled grids."""
+    cs, ch = _counts(s_idx, table.shape[0]), _counts(h_idx, table.shape[1])
+    return ((cs @ table) * ch).sum(axis=1) / (s_idx.shape[1] * h_idx.shape[1])
+
+
 def resampled_means(star: np.ndarray, regular: np.ndarray, s_idx: np.ndarray,
                     h_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For B resamples (rows of s_idx: B×S, h_idx: B×H): the star–held-out mean over the resampled
     held-outs and the regular–regular mean over the resampled source×held-out grid."""
-    star_m = star[h_idx].mean(axis=1)
-    grid = regular[s_idx[:, :, None], h_idx[:, None, :]]  # B×S×H
-    return star_m, grid.mean(axis=(1, 2))
+    return star[h_idx].mean(axis=1), grid_means(np.asarray(regular, float), s_idx, h_idx)
 
 
 def _ratio(a: np.ndarray | float, b: np.ndarray | float):
@@ -176,7 +187,7 @@ def _row_mean(table: np.ndarray, s_idx: np.ndarray | None, h_idx: np.ndarray) ->
     """Per-resample mean of one sweep row: 1-D (held-outs) or 2-D (sources × held-outs)."""
     if table.ndim == 1:
         return table[h_idx].mean(axis=1)
-    return table[s_idx[:, :, None], h_idx[:, None, :]].mean(axis=(1, 2))
+    return grid_means(table, s_idx, h_idx)
 
 
 def trend_fit(x: Sequence[float], tables: Sequence, *, log_x: bool = False, log_y: bool = False,
@@ -246,8 +257,7 @@ def table_ratio(num, den, *, n_boot: int = 10000, seed: int = 0, level: float = 
     rng = np.random.default_rng(seed)
     h_idx = rng.integers(0, H, size=(n_boot, H))
     s_idx = rng.integers(0, S, size=(n_boot, S))
-    n_m = num[s_idx[:, :, None], h_idx[:, None, :]].mean(axis=(1, 2))
-    d_m = den[s_idx[:, :, None], h_idx[:, None, :]].mean(axis=(1, 2))
+    n_m, d_m = grid_means(num, s_idx, h_idx), grid_means(den, s_idx, h_idx)
     est = _ratio(num.mean(), den.mean())
     ci = _ci(_ratio(n_m, d_m), level) if H >= MIN_FOR_SPREAD else [None, None]
     return {"estimate": None if np.isnan(est) else float(est), "ci95": ci, "n_sources": S, "n_heldouts": H}
@@ -263,4 +273,4 @@ def grid_mean_ci(table, *, n_boot: int = 10000, seed: int = 0, level: float = 0.
     rng = np.random.default_rng(seed)
     h_idx = rng.integers(0, H, size=(n_boot, H))
     s_idx = rng.integers(0, S, size=(n_boot, S))
-    return _ci(t[s_idx[:, :, None], h_idx[:, None, :]].mean(axis=(1, 2)), level)
+    return _ci(grid_means(t, s_idx, h_idx), level)

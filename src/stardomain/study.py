@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from .checkpoint import atomic_write_json
 from .config import Config, TrainConfig, validate
 from .errors import UserError
-from .verdict import analyse, row_headline, verdict, verdict_line  # the words live in stardomain.verdict
+from .stats import mann_whitney_less, paired_wilcoxon_less, summarize  # noqa: F401  (re-exported)
+from .verdict import analyse, row_headline, verdict, verdict_line  # noqa: F401  (the words live in verdict)
 
 CACHE_VERSION = 1
 _MODEL_OPS = ("train", "star", "average", "merge")  # tasks whose output is a model file
@@ -513,8 +513,7 @@ def execute(task: Task, root: str | Path) -> str:
 
 # ---------------------------------------------------------------- statistics
 
-# summarize (n <= 2: no spread, no interval) and the pairwise tests live in stardomain.stats; re-exported here.
-from .stats import mann_whitney_less, paired_wilcoxon_less, summarize  # noqa: E402
+# summarize (n <= 2: no spread, no interval) and the pairwise tests live in stardomain.stats (imported above).
 
 
 def _metrics_of(records: list[dict]) -> list[str]:
