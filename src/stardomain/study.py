@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-
 from .checkpoint import atomic_write_json
 from .config import Config, TrainConfig, validate
 from .errors import UserError
