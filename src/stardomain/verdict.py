@@ -133,9 +133,17 @@ def _flags(results: dict, hl: dict, centres: dict, trend: dict, alpha: float) ->
     flags = []
     if _star_worse_fit(results):
         flags.append("star a worse fit than the regular models")
-    low = [c["name"] for c in centres.values() if c["as_low"]]
+    low = [kind for kind, c in centres.items() if c["as_low"]]
     if low:
-        flags.append(f"naive centre as low ({', '.join(low)})")
+        q = results.get("star_quality", {})
+        own = {"average_heldout": q.get("average"), "merged_heldout": q.get("merged")}
+        worse = [k for k in low if own.get(k) and "star" in q and own[k]["train"]["loss"] > q["star"]["train"]["loss"]]
+        note = ""
+        if worse and len(worse) == len(low):
+            note = "; both worse fits than the star" if len(low) > 1 else "; a worse fit than the star"
+        elif worse:
+            note = f"; {', '.join(CENTRES[k] for k in worse)} a worse fit than the star"
+        flags.append(f"naive centre as low ({', '.join(CENTRES[k] for k in low)}{note})")
     if hl["min_p"] is not None and hl["min_p"] > alpha:
         flags.append(f"too few held-outs for significance at α = {alpha:g} ({hl['n_heldouts']} held-outs: "
                      f"smallest possible p = {hl['min_p']:.3g})")
