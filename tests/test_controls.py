@@ -3,6 +3,7 @@ study's headline/verdict blocks, each against an independent computation."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -207,3 +208,22 @@ def test_no_interval_with_two_heldouts():
     line = verdict_line(res)
     assert "no interval with 2 held-outs" in line and line.startswith("Inconclusive")
     assert math.isclose(res["headline"]["ratio"]["estimate"], 0.15)
+
+
+def test_barrier_cli_temperature_matches_the_study_record(controls_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from stardomain.cli import app
+
+    out, res, _ = controls_run
+    rec = res["pairs"]["regular_regular"][0]
+    j = tmp_path / "b.json"
+    r = CliRunner().invoke(app, ["barrier", str(out / rec["a_file"]), str(out / rec["b_file"]), "--points", "5",
+                                 "--temperature", "--json", str(j), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    direct = json.loads(j.read_text())
+    assert "temperature-scaled" in r.output
+    for k in ("train_loss_ts", "test_loss_ts"):
+        assert direct["barrier"][k] == pytest.approx(rec["barrier"][k], abs=1e-6)
+    np.testing.assert_allclose(direct["temperature_scaled"]["temperature"], rec["temperature_scaled"]["temperature"],
+                               rtol=1e-4)

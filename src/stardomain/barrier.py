@@ -669,7 +669,8 @@ def _sha(sd: StateDict) -> str:
 
 
 def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_batches: int | None = None,
-                  device: str = "auto", refine: int = 0, seed: int = 0, repair: bool = False) -> dict:
+                  device: str = "auto", refine: int = 0, seed: int = 0, repair: bool = False,
+                  temperature: bool = False, temperature_fraction: float = 0.2) -> dict:
     """`measure` on two model files; refuses incompatible pairs (UserError). Adds both files' sha256."""
     from .checkpoint import build_from_meta, read_pair
     from .data import get_dataset
@@ -678,7 +679,8 @@ def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_ba
     model = build_from_meta(meta_a)
     data = get_dataset(meta_a["data"]["config"])
     rec = measure(model, sd_a, sd_b, data, points=points, align=align, bn_batches=bn_batches, device=device,
-                  refine=refine, seed=seed, repair=repair)
+                  refine=refine, seed=seed, repair=repair, temperature=temperature,
+                  temperature_fraction=temperature_fraction)
     rec["files"] = {"a": str(path_a), "b": str(path_b)}
     rec["sha256"] = {"a": meta_a["sha256"], "b": meta_b["sha256"], "b_interpolated": rec["sha256"]["b"]}
     return rec

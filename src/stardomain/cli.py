@@ -286,6 +286,9 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
              seed: int = typer.Option(0, "--seed", help="Seed of weight matching's random group order."),
              repair: bool = typer.Option(False, "--repair", help="Networks without BatchNorm: REPAIR-renormalise "
                                          "hidden channels at interior t (Jordan et al. 2023)."),
+             temperature: bool = typer.Option(False, "--temperature", help="Also the loss barriers after "
+                                              "temperature scaling every point (T fitted by NLL on the data set's "
+                                              "val split, else on a seeded 20% of test, then left out)."),
              device: str = DeviceOpt):
     """Loss and accuracy along (1-t)·A + t·B on train and test, and the barriers (PAPER.md).
 
@@ -298,7 +301,7 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     from .barrier import measure_files, plot
 
     rec = measure_files(a, b, points=points, align=not no_align, bn_batches=bn_batches, device=device,
-                        refine=refine, seed=seed, repair=repair)
+                        refine=refine, seed=seed, repair=repair, temperature=temperature)
     from .checkpoint import atomic_write_json
 
     atomic_write_json(json_out, rec)
@@ -308,6 +311,9 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     typer.echo(f"barrier  train loss {br['train_loss']:.4f} (t={br['train_loss_t']})  test loss "
                f"{br['test_loss']:.4f}  train acc drop {br['train_acc']:.4f}  test acc drop {br['test_acc']:.4f}"
                f"  [{'aligned' if rec['alignment']['aligned'] else 'not aligned'}, {rec['timings']['total_s']:.1f}s]")
+    if temperature:
+        typer.echo(f"temperature-scaled: train loss {br['train_loss_ts']:.4f}  test loss {br['test_loss_ts']:.4f}  "
+                   f"(calibrated on {rec['temperature_scaled']['calibration']['source']})")
     typer.echo(f"wrote {json_out}" + (f" and {plot_out}" if plot_out else ""))
 
 
