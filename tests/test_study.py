@@ -152,7 +152,10 @@ def test_summary_invariants(xs):
     x = np.asarray(xs)
     assert s["n"] == len(xs)
     assert s["mean"] == pytest.approx(float(np.mean(x)))
-    assert s["std"] == pytest.approx(float(np.std(x, ddof=1)) if len(xs) > 1 else 0.0)
+    if len(xs) <= 2:  # two values cannot estimate a spread: no std, no interval (issue 13)
+        assert s["std"] is None and s["ci95"] == [None, None]
+        return
+    assert s["std"] == pytest.approx(float(np.std(x, ddof=1)))
     lo, hi = s["ci95"]
     tol = 1e-9 * (1 + abs(s["mean"]))
     assert s["min"] - tol <= lo <= hi <= s["max"] + tol
@@ -194,7 +197,12 @@ def test_local_study_results_and_report(local_run, tiny_yaml):
         vals = [r["barrier"]["train_loss"] for r in recs]
         s = res["summary"][kind]["train_loss"]
         assert s["n"] == len(vals) and s["mean"] == pytest.approx(np.mean(vals))
-        assert s["min"] <= s["ci95"][0] <= s["ci95"][1] <= s["max"]
+        if len(vals) <= 2:  # no spread, no interval from two values
+            assert s["std"] is None and s["ci95"] == [None, None]
+        elif kind == "regular_regular":  # 3 sources x 2 held-outs: the cluster bootstrap needs 3 held-outs
+            assert s["ci95"] == [None, None] and s["std"] is not None
+        else:
+            assert s["min"] <= s["ci95"][0] <= s["ci95"][1] <= s["max"]
         assert all(len(r["t"]) == 5 and r["barrier"]["train_loss"] >= 0 for r in recs)
     t = res["tests"]["star_heldout_below_regular_regular"]["train_loss"]
     ref = sps.mannwhitneyu([r["barrier"]["train_loss"] for r in res["pairs"]["star_heldout"]],
@@ -221,6 +229,10 @@ def test_local_study_results_and_report(local_run, tiny_yaml):
     first = html.split("data:image/png;base64,")[1].split('"')[0]
     assert base64.b64decode(first)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Verdict" in (out / "report.md").read_text()
+    # issue 13: a design-aware headline, and the reports open with the one-line verdict
+    assert res["headline"]["test"]["test"] == "sign_flip" and res["headline"]["min_p"] == 1 / 4
+    assert any(f.startswith("too few held-outs") for f in res["headline"]["flags"])
+    assert (out / "report.md").read_text().splitlines()[2] == f"**{res['verdict_line']}**"
     assert len(list((out / "models").glob("*.safetensors"))) == 7
 
 
@@ -436,7 +448,8 @@ def test_default_config_is_embedded_and_identical():
     assert cfg.data.name == "mnist" and cfg.model.kwargs["width"] == 16
     assert len(_keys(p, "train")) == 15 and len(_keys(p, "star")) == 3  # main star + |Z| = 1, 3
     assert {k: len(v) for k, v in p.layout["main"]["pairs"].items()} == {
-        "star_heldout": 5, "regular_regular": 50, "heldout_heldout": 10, "star_source": 10, "average_heldout": 5}
+        "star_heldout": 5, "regular_regular": 50, "heldout_heldout": 10, "star_source": 10, "average_heldout": 5,
+        "regular_regular_unaligned": 50, "merged_heldout": 5}  # the controls of issue 13 are on by default
 
 
 @pytest.mark.parametrize("name", ["cifar10_resnet18", "cifar100_resnet18", "cifar10_vgg11", "cifar10_vgg19",

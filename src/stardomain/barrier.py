@@ -426,6 +426,99 @@ def interpolated_states(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data
 
 
 # --------------------------------------------------------------------------------------------------
+# temperature scaling (an opt-in control: part of a loss barrier can be miscalibration, not error)
+
+
+def calibration_split(data: DataBundle, fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split, dict]:
+    """(calibration split, test split to evaluate, description). The data set's `val` split when it has one
+    (the test split stays whole); else a seeded `fraction` of the test split, which the returned test split
+    then leaves out, so no example both fits a temperature and scores it."""
+    if data.val is not None:
+        return data.val, data.test, {"source": "val", "n_calibration": len(data.val), "n_test": len(data.test)}
+    n = len(data.test)
+    k = max(1, min(n - 1, int(round(n * fraction))))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cal_idx, test_idx = perm[:k].sort().values, perm[k:].sort().values
+
+    def sub(idx):
+        t = data.test
+        if t.x is not None:
+            return Split(t.x[idx], t.y[idx])
+        return Split(dataset=torch.utils.data.Subset(t.dataset, idx.tolist()))
+
+    return sub(cal_idx), sub(test_idx), {"source": f"test (seeded {fraction:g} slice, seed {seed}; excluded from the "
+                                                   "temperature-scaled test loss)", "n_calibration": k, "n_test": n - k}
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, split: Split, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    outs, ys = [], []
+    for x, y in batches(split, batch_size, device=device):
+        outs.append(model(x).double().cpu())
+        ys.append(y.cpu())
+    return torch.cat(outs), torch.cat(ys)
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor, bounds: tuple[float, float] = (-4.0, 4.0)) -> float:
+    """The T > 0 minimising the mean NLL of softmax(logits / T): a 1-D bounded search over log T."""
+    from scipy.optimize import minimize_scalar
+
+    lg, yy = logits.double(), y
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(lg / math.exp(log_t), yy))
+
+    res = minimize_scalar(nll, bounds=bounds, method="bounded", options={"xatol": 1e-5})
+    return float(math.exp(res.x))
+
+
+@torch.no_grad()
+def _scaled_loss(model: nn.Module, split: Split, batch_size: int, device, temps: Sequence[float]) -> list[float]:
+    """Mean cross-entropy of logits / T on `split`, for each T in `temps`, in one pass."""
+    model.eval()
+    sums, n = [0.0] * len(temps), 0
+    for x, y in batches(split, batch_size, device=device):
+        out = model(x).double()
+        for i, T in enumerate(temps):
+            sums[i] += F.cross_entropy(out / T, y, reduction="sum").item()
+        n += len(y)
+    return [v / n for v in sums]
+
+
+def temperature_curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, ts: Sequence[float], *,
+                      bn_batches: int | None = None, batch_size: int = 1000, device=None, fraction: float = 0.2,
+                      seed: int = 0) -> dict:
+    """Loss along the path after temperature scaling each point's logits (T fitted per t by NLL on a
+    calibration split, see `calibration_split`), with the unscaled loss on the same splits beside it.
+    BatchNorm at interior t is recalibrated as in `curve`. One t at a time (a separate, opt-in pass)."""
+    from .train import resolve_device
+
+    device = resolve_device(device or "cpu")
+    cal, test, info = calibration_split(data, fraction, seed)
+    m = copy.deepcopy(model).to(device)
+    rec: dict[str, Any] = {"t": [float(t) for t in ts], "temperature": [], "train": {"loss": [], "loss_t1": []},
+                           "test": {"loss": [], "loss_t1": []}, "calibration": info}
+    for t in rec["t"]:
+        m.load_state_dict(sd_a if t == 0.0 else sd_b if t == 1.0 else lerp(sd_a, sd_b, t))
+        if not _is_endpoint(t):
+            recalibrate_bn(m, data.train, batch_size, bn_batches, device)
+        T = fit_temperature(*_logits(m, cal, batch_size, device))
+        rec["temperature"].append(T)
+        for name, split in (("train", data.train), ("test", test)):
+            scaled, plain = _scaled_loss(m, split, batch_size, device, (T, 1.0))
+            rec[name]["loss"].append(scaled)
+            rec[name]["loss_t1"].append(plain)
+    rec["barrier"] = {}
+    for name in ("train", "test"):
+        for field, suffix in (("loss", ""), ("loss_t1", "_t1")):
+            r = _one(rec["t"], rec[name][field], 1.0)
+            rec["barrier"][f"{name}_loss{suffix}"] = r["value"]
+            rec["barrier"][f"{name}_loss{suffix}_t"] = r["t"]
+    return rec
+
+
+# --------------------------------------------------------------------------------------------------
 # barriers
 
 
@@ -489,8 +582,12 @@ def _refine_points(ts: list[float], dev_t: float | None, n: int) -> list[float]:
 def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, *, points: int = 11,
             align: bool = True, example_input: torch.Tensor | None = None, bn_batches: int | None = None,
             seed: int = 0, device=None, ts: Sequence[float] | None = None, refine: int = 0,
-            batch_size: int = 1000, method: str = "auto", repair: bool = False) -> dict:
+            batch_size: int = 1000, method: str = "auto", repair: bool = False, temperature: bool = False,
+            temperature_fraction: float = 0.2) -> dict:
     """The barrier record of DESIGN.md: t, train, test, barrier{...}, alignment{...}, bn, timings.
+
+    With `temperature`, also `temperature_scaled` (see `temperature_curve`) and barrier fields
+    `train_loss_ts` / `test_loss_ts`: the loss barriers after temperature scaling every point.
 
     With `align`, B is first replaced by the permutation of B that best matches A (weight matching,
     `stardomain.permute.align`). `refine` > 0 evaluates that many extra t values between the grid
@@ -528,13 +625,22 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
             out["barrier_refined"] = {"t": r2["t"], "train": r2["train"], "test": r2["test"],
                                       **{k: rb[k] for k in rb if k != "definition"}}
         t_refine = time.perf_counter() - tr
+    t_temp = 0.0
+    if temperature:
+        tt = time.perf_counter()
+        ts_rec = temperature_curve(model, sd_a, sd_b, data, ts, bn_batches=bn_batches, batch_size=batch_size,
+                                   device=device, fraction=temperature_fraction, seed=seed)
+        out["temperature_scaled"] = ts_rec
+        out["barrier"]["train_loss_ts"] = ts_rec["barrier"]["train_loss"]
+        out["barrier"]["test_loss_ts"] = ts_rec["barrier"]["test_loss"]
+        t_temp = time.perf_counter() - tt
     out["alignment"] = alignment
     out["bn"] = rec["bn"]
     out["method"] = rec["method"]
     out["points"] = len(ts)
     out["data"] = data.name
     out["timings"] = {"align_s": t_align, "curve_s": rec["seconds"], "refine_s": t_refine,
-                      "total_s": time.perf_counter() - t_start}
+                      "temperature_s": t_temp, "total_s": time.perf_counter() - t_start}
     out["sha256"] = {"a": _sha(sd_a), "b": _sha(sd_b)}  # b: the (aligned) weights interpolated
     return out
 
@@ -563,7 +669,8 @@ def _sha(sd: StateDict) -> str:
 
 
 def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_batches: int | None = None,
-                  device: str = "auto", refine: int = 0, seed: int = 0, repair: bool = False) -> dict:
+                  device: str = "auto", refine: int = 0, seed: int = 0, repair: bool = False,
+                  temperature: bool = False, temperature_fraction: float = 0.2) -> dict:
     """`measure` on two model files; refuses incompatible pairs (UserError). Adds both files' sha256."""
     from .checkpoint import build_from_meta, data_from_meta, read_pair
 
@@ -571,7 +678,8 @@ def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_ba
     model = build_from_meta(meta_a, str(path_a))
     data = data_from_meta(meta_a, str(path_a))
     rec = measure(model, sd_a, sd_b, data, points=points, align=align, bn_batches=bn_batches, device=device,
-                  refine=refine, seed=seed, repair=repair)
+                  refine=refine, seed=seed, repair=repair, temperature=temperature,
+                  temperature_fraction=temperature_fraction)
     rec["files"] = {"a": str(path_a), "b": str(path_b)}
     rec["sha256"] = {"a": meta_a["sha256"], "b": meta_b["sha256"], "b_interpolated": rec["sha256"]["b"]}
     return rec

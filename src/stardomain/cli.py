@@ -223,6 +223,8 @@ def run(
     path = config or default_config_path()
     cfg = load_config(path, set_)
     res = run_study(cfg, out, executor=executor, ray_address=ray_address, num_workers=workers, force=force)
+    typer.echo(res["verdict_line"])
+    typer.echo("")
     typer.echo(res["verdict"])
     typer.echo(f"wrote {out}/results.json, {out}/report.md, {out}/report.html")
 
@@ -354,6 +356,9 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
              seed: int = seed_opt("Seed of weight matching's random group order."),
              repair: bool = typer.Option(False, "--repair", help="Networks without BatchNorm: REPAIR-renormalise "
                                          "hidden channels at interior t (Jordan et al. 2023)."),
+             temperature: bool = typer.Option(False, "--temperature", help="Also the loss barriers after "
+                                              "temperature scaling every point (T fitted by NLL on the data set's "
+                                              "val split, else on a seeded 20% of test, then left out)."),
              device: str = DeviceOpt,
              force: bool = ForceOpt,
              allow_factory: List[str] = AllowOpt):
@@ -373,7 +378,7 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     check_output(json_out, "barrier.json", force=force, inputs=[a, b], option="--json")
     check_output(plot_out, "barrier.png", force=force, inputs=[a, b], option="--plot")
     rec = measure_files(a, b, points=points, align=not no_align, bn_batches=bn_batches, device=device,
-                        refine=refine, seed=seed, repair=repair)
+                        refine=refine, seed=seed, repair=repair, temperature=temperature)
     from .checkpoint import atomic_write_json
 
     atomic_write_json(json_out, rec)
@@ -383,6 +388,9 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     typer.echo(f"barrier  train loss {br['train_loss']:.4f} (t={br['train_loss_t']})  test loss "
                f"{br['test_loss']:.4f}  train acc drop {br['train_acc']:.4f}  test acc drop {br['test_acc']:.4f}"
                f"  [{'aligned' if rec['alignment']['aligned'] else 'not aligned'}, {rec['timings']['total_s']:.1f}s]")
+    if temperature:
+        typer.echo(f"temperature-scaled: train loss {br['train_loss_ts']:.4f}  test loss {br['test_loss_ts']:.4f}  "
+                   f"(calibrated on {rec['temperature_scaled']['calibration']['source']})")
     typer.echo(f"wrote {json_out}" + (f" and {plot_out}" if plot_out else ""))
 
 

@@ -103,7 +103,12 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(1000, ge=1)
 
 
-PAIR_KINDS = ("star_heldout", "regular_regular", "heldout_heldout", "star_source", "average_heldout")
+# The paper's kinds (and the aligned-average baseline), measured unless `study.pairs` says otherwise.
+DEFAULT_PAIRS = ("star_heldout", "regular_regular", "heldout_heldout", "star_source", "average_heldout")
+# Controls beyond the paper: regular-regular without alignment (how much of the barrier permutation symmetry
+# explains), and the held-outs' barriers to a "merge many" centre (Git Re-Basin's MergeMany).
+CONTROL_PAIRS = ("regular_regular_unaligned", "merged_heldout")
+PAIR_KINDS = DEFAULT_PAIRS + CONTROL_PAIRS
 
 
 class StudyEvalConfig(Section):
@@ -113,6 +118,11 @@ class StudyEvalConfig(Section):
     align: bool = True  # weight matching before interpolating (the paper's "modulo permutations")
     bn_batches: int | None = Field(None, ge=1)  # BN recalibration batches per point; None: the whole train split
     batch_size: int = Field(1000, ge=1)
+    # Also report loss barriers after temperature scaling each interpolated model (one temperature per t,
+    # fitted by NLL on a calibration split: the data set's `val` split, else a seeded `temperature_fraction`
+    # of the test split, which the temperature-scaled test losses then leave out).
+    temperature: bool = False
+    temperature_fraction: float = Field(0.2, gt=0, lt=1)
 
 
 class StudySweeps(Section):
@@ -133,7 +143,7 @@ class StudyConfig(Section):
     n_heldouts: int = Field(5, ge=1)
     seed: int = Field(0, ge=0, le=2**62)  # sources use seed+i, held-outs seed+1000+i, stars seed
     heldout_train: dict[str, Any] | None = None  # partial train section merged over `train` for held-outs
-    pairs: list[Literal[PAIR_KINDS]] = Field(default_factory=lambda: list(PAIR_KINDS))
+    pairs: list[Literal[PAIR_KINDS]] = Field(default_factory=lambda: list(DEFAULT_PAIRS))
     eval: StudyEvalConfig = Field(default_factory=StudyEvalConfig)
     sweeps: StudySweeps = Field(default_factory=StudySweeps)
     bma: bool = False  # also run star-domain BMA vs the deep ensemble of the sources
@@ -142,6 +152,8 @@ class StudyConfig(Section):
     gpus_per_task: float = Field(0.0, ge=0)  # depend on the executor
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     bootstrap: int = Field(10000, ge=100)  # resamples for the 95% CI
+    alpha: float = Field(0.05, gt=0, lt=1)  # significance level of the headline (sign-flip) test
+    merge_rounds: int = Field(20, ge=1)  # merged_heldout: at most this many MergeMany rounds
 
 
 class StarConfig(Section):

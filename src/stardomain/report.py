@@ -18,11 +18,16 @@ from .checkpoint import atomic_write_bytes, atomic_write_text
 
 KIND_NAMES = {"star_heldout": "star – held-out", "regular_regular": "regular – regular (source × held-out)",
               "heldout_heldout": "held-out – held-out", "star_source": "star – source",
-              "average_heldout": "aligned average – held-out"}
+              "average_heldout": "aligned average – held-out",
+              "regular_regular_unaligned": "regular – regular, not aligned (control)",
+              "merged_heldout": "merge-many centre – held-out (control)"}
 KIND_COLORS = {"star_heldout": "tab:red", "regular_regular": "tab:blue", "heldout_heldout": "tab:cyan",
-               "star_source": "tab:orange", "average_heldout": "tab:green"}
+               "star_source": "tab:orange", "average_heldout": "tab:green", "regular_regular_unaligned": "tab:gray",
+               "merged_heldout": "tab:purple"}
 METRIC_NAMES = {"train_loss": "training-loss barrier", "test_loss": "test-loss barrier",
-                "train_acc": "training-accuracy barrier (drop)", "test_acc": "test-accuracy barrier (drop)"}
+                "train_acc": "training-accuracy barrier (drop)", "test_acc": "test-accuracy barrier (drop)",
+                "train_loss_ts": "training-loss barrier, temperature-scaled",
+                "test_loss_ts": "test-loss barrier, temperature-scaled"}
 
 
 def _plt():
@@ -41,9 +46,14 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_curves(results: dict) -> bytes | None:
+# Shown on its own figure: unaligned barriers are an order of magnitude higher and would flatten the rest.
+SEPARATE_KINDS = ("regular_regular_unaligned",)
+
+
+def plot_curves(results: dict, kinds: tuple[str, ...] | None = None, title: str = "along linear paths") -> bytes | None:
     """Loss along the path, mean ± std over pairs, one line per pair kind (train and test panels)."""
-    pairs = {k: v for k, v in results.get("pairs", {}).items() if v}
+    pairs = {k: v for k, v in results.get("pairs", {}).items() if v and (
+        k in kinds if kinds is not None else k not in SEPARATE_KINDS)}
     if not pairs:
         return None
     plt = _plt()
@@ -52,13 +62,13 @@ def plot_curves(results: dict) -> bytes | None:
         for kind, recs in pairs.items():
             t = np.asarray(recs[0]["t"], float)
             y = np.asarray([r[split]["loss"] for r in recs], float)
-            m, s = y.mean(0), (y.std(0, ddof=1) if len(y) > 1 else np.zeros_like(t))
+            m, s = y.mean(0), (y.std(0, ddof=1) if len(y) > 2 else np.zeros_like(t))  # n <= 2: no spread
             c = KIND_COLORS.get(kind)
             ax.plot(t, m, "-o", ms=3, color=c, label=f"{KIND_NAMES.get(kind, kind)} (n={len(recs)})")
             ax.fill_between(t, m - s, m + s, color=c, alpha=0.18)
-        ax.set_xlabel("t   (0 = first model, 1 = second model, aligned)")
+        ax.set_xlabel("t   (0 = first model, 1 = second model)")
         ax.set_ylabel(f"{split} loss")
-        ax.set_title(f"{split} loss along linear paths (mean ± std)")
+        ax.set_title(f"{split} loss {title}\n(mean ± std; no band for n ≤ 2)", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -67,14 +77,19 @@ def plot_curves(results: dict) -> bytes | None:
 
 def plot_distributions(results: dict) -> bytes | None:
     """Per pair kind: every barrier as a dot, with a box plot, for train and test loss."""
-    pairs = {k: v for k, v in results.get("pairs", {}).items() if v}
+    pairs = {k: v for k, v in results.get("pairs", {}).items() if v and k not in SEPARATE_KINDS}
     if not pairs:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    metrics = ["train_loss", "test_loss"]
+    if any("train_loss_ts" in (r.get("barrier") or {}) for recs in pairs.values() for r in recs):
+        metrics += ["train_loss_ts", "test_loss_ts"]  # the temperature-scaling control
+    rows = len(metrics) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4.2 * rows), squeeze=False)
+    axes = axes.reshape(-1)
     kinds = list(pairs)
-    for ax, metric in zip(axes, ("train_loss", "test_loss")):
-        data = [[r["barrier"][metric] for r in pairs[k]] for k in kinds]
+    for ax, metric in zip(axes, metrics):
+        data = [[r["barrier"][metric] for r in pairs[k] if r["barrier"].get(metric) is not None] for k in kinds]
         ax.boxplot(data, showfliers=False)
         ax.set_xticks(range(1, len(kinds) + 1))
         rng = np.random.default_rng(0)
@@ -82,7 +97,7 @@ def plot_distributions(results: dict) -> bytes | None:
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=12, color=KIND_COLORS.get(k), alpha=0.8, zorder=3)
         ax.set_xticklabels([KIND_NAMES.get(k, k).split(" (")[0] for k in kinds], rotation=20, fontsize=8)
         ax.set_ylabel(METRIC_NAMES[metric])
-        ax.set_title(f"{METRIC_NAMES[metric]} per pair kind")
+        ax.set_title(f"{METRIC_NAMES[metric]} per pair kind", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return _png(fig)
@@ -97,13 +112,27 @@ def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | N
     labels = [str(r["value"]) for r in rows]
     numeric = all(isinstance(r["value"], (int, float)) for r in rows)
     xs = [r["value"] for r in rows] if numeric else list(range(len(rows)))
+    fits = (results.get("trends") or {}).get(dim, {}).get(metric, {})
     for kind in ("star_heldout", "regular_regular"):
         pts = [(x, r["summary"].get(kind, {}).get(metric)) for x, r in zip(xs, rows)]
         pts = [(x, s) for x, s in pts if s and s["n"]]
         if not pts:
             continue
-        ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
-                    fmt="-o", capsize=4, color=KIND_COLORS[kind], label=KIND_NAMES[kind])
+        ys = [p[1]["mean"] for p in pts]
+        # error bars: the bootstrap 95% CI of each mean (none for n <= 2)
+        err = np.array([[m - (s["ci95"][0] if s["ci95"][0] is not None else m),
+                         (s["ci95"][1] if s["ci95"][1] is not None else m) - m] for m, (_, s) in zip(ys, pts)]).T
+        ax.errorbar([p[0] for p in pts], ys, yerr=np.clip(err, 0, None), fmt="o", capsize=4, color=KIND_COLORS[kind],
+                    label=KIND_NAMES[kind] + " (mean, 95% CI)")
+        f = fits.get(kind)
+        if f and f.get("slope") is not None and numeric:
+            xg = np.geomspace(min(f["x"]), max(f["x"]), 50)
+            yg = f["intercept"] + f["slope"] * np.log10(xg)
+            yg = 10 ** yg if f["log_y"] else yg
+            ci = "—" if f["ci95"][0] is None else f"{f['ci95'][0]:+.2f} to {f['ci95'][1]:+.2f}"
+            what = "exponent" if f["log_y"] else "slope per 10×"
+            ax.plot(xg, yg, "--", color=KIND_COLORS[kind], lw=1.2,
+                    label=f"fit: {what} {f['slope']:+.2f} (95% CI {ci}), {f['direction']}")
     reg = results.get("summary", {}).get("regular_regular", {}).get(metric)
     if dim in ("n_sources", "t_sampling") and reg:
         ax.axhline(reg["mean"], ls="--", color=KIND_COLORS["regular_regular"],
@@ -118,7 +147,9 @@ def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | N
     names = {"n_sources": "number of sources |Z|", "width": "width", "depth": "depth", "t_sampling": "t sampling"}
     ax.set_xlabel(names.get(dim, dim))
     ax.set_ylabel(METRIC_NAMES[metric])
-    ax.set_title(f"{METRIC_NAMES[metric]} against {names.get(dim, dim)} (mean ± std)")
+    if dim == "width" and fits and numeric and min(xs) > 0:
+        ax.set_yscale("log")  # a power law is a straight line
+    ax.set_title(f"{METRIC_NAMES[metric]} against {names.get(dim, dim)}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -127,33 +158,46 @@ def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | N
 
 def make_plots(results: dict) -> dict[str, bytes]:
     plots = {"curves": plot_curves(results), "barriers": plot_distributions(results)}
+    if results.get("pairs", {}).get("regular_regular_unaligned"):
+        plots["alignment_control"] = plot_curves(results, ("regular_regular", "regular_regular_unaligned"),
+                                                 "with and without weight matching")
     for dim in results.get("sweeps", {}):
         plots[f"sweep_{dim}"] = plot_sweep(results, dim)
     return {k: v for k, v in plots.items() if v}
 
 
 def _f(x, nd=4) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def _ci(ci, nd=4) -> str:
+    lo, hi = ci or (None, None)
+    return "—" if lo is None or hi is None else f"[{lo:.{nd}f}, {hi:.{nd}f}]"
+
+
+def _p(p) -> str:
+    return "—" if p is None else f"{p:.4g}"
 
 
 def _summary_table(results: dict) -> list[str]:
     rows = ["| pair kind | metric | mean | std | 95% CI | n | min | max |", "|---|---|---|---|---|---|---|---|"]
     for kind, metrics in results.get("summary", {}).items():
-        for m in ("train_loss", "test_loss", "train_acc", "test_acc"):
+        for m in METRIC_NAMES:
             s = metrics.get(m)
             if s:
                 rows.append(f"| {KIND_NAMES.get(kind, kind)} | {m} | {_f(s['mean'])} | {_f(s['std'])} | "
-                            f"[{_f(s['ci95'][0])}, {_f(s['ci95'][1])}] | {s['n']} | {_f(s['min'])} | {_f(s['max'])} |")
+                            f"{_ci(s['ci95'])} | {s['n']} | {_f(s['min'])} | {_f(s['max'])} |")
     return rows
 
 
 def _tests_table(results: dict) -> list[str]:
-    rows = ["| comparison | metric | test | statistic | p-value |", "|---|---|---|---|---|"]
+    rows = ["| comparison | metric | test | statistic | p-value | role |", "|---|---|---|---|---|---|"]
     for name, by_metric in results.get("tests", {}).items():
         for m, t in (by_metric or {}).items():
             if t and m in METRIC_NAMES:
+                stat = "—" if t.get("statistic") is None else f"{t['statistic']:.4g}"
                 rows.append(f"| {name.replace('_', ' ')} | {m} | {t['test']} ({t['alternative']}) | "
-                            f"{t['statistic']:.4g} | {t['p_value']:.4g} |")
+                            f"{stat} | {_p(t.get('p_value'))} | {t.get('role', '')} |")
     return rows if len(rows) > 2 else []
 
 
@@ -165,7 +209,7 @@ def _quality_table(results: dict) -> list[str]:
         rows.append(f"| regular (mean ± std, n={reg['train_loss']['n']}) | {_f(reg['train_loss']['mean'])} ± "
                     f"{_f(reg['train_loss']['std'])} | {_f(reg['train_acc']['mean'])} | {_f(reg['test_loss']['mean'])}"
                     f" ± {_f(reg['test_loss']['std'])} | {_f(reg['test_acc']['mean'])} |")
-    for name in ("star", "average"):
+    for name in ("star", "average", "merged"):
         if name in q:
             m = q[name]
             rows.append(f"| {name} | {_f(m['train']['loss'])} | {_f(m['train']['acc'])} | {_f(m['test']['loss'])} | "
@@ -176,16 +220,79 @@ def _quality_table(results: dict) -> list[str]:
 def _sweep_tables(results: dict) -> list[str]:
     out = []
     for dim, rows in results.get("sweeps", {}).items():
-        out += [f"### Sweep: {dim}", "", "| value | star–held-out train-loss barrier | regular–regular | star train loss"
-                " | star test acc |", "|---|---|---|---|---|"]
+        out += [f"### Sweep: {dim}", "", "| value | star–held-out train-loss barrier | regular–regular | "
+                "ratio (95% CI) | star train loss | star test acc |", "|---|---|---|---|---|---|"]
         for r in rows:
             sh = r["summary"].get("star_heldout", {}).get("train_loss")
             rr = r["summary"].get("regular_regular", {}).get("train_loss")
-            out.append(f"| {r['value']} | {_f(sh and sh['mean'])} ± {_f(sh and sh['std'])} | "
-                       f"{_f(rr['mean']) + ' ± ' + _f(rr['std']) if rr else '—'} | "
+            hl = r.get("headline")
+            ratio = f"{_f(hl['ratio']['estimate'], 3)} {_ci(hl['ratio']['ci95'], 3)}" if hl else "—"
+            out.append(f"| {r['value']} | {_pm(sh)} | {_pm(rr)} | {ratio} | "
                        f"{_f(r['star']['metrics']['train']['loss'])} | {_f(r['star']['metrics']['test']['acc'])} |")
         out.append("")
+        out += _trend_table(results, dim)
     return out
+
+
+def _pm(s: dict | None) -> str:
+    if not s or not s.get("n"):
+        return "—"
+    return _f(s["mean"]) + (f" ± {_f(s['std'])}" if s.get("std") is not None else "") + f" (n={s['n']})"
+
+
+def _trend_table(results: dict, dim: str) -> list[str]:
+    """The fitted trend of a sweep, with its cluster-bootstrap interval (stardomain.stats.trend_fit)."""
+    by_metric = (results.get("trends") or {}).get(dim)
+    if not by_metric:
+        return []
+    what = "exponent b of c·width^b" if dim == "width" else "slope per tenfold |Z|"
+    rows = [f"Fitted trend ({what}; 95% CI from resampling each row's models; 'falls' only when the whole "
+            "interval is below 0):", "", "| metric | pair kind | fitted | 95% CI | trend | means monotone |",
+            "|---|---|---|---|---|---|"]
+    for m, fits in by_metric.items():
+        for kind, f in fits.items():
+            rows.append(f"| {m} | {KIND_NAMES.get(kind, kind)} | {_f(f.get('slope'), 3)} | {_ci(f.get('ci95'), 3)} | "
+                        f"{f.get('direction', '—')} | {'yes' if f.get('monotone') else 'no'} |")
+    return rows + [""]
+
+
+def _headline_lines(results: dict) -> list[str]:
+    hl = results.get("headline")
+    if not hl:
+        return []
+    r, d = hl["ratio"], hl["difference"]
+    rows = ["| quantity | estimate | 95% CI |", "|---|---|---|",
+            f"| star–held-out / regular–regular ({hl['metric']}) | {_f(r['estimate'], 3)} | {_ci(r['ci95'], 3)} |",
+            f"| star–held-out − regular–regular | {_f(d['estimate'], 4)} | {_ci(d['ci95'], 4)} |"]
+    return ["## Headline statistics", "",
+            f"Intervals: {hl['ci_method']} ({hl['n_boot']} resamples; {hl['n_sources']} sources, {hl['n_heldouts']} "
+            f"held-outs). Test: {hl['test_name']}, one-sided, p = {_p(hl['p_value'])}; the smallest p this design can "
+            f"give is {_p(hl['min_p'])} (α = {hl['alpha']:g}). Verdict: **{hl['verdict']}**"
+            + (f"; flags: {'; '.join(hl['flags'])}." if hl.get("flags") else "."), "", *rows, ""]
+
+
+def _controls_lines(results: dict) -> list[str]:
+    c = results.get("controls") or {}
+    rows = ["| control | value | 95% CI | note |", "|---|---|---|---|"]
+    for cen in (c.get("centres") or {}).values():
+        rows.append(f"| {cen['name']} – held-out barrier (star: {_f(cen['star_mean'])}) | {_f(cen['mean'])} | — | "
+                    f"sign-flip p (star lower) = {_p(cen['test']['p_value'])}; "
+                    f"{'as low as the star' if cen['as_low'] else 'above the star'} |")
+    al = c.get("alignment")
+    if al:
+        sh = al["share_removed"]
+        rows.append(f"| share of the regular–regular barrier removed by alignment | {_f(sh['estimate'], 3)} | "
+                    f"{_ci(sh['ci95'], 3)} | unaligned {_f(al['unaligned_mean'])}, aligned {_f(al['aligned_mean'])} |")
+    ts = c.get("temperature_scaled")
+    if ts:
+        rows.append(f"| star–held-out / regular–regular after temperature scaling | "
+                    f"{_f(ts['ratio']['estimate'], 3)} | "
+                    f"{_ci(ts['ratio']['ci95'], 3)} | star {_f(ts['star_mean'])}, regular {_f(ts['regular_mean'])}, "
+                    f"sign-flip p = {_p(ts['p_value'])} |")
+    if len(rows) == 2:
+        return []
+    return ["## Controls", "", "Naive centres, alignment and calibration: what else could explain a low star "
+            "barrier.", "", *rows, ""]
 
 
 def _bma_section(results: dict, raw: dict | None = None) -> str | None:
@@ -216,22 +323,29 @@ def render_markdown(results: dict, plots: dict[str, str], timings: dict | None =
     cfg = results.get("config", {})
     st = cfg.get("study", {})
     model = cfg.get("model", {})
-    lines = ["# Star-domain study", "",
+    lines = ["# Star-domain study", "", f"**{results.get('verdict_line', '')}**", "",
              f"Data **{cfg.get('data', {}).get('name') or cfg.get('data', {}).get('factory')}**, model "
              f"**{model.get('name') or model.get('factory')}** {model.get('kwargs', {})}, "
              f"{st.get('n_sources')} sources, {st.get('n_heldouts')} held-outs, barriers on "
              f"{st.get('eval', {}).get('points')} points, "
              f"{'after weight matching' if st.get('eval', {}).get('align') else 'without alignment'}.", "",
-             "## Verdict", "", results.get("verdict", ""), "",
+             "## Verdict", "", results.get("verdict", ""), "", *_headline_lines(results), *_controls_lines(results),
              "## Interpolation curves", "", f"![curves]({plots['curves']})" if "curves" in plots else "", "",
-             "## Barriers", "", *_summary_table(results), ""]
+             "## Barriers", "", "95% CI of each mean: source × held-out kinds resample sources and held-outs "
+             "(two-way cluster bootstrap); other kinds resample their pairs (each has its own held-out or source, "
+             "except held-out – held-out pairs, which share held-outs). — : n ≤ 2, no spread or interval.", "",
+             *_summary_table(results), ""]
     if "barriers" in plots:
         lines += [f"![barriers]({plots['barriers']})", ""]
+    if "alignment_control" in plots:
+        lines += ["The alignment control: the same source × held-out pairs with and without weight matching.", "",
+                  f"![alignment_control]({plots['alignment_control']})", ""]
     t = _tests_table(results)
     if t:
-        lines += ["## Tests", "", "One-sided: is the first kind's barrier below the second's? Mann–Whitney U "
-                  "compares all pairs; the paired Wilcoxon test pairs each held-out's star barrier with the mean of "
-                  "the sources' barriers to it.", "", *t, ""]
+        lines += ["## Tests", "", "One-sided: is the first kind's barrier below the second's? The sign-flip test "
+                  "on per-held-out paired differences is the headline (valid although pairs share models). "
+                  "Mann–Whitney U compares all pairs as if independent, and the paired Wilcoxon test is a rank "
+                  "version of the headline pairing: secondary rows.", "", *t, ""]
     lines += ["## Is the star a solution at all?", "", *_quality_table(results), ""]
     sw = _sweep_tables(results)
     if sw:

@@ -24,13 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from .checkpoint import atomic_write_json
 from .config import Config, TrainConfig, validate
 from .errors import UserError
+from .stats import mann_whitney_less, paired_wilcoxon_less, summarize  # noqa: F401  (re-exported)
+from .verdict import analyse, row_headline, verdict, verdict_line  # noqa: F401  (the words live in verdict)
 
 CACHE_VERSION = 1
+_MODEL_OPS = ("train", "star", "average", "merge")  # tasks whose output is a model file
 RESULTS_FORMAT = 1
 _TIMING_KEYS = {"timings", "seconds", "time", "elapsed", "wall", "wall_seconds"}
 
@@ -48,7 +49,7 @@ class Task:
     """One unit of work. `params` is everything the task needs (paths relative to the study folder)."""
 
     key: str
-    op: str  # train | star | average | pair | bma
+    op: str  # train | star | average | merge | pair | bma
     label: str
     params: dict
     deps: tuple[str, ...] = ()
@@ -58,7 +59,7 @@ class Task:
     @property
     def output(self) -> str:
         """The file whose presence marks the task done (relative to the study folder)."""
-        if self.op in ("train", "star", "average"):
+        if self.op in _MODEL_OPS:
             return f"models/{self.params['name']}.json"
         return f"cache/{self.op}/{self.key}.json"
 
@@ -138,9 +139,26 @@ class _Builder:
             "bn_batches": ev.bn_batches, "batch_size": ev.batch_size,
             "sources": [self.model_file(s) for s in sources]}, tuple(sources), **self._res()))
 
-    def pair(self, a: str, b: str) -> str:
+    def merge(self, cfgd: dict, sources: list[str], tag: str) -> str:
+        """Git Re-Basin's MergeMany centre (stardomain.merge): a stronger naive centre than `average`."""
+        ev = self.st.eval
+        ident = {"op": "merge", "v": CACHE_VERSION, "sources": sources, "rounds": self.st.merge_rounds,
+                 "bn_batches": ev.bn_batches, "batch_size": ev.batch_size, "seed": self.st.seed}
+        key = key_of(ident)
+        name = f"merged{tag}-{key[:12]}"
+        return self._add(Task(key, "merge", f"merge-many{tag}", {
+            "config": _model_cfg(cfgd, _REGULAR), "seed": self.st.seed, "name": name, "rounds": self.st.merge_rounds,
+            "bn_batches": ev.bn_batches, "batch_size": ev.batch_size,
+            "sources": [self.model_file(s) for s in sources]}, tuple(sources), **self._res()))
+
+    def pair(self, a: str, b: str, align: bool | None = None) -> str:
+        """A pair task; `align` overrides study.eval.align (the unaligned control). The temperature
+        options enter the key only when switched on, so turning them on never invalidates other pairs."""
         ev = self.st.eval.model_dump()
-        key = key_of({"op": "pair", "v": CACHE_VERSION, "a": a, "b": b, "eval": ev, "seed": self.st.seed})
+        if align is not None:
+            ev["align"] = align
+        ident_ev = ev if ev["temperature"] else {k: v for k, v in ev.items() if not k.startswith("temperature")}
+        key = key_of({"op": "pair", "v": CACHE_VERSION, "a": a, "b": b, "eval": ident_ev, "seed": self.st.seed})
         return self._add(Task(key, "pair", f"{self.labels[a]} ↔ {self.labels[b]}", {
             "a": self.model_file(a), "b": self.model_file(b), "a_label": self.labels[a],
             "b_label": self.labels[b], "eval": ev, "seed": self.st.seed,
@@ -170,7 +188,7 @@ class _Builder:
         ho = [self.train(ho_cfg, st.seed + 1000 + i, "heldout", i, tag) for i in range(n_heldouts)]
         return src, ho
 
-    def pairs(self, kinds: Sequence[str], sources, heldouts, star=None, avg=None) -> dict[str, list[str]]:
+    def pairs(self, kinds: Sequence[str], sources, heldouts, star=None, avg=None, merged=None) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for kind in kinds:
             if kind == "star_heldout" and star:
@@ -183,6 +201,10 @@ class _Builder:
                 out[kind] = [self.pair(star, s) for s in sources]
             elif kind == "average_heldout" and avg:
                 out[kind] = [self.pair(avg, h) for h in heldouts]
+            elif kind == "regular_regular_unaligned":
+                out[kind] = [self.pair(s, h, align=False) for s in sources for h in heldouts]
+            elif kind == "merged_heldout" and merged:
+                out[kind] = [self.pair(merged, h) for h in heldouts]
         return out
 
 
@@ -202,8 +224,9 @@ def build_plan(cfg: Config) -> Plan:
     sources = sources_all[:st.n_sources]
     star = b.star(base, sources, "") if (_needs_star(kinds) or st.bma or sw.n_sources or sw.t_sampling) else None
     avg = b.average(base, sources, "") if "average_heldout" in kinds else None
-    main = {"sources": sources, "heldouts": heldouts, "star": star, "average": avg,
-            "pairs": b.pairs(kinds, sources, heldouts, star, avg)}
+    merged = b.merge(base, sources, "") if "merged_heldout" in kinds else None
+    main = {"sources": sources, "heldouts": heldouts, "star": star, "average": avg, "merged": merged,
+            "pairs": b.pairs(kinds, sources, heldouts, star, avg, merged)}
     layout: dict[str, Any] = {"main": main, "sweeps": {}}
     if st.bma and star:
         layout["bma"] = b.bma(star, sources)
@@ -284,7 +307,7 @@ def is_done(task: Task, root: Path, plan_tasks: dict[str, Task] | None = None) -
     rec = _read_json(root / task.output)
     if rec is None or rec.get("key") != task.key:
         return False
-    if task.op in ("train", "star", "average"):
+    if task.op in _MODEL_OPS:
         return (root / f"models/{task.params['name']}.safetensors").is_file()
     if task.op == "pair" and plan_tasks is not None:
         for side, dep in zip("ab", task.deps):
@@ -396,6 +419,39 @@ def _run_average(task: Task, root: Path) -> None:
     _finish_model(task, root, meta, seconds=time.perf_counter() - t0)
 
 
+def _run_merge(task: Task, root: Path) -> None:
+    """The MergeMany centre: sources aligned to the first (as `average`), then jointly re-aligned to the
+    leave-one-out mean round by round (stardomain.merge), averaged, BN recomputed."""
+    from .checkpoint import load_model, read_model_file, save_model
+    from .data import get_dataset
+    from .interpolate import recalibrate_bn
+    from .merge import merge_many
+    from .permute import apply_permutation, check_equivalence, identity, spec_for, weight_matching
+    from .train import model_meta
+
+    p = task.params
+    out = root / f"models/{p['name']}.safetensors"
+    t0 = time.perf_counter()
+    meta = _existing_model(out)
+    if meta is None:
+        cfg = _config(p)
+        data = get_dataset(cfg.data)
+        model, _ = load_model(root / p["sources"][0])
+        ex = _example_input(data)
+        spec = spec_for(model, ex)
+        sds = [read_model_file(root / s)[0] for s in p["sources"]]
+        start = [identity(spec)] + [weight_matching(spec, sds[0], sd, seed=p["seed"])[0] for sd in sds[1:]]
+        centre, perms, info = merge_many(spec, sds, start=start, rounds=p["rounds"], seed=p["seed"])
+        info["equivalence_error_max"] = max(check_equivalence(model, sd, apply_permutation(spec, sd, pm), ex)
+                                            for sd, pm in zip(sds, perms))
+        model.load_state_dict(centre)
+        recalibrate_bn(model, data.train, p["batch_size"], p["bn_batches"])
+        metrics = _model_metrics(model, cfg)
+        meta = save_model(out, model.state_dict(), model_meta(
+            cfg, data, p["seed"], "merged", metrics=metrics, merge={"sources": p["sources"], **info}))
+    _finish_model(task, root, meta, info=(meta.get("merge") or {}), seconds=time.perf_counter() - t0)
+
+
 def _example_input(data):
     import torch
 
@@ -417,7 +473,8 @@ def _run_pair(task: Task, root: Path) -> None:
     model = build_from_meta(meta_a, str(root / p["a"])).to(device)
     rec = barrier.measure(model, sd_a, sd_b, data, points=ev["points"], align=ev["align"],
                           example_input=_example_input(data), bn_batches=ev["bn_batches"], seed=p["seed"],
-                          device=device)
+                          device=device, temperature=ev.get("temperature", False),
+                          temperature_fraction=ev.get("temperature_fraction", 0.2))
     out = {"key": task.key, "a": p["a_label"], "b": p["b_label"], "a_file": p["a"], "b_file": p["b"],
            "sha256_a": meta_a["sha256"], "sha256_b": meta_b["sha256"], **_json_safe(rec),
            "timings_": {"seconds": time.perf_counter() - t0, **_timings(rec)}}
@@ -439,7 +496,8 @@ def _run_bma(task: Task, root: Path) -> None:
                                            "timings_": {"seconds": time.perf_counter() - t0, **_timings(res)}})
 
 
-_OPS = {"train": _run_train, "star": _run_star, "average": _run_average, "pair": _run_pair, "bma": _run_bma}
+_OPS = {"train": _run_train, "star": _run_star, "average": _run_average, "merge": _run_merge, "pair": _run_pair,
+        "bma": _run_bma}
 
 
 CRASH_ENV = "STARDOMAIN_TEST_CRASH_ONCE"
@@ -484,43 +542,7 @@ def execute(task: Task, root: str | Path) -> str:
 
 # ---------------------------------------------------------------- statistics
 
-def summarize(values: Sequence[float], *, seed: int = 0, n_boot: int = 10000) -> dict:
-    """mean, std (n-1), n, min, max, median and a seeded 95% percentile-bootstrap CI of the mean."""
-    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    n = int(x.size)
-    if n == 0:
-        return {"mean": None, "std": None, "n": 0, "min": None, "max": None, "median": None, "ci95": [None, None]}
-    if n == 1:
-        lo = hi = float(x[0])
-    else:
-        rng = np.random.default_rng(seed)
-        means = x[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
-        lo, hi = (float(v) for v in np.percentile(means, [2.5, 97.5]))
-    return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if n > 1 else 0.0, "n": n,
-            "min": float(x.min()), "max": float(x.max()), "median": float(np.median(x)), "ci95": [lo, hi]}
-
-
-def mann_whitney_less(x: Sequence[float], y: Sequence[float]) -> dict | None:
-    """One-sided Mann–Whitney U: are values in x stochastically smaller than those in y?"""
-    from scipy.stats import mannwhitneyu
-
-    if len(x) == 0 or len(y) == 0:
-        return None
-    res = mannwhitneyu(np.asarray(x, float), np.asarray(y, float), alternative="less")
-    return {"test": "mann_whitney_u", "alternative": "less", "statistic": float(res.statistic),
-            "p_value": float(res.pvalue), "n_x": len(x), "n_y": len(y)}
-
-
-def paired_wilcoxon_less(x: Sequence[float], y: Sequence[float]) -> dict | None:
-    """One-sided Wilcoxon signed-rank on paired values (x_i - y_i < 0?)."""
-    from scipy.stats import wilcoxon
-
-    d = np.asarray(x, float) - np.asarray(y, float)
-    if d.size == 0 or not np.any(d != 0):
-        return None
-    res = wilcoxon(d, alternative="less")
-    return {"test": "wilcoxon_signed_rank", "alternative": "less", "statistic": float(res.statistic),
-            "p_value": float(res.pvalue), "n": int(d.size), "mean_difference": float(d.mean())}
+# summarize (n <= 2: no spread, no interval) and the pairwise tests live in stardomain.stats (imported above).
 
 
 def _metrics_of(records: list[dict]) -> list[str]:
@@ -532,9 +554,31 @@ def _metrics_of(records: list[dict]) -> list[str]:
     return names
 
 
+_GRID_KINDS = ("regular_regular", "regular_regular_unaligned")  # source × held-out: pairs share models
+
+
 def summarize_pairs(pairs: dict[str, list[dict]], *, seed: int = 0, n_boot: int = 10000) -> dict:
-    return {kind: {m: summarize([r["barrier"].get(m) for r in recs], seed=seed, n_boot=n_boot)
-                   for m in _metrics_of(recs)} for kind, recs in pairs.items()}
+    """Per kind and metric: `summarize`. The CI resamples what the pairs' models are: source × held-out
+    kinds resample sources and held-outs (two-way cluster bootstrap); star–held-out, star–source and
+    centre–held-out pairs each have their own held-out or source, so resampling pairs is resampling models.
+    (Held-out–held-out pairs share held-outs; their CI resamples pairs: `ci_method` says which.)"""
+    from .stats import grid_mean_ci
+    from .verdict import grid
+
+    out: dict = {}
+    for kind, recs in pairs.items():
+        out[kind] = {}
+        for m in _metrics_of(recs):
+            s = summarize([r["barrier"].get(m) for r in recs], seed=seed, n_boot=n_boot)
+            g = grid(recs, m) if kind in _GRID_KINDS else None
+            if g is not None and s["n"] >= 3:
+                s["ci95"] = grid_mean_ci(g[0], n_boot=n_boot, seed=seed)
+                s["ci_method"] = "two-way cluster bootstrap over sources and held-outs"
+            elif s["ci95"][0] is not None:
+                s["ci_method"] = "bootstrap over pairs" + (" (pairs share held-outs)" if kind == "heldout_heldout"
+                                                           else "")
+            out[kind][m] = s
+    return out
 
 
 # ---------------------------------------------------------------- assembling results
@@ -569,35 +613,20 @@ def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
     L = plan.layout["main"]
     models = {"sources": [_model_entry(root, tasks[k]) for k in L["sources"]],
               "heldouts": [_model_entry(root, tasks[k]) for k in L["heldouts"]]}
-    for name in ("star", "average"):
+    for name in ("star", "average", "merged"):
         if L.get(name):
             models[name] = _model_entry(root, tasks[L[name]])
     pairs = {kind: _pair_records(root, tasks, keys) for kind, keys in L["pairs"].items()}
     summary = summarize_pairs(pairs, seed=st.seed, n_boot=st.bootstrap)
 
-    tests: dict[str, Any] = {}
-    if pairs.get("star_heldout") and pairs.get("regular_regular"):
-        for m in _metrics_of(pairs["star_heldout"]):
-            tests.setdefault("star_heldout_below_regular_regular", {})[m] = mann_whitney_less(
-                [r["barrier"][m] for r in pairs["star_heldout"]], [r["barrier"][m] for r in pairs["regular_regular"]])
-        # paired by held-out: the star's barrier to h vs the mean of the sources' barriers to h
-        nh = len(L["heldouts"])
-        for m in _metrics_of(pairs["star_heldout"]):
-            reg = np.array([r["barrier"][m] for r in pairs["regular_regular"]], float).reshape(-1, nh).mean(0)
-            tests.setdefault("star_heldout_below_regular_regular_paired", {})[m] = paired_wilcoxon_less(
-                [r["barrier"][m] for r in pairs["star_heldout"]], reg)
-    if pairs.get("star_heldout") and pairs.get("average_heldout"):
-        tests["star_heldout_below_average_heldout"] = {
-            m: paired_wilcoxon_less([r["barrier"][m] for r in pairs["star_heldout"]],
-                                    [r["barrier"][m] for r in pairs["average_heldout"]])
-            for m in _metrics_of(pairs["star_heldout"])}
-
+    tests = _tests(pairs)
     regular = models["sources"] + models["heldouts"]
     star_quality = {"regular": _quality(regular)}
     if "star" in models:
         star_quality["star"] = models["star"]["metrics"]
-    if "average" in models:
-        star_quality["average"] = models["average"]["metrics"]
+    for name in ("average", "merged"):
+        if name in models:
+            star_quality[name] = models[name]["metrics"]
 
     sweeps: dict[str, list] = {}
     for dim, rows in plan.layout.get("sweeps", {}).items():
@@ -608,6 +637,7 @@ def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
                      "summary": summarize_pairs(p, seed=st.seed, n_boot=st.bootstrap), "pairs": p}
             if "sources" in row:
                 entry["regular"] = _quality([_model_entry(root, tasks[k]) for k in row["sources"] + row["heldouts"]])
+                entry["headline"] = row_headline(_json_safe(p), alpha=st.alpha, n_boot=st.bootstrap, seed=st.seed)
             out_rows.append(entry)
         sweeps[dim] = out_rows
 
@@ -617,8 +647,58 @@ def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
     if plan.layout.get("bma"):
         rec = _read_json(root / tasks[plan.layout["bma"]].output)
         results["bma"] = rec["result"] if rec else None
+    results.update(analyse(_json_safe(results), alpha=st.alpha, n_boot=st.bootstrap, seed=st.seed))
+    results = _json_safe(results)
+    results["verdict_line"] = verdict_line(results)
     results["verdict"] = verdict(results)
-    return _rounded(_json_safe(results))
+    return _rounded(results)
+
+
+_PAIRED = "secondary (paired by held-out, rank test; the headline uses the sign-flip test on the same pairing)"
+_HEADLINE = "headline (per-held-out paired differences; valid although pairs share models)"
+
+
+def _tests(pairs: dict[str, list[dict]]) -> dict:
+    """Pairwise tests (secondary: they treat pairs as independent) beside the per-held-out sign-flip tests."""
+    from .stats import paired_differences, sign_flip_test
+    from .verdict import CENTRES, MAIN_METRICS, SECONDARY, grid, heldout_values
+
+    tests: dict[str, Any] = {}
+    sh = pairs.get("star_heldout") or []
+    if not sh:
+        return tests
+    metrics = _metrics_of(sh)
+    if pairs.get("regular_regular"):
+        for m in metrics:
+            tests.setdefault("star_heldout_below_regular_regular", {})[m] = _role(mann_whitney_less(
+                [r["barrier"][m] for r in sh], [r["barrier"][m] for r in pairs["regular_regular"]]), SECONDARY)
+        for m in metrics:
+            g = grid(pairs["regular_regular"], m)
+            star = heldout_values(sh, m, g[2]) if g else None
+            if star is None:
+                continue
+            tests.setdefault("star_heldout_below_regular_regular_paired", {})[m] = _role(
+                paired_wilcoxon_less(star, g[0].mean(0)), _PAIRED)
+            if m in MAIN_METRICS:
+                tests.setdefault("star_heldout_below_regular_regular_sign_flip", {})[m] = _role(
+                    sign_flip_test(paired_differences(star, g[0])), _HEADLINE)
+    heldouts = [r["b"] for r in sh]
+    for kind in CENTRES:
+        if not pairs.get(kind):
+            continue
+        for m in metrics:
+            star, c = heldout_values(sh, m, heldouts), heldout_values(pairs[kind], m, heldouts)
+            if star is None or c is None:
+                continue
+            tests.setdefault(f"star_heldout_below_{kind}", {})[m] = _role(paired_wilcoxon_less(star, c), _PAIRED)
+            if m in MAIN_METRICS:
+                tests.setdefault(f"star_heldout_below_{kind}_sign_flip", {})[m] = _role(
+                    sign_flip_test(star - c), _HEADLINE)
+    return tests
+
+
+def _role(test: dict | None, role: str) -> dict | None:
+    return None if test is None else {**test, "role": role}
 
 
 def _rounded(obj: Any, digits: int = 12) -> Any:
@@ -631,80 +711,6 @@ def _rounded(obj: Any, digits: int = 12) -> Any:
     if isinstance(obj, list):
         return [_rounded(v, digits) for v in obj]
     return obj
-
-
-def _fmt(x: float | None, nd: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def verdict(results: dict, metric: str = "train_loss") -> str:
-    """A paragraph written from the numbers: what the study says about the conjecture."""
-    s = results.get("summary", {})
-    sh, rr = s.get("star_heldout", {}).get(metric), s.get("regular_regular", {}).get(metric)
-    parts: list[str] = []
-    if sh and rr and sh["n"] and rr["n"]:
-        ratio = sh["mean"] / rr["mean"] if rr["mean"] else float("inf")
-        below = sh["mean"] < rr["mean"]
-        t = (results.get("tests", {}).get("star_heldout_below_regular_regular") or {}).get(metric)
-        p = t["p_value"] if t else None
-        sig = p is not None and p < 0.05
-        parts.append(
-            f"The star–held-out {metric.replace('_', ' ')} barrier is {_fmt(sh['mean'])} ± {_fmt(sh['std'])} "
-            f"(95% CI {_fmt(sh['ci95'][0])}–{_fmt(sh['ci95'][1])}, n={sh['n']}) against "
-            f"{_fmt(rr['mean'])} ± {_fmt(rr['std'])} (95% CI {_fmt(rr['ci95'][0])}–{_fmt(rr['ci95'][1])}, "
-            f"n={rr['n']}) for regular–regular pairs: {'lower' if below else 'not lower'}, "
-            f"{ratio:.2f}× the regular barrier. A one-sided Mann–Whitney U test "
-            + (f"gives p = {p:.3g}, " if p is not None else "could not be run, ")
-            + ("so the difference is significant at the 5% level; this supports the star-domain conjecture on "
-               "this task." if sig and below else
-               "so the data do not establish that the star's barriers are lower (not significant at the 5% "
-               "level)." if below else "so this study gives no evidence for the star-domain conjecture on this task."))
-    q = results.get("star_quality", {})
-    if "star" in q:
-        reg = q["regular"]["train_loss"]
-        star_l = q["star"]["train"]["loss"]
-        if star_l > reg["max"]:
-            judge = (f"higher than every regular model's ({star_l / reg['mean']:.2f}× their mean), so the star is a "
-                     "worse fit than a regular solution and a low barrier to it says less")
-        elif star_l < reg["min"]:
-            judge = "lower than every regular model's: the star is at least as good a solution"
-        else:
-            judge = "within the range of the regular models': the star is as good a solution as they are"
-        parts.append(
-            f"The star's own training loss is {_fmt(star_l, 4)} (test accuracy {100 * q['star']['test']['acc']:.2f}%)"
-            f" against {_fmt(reg['mean'], 4)} on average (range {_fmt(reg['min'], 4)}–{_fmt(reg['max'], 4)}; test "
-            f"accuracy {100 * q['regular']['test_acc']['mean']:.2f}%) for the regular models: {judge}.")
-    av = s.get("average_heldout", {}).get(metric)
-    if av and sh and av["n"] and sh["n"]:
-        avg_q = q.get("average")
-        worse_fit = bool(avg_q and "star" in q and avg_q["train"]["loss"] > q["star"]["train"]["loss"])
-        own = f" (its own training loss {_fmt(avg_q['train']['loss'], 4)})" if avg_q else ""
-        if sh["mean"] < av["mean"]:
-            judge = "Starlight's star is a better centre than plain averaging."
-        elif worse_fit:
-            judge = ("its barriers are as low as the star's, but it is a worse fit than the star, and a low barrier "
-                     "to a poor model is cheap; of the two, the star is the better centre.")
-        else:
-            judge = "plain averaging does as well as Starlight here, so the star is not special."
-        parts.append(f"The aligned weight average of the sources, a naive centre{own}, has a held-out barrier of "
-                     f"{_fmt(av['mean'])} ± {_fmt(av['std'])}: {judge}")
-    hh = s.get("heldout_heldout", {}).get(metric)
-    if hh and hh["n"]:
-        parts.append(f"Held-out–held-out pairs have {_fmt(hh['mean'])} ± {_fmt(hh['std'])} (n={hh['n']}).")
-    ss = s.get("star_source", {}).get(metric)
-    if ss and ss["n"]:
-        parts.append(f"The star to its own sources: {_fmt(ss['mean'])} ± {_fmt(ss['std'])}.")
-    z = results.get("sweeps", {}).get("n_sources")
-    if z and len(z) > 1:
-        vals = [(r["value"], (r["summary"].get("star_heldout", {}).get(metric) or {}).get("mean")) for r in z]
-        vals = [(k, v) for k, v in vals if v is not None]
-        if len(vals) > 1:
-            trend = "falls" if vals[-1][1] < vals[0][1] else "does not fall"
-            mono = all(b[1] <= a[1] for a, b in zip(vals, vals[1:]))
-            parts.append(f"From |Z|={vals[0][0]} to |Z|={vals[-1][0]} the star–held-out barrier {trend}"
-                         f"{' steadily' if mono and trend == 'falls' else ''}: "
-                         + ", ".join(f"|Z|={k}: {_fmt(v)}" for k, v in vals) + ".")
-    return " ".join(parts) if parts else "Not enough pairs were measured to say anything."
 
 
 # ---------------------------------------------------------------- the whole study
