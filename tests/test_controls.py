@@ -125,8 +125,8 @@ def test_control_keys():
 
 @pytest.fixture(scope="module")
 def controls_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("controls")
-    cfg_path = out / "cfg.yaml"
+    here = tmp_path_factory.mktemp("controls")
+    cfg_path, out = here / "cfg.yaml", here / "study"
     cfg_path.write_text(yaml.safe_dump(TINY))
     res = run_study(validate(Config, TINY), out, progress=False)
     return out, res, cfg_path
