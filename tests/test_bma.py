@@ -16,6 +16,7 @@ from stardomain.checkpoint import save_model
 from stardomain.cli import app
 from stardomain.config import Config
 from stardomain.data import get_dataset
+from stardomain.engine import Engine, Stack
 from stardomain.interpolate import average, lerp, recalibrate_bn
 from stardomain.models import build_model
 from stardomain.train import init_model, model_meta
@@ -59,13 +60,13 @@ def test_functional_bma_equals_module_loop(model, vectorize):
     sources = [_perturbed(cfg, data, s) for s in (1, 2, 3)]
     k = 6
     idx, t = bma.draw_star(len(sources), k, torch.Generator().manual_seed(0))
-    ev = bma.Stacked(build_model(cfg.model, data.input_shape, data.num_classes), vectorize=vectorize)
+    ev = Engine(build_model(cfg.model, data.input_shape, data.num_classes), strategy="vmap" if vectorize else "loop")
 
     def chunk_weights(sl):
         rows = idx[sl].tolist()
-        return bma.stack([star] * len(rows)), bma.stack([sources[r] for r in rows])
+        return Stack.of([star] * len(rows)), Stack.of([sources[r] for r in rows])
 
-    (final, curve, _) = bma._bma_run(ev, chunk_weights, t, data.test.x, data.test.y, {}, data.train.x, chunk=4,
+    (final, curve, _) = bma._bma_run(ev, chunk_weights, t, data.test.x, data.test.y, {}, data.train, chunk=4,
                                   batch_size=300, bn_batches=3, ks=[1, 6], n_bins=15)
     want = _loop_bma(cfg, data, star, sources, idx, t, bn_batches=3, batch_size=300)
     assert (final["test"] - want).abs().max().item() < 1e-5
@@ -80,8 +81,8 @@ def test_batched_recalibration_matches_recalibrate_bn_whole_split():
     cfg = _cfg(CNN_BN)
     data = get_dataset(cfg.data)
     sds = [_perturbed(cfg, data, s) for s in (4, 5)]
-    ev = bma.Stacked(build_model(cfg.model, data.input_shape, data.num_classes))
-    w = ev.recalibrate(bma.stack(sds), data.train.x, batch_size=500)  # last batch is smaller: equal weights
+    ev = Engine(build_model(cfg.model, data.input_shape, data.num_classes), strategy="vmap")
+    w = ev.recalibrate(Stack.of(sds), data.train, batch_size=500).tensors  # last batch is smaller: equal weights
     for i, sd in enumerate(sds):
         m = build_model(cfg.model, data.input_shape, data.num_classes)
         m.load_state_dict(sd)
@@ -234,10 +235,11 @@ def test_report_section_says_where_star_bma_wins():
 def test_interpolate_stacked_equals_lerp(ts):
     a = {"w": torch.randn(3, 2, generator=torch.Generator().manual_seed(0)), "n": torch.tensor(5)}
     b = {"w": torch.randn(3, 2, generator=torch.Generator().manual_seed(1)), "n": torch.tensor(7)}
-    out = bma.interpolate_stacked(bma.stack([a] * len(ts)), bma.stack([b] * len(ts)), torch.tensor(ts, dtype=torch.float64))
+    out = Stack.lerp_rows(Stack.of([a] * len(ts)), Stack.of([b] * len(ts)), torch.tensor(ts, dtype=torch.float64)).tensors
     for i, t in enumerate(ts):
         want = lerp(a, b, t)
         assert torch.allclose(out["w"][i], want["w"], atol=1e-6) and out["n"][i] == 5
+        assert torch.equal(out["w"][i], want["w"])  # one interpolation: bit-identical to interpolate.lerp
 
 
 @given(k=st.integers(1, 300))

@@ -11,11 +11,11 @@ Predictors, all scored on the same test split with the same metrics (`stardomain
   pair {i, j} uniform, t ~ U[0, 1], (1 - t)·θ_i + t·π_i(θ_j); BN recomputed; softmax average.
 - `weight_average`: one network, the average of the sources aligned to source 0, BN recomputed.
 
-Cost: sampled models are never built as modules. Their weights are stacked along a leading axis and run
-through one module with `torch.func.functional_call` under `torch.vmap`, a chunk of models at a time.
-BatchNorm recalibration is batched the same way: one train-mode pass per training batch for the whole
-chunk, collecting each BN layer's batch mean and unbiased variance with forward pre-hooks and averaging
-them over batches with equal weight, exactly what `interpolate.recalibrate_bn` (momentum=None) computes.
+Cost: sampled models are never built as modules. A chunk of them is one stack of the stacked-weights
+engine (`stardomain.engine`): weights stacked along a leading axis, interpolated with `torch.lerp`, run
+through one module under `torch.vmap`; BatchNorm recalibration is batched the same way (one train-mode
+pass per training batch for the whole chunk) with the engine's one convention, the one of
+`interpolate.recalibrate_bn`.
 
 Timing: `seconds` is the cost of producing a predictor's test and OOD probabilities (sampling weights,
 BN recalibration, forward passes, averaging; for the ensemble its members' forward passes), not the
@@ -43,9 +43,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
 from . import metrics as M
+from .data import Split
+from .engine import Engine, Stack
 from .errors import UserError
 
 StateDict = dict[str, torch.Tensor]
@@ -54,116 +55,6 @@ HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "brier": False, "ece": False
                     "auroc_misclassification": True, "auroc_misclassification_entropy": True,
                     "ood_auroc": True, "ood_auroc_entropy": True}
 BMA_KINDS = ("star_bma", "regular_bma")
-
-
-# ---------------------------------------------------------------- stacked functional evaluation
-
-def _bn_modules(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-class Stacked:
-    """Evaluate many weight sets of one architecture at once: weights are dicts of tensors with a
-    leading model axis; `vectorize=False` loops over models instead of vmap (for modules vmap rejects)."""
-
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", vectorize: bool = True):
-        self.device = torch.device(device)
-        self.vectorize = vectorize
-        self.eval_model = copy.deepcopy(model).to(self.device).eval()
-        self.keys = list(self.eval_model.state_dict().keys())
-        self.bn = _bn_modules(self.eval_model)
-        self.bn_keys = {f"{n}.{s}" if n else s for n, _ in self.bn
-                        for s in ("running_mean", "running_var", "num_batches_tracked")}
-        # train-mode twin whose BN layers use batch statistics and keep none: safe under vmap
-        self.train_model = copy.deepcopy(self.eval_model).train()
-        self._hooks_stats: list | None = None
-        for _, m in _bn_modules(self.train_model):
-            m.running_mean = None
-            m.running_var = None
-            m.num_batches_tracked = None
-            m.track_running_stats = False
-            m.register_forward_pre_hook(self._record)
-
-    @property
-    def has_bn(self) -> bool:
-        return bool(self.bn)
-
-    def _record(self, module, inputs):
-        if self._hooks_stats is not None:
-            x = inputs[0]
-            dims = [d for d in range(x.dim()) if d != 1]
-            self._hooks_stats.append((x.mean(dims), x.var(dims, unbiased=True)))
-
-    def _map(self, fn: Callable, w: dict[str, torch.Tensor], x: torch.Tensor):
-        if self.vectorize:
-            return torch.vmap(fn, in_dims=(0, None), randomness="different")(w, x)
-        k = next(iter(w.values())).shape[0]
-        outs = [fn({n: v[i] for n, v in w.items()}, x) for i in range(k)]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
-        return torch.stack(outs)
-
-    @torch.no_grad()
-    def logits(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """(k, batch, classes) logits of k weight sets in eval mode."""
-        return self._map(lambda p, xb: functional_call(self.eval_model, p, (xb,)), w, x)
-
-    @torch.no_grad()
-    def probs(self, w: dict[str, torch.Tensor], x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """(k, N, classes) softmax probabilities (float64) over a whole input tensor."""
-        out = [self.logits(w, x[i:i + batch_size].to(self.device)).float().softmax(-1).double()
-               for i in range(0, len(x), batch_size)]
-        return torch.cat(out, 1)
-
-    @torch.no_grad()
-    def recalibrate(self, w: dict[str, torch.Tensor], x_train: torch.Tensor, batch_size: int = 1000,
-                    max_batches: int | None = None) -> dict[str, torch.Tensor]:
-        """Recompute the BN running statistics of k stacked weight sets on training inputs, as
-        `interpolate.recalibrate_bn` does for one model (equal-weight average over batches of the batch
-        mean and unbiased batch variance). Returns a new dict; no-op without BatchNorm."""
-        if not self.bn:
-            return w
-        params = {n: v for n, v in w.items() if n not in self.bn_keys}
-
-        def fn(p, xb):
-            self._hooks_stats = []
-            try:
-                functional_call(self.train_model, p, (xb,))
-                return tuple(t for pair in self._hooks_stats for t in pair)
-            finally:
-                self._hooks_stats = None
-
-        sums, n_batches = None, 0
-        for i, start in enumerate(range(0, len(x_train), batch_size)):
-            if max_batches is not None and i >= max_batches:
-                break
-            stats = self._map(fn, params, x_train[start:start + batch_size].to(self.device))
-            sums = [s.double() for s in stats] if sums is None else [a + s.double() for a, s in zip(sums, stats)]
-            n_batches += 1
-        out = dict(w)
-        for j, (name, m) in enumerate(self.bn):
-            pre = f"{name}." if name else ""
-            dtype = w[pre + "running_mean"].dtype
-            out[pre + "running_mean"] = (sums[2 * j] / n_batches).to(dtype)
-            out[pre + "running_var"] = (sums[2 * j + 1] / n_batches).to(dtype)
-        return out
-
-
-def stack(sds: Sequence[StateDict], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Stack state dicts along a new leading axis (one entry per model)."""
-    return {k: torch.stack([sd[k].to(device) for sd in sds]) for k in sds[0]}
-
-
-def interpolate_stacked(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], t: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Row-wise (1 - t_i)·a_i + t_i·b_i of stacked weights; integer entries are taken from `a`."""
-    out = {}
-    for k, va in a.items():
-        if va.is_floating_point():
-            tt = t.to(va.device, va.dtype).view(-1, *([1] * (va.dim() - 1)))
-            out[k] = va + tt * (b[k].to(va.dtype) - va)
-        else:
-            out[k] = va.clone()
-    return out
 
 
 # ---------------------------------------------------------------- draws
@@ -281,8 +172,8 @@ def _float_keys(sd: StateDict) -> list[str]:
     return [k for k, v in sd.items() if v.is_floating_point()]
 
 
-def _bma_run(ev: Stacked, chunk_weights: Callable[[slice], tuple[dict, dict]], t: torch.Tensor,
-             x_test: torch.Tensor, labels: torch.Tensor, ood_x: dict[str, torch.Tensor], x_train: torch.Tensor,
+def _bma_run(ev: Engine, chunk_weights: Callable[[slice], tuple[Stack, Stack]], t: torch.Tensor,
+             x_test: torch.Tensor, labels: torch.Tensor, ood_x: dict[str, torch.Tensor], train: Split,
              *, chunk: int, batch_size: int, bn_batches: int | None, ks: list[int], n_bins: int):
     """One BMA run: the i-th model is (1 - t_i)·base_i + t_i·end_i, where `chunk_weights(slice)` gives the
     stacked (base, end) weights of a slice of the K draws. Streams the K models in chunks, never holding
@@ -296,8 +187,7 @@ def _bma_run(ev: Stacked, chunk_weights: Callable[[slice], tuple[dict, dict]], t
     for start in range(0, k, chunk):
         sl = slice(start, min(k, start + chunk))
         base, ends = chunk_weights(sl)
-        w = interpolate_stacked(base, ends, t[sl])
-        w = ev.recalibrate(w, x_train, batch_size, bn_batches)
+        w = ev.recalibrate(Stack.lerp_rows(base, ends, t[sl]), train, batch_size, bn_batches)
         prefix = {}
         for s, xs in (("test", x_test), *ood_x.items()):
             p = ev.probs(w, xs, batch_size).cumsum(0)  # running sums after each model in the chunk
@@ -347,7 +237,7 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
         if missing:
             raise UserError(f"a model's weights do not fit the architecture {cfg.model.name or cfg.model.factory} "
                             f"(mismatched tensors: {sorted(missing)[:3]})")
-    ev = Stacked(model, dev, vectorize=vectorize)
+    ev = Engine(model, dev, "vmap" if vectorize else "loop", fall_back=True)
     x_test, y_test, x_train = data.test.x, data.test.y, data.train.x
     ood_x = ood_sets(data, seed=0, max_n=ood_max) if ood else {}
     example = x_train[:8]
@@ -356,13 +246,13 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
     ks = k_checkpoints(k)
     res: dict[str, Any] = {}
     info: dict[str, Any] = {"k": k, "seeds": list(range(seed, seed + seeds)), "n_sources": N, "aligned": align,
-                            "bn_recalibrated": ev.has_bn, "bn_batches": bn_batches, "device": str(dev),
+                            "bn_recalibrated": bool(ev.bn_keys), "bn_batches": bn_batches, "device": str(dev),
                             "test_size": len(y_test), "ood_shifts": list(ood_x), "vectorized": vectorize,
                             "n_bins": n_bins}
 
     def single(sd: StateDict) -> tuple[dict, dict[str, torch.Tensor], float]:
         t0 = time.perf_counter()
-        w = stack([sd], dev)
+        w = Stack.of([sd], dev)
         probs = {"test": ev.probs(w, x_test, batch_size)[0].cpu()}
         for s, xo in ood_x.items():
             probs[s] = ev.probs(w, xo, batch_size)[0].cpu()
@@ -375,15 +265,10 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
     # ---- single sources and the deep ensemble
     say("sources")
     # warm-up (so the first timing is not inflated); a module vmap cannot run falls back to a loop
-    try:
-        w0 = stack(source_sds[:1], dev)
-        ev.probs(ev.recalibrate(w0, x_train[:8], 8, 1), x_test[:2])
-    except Exception as e:  # noqa: BLE001 - any vmap failure: same numbers, looped
-        if not ev.vectorize:
-            raise
-        ev.vectorize = False
+    ev.probs(ev.recalibrate(Stack.of(source_sds[:1], dev), Split(x_train[:8], data.train.y[:8]), 8, 1), x_test[:2])
+    if ev.fallback_reason:
         info["vectorized"] = False
-        info["vmap_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        info["vmap_error"] = ev.fallback_reason
     src_probs, src_seconds, src_runs = [], [], []
     for i, sd in enumerate(source_sds):
         p, m, sec = single(sd)
@@ -432,7 +317,7 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
     from .interpolate import average
     avg = average([source_sds[0]] + [aligned_pair(0, j) for j in range(1, N)])
     t1 = time.perf_counter()
-    w = ev.recalibrate(stack([avg], dev), x_train, batch_size, bn_batches)
+    w = ev.recalibrate(Stack.of([avg], dev), data.train, batch_size, bn_batches)
     p = {"test": ev.probs(w, x_test, batch_size)[0].cpu()}
     for s, xo in ood_x.items():
         p[s] = ev.probs(w, xo, batch_size)[0].cpu()
@@ -447,9 +332,9 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
 
         def chunk_weights(sl):
             rows = idx[sl].tolist()
-            return ({kk: v.expand(len(rows), *v.shape) for kk, v in star_w.items()},
-                    {kk: torch.stack([to_star[r][kk] for r in rows]).to(dev) for kk in star_w})
-        return _bma_run(ev, chunk_weights, t, x_test, y_test, ood_x, x_train, chunk=chunk,
+            return (Stack({kk: v.expand(len(rows), *v.shape) for kk, v in star_w.items()}),
+                    Stack({kk: torch.stack([to_star[r][kk] for r in rows]).to(dev) for kk in star_w}))
+        return _bma_run(ev, chunk_weights, t, x_test, y_test, ood_x, data.train, chunk=chunk,
                         batch_size=batch_size, bn_batches=bn_batches, ks=ks, n_bins=n_bins), 0.0
 
     def run_regular(n: int, s: int):
@@ -462,9 +347,9 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
 
         def chunk_weights(sl):
             rows = pairs[sl]
-            return ({kk: torch.stack([source_sds[i][kk] for i, _ in rows]).to(dev) for kk in source_sds[0]},
-                    {kk: torch.stack([aligned_pair(i, j)[kk] for i, j in rows]).to(dev) for kk in source_sds[0]})
-        return _bma_run(ev, chunk_weights, t, x_test, y_test, ood_x, x_train, chunk=chunk,
+            return (Stack.of([source_sds[i] for i, _ in rows], dev),
+                    Stack.of([aligned_pair(i, j) for i, j in rows], dev))
+        return _bma_run(ev, chunk_weights, t, x_test, y_test, ood_x, data.train, chunk=chunk,
                         batch_size=batch_size, bn_batches=bn_batches, ks=ks, n_bins=n_bins), t_align
 
     def bma(kind: str, n: int) -> tuple[dict, dict]:
