@@ -315,16 +315,14 @@ def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_ba
 def plot(rec: dict, out=None, title: str | None = None) -> bytes:
     """PNG of loss and accuracy against t (train solid, test dashed, chords dotted). Written atomically
     to `out` when given; the PNG bytes are returned either way."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
 
     from .checkpoint import atomic_write_bytes
 
     ts = rec["t"]
     b = rec.get("barrier") or barriers(rec)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    fig = Figure(figsize=(10, 4), dpi=110)
+    axes = fig.subplots(1, 2)
     colors = {"train": "tab:blue", "test": "tab:orange"}
     for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
         for s in ("train", "test"):
@@ -345,7 +343,6 @@ def plot(rec: dict, out=None, title: str | None = None) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     png = buf.getvalue()
     if out is not None:
         atomic_write_bytes(out, png)

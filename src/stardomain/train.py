@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_state, save_model, save_state
 from .config import Config, OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import DataBundle, Split, batches, get_dataset, num_batches
+from .engine import evaluate_module
 from .errors import UserError
 from .models import build_model
 
@@ -75,19 +76,14 @@ def autocast(device: torch.device, amp: bool):
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, device: str | torch.device | None = None,
              forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Mean cross-entropy and accuracy (a fraction) over a whole split, in eval mode."""
+    """Mean cross-entropy and accuracy (a fraction) over a whole split, in eval mode (the engine's
+    evaluation of one model, `engine.evaluate_module`)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    fwd = forward or model
-    loss_sum, correct, n = 0.0, 0, 0
-    for x, y in batches(split, batch_size, device=device):
-        out = fwd(x).float()
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        n += len(y)
+    out = evaluate_module(forward or model, split, batch_size, device)
     model.train(was_training)
-    return {"loss": loss_sum / n, "acc": correct / n}
+    return out
 
 
 def evaluate_splits(model: nn.Module, data: DataBundle, batch_size: int = 1000) -> dict[str, dict[str, float]]:
