@@ -140,7 +140,7 @@ def test_ensemble_of_one_is_that_model():
     data = get_dataset(cfg.data)
     sd = _perturbed(cfg, data, 9)
     res = bma.evaluate_predictors(cfg, None, [sd], k=2, align=False, device="cpu", ood=False)
-    for m in bma.METRICS:
+    for m in M.classification_metrics(torch.tensor([[0.5, 0.5]]), torch.tensor([0])):
         a, b = res["ensemble"][m], res["source_0"][m]
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12)
     assert "star_bma" not in res and "regular_bma" not in res
@@ -275,3 +275,57 @@ def test_modules_vmap_rejects_fall_back_to_a_loop():
     idx, t = bma.draw_star(2, 3, bma._generator(1, "star-bma-2"))
     want = M.nll(_loop_bma(cfg, data, star, sources, idx, t, bn_batches=None, batch_size=1000), data.test.y)
     assert res["star_bma"]["nll"] == pytest.approx(want, abs=1e-6)
+
+
+def test_a_predictor_is_one_registration(monkeypatch):
+    """A new predictor (here: the sources' geometric-mean ensemble) added by one register_predictor call
+    is scored like the others, in the result, the report table and the CLI table."""
+
+    class GeometricEnsemble(bma.Predictor):
+        name, kind, cost, by_n = "geometric_ensemble", "ensemble", "n networks", True
+
+        def runs(self, ctx, n):
+            src = ctx.source_runs()[:n]
+            probs = {s: torch.stack([r.probs[s] for r in src]).log().mean(0).softmax(-1) for s in src[0].probs}
+            return [bma.Run(probs, sum(r.seconds for r in src))]
+
+    monkeypatch.setattr(bma, "PREDICTORS", list(bma.PREDICTORS))
+    bma.register_predictor(GeometricEnsemble())
+    cfg = _cfg(MLP_BN)
+    data = get_dataset(cfg.data)
+    sources = [_perturbed(cfg, data, s) for s in (1, 2)]
+    res = bma.evaluate_predictors(cfg, None, sources, k=2, seeds=1, align=False, device="cpu", ns=[1])
+    ps = []
+    for sd in sources:
+        m = build_model(cfg.model, data.input_shape, data.num_classes)
+        m.load_state_dict(sd)
+        with torch.no_grad():
+            ps.append(m.eval()(data.test.x).softmax(-1).double())
+    want = torch.stack(ps).log().mean(0).softmax(-1)
+    assert res["geometric_ensemble"]["nll"] == pytest.approx(M.nll(want, data.test.y), abs=1e-6)
+    # one source: its own probabilities, up to the log/softmax round trip
+    assert res["_by_n"]["1"]["geometric_ensemble"]["nll"] == pytest.approx(res["source_0"]["nll"], abs=1e-7)
+    assert "| geometric_ensemble |" in bma.report_section(res)
+    assert "geometric_ensemble" in bma.table(res)
+
+
+def test_a_metric_is_one_descriptor(monkeypatch):
+    """A new metric descriptor (mean top-label confidence) shows up for every predictor, in the report
+    table under its label, in the CLI table, and its direction drives the star-BMA-vs-ensemble sentence."""
+    monkeypatch.setattr(M, "METRICS", list(M.METRICS))
+    M.register_metric(M.Metric("confidence", "mean conf", False, lambda p, y, b: float(p.max(1).values.mean())))
+    cfg = _cfg(MLP_BN)
+    data = get_dataset(cfg.data)
+    star = _perturbed(cfg, data, 0)
+    sources = [_perturbed(cfg, data, s) for s in (1, 2)]
+    res = bma.evaluate_predictors(cfg, star, sources, k=2, seeds=2, align=False, device="cpu", ood=False)
+    m = build_model(cfg.model, data.input_shape, data.num_classes)
+    m.load_state_dict(star)
+    with torch.no_grad():
+        p = m.eval()(data.test.x).softmax(-1).double()
+    assert res["star"]["confidence"] == pytest.approx(float(p.max(1).values.mean()), abs=1e-6)
+    assert len(res["star_bma"]["values"]["confidence"]) == 2 and "confidence" in res["_curves"]["star_bma"]
+    text = bma.report_section(res)
+    header = next(line for line in text.splitlines() if line.startswith("| predictor"))
+    assert "mean conf" in header and "mean conf" in bma.table(res).splitlines()[0]
+    assert "mean conf (" in text  # compared with the ensemble in the sentences
