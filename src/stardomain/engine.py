@@ -317,7 +317,7 @@ class _Vmapped:
     output (logits, or the BatchNorm statistics recorded by `rec`). Rows go in chunks of `chunk` models."""
 
     def __init__(self, m: nn.Module, rec: _Recording, stack: Stack, chunk: int):
-        self.m, self.rec, self.chunk = m, rec, chunk
+        self.m, self.rec, self.chunk, self.k = m, rec, chunk, stack.k
         floats = {k for k, v in m.named_buffers() if v.is_floating_point()}
         ints = {k for k, v in m.named_buffers() if not v.is_floating_point()}
         pnames = [k for k, _ in m.named_parameters()]
@@ -359,8 +359,9 @@ class _Vmapped:
         return None if self.first is None else self.first["out"](x)
 
     def call(self, fn: str, x: torch.Tensor, rows: torch.Tensor, hab: torch.Tensor | None = None):
-        p = {k: v[rows] for k, v in self.params.items()}
-        b = {k: v[rows] for k, v in self.bufs.items()}
+        every = len(rows) == self.k and bool((rows == torch.arange(self.k, device=rows.device)).all())
+        p = self.params if every else {k: v[rows] for k, v in self.params.items()}
+        b = self.bufs if every else {k: v[rows] for k, v in self.bufs.items()}
         if self.first is None:
             return self.fns[fn](p, b, x)
         hab = self.first["out"](x) if hab is None else hab
@@ -403,6 +404,7 @@ class Engine:
         self.models_per_call: int | None = None
         self.eval_batch_size: int | None = None
         self._first_cache: tuple | None = None  # (split, segment, first-layer outputs on the whole split)
+        self._per_example: dict[tuple, int] = {}
 
     def _guarded(self, run_vmap: Callable, run_loop: Callable):
         """vmap when the strategy says so; under "auto", an operation vmap cannot batch falls back to loop."""
@@ -419,7 +421,10 @@ class Engine:
     def _vmapped(self, stack: Stack, x0: torch.Tensor, batch_size: int, rec: _Recording) -> _Vmapped:
         """Models per call from the activation budget (and `max_models`); evaluation batches as big as the
         budget allows (evaluation has no batch-size semantics, unlike BatchNorm statistics)."""
-        per_ex = _peak_elements_per_example(self.module, x0[:1].to(self.device))
+        shape = tuple(x0.shape[1:])
+        if shape not in self._per_example:  # one forward per input shape (a new shape costs oneDNN set-up)
+            self._per_example[shape] = _peak_elements_per_example(self.module, x0[:1].to(self.device))
+        per_ex = self._per_example[shape]
         chunk = max(1, min(stack.k, self.act_budget // max(1, per_ex * batch_size)))
         if self.max_models:
             chunk = max(1, min(chunk, self.max_models))
