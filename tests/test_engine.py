@@ -76,3 +76,37 @@ def test_probs_strategies_agree():
     p_l = Engine(m, strategy="loop").probs(stack, data.test.x, 128)
     assert p_v.shape == (2, len(data.test), 10) and p_v.dtype == torch.float64
     assert torch.allclose(p_v, p_l, atol=1e-6)
+
+
+class Crossed(torch.nn.Module):
+    """BatchNorm layers registered in one order and called in the other."""
+
+    def __init__(self, in_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(64, 12), torch.nn.Linear(12, num_classes)
+        self.bn_late, self.bn_early = torch.nn.BatchNorm1d(num_classes), torch.nn.BatchNorm1d(12)
+
+    def forward(self, x):
+        return self.bn_late(self.fc2(torch.relu(self.bn_early(self.fc1(x.flatten(1))))))
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_statistics_follow_layers_not_call_order(strategy):
+    """Against PyTorch's own cumulative (momentum=None) train-mode pass, contiguous float32."""
+    data = get_dataset({"name": "digits"})
+    torch.manual_seed(0)
+    m = Crossed()
+    eng = Engine(m, strategy=strategy)
+    got = eng.recalibrate(Stack.of([m.state_dict()] * 2), data.train, 500).tensors
+    ref = Crossed()
+    ref.load_state_dict(m.state_dict())
+    for bn in (ref.bn_late, ref.bn_early):
+        bn.reset_running_stats()
+        bn.momentum = None
+    ref.train()
+    with torch.no_grad():
+        for i in range(0, len(data.train), 500):
+            ref(data.train.x[i:i + 500])
+    for k, v in ref.state_dict().items():
+        if "running" in k:
+            assert torch.allclose(got[k][1], v, rtol=1e-5, atol=1e-6), k

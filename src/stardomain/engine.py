@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -122,9 +122,10 @@ class Stack:
 
 # ---------------------------------------------------------------- BatchNorm statistics
 
-def exact_batch_norm(bn: nn.modules.batchnorm._BatchNorm, record: list, vmapped: bool = False) -> Callable:
+def exact_batch_norm(bn: nn.modules.batchnorm._BatchNorm, record: list, vmapped: bool = False,
+                     tag: int = 0) -> Callable:
     """A train-mode forward for `bn` that normalises by the batch's own statistics, computed in two passes
-    (mean, then mean squared deviation) over an (examples x channels) view, and appends (mean, biased
+    (mean, then mean squared deviation) over an (examples x channels) view, and appends (tag, mean, biased
     variance, n) to `record`. Why our own: torch's channels-last CPU kernel accumulates the variance
     naively (relative error ~1e-4 on a 1000-image MNIST batch, enough to move an interpolated model's loss
     by 3e-4); this one agrees with float64 to ~1e-7, like the contiguous kernel. `vmapped`: for use under
@@ -140,7 +141,7 @@ def exact_batch_norm(bn: nn.modules.batchnorm._BatchNorm, record: list, vmapped:
         mean = rows.sum(0) / n
         dev = rows - mean
         var = (dev.square() if vmapped else dev.square_()).sum(0) / n
-        record.append((mean, var, n))
+        record.append((tag, mean, var, n))
         if not vmapped:
             return F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
         scale = torch.rsqrt(var + bn.eps)
@@ -157,7 +158,7 @@ def exact_batch_norm(bn: nn.modules.batchnorm._BatchNorm, record: list, vmapped:
 class _Recording:
     """While active, every tracked BatchNorm layer of `module` runs `exact_batch_norm` (an instance
     attribute shadowing the class's forward) and the module is in train mode; `record` collects one
-    (mean, var, n) per layer and call."""
+    (layer index, mean, var, n) per layer and call."""
 
     def __init__(self, module: nn.Module, vmapped: bool = False):
         self.module, self.vmapped = module, vmapped
@@ -165,8 +166,8 @@ class _Recording:
         self.record: list = []
 
     def __enter__(self) -> "_Recording":
-        for m in self.layers:
-            m.forward = exact_batch_norm(m, self.record, self.vmapped)
+        for j, m in enumerate(self.layers):
+            m.forward = exact_batch_norm(m, self.record, self.vmapped, j)
         self.module.train()
         return self
 
@@ -176,11 +177,15 @@ class _Recording:
         self.module.eval()
 
     def take(self) -> tuple[torch.Tensor, ...]:
-        """(mean_1, var_1, mean_2, var_2, ...) of the last call, and clears the record."""
-        out = tuple(t for mean, var, _ in self.record for t in (mean, var))
-        self.ns = [n for _, _, n in self.record]
+        """(mean_1, var_1, mean_2, var_2, ...) of the last call in the order of `layers` (not the order
+        the forward calls them in), and clears the record."""
+        rec = sorted(self.record, key=lambda r: r[0])
         self.record.clear()
-        return out
+        if [r[0] for r in rec] != list(range(len(self.layers))):
+            raise UserError("BatchNorm recalibration needs every BatchNorm layer to run exactly once per "
+                            "forward pass; this model skips or repeats one")
+        self.ns = [n for _, _, _, n in rec]
+        return tuple(t for _, mean, var, _ in rec for t in (mean, var))
 
 
 class _Sums:
