@@ -1,6 +1,8 @@
 """Bayesian model averaging over star domains, against deep ensembles and single networks (PAPER.md).
 
-Predictors, all scored on the same test split with the same metrics (`stardomain.metrics`):
+Predictors are objects in one registry, `PREDICTORS` (adding one is one entry, or `register_predictor`),
+each giving its predictions (`runs`); one loop (`scored`) scores them all on the same test split with every
+metric of `metrics.METRICS`. The built-in ones:
 
 - `source_i`: each source alone; `sources_mean`: their mean (CI over sources).
 - `ensemble`: the deep ensemble, softmax average of the n sources.
