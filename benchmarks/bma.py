@@ -16,6 +16,7 @@ import torch
 from stardomain import bma
 from stardomain.config import Config
 from stardomain.data import get_dataset
+from stardomain.engine import Engine, Stack
 from stardomain.interpolate import lerp, recalibrate_bn
 from stardomain.models import build_model
 from stardomain.train import init_model
@@ -40,7 +41,7 @@ def main() -> None:
     star = init_model(cfg, data, 0).state_dict()
     sources = [init_model(cfg, data, s).state_dict() for s in range(1, a.sources + 1)]
     idx, t = bma.draw_star(len(sources), a.k, torch.Generator().manual_seed(0))
-    x, xtr = data.test.x, data.train.x
+    x = data.test.x
 
     t0 = time.perf_counter()
     total = torch.zeros(len(x), data.num_classes, dtype=torch.float64)
@@ -54,15 +55,15 @@ def main() -> None:
     loop = total / a.k
     t_loop = time.perf_counter() - t0
 
-    ev = bma.Stacked(build_model(cfg.model, data.input_shape, data.num_classes))
+    ev = Engine(build_model(cfg.model, data.input_shape, data.num_classes), strategy="vmap")
 
     def chunk_weights(sl):
         rows = idx[sl].tolist()
-        return ({k: v.expand(len(rows), *v.shape) for k, v in star.items()},
-                {k: torch.stack([sources[r][k] for r in rows]) for k in star})
+        return (Stack({k: v.expand(len(rows), *v.shape) for k, v in star.items()}),
+                Stack({k: torch.stack([sources[r][k] for r in rows]) for k in star}))
 
     t0 = time.perf_counter()
-    (final, _, _) = bma._bma_run(ev, chunk_weights, t, x, data.test.y, {}, xtr, chunk=a.chunk,
+    (final, _, _) = bma._bma_run(ev, chunk_weights, t, x, data.test.y, {}, data.train, chunk=a.chunk,
                               batch_size=a.batch_size, bn_batches=a.bn_batches, ks=[], n_bins=15)
     t_fun = time.perf_counter() - t0
     diff = (final["test"] - loop).abs().max().item()

@@ -16,6 +16,7 @@ from stardomain.checkpoint import save_model
 from stardomain.cli import app
 from stardomain.config import Config
 from stardomain.data import get_dataset
+from stardomain.engine import Engine, Stack
 from stardomain.interpolate import average, lerp, recalibrate_bn
 from stardomain.models import build_model
 from stardomain.train import init_model, model_meta
@@ -59,13 +60,13 @@ def test_functional_bma_equals_module_loop(model, vectorize):
     sources = [_perturbed(cfg, data, s) for s in (1, 2, 3)]
     k = 6
     idx, t = bma.draw_star(len(sources), k, torch.Generator().manual_seed(0))
-    ev = bma.Stacked(build_model(cfg.model, data.input_shape, data.num_classes), vectorize=vectorize)
+    ev = Engine(build_model(cfg.model, data.input_shape, data.num_classes), strategy="vmap" if vectorize else "loop")
 
     def chunk_weights(sl):
         rows = idx[sl].tolist()
-        return bma.stack([star] * len(rows)), bma.stack([sources[r] for r in rows])
+        return Stack.of([star] * len(rows)), Stack.of([sources[r] for r in rows])
 
-    (final, curve, _) = bma._bma_run(ev, chunk_weights, t, data.test.x, data.test.y, {}, data.train.x, chunk=4,
+    (final, curve, _) = bma._bma_run(ev, chunk_weights, t, data.test.x, data.test.y, {}, data.train, chunk=4,
                                   batch_size=300, bn_batches=3, ks=[1, 6], n_bins=15)
     want = _loop_bma(cfg, data, star, sources, idx, t, bn_batches=3, batch_size=300)
     assert (final["test"] - want).abs().max().item() < 1e-5
@@ -80,8 +81,8 @@ def test_batched_recalibration_matches_recalibrate_bn_whole_split():
     cfg = _cfg(CNN_BN)
     data = get_dataset(cfg.data)
     sds = [_perturbed(cfg, data, s) for s in (4, 5)]
-    ev = bma.Stacked(build_model(cfg.model, data.input_shape, data.num_classes))
-    w = ev.recalibrate(bma.stack(sds), data.train.x, batch_size=500)  # last batch is smaller: equal weights
+    ev = Engine(build_model(cfg.model, data.input_shape, data.num_classes), strategy="vmap")
+    w = ev.recalibrate(Stack.of(sds), data.train, batch_size=500).tensors  # last batch is smaller: equal weights
     for i, sd in enumerate(sds):
         m = build_model(cfg.model, data.input_shape, data.num_classes)
         m.load_state_dict(sd)
@@ -139,7 +140,7 @@ def test_ensemble_of_one_is_that_model():
     data = get_dataset(cfg.data)
     sd = _perturbed(cfg, data, 9)
     res = bma.evaluate_predictors(cfg, None, [sd], k=2, align=False, device="cpu", ood=False)
-    for m in bma.METRICS:
+    for m in M.classification_metrics(torch.tensor([[0.5, 0.5]]), torch.tensor([0])):
         a, b = res["ensemble"][m], res["source_0"][m]
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12)
     assert "star_bma" not in res and "regular_bma" not in res
@@ -234,10 +235,11 @@ def test_report_section_says_where_star_bma_wins():
 def test_interpolate_stacked_equals_lerp(ts):
     a = {"w": torch.randn(3, 2, generator=torch.Generator().manual_seed(0)), "n": torch.tensor(5)}
     b = {"w": torch.randn(3, 2, generator=torch.Generator().manual_seed(1)), "n": torch.tensor(7)}
-    out = bma.interpolate_stacked(bma.stack([a] * len(ts)), bma.stack([b] * len(ts)), torch.tensor(ts, dtype=torch.float64))
+    out = Stack.lerp_rows(Stack.of([a] * len(ts)), Stack.of([b] * len(ts)), torch.tensor(ts, dtype=torch.float64)).tensors
     for i, t in enumerate(ts):
         want = lerp(a, b, t)
         assert torch.allclose(out["w"][i], want["w"], atol=1e-6) and out["n"][i] == 5
+        assert torch.equal(out["w"][i], want["w"])  # one interpolation: bit-identical to interpolate.lerp
 
 
 @given(k=st.integers(1, 300))
@@ -273,3 +275,57 @@ def test_modules_vmap_rejects_fall_back_to_a_loop():
     idx, t = bma.draw_star(2, 3, bma._generator(1, "star-bma-2"))
     want = M.nll(_loop_bma(cfg, data, star, sources, idx, t, bn_batches=None, batch_size=1000), data.test.y)
     assert res["star_bma"]["nll"] == pytest.approx(want, abs=1e-6)
+
+
+def test_a_predictor_is_one_registration(monkeypatch):
+    """A new predictor (here: the sources' geometric-mean ensemble) added by one register_predictor call
+    is scored like the others, in the result, the report table and the CLI table."""
+
+    class GeometricEnsemble(bma.Predictor):
+        name, kind, cost, by_n = "geometric_ensemble", "ensemble", "n networks", True
+
+        def runs(self, ctx, n):
+            src = ctx.source_runs()[:n]
+            probs = {s: torch.stack([r.probs[s] for r in src]).log().mean(0).softmax(-1) for s in src[0].probs}
+            return [bma.Run(probs, sum(r.seconds for r in src))]
+
+    monkeypatch.setattr(bma, "PREDICTORS", list(bma.PREDICTORS))
+    bma.register_predictor(GeometricEnsemble())
+    cfg = _cfg(MLP_BN)
+    data = get_dataset(cfg.data)
+    sources = [_perturbed(cfg, data, s) for s in (1, 2)]
+    res = bma.evaluate_predictors(cfg, None, sources, k=2, seeds=1, align=False, device="cpu", ns=[1])
+    ps = []
+    for sd in sources:
+        m = build_model(cfg.model, data.input_shape, data.num_classes)
+        m.load_state_dict(sd)
+        with torch.no_grad():
+            ps.append(m.eval()(data.test.x).softmax(-1).double())
+    want = torch.stack(ps).log().mean(0).softmax(-1)
+    assert res["geometric_ensemble"]["nll"] == pytest.approx(M.nll(want, data.test.y), abs=1e-6)
+    # one source: its own probabilities, up to the log/softmax round trip
+    assert res["_by_n"]["1"]["geometric_ensemble"]["nll"] == pytest.approx(res["source_0"]["nll"], abs=1e-7)
+    assert "| geometric_ensemble |" in bma.report_section(res)
+    assert "geometric_ensemble" in bma.table(res)
+
+
+def test_a_metric_is_one_descriptor(monkeypatch):
+    """A new metric descriptor (mean top-label confidence) shows up for every predictor, in the report
+    table under its label, in the CLI table, and its direction drives the star-BMA-vs-ensemble sentence."""
+    monkeypatch.setattr(M, "METRICS", list(M.METRICS))
+    M.register_metric(M.Metric("confidence", "mean conf", False, lambda p, y, b: float(p.max(1).values.mean())))
+    cfg = _cfg(MLP_BN)
+    data = get_dataset(cfg.data)
+    star = _perturbed(cfg, data, 0)
+    sources = [_perturbed(cfg, data, s) for s in (1, 2)]
+    res = bma.evaluate_predictors(cfg, star, sources, k=2, seeds=2, align=False, device="cpu", ood=False)
+    m = build_model(cfg.model, data.input_shape, data.num_classes)
+    m.load_state_dict(star)
+    with torch.no_grad():
+        p = m.eval()(data.test.x).softmax(-1).double()
+    assert res["star"]["confidence"] == pytest.approx(float(p.max(1).values.mean()), abs=1e-6)
+    assert len(res["star_bma"]["values"]["confidence"]) == 2 and "confidence" in res["_curves"]["star_bma"]
+    text = bma.report_section(res)
+    header = next(line for line in text.splitlines() if line.startswith("| predictor"))
+    assert "mean conf" in header and "mean conf" in bma.table(res).splitlines()[0]
+    assert "mean conf (" in text  # compared with the ensemble in the sentences

@@ -6,11 +6,11 @@ themselves with their own BatchNorm statistics; at every interior t the running 
 and recomputed on training data (as `interpolate.recalibrate_bn` does: cumulative average of per-batch
 statistics, batch mean and unbiased batch variance), then the network is evaluated in eval mode.
 
-Speed: all t values share each data batch. Their parameters are stacked along a leading axis and the
-network runs once per batch under `torch.func.vmap` + `functional_call`, for BatchNorm recalibration
-(one train-mode pass over the training data for *all* interior t) and for evaluation (one pass over
-train and test for all t). `method="loop"` is the straightforward reference (one model at a time); it
-is also the fallback for a user architecture with an operation vmap cannot batch.
+Speed: the t values are one stack of the stacked-weights engine (`stardomain.engine`): for MLPs all t
+share each data batch under `torch.func.vmap` (one train-mode pass over the training data for *all*
+interior t, one pass over train and test for all t); conv nets go one t at a time through a frozen,
+BN-folded module. `method="loop"` is the straightforward reference (one model at a time); it is also the
+fallback for a user architecture with an operation vmap cannot batch.
 
 Sign conventions of `barriers`: a loss barrier is max over interior t of (loss - chord), floored at 0;
 an accuracy barrier is the largest *drop* below the accuracy chord, max over interior t of
@@ -23,29 +23,20 @@ import copy
 import io
 import math
 import time
-import warnings
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .data import DataBundle, Split, batches, num_batches
+from .data import DataBundle, batches
+from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_module
+from .engine import STRATEGIES as METHODS
 from .errors import UserError
-from .interpolate import bn_layers, lerp, recalibrate_bn
+from .interpolate import lerp
 
 StateDict = dict[str, torch.Tensor]
 
 ENDPOINTS = (0.0, 1.0)
-# Largest activation tensor (elements) one vmapped call may create; bounds memory for wide nets.
-DEFAULT_ACT_BUDGET = 2 ** 28
-
-
-METHODS = ("auto", "vmap", "fused", "loop")
-
-
-def _has_conv(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
 def grid(points: int = 11) -> list[float]:
@@ -60,299 +51,48 @@ def _is_endpoint(t: float) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# reference path: one model at a time
+# curves
 
 
-@torch.no_grad()
-def _eval_split(model: nn.Module, split: Split, batch_size: int, device) -> dict[str, float]:
-    loss_sum, correct, n = 0.0, 0, 0
-    model.eval()
-    for x, y in batches(split, batch_size, device=device):
-        out = model(x).float()
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        n += len(y)
-    return {"loss": loss_sum / n, "acc": correct / n}
-
-
-def _curve_loop(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, repair: bool = False) -> dict:
-    """For each t: build the model, recalibrate BN (interior t), one pass over train and one over test.
-    With `repair`, interior models are REPAIR-renormalised (stardomain.repair) instead."""
+def _curve_repair(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device) -> dict:
+    """For each t: build the model, REPAIR-renormalise it (interior t; stardomain.repair), one pass over
+    train and one over test."""
     from .repair import apply_repair, channel_stats, remove_repair
 
     m = copy.deepcopy(model).to(device)
     rec = {"t": list(ts), "train": {"loss": [], "acc": []}, "test": {"loss": [], "acc": []}}
-    if repair:
-        stats = []
-        for sd in (sd_a, sd_b):
-            m.load_state_dict(sd)
-            stats.append(channel_stats(m, data.train, batch_size, bn_batches, device))
-    for t in ts:
-        sd = sd_a if t == 0.0 else sd_b if t == 1.0 else lerp(sd_a, sd_b, t)
+    stats = []
+    for sd in (sd_a, sd_b):
         m.load_state_dict(sd)
-        hooks = []
-        if not _is_endpoint(t):
-            if repair:
-                hooks = apply_repair(m, stats[0], stats[1], t, data.train, batch_size, bn_batches, device)
-            else:
-                recalibrate_bn(m, data.train, batch_size, bn_batches, device)
+        stats.append(channel_stats(m, data.train, batch_size, bn_batches, device))
+    for t in ts:
+        m.load_state_dict(sd_a if t == 0.0 else sd_b if t == 1.0 else lerp(sd_a, sd_b, t))
+        hooks = [] if _is_endpoint(t) else apply_repair(m, stats[0], stats[1], t, data.train, batch_size,
+                                                        bn_batches, device)
         for s in ("train", "test"):
-            r = _eval_split(m, data.split(s), batch_size, device)
+            r = evaluate_module(m.eval(), data.split(s), batch_size, device)
             rec[s]["loss"].append(r["loss"])
             rec[s]["acc"].append(r["acc"])
         remove_repair(hooks)
     return rec
 
 
-def _inference_module(m: nn.Module, example: torch.Tensor) -> nn.Module:
-    """An eval-mode module for fast inference: TorchScript-frozen with BatchNorm folded into the
-    convolutions (oneDNN layouts on CPU) where the architecture scripts, else the module itself."""
-    m.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still fastest on CPU
-            fm = torch.jit.optimize_for_inference(torch.jit.script(m))
-            fm(example)
-        return fm
-    except Exception:  # an architecture TorchScript cannot compile: plain module, same numbers
-        return m
-
-
-def _curve_fused(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device) -> dict:
-    """Conv nets, one t at a time but evaluated through a frozen, BN-folded inference module (TorchScript,
-    oneDNN on CPU). (vmap over conv weights becomes grouped convolutions, slower than this on CPU.)"""
-    m = copy.deepcopy(model).to(device)
-    layers = bn_layers(m)
-    rec: dict[str, Any] = {"t": list(ts), "train": {"loss": [], "acc": []}, "test": {"loss": [], "acc": []}}
-    n_bn = 0
-    for t in ts:
-        sd = sd_a if t == 0.0 else sd_b if t == 1.0 else lerp(sd_a, sd_b, t)
-        m.load_state_dict(sd)
-        if not _is_endpoint(t) and layers:
-            recalibrate_bn(m, data.train, batch_size, bn_batches, device)  # channels-last, exact statistics
-            n_bn = num_batches(data.train, batch_size) if bn_batches is None else \
-                min(bn_batches, num_batches(data.train, batch_size))
-        m.eval()
-        x0 = data.train.x[:2].to(device) if data.train.x is not None else next(batches(data.train, 2, device=device))[0]
-        fm = _inference_module(copy.deepcopy(m), x0)
-        for s in ("train", "test"):
-            r = _eval_split(fm, data.split(s), batch_size, device)
-            rec[s]["loss"].append(r["loss"])
-            rec[s]["acc"].append(r["acc"])
-    rec["bn_batches_used"] = n_bn
-    return rec
-
-
-# --------------------------------------------------------------------------------------------------
-# fast path: all t values per batch under vmap
-
-
-def _stacked(sd_a: StateDict, sd_b: StateDict, names: Sequence[str], tt: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Entry k of every stacked tensor is lerp(a, b, tt[k]), bit-identical to interpolate.lerp."""
-    out = {}
-    for k in names:
-        a, b = sd_a[k], sd_b[k].to(sd_a[k].device)
-        w = tt.to(a.device, a.dtype).view(-1, *([1] * a.dim()))
-        out[k] = torch.lerp(a.unsqueeze(0).expand(len(tt), *a.shape), b.unsqueeze(0).expand(len(tt), *b.shape), w)
-    return out
-
-
-def _peak_elements_per_example(model: nn.Module, x: torch.Tensor) -> int:
-    """Largest single module output per example (one model), to size the number of models per call."""
-    peak = [0]
-
-    def hook(_m, _i, out):
-        if isinstance(out, torch.Tensor):
-            peak[0] = max(peak[0], out[0].numel())
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model.eval()(x[:1])
-    finally:
-        for h in hs:
-            h.remove()
-    return max(peak[0], 1)
-
-
-def _call(vrun, p, b, x, sel, split, first=None):
-    return vrun(p, b, x) if split is None else vrun(p, b, x, sel, first)
-
-
-_PARAM_FREE = (nn.Flatten, nn.Identity, nn.Dropout)
-
-
-def _split_first_layer(m: nn.Module):
-    """For an nn.Sequential whose first parametric module is a Linear/Conv preceded only by reshaping
-    modules: (pre, first, first_name, rest, name maps of rest -> original), else None."""
-    if not isinstance(m, nn.Sequential):
-        return None
-    mods = list(m.named_children())
-    for i, (name, mod) in enumerate(mods):
-        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.modules.conv._ConvNd) and mod.groups == 1
-                                          and not isinstance(mod, nn.modules.conv._ConvTransposeNd)):
-            break
-        if not isinstance(mod, _PARAM_FREE) or list(mod.parameters(recurse=True)) or list(mod.buffers()):
-            return None
-    else:
-        return None
-    if i + 1 >= len(mods):
-        return None
-    pre = nn.Sequential(*[mm for _, mm in mods[:i]])
-    rest = nn.Sequential(*[mm for _, mm in mods[i + 1:]])
-    orig_p = {id(v): k for k, v in m.named_parameters()}
-    orig_b = {id(v): k for k, v in m.named_buffers()}
-    names = {"p": [(k, orig_p[id(v)]) for k, v in rest.named_parameters()],
-             "b": [(k, orig_b[id(v)]) for k, v in rest.named_buffers() if v.is_floating_point()],
-             "i": [(k, orig_b[id(v)]) for k, v in rest.named_buffers() if not v.is_floating_point()]}
-    return pre, mods[i][1], name, rest, names
-
-
-def _curve_vmap(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, max_models, act_budget,
-                states_only: bool = False):
-    from torch.func import functional_call, vmap
-
-    m = copy.deepcopy(model).to(device).eval()
-    sd_a = {k: v.to(device) for k, v in sd_a.items()}
-    sd_b = {k: v.to(device) for k, v in sd_b.items()}
-    K = len(ts)
-    tt = torch.tensor(ts, dtype=torch.float64)
-    pnames = [k for k, _ in m.named_parameters()]
-    bns = {name: mod for name, mod in m.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)}
-    bn_stat = {f"{n}.{s}" for n in bns for s in ("running_mean", "running_var")}
-    fnames = [k for k, v in m.named_buffers() if v.is_floating_point()]
-    inames = [k for k, v in m.named_buffers() if not v.is_floating_point()]
-
-    params = _stacked(sd_a, sd_b, pnames, tt)
-    # Float buffers: lerp like interpolate.lerp; endpoints keep their own; BN stats replaced below.
-    bufs = _stacked(sd_a, sd_b, fnames, tt)
-    for k in fnames:
-        for i, t in enumerate(ts):
-            if t == 0.0:
-                bufs[k][i] = sd_a[k]
-            elif t == 1.0:
-                bufs[k][i] = sd_b[k]
-    ints = {k: sd_a[k].clone() for k in inames}
-
-    x0 = data.train.x[:1].to(device) if data.train.x is not None else next(batches(data.train, 1, device=device))[0]
-    per_ex = _peak_elements_per_example(m, x0)
-    chunk = max(1, min(K, act_budget // max(1, per_ex * batch_size)))
-    if max_models:
-        chunk = max(1, min(chunk, max_models))
-
-    # Evaluation has no batch-size semantics (unlike BN statistics): use big batches within the budget.
-    eval_bs = max(batch_size, act_budget // max(1, per_ex * chunk))
-
-    def chunks(idx: list[int]):
-        return [idx[i:i + chunk] for i in range(0, len(idx), chunk)]
-
-    split = _split_first_layer(m)
-    first_numel = 0
-    if split is None:
-        def run(p, b, x):
-            return functional_call(m, (p, b, ints), (x,), tie_weights=False)
-
-        vrun = vmap(run, in_dims=(0, 0, None))
-    else:
-        # The first layer is affine in its parameters and sees the same input for every t, so its output
-        # at t is (1-t)·out_A + t·out_B: two evaluations instead of K (the bulk of an MLP's cost).
-        pre, first, first_name, rest, rest_names = split
-        fkeys = [k for k, _ in first.named_parameters()]
-
-        def run_rest(p, b, h):
-            return functional_call(rest, ({rk: p[ok] for rk, ok in rest_names["p"]},
-                                          {rk: b[ok] for rk, ok in rest_names["b"]},
-                                          {rk: ints[ok] for rk, ok in rest_names["i"]}), (h,), tie_weights=False)
-
-        vrest = vmap(run_rest, in_dims=(0, 0, 0))
-
-        # A's and B's first layers side by side: one wider matmul/conv instead of two.
-        both = {k: torch.cat([sd_a[f"{first_name}.{k}"], sd_b[f"{first_name}.{k}"]], 0) for k in fkeys}
-        n_out = sd_a[f"{first_name}.{fkeys[0]}"].shape[0]
-
-        def first_out(x):
-            return functional_call(first, both, (pre(x),))
-
-        with torch.no_grad():
-            first_numel = first_out(x0)[0].numel()
-
-        def vrun(p, b, x, sel=None, hab=None):
-            hab = first_out(x) if hab is None else hab
-            ha, hb = hab[:, :n_out], hab[:, n_out:]
-            w = tt.to(device, ha.dtype)[sel].view(-1, *([1] * ha.dim()))
-            h = torch.lerp(ha.unsqueeze(0).expand(len(w), *ha.shape), hb.unsqueeze(0).expand(len(w), *hb.shape), w)
-            return vrest(p, b, h)
-    interior = [i for i, t in enumerate(ts) if not _is_endpoint(t)]
-    n_bn_batches = 0
-    # The first layer's outputs on the training split are the same in the BN pass and in the evaluation:
-    # kept from the one for the other when the BN pass sees the whole split and they fit in half the budget.
-    keep_first = [] if (split is not None and bn_batches is None and not states_only and len(data.train)
-                        * first_numel <= act_budget // 2) else None
-    if bns and interior:
-        # Momentum 1 makes each train-mode call leave exactly that batch's statistics in the (stacked)
-        # running buffers; we average them over batches ourselves, as recalibrate_bn's cumulative mode.
-        saved = {n: (mod.momentum, mod.training) for n, mod in bns.items()}
-        sums = {k: torch.zeros_like(bufs[k][interior], dtype=torch.float64) for k in bn_stat}
-        idx_t = torch.tensor(interior, device=device)
-        try:
-            for mod in bns.values():
-                mod.momentum = 1.0
-                mod.train()
-            with torch.no_grad():
-                for x, _ in batches(data.train, batch_size, device=device, max_batches=bn_batches):
-                    hab = first_out(x) if split is not None else None
-                    if keep_first is not None:
-                        keep_first.append(hab)
-                    for c in chunks(list(range(len(interior)))):
-                        sel = idx_t[c]
-                        p = {k: v[sel] for k, v in params.items()}
-                        b = {k: v[sel].clone() for k, v in bufs.items()}
-                        _call(vrun, p, b, x, sel, split, hab)
-                        for k in bn_stat:
-                            sums[k][c] += b[k].double()
-                    n_bn_batches += 1
-        finally:
-            for n, mod in bns.items():
-                mod.momentum, mod.training = saved[n]
-        if n_bn_batches == 0:
-            raise UserError("BatchNorm recalibration saw no training batch (empty training split?)")
-        for k in bn_stat:
-            bufs[k][idx_t] = (sums[k] / n_bn_batches).to(bufs[k].dtype)
-    m.eval()
-    if states_only:
-        out = []
-        for i, t in enumerate(ts):
-            sd = {**{k: v[i].clone() for k, v in params.items()}, **{k: v[i].clone() for k, v in bufs.items()}}
-            for k in inames:
-                own = sd_a[k] if t != 1.0 else sd_b[k]
-                sd[k] = own.clone() if _is_endpoint(t) or not k.endswith("num_batches_tracked") or not bns \
-                    else torch.full_like(own, n_bn_batches)
-            out.append(sd)
-        return out
-
-    rec: dict[str, Any] = {"t": list(ts)}
-    with torch.no_grad():
-        for s in ("train", "test"):
-            loss = torch.zeros(K, dtype=torch.float64, device=device)
-            correct = torch.zeros(K, dtype=torch.int64, device=device)
-            n = 0
-            kept = torch.cat(keep_first) if s == "train" and keep_first else None
-            for x, y in batches(data.split(s), eval_bs, device=device):
-                hab = kept[n:n + len(y)] if kept is not None else None
-                for c in chunks(list(range(K))):
-                    sel = torch.tensor(c, device=device)
-                    out = _call(vrun, {k: v[sel] for k, v in params.items()}, {k: v[sel] for k, v in bufs.items()}, x,
-                                sel, split, hab).float()
-                    kc, bsz, ncls = out.shape
-                    # cross-entropy = logsumexp - picked logit (cheaper than F.cross_entropy on K·B rows)
-                    picked = out.gather(2, y.view(1, -1, 1).expand(kc, bsz, 1)).squeeze(2)
-                    loss[sel] += (torch.logsumexp(out, 2) - picked).sum(1).double()
-                    correct[sel] += (out.argmax(2) == y.unsqueeze(0)).sum(1)
-                n += len(y)
-            rec[s] = {"loss": (loss / n).tolist(), "acc": (correct.double() / n).tolist()}
-    rec["bn_batches_used"] = n_bn_batches
-    rec["models_per_call"] = chunk
-    rec["eval_batch_size"] = eval_bs
+def _curve_engine(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, method, max_models,
+                  act_budget) -> dict:
+    """The stacked-weights engine (`stardomain.engine`): the segment's K models, BatchNorm recomputed at
+    interior t, evaluated on train and test."""
+    eng = Engine(model, device, method, act_budget=act_budget, max_models=max_models)
+    stack = Stack.between(sd_a, sd_b, ts, device)
+    stack = eng.recalibrate(stack, data.train, batch_size, bn_batches,
+                            rows=[i for i, t in enumerate(ts) if not _is_endpoint(t)])
+    rec: dict[str, Any] = {"t": list(ts), **eng.evaluate(stack, {"train": data.train, "test": data.test}, batch_size)}
+    rec["method"] = eng.strategy
+    rec["bn_batches_used"] = eng.bn_batches_seen
+    if eng.strategy == "vmap":
+        rec["models_per_call"] = eng.models_per_call
+        rec["eval_batch_size"] = eng.eval_batch_size
+    if eng.fallback_reason:
+        rec["vmap_fallback_reason"] = eng.fallback_reason
     return rec
 
 
@@ -364,10 +104,10 @@ def curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, 
     -> {"t": [...], "train": {"loss": [...], "acc": [...]}, "test": {...}, "method": ...}.
     `model` is any module of the architecture (its weights are not used). `bn_batches`: how many
     training batches recalibrate BatchNorm at interior t (None: the whole training split).
-    `method`: "vmap" (all t share each batch, first layer evaluated twice instead of K times), "fused"
-    (one t at a time, evaluated through a frozen BN-folded TorchScript module), "loop" (the reference:
-    one t at a time, plain modules) or "auto" (fused for conv nets, where vmap would mean slow grouped
-    convolutions; vmap otherwise, falling back to loop for an operation vmap cannot batch).
+    `method`: an execution strategy of `stardomain.engine`: "vmap" (all t share each batch, first layer
+    evaluated twice instead of K times), "fused" (one t at a time, evaluated through a frozen BN-folded
+    TorchScript module), "loop" (one t at a time, plain modules) or "auto" (fused for conv nets, vmap
+    otherwise, falling back to loop for an operation vmap cannot batch).
     `repair`: for networks without BatchNorm, renormalise interior models with REPAIR (Jordan et al.
     2023; `stardomain.repair`), evaluated one t at a time.
     """
@@ -388,26 +128,11 @@ def curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, 
         raise UserError("REPAIR is for networks without BatchNorm; BatchNorm networks are recalibrated "
                         "at every interior t already (drop --repair)")
     t0 = time.perf_counter()
-    used = method
     if repair:
-        method = used = "loop"
-    if method == "auto":
-        method = used = "fused" if _has_conv(model) else "auto"
-    if method == "loop":
-        rec = _curve_loop(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, repair)
-    elif method == "fused":
-        rec = _curve_fused(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device)
+        rec = {**_curve_repair(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device), "method": "loop"}
     else:
-        try:
-            rec = _curve_vmap(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, max_models, act_budget)
-            used = "vmap"
-        except (RuntimeError, NotImplementedError) as e:
-            if method == "vmap" or "vmap" not in str(e).lower() and "batch" not in str(e).lower():
-                raise
-            rec = _curve_loop(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device)
-            used = "loop"
-            rec["vmap_fallback_reason"] = str(e).splitlines()[0][:200]
-    rec["method"] = used
+        rec = _curve_engine(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, method, max_models,
+                            act_budget)
     rec["bn"] = {"recalibrated": bool(bn_layers(model)) and any(not _is_endpoint(t) for t in ts),
                  "repair": repair, "batches": "all" if bn_batches is None else bn_batches, "batch_size": batch_size}
     rec["seconds"] = time.perf_counter() - t0
@@ -418,11 +143,16 @@ def interpolated_states(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data
                         ts: Sequence[float], *, bn_batches: int | None = None, batch_size: int = 1000,
                         device=None, max_models: int | None = None) -> list[StateDict]:
     """The state dicts (1-t)·A + t·B for every t, BatchNorm statistics recomputed at interior t exactly
-    as `interpolate.recalibrate_bn` would, but for all t in one pass over the training data."""
+    as `interpolate.recalibrate_bn` would: the engine's recalibrated segment stack, all t in one pass
+    over the training data (vmap) or one t at a time (conv nets)."""
     from .train import resolve_device
 
-    return _curve_vmap(model, sd_a, sd_b, data, [float(t) for t in ts], bn_batches, batch_size,
-                       resolve_device(device or "cpu"), max_models, DEFAULT_ACT_BUDGET, states_only=True)
+    device = resolve_device(device or "cpu")
+    ts = [float(t) for t in ts]
+    eng = Engine(model, device, "auto", max_models=max_models)
+    stack = eng.recalibrate(Stack.between(sd_a, sd_b, ts, device), data.train, batch_size, bn_batches,
+                            rows=[i for i, t in enumerate(ts) if not _is_endpoint(t)])
+    return stack.states()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -692,16 +422,14 @@ def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_ba
 def plot(rec: dict, out=None, title: str | None = None) -> bytes:
     """PNG of loss and accuracy against t (train solid, test dashed, chords dotted). Written atomically
     to `out` when given; the PNG bytes are returned either way."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
 
     from .checkpoint import atomic_write_bytes
 
     ts = rec["t"]
     b = rec.get("barrier") or barriers(rec)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    fig = Figure(figsize=(10, 4), dpi=110)
+    axes = fig.subplots(1, 2)
     colors = {"train": "tab:blue", "test": "tab:orange"}
     for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
         for s in ("train", "test"):
@@ -722,7 +450,6 @@ def plot(rec: dict, out=None, title: str | None = None) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": "stardomain barrier"})  # see checkpoint.check_output
-    plt.close(fig)
     png = buf.getvalue()
     if out is not None:
         atomic_write_bytes(out, png)

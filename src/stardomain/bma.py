@@ -1,6 +1,8 @@
 """Bayesian model averaging over star domains, against deep ensembles and single networks (PAPER.md).
 
-Predictors, all scored on the same test split with the same metrics (`stardomain.metrics`):
+Predictors are objects in one registry, `PREDICTORS` (adding one is one entry, or `register_predictor`),
+each giving its predictions (`runs`); one loop (`scored`) scores them all on the same test split with every
+metric of `metrics.METRICS`. The built-in ones:
 
 - `source_i`: each source alone; `sources_mean`: their mean (CI over sources).
 - `ensemble`: the deep ensemble, softmax average of the n sources.
@@ -11,11 +13,11 @@ Predictors, all scored on the same test split with the same metrics (`stardomain
   pair {i, j} uniform, t ~ U[0, 1], (1 - t)·θ_i + t·π_i(θ_j); BN recomputed; softmax average.
 - `weight_average`: one network, the average of the sources aligned to source 0, BN recomputed.
 
-Cost: sampled models are never built as modules. Their weights are stacked along a leading axis and run
-through one module with `torch.func.functional_call` under `torch.vmap`, a chunk of models at a time.
-BatchNorm recalibration is batched the same way: one train-mode pass per training batch for the whole
-chunk, collecting each BN layer's batch mean and unbiased variance with forward pre-hooks and averaging
-them over batches with equal weight, exactly what `interpolate.recalibrate_bn` (momentum=None) computes.
+Cost: sampled models are never built as modules. A chunk of them is one stack of the stacked-weights
+engine (`stardomain.engine`): weights stacked along a leading axis, interpolated with `torch.lerp`, run
+through one module under `torch.vmap`; BatchNorm recalibration is batched the same way (one train-mode
+pass per training batch for the whole chunk) with the engine's one convention, the one of
+`interpolate.recalibrate_bn`.
 
 Timing: `seconds` is the cost of producing a predictor's test and OOD probabilities (sampling weights,
 BN recalibration, forward passes, averaging; for the ensemble its members' forward passes), not the
@@ -35,135 +37,22 @@ sources, when asked for).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
 from . import metrics as M
+from .data import Split
+from .engine import Engine, Stack
 from .errors import UserError
 
 StateDict = dict[str, torch.Tensor]
-METRICS = ("accuracy", "nll", "brier", "ece", "ace", "auroc_misclassification", "auroc_misclassification_entropy")
-HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "brier": False, "ece": False, "ace": False,
-                    "auroc_misclassification": True, "auroc_misclassification_entropy": True,
-                    "ood_auroc": True, "ood_auroc_entropy": True}
 BMA_KINDS = ("star_bma", "regular_bma")
-
-
-# ---------------------------------------------------------------- stacked functional evaluation
-
-def _bn_modules(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-class Stacked:
-    """Evaluate many weight sets of one architecture at once: weights are dicts of tensors with a
-    leading model axis; `vectorize=False` loops over models instead of vmap (for modules vmap rejects)."""
-
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", vectorize: bool = True):
-        self.device = torch.device(device)
-        self.vectorize = vectorize
-        self.eval_model = copy.deepcopy(model).to(self.device).eval()
-        self.keys = list(self.eval_model.state_dict().keys())
-        self.bn = _bn_modules(self.eval_model)
-        self.bn_keys = {f"{n}.{s}" if n else s for n, _ in self.bn
-                        for s in ("running_mean", "running_var", "num_batches_tracked")}
-        # train-mode twin whose BN layers use batch statistics and keep none: safe under vmap
-        self.train_model = copy.deepcopy(self.eval_model).train()
-        self._hooks_stats: list | None = None
-        for _, m in _bn_modules(self.train_model):
-            m.running_mean = None
-            m.running_var = None
-            m.num_batches_tracked = None
-            m.track_running_stats = False
-            m.register_forward_pre_hook(self._record)
-
-    @property
-    def has_bn(self) -> bool:
-        return bool(self.bn)
-
-    def _record(self, module, inputs):
-        if self._hooks_stats is not None:
-            x = inputs[0]
-            dims = [d for d in range(x.dim()) if d != 1]
-            self._hooks_stats.append((x.mean(dims), x.var(dims, unbiased=True)))
-
-    def _map(self, fn: Callable, w: dict[str, torch.Tensor], x: torch.Tensor):
-        if self.vectorize:
-            return torch.vmap(fn, in_dims=(0, None), randomness="different")(w, x)
-        k = next(iter(w.values())).shape[0]
-        outs = [fn({n: v[i] for n, v in w.items()}, x) for i in range(k)]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
-        return torch.stack(outs)
-
-    @torch.no_grad()
-    def logits(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """(k, batch, classes) logits of k weight sets in eval mode."""
-        return self._map(lambda p, xb: functional_call(self.eval_model, p, (xb,)), w, x)
-
-    @torch.no_grad()
-    def probs(self, w: dict[str, torch.Tensor], x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """(k, N, classes) softmax probabilities (float64) over a whole input tensor."""
-        out = [self.logits(w, x[i:i + batch_size].to(self.device)).float().softmax(-1).double()
-               for i in range(0, len(x), batch_size)]
-        return torch.cat(out, 1)
-
-    @torch.no_grad()
-    def recalibrate(self, w: dict[str, torch.Tensor], x_train: torch.Tensor, batch_size: int = 1000,
-                    max_batches: int | None = None) -> dict[str, torch.Tensor]:
-        """Recompute the BN running statistics of k stacked weight sets on training inputs, as
-        `interpolate.recalibrate_bn` does for one model (equal-weight average over batches of the batch
-        mean and unbiased batch variance). Returns a new dict; no-op without BatchNorm."""
-        if not self.bn:
-            return w
-        params = {n: v for n, v in w.items() if n not in self.bn_keys}
-
-        def fn(p, xb):
-            self._hooks_stats = []
-            try:
-                functional_call(self.train_model, p, (xb,))
-                return tuple(t for pair in self._hooks_stats for t in pair)
-            finally:
-                self._hooks_stats = None
-
-        sums, n_batches = None, 0
-        for i, start in enumerate(range(0, len(x_train), batch_size)):
-            if max_batches is not None and i >= max_batches:
-                break
-            stats = self._map(fn, params, x_train[start:start + batch_size].to(self.device))
-            sums = [s.double() for s in stats] if sums is None else [a + s.double() for a, s in zip(sums, stats)]
-            n_batches += 1
-        out = dict(w)
-        for j, (name, m) in enumerate(self.bn):
-            pre = f"{name}." if name else ""
-            dtype = w[pre + "running_mean"].dtype
-            out[pre + "running_mean"] = (sums[2 * j] / n_batches).to(dtype)
-            out[pre + "running_var"] = (sums[2 * j + 1] / n_batches).to(dtype)
-        return out
-
-
-def stack(sds: Sequence[StateDict], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Stack state dicts along a new leading axis (one entry per model)."""
-    return {k: torch.stack([sd[k].to(device) for sd in sds]) for k in sds[0]}
-
-
-def interpolate_stacked(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], t: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Row-wise (1 - t_i)·a_i + t_i·b_i of stacked weights; integer entries are taken from `a`."""
-    out = {}
-    for k, va in a.items():
-        if va.is_floating_point():
-            tt = t.to(va.device, va.dtype).view(-1, *([1] * (va.dim() - 1)))
-            out[k] = va + tt * (b[k].to(va.dtype) - va)
-        else:
-            out[k] = va.clone()
-    return out
 
 
 # ---------------------------------------------------------------- draws
@@ -234,11 +123,12 @@ def score(probs: torch.Tensor, labels: torch.Tensor, ood_probs: dict[str, torch.
     """All metrics of one predictive distribution (test probabilities + probabilities on each shift)."""
     m = M.classification_metrics(probs, labels, n_bins)
     if ood_probs:
+        ood = [d for d in M.METRICS if d.ood_score is not None]
         for s, po in ood_probs.items():
-            m[f"ood_auroc_{s}"] = M.ood_auroc(probs, po, "maxprob")
-            m[f"ood_auroc_entropy_{s}"] = M.ood_auroc(probs, po, "entropy")
-        m["ood_auroc"] = float(np.mean([m[f"ood_auroc_{s}"] for s in ood_probs]))
-        m["ood_auroc_entropy"] = float(np.mean([m[f"ood_auroc_entropy_{s}"] for s in ood_probs]))
+            for d in ood:
+                m[f"{d.name}_{s}"] = M.ood_auroc(probs, po, d.ood_score)
+        for d in ood:
+            m[d.name] = float(np.mean([m[f"{d.name}_{s}"] for s in ood_probs]))
     return m
 
 
@@ -277,12 +167,8 @@ def _aligner(align: bool, model: nn.Module, example_input: torch.Tensor, seed: i
 
 # ---------------------------------------------------------------- the predictors
 
-def _float_keys(sd: StateDict) -> list[str]:
-    return [k for k, v in sd.items() if v.is_floating_point()]
-
-
-def _bma_run(ev: Stacked, chunk_weights: Callable[[slice], tuple[dict, dict]], t: torch.Tensor,
-             x_test: torch.Tensor, labels: torch.Tensor, ood_x: dict[str, torch.Tensor], x_train: torch.Tensor,
+def _bma_run(ev: Engine, chunk_weights: Callable[[slice], tuple[Stack, Stack]], t: torch.Tensor,
+             x_test: torch.Tensor, labels: torch.Tensor, ood_x: dict[str, torch.Tensor], train: Split,
              *, chunk: int, batch_size: int, bn_batches: int | None, ks: list[int], n_bins: int):
     """One BMA run: the i-th model is (1 - t_i)·base_i + t_i·end_i, where `chunk_weights(slice)` gives the
     stacked (base, end) weights of a slice of the K draws. Streams the K models in chunks, never holding
@@ -296,8 +182,7 @@ def _bma_run(ev: Stacked, chunk_weights: Callable[[slice], tuple[dict, dict]], t
     for start in range(0, k, chunk):
         sl = slice(start, min(k, start + chunk))
         base, ends = chunk_weights(sl)
-        w = interpolate_stacked(base, ends, t[sl])
-        w = ev.recalibrate(w, x_train, batch_size, bn_batches)
+        w = ev.recalibrate(Stack.lerp_rows(base, ends, t[sl]), train, batch_size, bn_batches)
         prefix = {}
         for s, xs in (("test", x_test), *ood_x.items()):
             p = ev.probs(w, xs, batch_size).cumsum(0)  # running sums after each model in the chunk
@@ -314,18 +199,286 @@ def _bma_run(ev: Stacked, chunk_weights: Callable[[slice], tuple[dict, dict]], t
     return final, curve, t_score
 
 
+class Context:
+    """What every predictor reads: the engine, the data, the settings, the networks, and the caches they
+    share (the sources' predictions, alignments). Alignment cost is kept apart, in `align_info`."""
+
+    def __init__(self, engine: Engine, data, star_sd, source_sds, fusion_sd, aligner, *, k: int, seed: int,
+                 seeds: int, batch_size: int, bn_batches: int | None, chunk: int, ood_x: dict, n_bins: int,
+                 say: Callable[[str], None]):
+        self.engine, self.data, self.aligner, self.say = engine, data, aligner, say
+        self.star_sd, self.source_sds, self.fusion_sd = star_sd, source_sds, fusion_sd
+        self.k, self.seed, self.seeds, self.chunk, self.n_bins = k, seed, seeds, chunk, n_bins
+        self.batch_size, self.bn_batches, self.ood_x = batch_size, bn_batches, ood_x
+        self.ks = k_checkpoints(k)
+        self.curves: dict[str, Any] = {"k": self.ks}
+        self.align_info: dict[str, Any] = {"seconds": 0.0, "to_star_seconds": 0.0}
+        self._pairs: dict[tuple[int, int], StateDict] = {}
+        self._to_star: list[StateDict] | None = None
+        self._source_runs: list[Run] | None = None
+
+    @property
+    def n_sources(self) -> int:
+        return len(self.source_sds)
+
+    def predict(self, sd: StateDict, recalibrate: bool = False) -> Run:
+        """One network (the engine's K = 1 stack) on test and every shift; BN recomputed when asked."""
+        t0 = time.perf_counter()
+        w = Stack.of([sd], self.engine.device)
+        if recalibrate:
+            w = self.engine.recalibrate(w, self.data.train, self.batch_size, self.bn_batches)
+        probs = {"test": self.engine.probs(w, self.data.test.x, self.batch_size)[0].cpu()}
+        for s, xo in self.ood_x.items():
+            probs[s] = self.engine.probs(w, xo, self.batch_size)[0].cpu()
+        return Run(probs, time.perf_counter() - t0)
+
+    def source_runs(self) -> list[Run]:
+        if self._source_runs is None:
+            self._source_runs = [self.predict(sd) for sd in self.source_sds]
+        return self._source_runs
+
+    def to_star(self) -> list[StateDict]:
+        """Every source aligned to the star (once)."""
+        if self._to_star is None:
+            t0 = time.perf_counter()
+            self._to_star = [self.aligner(self.star_sd, sd)[0] for sd in self.source_sds]
+            self.align_info["to_star_seconds"] = time.perf_counter() - t0
+        return self._to_star
+
+    def aligned_pair(self, i: int, j: int) -> StateDict:
+        """Source j aligned to source i (once per pair)."""
+        if (i, j) not in self._pairs:
+            t0 = time.perf_counter()
+            self._pairs[(i, j)] = self.aligner(self.source_sds[i], self.source_sds[j])[0]
+            self.align_info["seconds"] += time.perf_counter() - t0
+        return self._pairs[(i, j)]
+
+    def score(self, run: Run) -> dict[str, float]:
+        return score(run.probs["test"], self.data.test.y, {s: run.probs[s] for s in self.ood_x}, self.n_bins)
+
+    def reliability(self, run: Run) -> dict:
+        return M.calibration_bins(run.probs["test"], self.data.test.y, self.n_bins)
+
+
+@dataclass
+class Run:
+    """One prediction: probabilities on the test split and on each shift, the seconds they cost, and (for
+    BMA) the metrics after the first k models for each k of the metric-vs-K curve."""
+
+    probs: dict[str, torch.Tensor]
+    seconds: float
+    curve: dict[int, dict[str, float]] | None = None
+
+
+class Predictor:
+    """One way of predicting from the networks. `runs(ctx, n)`: its prediction from the first n sources,
+    one per evaluation seed for a randomised predictor. `cost`: networks evaluated per prediction.
+    `by_n`: also scored against the number of sources. `display`: rank in tables (lower first)."""
+
+    name = ""
+    kind = "single"
+    cost = "1 network"
+    by_n = False
+    display = 55
+    repeated = False  # several runs (evaluation seeds): the entry is their mean with a 95% CI
+
+    def available(self, ctx: Context, n: int) -> bool:
+        return True
+
+    def runs(self, ctx: Context, n: int) -> list[Run]:
+        raise NotImplementedError
+
+    def meta(self, ctx: Context, n: int, runs: list[Run]) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    def entries(self, ctx: Context, n: int) -> dict[str, dict]:
+        ctx.say(self.name)
+        return {self.name: scored(self, ctx, n, self.runs(ctx, n))}
+
+
+def scored(pred: Predictor, ctx: Context, n: int, runs: list[Run]) -> dict[str, Any]:
+    """The one scoring loop: every metric of every run; several runs -> mean, std, 95% CI, values."""
+    ms = [ctx.score(r) for r in runs]
+    if not pred.repeated:
+        return {**ms[0], "seconds": runs[0].seconds, "reliability": ctx.reliability(runs[0]),
+                **pred.meta(ctx, n, runs)}
+    secs = float(np.mean([r.seconds for r in runs]))
+    return {**summarise(ms), "seconds": secs, "seconds_per_model": secs / ctx.k,
+            "reliability": ctx.reliability(runs[0]), **pred.meta(ctx, n, runs)}
+
+
+class Sources(Predictor):
+    """Each source alone (`source_i`) and their mean over sources (`sources_mean`, CI over sources)."""
+
+    name, display = "sources_mean", 60
+
+    def runs(self, ctx, n):
+        return ctx.source_runs()[:n]
+
+    def entries(self, ctx, n):
+        ctx.say("sources")
+        runs = self.runs(ctx, n)
+        out = {f"source_{i}": scored(self, ctx, n, [r]) for i, r in enumerate(runs)}
+        out["sources_mean"] = {**summarise([ctx.score(r) for r in runs]),
+                               "seconds": float(np.mean([r.seconds for r in runs])), "kind": "mean over sources"}
+        return out
+
+
+class Ensemble(Predictor):
+    """The deep ensemble: softmax average of the sources (its cost: their forward passes + averaging)."""
+
+    name, kind, cost, by_n, display = "ensemble", "ensemble", "n networks", True, 0
+
+    def runs(self, ctx, n):
+        src = ctx.source_runs()[:n]
+        t0 = time.perf_counter()
+        probs = {s: torch.stack([r.probs[s] for r in src]).mean(0) for s in src[0].probs}
+        return [Run(probs, sum(r.seconds for r in src) + time.perf_counter() - t0)]
+
+    def meta(self, ctx, n, runs):
+        return {"kind": self.kind, "n_sources": n}
+
+
+class Single(Predictor):
+    """One given network (the star, a fusion star)."""
+
+    def __init__(self, name: str, attr: str, display: int):
+        self.name, self.attr, self.display = name, attr, display
+
+    def available(self, ctx, n):
+        return getattr(ctx, self.attr) is not None
+
+    def runs(self, ctx, n):
+        return [ctx.predict(getattr(ctx, self.attr))]
+
+
+class WeightAverage(Predictor):
+    """One network: the average of the sources aligned to source 0, BN recomputed (alignment and
+    averaging are not in its seconds)."""
+
+    name, display = "weight_average", 50
+
+    def runs(self, ctx, n):
+        from .interpolate import average
+
+        avg = average([ctx.source_sds[0]] + [ctx.aligned_pair(0, j) for j in range(1, n)])
+        return [ctx.predict(avg, recalibrate=True)]
+
+    def meta(self, ctx, n, runs):
+        return {"kind": self.kind, "anchor": "source_0"}
+
+
+class BMA(Predictor):
+    """K models drawn on segments, BN recomputed for each, softmax average; one run per evaluation seed.
+    Subclasses give the draws (`segments`). The metric-vs-K curve of the full set of sources goes to
+    `_curves`."""
+
+    kind, cost, by_n, repeated = "bma", "K networks", True, True
+
+    def segments(self, ctx, n, seed) -> tuple[Callable[[slice], tuple[Stack, Stack]], torch.Tensor, float]:
+        """-> (chunk_weights(slice) -> (base, end) stacks, t, seconds spent aligning)."""
+        raise NotImplementedError
+
+    def runs(self, ctx, n):
+        out = []
+        for s in range(ctx.seed, ctx.seed + ctx.seeds):
+            ctx.say(f"{self.name} n={n} seed={s}")
+            t0 = time.perf_counter()
+            chunk_weights, t, t_align = self.segments(ctx, n, s)
+            final, curve, t_score = _bma_run(ctx.engine, chunk_weights, t, ctx.data.test.x, ctx.data.test.y,
+                                             ctx.ood_x, ctx.data.train, chunk=ctx.chunk, batch_size=ctx.batch_size,
+                                             bn_batches=ctx.bn_batches, ks=ctx.ks, n_bins=ctx.n_bins)
+            out.append(Run(final, time.perf_counter() - t0 - t_align - t_score, curve))
+        return out
+
+    def meta(self, ctx, n, runs):
+        return {"kind": self.kind, "k": ctx.k, "n_sources": n, "n_seeds": ctx.seeds}
+
+    def entries(self, ctx, n):
+        runs = self.runs(ctx, n)
+        if n == ctx.n_sources:
+            ctx.curves[self.name] = _curve_summary([r.curve for r in runs], ctx.ks)
+        return {self.name: scored(self, ctx, n, runs)}
+
+
+class StarBMA(BMA):
+    """Star-domain BMA: source uniform, t ~ U[0, 1], (1 - t)·θ* + t·π(θ_n)."""
+
+    name, display = "star_bma", 10
+
+    def available(self, ctx, n):
+        return ctx.star_sd is not None
+
+    def segments(self, ctx, n, seed):
+        idx, t = draw_star(n, ctx.k, _generator(seed, f"star-bma-{n}"))
+        dev = ctx.engine.device
+        star_w = {kk: v.to(dev) for kk, v in ctx.star_sd.items()}
+        to_star = ctx.to_star()
+
+        def chunk_weights(sl):
+            rows = idx[sl].tolist()
+            return (Stack({kk: v.expand(len(rows), *v.shape) for kk, v in star_w.items()}),
+                    Stack({kk: torch.stack([to_star[r][kk] for r in rows]).to(dev) for kk in star_w}))
+        return chunk_weights, t, 0.0
+
+
+class RegularBMA(BMA):
+    """Regular-domain BMA (control): pair {i, j} uniform, t ~ U[0, 1], (1 - t)·θ_i + t·π_i(θ_j)."""
+
+    name, display = "regular_bma", 20
+
+    def available(self, ctx, n):
+        return n >= 2
+
+    def segments(self, ctx, n, seed):
+        ii, jj, t = draw_pairs(n, ctx.k, _generator(seed, f"regular-bma-{n}"))
+        pairs = list(zip(ii.tolist(), jj.tolist()))
+        t0 = time.perf_counter()
+        for i, j in pairs:  # align the drawn pairs first: alignment cost is reported apart
+            ctx.aligned_pair(i, j)
+        t_align = time.perf_counter() - t0
+        dev = ctx.engine.device
+
+        def chunk_weights(sl):
+            rows = pairs[sl]
+            return (Stack.of([ctx.source_sds[i] for i, _ in rows], dev),
+                    Stack.of([ctx.aligned_pair(i, j) for i, j in rows], dev))
+        return chunk_weights, t, t_align
+
+
+def _curve_summary(curves: list[dict[int, dict[str, float]]], ks: list[int]) -> dict[str, Any]:
+    """Mean and std over runs of every metric at each prefix size."""
+    cur: dict[str, Any] = {"k": ks}
+    for mn in curves[0][ks[0]]:
+        vals = np.array([[c[kk][mn] for kk in ks] for c in curves], dtype=float)
+        cur[mn] = vals.mean(0).tolist()
+        cur[mn + "_std"] = (vals.std(0, ddof=1) if len(vals) > 1 else np.full(len(ks), np.nan)).tolist()
+    return cur
+
+
+# Adding a predictor is one entry here (or `register_predictor`); results are in this order.
+PREDICTORS: list[Predictor] = [Sources(), Ensemble(), Single("star", "star_sd", 30),
+                               Single("fusion_star", "fusion_sd", 40), WeightAverage(), StarBMA(), RegularBMA()]
+
+
+def register_predictor(pred: Predictor) -> Predictor:
+    """Add (or replace, by name) a predictor; `evaluate_predictors` scores it from then on."""
+    PREDICTORS[:] = [p for p in PREDICTORS if p.name != pred.name] + [pred]
+    return pred
+
+
 def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDict], *, k: int = 32,
                         seed: int = 0, device: str | torch.device = "auto", fusion_sd: StateDict | None = None,
                         seeds: int = 3, align: bool = True, ns: Sequence[int] | None = None,
                         bn_batches: int | None = None, batch_size: int = 1000, chunk: int = 8,
                         ood: bool = True, ood_max: int | None = None, n_bins: int = 15,
                         vectorize: bool = True, progress: Callable[[str], None] | None = None) -> dict:
-    """Score every predictor (module docstring) on the test split of `cfg.data`.
+    """Score every predictor of PREDICTORS (module docstring) on the test split of `cfg.data`.
 
     k: models per BMA run; seeds: BMA runs (evaluation seeds seed .. seed+seeds-1); align: weight
-    matching before interpolating (needs stardomain.permute); ns: also report ensemble / BMA with only the
-    first n sources, for each n (under `_by_n`); bn_batches: training batches for BN recalibration
-    (None: the whole training split); ood: add OOD AUROC against shifted test inputs."""
+    matching before interpolating (needs stardomain.permute); ns: also report the predictors with `by_n`
+    with only the first n sources, for each n (under `_by_n`); bn_batches: training batches for BN
+    recalibration (None: the whole training split); ood: add OOD AUROC against shifted test inputs."""
     from .data import get_dataset
     from .models import build_model
     from .train import resolve_device
@@ -334,186 +487,53 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
         raise UserError("k and seeds must be at least 1")
     if not source_sds:
         raise UserError("BMA needs at least one source model")
+    bad_n = [n for n in sorted(set(ns or [])) if not 1 <= n <= len(source_sds)]
+    if bad_n:
+        raise UserError(f"ns must lie in 1..{len(source_sds)} (the number of sources), got {bad_n[0]}")
     dev = resolve_device(device)
-    say = progress or (lambda s: None)
     data = get_dataset(cfg.data)
     if data.test.x is None or data.train.x is None:
         raise UserError("BMA evaluation needs a data set held in memory (x, y tensors)")
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    for i, sd in enumerate([star_sd, fusion_sd, *source_sds]):
+    _check_fit(cfg, model, [star_sd, fusion_sd, *source_sds])
+    ev = Engine(model, dev, "vmap" if vectorize else "loop", fall_back=True)
+    ood_x = ood_sets(data, seed=0, max_n=ood_max) if ood else {}
+    ctx = Context(ev, data, star_sd, source_sds, fusion_sd, _aligner(align, model, data.train.x[:8], seed),
+                  k=k, seed=seed, seeds=seeds, batch_size=batch_size, bn_batches=bn_batches, chunk=chunk,
+                  ood_x=ood_x, n_bins=n_bins, say=progress or (lambda s: None))
+    info: dict[str, Any] = {"k": k, "seeds": list(range(seed, seed + seeds)), "n_sources": len(source_sds),
+                            "aligned": align, "bn_recalibrated": bool(ev.bn_keys), "bn_batches": bn_batches,
+                            "device": str(dev), "test_size": len(data.test.y), "ood_shifts": list(ood_x),
+                            "vectorized": vectorize, "n_bins": n_bins}
+    # warm-up (so the first timing is not inflated); a module vmap cannot run falls back to a loop
+    ev.probs(ev.recalibrate(Stack.of(source_sds[:1], dev), Split(data.train.x[:8], data.train.y[:8]), 8, 1),
+             data.test.x[:2])
+    if ev.fallback_reason:
+        info["vectorized"] = False
+        info["vmap_error"] = ev.fallback_reason
+    res: dict[str, Any] = {}
+    for pred in PREDICTORS:
+        if pred.available(ctx, ctx.n_sources):
+            res.update(pred.entries(ctx, ctx.n_sources))
+    by_n = {str(n): {p.name: p.entries(ctx, n)[p.name] for p in PREDICTORS if p.by_n and p.available(ctx, n)}
+            for n in sorted(set(ns or []))}
+    ctx.align_info["seconds"] += ctx.align_info["to_star_seconds"]
+    ctx.align_info["pairs_aligned"] = len(ctx._pairs)
+    res["_info"] = {**info, "alignment": ctx.align_info}
+    res["_curves"] = ctx.curves
+    if by_n:
+        res["_by_n"] = by_n
+    return res
+
+
+def _check_fit(cfg, model: nn.Module, sds: Sequence[StateDict | None]) -> None:
+    for sd in sds:
         if sd is None:
             continue
         missing = set(model.state_dict()) ^ set(sd)
         if missing:
             raise UserError(f"a model's weights do not fit the architecture {cfg.model.name or cfg.model.factory} "
                             f"(mismatched tensors: {sorted(missing)[:3]})")
-    ev = Stacked(model, dev, vectorize=vectorize)
-    x_test, y_test, x_train = data.test.x, data.test.y, data.train.x
-    ood_x = ood_sets(data, seed=0, max_n=ood_max) if ood else {}
-    example = x_train[:8]
-    aligner = _aligner(align, model, example, seed)
-    N = len(source_sds)
-    ks = k_checkpoints(k)
-    res: dict[str, Any] = {}
-    info: dict[str, Any] = {"k": k, "seeds": list(range(seed, seed + seeds)), "n_sources": N, "aligned": align,
-                            "bn_recalibrated": ev.has_bn, "bn_batches": bn_batches, "device": str(dev),
-                            "test_size": len(y_test), "ood_shifts": list(ood_x), "vectorized": vectorize,
-                            "n_bins": n_bins}
-
-    def single(sd: StateDict) -> tuple[dict, dict[str, torch.Tensor], float]:
-        t0 = time.perf_counter()
-        w = stack([sd], dev)
-        probs = {"test": ev.probs(w, x_test, batch_size)[0].cpu()}
-        for s, xo in ood_x.items():
-            probs[s] = ev.probs(w, xo, batch_size)[0].cpu()
-        sec = time.perf_counter() - t0
-        return probs, score(probs["test"], y_test, {s: probs[s] for s in ood_x}, n_bins), sec
-
-    def entry(m: dict, seconds: float, probs_test: torch.Tensor, **extra) -> dict:
-        return {**m, "seconds": seconds, "reliability": M.calibration_bins(probs_test, y_test, n_bins), **extra}
-
-    # ---- single sources and the deep ensemble
-    say("sources")
-    # warm-up (so the first timing is not inflated); a module vmap cannot run falls back to a loop
-    try:
-        w0 = stack(source_sds[:1], dev)
-        ev.probs(ev.recalibrate(w0, x_train[:8], 8, 1), x_test[:2])
-    except Exception as e:  # noqa: BLE001 - any vmap failure: same numbers, looped
-        if not ev.vectorize:
-            raise
-        ev.vectorize = False
-        info["vectorized"] = False
-        info["vmap_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    src_probs, src_seconds, src_runs = [], [], []
-    for i, sd in enumerate(source_sds):
-        p, m, sec = single(sd)
-        src_probs.append(p)
-        src_seconds.append(sec)
-        src_runs.append(m)
-        res[f"source_{i}"] = entry(m, sec, p["test"], kind="single")
-    res["sources_mean"] = {**summarise(src_runs), "seconds": float(np.mean(src_seconds)), "kind": "mean over sources"}
-
-    def ensemble(n: int) -> dict:
-        t0 = time.perf_counter()
-        p = {s: torch.stack([sp[s] for sp in src_probs[:n]]).mean(0) for s in src_probs[0]}
-        sec = time.perf_counter() - t0
-        m = score(p["test"], y_test, {s: p[s] for s in ood_x}, n_bins)
-        # an ensemble costs its members' forward passes (done once above) plus the averaging
-        return entry(m, sum(src_seconds[:n]) + sec, p["test"], kind="ensemble", n_sources=n)
-
-    res["ensemble"] = ensemble(N)
-
-    if star_sd is not None:
-        say("star")
-        p, m, sec = single(star_sd)
-        res["star"] = entry(m, sec, p["test"], kind="single")
-    if fusion_sd is not None:
-        p, m, sec = single(fusion_sd)
-        res["fusion_star"] = entry(m, sec, p["test"], kind="single")
-
-    # ---- alignment (once; its cost is reported apart from the predictors')
-    say("aligning")
-    align_info: dict[str, Any] = {"seconds": 0.0}
-    t0 = time.perf_counter()
-    to_star = [aligner(star_sd, sd)[0] for sd in source_sds] if star_sd is not None else None
-    align_info["to_star_seconds"] = time.perf_counter() - t0
-    pair_cache: dict[tuple[int, int], StateDict] = {}
-
-    def aligned_pair(i: int, j: int) -> StateDict:
-        if (i, j) not in pair_cache:
-            t1 = time.perf_counter()
-            pair_cache[(i, j)] = aligner(source_sds[i], source_sds[j])[0]
-            align_info["seconds"] += time.perf_counter() - t1
-        return pair_cache[(i, j)]
-
-    # ---- weight average of the sources aligned to source 0
-    say("weight average")
-    t0 = time.perf_counter()
-    from .interpolate import average
-    avg = average([source_sds[0]] + [aligned_pair(0, j) for j in range(1, N)])
-    t1 = time.perf_counter()
-    w = ev.recalibrate(stack([avg], dev), x_train, batch_size, bn_batches)
-    p = {"test": ev.probs(w, x_test, batch_size)[0].cpu()}
-    for s, xo in ood_x.items():
-        p[s] = ev.probs(w, xo, batch_size)[0].cpu()
-    sec = time.perf_counter() - t1
-    m = score(p["test"], y_test, {s: p[s] for s in ood_x}, n_bins)
-    res["weight_average"] = entry(m, sec, p["test"], kind="single", anchor="source_0")
-
-    # ---- BMA runs
-    def run_star(n: int, s: int):
-        idx, t = draw_star(n, k, _generator(s, f"star-bma-{n}"))
-        star_w = {kk: v.to(dev) for kk, v in star_sd.items()}
-
-        def chunk_weights(sl):
-            rows = idx[sl].tolist()
-            return ({kk: v.expand(len(rows), *v.shape) for kk, v in star_w.items()},
-                    {kk: torch.stack([to_star[r][kk] for r in rows]).to(dev) for kk in star_w})
-        return _bma_run(ev, chunk_weights, t, x_test, y_test, ood_x, x_train, chunk=chunk,
-                        batch_size=batch_size, bn_batches=bn_batches, ks=ks, n_bins=n_bins), 0.0
-
-    def run_regular(n: int, s: int):
-        ii, jj, t = draw_pairs(n, k, _generator(s, f"regular-bma-{n}"))
-        pairs = list(zip(ii.tolist(), jj.tolist()))
-        t0 = time.perf_counter()
-        for i, j in pairs:  # align the drawn pairs first: alignment cost is reported apart
-            aligned_pair(i, j)
-        t_align = time.perf_counter() - t0
-
-        def chunk_weights(sl):
-            rows = pairs[sl]
-            return ({kk: torch.stack([source_sds[i][kk] for i, _ in rows]).to(dev) for kk in source_sds[0]},
-                    {kk: torch.stack([aligned_pair(i, j)[kk] for i, j in rows]).to(dev) for kk in source_sds[0]})
-        return _bma_run(ev, chunk_weights, t, x_test, y_test, ood_x, x_train, chunk=chunk,
-                        batch_size=batch_size, bn_batches=bn_batches, ks=ks, n_bins=n_bins), t_align
-
-    def bma(kind: str, n: int) -> tuple[dict, dict]:
-        runs, secs, curves, first = [], [], [], None
-        for s in range(seed, seed + seeds):
-            say(f"{kind} n={n} seed={s}")
-            t0 = time.perf_counter()
-            (final, curve, t_score), t_align = (run_star if kind == "star_bma" else run_regular)(n, s)
-            secs.append(time.perf_counter() - t0 - t_align - t_score)
-            m = score(final["test"], y_test, {sh: final[sh] for sh in ood_x}, n_bins)
-            runs.append(m)
-            curves.append(curve)
-            first = first if first is not None else final["test"]
-        out = {**summarise(runs), "seconds": float(np.mean(secs)), "seconds_per_model": float(np.mean(secs)) / k,
-               "reliability": M.calibration_bins(first, y_test, n_bins), "kind": "bma", "k": k, "n_sources": n,
-               "n_seeds": seeds}
-        metric_names = list(curves[0][ks[0]])
-        cur = {"k": ks}
-        for mn in metric_names:
-            vals = np.array([[c[kk][mn] for kk in ks] for c in curves], dtype=float)
-            cur[mn] = vals.mean(0).tolist()
-            cur[mn + "_std"] = (vals.std(0, ddof=1) if len(vals) > 1 else np.full(len(ks), np.nan)).tolist()
-        return out, cur
-
-    curves: dict[str, Any] = {"k": ks}
-    if star_sd is not None:
-        res["star_bma"], curves["star_bma"] = bma("star_bma", N)
-    if N >= 2:
-        res["regular_bma"], curves["regular_bma"] = bma("regular_bma", N)
-
-    by_n: dict[str, Any] = {}
-    for n in sorted(set(ns or [])):
-        if not 1 <= n <= N:
-            raise UserError(f"ns must lie in 1..{N} (the number of sources), got {n}")
-        entry_n: dict[str, Any] = {"ensemble": ensemble(n)}
-        if star_sd is not None:
-            entry_n["star_bma"] = bma("star_bma", n)[0]
-        if n >= 2:
-            entry_n["regular_bma"] = bma("regular_bma", n)[0]
-        by_n[str(n)] = entry_n
-
-    align_info["seconds"] += align_info["to_star_seconds"]
-    align_info["pairs_aligned"] = len(pair_cache)
-    info["alignment"] = align_info
-    res["_info"] = info
-    res["_curves"] = curves
-    if by_n:
-        res["_by_n"] = by_n
-    return res
 
 
 # ---------------------------------------------------------------- files, report, plots
@@ -565,10 +585,36 @@ def bma_files(star_path, source_paths: Sequence, *, k: int = 32, seed: int = 0, 
 
 
 def predictors(result: dict) -> list[str]:
-    """Predictor names in a result, in display order (individual sources last)."""
-    order = ["ensemble", "star_bma", "regular_bma", "star", "fusion_star", "weight_average", "sources_mean"]
-    names = [n for n in order if n in result]
+    """Predictor names in a result, in display order (each predictor's `display` rank; names no
+    registered predictor knows after those; individual sources last)."""
+    rank = {p.name: p.display for p in PREDICTORS}
+    names = [n for n in result if not n.startswith(("_", "source_"))]
+    names = sorted(names, key=lambda n: rank.get(n, 1000))  # stable: unknown names keep their order
     return names + sorted((n for n in result if n.startswith("source_")), key=lambda s: int(s.split("_")[1]))
+
+
+def _label(name: str) -> str:
+    d = M.metric(name)
+    return d.label if d else name
+
+
+def table(result: dict, cols: Sequence[str] | None = None) -> str:
+    """The plain-text table the CLI prints: one row per predictor (sources apart), one column per metric
+    of metrics.METRICS present in the result, and seconds."""
+    cols = list(cols) if cols is not None else [*_metric_columns(result), "seconds"]
+    lines = [f"{'predictor':<16}" + "".join(f"{_label(c)[:12]:>13}" for c in cols)]
+    for name in predictors(result):
+        if not name.startswith("source_"):
+            e = result[name]
+            lines.append(f"{name:<16}" + "".join(f"{e[c]:>13.4f}" if isinstance(e.get(c), float) else f"{'n/a':>13}"
+                                                 for c in cols))
+    return "\n".join(lines)
+
+
+def _metric_columns(result: dict) -> list[str]:
+    """Every metric of metrics.METRICS that some predictor of the result has."""
+    names = predictors(result)
+    return [d.name for d in M.METRICS if any(d.name in result.get(n, {}) for n in names)]
 
 
 def _num(x) -> float:
@@ -588,12 +634,8 @@ def report_section(result: dict) -> str:
     over sources for the source mean), and sentences, generated from the numbers, saying where
     star-domain BMA beats the deep ensemble and where it does not."""
     info = result.get("_info", {})
-    cols = [m for m in (*METRICS, "ood_auroc", "ood_auroc_entropy") if any(m in result.get(n, {}) for n in predictors(result))]
+    cols = _metric_columns(result)
     names = [n for n in predictors(result) if not n.startswith("source_")]
-    short = {"accuracy": "acc", "auroc_misclassification": "AUROC mis (max-p)",
-             "auroc_misclassification_entropy": "AUROC mis (entropy)", "ood_auroc": "OOD AUROC (max-p)",
-             "ood_auroc_entropy": "OOD AUROC (entropy)", "nll": "NLL", "brier": "Brier", "ece": "ECE",
-             "ace": "ACE"}
     lines = ["## Bayesian model averaging", ""]
     lines.append(f"K = {info.get('k')} sampled models per BMA run, {len(info.get('seeds', []))} evaluation seed(s), "
                  f"{info.get('n_sources')} sources, test set of {info.get('test_size')} examples; sources "
@@ -603,76 +645,88 @@ def report_section(result: dict) -> str:
                  "the source mean). ECE uses 15 equal-width bins, ACE 15 equal-mass bins; Brier is the "
                  "multi-class sum over classes. OOD shifts: "
                  f"{', '.join(info.get('ood_shifts', [])) or 'none'}.")
-    lines += ["", "| predictor | " + " | ".join(short.get(c, c) for c in cols) + " | seconds |",
+    lines += ["", "| predictor | " + " | ".join(_label(c) for c in cols) + " | seconds |",
               "|---|" + "---|" * (len(cols) + 1)]
     for n in names:
         e = result[n]
         lines.append(f"| {n} | " + " | ".join(_cell(e, c) for c in cols) + f" | {_num(e.get('seconds')):.2f} |")
     lines.append("")
     if "star_bma" in result and "ensemble" in result:
-        sb, en = result["star_bma"], result["ensemble"]
-        better, worse, tied = [], [], []
-        for c in cols:
-            a, b = _num(sb.get(c)), _num(en.get(c))
-            if math.isnan(a) or math.isnan(b):
-                continue
-            ci = _num((sb.get("ci95") or {}).get(c))
-            ci = 0.0 if math.isnan(ci) else ci
-            txt = f"{short.get(c, c)} ({a:.4f} vs {b:.4f})"
-            if abs(a - b) <= ci:
-                tied.append(txt)
-            elif (a > b) == HIGHER_IS_BETTER[c]:
-                better.append(txt)
-            else:
-                worse.append(txt)
-        parts = []
-        if better:
-            parts.append("Star-domain BMA beats the deep ensemble on " + ", ".join(better))
-        if worse:
-            parts.append(("it is worse on " if better else "Star-domain BMA is worse than the deep ensemble on ")
-                         + ", ".join(worse))
-        if tied:
-            parts.append("the difference lies within the 95% CI on " + ", ".join(tied))
-        if parts:
-            lines.append("; ".join(parts) + " (star BMA vs ensemble).")
-        if "star" in result:
-            st = result["star"]
-            lines.append(f"The star alone reaches accuracy {_num(st.get('accuracy')):.4f} and NLL "
-                         f"{_num(st.get('nll')):.4f} at the cost of one network, against "
-                         f"{_num(en.get('accuracy')):.4f} and {_num(en.get('nll')):.4f} for the "
-                         f"{info.get('n_sources')}-model ensemble.")
-        if "fusion_star" in result:
-            fu = result["fusion_star"]
-            lines.append(f"The fusion star (mu > 0) reaches accuracy {_num(fu.get('accuracy')):.4f} and NLL "
-                         f"{_num(fu.get('nll')):.4f}, one network against the ensemble's "
-                         f"{_num(en.get('accuracy')):.4f} and {_num(en.get('nll')):.4f}.")
-        if "regular_bma" in result:
-            rb = result["regular_bma"]
-            lines.append(f"Control: regular-domain BMA has NLL {_cell(rb, 'nll')} and misclassification AUROC "
-                         f"{_cell(rb, 'auroc_misclassification')}, star-domain BMA {_cell(sb, 'nll')} and "
-                         f"{_cell(sb, 'auroc_misclassification')}.")
-    by_n = result.get("_by_n")
-    if by_n:
-        lines += ["", "Against the number of sources n (NLL / misclassification AUROC):", "",
-                  "| n | " + " | ".join(p for p in ("ensemble", "star_bma", "regular_bma")) + " |", "|---|---|---|---|"]
-        for n, e in sorted(by_n.items(), key=lambda kv: int(kv[0])):
-            cells = [f"{_cell(e[p], 'nll')} / {_cell(e[p], 'auroc_misclassification')}" if p in e else "n/a"
-                     for p in ("ensemble", "star_bma", "regular_bma")]
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += _star_bma_sentences(result, cols)
+    if result.get("_by_n"):
+        lines += _by_n_table(result["_by_n"])
     return "\n".join(lines) + "\n"
+
+
+def _star_bma_sentences(result: dict, cols: list[str]) -> list[str]:
+    """Where star-domain BMA beats the ensemble (each metric's direction from its descriptor), within
+    the CI, or loses; then the star, the fusion star and the regular-domain control in numbers."""
+    info = result.get("_info", {})
+    sb, en = result["star_bma"], result["ensemble"]
+    better, worse, tied = [], [], []
+    for c in cols:
+        a, b = _num(sb.get(c)), _num(en.get(c))
+        if math.isnan(a) or math.isnan(b):
+            continue
+        ci = _num((sb.get("ci95") or {}).get(c))
+        ci = 0.0 if math.isnan(ci) else ci
+        txt = f"{_label(c)} ({a:.4f} vs {b:.4f})"
+        if abs(a - b) <= ci:
+            tied.append(txt)
+        elif (a > b) == M.metric(c).higher_is_better:
+            better.append(txt)
+        else:
+            worse.append(txt)
+    parts, lines = [], []
+    if better:
+        parts.append("Star-domain BMA beats the deep ensemble on " + ", ".join(better))
+    if worse:
+        parts.append(("it is worse on " if better else "Star-domain BMA is worse than the deep ensemble on ")
+                     + ", ".join(worse))
+    if tied:
+        parts.append("the difference lies within the 95% CI on " + ", ".join(tied))
+    if parts:
+        lines.append("; ".join(parts) + " (star BMA vs ensemble).")
+    if "star" in result:
+        st = result["star"]
+        lines.append(f"The star alone reaches accuracy {_num(st.get('accuracy')):.4f} and NLL "
+                     f"{_num(st.get('nll')):.4f} at the cost of one network, against "
+                     f"{_num(en.get('accuracy')):.4f} and {_num(en.get('nll')):.4f} for the "
+                     f"{info.get('n_sources')}-model ensemble.")
+    if "fusion_star" in result:
+        fu = result["fusion_star"]
+        lines.append(f"The fusion star (mu > 0) reaches accuracy {_num(fu.get('accuracy')):.4f} and NLL "
+                     f"{_num(fu.get('nll')):.4f}, one network against the ensemble's "
+                     f"{_num(en.get('accuracy')):.4f} and {_num(en.get('nll')):.4f}.")
+    if "regular_bma" in result:
+        rb = result["regular_bma"]
+        lines.append(f"Control: regular-domain BMA has NLL {_cell(rb, 'nll')} and misclassification AUROC "
+                     f"{_cell(rb, 'auroc_misclassification')}, star-domain BMA {_cell(sb, 'nll')} and "
+                     f"{_cell(sb, 'auroc_misclassification')}.")
+    return lines
+
+
+def _by_n_table(by_n: dict) -> list[str]:
+    kinds = ("ensemble", "star_bma", "regular_bma")
+    lines = ["", "Against the number of sources n (NLL / misclassification AUROC):", "",
+             "| n | " + " | ".join(kinds) + " |", "|---|---|---|---|"]
+    for n, e in sorted(by_n.items(), key=lambda kv: int(kv[0])):
+        cells = [f"{_cell(e[p], 'nll')} / {_cell(e[p], 'auroc_misclassification')}" if p in e else "n/a"
+                 for p in kinds]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_result(result: dict, path) -> None:
     """Reliability diagrams and metric-vs-K curves in one PNG (written atomically)."""
     import io
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
 
     from .checkpoint import atomic_write_bytes
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 9))
+    fig = Figure(figsize=(15, 9))
+    axes = fig.subplots(2, 3)
     ax = axes[0, 0]
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
     colours = {"ensemble": "C0", "star_bma": "C1", "regular_bma": "C2", "star": "C3", "weight_average": "C4",
@@ -688,9 +742,9 @@ def plot_result(result: dict, path) -> None:
            xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7)
     curves = result.get("_curves", {})
-    panels = [("nll", "NLL"), ("ece", "ECE"), ("auroc_misclassification", "misclassification AUROC (max-p)"),
-              ("accuracy", "accuracy"), ("ood_auroc", "OOD AUROC (max-p)")]
-    for ax, (m, title) in zip(axes.flat[1:], panels):
+    panels = ("nll", "ece", "auroc_misclassification", "accuracy", "ood_auroc")
+    for ax, m in zip(axes.flat[1:], panels):
+        title = _label(m)
         for kind, col in (("star_bma", "C1"), ("regular_bma", "C2")):
             c = curves.get(kind)
             if not c or m not in c:
@@ -711,5 +765,4 @@ def plot_result(result: dict, path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, metadata={"Software": "stardomain bma"})  # see checkpoint.check_output
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())

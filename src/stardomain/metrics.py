@@ -26,11 +26,16 @@ the same metric:
 - **ood_auroc**: AUROC for telling in-distribution inputs (positives) from shifted ones, with max
   probability (or minus entropy) as the score: 1 = perfectly separated, 0.5 = chance.
 - Entropy uses 0 * log 0 = 0, so one-hot predictions have entropy exactly 0.
+
+`METRICS` lists them as descriptors (name, label, direction, function), the one place that results,
+reports, plots and tables read: adding a metric is one entry there.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -170,21 +175,58 @@ def accuracy(probs, labels) -> float:
     return float((p.argmax(1) == y).double().mean())
 
 
-def classification_metrics(probs, labels, n_bins: int = 15) -> dict[str, float]:
-    """accuracy, nll, brier, ece, ace, auroc_misclassification (max-prob score) and
-    auroc_misclassification_entropy (minus-entropy score), all as plain floats."""
-    p, y = _as_probs(probs, labels)
+def _correct(p: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-label confidence, whether the top label is right) per sample."""
     conf, pred = p.max(1)
-    correct = pred == y
-    return {
-        "accuracy": float(correct.double().mean()),
-        "nll": nll(p, y),
-        "brier": brier(p, y),
-        "ece": ece(p, y, n_bins),
-        "ace": adaptive_ece(p, y, n_bins),
-        "auroc_misclassification": auroc(conf, correct),
-        "auroc_misclassification_entropy": auroc(-entropy(p), correct),
-    }
+    return conf, pred == y
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric as results, the report, the plot and the CLI table read it: `name` (its key in results),
+    `label` (short column title), `higher_is_better`, and either `fn(probs, labels, n_bins) -> float`
+    (probabilities and labels already validated, float64) or, for the OOD metrics, `ood_score` (the score
+    that separates in-distribution from shifted inputs, "maxprob" or "entropy"; `ood_auroc`)."""
+
+    name: str
+    label: str
+    higher_is_better: bool
+    fn: Callable[[torch.Tensor, torch.Tensor, int], float] | None = None
+    ood_score: str | None = None
+
+
+# Adding a metric is one entry here (or `register_metric`): results, report, plot and table read this list.
+METRICS: list[Metric] = [
+    Metric("accuracy", "acc", True, lambda p, y, b: float(_correct(p, y)[1].double().mean())),
+    Metric("nll", "NLL", False, lambda p, y, b: nll(p, y)),
+    Metric("brier", "Brier", False, lambda p, y, b: brier(p, y)),
+    Metric("ece", "ECE", False, lambda p, y, b: ece(p, y, b)),
+    Metric("ace", "ACE", False, lambda p, y, b: adaptive_ece(p, y, b)),
+    Metric("auroc_misclassification", "AUROC mis (max-p)", True, lambda p, y, b: auroc(*_correct(p, y))),
+    Metric("auroc_misclassification_entropy", "AUROC mis (entropy)", True,
+           lambda p, y, b: auroc(-entropy(p), _correct(p, y)[1])),
+    Metric("ood_auroc", "OOD AUROC (max-p)", True, ood_score="maxprob"),
+    Metric("ood_auroc_entropy", "OOD AUROC (entropy)", True, ood_score="entropy"),
+]
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add (or replace, by name) a metric; every predictor is scored with it from then on."""
+    METRICS[:] = [m for m in METRICS if m.name != metric.name] + [metric]
+    return metric
+
+
+def metric(name: str) -> Metric | None:
+    """The descriptor of a metric name (None for names that are not metrics: seconds, std, ...)."""
+    return next((m for m in METRICS if m.name == name), None)
+
+
+def classification_metrics(probs, labels, n_bins: int = 15) -> dict[str, float]:
+    """Every metric of METRICS that scores probabilities against labels (accuracy, nll, brier, ece, ace,
+    auroc_misclassification with the max-prob score, auroc_misclassification_entropy with minus the
+    entropy, and any registered one), as plain floats."""
+    p, y = _as_probs(probs, labels)
+    return {m.name: m.fn(p, y, n_bins) for m in METRICS if m.fn is not None}
 
 
 def ood_auroc(probs_in, probs_out, score: str = "maxprob") -> float:

@@ -17,10 +17,13 @@ Each alignment permutes the *original* source weights (weight matching warm-star
 permutation); the permutations (small integer vectors) go into the resume state, so a restarted run
 rebuilds the exact aligned copies without storing N models.
 
+Training runs in `train.fit`, the loop regular training uses too: Starlight supplies its step, its epoch
+start (alignment), its epoch end (BN recomputed, history) and its extra resumable state.
+
 Resume: the star, optimiser, scheduler, the data-order generator, the (source, t) generator, the global
-torch RNG, the permutations, progress and the counters the metadata reports (alignments, history) are
-saved atomically after every epoch (`checkpoint.save_state`); a killed run re-run with the same arguments
-ends with the bitwise-identical star and the same metadata, timings aside.
+torch RNG, the permutations, progress and the counters the metadata reports (alignments, history, time
+spent) are saved atomically after every epoch (`checkpoint.save_state`); a killed run re-run with the same
+arguments ends with the bitwise-identical star and the same metadata (timings aside).
 """
 
 from __future__ import annotations
@@ -36,16 +39,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from . import permute
 from .checkpoint import compatible, read_model_file, save_model, weights_sha256
 from .config import Config, StarConfig, TrainConfig
-from .data import get_dataset, num_batches, batches
+from .data import get_dataset
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
-from .train import (autocast, build_optimizer, build_scheduler, config_digest, evaluate_splits, init_model,
-                    model_meta, resolve_device, resume_training_state, save_training_state)
+from .train import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta, resolve_device
 
 StateDict = dict[str, torch.Tensor]
 
@@ -243,10 +244,120 @@ def cfg_hint(missing, extra, bad) -> str:
 
 
 def _alignments_before(sc: StarConfig, epoch: int, step: int) -> int:
-    """How many alignments a run has done when it has finished `epoch` epochs (`step` steps)."""
+    """How many alignments a run has done when it has finished `epoch` epochs (`step` steps): for resume
+    states written before the counter was saved."""
     if sc.align_every == "epoch":
         return epoch
     return -(-step // sc.align_every) if isinstance(sc.align_every, int) else 0
+
+
+def _init_star(model: nn.Module, cfg: Config, sources: Sequence[StateDict], data, spec, seed: int) -> None:
+    """θ_0: random (seeded, already in `model`), a source, or the aligned average of the sources."""
+    sc = cfg.star
+    tc: TrainConfig = sc.train or cfg.train
+    if sc.init == "source":
+        model.load_state_dict(sources[sc.init_source])
+    elif sc.init == "average":
+        anchor = sources[sc.init_source]
+        aligned = []
+        for n in range(len(sources)):
+            if n == sc.init_source:
+                aligned.append(anchor)
+                continue
+            perm, _ = permute.weight_matching(spec, anchor, sources[n], seed=seed + n, max_iter=sc.match_iters)
+            aligned.append(permute.apply_permutation(spec, sources[n], perm))
+        model.load_state_dict(average(aligned))
+        del aligned
+        recalibrate_bn(model, data.train, tc.eval_batch_size, sc.bn_batches)
+
+
+def _check_star_config(cfg: Config, model: nn.Module, sources: Sequence[StateDict]) -> None:
+    sc = cfg.star
+    tc: TrainConfig = sc.train or cfg.train
+    _check_sources(model, sources)
+    if has_bn(model) and tc.batch_size // sc.chunks < 2:
+        raise UserError(f"star.chunks={sc.chunks} leaves chunks of under 2 examples at batch size {tc.batch_size}; "
+                        "BatchNorm needs at least 2: lower star.chunks or raise the batch size")
+    if sc.init_source >= len(sources) and sc.init in ("source", "average"):
+        raise UserError(f"star.init_source={sc.init_source} but only {len(sources)} sources were given")
+
+
+class _StarRun:
+    """Starlight as a use of `train.fit`: its step (draws, interpolated forward/backward), its epoch start
+    (alignment), its epoch end (BN recomputed, history) and its extra resumable state (draws, permutations,
+    history, alignment counter and time)."""
+
+    def __init__(self, cfg: Config, model: nn.Module, sources, data, spec, bank: SourceBank, seed: int,
+                 device: torch.device, on_epoch: Callable[[int, dict], None] | None):
+        self.sc, self.tc = cfg.star, cfg.star.train or cfg.train
+        self.model, self.data, self.spec, self.bank, self.seed, self.device = model, data, spec, bank, seed, device
+        self.draws = Draws(self.sc, len(sources), seed)
+        self.on_epoch = on_epoch
+        self.history: list[dict] = []
+        self.align_seconds, self.alignments = 0.0, 0
+        self.seconds_before, self.t0 = 0.0, time.perf_counter()  # training time of earlier processes, this one's start
+        self.params = dict(model.named_parameters())
+
+    def hooks(self) -> Hooks:
+        return Hooks(self.step, self.diverged, desc="starlight", ready=self.ready, epoch_start=self.epoch_start,
+                     epoch_end=self.epoch_end, saved=self.saved, state=self.state, restore=self.restore)
+
+    def ready(self) -> None:
+        """After a resume: scratch BN buffers from θ's (restored) ones, reusable interpolation leaves."""
+        self.scratch = ({k: b.detach().clone() for k, b in self.model.named_buffers()} if has_bn(self.model)
+                        else None)
+        self.work = new_work(self.params)
+
+    def align(self, n_step: int) -> None:
+        a0 = time.perf_counter()
+        star_sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        self.bank.align_to(star_sd, permute, self.spec, seed=self.seed * 100003 + n_step, max_iter=self.sc.match_iters)
+        self.align_seconds += time.perf_counter() - a0
+        self.alignments += 1
+
+    def epoch_start(self, epoch: int, n_step: int) -> None:
+        if self.sc.align_every == "epoch":
+            self.align(n_step)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, n_step: int) -> tuple[float, None]:
+        if isinstance(self.sc.align_every, int) and n_step % self.sc.align_every == 0:
+            self.align(n_step)
+        chosen = [self.draws.draw() for _ in range(self.sc.chunks)]
+        with autocast(self.device, self.tc.amp):
+            loss = star_loss(self.model, self.params, [(self.bank.get(n), t) for n, t in chosen], x, y,
+                             mu=self.sc.mu, label_smoothing=self.tc.label_smoothing, scratch=self.scratch,
+                             work=self.work)
+        return loss, None
+
+    def diverged(self, loss: float, epoch: int) -> str:
+        return (f"Starlight diverged: loss {loss} at epoch {epoch + 1}; lower the learning rate "
+                f"({'star.train' if self.sc.train else 'train'}.optimizer.lr) or set grad_clip")
+
+    def epoch_end(self, epoch: int, loss: float) -> None:
+        recalibrate_bn(self.model, self.data.train, self.tc.eval_batch_size, self.sc.bn_batches, self.device)
+        self.history.append({"epoch": epoch + 1, "interp_loss": loss})
+
+    def saved(self, epoch: int) -> None:
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, self.history[-1])
+
+    def state(self) -> dict:
+        return {"draws": self.draws.get_state(), "perms": self.bank.perms, "history": self.history,
+                "alignments": self.alignments, "align_seconds": self.align_seconds, "seconds": self.seconds()}
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.t0
+
+    def restore(self, st: dict) -> None:
+        self.draws.set_state(st["draws"])
+        for n, perm in enumerate(st["perms"]):
+            if perm is not None:
+                self.bank.set_perm(n, perm, permute, self.spec)
+        self.history = list(st["history"])
+        self.alignments = int(st["alignments"]) if "alignments" in st else \
+            _alignments_before(self.sc, st["epoch"], st["step"])
+        self.align_seconds = float(st.get("align_seconds", 0.0))
+        self.seconds_before = float(st.get("seconds", 0.0))
 
 
 def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, device: str | torch.device = "auto",
@@ -266,118 +377,23 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
     device = resolve_device(device)
     data = get_dataset(cfg.data)
     model = init_model(cfg, data, seed)
-    _check_sources(model, sources)
-    param_names = [k for k, _ in model.named_parameters()]
-    align_on = sc.align_every != "never" or sc.init == "average"
-    drop_last = len(data.train) > tc.batch_size
-    if has_bn(model) and tc.batch_size // sc.chunks < 2:
-        raise UserError(f"star.chunks={sc.chunks} leaves chunks of under 2 examples at batch size {tc.batch_size}; "
-                        "BatchNorm needs at least 2: lower star.chunks or raise the batch size")
-    if sc.init_source >= len(sources) and sc.init in ("source", "average"):
-        raise UserError(f"star.init_source={sc.init_source} but only {len(sources)} sources were given")
-
+    _check_star_config(cfg, model, sources)
     example = data.train.x[:2] if data.train.x is not None else torch.stack([data.train.dataset[i][0] for i in (0, 1)])
-    spec = permute.spec_for(model, example) if align_on else None
-
-    # θ_0: random (seeded), a source, or the aligned average of the sources
-    if sc.init == "source":
-        model.load_state_dict(sources[sc.init_source])
-    elif sc.init == "average":
-        anchor = sources[sc.init_source]
-        aligned = []
-        for n in range(len(sources)):
-            if n == sc.init_source:
-                aligned.append(anchor)
-                continue
-            perm, _ = permute.weight_matching(spec, anchor, sources[n], seed=seed + n, max_iter=sc.match_iters)
-            aligned.append(permute.apply_permutation(spec, sources[n], perm))
-        model.load_state_dict(average(aligned))
-        del aligned
-        recalibrate_bn(model, data.train, tc.eval_batch_size, sc.bn_batches)
+    spec = permute.spec_for(model, example) if sc.align_every != "never" or sc.init == "average" else None
+    _init_star(model, cfg, sources, data, spec, seed)
     model.to(device)
-
-    bank = SourceBank(sources, param_names, device, sc.sources_on)
-    opt = build_optimizer(model.parameters(), tc.optimizer)
-    steps = num_batches(data.train, tc.batch_size, drop_last=drop_last)
-    sched = build_scheduler(opt, tc, steps)
-    gen = torch.Generator().manual_seed(seed)
-    draws = Draws(sc, len(sources), seed)
-    torch.manual_seed(seed)
+    bank = SourceBank(sources, [k for k, _ in model.named_parameters()], device, sc.sources_on)
     ids = list(source_ids) if source_ids is not None else [weights_sha256(sources[n]) for n in range(len(sources))]
     digest = config_digest(cfg) + ":" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:16]
-    start_epoch, step, history = 0, 0, []
-    # counters that reach the metadata continue across a resume, so a resumed star's file says the same
-    # as an uninterrupted one's (timings too, though those are allowed to differ)
-    n_align, align_seconds, seconds_before = 0, 0.0, 0.0
-
-    st = resume_training_state(state_path, digest, seed, model, opt, sched, gen, device)
-    if st is not None:
-        draws.set_state(st["draws"])
-        for n, perm in enumerate(st["perms"]):
-            if perm is not None:
-                bank.set_perm(n, perm, permute, spec)
-        start_epoch, step, history = st["epoch"], st["step"], list(st["history"])
-        n_align = st.get("alignments", _alignments_before(sc, start_epoch, step))  # old states lack it
-        align_seconds, seconds_before = st.get("align_seconds", 0.0), st.get("seconds", 0.0)
-
-    params = dict(model.named_parameters())
-    scratch = {k: b.detach().clone() for k, b in model.named_buffers()} if has_bn(model) else None
-    work = new_work(params)
-    label_smoothing = tc.label_smoothing
-    t0 = time.perf_counter()
-
-    def align():
-        nonlocal align_seconds, n_align
-        a0 = time.perf_counter()
-        star_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        bank.align_to(star_sd, permute, spec, seed=seed * 100003 + step, max_iter=sc.match_iters)
-        align_seconds += time.perf_counter() - a0
-        n_align += 1
-
-    bar = tqdm(total=tc.epochs * steps, initial=start_epoch * steps, disable=None if progress is None else not progress,
-               desc="starlight", unit="batch", leave=False, dynamic_ncols=True)
-    for epoch in range(start_epoch, tc.epochs):
-        if sc.align_every == "epoch":
-            align()
-        model.train()
-        loss_sum, seen = 0.0, 0
-        for x, y in batches(data.train, tc.batch_size, generator=gen, augment=data.augment, device=device,
-                            drop_last=drop_last):
-            if isinstance(sc.align_every, int) and step % sc.align_every == 0:
-                align()
-            chosen = [draws.draw() for _ in range(sc.chunks)]
-            opt.zero_grad(set_to_none=True)
-            with autocast(device, tc.amp):
-                loss = star_loss(model, params, [(bank.get(n), t) for n, t in chosen], x, y, mu=sc.mu,
-                                 label_smoothing=label_smoothing, scratch=scratch, work=work)
-            if not np.isfinite(loss):
-                bar.close()
-                raise UserError(f"Starlight diverged: loss {loss} at epoch {epoch + 1}; lower the learning rate "
-                                f"({'star.train' if sc.train else 'train'}.optimizer.lr) or set grad_clip")
-            if tc.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            loss_sum += loss * len(y)
-            seen += len(y)
-            bar.update()
-            bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{loss_sum / seen:.4f}")
-        recalibrate_bn(model, data.train, tc.eval_batch_size, sc.bn_batches, device)
-        history.append({"epoch": epoch + 1, "interp_loss": loss_sum / max(1, seen)})
-        if state_path:
-            save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device, step=step,
-                                draws=draws.get_state(), perms=bank.perms, history=history, alignments=n_align,
-                                align_seconds=align_seconds, seconds=seconds_before + time.perf_counter() - t0)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, history[-1])
-    bar.close()
-    seconds = seconds_before + time.perf_counter() - t0
+    run = _StarRun(cfg, model, sources, data, spec, bank, seed, device, on_epoch)
+    steps = fit(model, data, tc, seed, digest, run.hooks(), device=device, state_path=state_path, progress=progress)
+    seconds = run.seconds()
     model.eval()
     metrics = evaluate_splits(model, data, tc.eval_batch_size)
-    info = {"metrics": metrics, "star": star_settings(sc), "epochs": tc.epochs, "steps": step,
-            "n_sources": len(sources), "seconds": seconds, "align_seconds": align_seconds, "alignments": n_align,
-            "sources_on": "device" if bank.on_device else "cpu", "source_bytes": bank.bytes, "history": history}
+    info = {"metrics": metrics, "star": star_settings(sc), "epochs": tc.epochs, "steps": steps,
+            "n_sources": len(sources), "seconds": seconds, "align_seconds": run.align_seconds,
+            "alignments": run.alignments, "sources_on": "device" if bank.on_device else "cpu",
+            "source_bytes": bank.bytes, "history": run.history}
     return model, info
 
 

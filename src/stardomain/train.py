@@ -2,7 +2,8 @@
 
 A seed fixes everything (initialisation, shuffling, augmentation): two CPU runs with the same seed give
 bitwise-identical weights. Training state is saved after every epoch, so a killed run resumes where it
-stopped and ends with the same weights; a NaN/inf loss stops with the last good state kept.
+stopped and ends with the same weights; a NaN/inf loss stops with the last good state kept. All of this
+is `fit`, the one training loop; regular training (`train`) and Starlight are two uses of it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_state, save_model, save_state
 from .config import Config, OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import DataBundle, Split, batches, get_dataset, num_batches
+from .engine import evaluate_module
 from .errors import UserError
 from .models import build_model
 
@@ -89,19 +92,14 @@ def autocast(device: torch.device, amp: bool):
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, device: str | torch.device | None = None,
              forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Mean cross-entropy and accuracy (a fraction) over a whole split, in eval mode."""
+    """Mean cross-entropy and accuracy (a fraction) over a whole split, in eval mode (the engine's
+    evaluation of one model, `engine.evaluate_module`)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    fwd = forward or model
-    loss_sum, correct, n = 0.0, 0, 0
-    for x, y in batches(split, batch_size, device=device):
-        out = fwd(x).float()
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        n += len(y)
+    out = evaluate_module(forward or model, split, batch_size, device)
     model.train(was_training)
-    return {"loss": loss_sum / n, "acc": correct / n}
+    return out
 
 
 def evaluate_splits(model: nn.Module, data: DataBundle, batch_size: int = 1000) -> dict[str, dict[str, float]]:
@@ -161,9 +159,83 @@ def resume_training_state(path, digest: str, seed: int, model: nn.Module, opt, s
     return st
 
 
+@dataclass
+class Hooks:
+    """What one use of `fit` adds to the plain loop. `step(x, y, n)` runs optimiser step n's forward and
+    backward (zeroed gradients in, gradients out; autocast is its own business) -> (loss, correct
+    predictions or None). `ready()` runs once after a resume, before the first epoch; `epoch_start(e)` and
+    `epoch_end(e, mean loss)` around an epoch's steps (before its state is saved); `saved(e)` after.
+    `epoch_start` also gets the number of optimiser steps taken so far.
+    `state()` -> extra resumable state (plain data, saved every epoch); `restore(st)` reads it back.
+    `diverged(loss, epoch)` -> the one-line error for a non-finite loss."""
+
+    step: Callable[[torch.Tensor, torch.Tensor, int], tuple[float, int | None]]
+    diverged: Callable[[float, int], str]
+    desc: str = "train"
+    ready: Callable[[], None] = lambda: None
+    epoch_start: Callable[[int, int], None] = lambda epoch, n_step: None
+    epoch_end: Callable[[int, float], None] = lambda epoch, loss: None
+    saved: Callable[[int], None] = lambda epoch: None
+    state: Callable[[], dict] = dict
+    restore: Callable[[dict], None] = lambda st: None
+
+
+def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: str, hooks: Hooks, *,
+        device: torch.device, state_path: str | Path | None = None, progress: bool | None = None) -> int:
+    """The one training loop (regular training and Starlight are two uses): optimiser, per-batch schedule,
+    seeded data order, resume state saved after every epoch (bitwise-identical continuation), progress
+    bar, non-finite-loss stop (the last good state kept), gradient clipping. `model` is on `device`.
+    -> the number of optimiser steps taken in all."""
+    opt = build_optimizer(model.parameters(), tc.optimizer)
+    drop_last = len(data.train) > tc.batch_size
+    steps = num_batches(data.train, tc.batch_size, drop_last=drop_last)
+    sched = build_scheduler(opt, tc, steps)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and other global draws; restored below when resuming
+    start_epoch, n_step = 0, 0
+    st = resume_training_state(state_path, digest, seed, model, opt, sched, gen, device)
+    if st is not None:
+        start_epoch = st["epoch"]
+        n_step = st.get("step", start_epoch * steps)
+        hooks.restore(st)
+    hooks.ready()
+    bar = tqdm(total=tc.epochs * steps, initial=start_epoch * steps, disable=None if progress is None else not progress,
+               desc=hooks.desc, unit="batch", leave=False, dynamic_ncols=True)
+    for epoch in range(start_epoch, tc.epochs):
+        hooks.epoch_start(epoch, n_step)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in batches(data.train, tc.batch_size, generator=gen, augment=data.augment, device=device,
+                            drop_last=drop_last):
+            opt.zero_grad(set_to_none=True)
+            loss, right = hooks.step(x, y, n_step)
+            if not math.isfinite(loss):
+                bar.close()
+                raise UserError(hooks.diverged(loss, epoch))
+            if tc.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            sched.step()
+            n_step += 1
+            loss_sum += loss * len(y)
+            seen += len(y)
+            correct += right or 0
+            bar.update()
+            bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{loss_sum / seen:.4f}",
+                            **({"acc": f"{correct / seen:.3f}"} if right is not None else {}))
+        hooks.epoch_end(epoch, loss_sum / max(1, seen))
+        if state_path:
+            save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device, step=n_step,
+                                **hooks.state())
+        hooks.saved(epoch + 1)
+    bar.close()
+    return n_step
+
+
 def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_path: str | Path | None = None,
           progress: bool | None = None, init: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
-    """Train one model from its seed. -> (model in eval mode, final metrics on train and test)."""
+    """Train one model from its seed (`fit` with a cross-entropy step). -> (model in eval mode, final
+    metrics on train and test)."""
     device = resolve_device(device)
     data = get_dataset(cfg.data)
     tc = cfg.train
@@ -171,49 +243,25 @@ def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_
     if init is not None:
         model.load_state_dict(init)
     model.to(device)
-    opt = build_optimizer(model.parameters(), tc.optimizer)
-    steps = num_batches(data.train, tc.batch_size, drop_last=len(data.train) > tc.batch_size)
-    sched = build_scheduler(opt, tc, steps)
-    gen = torch.Generator().manual_seed(seed)
-    start_epoch, digest = 0, config_digest(cfg)
-    torch.manual_seed(seed)  # dropout and other global draws; restored below when resuming
 
-    st = resume_training_state(state_path, digest, seed, model, opt, sched, gen, device)
-    if st is not None:
-        start_epoch = st["epoch"]
+    def step(x, y, _n):
+        with autocast(device, tc.amp):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=tc.label_smoothing)
+        if not torch.isfinite(loss):
+            return loss.item(), None
+        loss.backward()
+        return loss.item(), (out.argmax(1) == y).sum().item()
 
-    bar = tqdm(total=tc.epochs * steps, initial=start_epoch * steps, disable=None if progress is None else not progress,
-               desc=f"train seed {seed}", unit="batch", leave=False, dynamic_ncols=True)
-    for epoch in range(start_epoch, tc.epochs):
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in batches(data.train, tc.batch_size, generator=gen, augment=data.augment, device=device,
-                            drop_last=len(data.train) > tc.batch_size):
-            with autocast(device, tc.amp):
-                out = model(x)
-                loss = F.cross_entropy(out.float(), y, label_smoothing=tc.label_smoothing)
-            if not torch.isfinite(loss):
-                bar.close()
-                kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path else ""
-                raise UserError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1} "
-                                f"(seed {seed}){kept}; lower train.optimizer.lr or set train.grad_clip")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
-            seen += len(y)
-            bar.update()
-            bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-        if state_path:
-            save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device)
-    bar.close()
+    def diverged(loss, epoch):
+        kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path else ""
+        return (f"training diverged: loss is {loss} at epoch {epoch + 1} (seed {seed}){kept}; "
+                "lower train.optimizer.lr or set train.grad_clip")
+
+    fit(model, data, tc, seed, config_digest(cfg), Hooks(step, diverged, desc=f"train seed {seed}"),
+        device=device, state_path=state_path, progress=progress)
     model.eval()
-    metrics = evaluate_splits(model, data, tc.eval_batch_size)
-    return model, metrics
+    return model, evaluate_splits(model, data, tc.eval_batch_size)
 
 
 def train_to_file(cfg: Config, seed: int, out: str | Path, *, role: str = "source", device: str = "auto",
