@@ -61,6 +61,8 @@ CANDIDATES: dict[str, list[str]] = {
     "e10 lr0.1 mu0.1": recipe(10, lr=0.1, mu=0.1),
     "e10 lr0.1 init=average": recipe(10, lr=0.1, init="average"),
     "e15 init=average": recipe(15, init="average"),
+    "e15 align every 100 steps": recipe(15, align_every=100),
+    "e15 constant lr": recipe(15, schedule="constant"),
 }
 
 

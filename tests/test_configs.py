@@ -1,0 +1,43 @@
+"""The shipped study configs plan what their comments promise (no training: build_plan only)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from stardomain.config import load_config
+from stardomain.study import build_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mnist_width_sweep_plans_the_papers_setting():
+    cfg = load_config(ROOT / "configs" / "mnist_width_sweep.yaml")
+    assert cfg.data.name == "mnist" and cfg.model.name == "mlp" and cfg.model.kwargs["depth"] == 1
+    assert (cfg.study.n_sources, cfg.study.n_heldouts) == (17, 3)
+    widths = [4, 8, 16, 32, 64, 128, 256]
+    assert cfg.study.sweeps.width == widths
+    plan = build_plan(cfg)
+    # 20 models and one star per width; the main population (width 16) is the width-16 row, shared
+    ops = Counter(t.op for t in plan.tasks)
+    assert ops == {"train": 20 * len(widths), "star": len(widths), "pair": (17 * 3 + 3) * len(widths)}
+    rows = plan.layout["sweeps"]["width"]
+    assert [r["value"] for r in rows] == widths
+    for r in rows:
+        assert len(r["sources"]) == 17 and len(r["heldouts"]) == 3
+        assert {k: len(v) for k, v in r["pairs"].items()} == {"star_heldout": 3, "regular_regular": 51}
+    w16 = rows[widths.index(16)]
+    main = plan.layout["main"]
+    assert (w16["sources"], w16["heldouts"], w16["star"]) == (main["sources"], main["heldouts"], main["star"])
+    # every model of a row has that row's width
+    tasks = plan.by_key()
+    for r in rows:
+        for k in [*r["sources"], *r["heldouts"], r["star"]]:
+            assert tasks[k].params["config"]["model"]["kwargs"]["width"] == r["value"]
+
+
+def test_width_sweep_star_recipe_is_the_default_studys():
+    """The sweep's width-16 row is the default setting, so it must use the default's recipes."""
+    sweep = load_config(ROOT / "configs" / "mnist_width_sweep.yaml")
+    default = load_config(ROOT / "configs" / "default.yaml")
+    assert sweep.train == default.train and sweep.star == default.star
