@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import clitools
@@ -20,7 +19,6 @@ import torch
 from safetensors.torch import save_file
 
 import stardomain.checkpoint as ck
-from stardomain import cli
 from stardomain.config import Config
 from stardomain.errors import UserError
 

@@ -3,7 +3,6 @@ inputs, and an existing file that is not an earlier output of the same command (
 of the same job), unless --force; an earlier output of the same job may be replaced (a re-run)."""
 
 import json
-import sys
 
 import pytest
 from clitools import run_cli
@@ -31,15 +30,6 @@ def files(tmp_path_factory):
 def _main(monkeypatch, capsys, *args):
     """The CLI in process (the console script's main()): -> (exit code, stdout, stderr)."""
     return run_cli(monkeypatch, capsys, *args)
-
-    monkeypatch.setattr(sys, "argv", ["stardomain", *map(str, args)])
-    try:
-        cli.main()
-        code = 0  # success returns normally
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _refused(code, err, *words):

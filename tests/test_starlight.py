@@ -291,11 +291,6 @@ def _main(monkeypatch, capsys, *args):
     code, _, err = run_cli(monkeypatch, capsys, *args)
     return code, err
 
-    monkeypatch.setattr(sys, "argv", ["stardomain", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    return e.value.code, capsys.readouterr().err
-
 
 def test_cli_star_user_errors_are_one_line_exit_2(source_files, tmp_path, monkeypatch, capsys):
     conf, paths = source_files

@@ -333,11 +333,6 @@ def _main(monkeypatch, capsys, *args):
     code, _, err = run_cli(monkeypatch, capsys, *args)
     return code, err
 
-    monkeypatch.setattr(sys, "argv", ["stardomain", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    return e.value.code, capsys.readouterr().err
-
 
 def test_second_run_on_a_locked_folder_exits_2_naming_the_holder(tiny_yaml, tmp_path, monkeypatch, capsys):
     import socket

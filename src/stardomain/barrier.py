@@ -27,12 +27,13 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .data import DataBundle, batches
+from .data import DataBundle, Split, batches
 from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_module
 from .engine import STRATEGIES as METHODS
 from .errors import UserError
-from .interpolate import lerp
+from .interpolate import lerp, recalibrate_bn
 
 StateDict = dict[str, torch.Tensor]
 
