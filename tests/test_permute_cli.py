@@ -125,3 +125,23 @@ def test_spec_cli(pair):
     # two hidden layers of 16 units, 64 inputs, 10 classes: only the output bias is unpermuted
     total = 64 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10
     assert f"{100 * (1 - 10 / total):.1f}%" in text
+
+
+def test_align_says_when_nothing_can_be_permuted_and_strict_refuses(tmp_path):
+    """A model neither torch.fx nor torch.export can capture: a warning on stderr and in the record, B
+    written unchanged; with --strict exit code 2, one line, nothing written."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    dd = ["--set", "model.factory=permute_families:data_dependent"]
+    run("train", "--seed", 0, "--out", a, *DIGITS, *dd)
+    run("train", "--seed", 1, "--out", b, *DIGITS, *dd)
+    out, js = tmp_path / "o.safetensors", tmp_path / "o.json"
+    r = run("align", a, b, "--out", out, "--json", js)
+    assert "warning: the model could not be captured" in r.stderr and "Traceback" not in r.stderr
+    rec = json.loads(js.read_text())
+    assert rec["capture"] == "failed" and rec["warnings"] and rec["permutable_fraction"] == 0.0
+    sd_b, sd_o = read_model_file(b)[0], read_model_file(out)[0]
+    assert all(torch.equal(sd_b[k], sd_o[k]) for k in sd_b)
+    r = run("align", a, b, "--out", tmp_path / "s.safetensors", "--strict", ok=False)
+    assert r.returncode == 2 and "--strict" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s.safetensors").exists()
+    assert "could not be captured" in run("spec", a).stdout

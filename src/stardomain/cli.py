@@ -237,7 +237,10 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
            init: str = typer.Option("informed", "--init", help="Start of weight matching: informed (first pass "
                                     "in trace order, each group on what is known; recovers permuted copies "
                                     "exactly), identity (the paper's algorithm) or sorted."),
-           json_: Optional[Path] = typer.Option(None, "--json", help="Also write the record as JSON here.")):
+           json_: Optional[Path] = typer.Option(None, "--json", help="Also write the record as JSON here."),
+           strict: bool = typer.Option(False, "--strict", help="Exit with code 2, writing nothing, when the "
+                                       "model's graph cannot be captured or nothing in it is permutable "
+                                       "(otherwise a warning on stderr, and B is written unchanged).")):
     """Permute B's hidden units to best match A without changing B's function (checked).
 
     The output keeps B's metadata plus an `alignment` record (method, permutation, A's sha256).
@@ -246,7 +249,9 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     from .checkpoint import atomic_write_json
     from .permute.files import align_files
 
-    rec = align_files(a, b, out, method=method, seed=seed, init=init)
+    rec = align_files(a, b, out, method=method, seed=seed, init=init, strict=strict)
+    for w in rec.get("warnings", []):
+        typer.echo(f"warning: {w}", err=True)
     if json_:
         atomic_write_json(json_, rec)
     typer.echo(f"wrote {out}  method {rec['method']}  iterations {rec['iterations']}  "

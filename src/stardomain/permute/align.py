@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from .inputs import as_call, flat_tensors, map_tensors, signature
 from .matching import INITS, activation_matching, apply_permutation, distance, weight_matching
 from .spec import PermutationSpec, spec_from_model
 
@@ -19,6 +22,11 @@ _CACHE: "OrderedDict[tuple, PermutationSpec]" = OrderedDict()
 
 class EquivalenceError(RuntimeError):
     """A permuted model computes a different function: a bug in the spec, never to be ignored."""
+
+
+class CoverageWarning(UserWarning):
+    """Aligning this model cannot do what was asked: its graph could not be captured, or nothing in it
+    can be permuted (the model is returned unchanged)."""
 
 
 _PLAIN = (int, float, bool, str, type(None))
@@ -35,9 +43,9 @@ def _architecture(model: nn.Module) -> tuple:
     return tuple((name, type(m).__module__, type(m).__qualname__, attrs(m)) for name, m in model.named_modules())
 
 
-def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
-    """spec_from_model, cached by architecture (every module's class and settings, input shape and dtype)."""
-    key = (_architecture(model), tuple(example_input.shape), str(example_input.dtype),
+def spec_for(model: nn.Module, example_input: Any) -> PermutationSpec:
+    """spec_from_model, cached by architecture (every module's class and settings, input shapes and dtypes)."""
+    key = (_architecture(model), signature(example_input),
            tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
     if key in _CACHE:
         _CACHE.move_to_end(key)
@@ -49,41 +57,63 @@ def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
     return spec
 
 
-def _outputs(model: nn.Module, sd: dict, x: torch.Tensor) -> torch.Tensor:
+def _outputs(model: nn.Module, sd: dict, x: Any) -> torch.Tensor:
+    """The model's outputs, any nest of tensors (tuples, dicts, dataclasses), flattened into one vector."""
     model.load_state_dict(sd)
     model.eval()
     with torch.no_grad():
-        out = model(x)
-    if isinstance(out, (tuple, list)):
-        out = torch.cat([o.reshape(-1) for o in out if isinstance(o, torch.Tensor)])
-    return out.double()
+        args, kwargs = as_call(x)
+        out = flat_tensors(model(*args, **kwargs))
+    out = [o.reshape(-1) for o in out if torch.is_floating_point(o) or torch.is_complex(o)]
+    if not out:
+        raise EquivalenceError("the model's output holds no floating-point tensor, so the permuted model "
+                               "cannot be compared with the original")
+    return torch.cat([o.double() for o in out])
 
 
-def equivalence_error(model: nn.Module, sd: dict, sd_perm: dict, example_input: torch.Tensor,
+def _random_like(example: Any, seed: int) -> Any:
+    """The example with every floating-point tensor replaced by a seeded standard-normal one."""
+    g = torch.Generator().manual_seed(seed)
+    return map_tensors(lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype) if torch.is_floating_point(t)
+                       else t, example)
+
+
+def _any_float(example: Any) -> bool:
+    found = []
+    map_tensors(lambda t: found.append(torch.is_floating_point(t)) or t, example)
+    return any(found)
+
+
+def equivalence_error(model: nn.Module, sd: dict, sd_perm: dict, example_input: Any,
                       seed: int = 0) -> float:
-    """max |f_perm(x) - f(x)| / max |f(x)| in eval mode, on the example input and (for float inputs) a
-    seeded standard-normal batch of the same shape. Computed in float64 where the model allows, so
-    rounding (which deep normalised nets amplify to ~1e-6 in float32) cannot hide or fake an error.
-    `model` is copied; its weights are untouched."""
+    """max |f_perm(x) - f(x)| / max |f(x)| in eval mode, over every output tensor, on the example input
+    and (for float inputs) a seeded standard-normal batch of the same shape. Computed in float64
+    where the model allows, so rounding (which deep normalised nets amplify to ~1e-6 in float32)
+    cannot hide or fake an error. A model whose outputs are all zero is refused (EquivalenceError):
+    any permutation would pass such a check. `model` is copied; its weights are untouched."""
     m = copy.deepcopy(model)
     xs = [example_input]
-    if torch.is_floating_point(example_input):
-        g = torch.Generator().manual_seed(seed)
-        xs.append(torch.randn(example_input.shape, generator=g, dtype=example_input.dtype))
+    if _any_float(example_input):
+        xs.append(_random_like(example_input, seed))
     xs32, sd32, sdp32 = list(xs), sd, sd_perm
     try:
         m = m.double()
         sd, sd_perm = _to64(sd), _to64(sd_perm)
-        xs = [x.double() if torch.is_floating_point(x) else x for x in xs]
+        xs = [map_tensors(lambda t: t.double() if torch.is_floating_point(t) else t, x) for x in xs]
         _outputs(m, sd, xs[0])
     except (RuntimeError, TypeError):  # an op without float64 support: compare in the model's dtype
         m, xs, sd, sd_perm = copy.deepcopy(model), xs32, sd32, sdp32
     dev = next((p.device for p in m.parameters()), torch.device("cpu"))
-    err = 0.0
+    err, scale = 0.0, 0.0
     for x in xs:
-        x = x.to(dev)
+        x = map_tensors(lambda t: t.to(dev), x)
         a, b = _outputs(m, sd, x), _outputs(m, sd_perm, x)
+        scale = max(scale, float(a.abs().max()))
         err = max(err, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
+    if not scale > 0:
+        raise EquivalenceError("the model's outputs are all zero on the check's inputs, so comparing them "
+                               "cannot tell a wrong permutation from a right one (give an example input "
+                               "on which the model's output is not zero)")
     return err
 
 
@@ -99,8 +129,8 @@ def check_equivalence(model, sd, sd_perm, example_input, tol: float = TOLERANCE)
     return err
 
 
-def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tensor, method: str = "weight",
-          data_x: torch.Tensor | None = None, seed: int = 0, check: bool = True,
+def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, method: str = "weight",
+          data_x: Any = None, seed: int = 0, check: bool = True,
           spec: PermutationSpec | None = None, max_iter: int = 100, init: str = "informed") -> tuple[dict, dict]:
     """-> (pi(sd_b) best matching sd_a, info). `model` only provides the architecture.
 
@@ -111,9 +141,14 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tens
     (info["distance_over"] == "parameters"): the quantity weight matching minimises, so aligning
     never increases it. Buffers (BatchNorm running statistics) are permuted but not measured: they
     summarise data, and interpolation paths recompute them.
+    example_input (and data_x): a tensor, a tuple of positional arguments or a dict of keyword
+    arguments. If the model's graph cannot be captured or nothing in it is permutable, a
+    CoverageWarning says so and info["warnings"] holds the same lines (B is returned unchanged).
     """
     t0 = time.perf_counter()
     spec = spec if spec is not None else spec_for(model, example_input)
+    for problem in spec.problems():
+        warnings.warn(problem, CoverageWarning, stacklevel=2)
     if method == "weight":
         if init not in INITS:
             raise UserError(f"unknown weight-matching start {init!r}; choose {', '.join(INITS)}")
@@ -130,5 +165,6 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tens
     info = {"method": method, **info, "distance_before": distance(sd_a, sd_b, spec.parameters),
             "distance_after": distance(sd_a, sd_p, spec.parameters), "distance_over": "parameters",
             "equivalence_error": err, "seconds": seconds, "permutable_fraction": spec.permutable_fraction(),
+            "capture": spec.capture, "capture_error": spec.capture_error, "warnings": spec.problems(),
             "perm": {k: v.tolist() for k, v in perm.items()}}
     return sd_p, info

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import build_from_meta, read_model_file, read_pair, save_model
-from .align import align, spec_for
+from ..errors import UserError
+from .align import CoverageWarning, align, spec_for
 from .spec import PermutationSpec
 
 
@@ -33,17 +35,25 @@ def spec_file(path: str | Path) -> tuple[PermutationSpec, dict]:
 
 
 def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
-                seed: int = 0, max_iter: int = 100, init: str = "informed") -> dict:
+                seed: int = 0, max_iter: int = 100, init: str = "informed", strict: bool = False) -> dict:
     """Write pi(B), aligned to A, to `out` (B's metadata plus `alignment` provenance). -> the record
-    (distances to A are over parameters: "distance_over": "parameters")."""
+    (distances to A are over parameters: "distance_over": "parameters"). rec["warnings"] says when the
+    model could not be captured or nothing is permutable; strict: refuse (UserError) instead."""
     sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "align")
     model = build_from_meta(meta_a)
     x = example_input(meta_a)
+    if strict:
+        problems = spec_for(model, x).problems()
+        if problems:
+            raise UserError(f"--strict: {problems[0]}")
     data_x = data_batch(meta_a) if method == "activation" else None
-    sd_p, info = align(model, sd_a, sd_b, example_input=x, method=method, data_x=data_x, seed=seed,
-                       check=True, max_iter=max_iter, init=init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CoverageWarning)  # the record carries them; the CLI prints them
+        sd_p, info = align(model, sd_a, sd_b, example_input=x, method=method, data_x=data_x, seed=seed,
+                           check=True, max_iter=max_iter, init=init)
     rec = {k: info[k] for k in ("method", "iterations", "converged", "groups", "distance_before", "distance_after",
-                                "distance_over", "equivalence_error", "seconds", "permutable_fraction")}
+                                "distance_over", "equivalence_error", "seconds", "permutable_fraction",
+                                "capture", "capture_error", "warnings")}
     rec.update({"init": info.get("init"), "seed": seed, "reference": str(path_a), "reference_sha256": meta_a["sha256"],
                 "source": str(path_b), "source_sha256": meta_b["sha256"]})
     meta = {k: v for k, v in meta_b.items() if k != "sha256"}

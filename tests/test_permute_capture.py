@@ -1,0 +1,182 @@
+"""Capture on real code: outputs of any pytree shape, keyword inputs, torch.export where torch.fx fails,
+failures said out loud (warning + record + --strict), activation matching with unused parameters."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from permute_families import DataclassOut, make_bert, make_gpt
+
+from stardomain.permute import (CoverageWarning, EquivalenceError, activation_matching, align, apply_permutation,
+                                distance, equivalence_error, inverse, random_permutation, spec_from_model,
+                                weight_matching)
+
+
+def _noisy(model, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) if torch.is_floating_point(v) else v
+            for k, v in model.state_dict().items()}
+
+
+def _outputs64(model, sd, x):
+    """Every output tensor of model(x) in float64, flattened by hand (independent of the library)."""
+    import copy
+
+    m = copy.deepcopy(model).double().eval()
+    m.load_state_dict({k: v.double() if torch.is_floating_point(v) else v for k, v in sd.items()})
+    x = {k: v for k, v in x.items()} if isinstance(x, dict) else x
+    with torch.no_grad():
+        out = m(**x) if isinstance(x, dict) else m(x.double() if torch.is_floating_point(x) else x)
+    flat = []
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            flat.append(o.reshape(-1))
+        elif isinstance(o, dict):
+            [walk(v) for v in o.values()]
+        elif isinstance(o, (list, tuple)):
+            [walk(v) for v in o]
+        elif hasattr(o, "__dataclass_fields__"):
+            [walk(getattr(o, f)) for f in o.__dataclass_fields__]
+    walk(out)
+    return torch.cat(flat)
+
+
+def test_dataclass_and_nested_list_outputs_are_compared():
+    torch.manual_seed(0)
+    m, x = DataclassOut(), torch.randn(5, 4)
+    spec = spec_from_model(m, x)
+    assert list(spec.groups) == ["fc1"] and spec.capture == "fx"
+    sd = _noisy(m)
+    p = random_permutation(spec, torch.Generator().manual_seed(1))
+    sp = apply_permutation(spec, sd, p)
+    assert equivalence_error(m, sd, sp, x) < 1e-12
+    # a wrong permutation (fc1's rows without fc2's columns) is caught through the dataclass output
+    bad = dict(sd, **{"fc1.weight": sd["fc1.weight"].roll(1, 0), "fc1.bias": sd["fc1.bias"].roll(1, 0)})
+    assert equivalence_error(m, sd, bad, x) > 1e-3
+    assert (_outputs64(m, sd, x) - _outputs64(m, bad, x)).abs().max() > 1e-3
+    out, info = align(m, sd, sp, example_input=x)
+    assert info["equivalence_error"] < 1e-12 and distance(sd, out) == 0.0
+
+
+def test_dict_output_with_keyword_inputs_and_empty_spec():
+    class Pinned(nn.Module):  # every unit is an output: the spec is empty, align must not crash
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, input_ids, attention_mask=None):
+            return {"a": self.fc(input_ids * attention_mask), "b": [self.fc(input_ids)]}
+
+    m = Pinned()
+    x = {"input_ids": torch.randn(4, 3), "attention_mask": torch.ones(4, 3)}
+    spec = spec_from_model(m, x)
+    assert not spec.groups
+    with pytest.warns(CoverageWarning, match="no permutable units"):
+        out, info = align(m, m.state_dict(), m.state_dict(), example_input=x)
+    assert info["warnings"] and info["equivalence_error"] == 0.0
+
+
+def test_gpt_with_size_assert_and_optional_targets_is_captured_by_export():
+    torch.manual_seed(0)
+    m, idx = make_gpt()
+    spec = spec_from_model(m, idx)
+    assert spec.capture == "export" and "torch.fx" in spec.capture_error
+    # the residual stream, the MLP hidden units, and q/k + v/o of each layer's heads
+    assert len(spec.groups) == 1 + 2 * 3
+    heads = [g for g in spec.groups.values() if g.heads]
+    assert len(heads) == 4 and all(g.heads == 2 and g.couple for g in heads)
+    # tied weights: both names of the embedding/head matrix permuted alike
+    res = next(g for g in spec.groups.values() if any(mm.tensor == "lm_head.weight" for mm in g.members))
+    assert {("lm_head.weight", 1), ("transformer.wte.weight", 1)} <= {(mm.tensor, mm.axis) for mm in res.members}
+    assert [u.reason for u in spec.unpermuted] == ["model output"]
+    sd = _noisy(m)
+    sd["transformer.wte.weight"] = sd["lm_head.weight"]  # still tied
+    p = random_permutation(spec, torch.Generator().manual_seed(2))
+    sp = apply_permutation(spec, sd, p)
+    assert torch.equal(sp["transformer.wte.weight"], sp["lm_head.weight"])
+    ref = _outputs64(m, sd, idx)
+    assert (ref - _outputs64(m, sp, idx)).abs().max() <= 1e-10 * ref.abs().max()
+    q, _ = weight_matching(spec, sd, sp)
+    assert distance(sd, apply_permutation(spec, sp, q)) == 0.0
+    assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:  # a branch on values: neither torch.fx nor torch.export can capture it
+            h = -h
+        return self.b(torch.relu(h))
+
+
+def test_capture_failure_is_said_and_both_matchings_return_b_unchanged():
+    m, x = _DataDependent(), torch.randn(4, 3)
+    spec = spec_from_model(m, x)
+    assert spec.capture == "failed" and not spec.groups
+    assert "torch.fx" in spec.capture_error and "torch.export" in spec.capture_error
+    assert "could not be captured" in spec.summary()
+    sd_b = _noisy(m, 1)
+    for method in ("weight", "activation"):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            out, info = align(m, m.state_dict(), sd_b, example_input=x, method=method, data_x=torch.randn(8, 3))
+        assert any(issubclass(r.category, CoverageWarning) and "could not be captured" in str(r.message) for r in w)
+        assert info["capture"] == "failed" and "could not be captured" in info["warnings"][0]
+        assert all(torch.equal(out[k], sd_b[k]) for k in sd_b)
+
+
+def test_activation_matching_with_unused_parameters_and_buffers():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+            self.spare = nn.Linear(5, 5)  # never called
+            self.register_buffer("stat", torch.zeros(3))
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    m = Unused()
+    x = torch.randn(2, 4)
+    spec = spec_from_model(m, x)
+    sd = _noisy(m)
+    p = random_permutation(spec, torch.Generator().manual_seed(3))
+    sp = apply_permutation(spec, sd, p)
+    perm, _ = activation_matching(spec, m, sd, sp, torch.randn(64, 4))
+    assert torch.equal(perm["fc1"], inverse(p)["fc1"])
+    wperm, _ = weight_matching(spec, sd, sp)
+    assert torch.equal(wperm["fc1"], perm["fc1"])
+
+
+def test_activation_matching_on_an_exported_model_with_keyword_inputs():
+    torch.manual_seed(0)
+    m, x = make_bert()
+    spec = spec_from_model(m, x)
+    assert spec.capture == "export"
+    sd = _noisy(m)
+    p = random_permutation(spec, torch.Generator().manual_seed(4))
+    sp = apply_permutation(spec, sd, p)
+    data = {"input_ids": torch.randint(0, 17, (32, 6)), "attention_mask": torch.ones(32, 6, dtype=torch.long)}
+    out, info = align(m, sd, sp, example_input=x, method="activation", data_x=data)
+    assert info["distance_after"] == 0.0 and info["equivalence_error"] < 1e-10
+
+
+def test_all_zero_output_is_refused():
+    class Zero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x))) * 0.0
+
+    m, x = Zero(), torch.randn(2, 3)
+    with pytest.raises(EquivalenceError, match="all zero"):
+        equivalence_error(m, m.state_dict(), m.state_dict(), x)
