@@ -85,7 +85,7 @@ def _any_float(example: Any) -> bool:
 
 
 def equivalence_error(model: nn.Module, sd: dict, sd_perm: dict, example_input: Any,
-                      seed: int = 0) -> float:
+                      seed: int = 0, allow_zero: bool = False) -> float:
     """max |f_perm(x) - f(x)| / max |f(x)| in eval mode, over every output tensor, on the example input
     and (for float inputs) a seeded standard-normal batch of the same shape. Computed in float64
     where the model allows, so rounding (which deep normalised nets amplify to ~1e-6 in float32)
@@ -110,7 +110,7 @@ def equivalence_error(model: nn.Module, sd: dict, sd_perm: dict, example_input: 
         a, b = _outputs(m, sd, x), _outputs(m, sd_perm, x)
         scale = max(scale, float(a.abs().max()))
         err = max(err, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
-    if not scale > 0:
+    if not scale > 0 and not allow_zero:
         raise EquivalenceError("the model's outputs are all zero on the check's inputs, so comparing them "
                                "cannot tell a wrong permutation from a right one (give an example input "
                                "on which the model's output is not zero)")
@@ -121,12 +121,81 @@ def _to64(sd: dict) -> dict:
     return {k: v.double() if torch.is_floating_point(v) else v for k, v in sd.items()}
 
 
-def check_equivalence(model, sd, sd_perm, example_input, tol: float = TOLERANCE) -> float:
-    err = equivalence_error(model, sd, sd_perm, example_input)
+ACT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def activation_error(model: nn.Module, spec: PermutationSpec, sd: dict, sd_perm: dict, perm: dict,
+                     example_input: Any) -> tuple[float, int, float]:
+    """Every group's probed activations, mapped back through the permutation: at each probed graph
+    node, pi(B)'s value must equal B's with the node's unit axis permuted. A wrong permutation inside a
+    branch the output barely sees (layer scale at 1e-6) or cannot see (an all-zero head) shows here.
+    -> (max over nodes of max |pi(B)'s - permuted B's| / max |B's|, number of non-zero nodes compared,
+    the tolerance for the dtype it ran in).
+    In float64 for torch.fx captures; an export is specialised to its dtype and node names, so it is
+    re-run in the dtype the spec was captured in (see ACT_TOLERANCE)."""
+    from .matching import _axis_index
+    from .spec import capture_module, load_into, observe
+
+    items: dict[str, list] = {}
+    for k, g in spec.groups.items():
+        for p in g.probes:
+            items.setdefault(p.node, []).append((p.axis, p.offset, g.size, p.block, k))
+    if not items:
+        return 0.0, 0, 0.0
+    m = copy.deepcopy(model).eval()
+    x = example_input
+    if spec.capture == "fx":
+        try:
+            m = m.double()
+            x = map_tensors(lambda t: t.double() if torch.is_floating_point(t) else t, x)
+            sd, sd_perm = _to64(sd), _to64(sd_perm)
+            _outputs(m, sd, x)
+        except (RuntimeError, TypeError):
+            m, x = copy.deepcopy(model).eval(), example_input
+    gm = capture_module(m, x, spec.capture)
+    load_into(gm, m, sd)
+    a = observe(gm, x, set(items))
+    load_into(gm, m, sd_perm)
+    b = observe(gm, x, set(items))
+    err, n = 0.0, 0
+    for node, its in items.items():
+        if node not in a or node not in b or a[node].shape != b[node].shape:
+            continue
+        ta, tb = a[node], b[node]
+        if any(ax >= ta.dim() or off + size * blk > ta.shape[ax] for ax, off, size, blk, _ in its):
+            continue  # not the node the spec saw: nothing to compare
+        expected = ta
+        for ax in sorted({it[0] for it in its}):
+            idx = _axis_index(ta.shape[ax], [it for it in its if it[0] == ax], perm)
+            expected = expected.index_select(ax, idx.to(ta.device))
+        scale = float(ta.abs().max()) if ta.numel() else 0.0
+        if scale > 0:
+            n += 1
+            err = max(err, float((tb - expected).abs().max()) / scale)
+    return err, n, ACT_TOLERANCE.get(_dtype(m), ACT_TOLERANCE[torch.float32])
+
+
+def check_equivalence(model, sd, sd_perm, example_input, tol: float = TOLERANCE, *,
+                      spec: PermutationSpec | None = None, perm: dict | None = None) -> float:
+    """Raise EquivalenceError unless pi(B) computes B's function: its outputs (relative error within
+    tol) and, given the spec and permutation, every probed activation mapped back through the
+    permutation (see activation_error). An all-zero output is refused unless activations were
+    compared. -> the outputs' relative error."""
+    acts, n, atol = (activation_error(model, spec, sd, sd_perm, perm, example_input)
+                     if spec is not None and perm is not None else (0.0, 0, 0.0))
+    err = equivalence_error(model, sd, sd_perm, example_input, allow_zero=n > 0)
     if not err <= tol:
         raise EquivalenceError(f"the permuted model's outputs differ from the original's by {err:.3g} "
                                f"(relative; tolerance {tol:g}): the permutation spec is wrong for this model")
+    if not acts <= atol:
+        raise EquivalenceError(f"the permuted model's hidden activations differ from the original's, mapped "
+                               f"through the permutation, by {acts:.3g} (relative; tolerance {atol:g}): the "
+                               "permutation spec is wrong for this model")
     return err
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if torch.is_floating_point(p)), torch.float32)
 
 
 def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, method: str = "weight",
@@ -161,7 +230,7 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, metho
         raise UserError(f"unknown alignment method {method!r}; choose weight or activation")
     sd_p = apply_permutation(spec, sd_b, perm)
     seconds = time.perf_counter() - t0
-    err = check_equivalence(model, sd_b, sd_p, example_input) if check else None
+    err = check_equivalence(model, sd_b, sd_p, example_input, spec=spec, perm=perm) if check else None
     info = {"method": method, **info, "distance_before": distance(sd_a, sd_b, spec.parameters),
             "distance_after": distance(sd_a, sd_p, spec.parameters), "distance_over": "parameters",
             "equivalence_error": err, "seconds": seconds, "permutable_fraction": spec.permutable_fraction(),

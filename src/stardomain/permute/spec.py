@@ -59,6 +59,7 @@ class Group:
 class Unpermuted:
     what: str      # the tensor axes concerned
     reason: str
+    axes: list = field(default_factory=list)  # [tensor, axis, offset, length] of each pinned slice
 
 
 @dataclass
@@ -83,7 +84,8 @@ class PermutationSpec:
                            probes=[Probe(**p) for p in g.get("probes", [])], heads=g.get("heads", 0),
                            couple=g.get("couple"), head_only=g.get("head_only", False))
                   for k, g in d["groups"].items()}
-        return cls(groups, [Unpermuted(**u) for u in d["unpermuted"]],
+        return cls(groups, [Unpermuted(u["what"], u["reason"], [list(a) for a in u.get("axes", [])])
+                            for u in d["unpermuted"]],
                    {k: list(v) for k, v in d["shapes"].items()}, list(d["parameters"]),
                    d.get("capture", "fx"), d.get("capture_error"))
 
@@ -97,10 +99,29 @@ class PermutationSpec:
         return {m.tensor for g in self.groups.values() for m in g.members}
 
     def permutable_fraction(self) -> float:
-        """Fraction of parameter numbers (not buffers) in tensors that at least one group permutes."""
-        tot = sum(math.prod(self.shapes[p]) for p in self.parameters)
-        perm = sum(math.prod(self.shapes[p]) for p in self.parameters if p in self.permutable_tensors())
-        return perm / tot if tot else 0.0
+        """Coverage over the parameter axes that could carry a permutation: each axis of a parameter
+        that indexes hidden units (found in a group, or pinned for a reason other than being the
+        model's output) weighs the parameter's size; the fraction is the permuted share of that
+        weight (a slice of an axis counts for its share of the axis). A tensor permuted on one axis
+        and pinned on another counts half; axes no unit runs along (kernel taps, the model's inputs
+        and outputs) count for nothing. Buffers are not counted."""
+        params = set(self.parameters)
+        done: dict[tuple[str, int], int] = {}
+        for g in self.groups.values():
+            for m in g.members:
+                if m.tensor in params:
+                    done[m.tensor, m.axis] = done.get((m.tensor, m.axis), 0) + g.size * m.block
+        pinned: set[tuple[str, int]] = set()
+        for u in self.unpermuted:
+            if not _boundary(u.reason):
+                pinned |= {(t, ax) for t, ax, *_ in u.axes if t in params}
+        num = den = 0.0
+        for t, ax in set(done) | pinned:
+            size, length = math.prod(self.shapes[t]), self.shapes[t][ax]
+            share = min(1.0, done.get((t, ax), 0) / length)
+            num += size * share
+            den += size if (t, ax) in pinned else size * share
+        return num / den if den else 0.0
 
     def problems(self) -> list[str]:
         """What a user must be told about this spec: the capture failed, or nothing can be permuted."""
@@ -115,7 +136,8 @@ class PermutationSpec:
     def summary(self) -> str:
         how = {"fx": "torch.fx", "export": "torch.export"}.get(self.capture, "nothing")
         lines = [f"{len(self.groups)} permutation groups, "
-                 f"{100 * self.permutable_fraction():.1f}% of parameters permutable (captured with {how})"]
+                 f"{100 * self.permutable_fraction():.1f}% of the parameter axes that carry hidden units "
+                 f"permuted (captured with {how})"]
         lines += [f"warning: {p}" for p in self.problems()]
         for g in self.groups.values():
             extra = (f", {g.heads} heads" + (" (whole heads only)" if g.head_only else "")
@@ -129,6 +151,11 @@ class PermutationSpec:
         return "\n".join(lines)
 
     __str__ = summary
+
+
+def _boundary(reason: str) -> bool:
+    """A pin that only says the axis is the model's input or output (no hidden units run along it)."""
+    return all(r.startswith(("model output", "model input")) for r in reason.split("; "))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +261,9 @@ class _Builder:
             self._whole_used(a)
             self._whole_used(b)
             self.reasons[a].append("a fused projection used both whole and in parts")
-        if self.n[a] != self.n[b]:  # cannot happen for a consistent graph; be safe
+        if self.n[a] <= 0 or self.n[b] <= 0:  # a pin (size unknown): takes the other's size
+            self.n[a] = self.n[b] = max(self.n[a], self.n[b])
+        elif self.n[a] != self.n[b]:  # cannot happen for a consistent graph; be safe
             self.fix(a, "size mismatch in a merge")
             self.fix(b, "size mismatch in a merge")
         if b < a:
@@ -492,6 +521,29 @@ class _Tracer:
             if n in self.materialised:
                 self.fix_value(self.materialised[n], reason)
 
+    def pinned_like(self, node: fx.Node, reason: str) -> "_Lay | None":
+        """The output of an op not understood, where a plain input's feature axis survives in its
+        shape (cumsum, an unknown activation): a pinned group there, so what reads it downstream is
+        listed as pinned too (and anything merged with it is pinned: never less safe than nothing)."""
+        so = _shape(node)
+        lays = [(n, self.env.get(n)) for n in node.all_input_nodes if isinstance(self.env.get(n), _Lay)]
+        if so is None or node.op == "output" or len(lays) != 1:
+            return None
+        n, lay = lays[0]
+        si = _shape(n)
+        if si is None or len(si) != len(so) or si[lay.axis] != so[lay.axis]:
+            return None
+        g = self.b.new(so[lay.axis], f"{node.name}:pinned", f"after an op not understood: {reason}")
+        return _Lay(lay.axis, ((g, so[lay.axis], 1),))
+
+    def fix_module(self, node: fx.Node, reason: str) -> None:
+        """A module not understood: its own parameters' unit axes are pinned and said so."""
+        if node.op != "call_module":
+            return
+        for pname, p in self.modules[node.target].named_parameters(recurse=False):
+            for ax in range(min(p.dim(), 2)):
+                self.pin_axis(f"{node.target}.{pname}", ax, reason)
+
     def fresh(self, n: int, label: str, axis: int, members: list[tuple[str, int]]) -> _Lay:
         g = self.b.new(n, label)
         for name, ax in members:
@@ -526,7 +578,8 @@ class _Tracer:
                     out = None
             except _Fix as e:
                 self.fix_args(node, f"{e} (at {node.format_node()[:120]})")
-                out = None
+                self.fix_module(node, f"{e}")
+                out = self.pinned_like(node, f"{e}")
             except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError) as e:
                 # a rule met a use it does not expect: pin what flows in rather than guess
                 self.fix_args(node, f"not understood ({type(e).__name__}: {e}) (at {node.format_node()[:120]})")
@@ -645,6 +698,7 @@ class _Tracer:
         if isinstance(mod, nn.Flatten):
             return self.reshape(lay, shape_in, shape_out)
         if isinstance(mod, nn.Embedding):
+            self.pin_axis(f"{name}.weight", 0, _EMBEDDING_ROWS)
             return self.fresh(mod.embedding_dim, name, len(shape_out) - 1, [(f"{name}.weight", 1)])
         if isinstance(mod, nn.MultiheadAttention):
             return self.visit_mha(node, mod)
@@ -829,6 +883,8 @@ class _Tracer:
     def cat(self, node: fx.Node, parts: list, dim: int) -> Any:
         so = _shape(node)
         dim = dim % len(so)
+        # empty pieces (an empty key/value cache) add nothing
+        parts = [p for p in parts if not (_shape(p) is not None and math.prod(_shape(p)) == 0)]
         lays = [self.lay(p) for p in parts]
         if all(lay is None for lay in lays):
             return None
@@ -855,9 +911,9 @@ class _Tracer:
             return None
         if si is None or so is None:
             raise _Fix("reshape of unknown shape")
+        if tuple(si) == tuple(so):  # a reshape to the same shape moves nothing
+            return lay
         if isinstance(lay, _Fused):
-            if tuple(si) == tuple(so):
-                return lay
             raise _Fix("reshape of a fused projection split over a new axis")
         if isinstance(lay, _HLay):
             rep = self.repeat_heads(lay, si, so)
@@ -1026,7 +1082,7 @@ class _Tracer:
                 raise _Fix("advanced indexing")
             if i_in == lay.axis:
                 if not (isinstance(e, slice) and e == slice(None)):
-                    raise _Fix("indexing into the feature axis")
+                    raise _Fix("model output (a slice of it)" if _only_output(node) else "indexing into the feature axis")
                 return _Lay(i_out, lay.segs)
             i_in += 1
             i_out += isinstance(e, slice)
@@ -1152,6 +1208,8 @@ class _Tracer:
             self.units_fixed(lay.gid)
             return lay
         axes = (lay.head_axis, lay.unit_axis) if isinstance(lay, _HLay) else (lay.axis,)
+        if dim in axes and not full and _only_output(node):
+            raise _Fix("model output (a slice of it)")
         if dim in axes and not full:
             raise _Fix("slicing into the feature axis (or heads, or a head's units)")
         if isinstance(lay, _Fused) and dim != lay.axis:
@@ -1352,12 +1410,13 @@ class _Tracer:
             if not members:
                 continue
             what = ", ".join(dict.fromkeys(f"{m.tensor}[{m.axis}]" for m in members))
+            axes = [[m.tensor, m.axis, m.offset, b.n[r] * m.block] for m in members]
             if b.reasons[r]:
-                unperm.append(Unpermuted(what, "; ".join(dict.fromkeys(b.reasons[r]))))
+                unperm.append(Unpermuted(what, "; ".join(dict.fromkeys(b.reasons[r])), axes))
                 continue
             if b.head_only[r] and not b.heads[r]:
                 unperm.append(Unpermuted(what, "units tied to their positions (rotary embedding) outside "
-                                               "attention heads"))
+                                               "attention heads", axes))
                 continue
             if b.n[r] < 2:
                 continue
@@ -1377,7 +1436,15 @@ class _Tracer:
                 else:  # partner pinned: pin this one too (they share the head permutation)
                     gr = groups.pop(b.label[r])
                     unperm.append(Unpermuted(", ".join(f"{m.tensor}[{m.axis}]" for m in gr.members),
-                                             "its attention heads' partner group is unpermutable"))
+                                             "its attention heads' partner group is unpermutable",
+                                             [[m.tensor, m.axis, m.offset, gr.size * m.block] for m in gr.members]))
+        listed = {(t, ax) for u in unperm for t, ax, *_ in u.axes} | {
+            (m.tensor, m.axis) for g in groups.values() for m in g.members}
+        for t, why in pinned.items():  # read by an op not understood, in no group: still said
+            shape = sd[t].shape if t in sd else ()
+            axes = [[t, ax, 0, shape[ax]] for ax in range(min(len(shape), 2)) if (t, ax) not in listed]
+            if axes:
+                unperm.append(Unpermuted(", ".join(f"{t}[{a[1]}]" for a in axes), why, axes))
         if trace_error:
             unperm.append(Unpermuted("whole model", trace_error))
         return PermutationSpec(groups, unperm, {k: list(v.shape) for k, v in sd.items()},
@@ -1388,6 +1455,14 @@ class _Tracer:
 # the rule registry: what each function, tensor method and ATen op (torch.export graphs) does to
 # the layouts of its arguments. A rule is (kind, fn(tracer, node) -> layout): kind "plain" rules see
 # only plain layouts (per-head or fused ones are pinned before they run), "any" rules handle all.
+
+_EMBEDDING_ROWS = "model input: an embedding's rows are looked up by token id"
+
+
+def _only_output(node: fx.Node) -> bool:
+    """node's value goes straight to the model's output (a slice of logits: pinned as output anyway)."""
+    return bool(node.users) and all(u.op == "output" for u in node.users)
+
 
 def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
@@ -1542,6 +1617,7 @@ def _embedding(t, node, aten=False):
     if t.lay(ids) is not None:
         raise _Fix("embedding lookup by permuted values")
     so = _shape(node)
+    t.pin_axis(wn, 0, _EMBEDDING_ROWS)
     return t.fresh(so[-1], wn.removesuffix(".weight"), len(so) - 1, [(wn, 1)])
 
 
@@ -1796,6 +1872,23 @@ def _fx_graph(model: nn.Module, example: Any) -> fx.Graph:
     return graph
 
 
+_FLAT = "wrapped."
+
+
+class _Flat(nn.Module):
+    """The model with its outputs flattened to a tuple of tensors: torch.export refuses outputs it does
+    not know (a Hugging Face key/value cache); what the spec protects is the tensors."""
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, *args, **kwargs):
+        from .inputs import flat_tensors
+
+        return tuple(flat_tensors(self.wrapped(*args, **kwargs)))
+
+
 def _export(model: nn.Module, example: Any):
     """torch.export of the model in eval mode on the example -> (ExportedProgram, graph-input name ->
     state-dict name for its parameters and buffers)."""
@@ -1807,11 +1900,11 @@ def _export(model: nn.Module, example: Any):
         for m in training:
             m.training = False
         with torch.no_grad():
-            ep = torch.export.export(model, args, kwargs, strict=False)
+            ep = torch.export.export(_Flat(model), args, kwargs, strict=False)
     finally:
         for m in training:
             m.training = True
-    names = {s.arg.name: s.target for s in ep.graph_signature.input_specs
+    names = {s.arg.name: s.target.removeprefix(_FLAT) for s in ep.graph_signature.input_specs
              if s.kind in (InputKind.PARAMETER, InputKind.BUFFER) and s.target is not None}
     for n in ep.graph.nodes:
         val = n.meta.get("val")
@@ -1875,8 +1968,11 @@ def load_into(gm: fx.GraphModule, model: nn.Module, sd: dict) -> None:
     """Load a full state dict into the model and the graph module captured from it (which holds only
     the tensors its forward uses: unused parameters and buffers are not an error)."""
     model.load_state_dict(sd)
-    keys = set(gm.state_dict())
-    gm.load_state_dict({k: v for k, v in sd.items() if k in keys}, strict=False)
+    own = {k: k.removeprefix(_FLAT) for k in gm.state_dict()}  # an export holds the model as `wrapped`
+    found = {k: sd[name] for k, name in own.items() if name in sd}
+    if own and not found:
+        raise RuntimeError("the captured graph's tensors match none of the state dict's names")
+    gm.load_state_dict(found, strict=False)
 
 
 def observe(gm: fx.GraphModule, example: Any, nodes: set[str]) -> dict[str, torch.Tensor]:
@@ -1888,8 +1984,8 @@ def observe(gm: fx.GraphModule, example: Any, nodes: set[str]) -> dict[str, torc
         acts = gm._stardomain_acts
 
         def store(value, name):
-            if isinstance(value, torch.Tensor):
-                acts[name] = value.detach()
+            if isinstance(value, torch.Tensor):  # a copy: views of parameters change with the next load
+                acts[name] = value.detach().clone()
 
         for n in list(gm.graph.nodes):
             if n.name in nodes and n.op != "output":
