@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..errors import UserError
+from . import gpt as _gpt
 from . import vit as _vit
 from . import zoo
 
@@ -24,6 +25,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn": zoo.wrn,
     "densenet": zoo.densenet,
     "vit": _vit.vit,
+    "gpt": _gpt.gpt,
+    "bert": _gpt.bert,
 }
 
 
