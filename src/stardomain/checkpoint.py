@@ -115,7 +115,7 @@ def read_model_file(path: str | Path, verify: bool = True) -> tuple[dict[str, to
     tensors, raw_meta = _read_safetensors(path)
     if META_KEY not in raw_meta:
         raise UserError(f"{path}: a safetensors file without stardomain metadata; it was not written by "
-                        "stardomain (use stardomain import-weights if you need to bring foreign weights)")
+                        "stardomain (wrap foreign weights with `stardomain import`)")
     try:
         meta = json.loads(raw_meta[META_KEY])
     except json.JSONDecodeError:

@@ -259,6 +259,42 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
                f"equivalence error {rec['equivalence_error']:.2e}  {rec['seconds']:.2f}s")
 
 
+@app.command("import")
+def import_(weights: Path = typer.Argument(..., help="A safetensors state dict, or a Hugging Face model folder "
+                                          "(its *.safetensors shards). Pickled .bin/.pt files are refused."),
+            model_factory: str = typer.Option(..., "--model-factory", help="'package.module:function' building "
+                                              "the architecture the weights belong to."),
+            kwargs: str = typer.Option("{}", "--kwargs", help="JSON object of keyword arguments for the factory."),
+            data: str = typer.Option(..., "--data", help="Data set name (e.g. digits, mnist) or a JSON data config: "
+                                     "what the model file says it was made for."),
+            example: Optional[str] = typer.Option(None, "--example", help="JSON of keyword inputs for models that "
+                                                  "do not take images, e.g. '{\"input_ids\": {\"shape\": [16], "
+                                                  "\"dtype\": \"int64\", \"high\": 30522}}'."),
+            out: Path = typer.Option(..., "--out", "-o", help="The model file to write (.safetensors).")):
+    """Wrap third-party weights as a stardomain model file, so spec, align, barrier and bma read it.
+
+    Example: stardomain import ./bert-tiny --model-factory mypkg.models:tiny_bert --data digits
+    --example '{"input_ids": {"shape": [16], "dtype": "int64", "high": 1000}}' --out bert0.safetensors
+    """
+    from .permute.files import import_weights
+
+    def parse(text, what):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{what} is not valid JSON ({e.msg}): {text!r}") from None
+        return value
+
+    kw = parse(kwargs, "--kwargs")
+    if not isinstance(kw, dict):
+        raise UserError(f"--kwargs must be a JSON object, got {kwargs!r}")
+    d = parse(data, "--data") if data.lstrip().startswith("{") else data
+    ex = parse(example, "--example") if example else None
+    meta = import_weights(weights, model_factory, kw, d, out, example=ex)
+    typer.echo(f"wrote {out}  ({model_factory}, {len(meta['imported']['weights'])} weight file(s), "
+               f"sha256 {meta['sha256'][:12]})")
+
+
 @app.command("spec")
 def spec_(path: Path = typer.Argument(..., help="A model file written by stardomain."),
           json_: bool = typer.Option(False, "--json", help="Print the spec as JSON (plain data).")):
