@@ -45,7 +45,9 @@ def _architecture(model: nn.Module) -> tuple:
 
 def spec_for(model: nn.Module, example_input: Any) -> PermutationSpec:
     """spec_from_model, cached by architecture (every module's class and settings, input shapes and dtypes)."""
-    key = (_architecture(model), signature(example_input),
+    from .spec import _RULES_VERSION
+
+    key = (_architecture(model), signature(example_input), _RULES_VERSION[0],
            tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
     if key in _CACHE:
         _CACHE.move_to_end(key)

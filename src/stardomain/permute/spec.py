@@ -349,6 +349,9 @@ class _GraphTracer(fx.Tracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
 
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _user_rule(m) is not None or super().is_leaf_module(m, qualname)
+
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}  # the input's dims
@@ -521,6 +524,30 @@ class _Tracer:
             if n in self.materialised:
                 self.fix_value(self.materialised[n], reason)
 
+    def visit_leaf(self, node: fx.Node, name: str, rule: "LeafRule") -> Any:
+        """A user-registered leaf module (register_leaf_module)."""
+        x = node.args[0] if node.args else None
+        lay = self.lay(x)
+        if rule.kind == "opaque":
+            raise _Fix(rule.reason or f"{rule.cls.__name__} is registered as opaque")
+        if isinstance(lay, (_HLay, _Fused)):
+            raise _Fix(f"{rule.cls.__name__} on per-head tensors")
+        if rule.kind == "elementwise":
+            return lay
+        if rule.kind == "per_unit":
+            if lay is not None:
+                self.add_members(lay, [(f"{name}.{p}", ax) for p, ax in rule.params.items()])
+            return lay
+        # linear: every weight (out, in) along rule.axes, biases along out
+        out_ax, in_ax = rule.axes
+        if lay is not None:
+            if lay.axis != len(_shape(x)) - 1:
+                raise _Fix(f"{rule.cls.__name__} applied across a non-feature axis")
+            self.add_members(lay, [(f"{name}.{w}", in_ax) for w in rule.weights], need_block1=False)
+        so = _shape(node)
+        return self.fresh(so[-1], name, len(so) - 1,
+                          [(f"{name}.{w}", out_ax) for w in rule.weights] + [(f"{name}.{b}", 0) for b in rule.biases])
+
     def pinned_like(self, node: fx.Node, reason: str) -> "_Lay | None":
         """The output of an op not understood, where a plain input's feature axis survives in its
         shape (cumsum, an unknown activation): a pinned group there, so what reads it downstream is
@@ -616,6 +643,9 @@ class _Tracer:
 
     def visit_module(self, node: fx.Node, mod: nn.Module) -> Any:
         name = node.target
+        rule = _user_rule(mod)
+        if rule is not None:
+            return self.visit_leaf(node, name, rule)
         if any(isinstance(lay, _HLay) for lay in self.all_lays((node.args, node.kwargs))):
             if isinstance(mod, (nn.Dropout, nn.Identity, nn.Softmax)):
                 return self.lay(node.args[0])
@@ -1820,6 +1850,57 @@ ATEN_RULES: dict[str, Any] = {
                                 "scalar_tensor", "full", "zeros", "ones", "empty", "zeros_like", "ones_like",
                                 "full_like", "empty_like", "_local_scalar_dense", "item")},
 }
+
+
+# ---- rules users register for their own leaf modules ----
+
+@dataclass(frozen=True)
+class LeafRule:
+    cls: type
+    kind: str
+    params: dict = field(default_factory=dict)
+    weights: tuple = ()
+    biases: tuple = ()
+    axes: tuple = (0, 1)
+    reason: str | None = None
+
+
+MODULE_RULES: dict[type, LeafRule] = {}
+_RULES_VERSION = [0]
+
+
+def _user_rule(mod: nn.Module) -> "LeafRule | None":
+    return MODULE_RULES.get(type(mod)) if MODULE_RULES else None
+
+
+def register_leaf_module(cls: type, kind: str | None, *, params: dict[str, int] | None = None,
+                         weights: tuple[str, ...] = ("weight",), biases: tuple[str, ...] = ("bias",),
+                         axes: tuple[int, int] = (0, 1), reason: str | None = None) -> None:
+    """Teach the permutation spec a custom layer. Modules of exactly this class are captured as one
+    step (torch.fx does not trace inside them) and read as:
+
+    kind "elementwise": acts on each unit alike (an activation): units pass through unchanged.
+    kind "per_unit": one value per unit, like a norm's affine: `params` maps parameter names to the
+        axis indexing the units (params={"scale": 0, "shift": 0}).
+    kind "linear": mixes units like nn.Linear: each of `weights` is indexed (out, in) along `axes`
+        (for a (in, out) layout give axes=(1, 0)); `biases` are indexed by the outputs; the outputs
+        are a new group of units.
+    kind "opaque": nothing about it can be permuted (its inputs and parameters are pinned, `reason`
+        says why).
+    kind None: forget the rule.
+
+    Rules apply where torch.fx captures the model; a model only torch.export can capture is read
+    op by op, and its custom layers need no rule where their ops are understood.
+    Example: register_leaf_module(ScaleShift, "per_unit", params={"scale": 0, "shift": 0})
+    """
+    if kind is None:
+        MODULE_RULES.pop(cls, None)
+    elif kind not in ("elementwise", "per_unit", "linear", "opaque"):
+        raise ValueError(f"kind must be elementwise, per_unit, linear, opaque or None, got {kind!r}")
+    else:
+        MODULE_RULES[cls] = LeafRule(cls, kind, dict(params or {}), tuple(weights), tuple(biases), tuple(axes),
+                                     reason)
+    _RULES_VERSION[0] += 1
 
 
 def _forward_params(model: nn.Module) -> list:
