@@ -521,3 +521,33 @@ class DataDependent(nn.Module):
 
 def data_dependent(in_shape, num_classes):
     return DataDependent(math.prod(in_shape), num_classes)
+
+
+# ---- written with torch.nn.functional only (parameters passed to functions) ----
+class Functional(nn.Module):
+    def __init__(self, c=6, classes=4):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(c, 3, 3, 3) * 0.3), nn.Parameter(torch.zeros(c))
+        self.gn_w, self.gn_b = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.w2 = nn.Parameter(torch.randn(c, c, 3, 3) * 0.3)
+        self.bn_w, self.bn_b = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.register_buffer("rm", torch.zeros(c))
+        self.register_buffer("rv", torch.ones(c))
+        self.ln_w, self.ln_b = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.fc_w, self.fc_b = nn.Parameter(torch.randn(8, c) * 0.3), nn.Parameter(torch.zeros(8))
+        self.out_w = nn.Parameter(torch.randn(classes, 8) * 0.3)
+
+    def forward(self, x):
+        x = F.silu(F.group_norm(F.conv2d(x, self.w1, self.b1, padding=1), 2, self.gn_w, self.gn_b))
+        x = F.interpolate(F.max_pool2d(x, 2), scale_factor=2, mode="nearest")
+        x = F.pad(x, (1, 0, 0, 1))
+        x = F.batch_norm(F.conv2d(x, self.w2, padding=1), self.rm, self.rv, self.bn_w, self.bn_b, False)
+        h = F.layer_norm(x.mean((2, 3)), (x.shape[1],), self.ln_w, self.ln_b)
+        return F.linear(F.gelu(F.linear(h, self.fc_w, self.fc_b)), self.out_w)
+
+
+def make_functional():
+    return Functional(), torch.randn(2, 3, 6, 6)
+
+
+FAMILIES["functional"] = make_functional

@@ -85,6 +85,8 @@ def test_family_group_structure():
     qk = [g for g in rope.groups.values() if g.heads and g.head_only]
     vo = [g for g in rope.groups.values() if g.heads and not g.head_only]
     assert len(qk) == len(vo) == 2 and all(g.couple for g in qk + vo)
+    _, _, fn, _ = _family("functional", 0)  # F.conv2d/group_norm/batch_norm/layer_norm/linear/pad/interpolate
+    assert fn.permutable_fraction() == 1.0 and sorted(g.size for g in fn.groups.values()) == [6, 6, 8]
     _, _, unet, _ = _family("unet", 0)
     cat = [g for g in unet.groups.values() if any(mm.offset for mm in g.members)]
     assert cat  # the skip concatenation: the up path's channels sit after the skip's in the next conv
@@ -115,3 +117,21 @@ def test_channel_shuffle_and_token_mixing_are_pinned_with_reasons():
     _, _, mixer, _ = _family("mixer", 0)
     assert any("token mixing" in u.reason for u in mixer.unpermuted)
     assert any(g.size == 12 for g in mixer.groups.values())  # the channel MLPs' hidden units
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama", "llama_mha_rope", "vit", "functional", "unet"])
+def test_activation_matching_recovers_permuted_copies(name):
+    """Weight and activation matching agree: both recover a permuted copy exactly (fx and export
+    captures, fused q/k/v parts, rotary whole-head groups, grouped-query key/value heads)."""
+    from stardomain.permute import activation_matching
+
+    m, x, spec, sd = _family(name, 0)
+    p = random_permutation(spec, torch.Generator().manual_seed(5))
+    sp = apply_permutation(spec, sd, p)
+    g = torch.Generator().manual_seed(6)
+    data = {k: v.repeat(16, *[1] * (v.dim() - 1)) for k, v in x.items()} if isinstance(x, dict) else (
+        torch.randn(32, *x.shape[1:], generator=g) if torch.is_floating_point(x)
+        else torch.randint(0, int(x.max()) + 1, (32, *x.shape[1:]), generator=g))
+    q, _ = activation_matching(spec, m, sd, sp, data)
+    assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups), [
+        k for k in spec.groups if not torch.equal(q[k], inverse(p)[k])]

@@ -222,6 +222,7 @@ class _Builder:
             sg = self.new(n, f"{self.label[r]}[{off}:{off + n}]")
             self.reasons[sg] = list(self.reasons[r])
             self.members[sg] = [Member(m.tensor, m.axis, m.offset + off, 1) for m in self.members[r]]
+            self.probes[sg] = [Probe(p.node, p.axis, p.offset + off * p.block, p.block) for p in self.probes[r]]
             subs.append(sg)
             off += n
         self.members[r], self.probes[r] = [], []
@@ -238,6 +239,7 @@ class _Builder:
         c = self.new(blocks, self.label[r], None)
         self.reasons[c] = list(self.reasons[r])
         self.members[c] = [Member(m.tensor, m.axis, m.offset, per) for m in self.members[r]]
+        self.probes[c] = [Probe(p.node, p.axis, p.offset, p.block * per) for p in self.probes[r]]
         self.members[r], self.probes[r] = [], []
         self.parts[r] = [c]
         self.heads[r] = 0
