@@ -182,3 +182,32 @@ def test_all_zero_output_is_refused():
     m, x = Zero(), torch.randn(2, 3)
     with pytest.raises(EquivalenceError, match="all zero"):
         equivalence_error(m, m.state_dict(), m.state_dict(), x)
+
+
+def test_per_channel_vector_reshaped_to_broadcast_is_not_a_head_split():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.scale = nn.Conv2d(3, 4, 3), nn.Parameter(torch.randn(4))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc((self.conv(x) * self.scale.view(1, -1, 1, 1)).mean((2, 3)))
+
+    spec = spec_from_model(Scaled(), torch.randn(2, 3, 5, 5))
+    (g,) = spec.groups.values()
+    assert g.heads == 0 and ("scale", 0) in {(m.tensor, m.axis) for m in g.members}
+    assert spec.permutable_fraction() == 1.0
+
+
+def test_every_pinned_parameter_axis_is_listed():
+    from permute_families import make_shuffle
+
+    m, x = make_shuffle()
+    spec = spec_from_model(m, x)
+    listed = {(t, ax) for u in spec.unpermuted for t, ax, *_ in u.axes}
+    grouped = {(mm.tensor, mm.axis) for g in spec.groups.values() for mm in g.members}
+    # every axis of every weight matrix that carries units is either permuted or listed with a reason
+    for name in ("conv1.weight", "gconv.weight", "conv2.weight"):
+        assert {(name, 0), (name, 1)} - {("conv1.weight", 1)} <= listed | grouped, name
+    assert ("gconv.weight", 0) in listed and ("fc.weight", 0) in listed

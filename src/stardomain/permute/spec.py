@@ -555,15 +555,23 @@ class _Tracer:
         shape (cumsum, an unknown activation): a pinned group there, so what reads it downstream is
         listed as pinned too (and anything merged with it is pinned: never less safe than nothing)."""
         so = _shape(node)
-        lays = [(n, self.env.get(n)) for n in node.all_input_nodes if isinstance(self.env.get(n), _Lay)]
+        lays = [(n, self.env.get(n)) for n in node.all_input_nodes if isinstance(self.env.get(n), (_Lay, _HLay))]
         if so is None or node.op == "output" or len(lays) != 1:
             return None
         n, lay = lays[0]
         si = _shape(n)
-        if si is None or len(si) != len(so) or si[lay.axis] != so[lay.axis]:
+        if si is None:
             return None
-        g = self.b.new(so[lay.axis], f"{node.name}:pinned", f"after an op not understood: {reason}")
-        return _Lay(lay.axis, ((g, so[lay.axis], 1),))
+        if isinstance(lay, _Lay) and len(si) == len(so) and si[lay.axis] == so[lay.axis]:
+            ax = lay.axis
+        else:  # the units' count along exactly one output axis (a channel shuffle's reshape back)
+            units = si[lay.axis] if isinstance(lay, _Lay) else self.b.n[self.b.find(lay.gid)]
+            axes = [i for i, d in enumerate(so) if d == units]
+            if len(axes) != 1 or units < 2:
+                return None
+            ax = axes[0]
+        g = self.b.new(so[ax], f"{node.name}:pinned", f"after an op not understood: {reason}")
+        return _Lay(ax, ((g, so[ax], 1),))
 
     def fix_module(self, node: fx.Node, reason: str) -> None:
         """A module not understood: its own parameters' unit axes are pinned and said so."""
