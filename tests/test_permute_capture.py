@@ -211,3 +211,33 @@ def test_every_pinned_parameter_axis_is_listed():
     for name in ("conv1.weight", "gconv.weight", "conv2.weight"):
         assert {(name, 0), (name, 1)} - {("conv1.weight", 1)} <= listed | grouped, name
     assert ("gconv.weight", 0) in listed and ("fc.weight", 0) in listed
+
+
+def test_attention_bias_per_head_pins_the_heads():
+    """An additive bias that differs per head (ALiBi) passed to scaled_dot_product_attention: moving
+    heads would change the function, so they are pinned; a mask broadcast over heads is fine."""
+    import torch.nn.functional as F
+
+    class Alibi(nn.Module):
+        def __init__(self, per_head):
+            super().__init__()
+            self.qkv, self.o, self.per_head = nn.Linear(8, 24), nn.Linear(8, 3), per_head
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = (t.view(B, T, 2, 4).transpose(1, 2) for t in self.qkv(x).split(8, dim=-1))
+            bias = torch.arange(2.0).view(1, 2, 1, 1) if self.per_head else torch.zeros(1, 1, 1, 1)
+            bias = bias * torch.arange(T).view(1, 1, 1, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            return self.o(y.transpose(1, 2).reshape(B, T, 8))
+
+    x = torch.randn(2, 5, 8)
+    per = spec_from_model(Alibi(True), x)
+    assert not any(g.heads for g in per.groups.values())
+    assert any("differs across heads" in u.reason for u in per.unpermuted)
+    same = spec_from_model(Alibi(False), x)
+    assert sum(g.heads == 2 for g in same.groups.values()) == 2
+    for m, spec in ((Alibi(True), per), (Alibi(False), same)):
+        sd = _noisy(m)
+        sp = apply_permutation(spec, sd, random_permutation(spec, torch.Generator().manual_seed(0)))
+        assert equivalence_error(m, sd, sp, x) < 1e-10

@@ -1370,6 +1370,9 @@ class _Tracer:
         lq, lk, lv = self.lay(q), self.lay(k), self.lay(v)
         if mask is not None and self.lay(mask) is not None:
             raise _Fix("attention with a mask that carries permuted units")
+        ms = _shape(mask) if mask is not None else None
+        if ms is not None and len(ms) >= 3 and ms[-3] != 1:  # a bias per head (ALiBi): heads are not alike
+            raise _Fix("attention with a mask or bias that differs across heads")
         if not all(isinstance(lay, _HLay) for lay in (lq, lk, lv)):
             raise _Fix("attention over tensors not split into heads")
         nq, nk, nv = len(_shape(q)), len(_shape(k)), len(_shape(v))
@@ -1633,7 +1636,7 @@ def _select(t, node):
 
 def _matmul(t, node):
     x, y = node.args[:2]
-    if isinstance(t.env.get(y), _P) and not isinstance(t.lay(x), _HLay):  # x @ W with W a parameter
+    if isinstance(t.env.get(y), _P) and len(t.env[y].shape) == 2 and not isinstance(t.lay(x), _HLay):  # x @ W
         return t.addmm(node, None, x, y)
     return t.matmul(node)
 
