@@ -241,3 +241,25 @@ def test_attention_bias_per_head_pins_the_heads():
         sd = _noisy(m)
         sp = apply_permutation(spec, sd, random_permutation(spec, torch.Generator().manual_seed(0)))
         assert equivalence_error(m, sd, sp, x) < 1e-10
+
+
+def test_fused_qkv_cut_by_chunk():
+    import torch.nn.functional as F
+
+    class Chunked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.o = nn.Linear(6, 18), nn.Linear(6, 2)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = (t.reshape(B, T, 3, 2).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+
+    m, x = Chunked(), torch.randn(2, 4, 6)
+    spec = spec_from_model(m, x)
+    heads = sorted((g.name, g.heads, g.couple is not None) for g in spec.groups.values())
+    assert heads == [("qkv[0:6]", 3, True), ("qkv[12:18]", 3, True)]
+    sd = _noisy(m)
+    p = random_permutation(spec, torch.Generator().manual_seed(0))
+    assert equivalence_error(m, sd, apply_permutation(spec, sd, p), x) < 1e-10
