@@ -551,3 +551,10 @@ def make_functional():
 
 
 FAMILIES["functional"] = make_functional
+
+
+def vit_digits(in_shape, num_classes, dim=12, heads=3):
+    """A factory for `stardomain import --model-factory permute_families:vit_digits` (8x8 digits)."""
+    m = ViT(img=in_shape[1], patch=4, dim=dim, heads=heads, classes=num_classes)
+    m.patch_embed = nn.Conv2d(in_shape[0], dim, 4, 4)
+    return m

@@ -144,3 +144,31 @@ def test_align_says_when_nothing_can_be_permuted_and_strict_refuses(tmp_path):
     assert r.returncode == 2 and "--strict" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s.safetensors").exists()
     assert "could not be captured" in run("spec", a).stdout
+
+
+def test_import_a_plain_state_dict_then_spec_align_and_barrier(tmp_path):
+    """Third-party weights of a user architecture (a ViT written timm-style, fused qkv reshaped to
+    (B, N, 3, H, d)): imported, they are model files like any other."""
+    from safetensors.torch import save_file
+
+    from permute_families import vit_digits
+
+    files = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        raw = tmp_path / f"w{seed}.safetensors"
+        save_file({k: v.clone() for k, v in vit_digits((1, 8, 8), 10).state_dict().items()}, str(raw))
+        files.append(tmp_path / f"m{seed}.safetensors")
+        run("import", raw, "--model-factory", "permute_families:vit_digits", "--data", "digits", "--out", files[-1])
+    sd, meta = read_model_file(files[0])
+    assert meta["role"] == "imported" and meta["seed"] is None and meta["data"]["name"] == "digits"
+    assert "100.0% of the parameter axes" in run("spec", files[0]).stdout
+    js = tmp_path / "a.json"
+    run("align", *files, "--out", tmp_path / "al.safetensors", "--json", js, "--strict")
+    rec = json.loads(js.read_text())
+    assert rec["permutable_fraction"] == 1.0 and rec["distance_after"] < rec["distance_before"]
+    run("barrier", *files, "--points", "3", "--json", tmp_path / "b.json")
+    assert "barrier" in json.loads((tmp_path / "b.json").read_text())
+    r = run("import", raw, "--model-factory", "permute_families:vit_digits", "--kwargs", "[1]", "--data", "digits",
+            "--out", tmp_path / "x.safetensors", ok=False)
+    assert r.returncode == 2 and "--kwargs must be a JSON object" in r.stderr
