@@ -263,3 +263,22 @@ def test_fused_qkv_cut_by_chunk():
     sd = _noisy(m)
     p = random_permutation(spec, torch.Generator().manual_seed(0))
     assert equivalence_error(m, sd, apply_permutation(spec, sd, p), x) < 1e-10
+
+
+def test_per_unit_clamp_bounds_are_permuted_with_their_units():
+    class Clamped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 5), nn.Linear(5, 2)
+            self.lo, self.hi = nn.Parameter(-torch.rand(5)), nn.Parameter(torch.rand(5))
+
+        def forward(self, x):
+            return self.fc2(torch.clamp(self.fc1(x), self.lo, self.hi))
+
+    m, x = Clamped(), torch.randn(6, 3)
+    spec = spec_from_model(m, x)
+    (g,) = spec.groups.values()
+    assert {("lo", 0), ("hi", 0)} <= {(mm.tensor, mm.axis) for mm in g.members}
+    sd = _noisy(m)
+    sp = apply_permutation(spec, sd, random_permutation(spec, torch.Generator().manual_seed(0)))
+    assert equivalence_error(m, sd, sp, x) < 1e-10

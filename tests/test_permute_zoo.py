@@ -55,3 +55,28 @@ def test_zoo_transformer_trained_twins_align(digits_cfg, name):
     out, info = align(ma, ma.state_dict(), mb.state_dict(), example_input=x)
     assert info["equivalence_error"] < 1e-9 and info["distance_after"] < info["distance_before"]
     assert info["permutable_fraction"] == 1.0 and not info["warnings"]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"rope": True}, {"rope": True, "kv_heads": 2, "norm": "rms", "mlp": "swiglu"}])
+def test_fx_and_export_captures_give_the_same_groups(kwargs):
+    """The two capture paths read the same model alike (the zoo's gpt traces with torch.fx; its export
+    is read op by op from ATen)."""
+    import stardomain.permute.spec as S
+
+    torch.manual_seed(0)
+    m = build_model({"name": "gpt", "kwargs": {"dim": 16, **kwargs}}, (1, 8, 8), 10)
+    x = torch.randn(2, 1, 8, 8)
+    sd = m.state_dict()
+    fx_spec = spec_from_model(m, x)
+    ep, names = S._export(m, x)
+    tr = S._Tracer(None, ep.graph, set(sd), params=names, aliases=S._aliases(m, sd))
+    tr.run()
+    ex_spec = tr.spec(m, sd, capture="export")
+    assert fx_spec.capture == "fx"
+
+    def shape(spec):
+        return {frozenset((mm.tensor, mm.axis, mm.offset, mm.block) for mm in g.members): (g.size, g.heads, g.head_only)
+                for g in spec.groups.values()}
+
+    assert shape(fx_spec) == shape(ex_spec)
+    assert fx_spec.permutable_fraction() == ex_spec.permutable_fraction() == 1.0

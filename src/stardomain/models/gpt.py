@@ -140,9 +140,8 @@ class GPT(nn.Module):
         h = self.wte(idx)
         if self.wpe is not None:
             h = h + self.wpe(torch.arange(T, device=idx.device))
-        cos, sin = self.cos[:T], self.sin[:T]
-        for block in self.h:
-            h = block(h, cos, sin)
+        for block in self.h:  # T is always the image's token count: the tables fit it exactly
+            h = block(h, self.cos, self.sin)
         logits = self.lm_head(self.ln_f(h[:, -1]))  # the next token after the image
         return logits[:, self.levels:]  # ... is the class
 

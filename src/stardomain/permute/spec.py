@@ -598,6 +598,8 @@ class _Tracer:
 
     def merge(self, lays: list[_Lay]) -> _Lay:
         first = lays[0]
+        if any(not isinstance(lay, _Lay) or lay.axis != first.axis for lay in lays):
+            raise _Fix("combining tensors whose units lie on different axes")
         for other in lays[1:]:
             if [s[1:] for s in other.segs] != [s[1:] for s in first.segs]:
                 raise _Fix("elementwise op on differently structured feature axes")
@@ -903,8 +905,8 @@ class _Tracer:
             if e is None:
                 i_out += 1
                 continue
-            if any(isinstance(v, fx.Node) for v in (e.start, e.stop, e.step)):
-                raise _Fix("indexing per-head tensors by computed bounds")
+            # bounds computed at run time are fine off the head axis: any slice of a head's units
+            # treats every head alike
             if e != slice(None) and i_in == lay.head_axis:
                 raise _Fix("indexing some heads of per-head tensors")
             if e != slice(None) and i_in == lay.unit_axis:
@@ -1516,7 +1518,11 @@ def _dim_list(d: Any) -> Any:
 
 
 def _unary(t, node):
-    return t.lay(node.args[0])
+    """Elementwise on one tensor; another tensor among the arguments (clamp bounds, a tensor exponent)
+    makes it a binary op, with its broadcasting rules."""
+    others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, fx.Node) and
+              _shape(a) is not None]
+    return t.binary(node) if others else t.lay(node.args[0])
 
 
 def _binary(t, node):
@@ -1543,7 +1549,7 @@ def _permute(t, node):
 def _reduce(t, node):
     dim = _arg(node, 1, "dim")
     if isinstance(dim, fx.Node) or dim is not None and not isinstance(dim, (int, tuple, list)):
-        dim = None
+        raise _Fix("a reduction over axes computed at run time")
     keepdim = len(_shape(node) or ()) == len(_shape(node.args[0]) or ())  # read off the shapes: positions vary
     lay = t.lay(node.args[0])
     if isinstance(lay, (_HLay, _Fused)):
