@@ -497,13 +497,15 @@ class DataclassOut(nn.Module):
 
 
 FAMILIES = {
-    "gpt": make_gpt, "gpt_manual": lambda: make_gpt(flash=False), "llama": make_llama,
+    "gpt": make_gpt, "gpt_manual": lambda: make_gpt(flash=False),
+    # the whole causal-mask buffer used (T = block_size = width: shapes alike everywhere)
+    "gpt_manual_full": lambda: (GPT(flash=False), torch.randint(0, 11, (2, 8))), "llama": make_llama,
     "llama_mha_norope": lambda: make_llama(n_kv_heads=4, rope=False),
     "llama_mha_rope": lambda: make_llama(n_kv_heads=4, rope=True), "bert": make_bert, "vit": make_vit,
     "convnext": make_convnext, "unet": make_unet, "unet_transposed": lambda: make_unet(bilinear=False),
     "mixer": make_mixer, "shuffle": make_shuffle,
 }
-TRANSFORMERS = ("gpt", "gpt_manual", "llama", "llama_mha_norope", "llama_mha_rope", "bert", "vit")
+TRANSFORMERS = ("gpt", "gpt_manual", "gpt_manual_full", "llama", "llama_mha_norope", "llama_mha_rope", "bert", "vit")
 
 
 # ---- a model no capture can handle (a branch on values), for the CLI's --strict ----

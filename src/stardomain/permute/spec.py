@@ -865,9 +865,11 @@ class _Tracer:
                         out.head_axis, out.unit_axis, out.rep):
                     raise _Fix("elementwise op between differently laid out per-head tensors")
                 self.b.union(lay.gid, out.gid)
-            elif lay is not None:
-                raise _Fix("elementwise op between per-head and other permuted tensors")
             else:
+                if lay is not None:  # units of its own (a causal-mask buffer, a learned bias): pinned,
+                    if isinstance(lay, _Fused):  # then read as a constant
+                        raise _Fix("elementwise op between per-head tensors and a fused projection")
+                    self.fix_value(lay, "combined with per-head tensors as a constant")
                 if out.head_axis - d >= 0 and sa[out.head_axis - d] != 1:
                     raise _Fix("elementwise op on per-head tensors with a tensor that differs across heads")
                 if out.unit_axis is not None and out.unit_axis - d >= 0 and sa[out.unit_axis - d] != 1:
