@@ -13,6 +13,8 @@ SMALL = {
     "vgg": [{"depth": 11, "width": 0.0625}, {"depth": 19, "width": 0.0625, "bn": True}],
     "wrn": [{"depth": 10, "width_factor": 1}],
     "densenet": [{"depth": 10, "growth": 4}],
+    "gpt": [{"dim": 8, "heads": 2}, {"dim": 8, "heads": 2, "kv_heads": 1, "rope": True, "norm": "rms", "mlp": "swiglu"}],
+    "bert": [{"dim": 8, "heads": 2}],
 }
 
 

@@ -75,15 +75,35 @@ def test_registry_models_permute_exactly(name, kwargs, shape, spec_running_every
 def test_every_registered_model_is_covered():
     assert {c[0] for c in CASES} >= {"mlp", "cnn", "resnet", "vgg", "wrn", "densenet"}
     # every registry model is checked here or, for attention, in test_permute_vit.py
-    assert set(MODELS) - {c[0] for c in CASES} <= {"vit"}
+    assert set(MODELS) - {c[0] for c in CASES} <= {"vit", "gpt", "bert"}  # gpt, bert: test_permute_zoo.py
 
 
 def test_mlp_fraction_closed_form():
+    """Coverage counts parameter axes that carry hidden units: in an MLP all of them are permuted (the
+    classifier's rows are the model's output, the first layer's columns its input: no units)."""
     model = build_model({"name": "mlp", "kwargs": {"width": 8, "depth": 2}}, (1, 8, 8), 5)
     spec = spec_from_model(model, torch.zeros(2, 1, 8, 8))
-    total = (64 * 8 + 8) + (8 * 8 + 8) + (8 * 5 + 5)
-    assert spec.permutable_fraction() == pytest.approx(1 - 5 / total)  # only the output bias is untouched
+    assert spec.permutable_fraction() == 1.0
     assert sorted(g.size for g in spec.groups.values()) == [8, 8]
+
+
+def test_coverage_counts_axes_not_tensors():
+    """3 -> 4 -> 5 -> 2 with a cumsum over the 5 units: those are pinned. Axes with units, weighted by
+    their tensor's size: permuted fc1.weight[0] 12, fc1.bias 4, fc2.weight[1] 20; pinned fc2.weight[0] 20,
+    fc2.bias 5, fc3.weight[1] 10. A tensor-level count would call fc2.weight (permuted on one axis) covered."""
+    class Cum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(3, 4), nn.Linear(4, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.fc3(torch.cumsum(self.fc2(torch.relu(self.fc1(x))), dim=-1))
+
+    spec = spec_from_model(Cum(), torch.zeros(2, 3))
+    assert list(spec.groups) == ["fc1"]
+    assert spec.permutable_fraction() == pytest.approx((12 + 4 + 20) / (12 + 4 + 20 + 20 + 5 + 10))
+    pinned = {(t, ax) for u in spec.unpermuted if "cumsum" in u.reason for t, ax, *_ in u.axes}
+    assert pinned == {("fc2.weight", 0), ("fc2.bias", 0), ("fc3.weight", 1)}
 
 
 def test_flatten_into_linear_uses_blocks():

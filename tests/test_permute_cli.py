@@ -122,6 +122,55 @@ def test_spec_cli(pair):
     assert "2 permutation groups" in text and "size 16" in text and "model output" in text
     js = json.loads(run("spec", a, "--json").stdout)
     assert sorted(g["size"] for g in js["groups"].values()) == [16, 16]
-    # two hidden layers of 16 units, 64 inputs, 10 classes: only the output bias is unpermuted
-    total = 64 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10
-    assert f"{100 * (1 - 10 / total):.1f}%" in text
+    # two hidden layers of 16 units, 64 inputs, 10 classes: every axis carrying units is permuted
+    assert "100.0% of the parameter axes that carry hidden units permuted" in text
+
+
+def test_align_says_when_nothing_can_be_permuted_and_strict_refuses(tmp_path):
+    """A model neither torch.fx nor torch.export can capture: a warning on stderr and in the record, B
+    written unchanged; with --strict exit code 2, one line, nothing written."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    dd = ["--set", "model.factory=permute_families:data_dependent"]
+    run("train", "--seed", 0, "--out", a, *DIGITS, *dd)
+    run("train", "--seed", 1, "--out", b, *DIGITS, *dd)
+    out, js = tmp_path / "o.safetensors", tmp_path / "o.json"
+    allow = ["--allow-factory", "permute_families:data_dependent"]  # a file's factory runs only when allowed
+    r = run("align", a, b, "--out", out, "--json", js, *allow)
+    assert "warning: the model could not be captured" in r.stderr and "Traceback" not in r.stderr
+    rec = json.loads(js.read_text())
+    assert rec["capture"] == "failed" and rec["warnings"] and rec["permutable_fraction"] == 0.0
+    sd_b, sd_o = read_model_file(b)[0], read_model_file(out)[0]
+    assert all(torch.equal(sd_b[k], sd_o[k]) for k in sd_b)
+    r = run("align", a, b, "--out", tmp_path / "s.safetensors", "--strict", *allow, ok=False)
+    assert r.returncode == 2 and "--strict" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s.safetensors").exists()
+    assert "could not be captured" in run("spec", a, *allow).stdout
+
+
+def test_import_a_plain_state_dict_then_spec_align_and_barrier(tmp_path):
+    """Third-party weights of a user architecture (a ViT written timm-style, fused qkv reshaped to
+    (B, N, 3, H, d)): imported, they are model files like any other."""
+    from safetensors.torch import save_file
+
+    from permute_families import vit_digits
+
+    files = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        raw = tmp_path / f"w{seed}.safetensors"
+        save_file({k: v.clone() for k, v in vit_digits((1, 8, 8), 10).state_dict().items()}, str(raw))
+        files.append(tmp_path / f"m{seed}.safetensors")
+        run("import", raw, "--model-factory", "permute_families:vit_digits", "--data", "digits", "--out", files[-1])
+    sd, meta = read_model_file(files[0])
+    assert meta["role"] == "imported" and meta["seed"] is None and meta["data"]["name"] == "digits"
+    allow = ["--allow-factory", "permute_families:vit_digits"]  # a file's factory runs only when allowed
+    assert "100.0% of the parameter axes" in run("spec", files[0], *allow).stdout
+    js = tmp_path / "a.json"
+    run("align", *files, "--out", tmp_path / "al.safetensors", "--json", js, "--strict", *allow)
+    rec = json.loads(js.read_text())
+    assert rec["permutable_fraction"] == 1.0 and rec["distance_after"] < rec["distance_before"]
+    run("barrier", *files, "--points", "3", "--json", tmp_path / "b.json", *allow)
+    assert "barrier" in json.loads((tmp_path / "b.json").read_text())
+    r = run("import", raw, "--model-factory", "permute_families:vit_digits", "--kwargs", "[1]", "--data", "digits",
+            "--out", tmp_path / "x.safetensors", ok=False)
+    assert r.returncode == 2 and "--kwargs must be a JSON object" in r.stderr

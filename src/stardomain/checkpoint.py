@@ -77,7 +77,7 @@ class FileMeta(_Open):
     format_version: int = Field(ge=1)
     model: ModelConfig
     data: DataMeta
-    seed: int
+    seed: int | None  # None: imported weights (`stardomain import`), trained elsewhere
     role: str = Field(max_length=100)
     sha256: str = Field(pattern=_HEX64)  # the weights' digest (pair records, star sources rely on it)
     digest: str | None = Field(None, pattern=_HEX64)  # format 2: sha256 of the canonical metadata
@@ -210,7 +210,7 @@ def read_model_file(path: str | Path, verify: bool = True) -> tuple[dict[str, to
     tensors, raw_meta = _read_safetensors(path)
     if META_KEY not in raw_meta:
         raise UserError(f"{path}: a safetensors file without stardomain metadata; it was not written by "
-                        "stardomain (use stardomain import-weights if you need to bring foreign weights)")
+                        "stardomain (wrap foreign weights with `stardomain import`)")
     meta = parse_meta(raw_meta[META_KEY], str(path))
     if verify and weights_sha256(tensors) != meta["sha256"]:
         raise UserError(f"{path}: weights do not match the sha256 in its metadata (file corrupted or edited)")
@@ -357,7 +357,7 @@ _JSON_KEYS = {"barrier.json": {"t", "train", "test", "barrier", "files"},
               "align.json": {"method", "reference_sha256", "source_sha256", "out_sha256"}}
 _PNG_SOFTWARE = {"barrier.png": "stardomain barrier", "bma.png": "stardomain bma"}
 _MD_HEAD = {"bma.md": "## Bayesian model averaging"}
-MODEL_KINDS = ("train", "star", "align")
+MODEL_KINDS = ("train", "star", "align", "import")
 
 
 def read_model_meta(path: str | Path) -> dict | None:
@@ -379,6 +379,8 @@ def model_kind(meta: dict) -> str:
     """Which command made a model file: align (has an alignment record), star, merged, or train."""
     if "alignment" in meta:
         return "align"
+    if "imported" in meta:
+        return "import"
     if meta.get("role") == "star" and "sources" in meta:
         return "star"
     return "merged" if "merge" in meta else "train"
@@ -391,6 +393,9 @@ def model_job(kind: str, meta: dict) -> dict:
     if kind == "align":
         a = meta.get("alignment") or {}
         job = {"reference_sha256": a.get("reference_sha256"), "source_sha256": a.get("source_sha256")}
+    elif kind == "import":
+        imp = meta.get("imported") or {}
+        job = {"factory": imp.get("factory"), "kwargs": imp.get("kwargs")}
     else:
         job = {"role": meta.get("role"), "seed": meta.get("seed"), "config": meta.get("config")}
         if kind == "star":

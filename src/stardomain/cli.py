@@ -301,7 +301,10 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
                                     "exactly), identity (the paper's algorithm) or sorted."),
            json_: Optional[Path] = typer.Option(None, "--json", help="Also write the record as JSON here."),
            force: bool = ForceOpt,
-           allow_factory: List[str] = AllowOpt):
+           allow_factory: List[str] = AllowOpt,
+           strict: bool = typer.Option(False, "--strict", help="Exit with code 2, writing nothing, when the "
+                                       "model's graph cannot be captured or nothing in it is permutable "
+                                       "(otherwise a warning on stderr, and B is written unchanged).")):
     """Permute B's hidden units to best match A without changing B's function (checked).
 
     The output keeps B's metadata plus an `alignment` record (method, permutation, A's sha256).
@@ -316,12 +319,53 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     check_output(out, "align", {"alignment": {"reference_sha256": sha[0], "source_sha256": sha[1]}}, force=force,
                  inputs=[a, b])
     check_output(json_, "align.json", force=force, inputs=[a, b], option="--json")
-    rec = align_files(a, b, out, method=method, seed=seed, init=init)
+    rec = align_files(a, b, out, method=method, seed=seed, init=init, strict=strict)
+    for w in rec.get("warnings", []):
+        typer.echo(f"warning: {w}", err=True)
     if json_:
         atomic_write_json(json_, rec)
     typer.echo(f"wrote {out}  method {rec['method']}  iterations {rec['iterations']}  "
                f"parameter L2 distance to A {rec['distance_before']:.4f} -> {rec['distance_after']:.4f}  "
                f"equivalence error {rec['equivalence_error']:.2e}  {rec['seconds']:.2f}s")
+
+
+@app.command("import")
+def import_(weights: Path = typer.Argument(..., help="A safetensors state dict, or a Hugging Face model folder "
+                                          "(its *.safetensors shards). Pickled .bin/.pt files are refused."),
+            model_factory: str = typer.Option(..., "--model-factory", help="'package.module:function' building "
+                                              "the architecture the weights belong to."),
+            kwargs: str = typer.Option("{}", "--kwargs", help="JSON object of keyword arguments for the factory."),
+            data: str = typer.Option(..., "--data", help="Data set name (e.g. digits, mnist) or a JSON data config: "
+                                     "what the model file says it was made for."),
+            example: Optional[str] = typer.Option(None, "--example", help="JSON of keyword inputs for models that "
+                                                  "do not take images, e.g. '{\"input_ids\": {\"shape\": [16], "
+                                                  "\"dtype\": \"int64\", \"high\": 30522}}'."),
+            out: Path = typer.Option(..., "--out", "-o", help="The model file to write (.safetensors)."),
+            force: bool = ForceOpt):
+    """Wrap third-party weights as a stardomain model file, so spec, align, barrier and bma read it.
+
+    Example: stardomain import ./bert-tiny --model-factory mypkg.models:tiny_bert --data digits
+    --example '{"input_ids": {"shape": [16], "dtype": "int64", "high": 1000}}' --out bert0.safetensors
+    """
+    from .checkpoint import check_output
+    from .permute.files import import_weights
+
+    def parse(text, what):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{what} is not valid JSON ({e.msg}): {text!r}") from None
+        return value
+
+    kw = parse(kwargs, "--kwargs")
+    if not isinstance(kw, dict):
+        raise UserError(f"--kwargs must be a JSON object, got {kwargs!r}")
+    d = parse(data, "--data") if data.lstrip().startswith("{") else data
+    ex = parse(example, "--example") if example else None
+    check_output(out, "import", {"imported": {"factory": model_factory, "kwargs": kw}}, force=force, inputs=[weights])
+    meta = import_weights(weights, model_factory, kw, d, out, example=ex)
+    typer.echo(f"wrote {out}  ({model_factory}, {len(meta['imported']['weights'])} weight file(s), "
+               f"sha256 {meta['sha256'][:12]})")
 
 
 @app.command("spec")

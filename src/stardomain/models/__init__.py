@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..errors import UserError
+from . import gpt as _gpt
 from . import vit as _vit
 from . import zoo
 
@@ -26,6 +27,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn": zoo.wrn,
     "densenet": zoo.densenet,
     "vit": _vit.vit,
+    "gpt": _gpt.gpt,
+    "bert": _gpt.bert,
 }
 
 

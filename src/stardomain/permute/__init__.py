@@ -6,11 +6,13 @@
     sd_b_aligned, info = align(model, sd_a, sd_b, example_input=x)   # all of it, equivalence-checked
 """
 
-from .align import EquivalenceError, align, check_equivalence, equivalence_error, spec_for
+from .align import (CoverageWarning, EquivalenceError, activation_error, align, check_equivalence, equivalence_error,
+                    spec_for)
 from .matching import (activation_matching, apply_permutation, distance, identity, inverse, random_permutation,
                        weight_matching)
-from .spec import Group, Member, PermutationSpec, Probe, Unpermuted, spec_from_model
+from .spec import Group, Member, PermutationSpec, Probe, Unpermuted, register_leaf_module, spec_from_model
 
 __all__ = ["spec_from_model", "spec_for", "apply_permutation", "weight_matching", "activation_matching", "align",
-           "check_equivalence", "equivalence_error", "EquivalenceError", "distance", "identity", "inverse",
-           "random_permutation", "PermutationSpec", "Group", "Member", "Probe", "Unpermuted"]
+           "check_equivalence", "equivalence_error", "activation_error", "EquivalenceError", "CoverageWarning",
+           "distance", "identity", "inverse", "random_permutation", "register_leaf_module", "PermutationSpec",
+           "Group", "Member", "Probe", "Unpermuted"]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from .inputs import as_call, flat_tensors, map_tensors, signature
 from .matching import INITS, activation_matching, apply_permutation, distance, weight_matching
 from .spec import PermutationSpec, spec_from_model
 
@@ -19,6 +22,11 @@ _CACHE: "OrderedDict[tuple, PermutationSpec]" = OrderedDict()
 
 class EquivalenceError(RuntimeError):
     """A permuted model computes a different function: a bug in the spec, never to be ignored."""
+
+
+class CoverageWarning(UserWarning):
+    """Aligning this model cannot do what was asked: its graph could not be captured, or nothing in it
+    can be permuted (the model is returned unchanged)."""
 
 
 _PLAIN = (int, float, bool, str, type(None))
@@ -35,9 +43,11 @@ def _architecture(model: nn.Module) -> tuple:
     return tuple((name, type(m).__module__, type(m).__qualname__, attrs(m)) for name, m in model.named_modules())
 
 
-def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
-    """spec_from_model, cached by architecture (every module's class and settings, input shape and dtype)."""
-    key = (_architecture(model), tuple(example_input.shape), str(example_input.dtype),
+def spec_for(model: nn.Module, example_input: Any) -> PermutationSpec:
+    """spec_from_model, cached by architecture (every module's class and settings, input shapes and dtypes)."""
+    from .spec import _RULES_VERSION
+
+    key = (_architecture(model), signature(example_input), _RULES_VERSION[0],
            tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
     if key in _CACHE:
         _CACHE.move_to_end(key)
@@ -49,41 +59,63 @@ def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
     return spec
 
 
-def _outputs(model: nn.Module, sd: dict, x: torch.Tensor) -> torch.Tensor:
+def _outputs(model: nn.Module, sd: dict, x: Any) -> torch.Tensor:
+    """The model's outputs, any nest of tensors (tuples, dicts, dataclasses), flattened into one vector."""
     model.load_state_dict(sd)
     model.eval()
     with torch.no_grad():
-        out = model(x)
-    if isinstance(out, (tuple, list)):
-        out = torch.cat([o.reshape(-1) for o in out if isinstance(o, torch.Tensor)])
-    return out.double()
+        args, kwargs = as_call(x)
+        out = flat_tensors(model(*args, **kwargs))
+    out = [o.reshape(-1) for o in out if torch.is_floating_point(o) or torch.is_complex(o)]
+    if not out:
+        raise EquivalenceError("the model's output holds no floating-point tensor, so the permuted model "
+                               "cannot be compared with the original")
+    return torch.cat([o.double() for o in out])
 
 
-def equivalence_error(model: nn.Module, sd: dict, sd_perm: dict, example_input: torch.Tensor,
-                      seed: int = 0) -> float:
-    """max |f_perm(x) - f(x)| / max |f(x)| in eval mode, on the example input and (for float inputs) a
-    seeded standard-normal batch of the same shape. Computed in float64 where the model allows, so
-    rounding (which deep normalised nets amplify to ~1e-6 in float32) cannot hide or fake an error.
-    `model` is copied; its weights are untouched."""
+def _random_like(example: Any, seed: int) -> Any:
+    """The example with every floating-point tensor replaced by a seeded standard-normal one."""
+    g = torch.Generator().manual_seed(seed)
+    return map_tensors(lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype) if torch.is_floating_point(t)
+                       else t, example)
+
+
+def _any_float(example: Any) -> bool:
+    found = []
+    map_tensors(lambda t: found.append(torch.is_floating_point(t)) or t, example)
+    return any(found)
+
+
+def equivalence_error(model: nn.Module, sd: dict, sd_perm: dict, example_input: Any,
+                      seed: int = 0, allow_zero: bool = False) -> float:
+    """max |f_perm(x) - f(x)| / max |f(x)| in eval mode, over every output tensor, on the example input
+    and (for float inputs) a seeded standard-normal batch of the same shape. Computed in float64
+    where the model allows, so rounding (which deep normalised nets amplify to ~1e-6 in float32)
+    cannot hide or fake an error. A model whose outputs are all zero is refused (EquivalenceError):
+    any permutation would pass such a check. `model` is copied; its weights are untouched."""
     m = copy.deepcopy(model)
     xs = [example_input]
-    if torch.is_floating_point(example_input):
-        g = torch.Generator().manual_seed(seed)
-        xs.append(torch.randn(example_input.shape, generator=g, dtype=example_input.dtype))
+    if _any_float(example_input):
+        xs.append(_random_like(example_input, seed))
     xs32, sd32, sdp32 = list(xs), sd, sd_perm
     try:
         m = m.double()
         sd, sd_perm = _to64(sd), _to64(sd_perm)
-        xs = [x.double() if torch.is_floating_point(x) else x for x in xs]
+        xs = [map_tensors(lambda t: t.double() if torch.is_floating_point(t) else t, x) for x in xs]
         _outputs(m, sd, xs[0])
     except (RuntimeError, TypeError):  # an op without float64 support: compare in the model's dtype
         m, xs, sd, sd_perm = copy.deepcopy(model), xs32, sd32, sdp32
     dev = next((p.device for p in m.parameters()), torch.device("cpu"))
-    err = 0.0
+    err, scale = 0.0, 0.0
     for x in xs:
-        x = x.to(dev)
+        x = map_tensors(lambda t: t.to(dev), x)
         a, b = _outputs(m, sd, x), _outputs(m, sd_perm, x)
+        scale = max(scale, float(a.abs().max()))
         err = max(err, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
+    if not scale > 0 and not allow_zero:
+        raise EquivalenceError("the model's outputs are all zero on the check's inputs, so comparing them "
+                               "cannot tell a wrong permutation from a right one (give an example input "
+                               "on which the model's output is not zero)")
     return err
 
 
@@ -91,16 +123,85 @@ def _to64(sd: dict) -> dict:
     return {k: v.double() if torch.is_floating_point(v) else v for k, v in sd.items()}
 
 
-def check_equivalence(model, sd, sd_perm, example_input, tol: float = TOLERANCE) -> float:
-    err = equivalence_error(model, sd, sd_perm, example_input)
+ACT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def activation_error(model: nn.Module, spec: PermutationSpec, sd: dict, sd_perm: dict, perm: dict,
+                     example_input: Any) -> tuple[float, int, float]:
+    """Every group's probed activations, mapped back through the permutation: at each probed graph
+    node, pi(B)'s value must equal B's with the node's unit axis permuted. A wrong permutation inside a
+    branch the output barely sees (layer scale at 1e-6) or cannot see (an all-zero head) shows here.
+    -> (max over nodes of max |pi(B)'s - permuted B's| / max |B's|, number of non-zero nodes compared,
+    the tolerance for the dtype it ran in).
+    In float64 for torch.fx captures; an export is specialised to its dtype and node names, so it is
+    re-run in the dtype the spec was captured in (see ACT_TOLERANCE)."""
+    from .matching import _axis_index
+    from .spec import capture_module, load_into, observe
+
+    items: dict[str, list] = {}
+    for k, g in spec.groups.items():
+        for p in g.probes:
+            items.setdefault(p.node, []).append((p.axis, p.offset, g.size, p.block, k))
+    if not items:
+        return 0.0, 0, 0.0
+    m = copy.deepcopy(model).eval()
+    x = example_input
+    if spec.capture == "fx":
+        try:
+            m = m.double()
+            x = map_tensors(lambda t: t.double() if torch.is_floating_point(t) else t, x)
+            sd, sd_perm = _to64(sd), _to64(sd_perm)
+            _outputs(m, sd, x)
+        except (RuntimeError, TypeError):
+            m, x = copy.deepcopy(model).eval(), example_input
+    gm = capture_module(m, x, spec.capture)
+    load_into(gm, m, sd)
+    a = observe(gm, x, set(items))
+    load_into(gm, m, sd_perm)
+    b = observe(gm, x, set(items))
+    err, n = 0.0, 0
+    for node, its in items.items():
+        if node not in a or node not in b or a[node].shape != b[node].shape:
+            continue
+        ta, tb = a[node], b[node]
+        if any(ax >= ta.dim() or off + size * blk > ta.shape[ax] for ax, off, size, blk, _ in its):
+            continue  # not the node the spec saw: nothing to compare
+        expected = ta
+        for ax in sorted({it[0] for it in its}):
+            idx = _axis_index(ta.shape[ax], [it for it in its if it[0] == ax], perm)
+            expected = expected.index_select(ax, idx.to(ta.device))
+        scale = float(ta.abs().max()) if ta.numel() else 0.0
+        if scale > 0:
+            n += 1
+            err = max(err, float((tb - expected).abs().max()) / scale)
+    return err, n, ACT_TOLERANCE.get(_dtype(m), ACT_TOLERANCE[torch.float32])
+
+
+def check_equivalence(model, sd, sd_perm, example_input, tol: float = TOLERANCE, *,
+                      spec: PermutationSpec | None = None, perm: dict | None = None) -> float:
+    """Raise EquivalenceError unless pi(B) computes B's function: its outputs (relative error within
+    tol) and, given the spec and permutation, every probed activation mapped back through the
+    permutation (see activation_error). An all-zero output is refused unless activations were
+    compared. -> the outputs' relative error."""
+    acts, n, atol = (activation_error(model, spec, sd, sd_perm, perm, example_input)
+                     if spec is not None and perm is not None else (0.0, 0, 0.0))
+    err = equivalence_error(model, sd, sd_perm, example_input, allow_zero=n > 0)
     if not err <= tol:
         raise EquivalenceError(f"the permuted model's outputs differ from the original's by {err:.3g} "
                                f"(relative; tolerance {tol:g}): the permutation spec is wrong for this model")
+    if not acts <= atol:
+        raise EquivalenceError(f"the permuted model's hidden activations differ from the original's, mapped "
+                               f"through the permutation, by {acts:.3g} (relative; tolerance {atol:g}): the "
+                               "permutation spec is wrong for this model")
     return err
 
 
-def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tensor, method: str = "weight",
-          data_x: torch.Tensor | None = None, seed: int = 0, check: bool = True,
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if torch.is_floating_point(p)), torch.float32)
+
+
+def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, method: str = "weight",
+          data_x: Any = None, seed: int = 0, check: bool = True,
           spec: PermutationSpec | None = None, max_iter: int = 100, init: str = "informed") -> tuple[dict, dict]:
     """-> (pi(sd_b) best matching sd_a, info). `model` only provides the architecture.
 
@@ -111,9 +212,14 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tens
     (info["distance_over"] == "parameters"): the quantity weight matching minimises, so aligning
     never increases it. Buffers (BatchNorm running statistics) are permuted but not measured: they
     summarise data, and interpolation paths recompute them.
+    example_input (and data_x): a tensor, a tuple of positional arguments or a dict of keyword
+    arguments. If the model's graph cannot be captured or nothing in it is permutable, a
+    CoverageWarning says so and info["warnings"] holds the same lines (B is returned unchanged).
     """
     t0 = time.perf_counter()
     spec = spec if spec is not None else spec_for(model, example_input)
+    for problem in spec.problems():
+        warnings.warn(problem, CoverageWarning, stacklevel=2)
     if method == "weight":
         if init not in INITS:
             raise UserError(f"unknown weight-matching start {init!r}; choose {', '.join(INITS)}")
@@ -126,9 +232,10 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: torch.Tens
         raise UserError(f"unknown alignment method {method!r}; choose weight or activation")
     sd_p = apply_permutation(spec, sd_b, perm)
     seconds = time.perf_counter() - t0
-    err = check_equivalence(model, sd_b, sd_p, example_input) if check else None
+    err = check_equivalence(model, sd_b, sd_p, example_input, spec=spec, perm=perm) if check else None
     info = {"method": method, **info, "distance_before": distance(sd_a, sd_b, spec.parameters),
             "distance_after": distance(sd_a, sd_p, spec.parameters), "distance_over": "parameters",
             "equivalence_error": err, "seconds": seconds, "permutable_fraction": spec.permutable_fraction(),
+            "capture": spec.capture, "capture_error": spec.capture_error, "warnings": spec.problems(),
             "perm": {k: v.tolist() for k, v in perm.items()}}
     return sd_p, info

@@ -32,8 +32,9 @@ def random_permutation(spec: PermutationSpec, generator: torch.Generator | None 
                 continue
             hp = torch.randperm(g.heads, generator=generator)
             for name in [k] + ([g.couple] if g.couple else []):
-                out[name] = _head_perm(hp, [torch.randperm(g.size // g.heads, generator=generator)
-                                            for _ in range(g.heads)], g.size // g.heads)
+                dh = g.size // g.heads
+                out[name] = _head_perm(hp, [torch.arange(dh) if spec.groups[name].head_only else
+                                            torch.randperm(dh, generator=generator) for _ in range(g.heads)], dh)
         else:
             out[k] = torch.randperm(g.size, generator=generator)
     return out
@@ -119,22 +120,30 @@ def _lsa(score: np.ndarray) -> np.ndarray:
     return linear_sum_assignment(d)[1]
 
 
-def _solve_heads(cq: np.ndarray, cv: np.ndarray | None, heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Best head-structured assignment for one or two coupled cost matrices (A unit x B unit, float64)."""
+def _solve_heads(cq: np.ndarray, cv: np.ndarray | None, heads: int,
+                 fixed: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Best head-structured assignment for one or two coupled cost matrices (A unit x B unit, float64).
+    fixed[i]: matrix i's units keep their order within a head (rotary q/k): whole heads move only."""
     n = cq.shape[0]
     dh = n // heads
     mats = [c.reshape(heads, dh, heads, dh).transpose(0, 2, 1, 3) for c in (cq, cv) if c is not None]
+    fixed = fixed[:len(mats)]
     score = np.zeros((heads, heads))
     within: dict[tuple[int, int], list[np.ndarray]] = {}
     for a in range(heads):
         for b in range(heads):
-            cols = [_lsa(m[a, b]) for m in mats]
+            cols = [np.arange(dh) if f else _lsa(m[a, b]) for m, f in zip(mats, fixed)]
             within[a, b] = cols
             score[a, b] = sum(m[a, b][np.arange(dh), c].sum() for m, c in zip(mats, cols))
     hp = _lsa(score)
     perms = [torch.from_numpy(np.concatenate([hp[a] * dh + within[a, hp[a]][i] for a in range(heads)])).long()
              for i in range(len(mats))]
     return perms[0], (perms[1] if len(perms) > 1 else None)
+
+
+def _fixed(spec: PermutationSpec, names) -> tuple[bool, bool]:
+    flags = tuple(spec.groups[k].head_only for k in names)
+    return (flags + (False, False))[:2]
 
 
 def _np64(c: torch.Tensor) -> np.ndarray:
@@ -253,7 +262,7 @@ def _sorted_init(spec: PermutationSpec, sd_a: dict, sd_b: dict) -> dict[str, tor
         if not any(m.tensor in params for kk in ks for m in spec.groups[kk].members):
             out.update({kk: torch.arange(g.size) for kk in ks})  # nothing to match: keep the order
         elif g.heads:
-            for kk, p in zip(ks, _solve_heads(cs[0], cs[1] if len(cs) > 1 else None, g.heads)):
+            for kk, p in zip(ks, _solve_heads(cs[0], cs[1] if len(cs) > 1 else None, g.heads, _fixed(spec, ks))):
                 out[kk] = p
         else:
             out[k] = torch.from_numpy(_lsa(cs[0])).long()
@@ -377,7 +386,8 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
         g = spec.groups[u[0]]
         seen = [c for c, _ in cs]
         if g.heads:
-            new = [p for p in _solve_heads(seen[0], seen[1] if len(seen) > 1 else None, g.heads) if p is not None]
+            new = [p for p in _solve_heads(seen[0], seen[1] if len(seen) > 1 else None, g.heads, _fixed(spec, u))
+                   if p is not None]
         else:
             new = [torch.from_numpy(_lsa(seen[0])).long()]
         ar = np.arange(g.size)
@@ -470,9 +480,12 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
     """
     import copy
 
-    import torch.fx as fx
+    from .spec import capture_module, load_into, observe
 
-    gm = fx.symbolic_trace(copy.deepcopy(model))
+    if not spec.groups:  # nothing to match (a capture failure included): same as weight matching
+        return identity(spec), {"iterations": 0, "converged": True, "groups": 0}
+    model = copy.deepcopy(model).eval()
+    gm = capture_module(model, x, spec.capture)
     probes_by_node: dict[str, list] = {}
     chosen: dict[str, list] = {}
     for k, g in spec.groups.items():
@@ -481,27 +494,20 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
         for p in ps:
             probes_by_node.setdefault(p.node, []).append(p)
     fused = _mha_probes(spec, gm)
-    mha_nodes = {node for ps in fused.values() for node, *_ in ps}
+    mha_inputs = {}  # (MultiheadAttention node, 0/1/2) -> the node computing its query/key/value input
+    for n in gm.graph.nodes:
+        if any(n.name == node for ps in fused.values() for node, *_ in ps):
+            for i, name in enumerate(("query", "key", "value")):
+                a = n.args[i] if len(n.args) > i else n.kwargs[name]
+                mha_inputs[n.name, i] = a.name
+    wanted = set(probes_by_node) | set(mha_inputs.values())
 
     def run(sd):
-        gm.load_state_dict(sd)
-        gm.eval()
-        acts: dict = {}
-
-        class Rec(fx.Interpreter):
-            def run_node(self, n):
-                if n.name in mha_nodes:  # the attention's query, key and value inputs
-                    args, kwargs = self.fetch_args_kwargs_from_env(n)
-                    for i, name in enumerate(("query", "key", "value")):
-                        acts[n.name, i] = (args[i] if len(args) > i else kwargs[name]).detach()
-                out = super().run_node(n)
-                if n.name in probes_by_node:
-                    acts[n.name] = out.detach()
-                return out
-
-        with torch.no_grad():
-            Rec(gm).run(x)
-        return acts
+        load_into(gm, model, sd)
+        if spec.capture == "fx":  # an exported module is already in eval mode (and refuses .eval())
+            gm.eval()
+        vals = observe(gm, x, wanted)
+        return {**vals, **{key: vals[name] for key, name in mha_inputs.items()}}
 
     acts_a, acts_b = run(sd_a), run(sd_b)
 
@@ -527,12 +533,14 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
         for kk in ks:
             c = torch.zeros(g.size, g.size, dtype=torch.float64)
             for p in chosen[kk]:
-                c += feats(acts_a[p.node], p, g.size).T @ feats(acts_b[p.node], p, g.size)
+                if p.node in acts_a and p.node in acts_b:  # (a re-export on the data may name nodes apart)
+                    c += feats(acts_a[p.node], p, g.size).T @ feats(acts_b[p.node], p, g.size)
             for p in fused.get(kk, []):
                 c += projected(acts_a, sd_a, p, g.size).T @ projected(acts_b, sd_b, p, g.size)
             corr[kk] = c
         if g.heads:
-            ps = _solve_heads(corr[ks[0]].numpy(), corr[ks[1]].numpy() if len(ks) > 1 else None, g.heads)
+            ps = _solve_heads(corr[ks[0]].numpy(), corr[ks[1]].numpy() if len(ks) > 1 else None, g.heads,
+                              _fixed(spec, ks))
             perm.update(zip(ks, ps))
         else:
             perm[k] = torch.from_numpy(_lsa(corr[k].numpy())).long()
