@@ -14,7 +14,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .study import Plan, Task, execute, is_done
+from .study.plan import Plan, Task
+from .study.tasks import execute, is_done
 
 
 class _Progress:

@@ -14,16 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import pairkinds
 from .checkpoint import atomic_write_bytes, atomic_write_text
 
-KIND_NAMES = {"star_heldout": "star – held-out", "regular_regular": "regular – regular (source × held-out)",
-              "heldout_heldout": "held-out – held-out", "star_source": "star – source",
-              "average_heldout": "aligned average – held-out",
-              "regular_regular_unaligned": "regular – regular, not aligned (control)",
-              "merged_heldout": "merge-many centre – held-out (control)"}
-KIND_COLORS = {"star_heldout": "tab:red", "regular_regular": "tab:blue", "heldout_heldout": "tab:cyan",
-               "star_source": "tab:orange", "average_heldout": "tab:green", "regular_regular_unaligned": "tab:gray",
-               "merged_heldout": "tab:purple"}
+# Live views of the pair-kind table (stardomain.pairkinds): a registered kind is named and coloured too.
+KIND_NAMES = pairkinds.KindField("label")
+KIND_COLORS = pairkinds.KindField("color")
 METRIC_NAMES = {"train_loss": "training-loss barrier", "test_loss": "test-loss barrier",
                 "train_acc": "training-accuracy barrier (drop)", "test_acc": "test-accuracy barrier (drop)",
                 "train_loss_ts": "training-loss barrier, temperature-scaled",
@@ -46,14 +42,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-# Shown on its own figure: unaligned barriers are an order of magnitude higher and would flatten the rest.
-SEPARATE_KINDS = ("regular_regular_unaligned",)
+def _own_figure(kind: str) -> bool:
+    """Unaligned barriers are an order of magnitude higher and would flatten the rest: their own figure."""
+    entry = pairkinds.get(kind)
+    return entry is not None and entry.own_figure
 
 
 def plot_curves(results: dict, kinds: tuple[str, ...] | None = None, title: str = "along linear paths") -> bytes | None:
     """Loss along the path, mean ± std over pairs, one line per pair kind (train and test panels)."""
     pairs = {k: v for k, v in results.get("pairs", {}).items() if v and (
-        k in kinds if kinds is not None else k not in SEPARATE_KINDS)}
+        k in kinds if kinds is not None else not _own_figure(k))}
     if not pairs:
         return None
     plt = _plt()
@@ -77,7 +75,7 @@ def plot_curves(results: dict, kinds: tuple[str, ...] | None = None, title: str 
 
 def plot_distributions(results: dict) -> bytes | None:
     """Per pair kind: every barrier as a dot, with a box plot, for train and test loss."""
-    pairs = {k: v for k, v in results.get("pairs", {}).items() if v and k not in SEPARATE_KINDS}
+    pairs = {k: v for k, v in results.get("pairs", {}).items() if v and not _own_figure(k)}
     if not pairs:
         return None
     plt = _plt()
@@ -158,8 +156,9 @@ def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | N
 
 def make_plots(results: dict) -> dict[str, bytes]:
     plots = {"curves": plot_curves(results), "barriers": plot_distributions(results)}
-    if results.get("pairs", {}).get("regular_regular_unaligned"):
-        plots["alignment_control"] = plot_curves(results, ("regular_regular", "regular_regular_unaligned"),
+    unaligned = tuple(k for k, v in results.get("pairs", {}).items() if v and _own_figure(k))
+    if unaligned:
+        plots["alignment_control"] = plot_curves(results, ("regular_regular", *unaligned),
                                                  "with and without weight matching")
     for dim in results.get("sweeps", {}):
         plots[f"sweep_{dim}"] = plot_sweep(results, dim)
