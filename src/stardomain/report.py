@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import pairkinds
+from .bma import report_section
 from .checkpoint import atomic_write_bytes, atomic_write_text
 
 # Live views of the pair-kind table (stardomain.pairkinds): a registered kind is named and coloured too.
@@ -299,8 +300,6 @@ def _bma_section(results: dict, raw: dict | None = None) -> str | None:
     res = raw or results.get("bma")
     if not res:
         return None
-    from .bma import report_section
-
     return report_section(res)
 
 

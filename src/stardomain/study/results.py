@@ -15,7 +15,7 @@ from ..stats import (grid_mean_ci, mann_whitney_less, paired_differences, paired
                      summarize)
 from ..verdict import MAIN_METRICS, SECONDARY, analyse, grid, heldout_values, row_headline, verdict, verdict_line
 from .plan import Plan, Task
-from .tasks import _json_safe, _read_json
+from .tasks import _record_json, _read_json
 
 RESULTS_FORMAT = 1
 
@@ -108,7 +108,7 @@ def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
                      "summary": summarize_pairs(p, seed=st.seed, n_boot=st.bootstrap), "pairs": p}
             if "sources" in row:
                 entry["regular"] = _quality([_model_entry(root, tasks[k]) for k in row["sources"] + row["heldouts"]])
-                entry["headline"] = row_headline(_json_safe(p), alpha=st.alpha, n_boot=st.bootstrap, seed=st.seed)
+                entry["headline"] = row_headline(_record_json(p), alpha=st.alpha, n_boot=st.bootstrap, seed=st.seed)
             out_rows.append(entry)
         sweeps[dim] = out_rows
 
@@ -118,8 +118,8 @@ def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
     if plan.layout.get("bma"):
         rec = _read_json(root / tasks[plan.layout["bma"]].output)
         results["bma"] = rec["result"] if rec else None
-    results.update(analyse(_json_safe(results), alpha=st.alpha, n_boot=st.bootstrap, seed=st.seed))
-    results = _json_safe(results)
+    results.update(analyse(_record_json(results), alpha=st.alpha, n_boot=st.bootstrap, seed=st.seed))
+    results = _record_json(results)
     results["verdict_line"] = verdict_line(results)
     results["verdict"] = verdict(results)
     return _rounded(results)

@@ -8,7 +8,6 @@ recomputed if those no longer match the model files they were measured on.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -27,35 +26,23 @@ from ..interpolate import average, recalibrate_bn
 from ..merge import merge_many
 from ..permute import align, apply_permutation, check_equivalence, identity, spec_for, weight_matching
 from ..safety import allowed, config_factories
-from ..train import evaluate_splits, model_meta, resolve_device, train_to_file
+from ..train import evaluate_splits, model_meta, train_to_file
+from ..utils import TIMING_KEYS, json_safe, resolve_device
 from .plan import _MODEL_OPS, Task
 
-_TIMING_KEYS = {"timings", "seconds", "time", "elapsed", "wall", "wall_seconds"}
-
-
-def _json_safe(obj: Any) -> Any:
-    """Plain JSON types; drops timing fields (they vary between runs and live in timings.json)."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()
-                if not (str(k) in _TIMING_KEYS or str(k).endswith("_seconds") or str(k).endswith("_time"))}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if hasattr(obj, "tolist"):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else (1e308 if obj > 0 else -1e308)
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return str(obj)
+def _record_json(obj: Any) -> Any:
+    """A record as plain JSON without its timing fields (they vary between runs and live in timings.json);
+    ±inf kept as ±1e308 so an unbounded barrier keeps its sign."""
+    return json_safe(obj, drop_timings=True, infinity=1e308)
 
 
 def _timings(obj: Any, prefix: str = "") -> dict[str, float]:
-    """The timing fields `_json_safe` drops, flattened, for timings.json."""
+    """The timing fields `_record_json` drops (but `*_time`), flattened, for timings.json."""
     out: dict[str, float] = {}
     if isinstance(obj, dict):
         for k, v in obj.items():
             name = f"{prefix}{k}"
-            if (str(k) in _TIMING_KEYS or str(k).endswith("_seconds")) and isinstance(v, (int, float)):
+            if (str(k) in TIMING_KEYS or str(k).endswith("_seconds")) and isinstance(v, (int, float)):
                 out[name] = float(v)
             elif isinstance(v, dict):
                 out.update(_timings(v, name + "."))
@@ -103,7 +90,7 @@ def _finish_model(task: Task, root: Path, meta: dict, model=None, cfg: Config | 
             "seed": meta.get("seed"), "file": f"models/{task.params['name']}.safetensors",
             "sha256": meta["sha256"], "metrics": {s: {"loss": m[s]["loss"], "acc": m[s]["acc"]}
                                                   for s in ("train", "test")},
-            "info": _json_safe(info or {}), "timings": {"seconds": seconds, **_timings(info or {})}}
+            "info": _record_json(info or {}), "timings": {"seconds": seconds, **_timings(info or {})}}
     atomic_write_json(root / task.output, side)
 
 
@@ -213,7 +200,7 @@ def _run_pair(task: Task, root: Path) -> None:
                           device=device, temperature=ev.get("temperature", False),
                           temperature_fraction=ev.get("temperature_fraction", 0.2))
     out = {"key": task.key, "a": p["a_label"], "b": p["b_label"], "a_file": p["a"], "b_file": p["b"],
-           "sha256_a": meta_a["sha256"], "sha256_b": meta_b["sha256"], **_json_safe(rec),
+           "sha256_a": meta_a["sha256"], "sha256_b": meta_b["sha256"], **_record_json(rec),
            "timings_": {"seconds": time.perf_counter() - t0, **_timings(rec)}}
     atomic_write_json(root / task.output, out)
 
@@ -227,7 +214,7 @@ def _run_bma(task: Task, root: Path) -> None:
     for entry in [files.get("star"), *(files.get("sources") or [])]:
         if isinstance(entry, dict) and "path" in entry:  # relative: results must not depend on the folder
             entry["path"] = str(Path(entry["path"]).resolve().relative_to(root.resolve()))
-    atomic_write_json(root / task.output, {"key": task.key, "result": _json_safe(res), "raw": bma._json_safe(res),
+    atomic_write_json(root / task.output, {"key": task.key, "result": _record_json(res), "raw": json_safe(res),
                                            "timings_": {"seconds": time.perf_counter() - t0, **_timings(res)}})
 
 
