@@ -65,3 +65,14 @@ def test_a_registered_kind_is_planned_measured_and_reported(source_source, tmp_p
     report = (out / "report.md").read_text().splitlines()
     assert f"| source – source | train_loss | {s['mean']:.4f} | {s['std']:.4f} | " in "\n".join(report)
     assert (out / "plots" / "curves.png").is_file()
+
+
+def test_views_follow_the_table(source_source, monkeypatch):
+    from stardomain.report import KIND_COLORS, KIND_NAMES
+    from stardomain.verdict import CENTRES
+
+    assert KIND_NAMES["source_source"] == "source – source" and KIND_COLORS["source_source"] == "tab:brown"
+    assert dict(CENTRES) == {"average_heldout": "aligned average", "merged_heldout": "merge-many centre"}
+    centre = PairKind("median_heldout", "median – held-out", "k", "average", "heldouts", centre_name="median")
+    monkeypatch.setitem(pairkinds.KINDS, centre.name, centre)
+    assert CENTRES["median_heldout"] == "median" and len(CENTRES) == 3

@@ -93,16 +93,22 @@ def naive_centres() -> dict[str, str]:
 
 
 class KindField(Mapping):
-    """A live read-only view kind name -> one field of its entry (report.KIND_NAMES, KIND_COLORS)."""
+    """A live read-only view kind name -> one field of its entry, over the kinds where that field is set
+    when `only_set` (report.KIND_NAMES, KIND_COLORS; verdict.CENTRES)."""
 
-    def __init__(self, attr: str):
-        self.attr = attr
+    def __init__(self, attr: str, only_set: bool = False):
+        self.attr, self.only_set = attr, only_set
+
+    def _names(self) -> list[str]:
+        return [n for n, k in KINDS.items() if not self.only_set or getattr(k, self.attr) is not None]
 
     def __getitem__(self, name: str):
+        if name not in self._names():
+            raise KeyError(name)
         return getattr(KINDS[name], self.attr)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(KINDS)
+        return iter(self._names())
 
     def __len__(self) -> int:
-        return len(KINDS)
+        return len(self._names())

@@ -23,6 +23,7 @@ from . import pairkinds, stats
 HEADLINE_METRIC = "train_loss"
 MAIN_METRICS = ("train_loss", "test_loss", "train_acc", "test_acc", "train_loss_ts", "test_loss_ts")
 SECONDARY = "secondary (pairs share models; not independent)"
+CENTRES = pairkinds.KindField("centre_name", only_set=True)  # naive-centre kind -> words (live view of the table)
 
 
 # ---------------------------------------------------------------- tables from pair records
