@@ -9,7 +9,7 @@ from stardomain import barrier, pairkinds
 from stardomain.config import DEFAULT_PAIRS, Config, validate
 from stardomain.errors import UserError
 from stardomain.pairkinds import PairKind
-from stardomain.study import build_plan, deep_merge, run_study
+from stardomain.study import build_plan, run_study
 
 TINY = {
     "data": {"name": "digits"},
