@@ -29,11 +29,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import atomic_write_bytes, build_from_meta, data_from_meta, read_pair, weights_sha256
 from .data import DataBundle, Split, batches
 from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_module
 from .engine import STRATEGIES as METHODS
 from .errors import UserError
 from .interpolate import lerp, recalibrate_bn
+from .permute import align as permute_align
+from .repair import apply_repair, channel_stats, remove_repair
+from .utils import resolve_device
 
 StateDict = dict[str, torch.Tensor]
 
@@ -58,8 +62,6 @@ def _is_endpoint(t: float) -> bool:
 def _curve_repair(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device) -> dict:
     """For each t: build the model, REPAIR-renormalise it (interior t; stardomain.repair), one pass over
     train and one over test."""
-    from .repair import apply_repair, channel_stats, remove_repair
-
     m = copy.deepcopy(model).to(device)
     rec = {"t": list(ts), "train": {"loss": [], "acc": []}, "test": {"loss": [], "acc": []}}
     stats = []
@@ -112,8 +114,6 @@ def curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, 
     `repair`: for networks without BatchNorm, renormalise interior models with REPAIR (Jordan et al.
     2023; `stardomain.repair`), evaluated one t at a time.
     """
-    from .train import resolve_device
-
     ts = [float(t) for t in ts]
     if not ts:
         raise UserError("no t values to evaluate")
@@ -146,8 +146,6 @@ def interpolated_states(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data
     """The state dicts (1-t)·A + t·B for every t, BatchNorm statistics recomputed at interior t exactly
     as `interpolate.recalibrate_bn` would: the engine's recalibrated segment stack, all t in one pass
     over the training data (vmap) or one t at a time (conv nets)."""
-    from .train import resolve_device
-
     device = resolve_device(device or "cpu")
     ts = [float(t) for t in ts]
     eng = Engine(model, device, "auto", max_models=max_models)
@@ -223,8 +221,6 @@ def temperature_curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: 
     """Loss along the path after temperature scaling each point's logits (T fitted per t by NLL on a
     calibration split, see `calibration_split`), with the unscaled loss on the same splits beside it.
     BatchNorm at interior t is recalibrated as in `curve`. One t at a time (a separate, opt-in pass)."""
-    from .train import resolve_device
-
     device = resolve_device(device or "cpu")
     cal, test, info = calibration_split(data, fraction, seed)
     m = copy.deepcopy(model).to(device)
@@ -330,7 +326,6 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
     alignment: dict[str, Any] = {"aligned": False}
     t_align = 0.0
     if align:
-        from .permute import align as permute_align
         if example_input is None:
             x = data.train.x[:2] if data.train.x is not None else next(batches(data.train, 2))[0]
             example_input = x
@@ -394,8 +389,6 @@ def _jsonable(v) -> bool:
 
 
 def _sha(sd: StateDict) -> str:
-    from .checkpoint import weights_sha256
-
     return weights_sha256(sd)
 
 
@@ -403,8 +396,6 @@ def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_ba
                   device: str = "auto", refine: int = 0, seed: int = 0, repair: bool = False,
                   temperature: bool = False, temperature_fraction: float = 0.2) -> dict:
     """`measure` on two model files; refuses incompatible pairs (UserError). Adds both files' sha256."""
-    from .checkpoint import build_from_meta, data_from_meta, read_pair
-
     sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "interpolate")
     model = build_from_meta(meta_a, str(path_a))
     data = data_from_meta(meta_a, str(path_a))
@@ -424,8 +415,6 @@ def plot(rec: dict, out=None, title: str | None = None) -> bytes:
     """PNG of loss and accuracy against t (train solid, test dashed, chords dotted). Written atomically
     to `out` when given; the PNG bytes are returned either way."""
     from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
-
-    from .checkpoint import atomic_write_bytes
 
     ts = rec["t"]
     b = rec.get("barrier") or barriers(rec)

@@ -37,6 +37,7 @@ sources, when asked for).
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -47,9 +48,16 @@ import torch
 import torch.nn as nn
 
 from . import metrics as M
-from .data import Split
+from .checkpoint import atomic_write_bytes, atomic_write_json, compatible, read_model_file, weights_sha256
+from .config import Config, validate
+from .data import Split, get_dataset
 from .engine import Engine, Stack
 from .errors import UserError
+from .interpolate import average
+from .models import build_model
+from .permute import align as _align
+from .safety import check_meta_factories
+from .utils import json_safe, resolve_device
 
 StateDict = dict[str, torch.Tensor]
 BMA_KINDS = ("star_bma", "regular_bma")
@@ -158,7 +166,6 @@ def _aligner(align: bool, model: nn.Module, example_input: torch.Tensor, seed: i
     """-> fn(sd_a, sd_b) -> (π(sd_b) matched to sd_a, info), or the identity when align is False."""
     if not align:
         return lambda a, b: (b, {"method": "none", "seconds": 0.0})
-    from .permute import align as _align
 
     def fn(a, b):
         return _align(model, a, b, example_input=example_input, seed=seed)
@@ -359,8 +366,6 @@ class WeightAverage(Predictor):
     name, display = "weight_average", 50
 
     def runs(self, ctx, n):
-        from .interpolate import average
-
         avg = average([ctx.source_sds[0]] + [ctx.aligned_pair(0, j) for j in range(1, n)])
         return [ctx.predict(avg, recalibrate=True)]
 
@@ -479,10 +484,6 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
     matching before interpolating (needs stardomain.permute); ns: also report the predictors with `by_n`
     with only the first n sources, for each n (under `_by_n`); bn_batches: training batches for BN
     recalibration (None: the whole training split); ood: add OOD AUROC against shifted test inputs."""
-    from .data import get_dataset
-    from .models import build_model
-    from .train import resolve_device
-
     if k < 1 or seeds < 1:
         raise UserError("k and seeds must be at least 1")
     if not source_sds:
@@ -538,26 +539,12 @@ def _check_fit(cfg, model: nn.Module, sds: Sequence[StateDict | None]) -> None:
 
 # ---------------------------------------------------------------- files, report, plots
 
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return None if math.isnan(obj) or math.isinf(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def bma_files(star_path, source_paths: Sequence, *, k: int = 32, seed: int = 0, json_out=None,
               seeds: int = 3, plot=None, fusion_path=None, align: bool = True, ns: Sequence[int] | None = None,
               bn_batches: int | None = None, device: str = "auto", ood: bool = True,
               progress: Callable[[str], None] | None = None) -> dict:
     """Load the model files, check they fit together, evaluate every predictor, write JSON (NaN -> null)
     and the plot. The data set and architecture come from the star's metadata."""
-    from .checkpoint import atomic_write_json, compatible, read_model_file, weights_sha256
-    from .config import Config, validate
-    from .safety import check_meta_factories
-
     if not source_paths:
         raise UserError("give at least one source model file (--sources F1 F2 ...)")
     star_sd, star_meta = read_model_file(star_path)
@@ -578,7 +565,7 @@ def bma_files(star_path, source_paths: Sequence, *, k: int = 32, seed: int = 0, 
     if fusion:
         res["_info"]["files"]["fusion"] = {"path": str(fusion_path), "sha256": weights_sha256(fusion[0])}
     if json_out:
-        atomic_write_json(json_out, _json_safe(res))
+        atomic_write_json(json_out, json_safe(res))
     if plot:
         plot_result(res, plot)
     return res
@@ -719,11 +706,7 @@ def _by_n_table(by_n: dict) -> list[str]:
 
 def plot_result(result: dict, path) -> None:
     """Reliability diagrams and metric-vs-K curves in one PNG (written atomically)."""
-    import io
-
     from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
-
-    from .checkpoint import atomic_write_bytes
 
     fig = Figure(figsize=(15, 9))
     axes = fig.subplots(2, 3)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from . import pairkinds
 from .errors import UserError
 
 
@@ -103,12 +105,19 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(1000, ge=1)
 
 
-# The paper's kinds (and the aligned-average baseline), measured unless `study.pairs` says otherwise.
-DEFAULT_PAIRS = ("star_heldout", "regular_regular", "heldout_heldout", "star_source", "average_heldout")
-# Controls beyond the paper: regular-regular without alignment (how much of the barrier permutation symmetry
-# explains), and the held-outs' barriers to a "merge many" centre (Git Re-Basin's MergeMany).
-CONTROL_PAIRS = ("regular_regular_unaligned", "merged_heldout")
-PAIR_KINDS = DEFAULT_PAIRS + CONTROL_PAIRS
+# The pair kinds live in stardomain.pairkinds (one entry each); these are the built-in table's names.
+DEFAULT_PAIRS = pairkinds.default_names()  # the paper's kinds and the aligned-average baseline
+CONTROL_PAIRS = tuple(k for k in pairkinds.names() if k not in DEFAULT_PAIRS)
+PAIR_KINDS = pairkinds.names()
+
+
+def _known_pair_kind(name: str) -> str:
+    """study.pairs entries: read against the pair-kind table when validated (a registered kind counts)."""
+    known = pairkinds.names()
+    if name not in known:
+        expected = ", ".join(repr(k) for k in known[:-1]) + f" or {known[-1]!r}"
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+    return name
 
 
 class StudyEvalConfig(Section):
@@ -143,7 +152,8 @@ class StudyConfig(Section):
     n_heldouts: int = Field(5, ge=1)
     seed: int = Field(0, ge=0, le=2**62)  # sources use seed+i, held-outs seed+1000+i, stars seed
     heldout_train: dict[str, Any] | None = None  # partial train section merged over `train` for held-outs
-    pairs: list[Literal[PAIR_KINDS]] = Field(default_factory=lambda: list(DEFAULT_PAIRS))
+    pairs: list[Annotated[str, AfterValidator(_known_pair_kind)]] = Field(
+        default_factory=lambda: list(pairkinds.default_names()))
     eval: StudyEvalConfig = Field(default_factory=StudyEvalConfig)
     sweeps: StudySweeps = Field(default_factory=StudySweeps)
     bma: bool = False  # also run star-domain BMA vs the deep ensemble of the sources

@@ -11,6 +11,7 @@ import gzip
 import importlib
 import importlib.resources
 import inspect
+import os
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -20,8 +21,9 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from .config import DataConfig
+from .config import DataConfig, validate
 from .errors import UserError
+from .utils import import_object  # noqa: F401  (moved to utils; importable from here too)
 
 
 @dataclass
@@ -128,7 +130,6 @@ def _torchvision(name: str, root: str = "~/.cache/stardomain", download: bool = 
         import torchvision.datasets as tvd
     except Exception:
         raise UserError(f"data set {name} needs torchvision: pip install 'stardomain[vision]'") from None
-    import os
 
     root = os.path.expanduser(root)
     try:
@@ -153,28 +154,6 @@ DATASETS: dict[str, Callable[..., dict]] = {
     "digits": _digits,
     **{k: (lambda k: lambda **kw: _torchvision(k, **kw))(k) for k in _TV},
 }
-
-
-def import_object(spec: str, what: str):
-    """"pkg.mod:attr" -> a callable; a clear error when it cannot be found. Imports run the module's
-    code: callers that got `spec` from a file check it with stardomain.safety first."""
-    mod_name, _, attr = str(spec).partition(":")
-    if not mod_name.strip() or not attr.strip() or mod_name.startswith("."):
-        raise UserError(f"{what} {spec!r} must look like 'package.module:function'")
-    try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:
-        raise UserError(f"{what} {spec!r}: cannot import {mod_name} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
-    obj = mod
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UserError(f"{what} {spec!r}: module {mod_name} has no attribute {attr}") from None
-    if not callable(obj):
-        raise UserError(f"{what} {spec!r} is a {type(obj).__name__}, not a function")
-    return obj
 
 
 def _to_split(v, split: str) -> Split:
@@ -232,8 +211,6 @@ def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
     if isinstance(cfg, str):
         cfg = DataConfig(name=cfg)
     elif isinstance(cfg, dict):
-        from .config import validate
-
         cfg = validate(DataConfig, cfg, "data config")
     key = cfg.model_dump_json()
     if key in _CACHE:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .study import Plan, Task, execute, is_done
+from .study.plan import Plan, Task
+from .study.tasks import execute, is_done
 
 
 class _Progress:
@@ -94,8 +96,6 @@ class RayExecutor:
         return ray
 
     def run(self, plan: Plan, root: str | Path, progress: bool | None = None, only: set[str] | None = None) -> None:
-        from dataclasses import asdict
-
         root = Path(root)
         todo = [t for t in pending(plan, root) if only is None or t.op in only]
         if not todo:

@@ -1,5 +1,6 @@
-"""The study report: plots (matplotlib, PNG), `report.md`, and a self-contained `report.html` (PNGs
-embedded as base64) written from `results.json` alone, so a report can be rebuilt without recomputing.
+"""The study report: plots (matplotlib's object API, PNG), `report.md`, and a self-contained `report.html`
+(markdown-it, PNGs embedded as data URIs) written from `results.json` alone, so a report can be rebuilt
+without recomputing.
 
 Figures: mean ± std interpolation curves per pair kind on one figure (the paper's key figure), barrier
 distributions per pair kind, barrier against |Z| / width / depth / t-sampling when swept.
@@ -8,56 +9,46 @@ distributions per pair kind, barrier against |Z| / width / depth / t-sampling wh
 from __future__ import annotations
 
 import base64
-import html
 import io
 from pathlib import Path
 
 import numpy as np
+from markdown_it import MarkdownIt
+from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
 
+from . import pairkinds
+from .bma import report_section
 from .checkpoint import atomic_write_bytes, atomic_write_text
 
-KIND_NAMES = {"star_heldout": "star – held-out", "regular_regular": "regular – regular (source × held-out)",
-              "heldout_heldout": "held-out – held-out", "star_source": "star – source",
-              "average_heldout": "aligned average – held-out",
-              "regular_regular_unaligned": "regular – regular, not aligned (control)",
-              "merged_heldout": "merge-many centre – held-out (control)"}
-KIND_COLORS = {"star_heldout": "tab:red", "regular_regular": "tab:blue", "heldout_heldout": "tab:cyan",
-               "star_source": "tab:orange", "average_heldout": "tab:green", "regular_regular_unaligned": "tab:gray",
-               "merged_heldout": "tab:purple"}
+# Live views of the pair-kind table (stardomain.pairkinds): a registered kind is named and coloured too.
+KIND_NAMES = pairkinds.KindField("label")
+KIND_COLORS = pairkinds.KindField("color")
 METRIC_NAMES = {"train_loss": "training-loss barrier", "test_loss": "test-loss barrier",
                 "train_acc": "training-accuracy barrier (drop)", "test_acc": "test-accuracy barrier (drop)",
                 "train_loss_ts": "training-loss barrier, temperature-scaled",
                 "test_loss_ts": "test-loss barrier, temperature-scaled"}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    _plt().close(fig)
     return buf.getvalue()
 
 
-# Shown on its own figure: unaligned barriers are an order of magnitude higher and would flatten the rest.
-SEPARATE_KINDS = ("regular_regular_unaligned",)
+def _own_figure(kind: str) -> bool:
+    """Unaligned barriers are an order of magnitude higher and would flatten the rest: their own figure."""
+    entry = pairkinds.get(kind)
+    return entry is not None and entry.own_figure
 
 
 def plot_curves(results: dict, kinds: tuple[str, ...] | None = None, title: str = "along linear paths") -> bytes | None:
     """Loss along the path, mean ± std over pairs, one line per pair kind (train and test panels)."""
     pairs = {k: v for k, v in results.get("pairs", {}).items() if v and (
-        k in kinds if kinds is not None else k not in SEPARATE_KINDS)}
+        k in kinds if kinds is not None else not _own_figure(k))}
     if not pairs:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     for ax, split in zip(axes, ("train", "test")):
         for kind, recs in pairs.items():
             t = np.asarray(recs[0]["t"], float)
@@ -77,15 +68,15 @@ def plot_curves(results: dict, kinds: tuple[str, ...] | None = None, title: str 
 
 def plot_distributions(results: dict) -> bytes | None:
     """Per pair kind: every barrier as a dot, with a box plot, for train and test loss."""
-    pairs = {k: v for k, v in results.get("pairs", {}).items() if v and k not in SEPARATE_KINDS}
+    pairs = {k: v for k, v in results.get("pairs", {}).items() if v and not _own_figure(k)}
     if not pairs:
         return None
-    plt = _plt()
     metrics = ["train_loss", "test_loss"]
     if any("train_loss_ts" in (r.get("barrier") or {}) for recs in pairs.values() for r in recs):
         metrics += ["train_loss_ts", "test_loss_ts"]  # the temperature-scaling control
     rows = len(metrics) // 2
-    fig, axes = plt.subplots(rows, 2, figsize=(11, 4.2 * rows), squeeze=False)
+    fig = Figure(figsize=(11, 4.2 * rows))
+    axes = fig.subplots(rows, 2, squeeze=False)
     axes = axes.reshape(-1)
     kinds = list(pairs)
     for ax, metric in zip(axes, metrics):
@@ -107,8 +98,8 @@ def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | N
     rows = results.get("sweeps", {}).get(dim) or []
     if not rows:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     labels = [str(r["value"]) for r in rows]
     numeric = all(isinstance(r["value"], (int, float)) for r in rows)
     xs = [r["value"] for r in rows] if numeric else list(range(len(rows)))
@@ -158,8 +149,9 @@ def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | N
 
 def make_plots(results: dict) -> dict[str, bytes]:
     plots = {"curves": plot_curves(results), "barriers": plot_distributions(results)}
-    if results.get("pairs", {}).get("regular_regular_unaligned"):
-        plots["alignment_control"] = plot_curves(results, ("regular_regular", "regular_regular_unaligned"),
+    unaligned = tuple(k for k, v in results.get("pairs", {}).items() if v and _own_figure(k))
+    if unaligned:
+        plots["alignment_control"] = plot_curves(results, ("regular_regular", *unaligned),
                                                  "with and without weight matching")
     for dim in results.get("sweeps", {}):
         plots[f"sweep_{dim}"] = plot_sweep(results, dim)
@@ -300,8 +292,6 @@ def _bma_section(results: dict, raw: dict | None = None) -> str | None:
     res = raw or results.get("bma")
     if not res:
         return None
-    from .bma import report_section
-
     return report_section(res)
 
 
@@ -360,51 +350,24 @@ def render_markdown(results: dict, plots: dict[str, str], timings: dict | None =
     return "\n".join(lines) + "\n"
 
 
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+          "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
+          "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+
+
 def _md_to_html(md: str, images: dict[str, bytes], plots: dict[str, str]) -> str:
-    """A small Markdown subset (headings, tables, paragraphs, images) to HTML, images inlined."""
+    """report.md rendered by markdown-it (CommonMark + tables; raw HTML off, line breaks kept), each image
+    link to a plot replaced by the PNG as a data URI, so the page is one self-contained file."""
     src_to_png = {path: images[name] for name, path in plots.items()}
-    out, table = [], []
-
-    def flush_table():
-        if not table:
-            return
-        rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
-        out.append("<table>")
-        for i, r in enumerate(rows):
-            cells = [c.strip() for c in r.strip().strip("|").split("|")]
-            tag = "th" if i == 0 else "td"
-            out.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
-        out.append("</table>")
-        table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("![") and "](" in line:
-            alt = line[2:line.index("]")]
-            src = line[line.index("](") + 2:-1]
-            b64 = base64.b64encode(src_to_png[src]).decode() if src in src_to_png else ""
-            out.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></figure>')
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-    flush_table()
-    body = "\n".join(out)
-    return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Star-domain study</title><style>"
-            "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
-            "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
-            "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-            "img{max-width:100%}</style></head><body>\n" + body + "\n</body></html>\n")
-
-
-def _inline(text: str) -> str:
-    s = html.escape(text)
-    parts = s.split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+    md_it = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable("table")
+    tokens = md_it.parse(md)
+    for child in (c for tok in tokens for c in tok.children or []):
+        png = src_to_png.get(child.attrGet("src")) if child.type == "image" else None
+        if png is not None:
+            child.attrSet("src", "data:image/png;base64," + base64.b64encode(png).decode())
+    body = md_it.renderer.render(tokens, md_it.options, {})
+    return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Star-domain study</title><style>" + _STYLE
+            + "</style></head><body>\n" + body + "</body></html>\n")
 
 
 def write_report(results: dict, out: str | Path, timings: dict | None = None,

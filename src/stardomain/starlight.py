@@ -46,7 +46,8 @@ from .config import Config, StarConfig, TrainConfig
 from .data import get_dataset
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
-from .train import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta, resolve_device
+from .train import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta
+from .utils import resolve_device
 
 StateDict = dict[str, torch.Tensor]
 

@@ -26,28 +26,7 @@ from .data import DataBundle, Split, batches, get_dataset, num_batches
 from .engine import evaluate_module
 from .errors import UserError
 from .models import build_model
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """auto, cpu, cuda, cuda:N or mps -> a device that exists here; anything else is a UserError."""
-    import re
-
-    from .config import DEVICE_PATTERN
-
-    name = str(device)
-    if not re.match(DEVICE_PATTERN, name):
-        shown = name if len(name) <= 40 else name[:37] + "..."
-        raise UserError(f"unknown device {shown!r}; use auto, cpu, cuda, cuda:N or mps")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but CUDA is not available here; use --device auto or cpu")
-        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps was asked for but MPS is not available here; use --device auto or cpu")
-    return torch.device(name)
+from .utils import resolve_device  # noqa: F401  (moved to utils; importable from here too)
 
 
 def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimizerConfig) -> torch.optim.Optimizer:

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from . import stats
+from . import pairkinds, stats
 
 HEADLINE_METRIC = "train_loss"
 MAIN_METRICS = ("train_loss", "test_loss", "train_acc", "test_acc", "train_loss_ts", "test_loss_ts")
-CENTRES = {"average_heldout": "aligned average", "merged_heldout": "merge-many centre"}
 SECONDARY = "secondary (pairs share models; not independent)"
+CENTRES = pairkinds.KindField("centre_name", only_set=True)  # naive-centre kind -> words (live view of the table)
 
 
 # ---------------------------------------------------------------- tables from pair records
@@ -74,7 +74,7 @@ def analyse(results: dict, *, alpha: float = 0.05, n_boot: int = 10000, seed: in
     hl["metric"] = HEADLINE_METRIC
     hl["test_name"] = f"sign-flip permutation test over {len(heldouts)} held-outs (per-held-out paired differences)"
     centres = {}
-    for kind, name in CENTRES.items():
+    for kind, name in pairkinds.naive_centres().items():
         c = heldout_values(pairs.get(kind) or [], HEADLINE_METRIC, heldouts)
         if c is None:
             continue
@@ -136,14 +136,14 @@ def _flags(results: dict, hl: dict, centres: dict, trend: dict, alpha: float) ->
     low = [kind for kind, c in centres.items() if c["as_low"]]
     if low:
         q = results.get("star_quality", {})
-        own = {"average_heldout": q.get("average"), "merged_heldout": q.get("merged")}
+        own = {k: q.get(_centre_model(k)) for k in low}
         worse = [k for k in low if own.get(k) and "star" in q and own[k]["train"]["loss"] > q["star"]["train"]["loss"]]
         note = ""
         if worse and len(worse) == len(low):
             note = "; both worse fits than the star" if len(low) > 1 else "; a worse fit than the star"
         elif worse:
-            note = f"; {', '.join(CENTRES[k] for k in worse)} a worse fit than the star"
-        flags.append(f"naive centre as low ({', '.join(CENTRES[k] for k in low)}{note})")
+            note = f"; {', '.join(centres[k]['name'] for k in worse)} a worse fit than the star"
+        flags.append(f"naive centre as low ({', '.join(centres[k]['name'] for k in low)}{note})")
     if hl["min_p"] is not None and hl["min_p"] > alpha:
         flags.append(f"too few held-outs for significance at α = {alpha:g} ({hl['n_heldouts']} held-outs: "
                      f"smallest possible p = {hl['min_p']:.3g})")
@@ -313,12 +313,18 @@ def _quality_words(results: dict) -> list[str]:
             f"accuracy {100 * q['regular']['test_acc']['mean']:.2f}%) for the regular models: {judge}."]
 
 
+def _centre_model(kind: str) -> str | None:
+    """The star_quality entry of the centre a naive-centre kind pairs with the held-outs."""
+    entry = pairkinds.get(kind)
+    return entry.a if entry is not None else None
+
+
 def _control_words(results: dict, metric: str) -> list[str]:
     c = results.get("controls") or {}
     q = results.get("star_quality", {})
     out = []
     for kind, cen in (c.get("centres") or {}).items():
-        own = q.get("average" if kind == "average_heldout" else "merged")
+        own = q.get(_centre_model(kind))
         own_txt = f" (its own training loss {_f(own['train']['loss'], 4)})" if own else ""
         worse = bool(own and "star" in q and own["train"]["loss"] > q["star"]["train"]["loss"])
         if not cen["as_low"]:

@@ -1,0 +1,250 @@
+"""Keys and plan: a study config expanded into tasks as plain data.
+
+Every artifact lives under a key that is the sha256 of exactly what determines it: the config sections it
+reads, its seed, and the keys of its inputs. Which pairs are planned comes from the pair-kind table
+(stardomain.pairkinds).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from .. import pairkinds
+from ..config import Config, TrainConfig, validate
+from ..errors import UserError
+from ..safety import config_factories
+
+CACHE_VERSION = 1
+_MODEL_OPS = ("train", "star", "average", "merge")  # tasks whose output is a model file
+
+
+def key_of(obj: Any) -> str:
+    """sha256 of the canonical JSON of `obj`: the identity of an artifact."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work. `params` is everything the task needs (paths relative to the study folder)."""
+    key: str
+    op: str  # train | star | average | merge | pair | bma
+    label: str
+    params: dict
+    deps: tuple[str, ...] = ()
+    cpus: int = 1
+    gpus: float = 0.0
+
+    @property
+    def output(self) -> str:
+        """The file whose presence marks the task done (relative to the study folder)."""
+        if self.op in _MODEL_OPS:
+            return f"models/{self.params['name']}.json"
+        return f"cache/{self.op}/{self.key}.json"
+
+
+@dataclass
+class Plan:
+    tasks: list[Task]
+    layout: dict = field(default_factory=dict)
+
+    def by_key(self) -> dict[str, Task]:
+        return {t.key: t for t in self.tasks}
+
+    def to_json(self) -> dict:
+        return {"tasks": [asdict(t) for t in self.tasks], "layout": self.layout}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _model_cfg(cfg: dict, sections: Sequence[str] = ("data", "model", "train", "star")) -> dict:
+    """The part of a config that determines an artifact: a regular model reads data, model, train; a
+    star also reads star. Nothing else enters its key, so e.g. a star setting never retrains sources."""
+    return {k: v for k, v in cfg.items() if k in sections}
+
+
+_REGULAR = ("data", "model", "train")
+
+
+class _Builder:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.st = cfg.study
+        self.tasks: dict[str, Task] = {}
+        self.labels: dict[str, str] = {}
+
+    def _add(self, task: Task) -> str:
+        self.tasks.setdefault(task.key, task)
+        self.labels.setdefault(task.key, task.label)
+        return task.key
+
+    def _res(self) -> dict:
+        return {"cpus": self.st.cpus_per_task, "gpus": self.st.gpus_per_task}
+
+    def model_file(self, key: str) -> str:
+        return f"models/{self.tasks[key].params['name']}.safetensors"
+
+    def train(self, cfgd: dict, seed: int, role: str, idx: int, tag: str) -> str:
+        ident = {"op": "train", "v": CACHE_VERSION, "config": _model_cfg(cfgd, _REGULAR), "seed": seed,
+                 "role": role}
+        key = key_of(ident)
+        name = f"{role}{tag}-s{seed}-{key[:12]}"
+        return self._add(Task(key, "train", f"{role} {idx}{tag}", {"config": _model_cfg(cfgd, _REGULAR), "seed": seed,
+                                                                   "role": role, "name": name,
+                                                                   "device": self.st.device}, (), **self._res()))
+
+    def star(self, cfgd: dict, sources: list[str], tag: str) -> str:
+        ident = {"op": "star", "v": CACHE_VERSION, "config": _model_cfg(cfgd), "seed": self.st.seed,
+                 "sources": sources}
+        key = key_of(ident)
+        name = f"star{tag}-{key[:12]}"
+        return self._add(Task(key, "star", f"star{tag}", {
+            "config": _model_cfg(cfgd), "seed": self.st.seed, "name": name, "device": self.st.device,
+            "sources": [self.model_file(s) for s in sources]}, tuple(sources), **self._res()))
+
+    def average(self, cfgd: dict, sources: list[str], tag: str) -> str:
+        ev = self.st.eval
+        ident = {"op": "average", "v": CACHE_VERSION, "sources": sources, "align": ev.align,
+                 "bn_batches": ev.bn_batches, "batch_size": ev.batch_size, "seed": self.st.seed}
+        key = key_of(ident)
+        name = f"average{tag}-{key[:12]}"
+        return self._add(Task(key, "average", f"average{tag}", {
+            "config": _model_cfg(cfgd, _REGULAR), "seed": self.st.seed, "name": name, "align": ev.align,
+            "bn_batches": ev.bn_batches, "batch_size": ev.batch_size,
+            "sources": [self.model_file(s) for s in sources]}, tuple(sources), **self._res()))
+
+    def merge(self, cfgd: dict, sources: list[str], tag: str) -> str:
+        """Git Re-Basin's MergeMany centre (stardomain.merge): a stronger naive centre than `average`."""
+        ev = self.st.eval
+        ident = {"op": "merge", "v": CACHE_VERSION, "sources": sources, "rounds": self.st.merge_rounds,
+                 "bn_batches": ev.bn_batches, "batch_size": ev.batch_size, "seed": self.st.seed}
+        key = key_of(ident)
+        name = f"merged{tag}-{key[:12]}"
+        return self._add(Task(key, "merge", f"merge-many{tag}", {
+            "config": _model_cfg(cfgd, _REGULAR), "seed": self.st.seed, "name": name, "rounds": self.st.merge_rounds,
+            "bn_batches": ev.bn_batches, "batch_size": ev.batch_size,
+            "sources": [self.model_file(s) for s in sources]}, tuple(sources), **self._res()))
+
+    def pair(self, a: str, b: str, align: bool | None = None) -> str:
+        """A pair task; `align` overrides study.eval.align (the unaligned control). The temperature
+        options enter the key only when switched on, so turning them on never invalidates other pairs."""
+        ev = self.st.eval.model_dump()
+        if align is not None:
+            ev["align"] = align
+        ident_ev = ev if ev["temperature"] else {k: v for k, v in ev.items() if not k.startswith("temperature")}
+        key = key_of({"op": "pair", "v": CACHE_VERSION, "a": a, "b": b, "eval": ident_ev, "seed": self.st.seed})
+        return self._add(Task(key, "pair", f"{self.labels[a]} ↔ {self.labels[b]}", {
+            "a": self.model_file(a), "b": self.model_file(b), "a_label": self.labels[a],
+            "b_label": self.labels[b], "eval": ev, "seed": self.st.seed,
+            "device": self.st.device, "allow": self._allow(a)}, (a, b), **self._res()))
+
+    def bma(self, star: str, sources: list[str]) -> str:
+        key = key_of({"op": "bma", "v": CACHE_VERSION, "star": star, "sources": sources, "k": self.st.bma_k,
+                      "seed": self.st.seed})
+        return self._add(Task(key, "bma", "bma", {
+            "star": self.model_file(star), "sources": [self.model_file(s) for s in sources],
+            "k": self.st.bma_k, "seed": self.st.seed, "device": self.st.device, "allow": self._allow(star)},
+            (star, *sources), **self._res()))
+
+    def _allow(self, key: str) -> list[str]:
+        """Factories of the user's own config behind a model: a task may import those from its files."""
+        return config_factories(self.tasks[key].params.get("config"))
+
+    def population(self, cfgd: dict, n_sources: int, n_heldouts: int, tag: str = "") -> tuple[list, list]:
+        st = self.st
+        src = [self.train(cfgd, st.seed + i, "source", i, tag) for i in range(n_sources)]
+        ho_cfg = dict(cfgd)
+        if st.heldout_train:
+            merged = deep_merge(cfgd["train"], st.heldout_train)
+            ho_cfg["train"] = validate(TrainConfig, merged, "study.heldout_train").model_dump()
+        ho = [self.train(ho_cfg, st.seed + 1000 + i, "heldout", i, tag) for i in range(n_heldouts)]
+        return src, ho
+
+    def pairs(self, kinds: Sequence[str], models: dict) -> dict[str, list[str]]:
+        """The pair tasks of each kind (stardomain.pairkinds) over `models`: group or centre name -> key(s).
+        A kind whose centre is not in `models` is left out; `a == b`: every unordered pair within."""
+        out: dict[str, list[str]] = {}
+        for name in kinds:
+            kind = pairkinds.KINDS[name]
+            if any(not models.get(c) for c in kind.centres):
+                continue
+            a, b = (_members(models, side) for side in (kind.a, kind.b))
+            combos = ([(x, y) for i, x in enumerate(a) for y in a[i + 1:]] if kind.within
+                      else [(x, y) for x in a for y in b])
+            out[name] = [self.pair(x, y, align=kind.align) for x, y in combos]
+        return out
+
+
+def _members(models: dict, side: str) -> list[str]:
+    got = models.get(side)
+    return [got] if isinstance(got, str) else list(got or [])
+
+
+def _centres_needed(kinds: Sequence[str]) -> set[str]:
+    return {c for k in kinds for c in pairkinds.KINDS[k].centres}
+
+
+def build_plan(cfg: Config) -> Plan:
+    """Expand a study config into tasks (topologically ordered) and a layout saying what is what."""
+    st = cfg.study
+    b = _Builder(cfg)
+    base = cfg.model_dump(mode="json")
+    kinds = list(dict.fromkeys(st.pairs))
+    sw = st.sweeps
+    pool = max([st.n_sources, *sw.n_sources])
+    sources_all, heldouts = b.population(base, pool, st.n_heldouts)
+    sources = sources_all[:st.n_sources]
+    centres = _centres_needed(kinds)
+    star = b.star(base, sources, "") if ("star" in centres or st.bma or sw.n_sources or sw.t_sampling) else None
+    avg = b.average(base, sources, "") if "average" in centres else None
+    merged = b.merge(base, sources, "") if "merged" in centres else None
+    main = {"sources": sources, "heldouts": heldouts, "star": star, "average": avg, "merged": merged}
+    main["pairs"] = b.pairs(kinds, main)
+    layout: dict[str, Any] = {"main": main, "sweeps": {}}
+    if st.bma and star:
+        layout["bma"] = b.bma(star, sources)
+
+    if sw.n_sources:
+        rows = []
+        for k in sorted(set(sw.n_sources)):
+            s_k = b.star(base, sources_all[:k], f"-z{k}")
+            rows.append({"value": k, "star": s_k,
+                         "pairs": b.pairs(["star_heldout"], {"heldouts": heldouts, "star": s_k})})
+        layout["sweeps"]["n_sources"] = rows
+    if sw.t_sampling:
+        if "star" not in base:
+            raise UserError("study.sweeps.t_sampling needs the star section (stardomain.starlight)")
+        rows = []
+        for scheme in dict.fromkeys(sw.t_sampling):
+            cfgd = deep_merge(base, {"star": {"t_sampling": scheme}})
+            validate(Config, cfgd, f"study.sweeps.t_sampling={scheme}")
+            s_t = b.star(cfgd, sources, f"-t{scheme}")
+            rows.append({"value": scheme, "star": s_t,
+                         "pairs": b.pairs(["star_heldout"], {"heldouts": heldouts, "star": s_t})})
+        layout["sweeps"]["t_sampling"] = rows
+    for dim in ("width", "depth"):
+        values = getattr(sw, dim)
+        if not values:
+            continue
+        rows = []
+        for v in dict.fromkeys(values):
+            cfgd = deep_merge(base, {"model": {"kwargs": {getattr(sw, f"{dim}_key"): v}}})
+            validate(Config, cfgd, f"study.sweeps.{dim}={v}")
+            tag = f"-{dim[0]}{v}"
+            src_v, ho_v = b.population(cfgd, st.n_sources, st.n_heldouts, tag)
+            s_v = b.star(cfgd, src_v, tag)
+            rows.append({"value": v, "star": s_v, "sources": src_v, "heldouts": ho_v,
+                         "pairs": b.pairs(["star_heldout", "regular_regular"],
+                                          {"sources": src_v, "heldouts": ho_v, "star": s_v})})
+        layout["sweeps"][dim] = rows
+    return Plan(list(b.tasks.values()), layout)
+

@@ -1,0 +1,261 @@
+"""Executing one task of a plan (any executor calls `execute`), and whether a task is already done.
+
+Every task is deterministic on CPU and writes atomically, so a run killed at any point resumes with the
+same command and ends with the same results. Pair records also store their inputs' weight sha256 and are
+recomputed if those no longer match the model files they were measured on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import barrier, bma, starlight
+from ..checkpoint import (atomic_write_json, build_from_meta, data_from_meta, load_model, read_model_file,
+                          read_pair, save_model)
+from ..config import Config, validate
+from ..data import get_dataset
+from ..errors import UserError
+from ..interpolate import average, recalibrate_bn
+from ..merge import merge_many
+from ..permute import align, apply_permutation, check_equivalence, identity, spec_for, weight_matching
+from ..safety import allowed, config_factories
+from ..train import evaluate_splits, model_meta, train_to_file
+from ..utils import TIMING_KEYS, json_safe, resolve_device
+from .plan import _MODEL_OPS, Task
+
+def _record_json(obj: Any) -> Any:
+    """A record as plain JSON without its timing fields (they vary between runs and live in timings.json);
+    ±inf kept as ±1e308 so an unbounded barrier keeps its sign."""
+    return json_safe(obj, drop_timings=True, infinity=1e308)
+
+
+def _timings(obj: Any, prefix: str = "") -> dict[str, float]:
+    """The timing fields `_record_json` drops (but `*_time`), flattened, for timings.json."""
+    out: dict[str, float] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            name = f"{prefix}{k}"
+            if (str(k) in TIMING_KEYS or str(k).endswith("_seconds")) and isinstance(v, (int, float)):
+                out[name] = float(v)
+            elif isinstance(v, dict):
+                out.update(_timings(v, name + "."))
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_done(task: Task, root: Path, plan_tasks: dict[str, Task] | None = None) -> bool:
+    """Finished and still valid: the marker exists and (for pairs) was measured on today's model files."""
+    rec = _read_json(root / task.output)
+    if rec is None or rec.get("key") != task.key:
+        return False
+    if task.op in _MODEL_OPS:
+        return (root / f"models/{task.params['name']}.safetensors").is_file()
+    if task.op == "pair" and plan_tasks is not None:
+        for side, dep in zip("ab", task.deps):
+            side_rec = _read_json(root / plan_tasks[dep].output) if dep in plan_tasks else None
+            if side_rec is None or side_rec.get("sha256") != rec.get(f"sha256_{side}"):
+                return False
+    return True
+
+
+def _config(params: dict) -> Config:
+    return validate(Config, params["config"], "study task config")
+
+
+def _model_metrics(model, cfg: Config) -> dict:
+    return evaluate_splits(model, get_dataset(cfg.data), cfg.train.eval_batch_size)
+
+
+def _finish_model(task: Task, root: Path, meta: dict, model=None, cfg: Config | None = None,
+                  info: dict | None = None, seconds: float = 0.0) -> None:
+    m = meta.get("metrics") or {}
+    if not all(isinstance(m.get(s), dict) and "loss" in m[s] and "acc" in m[s] for s in ("train", "test")):
+        if model is None:
+            model, _ = load_model(root / f"models/{task.params['name']}.safetensors")
+        m = _model_metrics(model, cfg or _config(task.params))
+    side = {"key": task.key, "op": task.op, "label": task.label, "role": meta.get("role"),
+            "seed": meta.get("seed"), "file": f"models/{task.params['name']}.safetensors",
+            "sha256": meta["sha256"], "metrics": {s: {"loss": m[s]["loss"], "acc": m[s]["acc"]}
+                                                  for s in ("train", "test")},
+            "info": _record_json(info or {}), "timings": {"seconds": seconds, **_timings(info or {})}}
+    atomic_write_json(root / task.output, side)
+
+
+def _existing_model(path: Path) -> dict | None:
+    """A model file a killed run wrote before its marker: reuse it (it is fully written or absent)."""
+    if not path.is_file():
+        return None
+
+    try:
+        return read_model_file(path)[1]
+    except UserError:
+        return None
+
+
+def _run_train(task: Task, root: Path) -> None:
+    p = task.params
+    out = root / f"models/{p['name']}.safetensors"
+    t0 = time.perf_counter()
+    meta = _existing_model(out) or train_to_file(_config(p), p["seed"], out, role=p["role"],
+                                                 device=p.get("device", "auto"), progress=False)
+    _finish_model(task, root, meta, seconds=time.perf_counter() - t0)
+
+
+def _run_star(task: Task, root: Path) -> None:
+    p = task.params
+    out = root / f"models/{p['name']}.safetensors"
+    t0 = time.perf_counter()
+    meta = _existing_model(out)
+    if meta is None:
+        meta = starlight.star_to_file(_config(p), [str(root / s) for s in p["sources"]], out, seed=p["seed"],
+                                      device=p.get("device", "auto"), progress=False)
+        meta = _existing_model(out) or meta
+    info = {k: v for k, v in meta.items() if k in ("star", "starlight", "info", "alignment")}
+    _finish_model(task, root, meta, info=info, seconds=time.perf_counter() - t0)
+
+
+def _run_average(task: Task, root: Path) -> None:
+    """The "would any centre do?" baseline: the sources aligned to the first one, averaged, BN recomputed."""
+    p = task.params
+    out = root / f"models/{p['name']}.safetensors"
+    t0 = time.perf_counter()
+    meta = _existing_model(out)
+    if meta is None:
+        cfg = _config(p)
+        data = get_dataset(cfg.data)
+        model, _ = load_model(root / p["sources"][0])
+        sds = [read_model_file(root / s)[0] for s in p["sources"]]
+        aligned, infos = [sds[0]], []
+        if p["align"] and len(sds) > 1:
+            ex = _example_input(data)
+            for sd in sds[1:]:
+                sd_b, info = align(model, sds[0], sd, example_input=ex, seed=p["seed"])
+                aligned.append(sd_b)
+                infos.append(info)
+        else:
+            aligned = sds
+        model.load_state_dict(average(aligned))
+        recalibrate_bn(model, data.train, p["batch_size"], p["bn_batches"])
+        metrics = _model_metrics(model, cfg)
+        meta = save_model(out, model.state_dict(), model_meta(
+            cfg, data, p["seed"], "merged", metrics=metrics, merge={"method": "aligned_average",
+                                                                    "sources": p["sources"], "align": p["align"]}))
+    _finish_model(task, root, meta, seconds=time.perf_counter() - t0)
+
+
+def _run_merge(task: Task, root: Path) -> None:
+    """The MergeMany centre: sources aligned to the first (as `average`), then jointly re-aligned to the
+    leave-one-out mean round by round (stardomain.merge), averaged, BN recomputed."""
+    p = task.params
+    out = root / f"models/{p['name']}.safetensors"
+    t0 = time.perf_counter()
+    meta = _existing_model(out)
+    if meta is None:
+        cfg = _config(p)
+        data = get_dataset(cfg.data)
+        model, _ = load_model(root / p["sources"][0])
+        ex = _example_input(data)
+        spec = spec_for(model, ex)
+        sds = [read_model_file(root / s)[0] for s in p["sources"]]
+        start = [identity(spec)] + [weight_matching(spec, sds[0], sd, seed=p["seed"])[0] for sd in sds[1:]]
+        centre, perms, info = merge_many(spec, sds, start=start, rounds=p["rounds"], seed=p["seed"])
+        info["equivalence_error_max"] = max(check_equivalence(model, sd, apply_permutation(spec, sd, pm), ex)
+                                            for sd, pm in zip(sds, perms))
+        model.load_state_dict(centre)
+        recalibrate_bn(model, data.train, p["batch_size"], p["bn_batches"])
+        metrics = _model_metrics(model, cfg)
+        meta = save_model(out, model.state_dict(), model_meta(
+            cfg, data, p["seed"], "merged", metrics=metrics, merge={"sources": p["sources"], **info}))
+    _finish_model(task, root, meta, info=(meta.get("merge") or {}), seconds=time.perf_counter() - t0)
+
+
+def _example_input(data):
+    x = data.train.x[:2] if data.train.x is not None else torch.stack([data.train.dataset[i][0] for i in range(2)])
+    return x
+
+
+def _run_pair(task: Task, root: Path) -> None:
+    p = task.params
+    ev = p["eval"]
+    t0 = time.perf_counter()
+    sd_a, meta_a, sd_b, meta_b = read_pair(root / p["a"], root / p["b"])
+    data = data_from_meta(meta_a, str(root / p["a"]))
+    device = resolve_device(p.get("device", "auto"))
+    model = build_from_meta(meta_a, str(root / p["a"])).to(device)
+    rec = barrier.measure(model, sd_a, sd_b, data, points=ev["points"], align=ev["align"],
+                          example_input=_example_input(data), bn_batches=ev["bn_batches"], seed=p["seed"],
+                          device=device, temperature=ev.get("temperature", False),
+                          temperature_fraction=ev.get("temperature_fraction", 0.2))
+    out = {"key": task.key, "a": p["a_label"], "b": p["b_label"], "a_file": p["a"], "b_file": p["b"],
+           "sha256_a": meta_a["sha256"], "sha256_b": meta_b["sha256"], **_record_json(rec),
+           "timings_": {"seconds": time.perf_counter() - t0, **_timings(rec)}}
+    atomic_write_json(root / task.output, out)
+
+
+def _run_bma(task: Task, root: Path) -> None:
+    p = task.params
+    t0 = time.perf_counter()
+    res = bma.bma_files(str(root / p["star"]), [str(root / s) for s in p["sources"]], k=p["k"], seed=p["seed"],
+                        device=p.get("device", "auto"))
+    files = (res.get("_info") or {}).get("files") or {}
+    for entry in [files.get("star"), *(files.get("sources") or [])]:
+        if isinstance(entry, dict) and "path" in entry:  # relative: results must not depend on the folder
+            entry["path"] = str(Path(entry["path"]).resolve().relative_to(root.resolve()))
+    atomic_write_json(root / task.output, {"key": task.key, "result": _record_json(res), "raw": json_safe(res),
+                                           "timings_": {"seconds": time.perf_counter() - t0, **_timings(res)}})
+
+
+_OPS = {"train": _run_train, "star": _run_star, "average": _run_average, "merge": _run_merge, "pair": _run_pair,
+        "bma": _run_bma}
+
+
+CRASH_ENV = "STARDOMAIN_TEST_CRASH_ONCE"
+
+
+def _test_crash_once(task: Task) -> None:
+    """Tests of fault tolerance only: with STARDOMAIN_TEST_CRASH_ONCE=OP:DIR in the environment (Ray workers
+    inherit it), the first process to start a task of op OP creates DIR/crashed-OP and kills itself with
+    SIGKILL, as if the machine had killed the worker; every later attempt runs normally."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec or spec.split(":", 1)[0] != task.op:
+        return
+    try:
+        os.close(os.open(os.path.join(spec.split(":", 1)[1], f"crashed-{task.op}"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def execute(task: Task, root: str | Path) -> str:
+    """Run one task in this process (any executor calls this). Deterministic: fixed torch threads and a
+    global RNG seeded from the task key, so the result never depends on what ran before in the process."""
+
+
+    root = Path(root)
+    _test_crash_once(task)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(task.cpus)))
+    # The study config is the user's own: its factories may be imported from the study's model files
+    # (in whatever process runs the task); a factory only a file names is still refused.
+    trusted = config_factories(task.params.get("config")) + list(task.params.get("allow") or [])
+    try:
+        with torch.random.fork_rng(devices=[]), allowed(trusted):
+            torch.manual_seed(int(task.key[:8], 16))
+            _OPS[task.op](task, root)
+    finally:
+        torch.set_num_threads(threads)
+    return task.key
+
