@@ -41,6 +41,7 @@ def test_json_safe_for_records_drops_timings_and_clamps_infinity():
 
 @pytest.mark.parametrize("key,timing", [("seconds", True), ("wall_seconds", True), ("star_seconds", True),
                                         ("fit_time", True), ("timings", True), ("elapsed", True),
+                                        ("seconds_per_model", True),
                                         ("time_points", False), ("second", False), ("times", False)])
 def test_timing_keys(key, timing):
     assert is_timing_key(key) is timing

@@ -59,7 +59,7 @@ def import_object(spec: str, what: str):
 
 def is_timing_key(key: Any) -> bool:
     k = str(key)
-    return k in TIMING_KEYS or k.endswith("_seconds") or k.endswith("_time")
+    return k in TIMING_KEYS or k.endswith("_seconds") or k.startswith("seconds_") or k.endswith("_time")
 
 
 def json_safe(obj: Any, *, drop_timings: bool = False, infinity: float | None = None) -> Any:
