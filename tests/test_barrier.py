@@ -260,7 +260,7 @@ def test_fast_paths_equal_reference(digits, spec, bn_batches):
 
 def _independent_protocol(sa, sb, data):
     """Weight matching for a one-hidden-layer MLP is one assignment problem over the hidden units
-    (Ainsworth et al.); then an 11-point path evaluated in float64 numpy, barriers as in PAPER.md."""
+    (Ainsworth et al.); then an 11-point path evaluated in float64 numpy, barriers as in docs/method.md."""
     A = {k: v.double().numpy() for k, v in sa.items()}
     B = {k: v.double().numpy() for k, v in sb.items()}
     sim = A["1.weight"] @ B["1.weight"].T + np.outer(A["1.bias"], B["1.bias"]) + A["3.weight"].T @ B["3.weight"]

@@ -72,7 +72,7 @@ _HEX64 = r"^[0-9a-f]{64}$"
 
 
 class FileMeta(_Open):
-    """The `stardomain` metadata of a model file (DESIGN.md contract)."""
+    """The `stardomain` metadata of a model file (docs/architecture.md, "Contracts")."""
 
     format_version: int = Field(ge=1)
     model: ModelConfig

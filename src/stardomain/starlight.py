@@ -1,4 +1,4 @@
-"""Starlight (PAPER.md, Algorithm 1): train a star model θ that sees its sources along straight lines.
+"""Starlight (docs/method.md, "Starlight"): train a star model θ that sees its sources along straight lines.
 
 Every mini-batch draws a source θ_n uniformly and t from the configured scheme, forwards the batch through
 the interpolated weights (1-t)·θ + t·θ_n (BatchNorm in train mode) and back-propagates into θ *through the
