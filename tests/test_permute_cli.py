@@ -56,7 +56,7 @@ def pair(tmp_path_factory):
 def test_align_cli_end_to_end(pair, method):
     d, a, b, _ = pair
     out, js = d / f"b_{method}.safetensors", d / f"{method}.json"
-    line = run("align", a, b, "--out", out, "--method", method, "--json", js).stdout
+    line = run("align", a, b, "--out", out, "--method", method, "--json-out", js).stdout
     assert "distance" in line and "equivalence" in line
     rec = json.loads(js.read_text())
     sd_a, meta_a = read_model_file(a)
@@ -94,7 +94,7 @@ def test_align_init_option(pair):
 
     d, a, b, _ = pair
     out, js = d / "b_identity.safetensors", d / "identity.json"
-    run("align", a, b, "--out", out, "--init", "identity", "--json", js)
+    run("align", a, b, "--out", out, "--init", "identity", "--json-out", js)
     rec = json.loads(js.read_text())
     assert rec["init"] == "identity"
     model, _ = load_model(b)
