@@ -298,3 +298,24 @@ def test_barrier_json_prints_what_json_out_writes(monkeypatch, capsys, tmp_path)
     assert printed == written and set(printed["barrier"]) >= {"train_loss", "test_loss"}
     code, out, err = run_cli(monkeypatch, capsys, "barrier", a, b, "--points", 3, "--no-align")
     assert code == 0 and out.startswith("barrier  train loss") and "wrote" not in out
+
+
+def test_star_records_runtime_history_and_csv(tmp_path, digits_cfg):
+    from stardomain.starlight import star_to_file
+    from stardomain.train import train_to_file
+
+    cfg = digits_cfg.model_copy(update={"train": digits_cfg.train.model_copy(update={"epochs": 1})})
+    srcs = [tmp_path / f"s{i}.safetensors" for i in range(2)]
+    for i, p in enumerate(srcs):
+        train_to_file(cfg, i, p, progress=False, device="cpu")
+    torch.set_num_threads(1)
+    out = tmp_path / "star.safetensors"
+    meta = star_to_file(cfg.model_copy(update={"train": digits_cfg.train.model_copy(update={"epochs": 2})}),
+                        srcs, out, seed=0, device="cpu", progress=False)
+    assert meta["runtime"]["threads"] == 1 and meta["runtime"]["device"] == "cpu"
+    assert [h["epoch"] for h in meta["history"]] == [1, 2]
+    # fit's per-epoch mean loss is Starlight's interpolated loss, the same number its own history keeps
+    assert [h["loss"] for h in meta["history"]] == [h["interp_loss"] for h in meta["star"]["history"]]
+    assert all(h["acc"] is None for h in meta["history"])  # Starlight's step counts no right answers
+    rows = list(csv.DictReader(open(out.with_name(out.name + ".csv"))))
+    assert [(float(r["loss"]), r["acc"]) for r in rows] == [(h["loss"], "") for h in meta["history"]]

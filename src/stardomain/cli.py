@@ -151,7 +151,7 @@ def info(path: Path = typer.Argument(..., help="A model file written by stardoma
     for split in ("train", "test"):
         if split in m:
             lines.append(f"{split:<9} loss {m[split]['loss']:.4f}  acc {m[split]['acc']:.4f}")
-    for key in ("sources", "alignment", "star"):
+    for key in ("runtime", "sources", "alignment", "star"):
         if key in meta:
             lines.append(f"{key:<9} {json.dumps(meta[key])[:200]}")
     lines += [f"sha256    {meta['sha256']}", f"versions  {meta.get('versions', {})}",
