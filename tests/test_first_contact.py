@@ -184,9 +184,18 @@ def test_version(monkeypatch, capsys):
     assert (code, out, err) == (0, f"stardomain {__version__}\n", "")
 
 
-def test_completion_offered(monkeypatch, capsys):
+def test_completion_offered_and_completes_choices(monkeypatch, capsys):
+    from pathlib import Path
+
     code, out, _ = run_cli(monkeypatch, capsys, "--help")
     assert code == 0 and "--install-completion" in out and "--show-completion" in out
+    script = Path(sys.executable).with_name("stardomain")  # completion is keyed to the console script's name
+    if not script.exists():
+        pytest.skip("no stardomain console script next to this Python")
+    env = {**os.environ, "_STARDOMAIN_COMPLETE": "complete_bash", "COMP_WORDS": "stardomain align --method ",
+           "COMP_CWORD": "3"}
+    r = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["weight", "activation"], r.stderr
 
 
 def test_config_prints_the_resolved_config(monkeypatch, capsys, tmp_path):

@@ -463,8 +463,11 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
 def config_(path: Optional[Path] = typer.Argument(None, help="A YAML config. Omitted: the defaults."),
             set_: List[str] = SetOpt,
             json_: bool = typer.Option(False, "--json", help="Print it as JSON instead of YAML.")):
-    """Print the resolved config: the file with --set overrides applied and every default filled in
-    (what train, star and run would use). Example: stardomain config configs/mnist_mlp.yaml --set train.epochs=3
+    """Print the resolved config: the file with --set overrides and every default filled in.
+
+    What train, star and run would use, as YAML (or JSON with --json); it reads back as the same config.
+
+    Example: stardomain config configs/mnist_mlp.yaml --set train.epochs=3
     """
     import yaml
 
