@@ -328,3 +328,34 @@ def test_star_records_runtime_history_and_csv(tmp_path, digits_cfg):
     assert all(h["acc"] is None for h in meta["history"])  # Starlight's step counts no right answers
     rows = list(csv.DictReader(open(out.with_name(out.name + ".csv"))))
     assert [(float(r["loss"]), r["acc"]) for r in rows] == [(h["loss"], "") for h in meta["history"]]
+
+
+def test_run_on_a_study_made_under_other_threads_warns(monkeypatch, capsys, tmp_path, digits_cfg):
+    from stardomain.runtime import warn_if_study_changed
+    from stardomain.train import train_to_file
+
+    (tmp_path / "models").mkdir()
+    torch.set_num_threads(2)
+    train_to_file(digits_cfg, 0, tmp_path / "models" / "source-0.safetensors", progress=False, device="cpu")
+    capsys.readouterr()
+    assert not warn_if_study_changed(tmp_path, 2, "cpu")
+    assert warn_if_study_changed(tmp_path, 1, "cpu")
+    err = capsys.readouterr().err
+    assert err.startswith("warning: resuming a study") and "threads 2 -> 1" in err and len(err.splitlines()) == 1
+    assert not warn_if_study_changed(tmp_path / "nothing-here", 1, "cpu")
+
+
+def test_run_threads_and_device_reach_the_tasks_and_a_rerun_warns(monkeypatch, capsys, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"name": "digits"}, "model": {"name": "mlp", "kwargs": {"width": 8}},
+        "train": {"epochs": 1, "batch_size": 64}, "star": {"align_every": "never"},
+        "study": {"n_sources": 2, "n_heldouts": 1, "pairs": ["star_heldout"], "bootstrap": 100}}))
+    out = tmp_path / "study"
+    code, _, err = run_cli(monkeypatch, capsys, "run", cfg, "--out", out, "--threads", 2, "--device", "cpu")
+    assert code == 0, err
+    metas = [_meta(p) for p in sorted((out / "models").glob("*.safetensors"))]
+    assert metas and all(m["runtime"]["threads"] == 2 and m["runtime"]["device"] == "cpu" for m in metas)
+    assert "warning" not in err
+    code, _, err = run_cli(monkeypatch, capsys, "run", cfg, "--out", out, "--threads", 1)
+    assert code == 0 and "warning: resuming a study" in err and "threads 2 -> 1" in err, err

@@ -257,6 +257,11 @@ def run(
     set_ = list(set_) + ([f"study.device={device}"] if device else []) + \
         ([f"study.cpus_per_task={threads}"] if threads else [])
     cfg = load_config(path, set_)
+    if out.is_dir():
+        from .runtime import warn_if_study_changed
+        from .train import resolve_device
+
+        warn_if_study_changed(out, cfg.study.cpus_per_task, resolve_device(cfg.study.device))
     res = run_study(cfg, out, executor=Executor(executor).value, ray_address=ray_address, num_workers=workers, force=force)
     typer.echo(res["verdict_line"])
     typer.echo("")

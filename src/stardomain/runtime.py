@@ -89,3 +89,18 @@ def warn_if_changed(saved: dict | None, now: dict, what: str = "run") -> bool:
     print(f"warning: resuming a {what} started with other settings ({', '.join(diff)}); the result may "
           "differ bitwise from an uninterrupted run", file=sys.stderr)
     return True
+
+
+def warn_if_study_changed(root, threads: int, device) -> bool:
+    """`run` on an existing study folder: one warning when its finished models ran under other threads
+    or another device than the tasks still to run will (their results may then differ bitwise)."""
+    from pathlib import Path
+
+    from .checkpoint import read_model_meta
+
+    now = {"threads": int(threads), "device": str(device)}
+    for path in sorted(Path(root, "models").glob("*.safetensors")):
+        saved = (read_model_meta(path) or {}).get("runtime")  # None: unreadable or from an older version
+        if saved and warn_if_changed(saved, now, what="study"):
+            return True
+    return False
