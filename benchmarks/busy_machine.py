@@ -65,8 +65,8 @@ def main() -> None:
     ap.add_argument("--also", type=int, nargs="*", default=[2], help="--threads values also measured")
     ap.add_argument("--limit", type=float, default=120.0, help="seconds before a run is stopped")
     args = ap.parse_args()
-    print(f"cores {os.cpu_count()}, load average before {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-          flush=True)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"cores {os.cpu_count()}, load average before {os.getloadavg()[0]:.2f}, {when}", flush=True)
     rows = []
     for threads in [None, *args.also]:
         idle, idle_cpu = run_train(threads, args.limit)

@@ -45,7 +45,8 @@ def test_thread_choice_precedence(monkeypatch):
     monkeypatch.setattr(runtime, "_affinity_allocation", lambda: None)
     assert runtime.choose_threads(3, {"OMP_NUM_THREADS": "5"}) == (3, "--threads")
     assert runtime.choose_threads(None, {"OMP_NUM_THREADS": "5", "SLURM_CPUS_PER_TASK": "7"}) == (5, "OMP_NUM_THREADS")
-    assert runtime.choose_threads(None, {"OMP_NUM_THREADS": "x", "SLURM_CPUS_PER_TASK": "7"}) == (7, "SLURM_CPUS_PER_TASK")
+    env = {"OMP_NUM_THREADS": "x", "SLURM_CPUS_PER_TASK": "7"}  # an unusable value is passed over
+    assert runtime.choose_threads(None, env) == (7, "SLURM_CPUS_PER_TASK")
     assert runtime.choose_threads(None, {}) == (1, "default")
     monkeypatch.setattr(runtime, "_affinity_allocation", lambda: 3)
     assert runtime.choose_threads(None, {}) == (3, "CPU affinity")
@@ -157,8 +158,8 @@ def test_ctrl_c_prints_the_resume_line(tmp_path):
     out = tmp_path / "m.safetensors"
     state = out.with_name(out.name + ".state")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "stardomain", "train", "--out", str(out), "--set", "train.epochs=100000",
-                          *DIGITS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen([sys.executable, "-m", "stardomain", "train", "--out", str(out),
+                          "--set", "train.epochs=100000", *DIGITS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         t0 = time.monotonic()
         while not state.exists() and p.poll() is None and time.monotonic() - t0 < 60:
@@ -297,7 +298,8 @@ def test_every_computing_command_takes_threads_and_device():
 def test_barrier_json_prints_what_json_out_writes(monkeypatch, capsys, tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     for seed, f in ((0, a), (1, b)):
-        assert run_cli(monkeypatch, capsys, "train", "--out", f, "--seed", seed, "--set", "train.epochs=1", *DIGITS)[0] == 0
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--out", f, "--seed", seed, "--set", "train.epochs=1", *DIGITS)
+        assert code == 0, err
     js = tmp_path / "b.json"
     code, out, err = run_cli(monkeypatch, capsys, "barrier", a, b, "--points", 3, "--no-align", "--json",
                              "--json-out", js)

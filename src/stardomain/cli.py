@@ -30,7 +30,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Study how trained networks sit in weight space: train populations, align them modulo "
-    "permutations, measure barriers, train star models (Starlight), average over star domains.",
+    "permutations, measure barriers, train star models (Starlight), average over star domains. Where a "
+    "command has a JSON result, --json prints it on stdout and --json-out PATH writes it to a file.",
 )
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (sections data, model, train, ...). "
@@ -81,8 +82,6 @@ def _print_version(value: bool) -> None:
 def _global(debug: bool = typer.Option(False, "--debug", help="Print the full traceback of any error."),
             version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                          help="Print the version and exit.")):
-    """Every command that prints a result takes --json to print it as JSON on stdout instead; --json-out
-    PATH writes the JSON to a file."""
     _DEBUG["on"] = _DEBUG["on"] or debug
 
 
@@ -262,7 +261,8 @@ def run(
         from .train import resolve_device
 
         warn_if_study_changed(out, cfg.study.cpus_per_task, resolve_device(cfg.study.device))
-    res = run_study(cfg, out, executor=Executor(executor).value, ray_address=ray_address, num_workers=workers, force=force)
+    res = run_study(cfg, out, executor=Executor(executor).value, ray_address=ray_address, num_workers=workers,
+                    force=force)
     typer.echo(res["verdict_line"])
     typer.echo("")
     typer.echo(res["verdict"])
