@@ -361,3 +361,27 @@ def test_run_threads_and_device_reach_the_tasks_and_a_rerun_warns(monkeypatch, c
     assert "warning" not in err
     code, _, err = run_cli(monkeypatch, capsys, "run", cfg, "--out", out, "--threads", 1)
     assert code == 0 and "warning: resuming a study" in err and "threads 2 -> 1" in err, err
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["train", "--out", "m"], "interrupted; completed work is saved and a re-run resumes it"),
+    (["--debug", "star", "--sources", "a"], "interrupted; completed work is saved and a re-run resumes it"),
+    (["run", "--out", "o"], "interrupted; completed work is saved and a re-run resumes it"),
+    (["barrier", "a", "b"], "interrupted; stardomain barrier does not resume: re-run it to start over"),
+    (["bma", "--star", "s"], "interrupted; stardomain bma does not resume: re-run it to start over"),
+])
+def test_ctrl_c_line_promises_a_resume_only_where_there_is_one(argv, line):
+    from stardomain.cli import _interrupted
+
+    assert _interrupted(argv) == line
+
+
+def test_ctrl_c_in_a_command_that_does_not_resume(monkeypatch, capsys, tmp_path):
+    import stardomain.checkpoint as ckm
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckm, "read_model_file", stop)
+    code, _, err = run_cli(monkeypatch, capsys, "info", tmp_path / "m.safetensors")
+    assert (code, err) == (130, "interrupted; stardomain info does not resume: re-run it to start over\n")

@@ -542,7 +542,18 @@ def _click_error(e) -> int:
 _ABORTS = tuple({typer.Abort, *(c for c in (getattr(_clickx, "Abort", None),) if c is not None)})
 
 
-def _run(argv: list[str] | None) -> int:
+RESUMABLE = ("train", "star", "run")  # the commands that keep finished work and resume from it
+
+
+def _interrupted(argv: list[str]) -> str:
+    """The Ctrl-C line: the resume hint only where it is true."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    if command in RESUMABLE:
+        return "interrupted; completed work is saved and a re-run resumes it"
+    return f"interrupted; stardomain {command or ''} does not resume: re-run it to start over".replace("  ", " ")
+
+
+def _run(argv: list[str]) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)
     except _clickx.ClickException as e:
@@ -550,7 +561,7 @@ def _run(argv: list[str] | None) -> int:
     except _ABORTS:  # Ctrl-C as typer (Exit 130) or an older click (Abort) reports it
         rc = 130
     if rc == 130:
-        print("interrupted; completed work is saved and a re-run resumes it", file=sys.stderr)
+        print(_interrupted(argv), file=sys.stderr)
     return rc if isinstance(rc, int) else 0
 
 
@@ -568,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = contextvars.copy_context().run(_run, argv)
     except KeyboardInterrupt:
-        print("interrupted; completed work is saved and a re-run resumes it", file=sys.stderr)
+        print(_interrupted(argv), file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         if _DEBUG["on"]:
