@@ -213,6 +213,12 @@ def test_config_prints_the_resolved_config(monkeypatch, capsys, tmp_path):
     assert printed["train"]["epochs"] == 3 and printed["star"]["t_sampling"] == "uniform"  # defaults filled in
     code, out, _ = run_cli(monkeypatch, capsys, "config", "--json")
     assert code == 0 and json.loads(out) == Config().model_dump(mode="json")
+    from stardomain.config import load_config
+    from stardomain.study import default_config_path
+
+    code, out, _ = run_cli(monkeypatch, capsys, "config", "--study", "--json")
+    assert code == 0 and json.loads(out) == load_config(default_config_path()).model_dump(mode="json")
+    assert run_cli(monkeypatch, capsys, "config", f, "--study")[0] == 2
 
 
 @pytest.mark.parametrize("text, where, hint", [

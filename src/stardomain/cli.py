@@ -465,7 +465,11 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
 
 
 @app.command("config")
-def config_(path: Optional[Path] = typer.Argument(None, help="A YAML config. Omitted: the defaults."),
+def config_(path: Optional[Path] = typer.Argument(None, help="A YAML config. Omitted: the defaults, what train "
+                                                  "and star use without --config (run without a config uses "
+                                                  "the study config printed by: stardomain config --study)."),
+            study: bool = typer.Option(False, "--study", help="Start from run's embedded default study config "
+                                       "instead of the bare defaults (not with FILE)."),
             set_: List[str] = SetOpt,
             json_: bool = typer.Option(False, "--json", help="Print it as JSON instead of YAML.")):
     """Print the resolved config: the file with --set overrides and every default filled in.
@@ -478,6 +482,12 @@ def config_(path: Optional[Path] = typer.Argument(None, help="A YAML config. Omi
 
     from .config import load_config
 
+    if study and path is not None:
+        raise UserError("give either FILE or --study, not both")
+    if study:
+        from .study import default_config_path
+
+        path = default_config_path()
     cfg = load_config(path, set_).model_dump(mode="json")
     if json_:
         echo_json(cfg)
