@@ -356,7 +356,7 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     train_to_file(Config.model_validate({**base, "model": {"name": "mlp", "kwargs": {"width": 8}}}), 0, c,
                   progress=False)
     out, png = tmp_path / "ab.json", tmp_path / "ab.png"
-    code, err = _cli(capsys, monkeypatch, "barrier", a, b, "--points", 6, "--json", out, "--plot", png)
+    code, err = _cli(capsys, monkeypatch, "barrier", a, b, "--points", 6, "--json-out", out, "--plot", png)
     assert code == 0, err
     rec = json.loads(out.read_text())
     assert rec["t"] == grid(6) and rec["alignment"]["aligned"] is True
@@ -372,7 +372,7 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
                   points=6, align=True)
     assert rec["barrier"]["train_loss"] == pytest.approx(lib["barrier"]["train_loss"], abs=1e-9)
 
-    code, err = _cli(capsys, monkeypatch, "barrier", a, c, "--json", tmp_path / "ac.json")
+    code, err = _cli(capsys, monkeypatch, "barrier", a, c, "--json-out", tmp_path / "ac.json")
     assert code == 2
     assert err.strip().count("\n") == 0 and "different architectures" in err
     assert not (tmp_path / "ac.json").exists()
