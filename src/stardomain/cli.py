@@ -196,7 +196,7 @@ def star(
     threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
 ):
-    """Train a star model with Starlight (PAPER.md, Algorithm 1) from source model files.
+    """Train a star model with Starlight (docs/method.md, "Starlight") from source model files.
 
     Each mini-batch goes through (1-t)*star + t*source for a random source and t.
 
@@ -469,7 +469,7 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
              threads: Optional[int] = ThreadsOpt,
              force: bool = ForceOpt,
              allow_factory: List[str] = AllowOpt):
-    """Loss and accuracy along (1-t)·A + t·B on train and test, and the barriers (PAPER.md).
+    """Loss and accuracy along (1-t)·A + t·B on train and test, and the barriers (docs/method.md).
 
     Loss barrier: max over interior t of loss minus its chord, floored at 0. Accuracy barrier: the
     largest drop of accuracy below its chord (a positive fraction). BatchNorm statistics are recomputed

@@ -139,7 +139,7 @@ def _known_pair_kind(name: str) -> str:
 
 
 class StudyEvalConfig(Section):
-    """How each pair is measured (PAPER.md: 11 points, after weight matching, BN recalibrated)."""
+    """How each pair is measured (docs/method.md: 11 points, after weight matching, BN recalibrated)."""
 
     points: int = Field(11, ge=3)
     align: bool = True  # weight matching before interpolating (the paper's "modulo permutations")
@@ -185,7 +185,7 @@ class StudyConfig(Section):
 
 
 class StarConfig(Section):
-    """Starlight (PAPER.md, Algorithm 1): how the star model is trained from its sources."""
+    """Starlight (docs/method.md, "Starlight"): how the star model is trained from its sources."""
 
     t_sampling: Literal["uniform", "beta", "constant"] = "uniform"
     beta: tuple[float, float] = (2.0, 2.0)  # Beta(a, b) when t_sampling = beta

@@ -95,7 +95,7 @@ def config_digest(cfg: Config) -> str:
 
 def model_meta(cfg: Config, data: DataBundle, seed: int, role: str, *, device: str | torch.device | None = None,
                history: list[dict] | None = None, **extra: Any) -> dict[str, Any]:
-    """The metadata every model file carries (DESIGN.md): enough to rebuild it and know how it was made,
+    """The metadata every model file carries (docs/architecture.md, "Contracts"): enough to rebuild it and know how it was made,
     including where it ran (`runtime`: threads, device, version; bits depend on them) and, when given,
     the per-epoch training `history`."""
     runtime = record(resolve_device(device if device is not None else cfg.study.device))
