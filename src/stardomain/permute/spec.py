@@ -654,98 +654,21 @@ class _Tracer:
         raise _Fix(f"unknown node kind {op}")
 
     def visit_module(self, node: fx.Node, mod: nn.Module) -> Any:
-        name = node.target
+        """A module call: the user's registered rule for its type first, else the first entry of
+        BUILTIN_MODULE_RULES whose types match (one table, as FUNCTION_RULES for functions); else pinned
+        with a reason."""
         rule = _user_rule(mod)
         if rule is not None:
-            return self.visit_leaf(node, name, rule)
+            return self.visit_leaf(node, node.target, rule)
         if any(isinstance(lay, _HLay) for lay in self.all_lays((node.args, node.kwargs))):
             if isinstance(mod, (nn.Dropout, nn.Identity, nn.Softmax)):
                 return self.lay(node.args[0])
             raise _Fix(f"{type(mod).__name__} on per-head tensors")
         x = node.args[0] if node.args else None
-        lay = self.lay(x)
-        shape_in, shape_out = _shape(x), _shape(node)
-        if isinstance(mod, nn.Linear):
-            return self.linear(node, x, f"{name}.weight", f"{name}.bias", mod.out_features, name)
-        if isinstance(mod, getattr(nn, "RMSNorm", ())):
-            return self.norm_last(node, x, len(mod.normalized_shape), [f"{name}.weight"])
-        if isinstance(mod, (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)):
-            return self.channel_op(node, x, [], "upsampling", min_rank=3)
-        if isinstance(mod, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
-                            nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
-                            nn.ReplicationPad2d)):
-            return self.pad(node, x, mod.padding)
-        if isinstance(mod, nn.ChannelShuffle):
-            raise _Fix("a channel shuffle mixes channels across groups")
-        if isinstance(mod, nn.Unflatten):
-            return self.reshape(lay, shape_in, shape_out)
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if lay is not None and (lay.axis != 1 or any(s[2] != 1 for s in lay.segs)):
-                raise _Fix("convolution over a non-channel axis")
-            if mod.groups == 1:
-                if lay is not None:
-                    self.add_members(lay, [(f"{name}.weight", 1)])
-                return self.fresh(mod.out_channels, name, 1, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
-            if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: a per-channel op
-                if lay is None:
-                    return None
-                self.add_members(lay, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
-                return lay
-            raise _Fix(f"grouped convolution (groups={mod.groups}) ties channels to groups")
-        if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and mod.groups == 1:
-            if lay is not None:
-                if lay.axis != 1 or any(s[2] != 1 for s in lay.segs):
-                    raise _Fix("transposed convolution over a non-channel axis")
-                self.add_members(lay, [(f"{name}.weight", 0)])
-            return self.fresh(mod.out_channels, name, 1, [(f"{name}.weight", 1), (f"{name}.bias", 0)])
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            if lay is None:
-                return None
-            if lay.axis != 1:
-                raise _Fix("BatchNorm over a non-channel axis")
-            self.add_members(lay, [(f"{name}.{t}", 0) for t in ("weight", "bias", "running_mean", "running_var")])
-            return lay
-        if isinstance(mod, nn.GroupNorm):
-            if lay is None:
-                return None
-            if lay.axis != 1:
-                raise _Fix("GroupNorm over a non-channel axis")
-            if mod.num_groups not in (1, mod.num_channels):
-                # legal permutations move whole groups and reorder channels within each: the same
-                # block structure as attention heads
-                if len(lay.segs) != 1:
-                    raise _Fix(f"GroupNorm with {mod.num_groups} groups over concatenated channels")
-                self.b.set_heads(lay.segs[0][0], mod.num_groups)
-            self.add_members(lay, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
-            return lay
-        if isinstance(mod, nn.LayerNorm):
-            if lay is None:
-                return None
-            k = len(mod.normalized_shape)
-            nd = len(shape_in)
-            if lay.axis < nd - k:  # normalised over other axes: the feature axis just rides along
-                return lay
-            if k == 1:
-                self.add_members(lay, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
-                return lay
-            raise _Fix("LayerNorm over several axes including the feature axis")
-        if isinstance(mod, _ELEMENTWISE_MODULES):
-            return lay
-        if isinstance(mod, _POOL_MODULES):
-            if getattr(mod, "return_indices", False):
-                raise _Fix("pooling that returns indices")
-            if lay is not None and (lay.axis != 1 or len(shape_in) < 3):
-                raise _Fix("pooling over the feature axis")
-            return lay
-        if isinstance(mod, nn.Flatten):
-            return self.reshape(lay, shape_in, shape_out)
-        if isinstance(mod, nn.Embedding):
-            self.pin_axis(f"{name}.weight", 0, _EMBEDDING_ROWS)
-            return self.fresh(mod.embedding_dim, name, len(shape_out) - 1, [(f"{name}.weight", 1)])
-        if isinstance(mod, nn.MultiheadAttention):
-            return self.visit_mha(node, mod)
-        if isinstance(mod, nn.Sequential) and len(mod) == 0:
-            return lay
+        call = _ModuleCall(node, mod, node.target, x, self.lay(x), _shape(x), _shape(node))
+        for types, visit in BUILTIN_MODULE_RULES:
+            if isinstance(mod, types):
+                return visit(self, call)
         raise _Fix(f"unsupported module {type(mod).__name__}")
 
     def visit_mha(self, node: fx.Node, mod: nn.MultiheadAttention) -> Any:
@@ -1889,6 +1812,153 @@ class LeafRule:
 MODULE_RULES: dict[type, LeafRule] = {}
 _RULES_VERSION = [0]
 
+
+
+# ---------------------------------------------------------------- built-in module rules
+
+@dataclass(frozen=True)
+class _ModuleCall:
+    """What a module rule sees of one call: the node, the module, its name, its input, the input's unit
+    layout (None: no permuted axis reaches it) and the input and output shapes."""
+
+    node: fx.Node
+    mod: nn.Module
+    name: str
+    x: Any
+    lay: Any
+    shape_in: Any
+    shape_out: Any
+
+
+def _m_linear(v, c: _ModuleCall) -> Any:
+    return v.linear(c.node, c.x, f"{c.name}.weight", f"{c.name}.bias", c.mod.out_features, c.name)
+
+
+def _m_rms_norm(v, c: _ModuleCall) -> Any:
+    return v.norm_last(c.node, c.x, len(c.mod.normalized_shape), [f"{c.name}.weight"])
+
+
+def _m_upsample(v, c: _ModuleCall) -> Any:
+    return v.channel_op(c.node, c.x, [], "upsampling", min_rank=3)
+
+
+def _m_pad(v, c: _ModuleCall) -> Any:
+    return v.pad(c.node, c.x, c.mod.padding)
+
+
+def _m_reshape(v, c: _ModuleCall) -> Any:
+    return v.reshape(c.lay, c.shape_in, c.shape_out)
+
+
+def _m_conv(v, c: _ModuleCall) -> Any:
+    lay, name, mod = c.lay, c.name, c.mod
+    if lay is not None and (lay.axis != 1 or any(s[2] != 1 for s in lay.segs)):
+        raise _Fix("convolution over a non-channel axis")
+    if mod.groups == 1:
+        if lay is not None:
+            v.add_members(lay, [(f"{name}.weight", 1)])
+        return v.fresh(mod.out_channels, name, 1, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
+    if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: a per-channel op
+        if lay is None:
+            return None
+        v.add_members(lay, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
+        return lay
+    raise _Fix(f"grouped convolution (groups={mod.groups}) ties channels to groups")
+
+
+def _m_conv_transpose(v, c: _ModuleCall) -> Any:
+    lay, name, mod = c.lay, c.name, c.mod
+    if mod.groups != 1:
+        raise _Fix(f"unsupported module {type(mod).__name__}")
+    if lay is not None:
+        if lay.axis != 1 or any(s[2] != 1 for s in lay.segs):
+            raise _Fix("transposed convolution over a non-channel axis")
+        v.add_members(lay, [(f"{name}.weight", 0)])
+    return v.fresh(mod.out_channels, name, 1, [(f"{name}.weight", 1), (f"{name}.bias", 0)])
+
+
+def _m_batch_norm(v, c: _ModuleCall) -> Any:
+    if c.lay is None:
+        return None
+    if c.lay.axis != 1:
+        raise _Fix("BatchNorm over a non-channel axis")
+    v.add_members(c.lay, [(f"{c.name}.{t}", 0) for t in ("weight", "bias", "running_mean", "running_var")])
+    return c.lay
+
+
+def _m_group_norm(v, c: _ModuleCall) -> Any:
+    lay, mod = c.lay, c.mod
+    if lay is None:
+        return None
+    if lay.axis != 1:
+        raise _Fix("GroupNorm over a non-channel axis")
+    if mod.num_groups not in (1, mod.num_channels):
+        # legal permutations move whole groups and reorder channels within each: the same block structure
+        # as attention heads
+        if len(lay.segs) != 1:
+            raise _Fix(f"GroupNorm with {mod.num_groups} groups over concatenated channels")
+        v.b.set_heads(lay.segs[0][0], mod.num_groups)
+    v.add_members(lay, [(f"{c.name}.weight", 0), (f"{c.name}.bias", 0)])
+    return lay
+
+
+def _m_layer_norm(v, c: _ModuleCall) -> Any:
+    if c.lay is None:
+        return None
+    k = len(c.mod.normalized_shape)
+    if c.lay.axis < len(c.shape_in) - k:  # normalised over other axes: the feature axis just rides along
+        return c.lay
+    if k == 1:
+        v.add_members(c.lay, [(f"{c.name}.weight", 0), (f"{c.name}.bias", 0)])
+        return c.lay
+    raise _Fix("LayerNorm over several axes including the feature axis")
+
+
+def _m_pool(v, c: _ModuleCall) -> Any:
+    if getattr(c.mod, "return_indices", False):
+        raise _Fix("pooling that returns indices")
+    if c.lay is not None and (c.lay.axis != 1 or len(c.shape_in) < 3):
+        raise _Fix("pooling over the feature axis")
+    return c.lay
+
+
+def _m_embedding(v, c: _ModuleCall) -> Any:
+    v.pin_axis(f"{c.name}.weight", 0, _EMBEDDING_ROWS)
+    return v.fresh(c.mod.embedding_dim, c.name, len(c.shape_out) - 1, [(f"{c.name}.weight", 1)])
+
+
+def _m_sequential(v, c: _ModuleCall) -> Any:
+    if len(c.mod) == 0:
+        return c.lay
+    raise _Fix(f"unsupported module {type(c.mod).__name__}")
+
+
+def _m_pinned(reason: str):
+    def visit(v, c: _ModuleCall) -> Any:
+        raise _Fix(reason)
+    return visit
+
+
+# Module types -> how a call propagates unit layouts, first match wins (users: register_leaf_module).
+BUILTIN_MODULE_RULES: list[tuple[tuple[type, ...], Any]] = [
+    ((nn.Linear,), _m_linear),
+    (tuple(t for t in (getattr(nn, "RMSNorm", None),) if t is not None), _m_rms_norm),
+    ((nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d), _m_upsample),
+    ((nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+      nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d), _m_pad),
+    ((nn.ChannelShuffle,), _m_pinned("a channel shuffle mixes channels across groups")),
+    ((nn.Unflatten, nn.Flatten), _m_reshape),
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), _m_conv),
+    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _m_conv_transpose),
+    ((nn.modules.batchnorm._BatchNorm,), _m_batch_norm),
+    ((nn.GroupNorm,), _m_group_norm),
+    ((nn.LayerNorm,), _m_layer_norm),
+    (_ELEMENTWISE_MODULES, lambda v, c: c.lay),
+    (_POOL_MODULES, _m_pool),
+    ((nn.Embedding,), _m_embedding),
+    ((nn.MultiheadAttention,), lambda v, c: v.visit_mha(c.node, c.mod)),
+    ((nn.Sequential,), _m_sequential),
+]
 
 def _user_rule(mod: nn.Module) -> "LeafRule | None":
     return MODULE_RULES.get(type(mod)) if MODULE_RULES else None
