@@ -107,7 +107,7 @@ class BMA:
         return _predictors(self.result)
 
     def table(self) -> str:
-        """The predictors as a Markdown table."""
+        """The plain-text table `stardomain bma` prints (one row per predictor)."""
         return _table(self.result)
 
 
