@@ -137,8 +137,14 @@ def test_barrier_equals_measure(tmp_path, digits, pair):
     res = sd.barrier(a, b, points=5)
     direct = barrier_mod.measure(live_mlp(), a.state_dict, b.state_dict, digits, points=5,
                                  device=torch.device("cpu"))
-    assert res.barrier == direct["barrier"]
-    assert res.curve == {k: direct[k] for k in ("t", "train", "test")}
+    # float32 sums may differ in the last bits between two evaluations (seen once: 1e-6 relative on train)
+    assert res.barrier.keys() == direct["barrier"].keys()
+    for k, v in direct["barrier"].items():
+        assert res.barrier[k] == (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v), k
+    assert res.curve["t"] == direct["t"]
+    for split in ("train", "test"):
+        for m in ("loss", "acc"):
+            assert res.curve[split][m] == pytest.approx(direct[split][m], rel=1e-5)
     png = res.plot(tmp_path / "b.png")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "b.png").read_bytes() == png
 
