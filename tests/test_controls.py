@@ -1,9 +1,9 @@
 """Controls beyond the paper (issue 13): MergeMany centre, temperature scaling, unaligned pairs, and the
 study's headline/verdict blocks, each against an independent computation."""
 
-import importlib
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import subprocess

@@ -1,8 +1,9 @@
 """Adding a pair kind is one entry in stardomain.pairkinds: a kind registered by a fixture is accepted by
 the config, planned, measured, summarised and reported with no other change."""
 
-import importlib
 from __future__ import annotations
+
+import importlib
 
 import pytest
 

@@ -1,9 +1,9 @@
 """The end-to-end study: plan/cache keys, resume after SIGKILL, ray == local, statistics, report files."""
 
-import importlib
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import os
 import signal
