@@ -2,6 +2,7 @@
 against the functions the CLI uses (same seed -> same bits) or a direct computation."""
 
 import importlib
+import json
 import subprocess
 import sys
 
@@ -196,3 +197,12 @@ def test_bad_inputs_are_user_errors(cfg, digits):
 
     with pytest.raises(UserError, match="reset_parameters"):
         sd.train(cfg, model=Own(), data=loaders(digits))
+
+
+def test_run_a_tiny_study(tmp_path):
+    cfg = {"data": {"name": "digits"}, "model": {"name": "mlp", "kwargs": {"width": 8}},
+           "train": {"epochs": 1, "batch_size": 64},
+           "study": {"n_sources": 2, "n_heldouts": 1, "eval": {"points": 3}, "bootstrap": 100}}
+    st = sd.run(cfg, tmp_path / "study", report=False)
+    assert isinstance(st, sd.Study) and st.path == tmp_path / "study"
+    assert st.results == json.loads((tmp_path / "study" / "results.json").read_text())
