@@ -3,7 +3,8 @@
 Every verb takes what a notebook has at hand: a config (a `Config`, a dict, a YAML path or None for the
 defaults) plus overrides; a model as a live `nn.Module`, a zero-argument callable building one, or the
 config's; data as a registered name, a `DataBundle`, tensors `(x, y)` or a dict {"train": ..., "test": ...}
-of `(x, y)`, Datasets or DataLoaders. Results are small frozen dataclasses: `Trained` (sd.train, sd.star,
+of `(x, y)`, Datasets or DataLoaders (a bare `(x, y)`, Dataset or DataLoader serves as both train and test
+split, so its test metrics are training metrics). Results are small frozen dataclasses: `Trained` (sd.train, sd.star,
 sd.load), `Aligned`, `Barrier`, `BMA`, `Study`; each carries what the next verb needs, so
 `sd.barrier(sd.train(seed=0), sd.train(seed=1))` works without repeating the model or data.
 
@@ -250,7 +251,11 @@ def train(config: Config | Mapping | str | Path | None = None, *, model: Any = N
           num_classes: int | None = None, device: str = "auto", progress: bool | None = False) -> Trained:
     """Train one model from its seed, like `stardomain train`. -> Trained (model in eval mode, metrics).
 
-    With neither `model` nor `data` given this is exactly `train.train(cfg, seed)` (same weights)."""
+    config: a Config, dict, YAML path or None (defaults); overrides: ["train.epochs=2"] or {"train.epochs": 2};
+    model: an nn.Module (re-initialised from the seed unless init="as_given") or a callable building one;
+    data: a data set name, DataBundle, (x, y), Dataset, DataLoader or {"train": ..., "test": ...};
+    num_classes: needed only for Datasets that do not hold tensors. With neither `model` nor `data` given
+    this is exactly `train.train(cfg, seed)` (same weights)."""
     cfg = _config(config, overrides)
     cfg, bundle = _resolve_data(data, cfg, num_classes)
     module = _resolve_model(model, cfg, bundle, seed, init)
@@ -335,7 +340,7 @@ def star(sources: Sequence[Any], config: Config | Mapping | str | Path | None = 
         bundle = ref.data
     else:
         cfg, bundle = _resolve_data(data, cfg, None)
-    live = model is not None or (ref is not None and ref.meta["model"].get("name", "").startswith(LIVE + ":"))
+    live = model is not None or (ref is not None and (ref.meta["model"].get("name") or "").startswith(LIVE + ":"))
     arch = model if model is not None else (ref.model if live else None)
     module = _resolve_model(arch, cfg, bundle, seed, init)
     sds = [_state(s) for s in sources]
