@@ -206,3 +206,28 @@ def test_run_a_tiny_study(tmp_path):
     st = sd.run(cfg, tmp_path / "study", report=False)
     assert isinstance(st, sd.Study) and st.path == tmp_path / "study"
     assert st.results == json.loads((tmp_path / "study" / "results.json").read_text())
+
+
+class Pairs(torch.utils.data.Dataset):
+    """A Dataset of its own kind (not tensors): it streams through a DataLoader."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_a_dataset_of_its_own_kind_needs_num_classes(cfg, digits):
+    data = {"train": DataLoader(Pairs(digits.train.x, digits.train.y), batch_size=3),
+            "test": Pairs(digits.test.x, digits.test.y)}
+    with pytest.raises(UserError, match="num_classes"):
+        sd.train(cfg, model=live_mlp, data=data)
+    res = sd.train(cfg, model=live_mlp, data=data, num_classes=10, overrides={"train.epochs": 1})
+    with torch.no_grad():
+        out = res.model(digits.test.x)
+    assert res.metrics["test"]["acc"] == pytest.approx((out.argmax(1) == digits.test.y).float().mean().item())
+    assert res.metrics["test"]["acc"] > 0.5
