@@ -18,8 +18,8 @@ $SD train --seed 9 --device cuda --out $W/h.safetensors $SET --set train.amp=tru
 $SD eval $W/s0.safetensors --device cuda --json
 # Starlight, barrier and BMA on CUDA
 $SD star --sources $W/s0.safetensors $W/s1.safetensors $W/s2.safetensors --device cuda --out $W/star.safetensors $SET
-$SD barrier $W/star.safetensors $W/h.safetensors --device cuda --json $W/b.json
-$SD bma --star $W/star.safetensors --sources $W/s0.safetensors $W/s1.safetensors --k 8 --seeds 1 --device cuda --json $W/bma.json
+$SD barrier $W/star.safetensors $W/h.safetensors --device cuda --json-out $W/b.json
+$SD bma --star $W/star.safetensors --sources $W/s0.safetensors $W/s1.safetensors --k 8 --seeds 1 --device cuda --json-out $W/bma.json
 # speed: barrier fast path vs the per-t reference, on the GPU
 $PY benchmarks/barrier.py --device cuda --reps 1 || true
 echo "gpu_check: OK"

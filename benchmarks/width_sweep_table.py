@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stardomain import stats
+
 
 def _read(path: Path) -> dict | None:
     try:
@@ -32,16 +34,15 @@ def _read(path: Path) -> dict | None:
 
 def cluster_bootstrap(rr: np.ndarray, sh: np.ndarray, n_boot: int = 10000, seed: int = 0) -> dict:
     """rr: (sources × held-outs) barriers, sh: (held-outs,) star barriers -> 95% intervals of both means and
-    of their ratio sh/rr, resampling sources and held-outs (the clusters) with replacement."""
-    rng = np.random.default_rng(seed)
+    of their ratio sh/rr: the study's own two-way cluster bootstrap (`stardomain.stats`), same draws."""
+    rng = np.random.default_rng(seed)  # the draw order of stats.cluster_bootstrap, so the intervals agree
     ns, nh = rr.shape
-    si = rng.integers(0, ns, size=(n_boot, ns))
-    hi = rng.integers(0, nh, size=(n_boot, nh))
-    rr_b = rr[si[:, :, None], hi[:, None, :]].mean(axis=(1, 2))
-    sh_b = sh[hi].mean(axis=1)
-    ratio_b = sh_b / rr_b
+    h_idx = rng.integers(0, nh, size=(n_boot, nh))
+    s_idx = rng.integers(0, ns, size=(n_boot, ns))
+    sh_b, rr_b = stats.resampled_means(sh, rr, s_idx, h_idx)
+    ratio = stats.cluster_bootstrap(sh, rr, n_boot=n_boot, seed=seed)["ratio"]["ci95"]
     pct = lambda v: [float(x) for x in np.percentile(v, [2.5, 97.5])]  # noqa: E731
-    return {"rr": pct(rr_b), "sh": pct(sh_b), "ratio": pct(ratio_b)}
+    return {"rr": pct(rr_b), "sh": pct(sh_b), "ratio": ratio}
 
 
 def width_rows(root: Path, metric: str = "train_loss") -> list[dict]:

@@ -260,7 +260,7 @@ def test_fast_paths_equal_reference(digits, spec, bn_batches):
 
 def _independent_protocol(sa, sb, data):
     """Weight matching for a one-hidden-layer MLP is one assignment problem over the hidden units
-    (Ainsworth et al.); then an 11-point path evaluated in float64 numpy, barriers as in PAPER.md."""
+    (Ainsworth et al.); then an 11-point path evaluated in float64 numpy, barriers as in docs/method.md."""
     A = {k: v.double().numpy() for k, v in sa.items()}
     B = {k: v.double().numpy() for k, v in sb.items()}
     sim = A["1.weight"] @ B["1.weight"].T + np.outer(A["1.bias"], B["1.bias"]) + A["3.weight"].T @ B["3.weight"]
@@ -356,7 +356,7 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     train_to_file(Config.model_validate({**base, "model": {"name": "mlp", "kwargs": {"width": 8}}}), 0, c,
                   progress=False)
     out, png = tmp_path / "ab.json", tmp_path / "ab.png"
-    code, err = _cli(capsys, monkeypatch, "barrier", a, b, "--points", 6, "--json", out, "--plot", png)
+    code, err = _cli(capsys, monkeypatch, "barrier", a, b, "--points", 6, "--json-out", out, "--plot", png)
     assert code == 0, err
     rec = json.loads(out.read_text())
     assert rec["t"] == grid(6) and rec["alignment"]["aligned"] is True
@@ -372,7 +372,7 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
                   points=6, align=True)
     assert rec["barrier"]["train_loss"] == pytest.approx(lib["barrier"]["train_loss"], abs=1e-9)
 
-    code, err = _cli(capsys, monkeypatch, "barrier", a, c, "--json", tmp_path / "ac.json")
+    code, err = _cli(capsys, monkeypatch, "barrier", a, c, "--json-out", tmp_path / "ac.json")
     assert code == 2
     assert err.strip().count("\n") == 0 and "different architectures" in err
     assert not (tmp_path / "ac.json").exists()

@@ -188,7 +188,7 @@ def test_cli_end_to_end_on_digits(tmp_path):
     star, sources = _train_files(tmp_path)
     out, png, md = tmp_path / "bma.json", tmp_path / "bma.png", tmp_path / "bma.md"
     r = CliRunner().invoke(app, ["bma", "--star", str(star), "--sources", *map(str, sources), "--k", "4",
-                                 "--seeds", "2", "--json", str(out), "--plot", str(png), "--report", str(md),
+                                 "--seeds", "2", "--json-out", str(out), "--plot", str(png), "--report", str(md),
                                  "--bn-batches", "2", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
@@ -213,7 +213,7 @@ def test_cli_refuses_bad_input(tmp_path):
 
     r = subprocess.run([sys.executable, "-c", "from stardomain.cli import main; main()", "bma", "--star",
                         str(tmp_path / "nope.safetensors"), "--sources", str(tmp_path / "x.safetensors"),
-                        "--json", str(tmp_path / "o.json")], capture_output=True, text=True)
+                        "--json-out", str(tmp_path / "o.json")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
     assert main  # imported for the subprocess path
 

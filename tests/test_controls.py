@@ -220,7 +220,7 @@ def test_barrier_cli_temperature_matches_the_study_record(controls_run, tmp_path
     rec = res["pairs"]["regular_regular"][0]
     j = tmp_path / "b.json"
     r = CliRunner().invoke(app, ["barrier", str(out / rec["a_file"]), str(out / rec["b_file"]), "--points", "5",
-                                 "--temperature", "--json", str(j), "--device", "cpu"])
+                                 "--temperature", "--json-out", str(j), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     direct = json.loads(j.read_text())
     assert "temperature-scaled" in r.output

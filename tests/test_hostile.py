@@ -111,8 +111,8 @@ def test_tampered_factory_runs_nothing(good, evil, tmp_path, capsys, monkeypatch
     bad = rewrite(good[0], tmp_path / "bad.safetensors", _set_model_factory(f"{name}:make"))
     args = {"eval": ["eval", bad], "spec": ["spec", bad],
             "align": ["align", bad, bad, "--out", tmp_path / "o.safetensors"],
-            "barrier": ["barrier", bad, bad, "--json", tmp_path / "b.json"],
-            "bma": ["bma", "--star", bad, "--sources", bad, "--json", tmp_path / "m.json"]}[command]
+            "barrier": ["barrier", bad, bad, "--json-out", tmp_path / "b.json"],
+            "bma": ["bma", "--star", bad, "--sources", bad, "--json-out", tmp_path / "m.json"]}[command]
     code, _, err = run_cli(capsys, monkeypatch, *args)
     line = assert_one_line(code, err, "--allow-factory", "STARDOMAIN_ALLOW_FACTORIES", f"{name}:make")
     assert not sentinel.exists(), "the file's factory module was imported"
@@ -470,12 +470,12 @@ def test_clean_user_data_trains(tmp_path, capsys, monkeypatch):
     (["eval", "{good}", "--device", "banana"], ["unknown device"]),
     (["eval", "{good}", "--device", "cuda:99"], ["cuda"]),
     (["eval", "{good}", "--batch-size", 0], ["--batch-size"]),
-    (["barrier", "{good}", "{good}", "--json", "{d}/b.json", "--points", 1], ["--points"]),
-    (["barrier", "{good}", "{good}", "--json", "{d}/b.json", "--bn-batches", 0], ["--bn-batches"]),
-    (["barrier", "{good}", "{good}", "--json", "{d}/b.json", "--seed", 2**64], ["--seed"]),
-    (["bma", "--star", "{good}", "--sources", "{good}", "--json", "{d}/m.json", "--k", 0], ["--k"]),
-    (["bma", "--star", "{good}", "--sources", "{good}", "--json", "{d}/m.json", "--seeds", 0], ["--seeds"]),
-    (["bma", "--star", "{good}", "--sources", "{good}", "--json", "{d}/m.json", "--ns", "0,1"], ["--ns"]),
+    (["barrier", "{good}", "{good}", "--json-out", "{d}/b.json", "--points", 1], ["--points"]),
+    (["barrier", "{good}", "{good}", "--json-out", "{d}/b.json", "--bn-batches", 0], ["--bn-batches"]),
+    (["barrier", "{good}", "{good}", "--json-out", "{d}/b.json", "--seed", 2**64], ["--seed"]),
+    (["bma", "--star", "{good}", "--sources", "{good}", "--json-out", "{d}/m.json", "--k", 0], ["--k"]),
+    (["bma", "--star", "{good}", "--sources", "{good}", "--json-out", "{d}/m.json", "--seeds", 0], ["--seeds"]),
+    (["bma", "--star", "{good}", "--sources", "{good}", "--json-out", "{d}/m.json", "--ns", "0,1"], ["--ns"]),
     (["run", "--out", "{d}/study", "--workers", 0], ["--workers"]),
     (["train", "--out", "{d}/m.safetensors", "--set", "train.epochs=-1"], ["epochs"]),
     (["eval"], ["missing argument"]),
@@ -507,7 +507,7 @@ def _unwritable_folder(tmp_path):
 def test_output_into_a_read_only_folder(good, tmp_path, capsys, monkeypatch):
     ro = _unwritable_folder(tmp_path)
     for args in (["train", "--out", f"{ro}/m.safetensors", *TINY_SET],
-                 ["barrier", good[0], good[0], "--no-align", "--points", 3, "--json", f"{ro}/b.json"]):
+                 ["barrier", good[0], good[0], "--no-align", "--points", 3, "--json-out", f"{ro}/b.json"]):
         code, _, err = run_cli(capsys, monkeypatch, *args)
         assert_one_line(code, err, "cannot write", str(ro))
 

@@ -114,12 +114,12 @@ def test_align_refuses_its_inputs_and_other_pairs(files, tmp_path, monkeypatch, 
     assert b.read_bytes() == before
     out, rec = tmp_path / "b_to_a.safetensors", tmp_path / "rec.json"
     for _ in range(2):
-        code, _, err = _main(monkeypatch, capsys, "align", a, b, "--out", out, "--json", rec)
+        code, _, err = _main(monkeypatch, capsys, "align", a, b, "--out", out, "--json-out", rec)
         assert code in (0, None), err
     code, _, err = _main(monkeypatch, capsys, "align", b, a, "--out", out)
     _refused(code, err, "different reference_sha256, source_sha256", "--force")
-    code, _, err = _main(monkeypatch, capsys, "align", a, b, "--out", tmp_path / "x", "--json", tmp_path / "x")
-    _refused(code, err, "--out and --json name the same file")
+    code, _, err = _main(monkeypatch, capsys, "align", a, b, "--out", tmp_path / "x", "--json-out", tmp_path / "x")
+    _refused(code, err, "--out and --json-out name the same file")
     # an align record is not a barrier record, nor the reverse
     with pytest.raises(UserError, match=r"is not a `stardomain barrier` output \(json\)"):
         ck.check_output(rec, "barrier.json", option="--json")
@@ -134,19 +134,19 @@ def test_barrier_outputs(files, tmp_path, monkeypatch, capsys):
     _, conf, a, b = files
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     for _ in range(2):
-        code, _, err = _main(monkeypatch, capsys, "barrier", a, b, "--json", js, "--plot", png, "--points", "3")
+        code, _, err = _main(monkeypatch, capsys, "barrier", a, b, "--json-out", js, "--plot", png, "--points", "3")
         assert code in (0, None), err
     assert ck._png_software(png) == "stardomain barrier"
-    code, _, err = _main(monkeypatch, capsys, "barrier", a, b, "--json", conf, "--points", "3")
-    _refused(code, err, "--json", "is not a `stardomain barrier` output (json)", "--force")
+    code, _, err = _main(monkeypatch, capsys, "barrier", a, b, "--json-out", conf, "--points", "3")
+    _refused(code, err, "--json-out", "is not a `stardomain barrier` output (json)", "--force")
     foreign = tmp_path / "photo.png"
     plt.figure().savefig(foreign)
     plt.close("all")
-    code, _, err = _main(monkeypatch, capsys, "barrier", a, b, "--json", js, "--plot", foreign, "--points", "3")
+    code, _, err = _main(monkeypatch, capsys, "barrier", a, b, "--json-out", js, "--plot", foreign, "--points", "3")
     _refused(code, err, "--plot", "is not a `stardomain barrier` output (png)", "--force")
     with pytest.raises(UserError):
         ck.check_output(js, "bma.json", option="--json")
-    code, _, err = _main(monkeypatch, capsys, "barrier", a, b, "--json", js, "--plot", foreign, "--points", "3",
+    code, _, err = _main(monkeypatch, capsys, "barrier", a, b, "--json-out", js, "--plot", foreign, "--points", "3",
                          "--force")
     assert code in (0, None), err
     assert ck._png_software(foreign) == "stardomain barrier"
@@ -175,21 +175,21 @@ def test_star_outputs(files, tmp_path, monkeypatch, capsys):
 
 def test_bma_outputs_refused_before_any_work(files, tmp_path, monkeypatch, capsys):
     d, conf, a, b = files
-    code, _, err = _main(monkeypatch, capsys, "bma", "--star", a, "--sources", a, b, "--json", conf)
-    _refused(code, err, "--json", "is not a `stardomain bma` output (json)", "--force")
-    code, _, err = _main(monkeypatch, capsys, "bma", "--star", a, "--sources", a, b, "--json", tmp_path / "r.json",
+    code, _, err = _main(monkeypatch, capsys, "bma", "--star", a, "--sources", a, b, "--json-out", conf)
+    _refused(code, err, "--json-out", "is not a `stardomain bma` output (json)", "--force")
+    code, _, err = _main(monkeypatch, capsys, "bma", "--star", a, "--sources", a, b, "--json-out", tmp_path / "r.json",
                          "--report", b)
     _refused(code, err, "--report", "is also an input")
-    code, _, err = _main(monkeypatch, capsys, "bma", "--star", a, "--sources", a, b, "--json", tmp_path / "r.json",
+    code, _, err = _main(monkeypatch, capsys, "bma", "--star", a, "--sources", a, b, "--json-out", tmp_path / "r.json",
                          "--plot", tmp_path / "r.json")
-    _refused(code, err, "--json and --plot name the same file")
+    _refused(code, err, "--json-out and --plot name the same file")
 
 
 def test_bma_outputs_are_recognised_as_its_own(files, tmp_path, monkeypatch, capsys):
     _, _, a, b = files
     js, png, md = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "r.md"
     code, _, err = _main(monkeypatch, capsys, "bma", "--star", a, "--sources", a, b, "--k", "2", "--seeds", "1",
-                         "--no-ood", "--json", js, "--plot", png, "--report", md)
+                         "--no-ood", "--json-out", js, "--plot", png, "--report", md)
     assert code in (0, None), err
     for path, kind in ((js, "bma.json"), (png, "bma.png"), (md, "bma.md")):
         ck.check_output(path, kind)  # a re-run may replace them ...

@@ -56,7 +56,7 @@ def pair(tmp_path_factory):
 def test_align_cli_end_to_end(pair, method):
     d, a, b, _ = pair
     out, js = d / f"b_{method}.safetensors", d / f"{method}.json"
-    line = run("align", a, b, "--out", out, "--method", method, "--json", js).stdout
+    line = run("align", a, b, "--out", out, "--method", method, "--json-out", js).stdout
     assert "distance" in line and "equivalence" in line
     rec = json.loads(js.read_text())
     sd_a, meta_a = read_model_file(a)
@@ -94,7 +94,7 @@ def test_align_init_option(pair):
 
     d, a, b, _ = pair
     out, js = d / "b_identity.safetensors", d / "identity.json"
-    run("align", a, b, "--out", out, "--init", "identity", "--json", js)
+    run("align", a, b, "--out", out, "--init", "identity", "--json-out", js)
     rec = json.loads(js.read_text())
     assert rec["init"] == "identity"
     model, _ = load_model(b)
@@ -135,7 +135,7 @@ def test_align_says_when_nothing_can_be_permuted_and_strict_refuses(tmp_path):
     run("train", "--seed", 1, "--out", b, *DIGITS, *dd)
     out, js = tmp_path / "o.safetensors", tmp_path / "o.json"
     allow = ["--allow-factory", "permute_families:data_dependent"]  # a file's factory runs only when allowed
-    r = run("align", a, b, "--out", out, "--json", js, *allow)
+    r = run("align", a, b, "--out", out, "--json-out", js, *allow)
     assert "warning: the model could not be captured" in r.stderr and "Traceback" not in r.stderr
     rec = json.loads(js.read_text())
     assert rec["capture"] == "failed" and rec["warnings"] and rec["permutable_fraction"] == 0.0
@@ -166,10 +166,10 @@ def test_import_a_plain_state_dict_then_spec_align_and_barrier(tmp_path):
     allow = ["--allow-factory", "permute_families:vit_digits"]  # a file's factory runs only when allowed
     assert "100.0% of the parameter axes" in run("spec", files[0], *allow).stdout
     js = tmp_path / "a.json"
-    run("align", *files, "--out", tmp_path / "al.safetensors", "--json", js, "--strict", *allow)
+    run("align", *files, "--out", tmp_path / "al.safetensors", "--json-out", js, "--strict", *allow)
     rec = json.loads(js.read_text())
     assert rec["permutable_fraction"] == 1.0 and rec["distance_after"] < rec["distance_before"]
-    run("barrier", *files, "--points", "3", "--json", tmp_path / "b.json", *allow)
+    run("barrier", *files, "--points", "3", "--json-out", tmp_path / "b.json", *allow)
     assert "barrier" in json.loads((tmp_path / "b.json").read_text())
     r = run("import", raw, "--model-factory", "permute_families:vit_digits", "--kwargs", "[1]", "--data", "digits",
             "--out", tmp_path / "x.safetensors", ok=False)

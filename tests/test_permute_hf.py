@@ -88,7 +88,7 @@ def test_hugging_face_models_align_from_the_cli_after_import(tmp_path, name):
     # and not counted among the axes that could carry a permutation)
     assert "torch.export" in text and "100.0% of the parameter axes" in text
     js = tmp_path / "rec.json"
-    r = run("align", files[0], files[1], "--out", tmp_path / "aligned.safetensors", "--json", js, "--strict",
+    r = run("align", files[0], files[1], "--out", tmp_path / "aligned.safetensors", "--json-out", js, "--strict",
             *allow)
     assert "warning" not in r.stderr
     rec = json.loads(js.read_text())

@@ -468,4 +468,4 @@ def test_cli_missing_data_stops_at_once(tmp_path):
 def test_cli_bad_executor(tmp_path, tiny_yaml):
     r = subprocess.run([STARDOMAIN, "run", str(tiny_yaml), "--out", str(tmp_path / "o"), "--executor", "spark"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "local or ray" in r.stderr
+    assert r.returncode == 2 and "'spark' is not one of 'local', 'ray'" in r.stderr

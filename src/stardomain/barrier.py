@@ -1,4 +1,4 @@
-"""Interpolation curves and loss/accuracy barriers between two models (PAPER.md, "Loss barrier").
+"""Interpolation curves and loss/accuracy barriers between two models (docs/method.md, "Loss barrier").
 
 Along θ(t) = (1-t)·θ_A + t·θ_B the curve holds the mean cross-entropy and accuracy (a fraction) on the
 training split (never augmented) and on the test split. The endpoints t=0 and t=1 are the models
@@ -268,7 +268,7 @@ def _one(ts: list[float], ys: list[float], sign: float) -> dict:
 
 
 def barriers(rec: dict) -> dict:
-    """Barriers of a curve record (PAPER.md). All four headline numbers are >= 0, bigger = worse:
+    """Barriers of a curve record (docs/method.md). All four headline numbers are >= 0, bigger = worse:
 
     train_loss / test_loss: max over interior t of loss(t) - [(1-t)·loss(0) + t·loss(1)], floored at 0.
     train_acc / test_acc: max over interior t of [(1-t)·acc(0) + t·acc(1)] - acc(t), floored at 0, i.e.
@@ -311,7 +311,7 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
             seed: int = 0, device=None, ts: Sequence[float] | None = None, refine: int = 0,
             batch_size: int = 1000, method: str = "auto", repair: bool = False, temperature: bool = False,
             temperature_fraction: float = 0.2) -> dict:
-    """The barrier record of DESIGN.md: t, train, test, barrier{...}, alignment{...}, bn, timings.
+    """The barrier record of docs/architecture.md ("Contracts"): t, train, test, barrier{...}, alignment{...}, bn, timings.
 
     With `temperature`, also `temperature_scaled` (see `temperature_curve`) and barrier fields
     `train_loss_ts` / `test_loss_ts`: the loss barriers after temperature scaling every point.

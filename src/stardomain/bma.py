@@ -1,4 +1,4 @@
-"""Bayesian model averaging over star domains, against deep ensembles and single networks (PAPER.md).
+"""Bayesian model averaging over star domains, against deep ensembles and single networks (docs/method.md).
 
 Predictors are objects in one registry, `PREDICTORS` (adding one is one entry, or `register_predictor`),
 each giving its predictions (`runs`); one loop (`scored`) scores them all on the same test split with every

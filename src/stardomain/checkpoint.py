@@ -72,7 +72,7 @@ _HEX64 = r"^[0-9a-f]{64}$"
 
 
 class FileMeta(_Open):
-    """The `stardomain` metadata of a model file (DESIGN.md contract)."""
+    """The `stardomain` metadata of a model file (docs/architecture.md, "Contracts")."""
 
     format_version: int = Field(ge=1)
     model: ModelConfig
@@ -480,7 +480,7 @@ def check_output(path: str | Path | None, kind: str, job: dict | None = None, *,
 
 
 def check_distinct(**outputs: str | Path | None) -> None:
-    """Two output options naming one file would overwrite each other: refused (e.g. --json x --plot x)."""
+    """Two output options naming one file would overwrite each other: refused (e.g. --json-out x --plot x)."""
     seen: dict[str, str] = {}
     for name, p in outputs.items():
         if p is None:

@@ -22,14 +22,16 @@ try:  # typer >= 0.20 ships its own copy of click; older ones use click itself
 except ImportError:  # pragma: no cover
     from click import exceptions as _clickx
 
+from .config import AlignMethod, Executor, MatchInit
 from .errors import UserError
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Study how trained networks sit in weight space: train populations, align them modulo "
-    "permutations, measure barriers, train star models (Starlight), average over star domains.",
+    "permutations, measure barriers, train star models (Starlight), average over star domains. Where a "
+    "command has a JSON result, --json prints it on stdout and --json-out PATH writes it to a file.",
 )
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (sections data, model, train, ...). "
@@ -37,6 +39,9 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (sections dat
 SetOpt = typer.Option([], "--set", "-s", help="Dotted override, repeatable: --set train.epochs=5 "
                       "--set model.kwargs.width=32")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")
+ThreadsOpt = typer.Option(None, "--threads", min=1, max=1024, help="CPU threads for torch. Default: "
+                          "OMP_NUM_THREADS, else the scheduler's allocation (SLURM_CPUS_PER_TASK, ...), else 1 "
+                          "(fast on a busy machine). Weights depend on it bitwise; model files record it.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing output file even if it is not an earlier "
                         "output of this same command and job (without it such a file is refused).")
 SEED_MAX = 2**63 - 1
@@ -50,6 +55,12 @@ def seed_opt(help_: str):
     return typer.Option(0, "--seed", min=0, max=SEED_MAX, help=help_)
 
 
+def use_threads(threads: Optional[int]) -> int:
+    from .runtime import use_threads as _use
+
+    return _use(threads)
+
+
 def allow_factories(specs: List[str]) -> None:
     from .safety import allow
 
@@ -59,8 +70,18 @@ def allow_factories(specs: List[str]) -> None:
 _DEBUG = {"on": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"stardomain {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _global(debug: bool = typer.Option(False, "--debug", help="Print the full traceback of any error.")):
+def _global(debug: bool = typer.Option(False, "--debug", help="Print the full traceback of any error."),
+            version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                         help="Print the version and exit.")):
     _DEBUG["on"] = _DEBUG["on"] or debug
 
 
@@ -84,6 +105,7 @@ def train(
     set_: List[str] = SetOpt,
     role: str = typer.Option("source", "--role", help="Recorded in the metadata: source, heldout, ..."),
     device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
 ):
     """Train one model from a seed and write a self-describing .safetensors file.
@@ -94,6 +116,7 @@ def train(
     from .config import load_config
     from .train import train_to_file
 
+    use_threads(threads)
     cfg = load_config(config, set_)
     check_output(out, "train", {"role": role, "seed": seed, "config": cfg.model_dump()}, force=force,
                  inputs=[config])
@@ -127,7 +150,7 @@ def info(path: Path = typer.Argument(..., help="A model file written by stardoma
     for split in ("train", "test"):
         if split in m:
             lines.append(f"{split:<9} loss {m[split]['loss']:.4f}  acc {m[split]['acc']:.4f}")
-    for key in ("sources", "alignment", "star"):
+    for key in ("runtime", "sources", "alignment", "star"):
         if key in meta:
             lines.append(f"{key:<9} {json.dumps(meta[key])[:200]}")
     lines += [f"sha256    {meta['sha256']}", f"versions  {meta.get('versions', {})}",
@@ -142,11 +165,13 @@ def eval_(path: Path = typer.Argument(..., help="A model file written by stardom
           json_: bool = typer.Option(False, "--json", help='Print {"train": {"loss", "acc"}, "test": {...}}.'),
           batch_size: int = typer.Option(1000, "--batch-size", min=1),
           device: str = DeviceOpt,
+          threads: Optional[int] = ThreadsOpt,
           allow_factory: List[str] = AllowOpt):
     """Loss and accuracy (a fraction) on the training split (no augmentation) and the test split."""
     from .checkpoint import data_from_meta, load_model
     from .train import evaluate_splits, resolve_device
 
+    use_threads(threads)
     allow_factories(allow_factory)
     model, meta = load_model(path, resolve_device(device))
     res = evaluate_splits(model, data_from_meta(meta, str(path)), batch_size)
@@ -168,9 +193,10 @@ def star(
     seed: int = seed_opt("Fixes the star's initialisation, data order and (source, t) draws."),
     set_: List[str] = SetOpt,
     device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
 ):
-    """Train a star model with Starlight (PAPER.md, Algorithm 1) from source model files.
+    """Train a star model with Starlight (docs/method.md, "Starlight") from source model files.
 
     Each mini-batch goes through (1-t)*star + t*source for a random source and t.
 
@@ -184,6 +210,7 @@ def star(
     from .config import load_config
     from .starlight import star_to_file
 
+    use_threads(threads)
     sources = sources_with_extra(ctx, sources, "star")
     cfg = load_config(config, set_)
     shas = [(read_model_meta(p) or read_model_file(p)[1])["sha256"] for p in sources]
@@ -201,11 +228,16 @@ def run(
                                             "(MNIST, MLP width 16, 10 sources, 5 held-outs, a star, all pairs)."),
     out: Path = typer.Option(..., "--out", "-o", help="Study folder: results.json, report.md/.html, plots/, "
                              "models/, cache/. Re-running with the same folder resumes and reuses finished work."),
-    executor: str = typer.Option("local", "--executor", help="local (in-process, sequential) or ray."),
+    executor: Executor = typer.Option(Executor.local, "--executor", help="local (in-process, sequential) or ray."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (e.g. auto or "
                                               "host:6379); without it --executor ray starts a local one."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="CPUs of the local Ray cluster (default: all)."),
     set_: List[str] = SetOpt,
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps for every task "
+                                         "(the same as --set study.device=...; default: the config's, auto)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help="CPU threads per task (the "
+                                          "same as --set study.cpus_per_task=N; default: the config's, 1). "
+                                          "Results depend on it bitwise; model files record it."),
     force: bool = typer.Option(False, "--force", help="Use --out even if it is a non-empty folder that is not a "
                                "study folder (without it such a folder is refused)."),
 ):
@@ -221,8 +253,16 @@ def run(
     from .study import default_config_path, run_study
 
     path = config or default_config_path()
+    set_ = list(set_) + ([f"study.device={device}"] if device else []) + \
+        ([f"study.cpus_per_task={threads}"] if threads else [])
     cfg = load_config(path, set_)
-    res = run_study(cfg, out, executor=executor, ray_address=ray_address, num_workers=workers, force=force)
+    if out.is_dir():
+        from .runtime import warn_if_study_changed
+        from .train import resolve_device
+
+        warn_if_study_changed(out, cfg.study.cpus_per_task, resolve_device(cfg.study.device))
+    res = run_study(cfg, out, executor=Executor(executor).value, ray_address=ray_address, num_workers=workers,
+                    force=force)
     typer.echo(res["verdict_line"])
     typer.echo("")
     typer.echo(res["verdict"])
@@ -238,7 +278,8 @@ def bma_(
     k: int = typer.Option(32, "--k", min=1, max=100_000, help="Models sampled per BMA run."),
     seeds: int = typer.Option(3, "--seeds", min=1, max=10_000, help="Evaluation seeds: BMA draws repeated this many times (CIs)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX - 10_000, help="First evaluation seed."),
-    json_out: Path = typer.Option(..., "--json", help="Write the per-predictor metrics here (JSON)."),
+    json_: bool = typer.Option(False, "--json", help="Print the per-predictor metrics as JSON on stdout."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the per-predictor metrics here (JSON)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Reliability diagrams + metric-vs-K curves (PNG)."),
     fusion: Optional[Path] = typer.Option(None, "--fusion", help="A mu > 0 star to score as one more predictor."),
     ns: Optional[str] = typer.Option(None, "--ns", help="Also score with only the first n sources, e.g. 1,2,5."),
@@ -248,6 +289,7 @@ def bma_(
     ood: bool = typer.Option(True, "--ood/--no-ood", help="OOD AUROC against inverted / rotated / noise images."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the markdown BMA section here."),
     device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
     allow_factory: List[str] = AllowOpt,
 ):
@@ -256,15 +298,16 @@ def bma_(
     and OOD AUROC, seconds per predictor.
 
     Example: stardomain bma --star runs/star.safetensors --sources runs/s0.safetensors runs/s1.safetensors
-    --k 32 --seeds 3 --json runs/bma.json --plot runs/bma.png
+    --k 32 --seeds 3 --json-out runs/bma.json --plot runs/bma.png
     """
     from .bma import bma_files, predictors, report_section
     from .checkpoint import atomic_write_text, check_distinct, check_output
 
+    use_threads(threads)
     allow_factories(allow_factory)
     files = sources_with_extra(ctx, sources, "bma")
-    check_distinct(json=json_out, plot=plot, report=report)
-    for path, kind, opt in ((json_out, "bma.json", "--json"), (plot, "bma.png", "--plot"),
+    check_distinct(**{"json-out": json_out, "plot": plot, "report": report})
+    for path, kind, opt in ((json_out, "bma.json", "--json-out"), (plot, "bma.png", "--plot"),
                             (report, "bma.md", "--report")):
         check_output(path, kind, force=force, inputs=[star, *files, fusion], option=opt)
     try:
@@ -278,6 +321,9 @@ def bma_(
                     progress=lambda s: typer.echo(f"  {s}", err=True))
     if report:
         atomic_write_text(report, report_section(res))
+    if json_:
+        echo_json(res)
+        return
     cols = ("accuracy", "nll", "brier", "ece", "auroc_misclassification", "ood_auroc", "seconds")
     typer.echo(f"{'predictor':<16}" + "".join(f"{c[:12]:>13}" for c in cols))
     for name in predictors(res):
@@ -286,20 +332,25 @@ def bma_(
         e = res[name]
         typer.echo(f"{name:<16}" + "".join(f"{e[c]:>13.4f}" if isinstance(e.get(c), float) else f"{'n/a':>13}"
                                            for c in cols))
-    typer.echo(f"wrote {json_out}" + (f" and {plot}" if plot else ""))
+    wrote = [str(p) for p in (json_out, plot, report) if p]
+    if wrote:
+        typer.echo(f"wrote {' and '.join(wrote)}")
 
 
 @app.command("align")
 def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
            b: Path = typer.Argument(..., help="Model file to permute (B)."),
            out: Path = typer.Option(..., "--out", "-o", help="Where to write pi(B) (.safetensors)."),
-           method: str = typer.Option("weight", "--method", help="weight (weight matching) or activation "
-                                      "(correlation of activations on training data)."),
+           method: AlignMethod = typer.Option(AlignMethod.weight, "--method", help="weight (weight matching) or "
+                                              "activation (correlation of activations on training data)."),
            seed: int = seed_opt("Order of the coordinate descent."),
-           init: str = typer.Option("informed", "--init", help="Start of weight matching: informed (first pass "
-                                    "in trace order, each group on what is known; recovers permuted copies "
-                                    "exactly), identity (the paper's algorithm) or sorted."),
-           json_: Optional[Path] = typer.Option(None, "--json", help="Also write the record as JSON here."),
+           init: Optional[MatchInit] = typer.Option(None, "--init", help="Start of weight matching (--method "
+                                                    "weight only): informed (the default; first pass in trace "
+                                                    "order, each group on what is known; recovers permuted copies "
+                                                    "exactly), identity (the paper's algorithm) or sorted."),
+           json_: bool = typer.Option(False, "--json", help="Print the record as JSON on stdout."),
+           json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the record as JSON here."),
+           threads: Optional[int] = ThreadsOpt,
            force: bool = ForceOpt,
            allow_factory: List[str] = AllowOpt,
            strict: bool = typer.Option(False, "--strict", help="Exit with code 2, writing nothing, when the "
@@ -313,17 +364,25 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     from .checkpoint import atomic_write_json, check_distinct, check_output, read_model_file, read_model_meta
     from .permute.files import align_files
 
+    use_threads(threads)
     allow_factories(allow_factory)
+    method = AlignMethod(method)
+    if init is not None and method is AlignMethod.activation:
+        raise UserError("--init applies to --method weight only (activation matching has no starting point)")
+    init = MatchInit(init or "informed")
     sha = [(read_model_meta(p) or read_model_file(p)[1])["sha256"] for p in (a, b)]
-    check_distinct(out=out, json=json_)
+    check_distinct(**{"out": out, "json-out": json_out})
     check_output(out, "align", {"alignment": {"reference_sha256": sha[0], "source_sha256": sha[1]}}, force=force,
                  inputs=[a, b])
-    check_output(json_, "align.json", force=force, inputs=[a, b], option="--json")
-    rec = align_files(a, b, out, method=method, seed=seed, init=init, strict=strict)
+    check_output(json_out, "align.json", force=force, inputs=[a, b], option="--json-out")
+    rec = align_files(a, b, out, method=method.value, seed=seed, init=init.value, strict=strict)
     for w in rec.get("warnings", []):
         typer.echo(f"warning: {w}", err=True)
+    if json_out:
+        atomic_write_json(json_out, rec)
     if json_:
-        atomic_write_json(json_, rec)
+        echo_json(rec)
+        return
     typer.echo(f"wrote {out}  method {rec['method']}  iterations {rec['iterations']}  "
                f"parameter L2 distance to A {rec['distance_before']:.4f} -> {rec['distance_after']:.4f}  "
                f"equivalence error {rec['equivalence_error']:.2e}  {rec['seconds']:.2f}s")
@@ -371,6 +430,7 @@ def import_(weights: Path = typer.Argument(..., help="A safetensors state dict, 
 @app.command("spec")
 def spec_(path: Path = typer.Argument(..., help="A model file written by stardomain."),
           json_: bool = typer.Option(False, "--json", help="Print the spec as JSON (plain data)."),
+          threads: Optional[int] = ThreadsOpt,
           allow_factory: List[str] = AllowOpt):
     """Show the permutation groups derived from the model's traced graph, their sizes, what stays
     unpermuted and why, and the fraction of parameters that can be permuted.
@@ -379,6 +439,7 @@ def spec_(path: Path = typer.Argument(..., help="A model file written by stardom
     """
     from .permute.files import spec_file
 
+    use_threads(threads)
     allow_factories(allow_factory)
     spec, _ = spec_file(path)
     if json_:
@@ -390,7 +451,8 @@ def spec_(path: Path = typer.Argument(..., help="A model file written by stardom
 @app.command("barrier")
 def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
              b: Path = typer.Argument(..., help="Model file B (t = 1); weight-matched to A first unless --no-align."),
-             json_out: Path = typer.Option(..., "--json", help="Where to write the barrier record (JSON)."),
+             json_: bool = typer.Option(False, "--json", help="Print the barrier record as JSON on stdout."),
+             json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the barrier record here (JSON)."),
              plot_out: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG of loss/accuracy vs t."),
              points: int = typer.Option(11, "--points", min=3, max=10_001, help="Evenly spaced t values from 0 to 1 (11: 0, 0.1, ..., 1)."),
              no_align: bool = typer.Option(False, "--no-align", help="Interpolate B as it is, without weight matching."),
@@ -404,30 +466,36 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
                                               "temperature scaling every point (T fitted by NLL on the data set's "
                                               "val split, else on a seeded 20% of test, then left out)."),
              device: str = DeviceOpt,
+             threads: Optional[int] = ThreadsOpt,
              force: bool = ForceOpt,
              allow_factory: List[str] = AllowOpt):
-    """Loss and accuracy along (1-t)·A + t·B on train and test, and the barriers (PAPER.md).
+    """Loss and accuracy along (1-t)·A + t·B on train and test, and the barriers (docs/method.md).
 
     Loss barrier: max over interior t of loss minus its chord, floored at 0. Accuracy barrier: the
     largest drop of accuracy below its chord (a positive fraction). BatchNorm statistics are recomputed
     on training data at every interior t.
 
-    Example: stardomain barrier runs/m0.safetensors runs/m1.safetensors --json b01.json --plot b01.png
+    Example: stardomain barrier runs/m0.safetensors runs/m1.safetensors --json-out b01.json --plot b01.png
     """
     from .barrier import measure_files, plot
     from .checkpoint import check_distinct, check_output
 
+    use_threads(threads)
     allow_factories(allow_factory)
-    check_distinct(json=json_out, plot=plot_out)
-    check_output(json_out, "barrier.json", force=force, inputs=[a, b], option="--json")
+    check_distinct(**{"json-out": json_out, "plot": plot_out})
+    check_output(json_out, "barrier.json", force=force, inputs=[a, b], option="--json-out")
     check_output(plot_out, "barrier.png", force=force, inputs=[a, b], option="--plot")
     rec = measure_files(a, b, points=points, align=not no_align, bn_batches=bn_batches, device=device,
                         refine=refine, seed=seed, repair=repair, temperature=temperature)
     from .checkpoint import atomic_write_json
 
-    atomic_write_json(json_out, rec)
+    if json_out is not None:
+        atomic_write_json(json_out, rec)
     if plot_out is not None:
         plot(rec, plot_out, title=f"{a.name} → {b.name} ({'aligned' if not no_align else 'not aligned'})")
+    if json_:
+        echo_json(rec)
+        return
     br = rec["barrier"]
     typer.echo(f"barrier  train loss {br['train_loss']:.4f} (t={br['train_loss_t']})  test loss "
                f"{br['test_loss']:.4f}  train acc drop {br['train_acc']:.4f}  test acc drop {br['test_acc']:.4f}"
@@ -435,7 +503,40 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     if temperature:
         typer.echo(f"temperature-scaled: train loss {br['train_loss_ts']:.4f}  test loss {br['test_loss_ts']:.4f}  "
                    f"(calibrated on {rec['temperature_scaled']['calibration']['source']})")
-    typer.echo(f"wrote {json_out}" + (f" and {plot_out}" if plot_out else ""))
+    wrote = [str(p) for p in (json_out, plot_out) if p]
+    if wrote:
+        typer.echo(f"wrote {' and '.join(wrote)}")
+
+
+@app.command("config")
+def config_(path: Optional[Path] = typer.Argument(None, help="A YAML config. Omitted: the defaults, what train "
+                                                  "and star use without --config (run without a config uses "
+                                                  "the study config printed by: stardomain config --study)."),
+            study: bool = typer.Option(False, "--study", help="Start from run's embedded default study config "
+                                       "instead of the bare defaults (not with FILE)."),
+            set_: List[str] = SetOpt,
+            json_: bool = typer.Option(False, "--json", help="Print it as JSON instead of YAML.")):
+    """Print the resolved config: the file with --set overrides and every default filled in.
+
+    What train, star and run would use, as YAML (or JSON with --json); it reads back as the same config.
+
+    Example: stardomain config configs/mnist_mlp.yaml --set train.epochs=3
+    """
+    import yaml
+
+    from .config import load_config
+
+    if study and path is not None:
+        raise UserError("give either FILE or --study, not both")
+    if study:
+        from .study import default_config_path
+
+        path = default_config_path()
+    cfg = load_config(path, set_).model_dump(mode="json")
+    if json_:
+        echo_json(cfg)
+    else:
+        typer.echo(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None).rstrip())
 
 
 # ---- the one boundary between the user and everything else ----
@@ -492,16 +593,35 @@ def _click_error(e) -> int:
     return e.exit_code
 
 
-def _run(argv: list[str] | None) -> int:
+_ABORTS = tuple({typer.Abort, *(c for c in (getattr(_clickx, "Abort", None),) if c is not None)})
+
+
+RESUMABLE = ("train", "star", "run")  # the commands that keep finished work and resume from it
+
+
+def _interrupted(argv: list[str]) -> str:
+    """The Ctrl-C line: the resume hint only where it is true."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    if command in RESUMABLE:
+        return "interrupted; completed work is saved and a re-run resumes it"
+    return f"interrupted; stardomain {command or ''} does not resume: re-run it to start over".replace("  ", " ")
+
+
+def _run(argv: list[str]) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)
     except _clickx.ClickException as e:
         return _click_error(e)
-    except typer.Abort:
+    except _ABORTS:  # Ctrl-C as typer (Exit 130) or an older click (Abort) reports it
         rc = 130
     if rc == 130:
-        print("interrupted; completed work is saved and a re-run resumes it", file=sys.stderr)
+        print(_interrupted(argv), file=sys.stderr)
     return rc if isinstance(rc, int) else 0
+
+
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -509,10 +629,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _DEBUG["on"] = os.environ.get("STARDOMAIN_DEBUG", "") not in ("", "0") or "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line, not only before the command
+    threads = _torch_threads()
     try:
         rc = contextvars.copy_context().run(_run, argv)
     except KeyboardInterrupt:
-        print("interrupted; completed work is saved and a re-run resumes it", file=sys.stderr)
+        print(_interrupted(argv), file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         if _DEBUG["on"]:
@@ -531,6 +652,9 @@ def main(argv: list[str] | None = None) -> None:
                 where = " (rerun with --debug to print the traceback)"
         print(f"internal error: {type(e).__name__}: {_one_line(e, 300)}{where}", file=sys.stderr)
         sys.exit(1)
+    finally:  # --threads is per command: an in-process caller gets its own setting back
+        if threads is not None:
+            sys.modules["torch"].set_num_threads(threads)
     if rc:
         sys.exit(rc)
 

@@ -6,10 +6,12 @@ Later capabilities add their own sections (star, eval, bma, study) to `Config`.
 
 from __future__ import annotations
 
+import difflib
 import re
 import reprlib
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +23,22 @@ from .errors import UserError
 
 SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$"
+
+
+# Enumerated choices shared by the library and the CLI (whose --help lists them). Plain names here so that
+# reading a config or printing --help imports no torch/scipy; tests check MatchInit against
+# permute.matching.INITS, the names weight matching accepts.
+class AlignMethod(str, Enum):
+    weight = "weight"
+    activation = "activation"
+
+
+MatchInit = Enum("MatchInit", {n: n for n in ("informed", "identity", "sorted")}, type=str)
+
+
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 class Section(BaseModel):
@@ -121,7 +139,7 @@ def _known_pair_kind(name: str) -> str:
 
 
 class StudyEvalConfig(Section):
-    """How each pair is measured (PAPER.md: 11 points, after weight matching, BN recalibrated)."""
+    """How each pair is measured (docs/method.md: 11 points, after weight matching, BN recalibrated)."""
 
     points: int = Field(11, ge=3)
     align: bool = True  # weight matching before interpolating (the paper's "modulo permutations")
@@ -167,7 +185,7 @@ class StudyConfig(Section):
 
 
 class StarConfig(Section):
-    """Starlight (PAPER.md, Algorithm 1): how the star model is trained from its sources."""
+    """Starlight (docs/method.md, "Starlight"): how the star model is trained from its sources."""
 
     t_sampling: Literal["uniform", "beta", "constant"] = "uniform"
     beta: tuple[float, float] = (2.0, 2.0)  # Beta(a, b) when t_sampling = beta
@@ -206,9 +224,27 @@ _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 4, 60, 60
 
 
-def format_validation_error(err: ValidationError, max_errors: int = 5) -> str:
+def _fields_at(cls: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """Names the section at `loc` accepts (for "did you mean"); [] where it is not a known section."""
+    for part in loc:
+        field = cls.model_fields.get(str(part)) if cls is not None else None
+        if field is None:
+            return []
+        cls = next((a for a in (field.annotation, *get_args(field.annotation))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return list(cls.model_fields) if cls is not None else []
+
+
+def did_you_mean(word: str, names: list[str]) -> str:
+    """' (did you mean 'epochs'?)', else the accepted names, else ''."""
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else (f" (expected one of: {', '.join(names)})" if names else "")
+
+
+def format_validation_error(err: ValidationError, max_errors: int = 5, cls: type[BaseModel] | None = None) -> str:
     """One line: the first few errors, each value shown in at most 80 characters (reprlib stops early,
-    so a huge or alias-bombed value never gets walked)."""
+    so a huge or alias-bombed value never gets walked). With `cls` (the validated model), an unknown key
+    also names the closest key that section accepts."""
     parts = []
     errors = err.errors()
     for e in errors[:max_errors]:
@@ -216,7 +252,10 @@ def format_validation_error(err: ValidationError, max_errors: int = 5) -> str:
         got = e.get("input")
         got_r = _REPR.repr(got)
         got_s = "" if isinstance(got, dict) else f" (got {got_r if len(got_r) <= 80 else got_r[:77] + '...'})"
-        parts.append(f"{loc}: {e['msg']}{got_s}")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            msg, got_s = "unknown key", did_you_mean(str(e["loc"][-1]), _fields_at(cls, tuple(e["loc"][:-1])))
+        parts.append(f"{loc}: {msg}{got_s}")
     if len(errors) > max_errors:
         parts.append(f"and {len(errors) - max_errors} more")
     return "; ".join(parts)
@@ -331,7 +370,7 @@ def validate(cls: type[BaseModel], raw: dict, where: str = "config"):
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"{where}: {_format_validation_error(e)}") from None
+        raise UserError(f"{where}: {_format_validation_error(e, cls=cls)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls=Config):

@@ -5,7 +5,7 @@ A `Stack` holds K weight sets as stacked tensors (every state-dict entry with a 
 Interpolation is `torch.lerp`, bit-identical to `interpolate.lerp` row by row. An `Engine` (one
 architecture on one device) recalibrates and evaluates stacks with one convention for each:
 
-- BatchNorm (PAPER.md, "BatchNorm"): running statistics = the average over training batches of each
+- BatchNorm (docs/method.md, "BatchNorm along a path"): running statistics = the average over training batches of each
   batch's mean and unbiased variance, every batch normalised by its own statistics (a train-mode pass,
   PyTorch's momentum=None mode). The statistics are reduced in two passes over an (examples x channels)
   view and accumulated in float64 (`exact_batch_norm`).

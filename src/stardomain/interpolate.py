@@ -3,7 +3,7 @@ the stacked-weights engine, `stardomain.engine`, which interpolates and recalibr
 
 Only floating-point entries are interpolated; integer buffers (BatchNorm's num_batches_tracked) are
 taken from the first model. An interpolated network's BatchNorm statistics are wrong, so callers
-recompute them with `recalibrate_bn` on training data (PAPER.md, "BatchNorm").
+recompute them with `recalibrate_bn` on training data (docs/method.md, "BatchNorm along a path").
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def recalibrate_bn(model: nn.Module, split: Split, batch_size: int = 1000, max_b
                    device: torch.device | str | None = None) -> nn.Module:
     """Reset BatchNorm running statistics and recompute them as the average over training batches of the
     batch mean and unbiased batch variance, every batch normalised by its own statistics as in a train-mode
-    pass (PyTorch's momentum=None cumulative mode; PAPER.md "BatchNorm"). No-op for networks without BN.
+    pass (PyTorch's momentum=None cumulative mode; docs/method.md, "BatchNorm along a path"). No-op for networks without BN.
     The stacked-weights engine's convention (`engine.module_bn_statistics`), for one model in place.
     Leaves the model contiguous, in eval mode."""
     layers = [m for m in bn_layers(model) if m.track_running_stats]

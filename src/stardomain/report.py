@@ -58,11 +58,13 @@ def plot_curves(results: dict, kinds: tuple[str, ...] | None = None, title: str 
             ax.plot(t, m, "-o", ms=3, color=c, label=f"{KIND_NAMES.get(kind, kind)} (n={len(recs)})")
             ax.fill_between(t, m - s, m + s, color=c, alpha=0.18)
         ax.set_xlabel("t   (0 = first model, 1 = second model)")
-        ax.set_ylabel(f"{split} loss")
+        ax.set_ylabel(f"{split} cross-entropy (nats)")
         ax.set_title(f"{split} loss {title}\n(mean ± std; no band for n ≤ 2)", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    # the legend below both panels, where it covers no curve
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 3), 1, 1))
     return _png(fig)
 
 

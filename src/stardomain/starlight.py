@@ -1,4 +1,4 @@
-"""Starlight (PAPER.md, Algorithm 1): train a star model θ that sees its sources along straight lines.
+"""Starlight (docs/method.md, "Starlight"): train a star model θ that sees its sources along straight lines.
 
 Every mini-batch draws a source θ_n uniformly and t from the configured scheme, forwards the batch through
 the interpolated weights (1-t)·θ + t·θ_n (BatchNorm in train mode) and back-propagates into θ *through the
@@ -46,7 +46,7 @@ from .config import Config, StarConfig, TrainConfig
 from .data import get_dataset
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
-from .train import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta
+from .train import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta, write_history_csv
 from .utils import resolve_device
 
 StateDict = dict[str, torch.Tensor]
@@ -389,14 +389,16 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
     ids = list(source_ids) if source_ids is not None else [weights_sha256(sources[n]) for n in range(len(sources))]
     digest = config_digest(cfg) + ":" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:16]
     run = _StarRun(cfg, model, sources, data, spec, bank, seed, device, on_epoch)
-    steps = fit(model, data, tc, seed, digest, run.hooks(), device=device, state_path=state_path, progress=progress)
+    fit_history: list[dict] = []
+    steps = fit(model, data, tc, seed, digest, run.hooks(), device=device, state_path=state_path, progress=progress,
+                history=fit_history)
     seconds = run.seconds()
     model.eval()
     metrics = evaluate_splits(model, data, tc.eval_batch_size)
     info = {"metrics": metrics, "star": star_settings(sc), "epochs": tc.epochs, "steps": steps,
             "n_sources": len(sources), "seconds": seconds, "align_seconds": run.align_seconds,
             "alignments": run.alignments, "sources_on": "device" if bank.on_device else "cpu",
-            "source_bytes": bank.bytes, "history": run.history}
+            "source_bytes": bank.bytes, "history": run.history, "fit_history": fit_history, "device": str(device)}
     return model, info
 
 
@@ -421,8 +423,10 @@ def star_to_file(cfg: Config, source_paths: Sequence[str | Path], out: str | Pat
                              source_ids=ids, on_epoch=on_epoch)
     extra = {k: info[k] for k in ("epochs", "steps", "seconds", "align_seconds", "alignments", "history")}
     meta = save_model(out, model.state_dict(), model_meta(
-        cfg, data, seed, "star", metrics=info["metrics"], star={**info["star"], **extra},
+        cfg, data, seed, "star", device=info["device"], history=info["fit_history"], metrics=info["metrics"],
+        star={**info["star"], **extra},
         sources=[{"path": str(p), "sha256": m["sha256"], "seed": m.get("seed")}
                  for p, m in zip(files.paths, files.metas)]))
+    write_history_csv(out.with_name(out.name + ".csv"), info["fit_history"])
     state_path.unlink(missing_ok=True)
     return meta

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -27,6 +29,7 @@ from .engine import evaluate_module
 from .errors import UserError
 from .models import build_model
 from .utils import resolve_device  # noqa: F401  (moved to utils; importable from here too)
+from .runtime import record, warn_if_changed
 
 
 def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -90,8 +93,12 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
 
 
-def model_meta(cfg: Config, data: DataBundle, seed: int, role: str, **extra: Any) -> dict[str, Any]:
-    """The metadata every model file carries (DESIGN.md): enough to rebuild it and know how it was made."""
+def model_meta(cfg: Config, data: DataBundle, seed: int, role: str, *, device: str | torch.device | None = None,
+               history: list[dict] | None = None, **extra: Any) -> dict[str, Any]:
+    """The metadata every model file carries (docs/architecture.md, "Contracts"): enough to rebuild it and know how it was made,
+    including where it ran (`runtime`: threads, device, version; bits depend on them) and, when given,
+    the per-epoch training `history`."""
+    runtime = record(resolve_device(device if device is not None else cfg.study.device))
     return {
         "model": cfg.model.model_dump(),
         "data": {"name": data.name, "config": cfg.data.model_dump(), "input_shape": list(data.input_shape),
@@ -99,8 +106,56 @@ def model_meta(cfg: Config, data: DataBundle, seed: int, role: str, **extra: Any
         "seed": seed,
         "role": role,
         "config": cfg.model_dump(),
+        "runtime": runtime,
+        **({"history": history} if history is not None else {}),
         **extra,
     }
+
+
+def write_history_csv(path: str | Path, history: list[dict]) -> None:
+    """Per-epoch training metrics as CSV (epoch,loss,acc), written atomically beside the model file."""
+    from .checkpoint import atomic_write_text
+
+    rows = ["epoch,loss,acc"] + [f"{h['epoch']},{h['loss']!r},{'' if h.get('acc') is None else repr(h['acc'])}"
+                                  for h in history]
+    atomic_write_text(path, "\n".join(rows) + "\n")
+
+
+PLAIN_EVERY_S = 5.0  # piped progress: at most one line this often
+
+
+class Progress:
+    """Training progress that suits where stderr goes: a tqdm bar on a terminal; a plain line at most
+    every PLAIN_EVERY_S seconds otherwise (a log file or pipe gets no carriage-return noise, yet still
+    shows epoch, loss, accuracy and ETA); nothing when `enabled` is False."""
+
+    def __init__(self, desc: str, epochs: int, steps: int, start_epoch: int, enabled: bool | None):
+        self.desc, self.epochs, self.steps = desc, epochs, steps
+        self.mode = "off" if enabled is False else ("bar" if sys.stderr.isatty() else "plain")
+        self.done0 = self.done = start_epoch * steps
+        self.t0 = self.last = time.monotonic()
+        self.bar = tqdm(total=epochs * steps, initial=self.done, desc=desc, unit="batch", leave=False,
+                        dynamic_ncols=True) if self.mode == "bar" else None
+
+    def update(self, epoch: int, loss: float, acc: float | None, end_of_epoch: bool = False) -> None:
+        self.done += 0 if end_of_epoch else 1
+        if self.bar is not None and not end_of_epoch:
+            self.bar.update()
+            self.bar.set_postfix(epoch=f"{epoch + 1}/{self.epochs}", loss=f"{loss:.4f}",
+                                 **({"acc": f"{acc:.3f}"} if acc is not None else {}))
+        now = time.monotonic()
+        last_epoch = end_of_epoch and epoch + 1 == self.epochs
+        if self.mode != "plain" or (now - self.last < PLAIN_EVERY_S and not last_epoch):
+            return
+        self.last = now
+        rate = (now - self.t0) / max(1, self.done - self.done0)
+        eta = rate * (self.epochs * self.steps - self.done)
+        print(f"{self.desc}: epoch {epoch + 1}/{self.epochs}  loss {loss:.4f}"
+              + (f"  acc {acc:.4f}" if acc is not None else "") + f"  ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def init_model(cfg: Config, data: DataBundle, seed: int) -> nn.Module:
@@ -160,11 +215,14 @@ class Hooks:
 
 
 def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: str, hooks: Hooks, *,
-        device: torch.device, state_path: str | Path | None = None, progress: bool | None = None) -> int:
+        device: torch.device, state_path: str | Path | None = None, progress: bool | None = None,
+        history: list[dict] | None = None) -> int:
     """The one training loop (regular training and Starlight are two uses): optimiser, per-batch schedule,
     seeded data order, resume state saved after every epoch (bitwise-identical continuation), progress
     bar, non-finite-loss stop (the last good state kept), gradient clipping. `model` is on `device`.
+    `history` (a list) receives {epoch, loss, acc} per epoch, kept across a resume.
     -> the number of optimiser steps taken in all."""
+    history = [] if history is None else history
     opt = build_optimizer(model.parameters(), tc.optimizer)
     drop_last = len(data.train) > tc.batch_size
     steps = num_batches(data.train, tc.batch_size, drop_last=drop_last)
@@ -176,10 +234,11 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
     if st is not None:
         start_epoch = st["epoch"]
         n_step = st.get("step", start_epoch * steps)
+        history[:] = list(st.get("fit_history") or [])
+        warn_if_changed(st.get("runtime"), record(device), what=hooks.desc)
         hooks.restore(st)
     hooks.ready()
-    bar = tqdm(total=tc.epochs * steps, initial=start_epoch * steps, disable=None if progress is None else not progress,
-               desc=hooks.desc, unit="batch", leave=False, dynamic_ncols=True)
+    bar = Progress(hooks.desc, tc.epochs, steps, start_epoch, progress)
     for epoch in range(start_epoch, tc.epochs):
         hooks.epoch_start(epoch, n_step)
         model.train()
@@ -199,22 +258,24 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
             loss_sum += loss * len(y)
             seen += len(y)
             correct += right or 0
-            bar.update()
-            bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{loss_sum / seen:.4f}",
-                            **({"acc": f"{correct / seen:.3f}"} if right is not None else {}))
+            bar.update(epoch, loss_sum / seen, correct / seen if right is not None else None)
+        acc = correct / seen if seen and right is not None else None
         hooks.epoch_end(epoch, loss_sum / max(1, seen))
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "acc": acc})
         if state_path:
             save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device, step=n_step,
-                                **hooks.state())
+                                fit_history=history, runtime=record(device), **hooks.state())
+        bar.update(epoch, loss_sum / max(1, seen), acc, end_of_epoch=True)  # once the epoch is safe
         hooks.saved(epoch + 1)
     bar.close()
     return n_step
 
 
 def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_path: str | Path | None = None,
-          progress: bool | None = None, init: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
+          progress: bool | None = None, init: dict[str, torch.Tensor] | None = None,
+          history: list[dict] | None = None) -> tuple[nn.Module, dict]:
     """Train one model from its seed (`fit` with a cross-entropy step). -> (model in eval mode, final
-    metrics on train and test)."""
+    metrics on train and test); `history` (a list) receives the per-epoch training metrics."""
     device = resolve_device(device)
     data = get_dataset(cfg.data)
     tc = cfg.train
@@ -238,17 +299,21 @@ def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_
                 "lower train.optimizer.lr or set train.grad_clip")
 
     fit(model, data, tc, seed, config_digest(cfg), Hooks(step, diverged, desc=f"train seed {seed}"),
-        device=device, state_path=state_path, progress=progress)
+        device=device, state_path=state_path, progress=progress, history=history)
     model.eval()
     return model, evaluate_splits(model, data, tc.eval_batch_size)
 
 
 def train_to_file(cfg: Config, seed: int, out: str | Path, *, role: str = "source", device: str = "auto",
                   progress: bool | None = None) -> dict[str, Any]:
-    """Train and write a model file; resumable through `OUT.state` (removed when done). -> metadata."""
+    """Train and write a model file; resumable through `OUT.state` (removed when done); the per-epoch
+    metrics also go to `OUT.csv`. -> metadata."""
     out = Path(out)
     state_path = out.with_name(out.name + ".state")
-    model, metrics = train(cfg, seed, device=device, state_path=state_path, progress=progress)
-    meta = save_model(out, model.state_dict(), model_meta(cfg, get_dataset(cfg.data), seed, role, metrics=metrics))
+    history: list[dict] = []
+    model, metrics = train(cfg, seed, device=device, state_path=state_path, progress=progress, history=history)
+    meta = save_model(out, model.state_dict(), model_meta(cfg, get_dataset(cfg.data), seed, role, metrics=metrics,
+                                                          device=resolve_device(device), history=history))
+    write_history_csv(out.with_name(out.name + ".csv"), history)
     state_path.unlink(missing_ok=True)
     return meta

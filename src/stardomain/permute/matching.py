@@ -6,7 +6,7 @@ Convention: a permutation `p` of a group of size n puts unit p[i] of the input a
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -300,6 +300,160 @@ def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
     return const, terms
 
 
+class _CostCache:
+    """Each group's cost matrix at the current permutations of the other groups. The constant part is
+    prepared once (_group_costs); each term read through one other group's axis is kept with the index it
+    was computed at, reused while that group has not moved and updated from the units that did."""
+
+    def __init__(self, spec: PermutationSpec, plan: dict, A: dict, B: dict, dtype: torch.dtype):
+        self.spec, self.dtype = spec, dtype
+        self.const, self.terms = _group_costs(spec, plan, A, B)
+        self.last: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # term -> (index, matrix)
+
+    def touches_parameters(self, k: str) -> bool:
+        return self.const[k] is not None or bool(self.terms[k])
+
+    def matrix(self, k: str, perm: dict, unknown: set[str]) -> tuple[np.ndarray, tuple | None]:
+        """-> (the cost matrix the assignment is solved on, the terms left out of it or None): terms read
+        through a group in `unknown` (not yet solved in the informed first pass) are left out, as (rows of
+        A, rows of B read through the current permutations), all such terms side by side: only their value
+        at the old and the new permutation is needed, <A, B[p]>, n times cheaper than their matrix."""
+        n = self.spec.groups[k].size
+        c = self.const[k].clone() if self.const[k] is not None else torch.zeros(n, n, dtype=self.dtype)
+        blind = []
+        for j, (ra, bm, others) in enumerate(self.terms[k]):
+            left_out = bool(unknown) and any(it[4] in unknown for its in others.values() for it in its)
+            if not left_out and len(others) == 1:
+                c += self._term(k, j, ra, bm, *next(iter(others.items())), perm)
+                continue
+            b = bm  # read B through every other axis (several: recomputed each time)
+            for ax, its in others.items():
+                b = b.index_select(ax, _axis_index(b.shape[ax], its, perm))
+            if left_out:
+                blind.append((ra, b.reshape(n, -1)))
+            else:
+                c.addmm_(ra, b.reshape(n, -1).T)
+        if len(blind) > 1:
+            blind = [(torch.cat([a for a, _ in blind], 1), torch.cat([b for _, b in blind], 1))]
+        return _np64(c), (blind[0] if blind else None)
+
+    def _term(self, k: str, j: int, ra: torch.Tensor, bm: torch.Tensor, ax: int, its: list,
+              perm: dict) -> torch.Tensor:
+        """Term j of group k (rows of A, B's slice), read through its single other axis `ax` (owned by
+        the groups in `its`): reused, updated from the units that moved, or recomputed."""
+        n = ra.shape[0]
+        idx = _axis_index(bm.shape[ax], its, perm)
+        prev = self.last.get((k, j))
+        if prev is not None and prev[0] is idx:  # the other group has not moved (same tensor)
+            return prev[1]
+        # testing which units moved costs three small ops: worth it only where the matmul is large
+        big = prev is not None and ra.numel() * n >= _INCREMENTAL_MIN_MACS
+        ch = (idx != prev[0]).nonzero().flatten() if big else None
+        if ch is not None and 2 * len(ch) < len(idx):
+            # the other group moved only a few units: update the last term with those slices alone
+            # (late passes change a few units of a group; its neighbours' matmuls shrink accordingly)
+            a = ra.view(bm.shape).index_select(ax, ch).reshape(n, -1)
+            d = bm.index_select(ax, idx[ch]) - bm.index_select(ax, prev[0][ch])
+            term = torch.addmm(prev[1], a, d.reshape(n, -1).T) if len(ch) else prev[1]
+        else:
+            term = ra @ bm.index_select(ax, idx).reshape(n, -1).T
+        self.last[k, j] = (idx, term)
+        return term
+
+
+def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.ndarray, tuple | None]],
+                olds: list[torch.Tensor]) -> tuple[list[torch.Tensor], float, float, float, float]:
+    """One step for unit u (a group, or coupled head groups) -> (new permutations of u's groups, value of
+    the old ones, of the new ones (on the matrices solved), the same two on the full cost, left-out terms
+    included). Reads no shared state, so it can run on a thread."""
+    g = spec.groups[u[0]]
+    seen = [c for c, _ in cs]
+    if g.heads:
+        new = [p for p in _solve_heads(seen[0], seen[1] if len(seen) > 1 else None, g.heads, _fixed(spec, u))
+               if p is not None]
+    else:
+        new = [torch.from_numpy(_lsa(seen[0])).long()]
+    ar = np.arange(g.size)
+
+    def value(ps, full):
+        v = sum(float(c[ar, p.numpy()].sum()) for (c, _), p in zip(cs, ps))
+        if full:  # sum_i <A_i, B_p(i)> of each term left out
+            v += sum(float(torch.dot(bl[0].view(-1), bl[1].index_select(0, p).view(-1)))
+                     for (_, bl), p in zip(cs, ps) if bl is not None)
+        return v
+
+    old_v, new_v = value(olds, False), value(new, False)
+    if all(b is None for _, b in cs):  # nothing left out: the full cost is the one solved
+        return new, old_v, new_v, old_v, new_v
+    return new, old_v, new_v, value(olds, True), value(new, True)
+
+
+def _units(spec: PermutationSpec, costs: _CostCache) -> list[tuple[str, ...]]:
+    """The descent's units in trace order: single groups, or coupled head groups solved jointly; groups
+    touching no parameter have a zero cost and never move."""
+    units, done = [], set()
+    for k, g in spec.groups.items():
+        if k not in done:
+            u = (k, g.couple) if g.couple else (k,)
+            done.update(u)
+            if any(costs.touches_parameters(kk) for kk in u):
+                units.append(u)
+    return units
+
+
+def _neighbours(plan: dict, units: list[tuple[str, ...]]) -> dict[tuple[str, ...], set[str]]:
+    """unit -> the other groups sharing a parameter with it: the only ones its cost matrices depend on."""
+    tensors: dict[str, set[str]] = {}
+    for t, items in plan.items():
+        for it in items:
+            tensors.setdefault(it[4], set()).add(t)
+    return {u: {it[4] for k in u for t in tensors.get(k, ()) for it in plan[t]} - set(u) for u in units}
+
+
+class _Progress:
+    """The step at which each group last moved and each unit was last solved on its full cost: a unit's
+    cost matrices depend only on its neighbours, so if none moved since, solving it again is skipped."""
+
+    def __init__(self, spec: PermutationSpec, nbrs: dict):
+        self.nbrs, self.moved_at, self.solved_at = nbrs, {k: -1 for k in spec.groups}, {}
+
+    def stale(self, u: tuple[str, ...]) -> bool:
+        s = self.solved_at.get(u)
+        return s is None or any(self.moved_at[k] >= s for k in self.nbrs[u])
+
+
+def _passes(units: list, seed: int, informed: bool, max_iter: int):
+    """The visiting order of each pass: seeded random orders; the informed first pass goes in trace order,
+    from the input on, so each group comes after the layers feeding it (its random draw is skipped)."""
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(max_iter if units else 0):
+        order = [units[j] for j in torch.randperm(len(units), generator=gen).tolist()]
+        yield list(units) if informed and i == 0 else order
+
+
+def _batches(order: list, pool, workers: int, big: set, nbrs: dict):
+    """Consecutive large units sharing no tensor with each other (single units without a pool): neither
+    one's cost matrices depend on the other's answer, so solving them at once gives the same result."""
+    i = 0
+    while i < len(order):
+        batch = [order[i]]
+        while (pool is not None and len(batch) < workers and i + len(batch) < len(order)
+               and {order[i], order[i + len(batch)]} <= big
+               and not any(set(order[i + len(batch)]) & nbrs[v] for v in batch)):
+            batch.append(order[i + len(batch)])
+        i += len(batch)
+        yield batch
+
+
+def _solve_all(pool, spec: PermutationSpec, jobs: list) -> list:
+    """_solve_unit on each job's arguments: all but the last on the pool while the last runs here."""
+    if pool is None or len(jobs) < 2:
+        return [_solve_unit(spec, *args) for args in jobs]
+    futures = [pool.submit(_solve_unit, spec, *args) for args in jobs[:-1]]
+    last = _solve_unit(spec, *jobs[-1])
+    return [f.result() for f in futures] + [last]
+
+
 def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int = 0, max_iter: int = 100,
                      init: dict[str, torch.Tensor] | None = None, workers: int = 1,
                      informed: bool = False) -> tuple[dict[str, torch.Tensor], dict, tuple[float, float]]:
@@ -310,154 +464,43 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
     the summed inner products of every parameter slice the group touches, with all other groups'
     current permutations applied to B. A step is taken only if it strictly improves the objective,
     so the distance to A never grows; stops after a full pass with no change (or max_iter passes).
+    A unit none of whose neighbours moved since it was last solved is skipped (same answer again).
     informed: the first pass goes in trace order and leaves out of each assignment the terms read
     through a group not solved yet in that pass (see weight_matching); such a step is judged on the
     terms it saw, its effect on the objective is still counted, and the group is solved again in the
-    next pass.
-    With workers > 1, consecutive units of a pass that share no tensor are solved at once on threads
-    (scipy releases the GIL): neither one's cost matrices depend on the other's answer, so the result
-    is the same as solving them one after the other.
+    next pass. With workers > 1, independent large units of a pass are solved at once (_batches).
     """
     plan = _plan(spec, spec.parameters)
     dtype = torch.float64 if any(sd_a[t].dtype == torch.float64 for t in plan) else torch.float32
-    A = {t: sd_a[t].to(dtype) for t in plan}
-    B = {t: sd_b[t].to(dtype) for t in plan}
+    costs = _CostCache(spec, plan, {t: sd_a[t].to(dtype) for t in plan}, {t: sd_b[t].to(dtype) for t in plan}, dtype)
     perm = {k: v.detach().cpu().long().clone() for k, v in (init or identity(spec)).items()}
-    const, terms = _group_costs(spec, plan, A, B)
-    # units of the descent: single groups, or coupled head groups solved jointly; groups touching no
-    # parameter have a zero cost and never move
-    units: list[tuple[str, ...]] = []
-    done: set[str] = set()
-    for k, g in spec.groups.items():
-        if k in done:
-            continue
-        u = (k, g.couple) if g.couple else (k,)
-        done.update(u)
-        if any(const[kk] is not None or terms[kk] for kk in u):
-            units.append(u)
-
-    last: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # term -> (index used, its matrix)
-
-    def cost(k: str) -> tuple[np.ndarray, tuple | None]:
-        """-> (the cost matrix the assignment is solved on, the terms left out of it or None): terms
-        read through a group not yet solved in the informed first pass are left out, as (rows of A,
-        rows of B read through the current permutations), all such terms side by side: only their
-        value at the old and the new permutation is needed, <A, B[p]>, n times cheaper than their matrix."""
-        n = spec.groups[k].size
-        c = const[k].clone() if const[k] is not None else torch.zeros(n, n, dtype=dtype)
-        blind = []
-        for j, (ra, bm, others) in enumerate(terms[k]):
-            left_out = bool(unknown) and any(it[4] in unknown for its in others.values() for it in its)
-            if left_out or len(others) > 1:  # read B through every other axis (several: recomputed)
-                b = bm
-                for ax, its in others.items():
-                    b = b.index_select(ax, _axis_index(b.shape[ax], its, perm))
-                if left_out:
-                    blind.append((ra, b.reshape(n, -1)))
-                else:
-                    c.addmm_(ra, b.reshape(n, -1).T)
-                continue
-            ((ax, its),) = others.items()
-            idx = _axis_index(bm.shape[ax], its, perm)
-            prev = last.get((k, j))
-            if prev is not None and prev[0] is idx:  # the other group has not moved (same tensor)
-                c += prev[1]
-                continue
-            # testing which units moved costs three small ops: worth it only where the matmul is large
-            big = prev is not None and ra.numel() * n >= _INCREMENTAL_MIN_MACS
-            ch = (idx != prev[0]).nonzero().flatten() if big else None
-            if ch is not None and 2 * len(ch) < len(idx):
-                # the other group moved only a few units: update the last term with those slices alone
-                # (late passes change a few units of a group; its neighbours' matmuls shrink accordingly)
-                a = ra.view(bm.shape).index_select(ax, ch).reshape(n, -1)
-                d = bm.index_select(ax, idx[ch]) - bm.index_select(ax, prev[0][ch])
-                term = torch.addmm(prev[1], a, d.reshape(n, -1).T) if len(ch) else prev[1]
-            else:
-                term = ra @ bm.index_select(ax, idx).reshape(n, -1).T
-            last[k, j] = (idx, term)
-            c += term
-        if len(blind) > 1:
-            blind = [(torch.cat([a for a, _ in blind], 1), torch.cat([b for _, b in blind], 1))]
-        return _np64(c), (blind[0] if blind else None)
-
-    def solve(u: tuple[str, ...], cs: list[tuple[np.ndarray, tuple | None]], olds: list[torch.Tensor]):
-        """-> (new permutations of u's groups, value of the old ones, of the new ones (on the matrices
-        solved), the same two on the full cost); reads no shared state."""
-        g = spec.groups[u[0]]
-        seen = [c for c, _ in cs]
-        if g.heads:
-            new = [p for p in _solve_heads(seen[0], seen[1] if len(seen) > 1 else None, g.heads, _fixed(spec, u))
-                   if p is not None]
-        else:
-            new = [torch.from_numpy(_lsa(seen[0])).long()]
-        ar = np.arange(g.size)
-
-        def value(ps, full):
-            v = sum(float(c[ar, p.numpy()].sum()) for (c, _), p in zip(cs, ps))
-            if full:  # sum_i <A_i, B_p(i)> of each term left out
-                v += sum(float(torch.dot(bl[0].view(-1), bl[1].index_select(0, p).view(-1)))
-                         for (_, bl), p in zip(cs, ps) if bl is not None)
-            return v
-
-        old_v, new_v = value(olds, False), value(new, False)
-        if all(b is None for _, b in cs):  # nothing left out: the full cost is the one solved
-            return new, old_v, new_v, old_v, new_v
-        return new, old_v, new_v, value(olds, True), value(new, True)
-
-    # a unit's cost matrices depend only on the groups sharing a tensor with it: if none of them
-    # changed since the unit was last solved, solving again would give the same answer, so skip it
-    members: dict[str, set[str]] = {k: set() for k in spec.groups}
-    for t, items in plan.items():
-        for it in items:
-            members[it[4]].add(t)
-    nbrs = {u: {it[4] for k in u for t in members[k] for it in plan[t]} - set(u) for u in units}
-    changed_at = {k: -1 for k in spec.groups}
-    solved_at: dict[tuple[str, ...], int] = {}
-    step = 0
-    unknown = set(spec.groups) if informed else set()  # groups the informed first pass has not solved yet
-    gain = scale = 0.0  # objective now minus objective at the start; the largest cost value it summed
-    gen = torch.Generator().manual_seed(seed)
-    # threads pay off only for assignments of a few hundred units (a 64x64 one takes ~0.1 ms)
-    big = {u for u in units if spec.groups[u[0]].size >= _POOL_MIN_SIZE}
+    units = _units(spec, costs)
+    nbrs = _neighbours(plan, units)
+    unknown = {k for u in units for k in u} if informed else set()  # not yet solved in the informed first pass
+    progress = _Progress(spec, nbrs)
+    step, gain, scale, it, converged = 0, 0.0, 0.0, 0, not units
+    big = {u for u in units if spec.groups[u[0]].size >= _POOL_MIN_SIZE}  # threads pay off from a few hundred
     pool = ThreadPoolExecutor(workers - 1) if workers > 1 and len(big) > 1 else None
-    it, converged = 0, not units
     try:
-        while units and it < max_iter:
-            it += 1
+        for it, order in enumerate(_passes(units, seed, informed, max_iter), 1):
             changed = pending = False
-            order = [units[i] for i in torch.randperm(len(units), generator=gen).tolist()]
-            if unknown:  # the informed first pass goes from the input on: each group after the layers feeding it
-                order = list(units)
-            i = 0
-            while i < len(order):
-                # a batch: consecutive large units sharing no tensor with each other (one unit without a pool)
-                batch = [order[i]]
-                while (pool is not None and len(batch) < workers and i + len(batch) < len(order)
-                       and {order[i], order[i + len(batch)]} <= big
-                       and not any(set(order[i + len(batch)]) & nbrs[v] for v in batch)):
-                    batch.append(order[i + len(batch)])
-                i += len(batch)
-                jobs = []
-                for j, u in enumerate(batch):
+            for batch in _batches(order, pool, workers, big, nbrs):
+                todo = []
+                for u in batch:
                     step += 1
-                    if u in solved_at and all(changed_at[k] < solved_at[u] for k in nbrs[u]):
-                        continue
-                    args = (u, [cost(k) for k in u], [perm[k] for k in u])
-                    unknown.difference_update(u)
-                    if any(b is not None for _, b in args[1]):
-                        pending = True  # solved half-blind: solve it again in the next pass
-                    else:
-                        solved_at[u] = step
-                    # the batch's last unit is solved here while the pool solves the others
-                    jobs.append((u, step, pool.submit(solve, *args) if j < len(batch) - 1 else solve(*args)))
-                for u, s, job in jobs:
-                    new, old_v, new_v, old_f, new_f = job.result() if isinstance(job, Future) else job
+                    if progress.stale(u):
+                        todo.append((u, step, [costs.matrix(k, perm, unknown) for k in u]))
+                        unknown.difference_update(u)
+                        if any(b is not None for _, b in todo[-1][2]):
+                            pending = True  # solved on part of its cost: solve it again next pass
+                        else:
+                            progress.solved_at[u] = step
+                results = _solve_all(pool, spec, [(u, cs, [perm[k] for k in u]) for u, _, cs in todo])
+                for (u, s, _), (new, old_v, new_v, old_f, new_f) in zip(todo, results):
                     if new_v > old_v + 1e-9 * max(1.0, abs(old_v)):
-                        gain += new_f - old_f
-                        scale = max(scale, abs(old_f), abs(new_f))
-                        for k, p in zip(u, new):
-                            perm[k] = p
-                            changed_at[k] = s
+                        gain, scale = gain + new_f - old_f, max(scale, abs(old_f), abs(new_f))
+                        perm.update(zip(u, new))
+                        progress.moved_at.update(dict.fromkeys(u, s))
                         changed = True
             if not changed and not pending:
                 converged = True

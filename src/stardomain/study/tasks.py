@@ -12,7 +12,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -107,65 +107,57 @@ def _existing_model(path: Path) -> dict | None:
         return None
 
 
-def _run_train(task: Task, root: Path) -> None:
-    p = task.params
-    out = root / f"models/{p['name']}.safetensors"
+def _model_task(task: Task, root: Path, make: Callable[[dict, Path], dict],
+                info: Callable[[dict], dict | None] = lambda meta: None) -> None:
+    """A task whose artifact is a model file: reuse the file a killed run finished (it is written whole or
+    not at all), else `make(params, out) -> metadata`; then write the marker that says the task is done."""
+    out = root / f"models/{task.params['name']}.safetensors"
     t0 = time.perf_counter()
-    meta = _existing_model(out) or train_to_file(_config(p), p["seed"], out, role=p["role"],
-                                                 device=p.get("device", "auto"), progress=False)
-    _finish_model(task, root, meta, seconds=time.perf_counter() - t0)
+    meta = _existing_model(out) or make(task.params, out)
+    _finish_model(task, root, meta, info=info(meta), seconds=time.perf_counter() - t0)
+
+
+def _run_train(task: Task, root: Path) -> None:
+    _model_task(task, root, lambda p, out: train_to_file(_config(p), p["seed"], out, role=p["role"],
+                                                         device=p.get("device", "auto"), progress=False))
 
 
 def _run_star(task: Task, root: Path) -> None:
-    p = task.params
-    out = root / f"models/{p['name']}.safetensors"
-    t0 = time.perf_counter()
-    meta = _existing_model(out)
-    if meta is None:
+    def make(p: dict, out: Path) -> dict:
         meta = starlight.star_to_file(_config(p), [str(root / s) for s in p["sources"]], out, seed=p["seed"],
                                       device=p.get("device", "auto"), progress=False)
-        meta = _existing_model(out) or meta
-    info = {k: v for k, v in meta.items() if k in ("star", "starlight", "info", "alignment")}
-    _finish_model(task, root, meta, info=info, seconds=time.perf_counter() - t0)
+        return _existing_model(out) or meta
+
+    _model_task(task, root, make, info=lambda meta: {k: v for k, v in meta.items()
+                                                     if k in ("star", "starlight", "info", "alignment")})
 
 
 def _run_average(task: Task, root: Path) -> None:
-    """The "would any centre do?" baseline: the sources aligned to the first one, averaged, BN recomputed."""
-    p = task.params
-    out = root / f"models/{p['name']}.safetensors"
-    t0 = time.perf_counter()
-    meta = _existing_model(out)
-    if meta is None:
+    """The "would any centre do?" baseline: the sources aligned to the first one, averaged, BN recalibrated."""
+    def make(p: dict, out: Path) -> dict:
         cfg = _config(p)
         data = get_dataset(cfg.data)
         model, _ = load_model(root / p["sources"][0])
         sds = [read_model_file(root / s)[0] for s in p["sources"]]
-        aligned, infos = [sds[0]], []
+        aligned = [sds[0]]
         if p["align"] and len(sds) > 1:
             ex = _example_input(data)
-            for sd in sds[1:]:
-                sd_b, info = align(model, sds[0], sd, example_input=ex, seed=p["seed"])
-                aligned.append(sd_b)
-                infos.append(info)
+            aligned += [align(model, sds[0], sd, example_input=ex, seed=p["seed"])[0] for sd in sds[1:]]
         else:
             aligned = sds
         model.load_state_dict(average(aligned))
         recalibrate_bn(model, data.train, p["batch_size"], p["bn_batches"])
-        metrics = _model_metrics(model, cfg)
-        meta = save_model(out, model.state_dict(), model_meta(
-            cfg, data, p["seed"], "merged", metrics=metrics, merge={"method": "aligned_average",
-                                                                    "sources": p["sources"], "align": p["align"]}))
-    _finish_model(task, root, meta, seconds=time.perf_counter() - t0)
+        return save_model(out, model.state_dict(), model_meta(
+            cfg, data, p["seed"], "merged", metrics=_model_metrics(model, cfg),
+            merge={"method": "aligned_average", "sources": p["sources"], "align": p["align"]}))
+
+    _model_task(task, root, make)
 
 
 def _run_merge(task: Task, root: Path) -> None:
     """The MergeMany centre: sources aligned to the first (as `average`), then jointly re-aligned to the
-    leave-one-out mean round by round (stardomain.merge), averaged, BN recomputed."""
-    p = task.params
-    out = root / f"models/{p['name']}.safetensors"
-    t0 = time.perf_counter()
-    meta = _existing_model(out)
-    if meta is None:
+    leave-one-out mean round by round (stardomain.merge), averaged, BN recalibrated."""
+    def make(p: dict, out: Path) -> dict:
         cfg = _config(p)
         data = get_dataset(cfg.data)
         model, _ = load_model(root / p["sources"][0])
@@ -178,10 +170,11 @@ def _run_merge(task: Task, root: Path) -> None:
                                             for sd, pm in zip(sds, perms))
         model.load_state_dict(centre)
         recalibrate_bn(model, data.train, p["batch_size"], p["bn_batches"])
-        metrics = _model_metrics(model, cfg)
-        meta = save_model(out, model.state_dict(), model_meta(
-            cfg, data, p["seed"], "merged", metrics=metrics, merge={"sources": p["sources"], **info}))
-    _finish_model(task, root, meta, info=(meta.get("merge") or {}), seconds=time.perf_counter() - t0)
+        return save_model(out, model.state_dict(), model_meta(
+            cfg, data, p["seed"], "merged", metrics=_model_metrics(model, cfg),
+            merge={"sources": p["sources"], **info}))
+
+    _model_task(task, root, make, info=lambda meta: meta.get("merge") or {})
 
 
 def _example_input(data):
