@@ -276,11 +276,13 @@ def train(config: Config | Mapping | str | Path | None = None, *, model: Any = N
         return (f"training diverged: loss is {loss} at epoch {epoch + 1} (seed {seed}); "
                 "lower train.optimizer.lr or set train.grad_clip")
 
+    history: list[dict] = []
     fit(module, bundle, tc, seed, config_digest(cfg), Hooks(step, diverged, desc=f"train seed {seed}"),
-        device=dev, progress=progress)
+        device=dev, progress=progress, history=history)
     module.eval()
     metrics = evaluate_splits(module, bundle, tc.eval_batch_size)
-    meta = _meta(cfg, bundle, module, model is not None, seed, "source", metrics=metrics)
+    meta = _meta(cfg, bundle, module, model is not None, seed, "source", metrics=metrics, device=dev,
+                 history=history)
     return _trained(module, metrics, meta, cfg, bundle)
 
 
@@ -346,7 +348,8 @@ def star(sources: Sequence[Any], config: Config | Mapping | str | Path | None = 
     sds = [_state(s) for s in sources]
     out, info = train_star(cfg, sds, seed=seed, device=device, progress=progress, data=bundle, model=module)
     extra = {k: info[k] for k in ("epochs", "steps", "seconds", "align_seconds", "alignments", "history")}
-    meta = _meta(cfg, bundle, out, live, seed, "star", metrics=info["metrics"], star={**info["star"], **extra},
+    meta = _meta(cfg, bundle, out, live, seed, "star", device=info["device"], history=info["fit_history"],
+                 metrics=info["metrics"], star={**info["star"], **extra},
                  sources=[{"sha256": checkpoint.weights_sha256(sd)} for sd in sds])
     return _trained(out, info["metrics"], meta, cfg, bundle)
 
