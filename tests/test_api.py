@@ -3,8 +3,10 @@ against the functions the CLI uses (same seed -> same bits) or a direct computat
 
 import importlib
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +243,18 @@ def test_meta_matches_what_train_to_file_writes(tmp_path, cfg):
     res = sd.train(cfg, seed=0)
     assert set(meta) - {"format_version", "versions", "sha256", "digest"} == set(res.meta)
     assert res.meta["history"] == meta["history"] and res.meta["runtime"] == meta["runtime"]
+
+
+SHADOWED = re.compile(r"^\s*(from\s+(stardomain|\.+)\s+import\s+[^#\n]*\b(train|barrier|bma)\b(?!\s*\.)"
+                      r"|import\s+stardomain\.(train|barrier|bma)\s+as\b)", re.M)
+
+
+def test_no_code_reaches_a_shadowed_module_through_the_package():
+    """`stardomain.train`, `.barrier` and `.bma` as package attributes are the verbs, so
+    `from stardomain import train` or `import stardomain.train as tr` gets the function, not the module
+    (it broke the study's pair task once). Use `from stardomain.train import fit` or importlib."""
+    root = Path(__file__).resolve().parents[1]
+    bad = [f"{p.relative_to(root)}:{text.count(chr(10), 0, m.start()) + 1}"
+           for p in [*(root / "src").rglob("*.py"), *(root / "tests").glob("*.py")]
+           for text in [p.read_text()] for m in SHADOWED.finditer(text)]
+    assert not bad, "import the module itself (importlib.import_module or from stardomain.X import ...): " + ", ".join(bad)
