@@ -1,6 +1,7 @@
 """BMA: the stacked functional evaluation against a plain loop over modules (an independent
 implementation), single-model identities, and the CLI end to end on digits."""
 
+import importlib
 import json
 import math
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from stardomain import bma
+bma = importlib.import_module("stardomain.bma")  # the package's `bma` is the verb
 from stardomain import metrics as M
 from stardomain.checkpoint import save_model
 from stardomain.cli import app

@@ -3,6 +3,7 @@ study's headline/verdict blocks, each against an independent computation."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import subprocess
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from stardomain import barrier
+barrier = importlib.import_module("stardomain.barrier")  # the package's `barrier` is the verb
 from stardomain.config import Config, validate
 from stardomain.data import get_dataset
 from stardomain.merge import merge_many

@@ -3,6 +3,7 @@ and the command-line conventions (--version, config, did-you-mean, enum choices,
 
 import csv
 import enum
+import importlib
 import json
 import os
 import re
@@ -80,7 +81,7 @@ def test_threads_device_version_recorded_and_restored(monkeypatch, capsys, tmp_p
 
 def _interrupted_train(monkeypatch, cfg, out, threads):
     """Train at `threads`, stopped by a KeyboardInterrupt right after epoch 1's state is saved."""
-    import stardomain.train as tr
+    tr = importlib.import_module("stardomain.train")  # the package's `train` is the verb
 
     real = tr.save_training_state
 
@@ -117,7 +118,7 @@ LINE = re.compile(r"^train seed 0: epoch (\d+)/(\d+)  loss (\d+\.\d{4})  acc (\d
 
 
 def test_piped_progress_lines_history_and_csv(monkeypatch, capsys, tmp_path):
-    import stardomain.train as tr
+    tr = importlib.import_module("stardomain.train")  # the package's `train` is the verb
 
     monkeypatch.setattr(tr, "PLAIN_EVERY_S", 0.0)  # a line after every batch
     out = tmp_path / "m.safetensors"

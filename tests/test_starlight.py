@@ -1,6 +1,7 @@
 """Starlight: the step's gradient against a second-module computation, draws, BN buffers, resume (in process
 and after SIGKILL), the CLI, and the headline property: star-held-out barriers below regular-regular ones."""
 
+import importlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 import stardomain.starlight as sl
-import stardomain.train as tr
+tr = importlib.import_module("stardomain.train")  # the package's `train` is the verb
 from stardomain.checkpoint import read_model_file, weights_sha256
 from stardomain.config import Config, StarConfig, load_config
 from stardomain.data import get_dataset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import os
 import signal
@@ -237,7 +238,7 @@ def test_local_study_results_and_report(local_run, tiny_yaml):
 
 
 def test_pair_record_matches_direct_measurement(local_run):
-    from stardomain import barrier
+    barrier = importlib.import_module("stardomain.barrier")  # the package's `barrier` is the verb
 
     out, res = local_run
     rec = res["pairs"]["regular_regular"][0]

@@ -1,9 +1,10 @@
+import importlib
 import math
 
 import pytest
 import torch
 
-import stardomain.train as tr
+tr = importlib.import_module("stardomain.train")  # the package's `train` is the verb
 from stardomain.checkpoint import weights_sha256
 from stardomain.config import ScheduleConfig
 from stardomain.data import get_dataset

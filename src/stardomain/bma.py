@@ -477,13 +477,15 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
                         seeds: int = 3, align: bool = True, ns: Sequence[int] | None = None,
                         bn_batches: int | None = None, batch_size: int = 1000, chunk: int = 8,
                         ood: bool = True, ood_max: int | None = None, n_bins: int = 15,
-                        vectorize: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+                        vectorize: bool = True, progress: Callable[[str], None] | None = None,
+                        data=None, model: nn.Module | None = None) -> dict:
     """Score every predictor of PREDICTORS (module docstring) on the test split of `cfg.data`.
 
     k: models per BMA run; seeds: BMA runs (evaluation seeds seed .. seed+seeds-1); align: weight
     matching before interpolating (needs stardomain.permute); ns: also report the predictors with `by_n`
     with only the first n sources, for each n (under `_by_n`); bn_batches: training batches for BN
-    recalibration (None: the whole training split); ood: add OOD AUROC against shifted test inputs."""
+    recalibration (None: the whole training split); ood: add OOD AUROC against shifted test inputs.
+    `data` (a DataBundle) and `model` (the architecture) replace cfg's for the Python API's live objects."""
     if k < 1 or seeds < 1:
         raise UserError("k and seeds must be at least 1")
     if not source_sds:
@@ -492,10 +494,10 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
     if bad_n:
         raise UserError(f"ns must lie in 1..{len(source_sds)} (the number of sources), got {bad_n[0]}")
     dev = resolve_device(device)
-    data = get_dataset(cfg.data)
+    data = data if data is not None else get_dataset(cfg.data)
     if data.test.x is None or data.train.x is None:
         raise UserError("BMA evaluation needs a data set held in memory (x, y tensors)")
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model = model if model is not None else build_model(cfg.model, data.input_shape, data.num_classes)
     _check_fit(cfg, model, [star_sd, fusion_sd, *source_sds])
     ev = Engine(model, dev, "vmap" if vectorize else "loop", fall_back=True)
     ood_x = ood_sets(data, seed=0, max_n=ood_max) if ood else {}

@@ -364,20 +364,22 @@ class _StarRun:
 def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, device: str | torch.device = "auto",
                state_path: str | Path | None = None, progress: bool | None = None,
                source_ids: Sequence[str] | None = None,
-               on_epoch: Callable[[int, dict], None] | None = None) -> tuple[nn.Module, dict]:
+               on_epoch: Callable[[int, dict], None] | None = None, data=None,
+               model: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Train a star model from `sources` (state dicts of cfg.model trained on cfg.data) with Algorithm 1.
     -> (star module in eval mode, info: metrics, settings, timings, per-epoch history).
 
     `state_path`: resume file, written after every epoch. `source_ids`: digests identifying the sources in
     the resume state (default: their weights' sha256). `on_epoch(epoch, record)` is called after each
-    epoch's state is saved (progress reporting; tests use it to interrupt a run)."""
+    epoch's state is saved (progress reporting; tests use it to interrupt a run). `data` (a DataBundle)
+    and `model` (the seeded initial module) replace cfg's for the Python API's live objects."""
     sc = cfg.star
     tc: TrainConfig = sc.train or cfg.train
     if len(sources) < 1:
         raise UserError("Starlight needs at least one source model")
     device = resolve_device(device)
-    data = get_dataset(cfg.data)
-    model = init_model(cfg, data, seed)
+    data = data if data is not None else get_dataset(cfg.data)
+    model = model if model is not None else init_model(cfg, data, seed)
     _check_star_config(cfg, model, sources)
     example = data.train.x[:2] if data.train.x is not None else torch.stack([data.train.dataset[i][0] for i in (0, 1)])
     spec = permute.spec_for(model, example) if sc.align_every != "never" or sc.init == "average" else None

@@ -16,7 +16,9 @@ from typing import Any, Callable
 
 import torch
 
-from .. import barrier, bma, starlight
+from .. import starlight
+from ..barrier import measure as measure_barrier  # `stardomain.barrier` is the API verb
+from ..bma import bma_files
 from ..checkpoint import (atomic_write_json, build_from_meta, data_from_meta, load_model, read_model_file,
                           read_pair, save_model)
 from ..config import Config, validate
@@ -188,7 +190,7 @@ def _run_pair(task: Task, root: Path) -> None:
     data = data_from_meta(meta_a, str(root / p["a"]))
     device = resolve_device(p.get("device", "auto"))
     model = build_from_meta(meta_a, str(root / p["a"])).to(device)
-    rec = barrier.measure(model, sd_a, sd_b, data, points=ev["points"], align=ev["align"],
+    rec = measure_barrier(model, sd_a, sd_b, data, points=ev["points"], align=ev["align"],
                           example_input=_example_input(data), bn_batches=ev["bn_batches"], seed=p["seed"],
                           device=device, temperature=ev.get("temperature", False),
                           temperature_fraction=ev.get("temperature_fraction", 0.2))
@@ -201,7 +203,7 @@ def _run_pair(task: Task, root: Path) -> None:
 def _run_bma(task: Task, root: Path) -> None:
     p = task.params
     t0 = time.perf_counter()
-    res = bma.bma_files(str(root / p["star"]), [str(root / s) for s in p["sources"]], k=p["k"], seed=p["seed"],
+    res = bma_files(str(root / p["star"]), [str(root / s) for s in p["sources"]], k=p["k"], seed=p["seed"],
                         device=p.get("device", "auto"))
     files = (res.get("_info") or {}).get("files") or {}
     for entry in [files.get("star"), *(files.get("sources") or [])]:
