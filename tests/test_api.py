@@ -3,10 +3,8 @@ against the functions the CLI uses (same seed -> same bits) or a direct computat
 
 import importlib
 import json
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -140,16 +138,16 @@ def test_barrier_equals_measure(tmp_path, digits, pair):
     res = sd.barrier(a, b, points=5)
     direct = barrier_mod.measure(live_mlp(), a.state_dict, b.state_dict, digits, points=5,
                                  device=torch.device("cpu"))
-    # float32 losses may differ by ~1e-6 nats between two evaluations of the same weights (seen in 2 of ~10
-    # runs on a busy machine, never within one process: BLAS may pick its thread count by load); a
-    # barrier is a difference of losses, so its tolerance is absolute
+    # The two evaluations of the same weights are not always bitwise equal in one test process (seen up
+    # to 1.4e-5 relative; not yet explained, see the session notes). Each loss is a float32 sum over
+    # ~1,350 examples, whose rounding bound is ~n·eps = 8e-5 relative: the tolerance is that bound.
     assert res.barrier.keys() == direct["barrier"].keys()
     for k, v in direct["barrier"].items():
-        assert res.barrier[k] == (pytest.approx(v, rel=1e-5, abs=1e-5) if isinstance(v, float) else v), k
+        assert res.barrier[k] == (pytest.approx(v, rel=1e-4, abs=1e-4) if isinstance(v, float) else v), k
     assert res.curve["t"] == direct["t"]
     for split in ("train", "test"):
         for m in ("loss", "acc"):
-            assert res.curve[split][m] == pytest.approx(direct[split][m], rel=1e-5)
+            assert res.curve[split][m] == pytest.approx(direct[split][m], rel=1e-4)
     png = res.plot(tmp_path / "b.png")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "b.png").read_bytes() == png
 
@@ -245,16 +243,12 @@ def test_meta_matches_what_train_to_file_writes(tmp_path, cfg):
     assert res.meta["history"] == meta["history"] and res.meta["runtime"] == meta["runtime"]
 
 
-SHADOWED = re.compile(r"^\s*(from\s+(stardomain|\.+)\s+import\s+[^#\n]*\b(train|barrier|bma)\b(?!\s*\.)"
-                      r"|import\s+stardomain\.(train|barrier|bma)\s+as\b)", re.M)
+def test_verb_modules_are_modules_and_verbs(cfg):
+    """`stardomain.train`, `.barrier`, `.bma` stay importable modules (users' `import stardomain.train as
+    tr`, `stardomain.bma.bma_files`) and, called, run the verbs."""
+    import stardomain.train as train_module
+    from stardomain import bma as bma_module
 
-
-def test_no_code_reaches_a_shadowed_module_through_the_package():
-    """`stardomain.train`, `.barrier` and `.bma` as package attributes are the verbs, so
-    `from stardomain import train` or `import stardomain.train as tr` gets the function, not the module
-    (it broke the study's pair task once). Use `from stardomain.train import fit` or importlib."""
-    root = Path(__file__).resolve().parents[1]
-    bad = [f"{p.relative_to(root)}:{text.count(chr(10), 0, m.start()) + 1}"
-           for p in [*(root / "src").rglob("*.py"), *(root / "tests").glob("*.py")]
-           for text in [p.read_text()] for m in SHADOWED.finditer(text)]
-    assert not bad, "import the module itself (importlib.import_module or from stardomain.X import ...): " + ", ".join(bad)
+    assert train_module is sd.train and callable(train_module) and hasattr(train_module, "fit")
+    assert hasattr(bma_module, "bma_files") and hasattr(sd.barrier, "measure")
+    assert isinstance(sd.train(cfg, seed=0), sd.Trained)

@@ -4,15 +4,12 @@
     a, b = sd.train("cfg.yaml", seed=0), sd.train("cfg.yaml", seed=1)
     sd.barrier(a, b).barrier
 
-The verbs (`stardomain.api`) load on first use, so `import stardomain` stays light (no torch).
-Three verbs share their names with submodules (train, barrier, bma): the package attributes are always the
-verbs (`_Package`), so reach those modules' contents with `from stardomain.train import fit` or
-`importlib.import_module("stardomain.train")`, not `from stardomain import train`.
+The verbs (`stardomain.api`) load on first use, so `import stardomain` stays light (no torch). Three
+verbs share their names with submodules (train, barrier, bma): those modules are callable, and calling
+one runs the verb (`stardomain._verbs`), so `sd.train(...)` and `from stardomain.train import fit` both work.
 """
 
 import os as _os
-import sys as _sys
-import types as _types
 
 # PyTorch's own switch: large CPU tensors (a 1000-image batch's activations) on transparent huge pages.
 # Fresh allocations then take far fewer page faults: BatchNorm recalibration and evaluation ran 1.7x
@@ -25,21 +22,20 @@ __all__ = ["Config", "train", "star", "align", "barrier", "bma", "run", "load", 
            "Trained", "Aligned", "Barrier", "BMA", "Study"]
 
 
-class _Package(_types.ModuleType):
-    """The package's class: its verb and result-type names always mean stardomain.api's objects, loaded on
-    first use (PEP 549 style). A plain module `__getattr__` would not do: importing the submodules `train`,
-    `barrier` or `bma` binds those names to the modules first."""
-
-    def __getattribute__(self, name: str):
-        if name in _API:
-            from . import api
-
-            return getattr(api, name)
-        return super().__getattribute__(name)
-
-    def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | _API)
+_VERB_MODULES = frozenset({"train", "barrier", "bma"})  # submodules that, called, run the verb
 
 
-_API = frozenset(__all__)
-_sys.modules[__name__].__class__ = _Package
+def __getattr__(name: str):
+    if name in _VERB_MODULES:  # the (callable) module itself; imported, it is a plain attribute from then on
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    if name in __all__:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'stardomain' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._verbs import make_callable
 from .checkpoint import atomic_write_bytes, build_from_meta, data_from_meta, read_pair, weights_sha256
 from .data import DataBundle, Split, batches
 from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_module
@@ -444,3 +445,6 @@ def plot(rec: dict, out=None, title: str | None = None) -> bytes:
     if out is not None:
         atomic_write_bytes(out, png)
     return png
+
+
+make_callable(__name__)  # `stardomain.barrier(...)` is the API verb (stardomain._verbs)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._verbs import make_callable
 from . import metrics as M
 from .checkpoint import atomic_write_bytes, atomic_write_json, compatible, read_model_file, weights_sha256
 from .config import Config, validate
@@ -751,3 +752,6 @@ def plot_result(result: dict, path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, metadata={"Software": "stardomain bma"})  # see checkpoint.check_output
     atomic_write_bytes(path, buf.getvalue())
+
+
+make_callable(__name__)  # `stardomain.bma(...)` is the API verb (stardomain._verbs)

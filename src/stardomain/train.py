@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ._verbs import make_callable
 from .checkpoint import load_state, save_model, save_state
 from .config import Config, OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import DataBundle, Split, batches, get_dataset, num_batches
@@ -317,3 +318,6 @@ def train_to_file(cfg: Config, seed: int, out: str | Path, *, role: str = "sourc
     write_history_csv(out.with_name(out.name + ".csv"), history)
     state_path.unlink(missing_ok=True)
     return meta
+
+
+make_callable(__name__)  # `stardomain.train(...)` is the API verb (stardomain._verbs)
