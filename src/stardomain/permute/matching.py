@@ -521,49 +521,9 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
     nn.MultiheadAttention computes its q, k and v inside one fused op, so no graph node shows them:
     they are recomputed from the module's observed inputs and the model's own in_proj weights.
     """
-    import copy
-
-    from .spec import capture_module, load_into, observe
-
     if not spec.groups:  # nothing to match (a capture failure included): same as weight matching
         return identity(spec), {"iterations": 0, "converged": True, "groups": 0}
-    model = copy.deepcopy(model).eval()
-    gm = capture_module(model, x, spec.capture)
-    probes_by_node: dict[str, list] = {}
-    chosen: dict[str, list] = {}
-    for k, g in spec.groups.items():
-        ps = sorted(g.probes, key=lambda p: (not _is_nonlinear(gm, p.node),))[:max_probes]
-        chosen[k] = ps
-        for p in ps:
-            probes_by_node.setdefault(p.node, []).append(p)
-    fused = _mha_probes(spec, gm)
-    mha_inputs = {}  # (MultiheadAttention node, 0/1/2) -> the node computing its query/key/value input
-    for n in gm.graph.nodes:
-        if any(n.name == node for ps in fused.values() for node, *_ in ps):
-            for i, name in enumerate(("query", "key", "value")):
-                a = n.args[i] if len(n.args) > i else n.kwargs[name]
-                mha_inputs[n.name, i] = a.name
-    wanted = set(probes_by_node) | set(mha_inputs.values())
-
-    def run(sd):
-        load_into(gm, model, sd)
-        if spec.capture == "fx":  # an exported module is already in eval mode (and refuses .eval())
-            gm.eval()
-        vals = observe(gm, x, wanted)
-        return {**vals, **{key: vals[name] for key, name in mha_inputs.items()}}
-
-    acts_a, acts_b = run(sd_a), run(sd_b)
-
-    def feats(t, p, n):
-        f = t.narrow(p.axis, p.offset, n * p.block).movedim(p.axis, -1)
-        return _normalised(f.reshape(*f.shape[:-1], n, p.block).movedim(-2, -1).reshape(-1, n))
-
-    def projected(acts, sd, probe, n):
-        """Rows offset..offset+n of in_proj applied to the observed input: q, k or v units."""
-        node, i, weight, bias, off = probe
-        f = acts[node, i].double() @ sd[weight][off:off + n].double().T
-        return _normalised(f + sd[bias][off:off + n].double() if bias is not None else f)
-
+    chosen, fused, acts_a, acts_b = _observe_pair(spec, model, x, sd_a, sd_b, max_probes)
     perm: dict[str, torch.Tensor] = {}
     for k, g in spec.groups.items():
         if k in perm:
@@ -572,15 +532,7 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
         if not any(chosen[kk] or fused.get(kk) for kk in ks):  # never observed
             perm.update({kk: torch.arange(g.size) for kk in ks})
             continue
-        corr = {}
-        for kk in ks:
-            c = torch.zeros(g.size, g.size, dtype=torch.float64)
-            for p in chosen[kk]:
-                if p.node in acts_a and p.node in acts_b:  # (a re-export on the data may name nodes apart)
-                    c += feats(acts_a[p.node], p, g.size).T @ feats(acts_b[p.node], p, g.size)
-            for p in fused.get(kk, []):
-                c += projected(acts_a, sd_a, p, g.size).T @ projected(acts_b, sd_b, p, g.size)
-            corr[kk] = c
+        corr = {kk: _correlation(g.size, chosen[kk], fused.get(kk, []), acts_a, acts_b, sd_a, sd_b) for kk in ks}
         if g.heads:
             ps = _solve_heads(corr[ks[0]].numpy(), corr[ks[1]].numpy() if len(ks) > 1 else None, g.heads,
                               _fixed(spec, ks))
@@ -588,6 +540,60 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
         else:
             perm[k] = torch.from_numpy(_lsa(corr[k].numpy())).long()
     return perm, {"iterations": 1, "converged": True, "groups": len(spec.groups)}
+
+
+def _observe_pair(spec: PermutationSpec, model: torch.nn.Module, x, sd_a: dict, sd_b: dict, max_probes: int):
+    """-> (probes chosen per group, fused-attention probes per group, A's and B's observed activations):
+    one captured copy of the model run with each state dict, recording only the nodes some probe reads."""
+    import copy
+
+    from .spec import capture_module, load_into, observe
+
+    model = copy.deepcopy(model).eval()
+    gm = capture_module(model, x, spec.capture)
+    chosen = {k: sorted(g.probes, key=lambda p: (not _is_nonlinear(gm, p.node),))[:max_probes]
+              for k, g in spec.groups.items()}
+    fused = _mha_probes(spec, gm)
+    mha_inputs = {}  # (MultiheadAttention node, 0/1/2) -> the node computing its query/key/value input
+    for n in gm.graph.nodes:
+        if any(n.name == node for ps in fused.values() for node, *_ in ps):
+            for i, name in enumerate(("query", "key", "value")):
+                a = n.args[i] if len(n.args) > i else n.kwargs[name]
+                mha_inputs[n.name, i] = a.name
+    wanted = {p.node for ps in chosen.values() for p in ps} | set(mha_inputs.values())
+
+    def run(sd):
+        load_into(gm, model, sd)
+        if spec.capture == "fx":  # an exported module is already in eval mode (and refuses .eval())
+            gm.eval()
+        vals = observe(gm, x, wanted)
+        return {**vals, **{key: vals[name] for key, name in mha_inputs.items()}}
+
+    return chosen, fused, run(sd_a), run(sd_b)
+
+
+def _correlation(n: int, probes: list, fused: list, acts_a: dict, acts_b: dict, sd_a: dict, sd_b: dict):
+    """n x n correlation of A's and B's units, summed over the group's probes (and fused q/k/v probes)."""
+    c = torch.zeros(n, n, dtype=torch.float64)
+    for p in probes:
+        if p.node in acts_a and p.node in acts_b:  # (a re-export on the data may name nodes apart)
+            c += _unit_features(acts_a[p.node], p, n).T @ _unit_features(acts_b[p.node], p, n)
+    for p in fused:
+        c += _projected_units(acts_a, sd_a, p, n).T @ _projected_units(acts_b, sd_b, p, n)
+    return c
+
+
+def _unit_features(t: torch.Tensor, p, n: int) -> torch.Tensor:
+    """The n units a probe sees (each a block of p.block values along p.axis), as normalised columns."""
+    f = t.narrow(p.axis, p.offset, n * p.block).movedim(p.axis, -1)
+    return _normalised(f.reshape(*f.shape[:-1], n, p.block).movedim(-2, -1).reshape(-1, n))
+
+
+def _projected_units(acts: dict, sd: dict, probe, n: int) -> torch.Tensor:
+    """Rows offset..offset+n of in_proj applied to the observed input: q, k or v units."""
+    node, i, weight, bias, off = probe
+    f = acts[node, i].double() @ sd[weight][off:off + n].double().T
+    return _normalised(f + sd[bias][off:off + n].double() if bias is not None else f)
 
 
 def _normalised(f: torch.Tensor) -> torch.Tensor:
