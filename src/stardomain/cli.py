@@ -300,7 +300,8 @@ def bma_(
     Example: stardomain bma --star runs/star.safetensors --sources runs/s0.safetensors runs/s1.safetensors
     --k 32 --seeds 3 --json-out runs/bma.json --plot runs/bma.png
     """
-    from .bma import bma_files, predictors, report_section
+    from .bma import bma_files, report_section
+    from .bma import table as bma_table
     from .checkpoint import atomic_write_text, check_distinct, check_output
 
     use_threads(threads)
@@ -324,14 +325,7 @@ def bma_(
     if json_:
         echo_json(res)
         return
-    cols = ("accuracy", "nll", "brier", "ece", "auroc_misclassification", "ood_auroc", "seconds")
-    typer.echo(f"{'predictor':<16}" + "".join(f"{c[:12]:>13}" for c in cols))
-    for name in predictors(res):
-        if name.startswith("source_"):
-            continue
-        e = res[name]
-        typer.echo(f"{name:<16}" + "".join(f"{e[c]:>13.4f}" if isinstance(e.get(c), float) else f"{'n/a':>13}"
-                                           for c in cols))
+    typer.echo(bma_table(res))  # every metric descriptor the result has (stardomain.metrics.METRICS)
     wrote = [str(p) for p in (json_out, plot, report) if p]
     if wrote:
         typer.echo(f"wrote {' and '.join(wrote)}")
