@@ -20,11 +20,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import checkpoint
@@ -37,7 +36,8 @@ from .bma import table as _table
 from .config import Config, apply_overrides, load_config, validate
 from .errors import UserError
 from .starlight import train_star
-from .train import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta
+from .train import init_model, model_meta
+from .train import train as train_one
 from .utils import resolve_device
 
 __all__ = ["Config", "train", "star", "align", "barrier", "bma", "run", "load", "save",
@@ -260,27 +260,9 @@ def train(config: Config | Mapping | str | Path | None = None, *, model: Any = N
     cfg, bundle = _resolve_data(data, cfg, num_classes)
     module = _resolve_model(model, cfg, bundle, seed, init)
     dev = resolve_device(device)
-    module.to(dev)
-    tc = cfg.train
-
-    def step(x, y, _n):
-        with autocast(dev, tc.amp):
-            out = module(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=tc.label_smoothing)
-        if not torch.isfinite(loss):
-            return loss.item(), None
-        loss.backward()
-        return loss.item(), (out.argmax(1) == y).sum().item()
-
-    def diverged(loss, epoch):
-        return (f"training diverged: loss is {loss} at epoch {epoch + 1} (seed {seed}); "
-                "lower train.optimizer.lr or set train.grad_clip")
-
     history: list[dict] = []
-    fit(module, bundle, tc, seed, config_digest(cfg), Hooks(step, diverged, desc=f"train seed {seed}"),
-        device=dev, progress=progress, history=history)
-    module.eval()
-    metrics = evaluate_splits(module, bundle, tc.eval_batch_size)
+    module, metrics = train_one(cfg, seed, device=dev, progress=progress, history=history, model=module,
+                                data=bundle)
     meta = _meta(cfg, bundle, module, model is not None, seed, "source", metrics=metrics, device=dev,
                  history=history)
     return _trained(module, metrics, meta, cfg, bundle)

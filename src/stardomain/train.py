@@ -274,13 +274,16 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
 
 def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_path: str | Path | None = None,
           progress: bool | None = None, init: dict[str, torch.Tensor] | None = None,
-          history: list[dict] | None = None) -> tuple[nn.Module, dict]:
+          history: list[dict] | None = None, model: nn.Module | None = None,
+          data: DataBundle | None = None) -> tuple[nn.Module, dict]:
     """Train one model from its seed (`fit` with a cross-entropy step). -> (model in eval mode, final
-    metrics on train and test); `history` (a list) receives the per-epoch training metrics."""
+    metrics on train and test); `history` (a list) receives the per-epoch training metrics. `model` and
+    `data` (the Python API's live objects) replace the ones cfg.model and cfg.data would build; `model`
+    is trained in place from the weights it has."""
     device = resolve_device(device)
-    data = get_dataset(cfg.data)
+    data = get_dataset(cfg.data) if data is None else data
     tc = cfg.train
-    model = init_model(cfg, data, seed)
+    model = init_model(cfg, data, seed) if model is None else model
     if init is not None:
         model.load_state_dict(init)
     model.to(device)
