@@ -337,8 +337,7 @@ def star(sources: Sequence[Any], config: Config | Mapping | str | Path | None = 
 
 
 def _example(bundle: _data.DataBundle, n: int = 2) -> torch.Tensor:
-    tr = bundle.train
-    return tr.x[:n] if tr.x is not None else torch.stack([tr.dataset[i][0] for i in range(min(n, len(tr)))])
+    return _data.first_inputs(bundle.train, n)
 
 
 def align(a: Any, b: Any, *, model: Any = None, data: Any = None, example_input: Any = None,

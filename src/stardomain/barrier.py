@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ._verbs import make_callable
 from .checkpoint import atomic_write_bytes, build_from_meta, data_from_meta, read_pair, weights_sha256
-from .data import DataBundle, Split, batches
+from .data import DataBundle, Split, batches, first_inputs
 from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_module
 from .engine import STRATEGIES as METHODS
 from .errors import UserError
@@ -328,8 +328,7 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
     t_align = 0.0
     if align:
         if example_input is None:
-            x = data.train.x[:2] if data.train.x is not None else next(batches(data.train, 2))[0]
-            example_input = x
+            example_input = first_inputs(data.train)
         ta = time.perf_counter()
         sd_b, info = permute_align(copy.deepcopy(model).cpu(), {k: v.cpu() for k, v in sd_a.items()},
                                    {k: v.cpu() for k, v in sd_b.items()}, example_input=example_input.cpu(),

@@ -300,6 +300,14 @@ def batches(split: Split, batch_size: int, *, generator: torch.Generator | None 
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def first_inputs(split: Split, n: int = 2) -> torch.Tensor:
+    """The first n inputs of a split (in memory or a Dataset): example inputs to trace a model or
+    activations to match on."""
+    if split.x is not None:
+        return split.x[:n]
+    return torch.stack([split.dataset[i][0] for i in range(min(n, len(split.dataset)))])
+
+
 def num_batches(split: Split, batch_size: int, drop_last: bool = False) -> int:
     n = len(split)
     return n // batch_size if drop_last else -(-n // batch_size)

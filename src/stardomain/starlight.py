@@ -43,7 +43,7 @@ from torch.func import functional_call
 from . import permute
 from .checkpoint import compatible, read_model_file, save_model, weights_sha256
 from .config import Config, StarConfig, TrainConfig
-from .data import get_dataset
+from .data import first_inputs, get_dataset
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
 from .train import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta, write_history_csv
@@ -381,7 +381,7 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
     data = data if data is not None else get_dataset(cfg.data)
     model = model if model is not None else init_model(cfg, data, seed)
     _check_star_config(cfg, model, sources)
-    example = data.train.x[:2] if data.train.x is not None else torch.stack([data.train.dataset[i][0] for i in (0, 1)])
+    example = first_inputs(data.train)
     spec = permute.spec_for(model, example) if sc.align_every != "never" or sc.init == "average" else None
     _init_star(model, cfg, sources, data, spec, seed)
     model.to(device)

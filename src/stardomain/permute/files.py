@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import build_from_meta, data_from_meta, read_model_file, read_pair, save_model
+from ..data import first_inputs
 from ..errors import UserError
 from .align import CoverageWarning, align, spec_for
 from .spec import PermutationSpec
@@ -27,11 +28,7 @@ def data_batch(meta: dict, n: int = 512, source: str = "the model file") -> "tor
     if meta.get("example_input"):
         return _example_from_spec(meta["example_input"], min(n, 64), seed=1)
 
-    data = data_from_meta(meta, source)
-    x = getattr(data.train, "x", None)
-    if x is None:
-        x = torch.stack([data.train.dataset[i][0] for i in range(min(n, len(data.train.dataset)))])
-    return x[:n].float()
+    return first_inputs(data_from_meta(meta, source).train, n).float()
 
 
 def spec_file(path: str | Path) -> tuple[PermutationSpec, dict]:

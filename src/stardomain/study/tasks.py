@@ -22,7 +22,7 @@ from ..bma import bma_files
 from ..checkpoint import (atomic_write_json, build_from_meta, data_from_meta, load_model, read_model_file,
                           read_pair, save_model)
 from ..config import Config, validate
-from ..data import get_dataset
+from ..data import first_inputs, get_dataset
 from ..errors import UserError
 from ..interpolate import average, recalibrate_bn
 from ..merge import merge_many
@@ -141,7 +141,7 @@ def _run_average(task: Task, root: Path) -> None:
         sds = [read_model_file(root / s)[0] for s in p["sources"]]
         aligned = [sds[0]]
         if p["align"] and len(sds) > 1:
-            ex = _example_input(data)
+            ex = first_inputs(data.train)
             aligned += [align(model, sds[0], sd, example_input=ex, seed=p["seed"])[0] for sd in sds[1:]]
         else:
             aligned = sds
@@ -161,7 +161,7 @@ def _run_merge(task: Task, root: Path) -> None:
         cfg = _config(p)
         data = get_dataset(cfg.data)
         model, _ = load_model(root / p["sources"][0])
-        ex = _example_input(data)
+        ex = first_inputs(data.train)
         spec = spec_for(model, ex)
         sds = [read_model_file(root / s)[0] for s in p["sources"]]
         start = [identity(spec)] + [weight_matching(spec, sds[0], sd, seed=p["seed"])[0] for sd in sds[1:]]
@@ -177,11 +177,6 @@ def _run_merge(task: Task, root: Path) -> None:
     _model_task(task, root, make, info=lambda meta: meta.get("merge") or {})
 
 
-def _example_input(data):
-    x = data.train.x[:2] if data.train.x is not None else torch.stack([data.train.dataset[i][0] for i in range(2)])
-    return x
-
-
 def _run_pair(task: Task, root: Path) -> None:
     p = task.params
     ev = p["eval"]
@@ -191,7 +186,7 @@ def _run_pair(task: Task, root: Path) -> None:
     device = resolve_device(p.get("device", "auto"))
     model = build_from_meta(meta_a, str(root / p["a"])).to(device)
     rec = measure_barrier(model, sd_a, sd_b, data, points=ev["points"], align=ev["align"],
-                          example_input=_example_input(data), bn_batches=ev["bn_batches"], seed=p["seed"],
+                          example_input=first_inputs(data.train), bn_batches=ev["bn_batches"], seed=p["seed"],
                           device=device, temperature=ev.get("temperature", False),
                           temperature_fraction=ev.get("temperature_fraction", 0.2))
     out = {"key": task.key, "a": p["a_label"], "b": p["b_label"], "a_file": p["a"], "b_file": p["b"],
