@@ -121,9 +121,10 @@ def repeat_kv(x, n_rep):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, dim, n_heads, n_kv_heads, rope=True):
+    def __init__(self, dim, n_heads, n_kv_heads, rope=True, eager=False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope = n_heads, n_kv_heads, dim // n_heads, rope
+        self.eager = eager
         self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
@@ -139,7 +140,12 @@ class LlamaAttention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         k = repeat_kv(k, self.n_heads // self.n_kv_heads)
         v = repeat_kv(v, self.n_heads // self.n_kv_heads)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.eager:  # written out, as Hugging Face's eager attention
+            scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)
+            mask = torch.full((T, T), float("-inf")).triu(1)
+            y = torch.softmax(scores + mask, dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -155,10 +161,10 @@ class SwiGLU(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, dim, n_heads, n_kv_heads, hidden, rope):
+    def __init__(self, dim, n_heads, n_kv_heads, hidden, rope, eager=False):
         super().__init__()
         self.input_layernorm = RMSNorm(dim)
-        self.self_attn = LlamaAttention(dim, n_heads, n_kv_heads, rope)
+        self.self_attn = LlamaAttention(dim, n_heads, n_kv_heads, rope, eager)
         self.post_attention_layernorm = RMSNorm(dim)
         self.mlp = SwiGLU(dim, hidden)
 
@@ -168,10 +174,12 @@ class LlamaBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, vocab=13, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden=24, max_len=16, rope=True):
+    def __init__(self, vocab=13, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden=24, max_len=16, rope=True,
+                 eager=False):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList([LlamaBlock(dim, n_heads, n_kv_heads, hidden, rope) for _ in range(n_layers)])
+        self.layers = nn.ModuleList([LlamaBlock(dim, n_heads, n_kv_heads, hidden, rope, eager)
+                                     for _ in range(n_layers)])
         self.norm = RMSNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         hd = dim // n_heads
@@ -190,8 +198,8 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(h))
 
 
-def make_llama(n_kv_heads=2, rope=True):
-    return Llama(n_kv_heads=n_kv_heads, rope=rope), torch.randint(0, 13, (2, 7))
+def make_llama(n_kv_heads=2, rope=True, eager=False):
+    return Llama(n_kv_heads=n_kv_heads, rope=rope, eager=eager), torch.randint(0, 13, (2, 7))
 
 
 # ---- BERT-style post-norm encoder, keyword inputs, dict output ----
@@ -501,11 +509,17 @@ FAMILIES = {
     # the whole causal-mask buffer used (T = block_size = width: shapes alike everywhere)
     "gpt_manual_full": lambda: (GPT(flash=False), torch.randint(0, 11, (2, 8))), "llama": make_llama,
     "llama_mha_norope": lambda: make_llama(n_kv_heads=4, rope=False),
-    "llama_mha_rope": lambda: make_llama(n_kv_heads=4, rope=True), "bert": make_bert, "vit": make_vit,
+    "llama_mha_rope": lambda: make_llama(n_kv_heads=4, rope=True),
+    # grouped-query (2 key/value heads for 4 query heads) and multi-query attention without rotary
+    # embeddings: units inside the key/value heads permute too; eager: q @ k^T written out over repeat_kv
+    "llama_gqa_norope": lambda: make_llama(n_kv_heads=2, rope=False),
+    "llama_gqa_eager": lambda: make_llama(n_kv_heads=2, rope=False, eager=True),
+    "llama_mqa_norope": lambda: make_llama(n_kv_heads=1, rope=False), "bert": make_bert, "vit": make_vit,
     "convnext": make_convnext, "unet": make_unet, "unet_transposed": lambda: make_unet(bilinear=False),
     "mixer": make_mixer, "shuffle": make_shuffle,
 }
-TRANSFORMERS = ("gpt", "gpt_manual", "gpt_manual_full", "llama", "llama_mha_norope", "llama_mha_rope", "bert", "vit")
+TRANSFORMERS = ("gpt", "gpt_manual", "gpt_manual_full", "llama", "llama_mha_norope", "llama_mha_rope",
+                "llama_gqa_norope", "llama_gqa_eager", "llama_mqa_norope", "bert", "vit")
 
 
 # ---- a model no capture can handle (a branch on values), for the CLI's --strict ----

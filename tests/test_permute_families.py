@@ -66,21 +66,25 @@ def test_transformers_leave_no_permutable_axis_pinned(name):
     assert all(r.startswith(boundary) for u in pinned for r in u.reason.split("; ")), \
         [(u.what[:80], u.reason[:120]) for u in pinned]
     assert spec.permutable_fraction() == 1.0
-    kinds = {("heads" if g.heads else "plain") for g in spec.groups.values()}
-    if name != "llama":  # grouped-query heads are one plain group of key/value heads
-        assert "heads" in kinds
+    assert any(g.heads and g.couple for g in spec.groups.values())
+    if name.startswith("llama_"):  # every query/key and value/output unit inside a head moves
+        assert all(not g.head_only for g in spec.groups.values() if g.heads) == ("norope" in name or "eager" in name)
 
 
 def test_family_group_structure():
     _, _, gpt, _ = _family("gpt", 0)
     assert len(gpt.groups) == 1 + 2 * 3  # residual, and per layer: MLP hidden, q/k heads, v/o heads
-    _, _, llama, _ = _family("llama", 0)
-    gq = [g for g in llama.groups.values() if any(mm.tensor.endswith("k_proj.weight") and mm.axis == 0
-                                                  for mm in g.members)]
-    # 2 key/value heads shared by 2 query heads each: q blocks of 2x4 rows move with k/v blocks of 4
-    assert [g.size for g in gq] == [2, 2]
-    blocks = {mm.tensor.split(".")[-2]: mm.block for mm in gq[0].members}
-    assert blocks == {"q_proj": 8, "k_proj": 4, "v_proj": 4, "o_proj": 8}
+    for name in ("llama", "llama_gqa_norope", "llama_gqa_eager"):
+        _, _, llama, _ = _family(name, 0)
+        qk = [g for g in llama.groups.values() if any(mm.tensor.endswith("k_proj.weight") and mm.axis == 0
+                                                      for mm in g.members)]
+        # 2 key/value heads of 4 units, each shared by 2 query heads: the key units with the same units of
+        # both query heads (rep 2); the value units with both heads' output-projection columns
+        assert [(g.size, g.heads, g.head_only) for g in qk] == [(8, 2, name == "llama")] * 2
+        vo = llama.groups[qk[0].couple]
+        assert (vo.size, vo.heads, vo.head_only, vo.couple) == (8, 2, False, qk[0].name)
+        reps = {(mm.tensor.split(".")[-2], mm.axis): mm.rep for g in (qk[0], vo) for mm in g.members}
+        assert reps == {("q_proj", 0): 2, ("k_proj", 0): 1, ("v_proj", 0): 1, ("o_proj", 1): 2}
     _, _, rope, _ = _family("llama_mha_rope", 0)
     qk = [g for g in rope.groups.values() if g.heads and g.head_only]
     vo = [g for g in rope.groups.values() if g.heads and not g.head_only]
@@ -109,20 +113,74 @@ def test_rotary_heads_move_whole():
     assert (_f64(m, apply_permutation(spec, sd, p), x) - ref).abs().max() <= 1e-10 * ref.abs().max()
 
 
+def _unit_swap(spec, group, i, j):
+    p = {k: torch.arange(g.size) for k, g in spec.groups.items()}
+    p[group][[i, j]] = p[group][[j, i]]
+    return p
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_norope", "llama_gqa_eager"])
+def test_grouped_query_units_move_with_every_query_head_sharing_them(name):
+    """The symmetry worked out by hand, checked in float64: swapping two units of a key/value head is
+    exact when done in the key (value) head and in every query head (output-projection block) sharing
+    it, as the spec's rep members do; done in one query head only, it changes the function."""
+    m, x, spec, sd = _family(name, 0)
+    ref = _f64(m, sd, x)
+    qk = next(g for g in spec.groups.values() if g.name.startswith("layers.0") and g.heads and
+              any(mm.tensor.endswith("q_proj.weight") for mm in g.members))
+    for group in (qk.name, qk.couple):
+        sp = apply_permutation(spec, sd, _unit_swap(spec, group, 5, 6))  # units 1, 2 of key/value head 1
+        moved = {t.split(".")[-2] for t in sd if not torch.equal(sp[t], sd[t])}
+        assert moved == ({"q_proj", "k_proj"} if group == qk.name else {"v_proj", "o_proj"})
+        assert (_f64(m, sp, x) - ref).abs().max() <= 1e-10 * ref.abs().max()
+    # q units 1, 2 swapped with the key's, but in query head 2 only (head 3 shares key head 1): wrong
+    sp = apply_permutation(spec, sd, _unit_swap(spec, qk.name, 5, 6))
+    w = sp["layers.0.self_attn.q_proj.weight"].clone()
+    w[12:16] = sd["layers.0.self_attn.q_proj.weight"][12:16]
+    assert (_f64(m, {**sp, "layers.0.self_attn.q_proj.weight": w}, x) - ref).abs().max() > 1e-6 * ref.abs().max()
+
+
 def test_channel_shuffle_and_token_mixing_are_pinned_with_reasons():
     _, _, shuffle, _ = _family("shuffle", 0)
     reasons = " ".join(u.reason for u in shuffle.unpermuted)
     assert "grouped convolution" in reasons
     assert not any(mm.tensor.startswith("gconv") for g in shuffle.groups.values() for mm in g.members)
     _, _, mixer, _ = _family("mixer", 0)
-    assert any("token mixing" in u.reason for u in mixer.unpermuted)
+    # the token-mixing MLPs' hidden units are a group (fc1's rows and bias, fc2's columns), the tokens
+    # themselves stay pinned as the input's positions: coverage is complete
+    tok = [g for g in mixer.groups.values() if "token_mlp" in g.name]
+    assert [(g.size, sorted((mm.tensor.split(".", 2)[-1], mm.axis) for mm in g.members)) for g in tok] == [
+        (6, [("token_mlp.0.bias", 0), ("token_mlp.0.weight", 0), ("token_mlp.2.weight", 1)])] * 2
+    assert {u.what for u in mixer.unpermuted if "token axis" in u.reason} == {
+        f"blocks.{i}.token_mlp.2.weight[0]" for i in (0, 1)}
+    assert mixer.permutable_fraction() == 1.0
     assert any(g.size == 12 for g in mixer.groups.values())  # the channel MLPs' hidden units
 
 
-@pytest.mark.parametrize("name", ["gpt", "llama", "llama_mha_rope", "vit", "functional", "unet"])
+class _TokenMlpReadTwice(torch.nn.Module):
+    """A token-mixing MLP whose hidden activations are also read elsewhere: not the pattern, pinned."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_in, self.fc1, self.fc2 = torch.nn.Linear(3, 4), torch.nn.Linear(5, 6), torch.nn.Linear(6, 5)
+
+    def forward(self, x):  # x: (B, tokens 5, 3)
+        h = torch.relu(self.fc1(self.fc_in(x).transpose(1, 2)))
+        return self.fc2(h).transpose(1, 2) + h[..., :1].transpose(1, 2)
+
+
+def test_token_mixing_hidden_units_read_elsewhere_stay_pinned():
+    spec = spec_from_model(_TokenMlpReadTwice(), torch.randn(2, 5, 3))
+    assert not any(mm.tensor.startswith("fc1") for g in spec.groups.values() for mm in g.members)
+    assert any(u.what.startswith("fc1.weight[0]") and "token mixing" in u.reason for u in spec.unpermuted)
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama", "llama_mha_rope", "llama_gqa_norope", "vit", "functional",
+                                  "unet", "mixer"])
 def test_activation_matching_recovers_permuted_copies(name):
     """Weight and activation matching agree: both recover a permuted copy exactly (fx and export
-    captures, fused q/k/v parts, rotary whole-head groups, grouped-query key/value heads)."""
+    captures, fused q/k/v parts, rotary whole-head groups, grouped-query key/value heads, token-mixing
+    hidden units)."""
     from stardomain.permute import activation_matching
 
     m, x, spec, sd = _family(name, 0)

@@ -13,6 +13,8 @@ ZOO = [
     ("gpt", {}),
     ("gpt", {"rope": True}),
     ("gpt", {"rope": True, "kv_heads": 2, "norm": "rms", "mlp": "swiglu"}),
+    ("gpt", {"kv_heads": 2}),
+    ("gpt", {"kv_heads": 1}),
     ("bert", {}),
 ]
 
@@ -25,11 +27,15 @@ def test_zoo_transformers_permute_exactly(name, kwargs):
     spec = spec_from_model(m, x)
     assert spec.permutable_fraction() == 1.0
     heads = [g for g in spec.groups.values() if g.heads]
-    if kwargs.get("kv_heads"):  # grouped-query: one group of key/value heads per layer, no head groups
-        assert not heads and sum(g.size == 2 for g in spec.groups.values()) == 2
-    else:
-        assert len(heads) == 4 and all(g.heads == 4 for g in heads)
-        assert all(g.head_only == (g.name.endswith("[0:16]") and kwargs.get("rope", False)) for g in heads)
+    kv = kwargs.get("kv_heads", 4)  # per layer: q/k and v/o groups of kv_heads heads of 4 units each
+    assert len(heads) == 4 and all((g.heads, g.size) == (kv, 4 * kv) and g.couple for g in heads)
+    qk = [g for g in heads if any(mm.axis == 0 and (mm.tensor.endswith("query.weight") or mm.offset == 0 and
+                                                    mm.tensor.endswith("c_attn.weight")) for mm in g.members)]
+    assert len(qk) == 2 and all(g.head_only == kwargs.get("rope", False) for g in qk)
+    assert not any(g.head_only for g in heads if g not in qk)
+    # the query rows (offset 0) repeat each key head's units for its 4 // kv query heads
+    assert all(mm.rep == 4 // kv for g in qk for mm in g.members if mm.tensor.endswith("c_attn.weight")
+               and mm.offset == 0 and mm.axis == 0)
     g = torch.Generator().manual_seed(1)
     sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in m.state_dict().items()}
     p = random_permutation(spec, torch.Generator().manual_seed(2))
@@ -57,7 +63,8 @@ def test_zoo_transformer_trained_twins_align(digits_cfg, name):
     assert info["permutable_fraction"] == 1.0 and not info["warnings"]
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"rope": True}, {"rope": True, "kv_heads": 2, "norm": "rms", "mlp": "swiglu"}])
+@pytest.mark.parametrize("kwargs", [{}, {"rope": True}, {"rope": True, "kv_heads": 2, "norm": "rms", "mlp": "swiglu"},
+                                    {"kv_heads": 2}])
 def test_fx_and_export_captures_give_the_same_groups(kwargs):
     """The two capture paths read the same model alike (the zoo's gpt traces with torch.fx; its export
     is read op by op from ATen)."""
@@ -75,7 +82,8 @@ def test_fx_and_export_captures_give_the_same_groups(kwargs):
     assert fx_spec.capture == "fx"
 
     def shape(spec):
-        return {frozenset((mm.tensor, mm.axis, mm.offset, mm.block) for mm in g.members): (g.size, g.heads, g.head_only)
+        return {frozenset((mm.tensor, mm.axis, mm.offset, mm.block, mm.rep) for mm in g.members):
+                (g.size, g.heads, g.head_only)
                 for g in spec.groups.values()}
 
     assert shape(fx_spec) == shape(ex_spec)

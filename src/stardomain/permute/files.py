@@ -120,12 +120,50 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     return sd, [str(f) for f in files]
 
 
+def _hf_renamed(model: torch.nn.Module, sd: dict, where: str) -> dict | None:
+    """sd under the model's own names, converted by transformers itself (its from_pretrained with a
+    state dict: the key renames of its checkpoint conversion mapping, e.g. transformers 5 names ViT's
+    layers apart from what save_pretrained writes). None: not a transformers model, or the keys
+    already are the model's."""
+    import sys
+
+    if "transformers" not in sys.modules or not type(model).__module__.startswith("transformers."):
+        return None
+    from transformers import PreTrainedModel
+    from transformers.utils import logging as hf_logging
+
+    if not isinstance(model, PreTrainedModel) or set(sd) <= set(model.state_dict()):
+        return None
+    bar, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        loaded, info = type(model).from_pretrained(None, config=model.config, state_dict=sd, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - transformers refusing the weights: one line
+        raise UserError(f"{where}: transformers could not map these weights onto {type(model).__name__} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(level)
+    bad = [k for key in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(key) or []]
+    if bad:
+        raise UserError(f"{where}: the weights do not fit {type(model).__name__} even after transformers' key "
+                        f"renaming ({len(bad)} missing, unexpected or misshapen, e.g. {str(sorted(map(str, bad))[0])[:120]}); "
+                        "check --model-factory and --kwargs")
+    return {k: v.detach() for k, v in loaded.state_dict().items()}
+
+
 def _fit(model: torch.nn.Module, sd: dict, where: str) -> dict:
-    """The model's own state dict filled from sd: names must match; tied tensors missing from the file
+    """The model's own state dict filled from sd: names must match (a transformers model's checkpoint
+    names are first mapped by transformers itself: _hf_renamed); tied tensors missing from the file
     (an output head sharing the embedding) are filled from their partner; non-persistent buffers are
     the model's."""
     from .spec import _aliases
 
+    renamed = _hf_renamed(model, sd, where)
+    if renamed is not None:
+        sd = renamed
     own = model.state_dict()
     aliases = _aliases(model, own)
     out, missing = {}, []

@@ -45,28 +45,54 @@ def _head_perm(head_perm: torch.Tensor, within: list[torch.Tensor], dh: int) -> 
     return torch.cat([int(h) * dh + w for h, w in zip(head_perm, within)])
 
 
-def _plan(spec: PermutationSpec, tensors=None) -> dict[str, list[tuple[int, int, int, int, str]]]:
-    """tensor -> [(axis, offset, size, block, group)], over the tensors named in `tensors` if given."""
+def _plan(spec: PermutationSpec, tensors=None) -> dict[str, list[tuple[int, int, int, int, str, int, int]]]:
+    """tensor -> [(axis, offset, size, block, group, rep, heads)], over the tensors named in `tensors` if
+    given (rep and heads: see Member.rep)."""
     keep = None if tensors is None else set(tensors)
     plan: dict[str, list] = {}
     for k, g in spec.groups.items():
         for m in g.members:
             if keep is None or m.tensor in keep:
-                plan.setdefault(m.tensor, []).append((m.axis, m.offset, g.size, m.block, k))
+                plan.setdefault(m.tensor, []).append((m.axis, m.offset, g.size, m.block, k, m.rep, g.heads))
     return plan
 
 
-def _axis_index(length: int, items, perm) -> torch.Tensor:
-    """The gather index along one axis for the groups (items) owning slices of it."""
-    if len(items) == 1 and items[0][1] == 0 and items[0][2] * items[0][3] == length:
-        _, _, n, blk, k = items[0]  # one group owns the whole axis (the usual case)
-        p = perm[k].cpu().long()
+def _member_index(p: torch.Tensor, n: int, blk: int, rep: int = 1, heads: int = 0) -> torch.Tensor:
+    """The gather index within one member's slice (n * blk * rep long) for its group's permutation p."""
+    p = p.cpu().long()
+    if rep == 1:
         return p if blk == 1 else (p.view(-1, 1) * blk + torch.arange(blk)).reshape(-1)
+    h = heads or 1
+    dh = n // h
+    src = p.view(h, 1, dh, 1)  # viewed as (heads, rep, units per head, block): every copy alike
+    idx = (src // dh * (rep * dh * blk) + torch.arange(rep).view(1, rep, 1, 1) * (dh * blk)
+           + src % dh * blk + torch.arange(blk))
+    return idx.reshape(-1)
+
+
+def _axis_index(length: int, items, perm) -> torch.Tensor:
+    """The gather index along one axis for the groups (items, as _plan's) owning slices of it."""
+    if len(items) == 1 and items[0][1] == 0 and items[0][2] * items[0][3] * _rep(items[0]) == length:
+        _, _, n, blk, k, *rest = items[0]  # one group owns the whole axis (the usual case)
+        return _member_index(perm[k], n, blk, *rest)
     idx = torch.arange(length)
-    for _, off, n, blk, k in items:
-        p = perm[k].cpu().long()
-        idx[off:off + n * blk] = off + (p.view(-1, 1) * blk + torch.arange(blk)).reshape(-1)
+    for _, off, n, blk, k, *rest in items:
+        idx[off:off + n * blk * (rest[0] if rest else 1)] = off + _member_index(perm[k], n, blk, *rest)
     return idx
+
+
+def _rep(item) -> int:
+    return item[5] if len(item) > 5 else 1
+
+
+def _unit_major(t: torch.Tensor, ax: int, off: int, n: int, blk: int, rep: int = 1, heads: int = 0):
+    """A member's slice with its axis moved first and ordered unit by unit (a unit's rep copies and
+    block adjacent): reshaped to (n, -1), row i holds everything unit i owns."""
+    s = t.narrow(ax, off, n * blk * rep).movedim(ax, 0)
+    if rep == 1:
+        return s
+    h = heads or 1
+    return s.reshape(h, rep, n // h, blk, *s.shape[1:]).transpose(1, 2).reshape(n * rep * blk, *s.shape[1:])
 
 
 def _permute_tensor(t: torch.Tensor, items, perm) -> torch.Tensor:
@@ -107,8 +133,8 @@ def distance(sd_a: dict, sd_b: dict, keys=None) -> float:
     return tot ** 0.5
 
 
-def _slice_rows(t: torch.Tensor, ax: int, off: int, n: int, blk: int) -> torch.Tensor:
-    return t.narrow(ax, off, n * blk).movedim(ax, 0).reshape(n, -1)
+def _slice_rows(t: torch.Tensor, ax: int, off: int, n: int, blk: int, rep: int = 1, heads: int = 0) -> torch.Tensor:
+    return _unit_major(t, ax, off, n, blk, rep, heads).reshape(n, -1)
 
 
 def _lsa(score: np.ndarray) -> np.ndarray:
@@ -255,8 +281,9 @@ def _sorted_init(spec: PermutationSpec, sd_a: dict, sd_b: dict) -> dict[str, tor
             for m in spec.groups[kk].members:
                 if m.tensor not in params:
                     continue
-                a = _slice_rows(sd_a[m.tensor].float(), m.axis, m.offset, g.size, m.block).sort(dim=1).values
-                b = _slice_rows(sd_b[m.tensor].float(), m.axis, m.offset, g.size, m.block).sort(dim=1).values
+                where = (m.axis, m.offset, g.size, m.block, m.rep, spec.groups[kk].heads)
+                a = _slice_rows(sd_a[m.tensor].float(), *where).sort(dim=1).values
+                b = _slice_rows(sd_b[m.tensor].float(), *where).sort(dim=1).values
                 c += 2 * a @ b.T - (a * a).sum(1, keepdim=True) - (b * b).sum(1)
             cs.append(_np64(c))
         if not any(m.tensor in params for kk in ks for m in spec.groups[kk].members):
@@ -279,12 +306,12 @@ def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
     fixed: dict[str, list] = {k: [] for k in spec.groups}  # (rows of A, rows of B) of the constant part
     terms: dict[str, list] = {k: [] for k in spec.groups}
     for t, items in plan.items():
-        for ax, off, n, blk, k in items:
-            if ax == 0 and off == 0 and n * blk == B[t].shape[0]:  # the usual case: views, no copies
+        for ax, off, n, blk, k, rep, heads in items:
+            if ax == 0 and off == 0 and rep == 1 and n * blk == B[t].shape[0]:  # the usual case: views, no copies
                 ra, bm = A[t].reshape(n, -1).contiguous(), B[t]
             else:
-                ra = _slice_rows(A[t], ax, off, n, blk).contiguous()
-                bm = B[t].narrow(ax, off, n * blk).movedim(ax, 0).contiguous()
+                ra = _slice_rows(A[t], ax, off, n, blk, rep, heads).contiguous()
+                bm = _unit_major(B[t], ax, off, n, blk, rep, heads).contiguous()
             # other groups' axes (items on k's own axis permute other slices; k's own are skipped)
             others: dict[int, list] = {}
             for it in items:
@@ -524,6 +551,10 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
     if not spec.groups:  # nothing to match (a capture failure included): same as weight matching
         return identity(spec), {"iterations": 0, "converged": True, "groups": 0}
     chosen, fused, acts_a, acts_b = _observe_pair(spec, model, x, sd_a, sd_b, max_probes)
+    unit_axes: dict[str, set[int]] = {}  # node -> its axes some group permutes
+    for g in spec.groups.values():
+        for p in g.probes:
+            unit_axes.setdefault(p.node, set()).add(p.axis)
     perm: dict[str, torch.Tensor] = {}
     for k, g in spec.groups.items():
         if k in perm:
@@ -532,7 +563,8 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
         if not any(chosen[kk] or fused.get(kk) for kk in ks):  # never observed
             perm.update({kk: torch.arange(g.size) for kk in ks})
             continue
-        corr = {kk: _correlation(g.size, chosen[kk], fused.get(kk, []), acts_a, acts_b, sd_a, sd_b) for kk in ks}
+        corr = {kk: _correlation(g.size, chosen[kk], fused.get(kk, []), acts_a, acts_b, sd_a, sd_b, unit_axes)
+                for kk in ks}
         if g.heads:
             ps = _solve_heads(corr[ks[0]].numpy(), corr[ks[1]].numpy() if len(ks) > 1 else None, g.heads,
                               _fixed(spec, ks))
@@ -572,12 +604,18 @@ def _observe_pair(spec: PermutationSpec, model: torch.nn.Module, x, sd_a: dict, 
     return chosen, fused, run(sd_a), run(sd_b)
 
 
-def _correlation(n: int, probes: list, fused: list, acts_a: dict, acts_b: dict, sd_a: dict, sd_b: dict):
-    """n x n correlation of A's and B's units, summed over the group's probes (and fused q/k/v probes)."""
+def _correlation(n: int, probes: list, fused: list, acts_a: dict, acts_b: dict, sd_a: dict, sd_b: dict,
+                 unit_axes: dict | None = None):
+    """n x n correlation of A's and B's units, summed over the group's probes (and fused q/k/v probes).
+    Where another axis of a probed value carries units too (a token-mixing MLP's hidden units along the
+    channels), A's and B's values are sorted along it: samples that do not depend on its order."""
     c = torch.zeros(n, n, dtype=torch.float64)
     for p in probes:
         if p.node in acts_a and p.node in acts_b:  # (a re-export on the data may name nodes apart)
-            c += _unit_features(acts_a[p.node], p, n).T @ _unit_features(acts_b[p.node], p, n)
+            ta, tb = acts_a[p.node], acts_b[p.node]
+            for ax in sorted((unit_axes or {}).get(p.node, set()) - {p.axis}):
+                ta, tb = ta.sort(dim=ax).values, tb.sort(dim=ax).values
+            c += _unit_features(ta, p, n).T @ _unit_features(tb, p, n)
     for p in fused:
         c += _projected_units(acts_a, sd_a, p, n).T @ _projected_units(acts_b, sd_b, p, n)
     return c

@@ -28,11 +28,15 @@ from .inputs import as_call
 
 @dataclass(frozen=True)
 class Member:
-    """Slice [offset, offset + size*block) of `tensor`'s `axis`, viewed as (size, block)."""
+    """Slice [offset, offset + size*block) of `tensor`'s `axis`, viewed as (size, block). rep > 1: the
+    slice is rep times longer, viewed as (heads, rep, size // heads, block) (heads: the group's, or 1),
+    every copy of a head permuted alike: the query heads sharing one key/value head (grouped-query
+    attention) read the same key units and feed the output projection the same value units."""
     tensor: str
     axis: int
     offset: int = 0
     block: int = 1
+    rep: int = 1
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ class PermutationSpec:
         for g in self.groups.values():
             for m in g.members:
                 if m.tensor in params:
-                    done[m.tensor, m.axis] = done.get((m.tensor, m.axis), 0) + g.size * m.block
+                    done[m.tensor, m.axis] = done.get((m.tensor, m.axis), 0) + g.size * m.block * m.rep
         pinned: set[tuple[str, int]] = set()
         for u in self.unpermuted:
             if not _boundary(u.reason):
@@ -143,7 +147,8 @@ class PermutationSpec:
             extra = (f", {g.heads} heads" + (" (whole heads only)" if g.head_only else "")
                      + (f" coupled with {g.couple}" if g.couple else "") if g.heads else "")
             ms = ", ".join(f"{m.tensor}[{m.axis}]" + (f"@{m.offset}" if m.offset else "")
-                           + (f"x{m.block}" if m.block > 1 else "") for m in g.members)
+                           + (f"x{m.block}" if m.block > 1 else "") + (f"*{m.rep}" if m.rep > 1 else "")
+                           for m in g.members)
             lines.append(f"  {g.name}: size {g.size}{extra}: {ms}")
         if self.unpermuted:
             lines.append("unpermuted:")
@@ -215,7 +220,7 @@ class _Builder:
         r = self.find(g)
         if self.heads[r] or self.couple[r] is not None or r in self.parts or sum(sizes) != self.n[r]:
             return None
-        if any(m.block != 1 for m in self.members[r]):
+        if any(m.block != 1 or m.rep != 1 for m in self.members[r]):
             return None
         subs, off = [], 0
         for n in sizes:
@@ -229,21 +234,23 @@ class _Builder:
         self.parts[r] = subs
         return subs
 
-    def coarsen(self, g: int, blocks: int) -> int | None:
-        """A group of `blocks` units standing for g's units in consecutive blocks (grouped-query heads):
-        g's members become block members of it; later uses of g alone pin both (as after a split)."""
-        r = self.find(g)
-        if r in self.parts or self.n[r] % blocks or any(m.block != 1 for m in self.members[r]):
-            return None
-        per = self.n[r] // blocks
-        c = self.new(blocks, self.label[r], None)
-        self.reasons[c] = list(self.reasons[r])
-        self.members[c] = [Member(m.tensor, m.axis, m.offset, per) for m in self.members[r]]
-        self.probes[c] = [Probe(p.node, p.axis, p.offset, p.block * per) for p in self.probes[r]]
-        self.members[r], self.probes[r] = [], []
-        self.parts[r] = [c]
-        self.heads[r] = 0
-        return c
+    def fold(self, q: int, k: int, rep: int) -> bool:
+        """Grouped-query attention: query group q (rep query heads per key head) becomes rep-members of
+        key group k (Member.rep): q's units move with the key units they meet. Later uses of q alone pin
+        both (as after a split). False: it cannot be folded."""
+        q, k = self.find(q), self.find(k)
+        if q == k or q in self.parts or k in self.parts or self.couple[q] is not None or not self.heads[k]:
+            return False
+        if self.n[q] != rep * self.n[k] or self.heads[q] != rep * self.heads[k]:
+            return False
+        if any(m.rep != 1 for m in self.members[q]):
+            return False
+        self.reasons[k] += self.reasons[q]
+        self.members[k] += [Member(m.tensor, m.axis, m.offset, m.block, rep) for m in self.members[q]]
+        self.head_only[k] = self.head_only[k] or self.head_only[q]  # rotary query units fix the key units
+        self.members[q], self.probes[q] = [], []
+        self.parts[q] = [k]
+        return True
 
     def _whole_used(self, r: int) -> None:
         for sg in self.parts.get(r, []):
@@ -311,7 +318,7 @@ class _Builder:
 
     def fix_lay(self, lay: "_Lay | None", reason: str) -> None:
         if isinstance(lay, _Lay):
-            for gid, _, _ in lay.segs:
+            for gid, *_ in lay.segs:
                 self.fix(gid, reason)
         elif isinstance(lay, _HLay):
             self.fix(lay.gid, reason)
@@ -444,10 +451,13 @@ def _record_shapes(model: nn.Module, graph: fx.Graph, example_input: Any, fast: 
 
 
 def _seg_offsets(lay: _Lay):
+    """-> (group, units, block, offset, rep) of each segment; a segment is (gid, n, block) or, for the
+    merged heads of grouped-query attention, (gid, n, block, rep) (see Member.rep)."""
     off = 0
-    for gid, n, blk in lay.segs:
-        yield gid, n, blk, off
-        off += n * blk
+    for gid, n, blk, *r in lay.segs:
+        rep = r[0] if r else 1
+        yield gid, n, blk, off, rep
+        off += n * blk * rep
 
 
 @dataclass(frozen=True)
@@ -481,6 +491,7 @@ class _Tracer:
         self.aliases = aliases or {}
         self.pinned: dict[str, str] = {}    # tensors an op not understood reads: never permuted
         self.materialised: dict[fx.Node, Any] = {}
+        self.token_out: set[fx.Node] = set()  # linear layers back onto the tokens (see token_hidden)
 
     # -- helpers --
     def lay(self, a: Any) -> Any:
@@ -589,12 +600,12 @@ class _Tracer:
         return _Lay(axis, ((g, n, 1),))
 
     def add_members(self, lay: _Lay, tensors: list[tuple[str, int]], need_block1: bool = True) -> None:
-        for gid, n, blk, off in _seg_offsets(lay):
-            if need_block1 and blk != 1:
+        for gid, n, blk, off, rep in _seg_offsets(lay):
+            if need_block1 and (blk != 1 or rep != 1):
                 raise _Fix("per-channel parameters on a flattened axis")
             for name, ax in tensors:
                 if name in self.sd_keys:
-                    self.b.add(gid, Member(name, ax, off, blk))
+                    self.b.add(gid, Member(name, ax, off, blk, rep))
 
     def merge(self, lays: list[_Lay]) -> _Lay:
         first = lays[0]
@@ -604,8 +615,8 @@ class _Tracer:
             if [s[1:] for s in other.segs] != [s[1:] for s in first.segs]:
                 raise _Fix("elementwise op on differently structured feature axes")
         for other in lays[1:]:
-            for (g1, _, _), (g2, _, _) in zip(first.segs, other.segs):
-                self.b.union(g1, g2)
+            for s1, s2 in zip(first.segs, other.segs):
+                self.b.union(s1[0], s2[0])
         return first
 
     # -- the walk --
@@ -625,8 +636,9 @@ class _Tracer:
                 out = None
             self.env[node] = out
             if isinstance(out, _Lay) and node.op not in ("get_attr", "placeholder"):
-                for gid, n, blk, off in _seg_offsets(out):
-                    self.b.probes[self.b.find(gid)].append(Probe(node.name, out.axis, off, blk))
+                for gid, n, blk, off, rep in _seg_offsets(out):
+                    if rep == 1:  # (merged grouped-query heads are seen at their key/value projections)
+                        self.b.probes[self.b.find(gid)].append(Probe(node.name, out.axis, off, blk))
 
     def visit(self, node: fx.Node) -> Any:
         op = node.op
@@ -944,18 +956,19 @@ class _Tracer:
         return _HLay(h, u - 1, lay.gid, lay.rep * si[h + 1])
 
     def merge_heads(self, lay: _HLay, si: tuple, so: tuple) -> _Lay:
-        """(.., H, dh, ..) -> (.., H*dh, ..): heads merged back into one feature axis."""
+        """(.., H, dh, ..) -> (.., H*dh, ..): heads merged back into one feature axis; grouped-query
+        output heads (each key/value head repeated rep times) give a segment with that rep."""
         h, u = lay.head_axis, lay.unit_axis
-        if u != h + 1 or lay.rep != 1:
+        if u != h + 1:
             raise _Fix("reshape of per-head tensors other than merging heads back")
         n = si[h] * si[u]
-        size = self.b.n[self.b.find(lay.gid)]  # a grouped-query group counts key/value heads, not units
-        if n % size:
+        size = self.b.n[self.b.find(lay.gid)]
+        if n != size * lay.rep:
             raise _Fix("merging heads of a group of another size")
         pre, post = math.prod(si[:h]), math.prod(si[u + 1:])
         for b in range(len(so)):
             if math.prod(so[:b]) == pre and so[b] == n and math.prod(so[b + 1:]) == post:
-                return _Lay(b, ((lay.gid, size, n // size),))
+                return _Lay(b, ((lay.gid, size, 1) if lay.rep == 1 else (lay.gid, size, 1, lay.rep),))
         raise _Fix("reshape of per-head tensors other than merging heads back")
 
     def matmul(self, node: fx.Node) -> Any:
@@ -967,18 +980,20 @@ class _Tracer:
             return None
         if not (isinstance(lx, _HLay) and isinstance(ly, _HLay)):
             raise _Fix("matrix product involving permuted units")
-        if lx.rep != 1 or ly.rep != 1:
-            raise _Fix("matrix product of repeated (grouped-query) heads")
         nx, ny, no = len(_shape(x)), len(_shape(y)), len(_shape(node))
         hx, hy = lx.head_axis - nx, ly.head_axis - ny  # batch axes, counted from the end
         if hx != hy or hx > -3:
             raise _Fix("matrix product across heads")
-        if lx.unit_axis == nx - 1 and ly.unit_axis == ny - 2:  # q @ k^T
+        if lx.unit_axis == nx - 1 and ly.unit_axis == ny - 2 and lx.rep == 1:  # q @ k^T
+            if ly.rep > 1:  # keys repeated for grouped-query attention (repeat_kv)
+                if not self.b.fold(lx.gid, ly.gid, ly.rep):
+                    raise _Fix("grouped-query attention over projections tied to other tensors")
+                return _HLay(no + hx, None, ly.gid, ly.rep)
             g = self.b.union(lx.gid, ly.gid)
             return _HLay(no + hx, None, g)
-        if lx.unit_axis is None and ly.unit_axis == ny - 1:  # scores @ v
+        if lx.unit_axis is None and ly.unit_axis == ny - 1 and lx.rep == ly.rep:  # scores @ v
             self.b.set_couple(lx.gid, ly.gid)
-            return _HLay(no + hx, no - 1, ly.gid)
+            return _HLay(no + hx, no - 1, ly.gid, ly.rep)
         raise _Fix("matrix product of per-head tensors in an unrecognised pattern")
 
     def transpose(self, node, x, d0, d1) -> Any:
@@ -1214,13 +1229,80 @@ class _Tracer:
             if not isinstance(lay, _Lay):
                 raise _Fix("a linear layer on per-head tensors")
             if lay.axis != len(si) - 1:  # applied over another axis (token mixing): units ride along
-                if w:
+                if w and node in self.token_out:
+                    self.pin_axis(w, 0, _TOKEN_AXIS)
+                elif w and not self.token_hidden(node, w, b, out_features, label):
                     self.pin_axis(w, 0, "a linear layer over an axis other than the features (token "
                                         "mixing): its units are on an axis the spec does not follow")
                 return lay
             if w:
                 self.add_members(lay, [(w, 1)], need_block1=False)
         return self.fresh(out_features, label, len(so) - 1, [(w, 0), (b, 0)] if b else [(w, 0)])
+
+    def token_hidden(self, node: fx.Node, w: str, b: str | None, n: int, label: str) -> bool:
+        """A token-mixing MLP (MLP-Mixer): a linear layer over the tokens, elementwise ops, and a linear
+        layer back, nothing else reading what lies between. Its hidden units (this layer's outputs, the
+        next one's inputs) are a group of their own, though the tensors' feature axis is the channels
+        (the token axis itself stays pinned). False: not that pattern."""
+        chain, cur = [node], node
+        while len(cur.users) == 1:
+            (nxt,) = cur.users
+            if self._unary_node(nxt):
+                chain.append(nxt)
+                cur = nxt
+                continue
+            w2 = self._linear_weight(nxt)
+            if w2 is None or nxt.args[0] is not cur or self.sd_shape(w2)[1:] != (n,):
+                return False
+            g = self.b.new(n, label)
+            for name, ax in [(w, 0), (b, 0), (w2, 1)]:
+                if name in self.sd_keys:
+                    self.b.add(g, Member(name, ax))
+            ax = len(_shape(node)) - 1
+            self.b.probes[g] += [Probe(c.name, ax) for c in chain]
+            self.token_out.add(nxt)
+            return True
+        return False
+
+    def sd_shape(self, name: str) -> tuple:
+        v = next((x for x in self.env.values() if isinstance(x, _P) and x.name == name), None)
+        if v is not None:
+            return tuple(v.shape)
+        mod, _, attr = name.rpartition(".")
+        t = getattr(self.modules.get(mod), attr, None)
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
+
+    def _linear_weight(self, node: fx.Node) -> str | None:
+        """The weight's state-dict name if node is a linear layer (module, F.linear, aten.linear)."""
+        if node.op == "call_module" and type(self.modules.get(node.target)) is nn.Linear:
+            return f"{node.target}.weight"
+        fn = node.target
+        is_linear = fn is F.linear or (isinstance(fn, torch._ops.OpOverload)
+                                       and fn._schema.name.split("::")[-1] == "linear")
+        if node.op != "call_function" or not is_linear or len(node.args) < 2 or not isinstance(node.args[1], fx.Node):
+            return None
+        wn = node.args[1]
+        name = wn.target if wn.op == "get_attr" else self.params.get(wn.name)
+        return name if name in self.sd_keys else None
+
+    def _unary_node(self, node: fx.Node) -> bool:
+        """An op acting on each element alike, on one tensor (an activation, dropout)."""
+        if len(node.all_input_nodes) != 1:
+            return False
+        if node.op == "call_module":
+            return type(self.modules.get(node.target)) in _ELEMENTWISE_MODULES and not isinstance(
+                self.modules[node.target], (nn.Softmax, nn.LogSoftmax))
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            name = node.target._schema.name.split("::")[-1]
+            rule = ATEN_RULES.get(f"{name}.{node.target._overloadname}", ATEN_RULES.get(name))
+        elif node.op == "call_function":
+            rule = FUNCTION_RULES.get(node.target)
+        elif node.op == "call_method":
+            rule = METHOD_RULES.get(node.target)
+        else:
+            return False
+        name = getattr(node.target, "__name__", str(node.target))
+        return isinstance(rule, tuple) and rule[1] is _unary and "softmax" not in name
 
     def pin_axis(self, tensor: str, axis: int, reason: str) -> None:
         if tensor in self.sd_keys:
@@ -1317,18 +1399,21 @@ class _Tracer:
         return _HLay(no - 3, no - 1, lv.gid)
 
     def grouped_query(self, node: fx.Node, lq: _HLay, lk: _HLay, lv: _HLay, hq: int, hkv: int, ok: bool) -> _HLay:
-        """Grouped-query attention: query head i uses key/value head i // (hq / hkv). What stays exact:
-        permuting the key/value heads, the blocks of query heads sharing each (and the output
-        projection's matching columns) with them; units within heads stay in place. One group of
-        hkv units whose members are those blocks."""
+        """Grouped-query attention: query head i uses key/value head i // r (r = hq / hkv). Exact:
+        permuting the key/value heads with their blocks of r query heads (and the output projection's
+        matching columns); within a key/value head, its key units with the same units of each of its r
+        query heads (one permutation per key head, shared by the group), and its value units with the
+        output projection's columns of each of its r query heads. So: the query group folds into the
+        key group as rep-r members (Member.rep), coupled as usual with the value group, whose merged
+        output carries rep r into the output projection."""
         if not ok or hkv < 1 or hq % hkv:
             raise _Fix("attention with fewer key/value heads than query heads, not grouped by enable_gqa or repeats")
-        coarse = [self.b.coarsen(lay.gid, hkv) for lay in (lq, lk, lv)]
-        if any(c is None for c in coarse):
+        r = hq // hkv
+        if not self.b.fold(lq.gid, lk.gid, r):
             raise _Fix("grouped-query attention over projections tied to other tensors")
-        g = self.b.union(self.b.union(coarse[0], coarse[1]), coarse[2])
+        self.b.set_couple(lk.gid, lv.gid)
         no = len(_shape(node))
-        return _HLay(no - 3, no - 1, g)
+        return _HLay(no - 3, no - 1, lv.gid, r)
 
     def addmm(self, node: fx.Node, bias: Any, x: Any, w: Any) -> Any:
         """bias + x @ W with W a (in, out) parameter (GPT-2's Conv1D)."""
@@ -1366,7 +1451,7 @@ class _Tracer:
         b = self.b
         roots = list(dict.fromkeys(b.find(g) for g in range(len(b.parent))))  # in trace order: names stay stable
         for r in roots:
-            b.members[r] = list(dict.fromkeys(Member(a, m.axis, m.offset, m.block) for m in b.members[r]
+            b.members[r] = list(dict.fromkeys(Member(a, m.axis, m.offset, m.block, m.rep) for m in b.members[r]
                                               for a in self.aliases.get(m.tensor, [m.tensor])))
             for m in b.members[r]:
                 if m.tensor in pinned:
@@ -1390,7 +1475,7 @@ class _Tracer:
             if not members:
                 continue
             what = ", ".join(dict.fromkeys(f"{m.tensor}[{m.axis}]" for m in members))
-            axes = [[m.tensor, m.axis, m.offset, b.n[r] * m.block] for m in members]
+            axes = [[m.tensor, m.axis, m.offset, b.n[r] * m.block * m.rep] for m in members]
             if b.reasons[r]:
                 unperm.append(Unpermuted(what, "; ".join(dict.fromkeys(b.reasons[r])), axes))
                 continue
@@ -1423,7 +1508,7 @@ class _Tracer:
                     gr = groups.pop(b.label[r])
                     unperm.append(Unpermuted(", ".join(f"{m.tensor}[{m.axis}]" for m in gr.members),
                                              "its attention heads' partner group is unpermutable",
-                                             [[m.tensor, m.axis, m.offset, gr.size * m.block] for m in gr.members]))
+                                             [[m.tensor, m.axis, m.offset, gr.size * m.block * m.rep] for m in gr.members]))
 
     @staticmethod
     def _pinned_elsewhere(pinned: dict[str, str], groups: dict[str, Group], unperm: list[Unpermuted],
@@ -1446,6 +1531,7 @@ class _Tracer:
 # only plain layouts (per-head or fused ones are pinned before they run), "any" rules handle all.
 
 _EMBEDDING_ROWS = "model input: an embedding's rows are looked up by token id"
+_TOKEN_AXIS = "model input: the token axis (the input's positions) of a token-mixing MLP"
 
 
 def _only_output(node: fx.Node) -> bool:
