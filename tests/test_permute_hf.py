@@ -14,8 +14,8 @@ import permute_hf as H  # noqa: E402
 from test_permute_cli import run  # noqa: E402
 
 from stardomain.checkpoint import read_model_file  # noqa: E402
-from stardomain.permute import (align, apply_permutation, distance, inverse, random_permutation,  # noqa: E402
-                                spec_from_model, weight_matching)
+from stardomain.permute import (activation_error, align, apply_permutation, distance, inverse,  # noqa: E402
+                                random_permutation, spec_from_model, weight_matching)
 from stardomain.permute.inputs import flat_tensors  # noqa: E402
 
 NAMES = ["bert", "gpt2", "vit", "llama"]
@@ -49,6 +49,8 @@ def test_hugging_face_models_align_from_python(name):
     assert (_out64(b, out, x) - ref).abs().max() <= (1e-6 if name == "llama" else 1e-10) * ref.abs().max()
     p = random_permutation(spec, torch.Generator().manual_seed(3))
     sp = apply_permutation(spec, sd_a, p)
+    err, n, tol = activation_error(a, spec, sd_a, sp, p, x)  # float64; Llama's RMSNorm casts to float32
+    assert n > 0 and err < tol == (1e-4 if name == "llama" else 1e-9)
     q, _ = weight_matching(spec, sd_a, sp)
     assert distance(sd_a, apply_permutation(spec, sp, q)) == 0.0
     assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups)

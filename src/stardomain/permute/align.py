@@ -16,6 +16,8 @@ from .inputs import as_call, flat_tensors, map_tensors, signature
 from .matching import INITS, activation_matching, apply_permutation, distance, weight_matching
 from .spec import PermutationSpec, spec_from_model
 
+# The outputs' relative tolerance: the coarse check (a model may compute steps in float32 whatever its
+# dtype: ~1e-7 then); the tight one is the activations' (ACT_TOLERANCE, 1e-9 where it runs in float64).
 TOLERANCE = 1e-5
 _CACHE: "OrderedDict[tuple, PermutationSpec]" = OrderedDict()
 
@@ -132,9 +134,13 @@ def activation_error(model: nn.Module, spec: PermutationSpec, sd: dict, sd_perm:
     node, pi(B)'s value must equal B's with the node's unit axis permuted. A wrong permutation inside a
     branch the output barely sees (layer scale at 1e-6) or cannot see (an all-zero head) shows here.
     -> (max over nodes of max |pi(B)'s - permuted B's| / max |B's|, number of non-zero nodes compared,
-    the tolerance for the dtype it ran in).
-    In float64 for torch.fx captures; an export is specialised to its dtype and node names, so it is
-    re-run in the dtype the spec was captured in (see ACT_TOLERANCE)."""
+    the tolerance it was judged at).
+    In float64 where the model runs in float64 (the model cast): rounding then cannot hide an error of
+    1e-9. An export is specialised to its dtype and names its nodes in order, so a float64 export is
+    used only where its graph is node for node the one captured in the model's dtype (the spec's
+    probes name those nodes); else the check runs in the model's dtype. Judged at a float32 tolerance
+    (ACT_TOLERANCE) wherever it ran in float32 or the graph itself casts values down to float32 or
+    below (Hugging Face's RMSNorm computes in float32 whatever the model's dtype)."""
     from .matching import _axis_index
     from .spec import capture_module, load_into, observe
 
@@ -144,17 +150,9 @@ def activation_error(model: nn.Module, spec: PermutationSpec, sd: dict, sd_perm:
             items.setdefault(p.node, []).append((p.axis, p.offset, g.size, p.block, k))
     if not items:
         return 0.0, 0, 0.0
-    m = copy.deepcopy(model).eval()
-    x = example_input
-    if spec.capture == "fx":
-        try:
-            m = m.double()
-            x = map_tensors(lambda t: t.double() if torch.is_floating_point(t) else t, x)
-            sd, sd_perm = _to64(sd), _to64(sd_perm)
-            _outputs(m, sd, x)
-        except (RuntimeError, TypeError):
-            m, x = copy.deepcopy(model).eval(), example_input
-    gm = capture_module(m, x, spec.capture)
+    m, x, gm = _graph_in_float64(model, example_input, spec.capture)
+    if _dtype(m) == torch.float64:
+        sd, sd_perm = _to64(sd), _to64(sd_perm)
     load_into(gm, m, sd)
     a = observe(gm, x, set(items))
     load_into(gm, m, sd_perm)
@@ -174,7 +172,49 @@ def activation_error(model: nn.Module, spec: PermutationSpec, sd: dict, sd_perm:
         if scale > 0:
             n += 1
             err = max(err, float((tb - expected).abs().max()) / scale)
-    return err, n, ACT_TOLERANCE.get(_dtype(m), ACT_TOLERANCE[torch.float32])
+    exact = _dtype(m) == torch.float64 and not _casts_down(gm)
+    return err, n, ACT_TOLERANCE[torch.float64 if exact else torch.float32]
+
+
+def _graph_in_float64(model: nn.Module, x: Any, capture: str) -> tuple[nn.Module, Any, Any]:
+    """-> (model, example, captured graph module): in float64 where the model runs so and (for an
+    export) its float64 graph names the same nodes for the same ops as the one in its own dtype."""
+    from .spec import capture_module
+
+    m = copy.deepcopy(model).eval()
+    try:
+        m64 = copy.deepcopy(m).double()
+        x64 = map_tensors(lambda t: t.double() if torch.is_floating_point(t) else t, x)
+        _outputs(m64, _to64(m64.state_dict()), x64)
+        gm64 = capture_module(m64, x64, capture)
+    except Exception:  # noqa: BLE001 - an op without float64 support (or its capture): the model's dtype
+        return m, x, capture_module(m, x, capture)
+    if capture == "fx":
+        return m64, x64, gm64
+    gm = capture_module(m, x, capture)
+    if _nodes(gm) != _nodes(gm64):
+        return m, x, gm
+    return m64, x64, gm64
+
+
+def _nodes(gm) -> list[tuple[str, str]]:
+    return [(n.name, n.op, str(n.target)) for n in gm.graph.nodes]
+
+
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+_CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _casts_down(gm) -> bool:
+    """Does the graph convert values to float32 or lower (.float(), .to(torch.float32), aten._to_copy)?"""
+    for n in gm.graph.nodes:
+        if n.op == "call_method" and n.target in _CAST_METHODS:
+            return True
+        if n.op in ("call_method", "call_function"):
+            vals = list(n.args[1:]) + list(n.kwargs.values())
+            if any(isinstance(v, torch.dtype) and v in _LOW for v in vals):
+                return True
+    return False
 
 
 def check_equivalence(model, sd, sd_perm, example_input, tol: float = TOLERANCE, *,

@@ -146,10 +146,10 @@ def _hf_renamed(model: torch.nn.Module, sd: dict, where: str) -> dict | None:
         if bar:
             hf_logging.enable_progress_bar()
         hf_logging.set_verbosity(level)
-    bad = [k for key in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(key) or []]
+    bad = sorted(str(k) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(key) or [])
     if bad:
         raise UserError(f"{where}: the weights do not fit {type(model).__name__} even after transformers' key "
-                        f"renaming ({len(bad)} missing, unexpected or misshapen, e.g. {str(sorted(map(str, bad))[0])[:120]}); "
+                        f"renaming ({len(bad)} missing, unexpected or misshapen, e.g. {bad[0][:120]}); "
                         "check --model-factory and --kwargs")
     return {k: v.detach() for k, v in loaded.state_dict().items()}
 

@@ -1508,7 +1508,8 @@ class _Tracer:
                     gr = groups.pop(b.label[r])
                     unperm.append(Unpermuted(", ".join(f"{m.tensor}[{m.axis}]" for m in gr.members),
                                              "its attention heads' partner group is unpermutable",
-                                             [[m.tensor, m.axis, m.offset, gr.size * m.block * m.rep] for m in gr.members]))
+                                             [[m.tensor, m.axis, m.offset, gr.size * m.block * m.rep]
+                                              for m in gr.members]))
 
     @staticmethod
     def _pinned_elsewhere(pinned: dict[str, str], groups: dict[str, Group], unperm: list[Unpermuted],
