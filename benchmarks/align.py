@@ -14,6 +14,8 @@ the output error of the aligned B against B (max |f_aligned(x) - f_B(x)| / max |
 float32, 64 random inputs). A correct alignment has an output error at float32 rounding level (~1e-6).
 For ours, the number of linear assignment problems solved and their total time (a separate,
 instrumented run) show how much of the time is scipy's solver.
+With --large, the peak memory of one alignment alone (both models built first, then the process's
+peak resident-set mark reset) is measured in a fresh process per case and side, in copies of B's state dict.
 
     .venv/bin/pip install rebasin==0.0.47      # optional; not a stardomain dependency
     .venv/bin/python benchmarks/align.py [--reps 5] [--threads 1] [--trained] [--large]
@@ -118,11 +120,11 @@ def lap_census(ma, mb, x_trace):
     return len(log), sizes, sum(t for _, t in log)
 
 
-def theirs(ma, mb, x_trace):
+def theirs(ma, mb, x_trace, copied=False):
     from rebasin import PermutationCoordinateDescent
 
-    mb = copy.deepcopy(mb)
-    ma = copy.deepcopy(ma)
+    if not copied:  # rebasin permutes B in place: on copies, outside the timing
+        mb, ma = copy.deepcopy(mb), copy.deepcopy(ma)
     gc.collect()
     t0 = time.perf_counter()
     pcd = PermutationCoordinateDescent(ma, mb, x_trace)
@@ -130,11 +132,44 @@ def theirs(ma, mb, x_trace):
     return {k: v.detach().clone() for k, v in mb.state_dict().items()}, time.perf_counter() - t0
 
 
-def _rss() -> int:
-    """Peak resident memory of this process so far, in bytes (Linux reports KiB)."""
-    import resource
+def _status(key: str) -> int:
+    """A /proc/self/status memory figure (VmRSS: now, VmHWM: peak since the last reset), in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def memory_child(case: int, side: str) -> None:
+    """Peak memory of one alignment alone, in a fresh process: both models are built first, the peak
+    resident-set mark is reset (/proc/self/clear_refs), the alignment runs, and its peak above the
+    resident set just before is printed in model copies (one copy: B's state dict)."""
+    import json
+
+    _, cfg, shape, classes = LARGE[case]
+    ma, mb = make(cfg, shape, classes, 0), make(cfg, shape, classes, 1)
+    x_trace = torch.randn(2, *shape, generator=torch.Generator().manual_seed(5))
+    if side == "rebasin":
+        ma, mb = copy.deepcopy(ma), copy.deepcopy(mb)
+    copy_bytes = sum(v.numel() * v.element_size() for v in mb.state_dict().values())
+    gc.collect()
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    out = ours(ma, mb, x_trace) if side == "ours" else theirs(ma, mb, x_trace, copied=True)
+    peak = _status("VmHWM")
+    del out
+    print(json.dumps({"copies": (peak - before) / copy_bytes, "copy_mib": copy_bytes / 2**20}))
+
+
+def peak_copies(case: int, side: str, threads: int) -> tuple[float, float]:
+    """memory_child in a subprocess -> (peak above the start in model copies, MiB per copy)."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--memory-child", f"{case}:{side}"],
+                       capture_output=True, text=True, check=True)
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    return d["copies"], d["copy_mib"]
 
 
 def span(runs) -> str:
@@ -149,9 +184,14 @@ def main() -> None:
     ap.add_argument("--trained", action="store_true", help="also align MLP and BN CNN pairs trained 1 epoch on MNIST")
     ap.add_argument("--subset", type=int, default=10000, help="MNIST training images for --trained")
     ap.add_argument("--large", action="store_true", help="only the large pairs: CIFAR ResNet-18 and a "
-                    "GPT-2-small-shaped decoder (peak memory reported in model copies)")
+                    "GPT-2-small-shaped decoder (peak memory of the alignment alone reported in model copies)")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)  # CASE:SIDE, see memory_child
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        case, side = args.memory_child.split(":")
+        memory_child(int(case), side)
+        return
     try:
         import rebasin  # noqa: F401
         have = True
@@ -163,8 +203,7 @@ def main() -> None:
     if args.trained:
         jobs += [(label + ", trained", cfg, shape, classes, args.subset) for label, cfg, shape, classes in TRAINED]
     rows = []
-    rss0 = _rss()
-    for label, cfg, shape, classes, subset in jobs:
+    for case, (label, cfg, shape, classes, subset) in enumerate(jobs):
         if subset is None:
             ma, mb = make(cfg, shape, classes, 0), make(cfg, shape, classes, 1)
             note = "random init"
@@ -183,13 +222,15 @@ def main() -> None:
                 runs_r.append(theirs(ma, mb, x_trace))
         sd_o, _, _, iters = runs[0]
         t_o, t_spec = statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
-        if args.large:
-            mb_bytes = sum(v.numel() * v.element_size() for v in sd_b.values())
-            print(f"  peak memory {(_rss() - rss0) / mb_bytes:.1f} model copies above the start "
-                  f"({mb_bytes / 2**20:.0f} MiB per copy; both models count)")
+        mem = ""
+        if args.large and subset is None:
+            sides = ["ours"] + (["rebasin"] if have else [])
+            peaks = {side: peak_copies(case, side, args.threads) for side in sides}
+            mem = "; peak memory of the alignment alone, in model copies of {:.0f} MiB: {}".format(
+                peaks["ours"][1], ", ".join(f"{side} {c:.2f}" for side, (c, _) in peaks.items()))
         n_lap, sizes, t_lap = lap_census(ma, mb, x_trace)
         d0, d_o, e_o = distance(sd_a, sd_b, params), distance(sd_a, sd_o, params), out_error(mb, sd_b, sd_o, x)
-        print(f"\n{label} ({note}): parameter distance A-B {d0:.3f}")
+        print(f"\n{label} ({note}): parameter distance A-B {d0:.3f}{mem}")
         print(f"  stardomain  {t_o:8.3f} s ({span(runs)}; spec {t_spec:.3f} s, {iters} passes, {n_lap} assignments "
               f"{dict(sorted(sizes.items()))} taking {t_lap:.3f} s)  distance after {d_o:.3f}  output error {e_o:.2e}")
         row = [label, t_o, d0, d_o, e_o, None, None, None]

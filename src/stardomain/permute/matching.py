@@ -340,11 +340,11 @@ class _CostCache:
     def touches_parameters(self, k: str) -> bool:
         return self.const[k] is not None or bool(self.terms[k])
 
-    def matrix(self, k: str, perm: dict, unknown: set[str]) -> tuple[np.ndarray, tuple | None]:
+    def matrix(self, k: str, perm: dict, unknown: set[str]) -> tuple[np.ndarray, list | None]:
         """-> (the cost matrix the assignment is solved on, the terms left out of it or None): terms read
-        through a group in `unknown` (not yet solved in the informed first pass) are left out, as (rows of
-        A, rows of B read through the current permutations), all such terms side by side: only their value
-        at the old and the new permutation is needed, <A, B[p]>, n times cheaper than their matrix."""
+        through a group in `unknown` (not yet solved in the informed first pass) are left out, as a list of
+        (rows of A, rows of B read through the current permutations): only their value at the old and the
+        new permutation is needed, <A, B[p]>, n times cheaper than their matrix."""
         n = self.spec.groups[k].size
         c = self.const[k].clone() if self.const[k] is not None else torch.zeros(n, n, dtype=self.dtype)
         blind = []
@@ -360,9 +360,7 @@ class _CostCache:
                 blind.append((ra, b.reshape(n, -1)))
             else:
                 c.addmm_(ra, b.reshape(n, -1).T)
-        if len(blind) > 1:
-            blind = [(torch.cat([a for a, _ in blind], 1), torch.cat([b for _, b in blind], 1))]
-        return _np64(c), (blind[0] if blind else None)
+        return _np64(c), (blind or None)
 
     def _term(self, k: str, j: int, ra: torch.Tensor, bm: torch.Tensor, ax: int, its: list,
               perm: dict) -> torch.Tensor:
@@ -388,7 +386,7 @@ class _CostCache:
         return term
 
 
-def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.ndarray, tuple | None]],
+def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.ndarray, list | None]],
                 olds: list[torch.Tensor]) -> tuple[list[torch.Tensor], float, float, float, float]:
     """One step for unit u (a group, or coupled head groups) -> (new permutations of u's groups, value of
     the old ones, of the new ones (on the matrices solved), the same two on the full cost, left-out terms
@@ -405,8 +403,8 @@ def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.nda
     def value(ps, full):
         v = sum(float(c[ar, p.numpy()].sum()) for (c, _), p in zip(cs, ps))
         if full:  # sum_i <A_i, B_p(i)> of each term left out
-            v += sum(float(torch.dot(bl[0].view(-1), bl[1].index_select(0, p).view(-1)))
-                     for (_, bl), p in zip(cs, ps) if bl is not None)
+            v += sum(float(torch.dot(a.reshape(-1), b.index_select(0, p).reshape(-1)))
+                     for (_, bl), p in zip(cs, ps) if bl is not None for a, b in bl)
         return v
 
     old_v, new_v = value(olds, False), value(new, False)
