@@ -141,7 +141,7 @@ def _status(key: str) -> int:
 def memory_child(case: int, side: str) -> None:
     """Peak memory of one alignment alone, in a fresh process: both models are built first, the peak
     resident-set mark is reset (/proc/self/clear_refs), the alignment runs, and its peak above the
-    resident set just before is printed in model copies (one copy: B's state dict)."""
+    resident set just before is printed in model copies (one copy: B's state dict, tied tensors once)."""
     import json
 
     _, cfg, shape, classes = LARGE[case]
@@ -149,7 +149,8 @@ def memory_child(case: int, side: str) -> None:
     x_trace = torch.randn(2, *shape, generator=torch.Generator().manual_seed(5))
     if side == "rebasin":
         ma, mb = copy.deepcopy(ma), copy.deepcopy(mb)
-    copy_bytes = sum(v.numel() * v.element_size() for v in mb.state_dict().values())
+    unique = {v.data_ptr(): v for v in mb.state_dict().values()}  # a tied embedding/head counts once
+    copy_bytes = sum(v.numel() * v.element_size() for v in unique.values())
     gc.collect()
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:

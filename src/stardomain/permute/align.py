@@ -181,16 +181,17 @@ def _graph_in_float64(model: nn.Module, x: Any, capture: str) -> tuple[nn.Module
     export) its float64 graph names the same nodes for the same ops as the one in its own dtype."""
     from .spec import capture_module
 
-    m = copy.deepcopy(model).eval()
     try:
-        m64 = copy.deepcopy(m).double()
+        m64 = copy.deepcopy(model).eval().double()
         x64 = map_tensors(lambda t: t.double() if torch.is_floating_point(t) else t, x)
-        _outputs(m64, _to64(m64.state_dict()), x64)
+        _outputs(m64, m64.state_dict(), x64)
         gm64 = capture_module(m64, x64, capture)
     except Exception:  # noqa: BLE001 - an op without float64 support (or its capture): the model's dtype
+        m = copy.deepcopy(model).eval()
         return m, x, capture_module(m, x, capture)
     if capture == "fx":
         return m64, x64, gm64
+    m = copy.deepcopy(model).eval()
     gm = capture_module(m, x, capture)
     if _nodes(gm) != _nodes(gm64):
         return m, x, gm

@@ -105,7 +105,8 @@ def _permute_tensor(t: torch.Tensor, items, perm) -> torch.Tensor:
 
 
 def apply_permutation(spec: PermutationSpec, sd: dict, perm: dict[str, torch.Tensor]) -> dict:
-    """A new state dict with every tensor axis a group touches permuted (parameters and buffers)."""
+    """A new state dict with every tensor axis a group touches permuted (parameters and buffers; tied
+    names, one tensor under two names, stay one tensor)."""
     missing = set(spec.groups) - set(perm)
     if missing:
         raise ValueError(f"permutation lacks groups {sorted(missing)[:5]}")
@@ -113,9 +114,14 @@ def apply_permutation(spec: PermutationSpec, sd: dict, perm: dict[str, torch.Ten
     plan = {t: items for t, items in _plan(spec).items() if t in sd}
     if not plan:
         return out
+    done: dict[tuple, torch.Tensor] = {}  # tied names (an embedding and its output head): one result, shared
     with _Threads(sum(sd[t].numel() for t in plan), sd[next(iter(plan))].device):
         for name, items in plan.items():
-            out[name] = _permute_tensor(sd[name], items, perm)
+            t = sd[name]
+            key = (t.data_ptr(), t.dtype, t.shape, t.stride(), tuple(items)) if t.numel() else (name,)
+            if key not in done:
+                done[key] = _permute_tensor(t, items, perm)
+            out[name] = done[key]
     return out
 
 
@@ -301,8 +307,10 @@ def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
     cost_k = const + sum over terms of rows(A) @ rows(B permuted along the other groups' axes).T.
 
     Everything that does not change during the descent is prepared once: A's row matrices, and B's
-    slice with k's axis moved first (contiguous), so a step costs one gather per other axis and a matmul.
-    A tensor no other group permutes (on another axis) contributes a constant term."""
+    slice with k's axis moved first, so a step costs one gather per other axis and a matmul. Both are
+    views where they can be (a weight's second axis: its transpose), not copies: alignment's memory stays
+    within a few model copies. A tensor no other group permutes (on another axis) contributes a constant
+    term."""
     fixed: dict[str, list] = {k: [] for k in spec.groups}  # (rows of A, rows of B) of the constant part
     terms: dict[str, list] = {k: [] for k in spec.groups}
     for t, items in plan.items():
@@ -310,8 +318,8 @@ def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
             if ax == 0 and off == 0 and rep == 1 and n * blk == B[t].shape[0]:  # the usual case: views, no copies
                 ra, bm = A[t].reshape(n, -1).contiguous(), B[t]
             else:
-                ra = _slice_rows(A[t], ax, off, n, blk, rep, heads).contiguous()
-                bm = _unit_major(B[t], ax, off, n, blk, rep, heads).contiguous()
+                ra = _slice_rows(A[t], ax, off, n, blk, rep, heads)
+                bm = _unit_major(B[t], ax, off, n, blk, rep, heads)
             # other groups' axes (items on k's own axis permute other slices; k's own are skipped)
             others: dict[int, list] = {}
             for it in items:
@@ -321,10 +329,20 @@ def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
                 fixed[k].append((ra, bm.reshape(n, -1)))
             else:
                 terms[k].append((ra, bm, others))
-    # one matmul per group for its constant part (biases and norm affines are single columns)
-    const = {k: None if not fs else fs[0][0] @ fs[0][1].T if len(fs) == 1 else
-             torch.cat([a for a, _ in fs], 1) @ torch.cat([b for _, b in fs], 1).T for k, fs in fixed.items()}
-    return const, terms
+    return {k: _constant(fs) for k, fs in fixed.items()}, terms
+
+
+def _constant(fs: list) -> torch.Tensor | None:
+    """sum of rows(A) @ rows(B).T over a group's constant terms: the narrow ones (biases, norm affines:
+    single columns) concatenated into one matmul, the wide ones (an embedding) each its own, uncopied."""
+    narrow = [(a, b) for a, b in fs if a.shape[1] <= 256]
+    out = None
+    if narrow:
+        out = torch.cat([a for a, _ in narrow], 1) @ torch.cat([b for _, b in narrow], 1).T
+    for a, b in fs:
+        if a.shape[1] > 256:
+            out = a @ b.T if out is None else out.addmm_(a, b.T)
+    return out
 
 
 class _CostCache:
@@ -377,7 +395,7 @@ class _CostCache:
         if ch is not None and 2 * len(ch) < len(idx):
             # the other group moved only a few units: update the last term with those slices alone
             # (late passes change a few units of a group; its neighbours' matmuls shrink accordingly)
-            a = ra.view(bm.shape).index_select(ax, ch).reshape(n, -1)
+            a = ra.reshape(bm.shape).index_select(ax, ch).reshape(n, -1)
             d = bm.index_select(ax, idx[ch]) - bm.index_select(ax, prev[0][ch])
             term = torch.addmm(prev[1], a, d.reshape(n, -1).T) if len(ch) else prev[1]
         else:
