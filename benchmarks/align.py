@@ -215,17 +215,23 @@ def main() -> None:
         x = torch.randn(64, *shape, generator=torch.Generator().manual_seed(6))
         sd_a, sd_b = ma.state_dict(), mb.state_dict()
         params = [n for n, _ in mb.named_parameters()]
-        runs, runs_r = [], []
+        runs, runs_r, failed = [], [], None
         for rep in range(args.reps):  # the sides alternate, so a slow spell of the machine hits both
-            runs.append(ours(ma, mb, x_trace))
-            if have:
+            r = ours(ma, mb, x_trace)
+            runs.append(r if rep == 0 else (None, *r[1:]))  # one aligned state dict kept: memory
+            if have and failed is None:
                 torch.manual_seed(rep)
-                runs_r.append(theirs(ma, mb, x_trace))
+                try:
+                    r = theirs(ma, mb, x_trace)
+                except Exception as e:  # noqa: BLE001 - rebasin does not run on every model: say so
+                    failed = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                    continue
+                runs_r.append(r if rep == 0 else (None, *r[1:]))
         sd_o, _, _, iters = runs[0]
         t_o, t_spec = statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
         mem = ""
         if args.large and subset is None:
-            sides = ["ours"] + (["rebasin"] if have else [])
+            sides = ["ours"] + (["rebasin"] if have and failed is None else [])
             peaks = {side: peak_copies(case, side, args.threads) for side in sides}
             mem = "; peak memory of the alignment alone, in model copies of {:.0f} MiB: {}".format(
                 peaks["ours"][1], ", ".join(f"{side} {c:.2f}" for side, (c, _) in peaks.items()))
@@ -235,7 +241,9 @@ def main() -> None:
         print(f"  stardomain  {t_o:8.3f} s ({span(runs)}; spec {t_spec:.3f} s, {iters} passes, {n_lap} assignments "
               f"{dict(sorted(sizes.items()))} taking {t_lap:.3f} s)  distance after {d_o:.3f}  output error {e_o:.2e}")
         row = [label, t_o, d0, d_o, e_o, None, None, None]
-        if have:
+        if have and failed is not None:
+            print(f"  rebasin     fails: {failed}")
+        elif have:
             sd_r, t_r = runs_r[0][0], statistics.median(r[1] for r in runs_r)
             d_r, e_r = distance(sd_a, sd_r, params), out_error(mb, sd_b, sd_r, x)
             print(f"  rebasin     {t_r:8.3f} s ({span(runs_r)})  distance after {d_r:.3f}  output error {e_r:.2e}")
