@@ -150,7 +150,7 @@ def activation_error(model: nn.Module, spec: PermutationSpec, sd: dict, sd_perm:
             items.setdefault(p.node, []).append((p.axis, p.offset, g.size, p.block, k))
     if not items:
         return 0.0, 0, 0.0
-    m, x, gm = _graph_in_float64(model, example_input, spec.capture)
+    m, x, gm = _graph_in_float64(model, example_input, spec)
     if _dtype(m) == torch.float64:
         sd, sd_perm = _to64(sd), _to64(sd_perm)
     load_into(gm, m, sd)
@@ -176,11 +176,13 @@ def activation_error(model: nn.Module, spec: PermutationSpec, sd: dict, sd_perm:
     return err, n, ACT_TOLERANCE[torch.float64 if exact else torch.float32]
 
 
-def _graph_in_float64(model: nn.Module, x: Any, capture: str) -> tuple[nn.Module, Any, Any]:
+def _graph_in_float64(model: nn.Module, x: Any, spec: PermutationSpec) -> tuple[nn.Module, Any, Any]:
     """-> (model, example, captured graph module): in float64 where the model runs so and (for an
-    export) its float64 graph names the same nodes for the same ops as the one in its own dtype."""
+    export) its float64 graph names the same nodes for the same ops as the one the spec was derived
+    from (spec.graph_signature, else a capture in the model's own dtype)."""
     from .spec import capture_module
 
+    capture = spec.capture
     try:
         m64 = copy.deepcopy(model).eval().double()
         x64 = map_tensors(lambda t: t.double() if torch.is_floating_point(t) else t, x)
@@ -191,15 +193,14 @@ def _graph_in_float64(model: nn.Module, x: Any, capture: str) -> tuple[nn.Module
         return m, x, capture_module(m, x, capture)
     if capture == "fx":
         return m64, x64, gm64
+    ref = getattr(spec, "graph_signature", None)
+    if ref is not None and ref == gm64.graph_signature:
+        return m64, x64, gm64
     m = copy.deepcopy(model).eval()
     gm = capture_module(m, x, capture)
-    if _nodes(gm) != _nodes(gm64):
+    if gm.graph_signature != gm64.graph_signature:
         return m, x, gm
     return m64, x64, gm64
-
-
-def _nodes(gm) -> list[tuple[str, str]]:
-    return [(n.name, n.op, str(n.target)) for n in gm.graph.nodes]
 
 
 _LOW = (torch.float32, torch.float16, torch.bfloat16)

@@ -2230,7 +2230,15 @@ def spec_from_model(model: nn.Module, example_input: Any) -> PermutationSpec:
         return tr.spec(model, sd, err, capture="failed")
     tr = _Tracer(None, ep.graph, sd_keys, params=names, aliases=aliases)
     tr.run()
-    return tr.spec(model, sd, capture="export", capture_error=fx_error)
+    spec = tr.spec(model, sd, capture="export", capture_error=fx_error)
+    spec.graph_signature = graph_signature(ep.graph)  # not saved: lets a check re-capture without a second export
+    return spec
+
+
+def graph_signature(graph: fx.Graph) -> tuple:
+    """Each node's name, kind and target: two captures with equal signatures name the same nodes for the
+    same ops (an export names its nodes in order, so one op more or less renames the rest)."""
+    return tuple((n.name, n.op, str(n.target)) for n in graph.nodes)
 
 
 def capture_module(model: nn.Module, example: Any, capture: str) -> fx.GraphModule:
@@ -2238,7 +2246,9 @@ def capture_module(model: nn.Module, example: Any, capture: str) -> fx.GraphModu
     match the spec's probes. The export is specialised to the example's shapes."""
     if capture == "export":
         ep, _ = _export(model, example)
-        return ep.module()
+        gm = ep.module()
+        gm.graph_signature = graph_signature(ep.graph)
+        return gm
     return fx.GraphModule(model, _GraphTracer().trace(model, concrete_args=_concrete_defaults(model, example) or None))
 
 
