@@ -15,7 +15,8 @@ float32, 64 random inputs). A correct alignment has an output error at float32 r
 For ours, the number of linear assignment problems solved and their total time (a separate,
 instrumented run) show how much of the time is scipy's solver.
 With --large, the peak memory of one alignment alone (both models built first, then the process's
-peak resident-set mark reset) is measured in a fresh process per case and side, in copies of B's state dict.
+peak resident-set mark reset) is measured in a fresh process per case and side, in copies of B's state dict
+(tied tensors once); rebasin runs once per large pair (on GPT-2 small it takes minutes).
 
     .venv/bin/pip install rebasin==0.0.47      # optional; not a stardomain dependency
     .venv/bin/python benchmarks/align.py [--reps 5] [--threads 1] [--trained] [--large]
@@ -186,6 +187,8 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=10000, help="MNIST training images for --trained")
     ap.add_argument("--large", action="store_true", help="only the large pairs: CIFAR ResNet-18 and a "
                     "GPT-2-small-shaped decoder (peak memory of the alignment alone reported in model copies)")
+    ap.add_argument("--only", help="with --large: only the pair whose label contains this text (ResNet, GPT)")
+    ap.add_argument("--no-memory", action="store_true", help="with --large: skip the peak-memory processes")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)  # CASE:SIDE, see memory_child
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -205,6 +208,8 @@ def main() -> None:
         jobs += [(label + ", trained", cfg, shape, classes, args.subset) for label, cfg, shape, classes in TRAINED]
     rows = []
     for case, (label, cfg, shape, classes, subset) in enumerate(jobs):
+        if args.only and args.only.lower() not in label.lower():
+            continue
         if subset is None:
             ma, mb = make(cfg, shape, classes, 0), make(cfg, shape, classes, 1)
             note = "random init"
@@ -219,7 +224,7 @@ def main() -> None:
         for rep in range(args.reps):  # the sides alternate, so a slow spell of the machine hits both
             r = ours(ma, mb, x_trace)
             runs.append(r if rep == 0 else (None, *r[1:]))  # one aligned state dict kept: memory
-            if have and failed is None:
+            if have and failed is None and not (args.large and rep):  # large pairs: rebasin once (minutes)
                 torch.manual_seed(rep)
                 try:
                     r = theirs(ma, mb, x_trace)
@@ -230,7 +235,7 @@ def main() -> None:
         sd_o, _, _, iters = runs[0]
         t_o, t_spec = statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
         mem = ""
-        if args.large and subset is None:
+        if args.large and subset is None and not args.no_memory:
             sides = ["ours"] + (["rebasin"] if have and failed is None else [])
             peaks = {side: peak_copies(case, side, args.threads) for side in sides}
             mem = "; peak memory of the alignment alone, in model copies of {:.0f} MiB: {}".format(

@@ -347,13 +347,15 @@ def _constant(fs: list) -> torch.Tensor | None:
 
 class _CostCache:
     """Each group's cost matrix at the current permutations of the other groups. The constant part is
-    prepared once (_group_costs); each term read through one other group's axis is kept with the index it
-    was computed at, reused while that group has not moved and updated from the units that did."""
+    prepared once (_group_costs); the terms read through one other axis are summed per group they read
+    through (an MLP's two weights, both through the residual stream: one n x n matrix kept, not two), kept
+    with the indices they were computed at, reused while those groups have not moved and updated from the
+    units that did."""
 
     def __init__(self, spec: PermutationSpec, plan: dict, A: dict, B: dict, dtype: torch.dtype):
         self.spec, self.dtype = spec, dtype
         self.const, self.terms = _group_costs(spec, plan, A, B)
-        self.last: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # term -> (index, matrix)
+        self.last: dict[tuple[str, tuple], tuple[dict, torch.Tensor]] = {}  # -> (term -> index, matrix)
 
     def touches_parameters(self, k: str) -> bool:
         return self.const[k] is not None or bool(self.terms[k])
@@ -365,11 +367,11 @@ class _CostCache:
         new permutation is needed, <A, B[p]>, n times cheaper than their matrix."""
         n = self.spec.groups[k].size
         c = self.const[k].clone() if self.const[k] is not None else torch.zeros(n, n, dtype=self.dtype)
-        blind = []
+        blind, buckets = [], {}
         for j, (ra, bm, others) in enumerate(self.terms[k]):
             left_out = bool(unknown) and any(it[4] in unknown for its in others.values() for it in its)
             if not left_out and len(others) == 1:
-                c += self._term(k, j, ra, bm, *next(iter(others.items())), perm)
+                buckets.setdefault(tuple(sorted({it[4] for its in others.values() for it in its})), []).append(j)
                 continue
             b = bm  # read B through every other axis (several: recomputed each time)
             for ax, its in others.items():
@@ -378,30 +380,41 @@ class _CostCache:
                 blind.append((ra, b.reshape(n, -1)))
             else:
                 c.addmm_(ra, b.reshape(n, -1).T)
+        for key, js in buckets.items():
+            c += self._terms(k, key, js, perm)
         return _np64(c), (blind or None)
 
-    def _term(self, k: str, j: int, ra: torch.Tensor, bm: torch.Tensor, ax: int, its: list,
-              perm: dict) -> torch.Tensor:
-        """Term j of group k (rows of A, B's slice), read through its single other axis `ax` (owned by
-        the groups in `its`): reused, updated from the units that moved, or recomputed."""
-        n = ra.shape[0]
-        idx = _axis_index(bm.shape[ax], its, perm)
-        prev = self.last.get((k, j))
-        if prev is not None and prev[0] is idx:  # the other group has not moved (same tensor)
+    def _terms(self, k: str, key: tuple, js: list[int], perm: dict) -> torch.Tensor:
+        """The sum of group k's terms js (rows of A, B's slice), each read through its single other axis,
+        all through the groups in `key`: reused, updated from the units that moved, or recomputed."""
+        n = self.spec.groups[k].size
+        terms = [(self.terms[k][j][0], self.terms[k][j][1], *next(iter(self.terms[k][j][2].items()))) for j in js]
+        idx = {j: _axis_index(bm.shape[ax], its, perm) for j, (_, bm, ax, its) in zip(js, terms)}
+        prev = self.last.get((k, key))
+        if prev is not None and all(prev[0][j] is idx[j] for j in js):  # the groups have not moved (same tensor)
             return prev[1]
-        # testing which units moved costs three small ops: worth it only where the matmul is large
-        big = prev is not None and ra.numel() * n >= _INCREMENTAL_MIN_MACS
-        ch = (idx != prev[0]).nonzero().flatten() if big else None
-        if ch is not None and 2 * len(ch) < len(idx):
-            # the other group moved only a few units: update the last term with those slices alone
-            # (late passes change a few units of a group; its neighbours' matmuls shrink accordingly)
-            a = ra.reshape(bm.shape).index_select(ax, ch).reshape(n, -1)
-            d = bm.index_select(ax, idx[ch]) - bm.index_select(ax, prev[0][ch])
-            term = torch.addmm(prev[1], a, d.reshape(n, -1).T) if len(ch) else prev[1]
+        # testing which units moved costs three small ops: worth it only where the matmuls are large
+        ch = None
+        if prev is not None and sum(ra.numel() for ra, *_ in terms) * n >= _INCREMENTAL_MIN_MACS:
+            ch = {j: (idx[j] != prev[0][j]).nonzero().flatten() for j in js}
+            if any(2 * len(ch[j]) >= len(idx[j]) for j in js):
+                ch = None
+        if ch is not None:
+            # the groups moved only a few units: update the last sum with those slices alone (late passes
+            # change a few units of a group; its neighbours' matmuls shrink accordingly)
+            total = prev[1]
+            for j, (ra, bm, ax, _) in zip(js, terms):
+                if len(ch[j]):
+                    a = ra.reshape(bm.shape).index_select(ax, ch[j]).reshape(n, -1)
+                    d = bm.index_select(ax, idx[j][ch[j]]) - bm.index_select(ax, prev[0][j][ch[j]])
+                    total.addmm_(a, d.reshape(n, -1).T)
         else:
-            term = ra @ bm.index_select(ax, idx).reshape(n, -1).T
-        self.last[k, j] = (idx, term)
-        return term
+            total = None
+            for j, (ra, bm, ax, _) in zip(js, terms):
+                b = bm.index_select(ax, idx[j]).reshape(n, -1)
+                total = ra @ b.T if total is None else total.addmm_(ra, b.T)
+        self.last[k, key] = (idx, total)
+        return total
 
 
 def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.ndarray, list | None]],
