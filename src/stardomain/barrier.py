@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ._verbs import make_callable
 from .checkpoint import atomic_write_bytes, build_from_meta, data_from_meta, read_pair, weights_sha256
-from .data import DataBundle, Split, batches, first_inputs
+from .data import DataBundle, Split, batches, first_inputs, per_token
 from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_module
 from .engine import STRATEGIES as METHODS
 from .errors import UserError
@@ -185,7 +185,8 @@ def _logits(model: nn.Module, split: Split, batch_size: int, device) -> tuple[to
     model.eval()
     outs, ys = [], []
     for x, y in batches(split, batch_size, device=device):
-        outs.append(model(x).double().cpu())
+        out, y = per_token(model(x).double(), y)
+        outs.append(out.cpu())
         ys.append(y.cpu())
     return torch.cat(outs), torch.cat(ys)
 
@@ -209,7 +210,7 @@ def _scaled_loss(model: nn.Module, split: Split, batch_size: int, device, temps:
     model.eval()
     sums, n = [0.0] * len(temps), 0
     for x, y in batches(split, batch_size, device=device):
-        out = model(x).double()
+        out, y = per_token(model(x).double(), y)
         for i, T in enumerate(temps):
             sums[i] += F.cross_entropy(out / T, y, reduction="sum").item()
         n += len(y)
