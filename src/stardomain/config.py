@@ -145,6 +145,9 @@ class StudyEvalConfig(Section):
     align: bool = True  # weight matching before interpolating (the paper's "modulo permutations")
     bn_batches: int | None = Field(None, ge=1)  # BN recalibration batches per point; None: the whole train split
     batch_size: int = Field(1000, ge=1)
+    # Measure on a seeded sample of this many examples of each split (the same for every pair; BN is
+    # recalibrated on it too); None: the whole splits. For studies whose full evaluation would dominate.
+    examples: int | None = Field(None, ge=1)
     # Also report loss barriers after temperature scaling each interpolated model (one temperature per t,
     # fitted by NLL on a calibration split: the data set's `val` split, else a seeded `temperature_fraction`
     # of the test split, which the temperature-scaled test losses then leave out).

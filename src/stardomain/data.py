@@ -373,6 +373,18 @@ def data_meta(b: DataBundle, cfg: DataConfig) -> dict[str, Any]:
             **({"input_dtype": "int64"} if b.sequence else {}), **b.info}
 
 
+def sample_examples(b: DataBundle, n: int | None, seed: int) -> DataBundle:
+    """The bundle with its train and test splits cut to a seeded sample of n examples each (in memory; a
+    split no larger than n, or n None, is kept whole): a cheaper, paired estimate of every pair's curve."""
+    def cut(sp: Split, tag: int) -> Split:
+        if n is None or sp.x is None or len(sp) <= n:
+            return sp
+        idx = torch.randperm(len(sp), generator=torch.Generator().manual_seed(seed * 2 + tag))[:n].sort().values
+        return Split(sp.x[idx], sp.y[idx])
+
+    return b if n is None else DataBundle(**{**b.__dict__, "train": cut(b.train, 0), "test": cut(b.test, 1)})
+
+
 def per_token(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets as one prediction per row: next-token targets (N, T) with logits (..., N, T, V)
     become (N*T,) and (..., N*T, V), so a loss or accuracy is the mean over tokens; class targets (N,)

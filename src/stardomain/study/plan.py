@@ -141,6 +141,8 @@ class _Builder:
         if align is not None:
             ev["align"] = align
         ident_ev = ev if ev["temperature"] else {k: v for k, v in ev.items() if not k.startswith("temperature")}
+        if ident_ev["examples"] is None:  # as before the option existed: existing pairs stay valid
+            ident_ev = {k: v for k, v in ident_ev.items() if k != "examples"}
         key = key_of({"op": "pair", "v": CACHE_VERSION, "a": a, "b": b, "eval": ident_ev, "seed": self.st.seed})
         return self._add(Task(key, "pair", f"{self.labels[a]} ↔ {self.labels[b]}", {
             "a": self.model_file(a), "b": self.model_file(b), "a_label": self.labels[a],
