@@ -41,3 +41,19 @@ def test_width_sweep_star_recipe_is_the_default_studys():
     sweep = load_config(ROOT / "configs" / "mnist_width_sweep.yaml")
     default = load_config(ROOT / "configs" / "default.yaml")
     assert sweep.train == default.train and sweep.star == default.star
+
+
+def test_transformer_studies_plan_controls_and_the_sources_sweep():
+    """configs/text_gpt.yaml and configs/mnist_vit.yaml: a transformer per study, the naive-centre and
+    no-alignment controls, a star per |Z| in the sweep, held-outs enough for a significant sign-flip test."""
+    for name, data, model in (("text_gpt", "pydoc_text", "gpt"), ("mnist_vit", "mnist", "vit")):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert (cfg.data.name, cfg.model.name) == (data, model)
+        assert {"regular_regular_unaligned", "average_heldout", "merged_heldout"} <= set(cfg.study.pairs)
+        assert 2 ** -cfg.study.n_heldouts < cfg.study.alpha  # the smallest sign-flip p can be significant
+        plan = build_plan(cfg)
+        ops = Counter(t.op for t in plan.tasks)
+        assert ops["star"] == len(cfg.study.sweeps.n_sources) and ops["train"] == cfg.study.n_sources + cfg.study.n_heldouts
+        rows = plan.layout["sweeps"]["n_sources"]
+        assert [r["value"] for r in rows] == sorted(cfg.study.sweeps.n_sources)
+        assert rows[-1]["value"] == cfg.study.n_sources and rows[-1]["star"] == plan.layout["main"]["star"]
