@@ -195,6 +195,23 @@ def test_aligned_variant_computes_b_and_moves_only_its_groups(seed, variant, opt
         assert all(torch.equal(sd_p[t], b[t]) for t in b)
 
 
+@pytest.mark.parametrize("variant", ["heads", "mlp", "stream"])
+def test_activation_matching_with_a_variant_keeps_b_and_the_other_groups(variant):
+    """B: A with the variant's groups permuted and every other group too; activation matching with the
+    variant undoes the first and leaves the rest as B has them."""
+    m, spec = _zoo("vit", patch=4, dim=16)
+    a, kept = _noisy(m, 0), restrict(spec, variant)
+    p = random_permutation(spec, torch.Generator().manual_seed(4))
+    b = apply_permutation(spec, a, p)
+    data = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    sd_p, info = align(m, a, b, example_input=X, method="activation", data_x=data, variant=variant)
+    assert (_f64(m, sd_p, data) - _f64(m, b, data)).abs().max() / _f64(m, b, data).abs().max() < 1e-10
+    assert set(info["perm"]) == set(kept.groups)
+    rest = {k: p[k] for k in spec.groups if k not in kept.groups}  # B's order in the other groups
+    expected = apply_permutation(spec, a, {**{k: torch.arange(g.size) for k, g in kept.groups.items()}, **rest})
+    assert distance(expected, sd_p) == 0.0
+
+
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("opts", [{}, GPT_OPTS], ids=["gpt", "gpt-rope-gqa-rms-swiglu"])
 def test_a_copy_permuted_in_one_role_is_recovered_by_that_variant(role, opts):

@@ -320,9 +320,9 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
 
     With `align`, B is first replaced by the permutation of B that best matches A (weight matching,
     `stardomain.permute.align`). `align` may name an alignment variant (`stardomain.permute.VARIANTS`):
-    "heads", "mlp" or "stream" align only that role's groups; True is "full", False "none". `refine` > 0 evaluates that many extra t values between the grid
-    neighbours of the worst grid point (train and test loss) and reports `barrier_refined` beside the
-    grid barrier.
+    "heads", "mlp" or "stream" align only that role's groups; True is "full", False "none".
+    `refine` > 0 evaluates that many extra t values between the grid neighbours of the worst grid point
+    (train and test loss) and reports `barrier_refined` beside the grid barrier.
     """
     t_start = time.perf_counter()
     ts = list(ts) if ts is not None else grid(points)
