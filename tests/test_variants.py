@@ -59,7 +59,7 @@ def test_zoo_roles(name, kwargs, counts):
     _, spec = _zoo(name, **kwargs)
     assert tuple(_roles(spec).values()) == counts
     heads, mlp, stream = (_owners(spec, r) for r in ROLES)
-    for g in spec.groups.values():  # coupled halves share their role; anything split into heads is attention
+    for g in spec.groups.values():  # coupled halves are both attention heads
         assert g.couple is None or spec.groups[g.couple].role == g.role == "heads"
     rows = {role: {t for t, ax in owners if ax == 0 and t.endswith("weight")} for role, owners in
             zip(ROLES, (heads, mlp, stream))}

@@ -246,8 +246,8 @@ def _variants_lines(results: dict, plots: dict[str, str], metric: str = "train_l
         f" {KIND_NAMES.get(b, b).split(' (')[0]} | of full alignment's reduction |" for b in bases)
     rows = [head, "|---|---|" + "---|---|" * len(bases)]
     for v in variants:
-        frac = next((r["alignment"].get("permutable_fraction") for b in bases for r in pairs.get(table[b].get(v), [])
-                     if (r.get("alignment") or {}).get("permutable_fraction") is not None), 0.0 if v == "none" else None)
+        fracs = [r["alignment"].get("permutable_fraction") for b in bases for r in pairs.get(table[b].get(v), [])]
+        frac = 0.0 if v == "none" else next((f for f in fracs if f is not None), None)
         cells = [pairkinds.VARIANT_WORDS[v], "—" if frac is None else f"{100 * frac:.0f}%"]
         for b in bases:
             s = summary.get(table[b].get(v), {}).get(metric)

@@ -55,9 +55,9 @@ def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, meth
         warnings.simplefilter("ignore", CoverageWarning)  # the record carries them; the CLI prints them
         sd_p, info = align(model, sd_a, sd_b, example_input=x, method=method, data_x=data_x, seed=seed,
                            check=True, max_iter=max_iter, init=init, variant=variant)
-    rec = {k: info[k] for k in ("method", "variant", "iterations", "converged", "groups", "distance_before", "distance_after",
-                                "distance_over", "equivalence_error", "seconds", "permutable_fraction",
-                                "capture", "capture_error", "warnings")}
+    rec = {k: info[k] for k in ("method", "variant", "iterations", "converged", "groups", "distance_before",
+                                "distance_after", "distance_over", "equivalence_error", "seconds",
+                                "permutable_fraction", "capture", "capture_error", "warnings")}
     rec.update({"init": info.get("init"), "seed": seed, "reference": str(path_a), "reference_sha256": meta_a["sha256"],
                 "source": str(path_b), "source_sha256": meta_b["sha256"]})
     meta = {k: v for k, v in meta_b.items() if k not in ("sha256", "digest")}
