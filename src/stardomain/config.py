@@ -34,6 +34,8 @@ class AlignMethod(str, Enum):
 
 
 MatchInit = Enum("MatchInit", {n: n for n in ("informed", "identity", "sorted")}, type=str)
+# Which permutation groups alignment moves (stardomain.permute.VARIANTS; tests check the two agree).
+AlignVariant = Enum("AlignVariant", {n: n for n in ("full", *pairkinds.VARIANTS)}, type=str)
 
 
 class Executor(str, Enum):
@@ -153,6 +155,16 @@ class StudyEvalConfig(Section):
     # of the test split, which the temperature-scaled test losses then leave out).
     temperature: bool = False
     temperature_fraction: float = Field(0.2, gt=0, lt=1)
+    # Alignment variants: each also measures star_heldout and regular_regular (those listed in study.pairs)
+    # aligning only attention heads, only MLP hidden units, only the residual stream, or nothing
+    # (docs/method.md, "Alignment variants"): which symmetry carries the barrier.
+    variants: list[Literal[pairkinds.VARIANTS]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _variants_align(self) -> "StudyEvalConfig":
+        if self.variants and not self.align:
+            raise ValueError("variants compare partial alignments with full alignment; set align: true")
+        return self
 
 
 class StudySweeps(Section):
