@@ -45,11 +45,13 @@ def test_width_sweep_star_recipe_is_the_default_studys():
 
 def test_transformer_studies_plan_controls_and_the_sources_sweep():
     """configs/text_gpt.yaml and configs/mnist_vit.yaml: a transformer per study, the naive-centre and
-    no-alignment controls, a star per |Z| in the sweep, held-outs enough for a significant sign-flip test."""
+    no-alignment controls, the attention alignment variants, a star per |Z| in the sweep, held-outs enough
+    for a significant sign-flip test."""
     for name, data, model in (("text_gpt", "pydoc_text", "gpt"), ("mnist_vit", "mnist", "vit")):
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
         assert (cfg.data.name, cfg.model.name) == (data, model)
         assert {"regular_regular_unaligned", "average_heldout", "merged_heldout"} <= set(cfg.study.pairs)
+        assert {"heads", "mlp", "none"} <= set(cfg.study.eval.variants)  # which symmetry carries the barrier
         assert 2 ** -cfg.study.n_heldouts < cfg.study.alpha  # the smallest sign-flip p can be significant
         plan = build_plan(cfg)
         ops = Counter(t.op for t in plan.tasks)
