@@ -14,7 +14,7 @@ import torch.nn as nn
 from clitools import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from permute_families import FAMILIES
+from permute_families import FAMILIES, noisy, outputs_f64
 
 from stardomain import pairkinds
 from stardomain.config import AlignVariant, Config, validate
@@ -164,27 +164,14 @@ def test_variant_names_agree_between_config_and_library():
     assert pairkinds.VARIANTS == VARIANTS[1:]
 
 
-def _noisy(m, seed):
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if torch.is_floating_point(v) else v
-            for k, v in m.state_dict().items()}
-
-
-def _f64(m, sd, x):
-    m = copy.deepcopy(m).double().eval()
-    m.load_state_dict({k: v.double() for k, v in sd.items()})
-    with torch.no_grad():
-        return m(x.double())
-
-
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**16), variant=st.sampled_from(VARIANTS), opts=st.booleans())
 def test_aligned_variant_computes_b_and_moves_only_its_groups(seed, variant, opts):
     m, spec = _zoo("gpt", dim=16, **(GPT_OPTS if opts else {}))
-    a, b = _noisy(m, seed), _noisy(m, seed + 1)
+    a, b = noisy(m, seed), noisy(m, seed + 1)
     sd_p, info = align(m, a, b, example_input=X, variant=variant, seed=seed)
     assert info["variant"] == variant
-    err = (_f64(m, sd_p, X) - _f64(m, b, X)).abs().max() / _f64(m, b, X).abs().max()
+    err = (outputs_f64(m, sd_p, X) - outputs_f64(m, b, X)).abs().max() / outputs_f64(m, b, X).abs().max()
     assert err < 1e-10  # B's function, compared here in float64
     kept = restrict(spec, variant)
     assert set(info["perm"]) == set(kept.groups)
@@ -200,12 +187,12 @@ def test_activation_matching_with_a_variant_keeps_b_and_the_other_groups(variant
     """B: A with the variant's groups permuted and every other group too; activation matching with the
     variant undoes the first and leaves the rest as B has them."""
     m, spec = _zoo("vit", patch=4, dim=16)
-    a, kept = _noisy(m, 0), restrict(spec, variant)
+    a, kept = noisy(m, 0), restrict(spec, variant)
     p = random_permutation(spec, torch.Generator().manual_seed(4))
     b = apply_permutation(spec, a, p)
     data = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     sd_p, info = align(m, a, b, example_input=X, method="activation", data_x=data, variant=variant)
-    assert (_f64(m, sd_p, data) - _f64(m, b, data)).abs().max() / _f64(m, b, data).abs().max() < 1e-10
+    assert (outputs_f64(m, sd_p, data) - outputs_f64(m, b, data)).abs().max() / outputs_f64(m, b, data).abs().max() < 1e-10
     assert set(info["perm"]) == set(kept.groups)
     rest = {k: p[k] for k in spec.groups if k not in kept.groups}  # B's order in the other groups
     expected = apply_permutation(spec, a, {**{k: torch.arange(g.size) for k, g in kept.groups.items()}, **rest})
@@ -216,7 +203,7 @@ def test_activation_matching_with_a_variant_keeps_b_and_the_other_groups(variant
 @pytest.mark.parametrize("opts", [{}, GPT_OPTS], ids=["gpt", "gpt-rope-gqa-rms-swiglu"])
 def test_a_copy_permuted_in_one_role_is_recovered_by_that_variant(role, opts):
     m, spec = _zoo("gpt", dim=16, **opts)
-    a = _noisy(m, 0)
+    a = noisy(m, 0)
     only = restrict(spec, role)
     perms = (random_permutation(only, torch.Generator().manual_seed(s)) for s in range(100))
     b = next(b for b in (apply_permutation(only, a, p) for p in perms) if distance(a, b) > 1.0)  # not the identity
