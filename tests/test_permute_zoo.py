@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stardomain.models import build_model
-from stardomain.permute import (align, apply_permutation, distance, equivalence_error, inverse, random_permutation,
-                                spec_from_model, weight_matching)
+from stardomain.permute import (activation_error, align, apply_permutation, distance, equivalence_error, inverse,
+                                random_permutation, spec_from_model, weight_matching)
 
 ZOO = [
     ("gpt", {}),
@@ -41,6 +41,8 @@ def test_zoo_transformers_permute_exactly(name, kwargs):
     p = random_permutation(spec, torch.Generator().manual_seed(2))
     sp = apply_permutation(spec, sd, p)
     assert equivalence_error(m, sd, sp, x) < 1e-10
+    err, n, tol = activation_error(m, spec, sd, sp, p, x)  # every probed node, the fused q/k/v output included
+    assert n > 0 and err < tol == 1e-9
     q, _ = weight_matching(spec, sd, sp)
     assert distance(sd, apply_permutation(spec, sp, q)) == 0.0
     assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups)

@@ -612,7 +612,8 @@ def _observe_pair(spec: PermutationSpec, model: torch.nn.Module, x, sd_a: dict, 
 
     model = copy.deepcopy(model).eval()
     gm = capture_module(model, x, spec.capture)
-    chosen = {k: sorted(g.probes, key=lambda p: (not _is_nonlinear(gm, p.node),))[:max_probes]
+    chosen = {k: sorted([p for p in g.probes if p.rep == 1],  # (a query head's copies of key units: not needed)
+                        key=lambda p: (not _is_nonlinear(gm, p.node),))[:max_probes]
               for k, g in spec.groups.items()}
     fused = _mha_probes(spec, gm)
     mha_inputs = {}  # (MultiheadAttention node, 0/1/2) -> the node computing its query/key/value input
