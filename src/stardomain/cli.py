@@ -228,10 +228,13 @@ def run(
                                             "(MNIST, MLP width 16, 10 sources, 5 held-outs, a star, all pairs)."),
     out: Path = typer.Option(..., "--out", "-o", help="Study folder: results.json, report.md/.html, plots/, "
                              "models/, cache/. Re-running with the same folder resumes and reuses finished work."),
-    executor: Executor = typer.Option(Executor.local, "--executor", help="local (in-process, sequential) or ray."),
+    executor: Executor = typer.Option(Executor.local, "--executor", help="local (this machine; --workers processes) "
+                                      "or ray."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (e.g. auto or "
                                               "host:6379); without it --executor ray starts a local one."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="CPUs of the local Ray cluster (default: all)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, max=1024, help="Study tasks run at once, each "
+                                          "with --threads threads (local: a pool of N processes, default 1; ray: "
+                                          "default as many as the cluster's CPUs allow). Results do not depend on it."),
     set_: List[str] = SetOpt,
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps for every task "
                                          "(the same as --set study.device=...; default: the config's, auto)."),

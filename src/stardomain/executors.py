@@ -227,7 +227,7 @@ def get_executor(name: str, *, address: str | None = None, num_workers: int | No
     if name == "local":
         if address:
             raise UserError("--ray-address only applies with --executor ray")
-        return LocalExecutor(num_workers or 1)
+        return LocalExecutor(1 if num_workers is None else num_workers)
     if name == "ray":
         return RayExecutor(address, num_workers)
     raise UserError(f"unknown executor {name!r}; choose local or ray")
