@@ -392,3 +392,83 @@ def test_ctrl_c_in_a_command_that_does_not_resume(monkeypatch, capsys, tmp_path)
     monkeypatch.setattr(ckm, "read_model_file", stop)
     code, _, err = run_cli(monkeypatch, capsys, "info", tmp_path / "m.safetensors")
     assert (code, err) == (130, "interrupted; stardomain info does not resume: re-run it to start over\n")
+
+
+# ---------------------------------------------------------------- the report and JSON that read well
+
+def _floats(obj):
+    if isinstance(obj, float):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _floats(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _floats(v)
+
+
+def test_json_results_show_six_significant_digits(monkeypatch, capsys, tmp_path):
+    """--json and --json-out show floats to 6 significant digits, the measured values rounded."""
+    from stardomain.barrier import measure_files
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for seed, f in ((0, a), (1, b)):
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--out", f, "--seed", seed, "--set", "train.epochs=1",
+                               *DIGITS)
+        assert code == 0, err
+    js = tmp_path / "b.json"
+    code, out, err = run_cli(monkeypatch, capsys, "barrier", a, b, "--points", 3, "--json", "--json-out", js)
+    assert code == 0, err
+    printed = json.loads(out)
+    assert json.loads(js.read_text()) == printed
+    assert all(float(f"{x:.6g}") == x for x in _floats(printed))
+    direct = measure_files(a, b, points=3, device="cpu")
+    assert printed["train"]["loss"] == [float(f"{x:.6g}") for x in direct["train"]["loss"]]
+    assert any(float(f"{x:.6g}") != x for x in direct["train"]["loss"])  # the rounding did something
+    code, out, err = run_cli(monkeypatch, capsys, "eval", a, "--json")
+    assert code == 0 and all(float(f"{x:.6g}") == x for x in _floats(json.loads(out)))
+
+
+TIMING_WORDS = re.compile(r"(^|_)(s|seconds?|secs|time|timings?|elapsed|wall|duration)($|_)")
+
+
+def test_report_carries_config_versions_date_and_the_bma_figure_and_results_no_timings(tmp_path):
+    """A tiny study with BMA: report.md/.html show when and with what they were written, the resolved
+    config (YAML that loads back to results.json's config; collapsed in the HTML) and the BMA figure;
+    results.json has no timing field anywhere (they are all in timings.json)."""
+    from stardomain import __version__
+    from stardomain.config import Config
+    from stardomain.study import run_study
+
+    cfg = Config.model_validate({
+        "data": {"name": "digits"}, "model": {"name": "mlp", "kwargs": {"width": 8}},
+        "train": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+        "study": {"n_sources": 2, "n_heldouts": 1, "eval": {"points": 3}, "bootstrap": 100, "bma": True,
+                  "bma_k": 2}})
+    res = run_study(cfg, tmp_path / "s", progress=False)
+    md = (tmp_path / "s" / "report.md").read_text()
+    html = (tmp_path / "s" / "report.html").read_text()
+    assert re.search(rf"Written \d{{4}}-\d\d-\d\d \d\d:\d\d UTC by stardomain {re.escape(__version__)} "
+                     rf"\(torch {re.escape(torch.__version__)}, numpy ", md)
+    block = md.split("## Config", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block) == res["config"] == cfg.model_dump(mode="json")
+    assert "<details><summary>the config as YAML</summary>" in html and "</code></pre>\n</details>" in html
+    png = (tmp_path / "s" / "plots" / "bma.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "![bma](plots/bma.png)" in md
+    import base64
+    assert base64.b64encode(png).decode() in html
+
+    def keys(obj, path=""):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield f"{path}.{k}", str(k)
+                yield from keys(v, f"{path}.{k}")
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from keys(v, path)
+
+    on_disk = json.loads((tmp_path / "s" / "results.json").read_text())
+    timed = [p for p, k in keys(on_disk) if TIMING_WORDS.search(k.lower())]
+    assert timed == []
+    timings = json.loads((tmp_path / "s" / "timings.json").read_text())
+    assert timings["tasks"] and all("seconds" in v for v in timings["tasks"].values())

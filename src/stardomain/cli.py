@@ -85,6 +85,17 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Print the full tr
     _DEBUG["on"] = _DEBUG["on"] or debug
 
 
+JSON_DIGITS = 6  # significant digits of the floats a result's JSON shows (float32 results hold ~7)
+
+
+def result_json(obj):
+    """A command's JSON result as --json prints it and --json-out writes it: plain JSON, floats rounded
+    to JSON_DIGITS significant digits so it reads well (results.json, a study's file, keeps 12)."""
+    from .utils import json_safe, round_floats
+
+    return round_floats(json_safe(obj), JSON_DIGITS)
+
+
 def echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
@@ -176,7 +187,7 @@ def eval_(path: Path = typer.Argument(..., help="A model file written by stardom
     model, meta = load_model(path, resolve_device(device))
     res = evaluate_splits(model, data_from_meta(meta, str(path)), batch_size)
     if json_:
-        echo_json(res)
+        echo_json(result_json(res))
     else:
         for split, r in res.items():
             typer.echo(f"{split:<6} loss {r['loss']:.4f}  acc {r['acc']:.4f}")
@@ -305,7 +316,7 @@ def bma_(
     """
     from .bma import bma_files, report_section
     from .bma import table as bma_table
-    from .checkpoint import atomic_write_text, check_distinct, check_output
+    from .checkpoint import atomic_write_json, atomic_write_text, check_distinct, check_output
 
     use_threads(threads)
     allow_factories(allow_factory)
@@ -320,13 +331,15 @@ def bma_(
         raise UserError(f"--ns must be comma-separated integers such as 1,2,5 (got {ns[:40]!r})") from None
     if n_list and min(n_list) < 1:
         raise UserError(f"--ns values must be at least 1 (got {min(n_list)})")
-    res = bma_files(star, [str(f) for f in files], k=k, seed=seed, json_out=json_out, seeds=seeds, plot=plot,
+    res = bma_files(star, [str(f) for f in files], k=k, seed=seed, seeds=seeds, plot=plot,
                     fusion_path=fusion, align=align, ns=n_list, bn_batches=bn_batches, device=device, ood=ood,
                     progress=lambda s: typer.echo(f"  {s}", err=True))
     if report:
         atomic_write_text(report, report_section(res))
+    if json_out:
+        atomic_write_json(json_out, result_json(res))
     if json_:
-        echo_json(res)
+        echo_json(result_json(res))
         return
     typer.echo(bma_table(res))  # every metric descriptor the result has (stardomain.metrics.METRICS)
     wrote = [str(p) for p in (json_out, plot, report) if p]
@@ -376,9 +389,9 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     for w in rec.get("warnings", []):
         typer.echo(f"warning: {w}", err=True)
     if json_out:
-        atomic_write_json(json_out, rec)
+        atomic_write_json(json_out, result_json(rec))
     if json_:
-        echo_json(rec)
+        echo_json(result_json(rec))
         return
     typer.echo(f"wrote {out}  method {rec['method']}  iterations {rec['iterations']}  "
                f"parameter L2 distance to A {rec['distance_before']:.4f} -> {rec['distance_after']:.4f}  "
@@ -487,11 +500,11 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     from .checkpoint import atomic_write_json
 
     if json_out is not None:
-        atomic_write_json(json_out, rec)
+        atomic_write_json(json_out, result_json(rec))
     if plot_out is not None:
         plot(rec, plot_out, title=f"{a.name} → {b.name} ({'aligned' if not no_align else 'not aligned'})")
     if json_:
-        echo_json(rec)
+        echo_json(result_json(rec))
         return
     br = rec["barrier"]
     typer.echo(f"barrier  train loss {br['train_loss']:.4f} (t={br['train_loss_t']})  test loss "

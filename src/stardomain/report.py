@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from markdown_it import MarkdownIt
 from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
 
 from . import pairkinds
-from .bma import report_section
+from .bma import plot_result, report_section
 from .checkpoint import atomic_write_bytes, atomic_write_text
 
 # Live views of the pair-kind table (stardomain.pairkinds): a registered kind is named and coloured too.
@@ -310,6 +311,29 @@ def _cost_lines(timings: dict | None) -> list[str]:
     return lines + [""]
 
 
+def _provenance() -> str:
+    """When and with what this report was written (the models' own files record where they ran)."""
+    import time
+
+    from .checkpoint import package_versions
+
+    v = package_versions()
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    others = ", ".join(f"{k} {v[k]}" for k in v if k != "stardomain")
+    return f"Written {when} by stardomain {v['stardomain']} ({others}); the resolved config is at the end."
+
+
+def _config_lines(cfg: dict) -> list[str]:
+    """The study's resolved config (every default filled in) as YAML: `stardomain run` reads it back."""
+    import yaml
+
+    if not cfg:
+        return []
+    return ["## Config", "", "The resolved config of this study, every default filled in (`stardomain config`"
+            " prints the same for a file; saved as YAML it runs the same study):", "", "```yaml",
+            yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None).rstrip(), "```", ""]
+
+
 def render_markdown(results: dict, plots: dict[str, str], timings: dict | None = None,
                     bma_raw: dict | None = None) -> str:
     cfg = results.get("config", {})
@@ -321,6 +345,7 @@ def render_markdown(results: dict, plots: dict[str, str], timings: dict | None =
              f"{st.get('n_sources')} sources, {st.get('n_heldouts')} held-outs, barriers on "
              f"{st.get('eval', {}).get('points')} points, "
              f"{'after weight matching' if st.get('eval', {}).get('align') else 'without alignment'}.", "",
+             _provenance(), "",
              "## Verdict", "", results.get("verdict", ""), "", *_headline_lines(results), *_controls_lines(results),
              "## Interpolation curves", "", f"![curves]({plots['curves']})" if "curves" in plots else "", "",
              "## Barriers", "", "95% CI of each mean: source × held-out kinds resample sources and held-outs "
@@ -348,6 +373,10 @@ def render_markdown(results: dict, plots: dict[str, str], timings: dict | None =
     b = _bma_section(results, bma_raw)
     if b:
         lines += [b, ""]
+    if "bma" in plots:
+        lines += ["Reliability diagrams and each metric against K, the number of models averaged:", "",
+                  f"![bma]({plots['bma']})", ""]
+    lines += _config_lines(cfg)
     lines += _cost_lines(timings)
     return "\n".join(lines) + "\n"
 
@@ -355,6 +384,10 @@ def render_markdown(results: dict, plots: dict[str, str], timings: dict | None =
 _STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
           "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
           "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+
+
+_CONFIG_BLOCK = re.compile(r'(<h2>Config</h2>\n(?:<p>.*?</p>\n)?)(<pre><code class="language-yaml">.*?</code></pre>\n)',
+                           re.S)
 
 
 def _md_to_html(md: str, images: dict[str, bytes], plots: dict[str, str]) -> str:
@@ -368,6 +401,8 @@ def _md_to_html(md: str, images: dict[str, bytes], plots: dict[str, str]) -> str
         if png is not None:
             child.attrSet("src", "data:image/png;base64," + base64.b64encode(png).decode())
     body = md_it.renderer.render(tokens, md_it.options, {})
+    body = _CONFIG_BLOCK.sub(lambda m: f"{m.group(1)}<details><summary>the config as YAML</summary>\n{m.group(2)}"
+                             "</details>\n", body, count=1)  # collapsed: long, and last
     return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Star-domain study</title><style>" + _STYLE
             + "</style></head><body>\n" + body + "</body></html>\n")
 
@@ -382,6 +417,10 @@ def write_report(results: dict, out: str | Path, timings: dict | None = None,
         p = out / "plots" / f"{name}.png"
         atomic_write_bytes(p, png)
         paths[name] = f"plots/{name}.png"
+    if bma_raw and bma_raw.get("_curves"):  # the BMA figure, as `stardomain bma --plot` draws it
+        plot_result(bma_raw, out / "plots" / "bma.png")
+        images["bma"] = (out / "plots" / "bma.png").read_bytes()
+        paths["bma"] = "plots/bma.png"
     md = render_markdown(results, paths, timings, bma_raw)
     atomic_write_text(out / "report.md", md)
     atomic_write_text(out / "report.html", _md_to_html(md, images, paths))
