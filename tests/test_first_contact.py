@@ -472,3 +472,48 @@ def test_report_carries_config_versions_date_and_the_bma_figure_and_results_no_t
     assert timed == []
     timings = json.loads((tmp_path / "s" / "timings.json").read_text())
     assert timings["tasks"] and all("seconds" in v for v in timings["tasks"].values())
+
+
+# ---------------------------------------------------------------- TensorBoard (optional)
+
+def _scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_what_the_history_holds(monkeypatch, capsys, tmp_path):
+    """--tensorboard DIR: per epoch, the history's loss and accuracy (train) and the star's interpolated
+    loss, at step = epoch, as float32."""
+    pytest.importorskip("tensorboard")
+    srcs = [tmp_path / f"s{i}.safetensors" for i in range(2)]
+    for i, f in enumerate(srcs):
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--out", f, "--seed", i, "--set", "train.epochs=2",
+                               *DIGITS, "--tensorboard", tmp_path / f"tb{i}")
+        assert code == 0, err
+    got = _scalars(tmp_path / "tb0")
+    hist = _meta(srcs[0])["history"]
+    assert set(got) == {"train/loss", "train/acc"}
+    for m in ("loss", "acc"):
+        assert got[f"train/{m}"] == [(h["epoch"], pytest.approx(h[m], rel=1e-6)) for h in hist]
+    star = tmp_path / "star.safetensors"
+    code, _, err = run_cli(monkeypatch, capsys, "star", "--sources", *srcs, "--out", star, "--set", "train.epochs=2",
+                           *DIGITS, "--tensorboard", tmp_path / "tbs")
+    assert code == 0, err
+    got = _scalars(tmp_path / "tbs")
+    hist = _meta(star)["star"]["history"]
+    assert got["star/interp_loss"] == [(h["epoch"], pytest.approx(h["interp_loss"], rel=1e-6)) for h in hist]
+    assert len(hist) == 2
+
+
+def test_tensorboard_without_the_package_warns_and_trains(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    out = tmp_path / "m.safetensors"
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--out", out, "--set", "train.epochs=1", *DIGITS,
+                           "--tensorboard", tmp_path / "tb")
+    assert code == 0 and out.is_file() and not (tmp_path / "tb").exists()
+    assert [ln for ln in err.splitlines() if ln.startswith("warning")] == [
+        "warning: --tensorboard needs the tensorboard package (pip install tensorboard); training without it "
+        "(per-epoch metrics are still in the model's metadata and OUT.csv)"]

@@ -44,6 +44,9 @@ ThreadsOpt = typer.Option(None, "--threads", min=1, max=1024, help="CPU threads 
                           "(fast on a busy machine). Weights depend on it bitwise; model files record it.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing output file even if it is not an earlier "
                         "output of this same command and job (without it such a file is refused).")
+TensorboardOpt = typer.Option(None, "--tensorboard", metavar="DIR", help="Also log the per-epoch training "
+                              "metrics for TensorBoard under DIR (needs the tensorboard package; without it, one "
+                              "warning and training goes on).")
 SEED_MAX = 2**63 - 1
 AllowOpt = typer.Option([], "--allow-factory", metavar="PKG.MOD:FN",
                         help="Let a model file's metadata name this user model/data factory (imports and runs "
@@ -118,6 +121,7 @@ def train(
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
+    tensorboard: Optional[Path] = TensorboardOpt,
 ):
     """Train one model from a seed and write a self-describing .safetensors file.
 
@@ -125,13 +129,19 @@ def train(
     """
     from .checkpoint import check_output
     from .config import load_config
+    from .tblog import epoch_log
     from .train import train_to_file
 
     use_threads(threads)
     cfg = load_config(config, set_)
     check_output(out, "train", {"role": role, "seed": seed, "config": cfg.model_dump()}, force=force,
                  inputs=[config])
-    meta = train_to_file(cfg, seed, out, role=role, device=device)
+    log = epoch_log(tensorboard, "train")
+    try:
+        meta = train_to_file(cfg, seed, out, role=role, device=device, on_epoch=log)
+    finally:
+        if log is not None:
+            log.close()
     m = meta["metrics"]
     typer.echo(f"wrote {out}  train loss {m['train']['loss']:.4f} acc {m['train']['acc']:.4f}  "
                f"test loss {m['test']['loss']:.4f} acc {m['test']['acc']:.4f}")
@@ -206,6 +216,7 @@ def star(
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
+    tensorboard: Optional[Path] = TensorboardOpt,
 ):
     """Train a star model with Starlight (docs/method.md, "Starlight") from source model files.
 
@@ -220,6 +231,7 @@ def star(
     from .checkpoint import check_output, read_model_file, read_model_meta
     from .config import load_config
     from .starlight import star_to_file
+    from .tblog import epoch_log
 
     use_threads(threads)
     sources = sources_with_extra(ctx, sources, "star")
@@ -227,7 +239,12 @@ def star(
     shas = [(read_model_meta(p) or read_model_file(p)[1])["sha256"] for p in sources]
     check_output(out, "star", {"role": "star", "seed": seed, "config": cfg.model_dump(),
                                "sources": [{"sha256": h} for h in shas]}, force=force, inputs=[config, *sources])
-    meta = star_to_file(cfg, [str(p) for p in sources], out, seed=seed, device=device)
+    log = epoch_log(tensorboard, "star")
+    try:
+        meta = star_to_file(cfg, [str(p) for p in sources], out, seed=seed, device=device, on_epoch=log)
+    finally:
+        if log is not None:
+            log.close()
     m = meta["metrics"]
     typer.echo(f"wrote {out}  ({len(sources)} sources)  train loss {m['train']['loss']:.4f} acc "
                f"{m['train']['acc']:.4f}  test loss {m['test']['loss']:.4f} acc {m['test']['acc']:.4f}")
