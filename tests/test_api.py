@@ -208,6 +208,8 @@ def test_run_a_tiny_study(tmp_path):
     st = sd.run(cfg, tmp_path / "study", report=False)
     assert isinstance(st, sd.Study) and st.path == tmp_path / "study"
     assert st.results == json.loads((tmp_path / "study" / "results.json").read_text())
+    sd.run(cfg, tmp_path / "pool", report=False, workers=2)  # as --workers 2: the same bytes
+    assert (tmp_path / "pool" / "results.json").read_bytes() == (tmp_path / "study" / "results.json").read_bytes()
 
 
 class Pairs(torch.utils.data.Dataset):
