@@ -560,3 +560,24 @@ def vit_digits(in_shape, num_classes, dim=12, heads=3):
     m = ViT(img=in_shape[1], patch=4, dim=dim, heads=heads, classes=num_classes)
     m.patch_embed = nn.Conv2d(in_shape[0], dim, 4, 4)
     return m
+
+
+def noisy(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Weights plus noise (layer scale at 1e-6 becomes ~0.1: a wrong permutation in that branch shows)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if torch.is_floating_point(v) else v
+            for k, v in model.state_dict().items()}
+
+
+def outputs_f64(model: nn.Module, sd: dict, x) -> torch.Tensor:
+    """`model` with weights `sd`, in float64 and eval mode, on x (a tensor or keyword inputs): every
+    floating-point output, flattened into one vector."""
+    import copy
+
+    from stardomain.permute.inputs import flat_tensors
+
+    m = copy.deepcopy(model).double().eval()
+    m.load_state_dict({k: v.double() if torch.is_floating_point(v) else v for k, v in sd.items()})
+    with torch.no_grad():
+        out = m(**x) if isinstance(x, dict) else m(x.double() if torch.is_floating_point(x) else x)
+    return torch.cat([o.reshape(-1) for o in flat_tensors(out) if torch.is_floating_point(o)])

@@ -97,3 +97,15 @@ def test_bad_data_is_a_user_error(cfg):
 def test_cifar_without_torchvision_or_internet_is_a_clear_error():
     with pytest.raises(UserError, match="cifar10"):
         get_dataset({"name": "cifar10", "kwargs": {"root": "/nonexistent/stardomain-test", "download": False}})
+
+
+def test_sample_examples_is_a_seeded_subset_of_each_split():
+    from stardomain.data import get_dataset, sample_examples
+
+    d = get_dataset("digits")
+    a, b = sample_examples(d, 100, 3), sample_examples(d, 100, 3)
+    assert len(a.train) == len(a.test) == 100 and torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
+    rows = {tuple(r.tolist()) for r in d.train.x.flatten(1)}
+    assert all(tuple(r.tolist()) in rows for r in a.train.x.flatten(1))
+    assert not torch.equal(sample_examples(d, 100, 4).train.x, a.train.x)
+    assert sample_examples(d, None, 3) is d and len(sample_examples(d, 10**6, 3).test) == len(d.test)

@@ -5,6 +5,10 @@ import torch
 
 from stardomain.config import Config
 from stardomain.data import get_dataset
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stardomain.data import Split
 from stardomain.engine import Engine, Stack
 from stardomain.interpolate import lerp, recalibrate_bn
 from stardomain.models import build_model
@@ -110,3 +114,29 @@ def test_statistics_follow_layers_not_call_order(strategy):
     for k, v in ref.state_dict().items():
         if "running" in k:
             assert torch.allclose(got[k][1], v, rtol=1e-5, atol=1e-6), k
+
+
+def test_vmap_stacks_every_name_of_tied_weights_and_keeps_non_persistent_buffers():
+    """An embedding tied to its output head (GPT-style) and a non-persistent buffer (rotary tables): each
+    stacked row must compute what that weight set computes in the module itself."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+            self.head.weight = self.emb.weight
+            self.register_buffer("scale", torch.full((4,), 0.5), persistent=False)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.emb(x) * self.scale))
+
+    torch.manual_seed(0)
+    a, b = Tied().state_dict(), Tied().state_dict()
+    split = Split(torch.randint(7, (50,)), torch.randint(7, (50,)))
+    m = Tied()
+    got = Engine(m, "cpu", "vmap").evaluate(Stack.of([a, b]), {"s": split}, 16)["s"]["loss"]
+    want = []
+    for sd in (a, b):
+        m.load_state_dict(sd)
+        want.append(F.cross_entropy(m(split.x), split.y).item())
+    assert got == pytest.approx(want, rel=1e-5) and want[0] != pytest.approx(want[1], rel=1e-3)

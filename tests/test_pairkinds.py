@@ -38,8 +38,12 @@ def test_unregistered_kind_is_a_user_error():
 
 def test_builtin_table_keeps_the_config_defaults():
     assert DEFAULT_PAIRS == ("star_heldout", "regular_regular", "heldout_heldout", "star_source", "average_heldout")
-    assert pairkinds.names()[len(DEFAULT_PAIRS):] == ("regular_regular_unaligned", "merged_heldout")
-    assert [k for k, v in pairkinds.KINDS.items() if v.grid] == ["regular_regular", "regular_regular_unaligned"]
+    assert pairkinds.names()[len(DEFAULT_PAIRS):] == (
+        "regular_regular_unaligned", "merged_heldout", "star_heldout_heads", "star_heldout_mlp", "star_heldout_stream",
+        "star_heldout_unaligned", "regular_regular_heads", "regular_regular_mlp", "regular_regular_stream")
+    assert [k for k, v in pairkinds.KINDS.items() if v.grid] == ["regular_regular", "regular_regular_unaligned",
+                                                                 "regular_regular_heads", "regular_regular_mlp",
+                                                                 "regular_regular_stream"]
     assert pairkinds.naive_centres() == {"average_heldout": "aligned average", "merged_heldout": "merge-many centre"}
 
 

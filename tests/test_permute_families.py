@@ -3,30 +3,13 @@ a random permutation over the whole spec preserves the function (float64, output
 by the library), a permuted copy is recovered at distance 0, and in the transformer families every
 residual-stream, MLP-hidden and attention-head group is found (nothing permutable left pinned)."""
 
-import copy
 
 import pytest
 import torch
-from permute_families import FAMILIES, TRANSFORMERS, make_llama
+from permute_families import FAMILIES, TRANSFORMERS, make_llama, noisy, outputs_f64
 
 from stardomain.permute import (apply_permutation, distance, equivalence_error, inverse, random_permutation,
                                 spec_from_model, weight_matching)
-from stardomain.permute.inputs import flat_tensors
-
-
-def _noisy(model, seed):
-    """Weights plus noise (layer scale at 1e-6 becomes ~0.1: a wrong permutation in that branch shows)."""
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if torch.is_floating_point(v) else v
-            for k, v in model.state_dict().items()}
-
-
-def _f64(model, sd, x):
-    m = copy.deepcopy(model).double().eval()
-    m.load_state_dict({k: v.double() if torch.is_floating_point(v) else v for k, v in sd.items()})
-    with torch.no_grad():
-        out = m(**x) if isinstance(x, dict) else m(x.double() if torch.is_floating_point(x) else x)
-    return torch.cat([o.reshape(-1) for o in flat_tensors(out) if torch.is_floating_point(o)])
 
 
 _SPECS = {}
@@ -36,7 +19,7 @@ def _family(name, seed):
     torch.manual_seed(seed)
     m, x = FAMILIES[name]()
     spec = spec_from_model(m, x)
-    return m, x, spec, _noisy(m, seed)
+    return m, x, spec, noisy(m, seed)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -46,9 +29,9 @@ def test_random_permutation_preserves_function_and_is_recovered(name, seed):
     assert spec.groups and spec.capture in ("fx", "export")
     p = random_permutation(spec, torch.Generator().manual_seed(seed + 10))
     sp = apply_permutation(spec, sd, p)
-    ref = _f64(m, sd, x)
+    ref = outputs_f64(m, sd, x)
     assert ref.abs().max() > 0
-    assert (_f64(m, sp, x) - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert (outputs_f64(m, sp, x) - ref).abs().max() <= 1e-10 * ref.abs().max()
     assert equivalence_error(m, sd, sp, x) < 1e-10
     q, info = weight_matching(spec, sd, sp, seed=seed)
     assert distance(sd, apply_permutation(spec, sp, q)) == 0.0
@@ -97,16 +80,16 @@ def test_rotary_heads_move_whole():
     torch.manual_seed(0)
     m, x = make_llama(n_kv_heads=4, rope=True)
     spec = spec_from_model(m, x)
-    sd = _noisy(m, 0)
+    sd = noisy(m, 0)
     (qk,) = [g for g in spec.groups.values() if g.head_only and g.name.startswith("layers.0")]
     p = {k: torch.arange(g.size) for k, g in spec.groups.items()}
     p[qk.name] = torch.cat([torch.tensor([1, 0, 2, 3]), torch.arange(4, 16)])  # units 0, 1 of head 0
-    ref = _f64(m, sd, x)
-    assert (_f64(m, apply_permutation(spec, sd, p), x) - ref).abs().max() > 1e-6 * ref.abs().max()
+    ref = outputs_f64(m, sd, x)
+    assert (outputs_f64(m, apply_permutation(spec, sd, p), x) - ref).abs().max() > 1e-6 * ref.abs().max()
     # while whole heads (with their v/o partners) may move
     heads = torch.cat([torch.arange(4, 8), torch.arange(4), torch.arange(8, 16)])
     p[qk.name], p[qk.couple] = heads, heads
-    assert (_f64(m, apply_permutation(spec, sd, p), x) - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert (outputs_f64(m, apply_permutation(spec, sd, p), x) - ref).abs().max() <= 1e-10 * ref.abs().max()
 
 
 def test_channel_shuffle_and_token_mixing_are_pinned_with_reasons():

@@ -89,9 +89,10 @@ def test_keys_change_exactly_with_their_inputs():
     rr = set(L["pairs"]["regular_regular"])
 
     # evaluation settings: only pair keys change
-    p = build_plan(tiny_cfg(study={"eval": {"points": 7}}))
-    assert set(_keys(p, "train")) == by_op["train"] and set(_keys(p, "star")) == by_op["star"]
-    assert not set(_keys(p, "pair")) & by_op["pair"]
+    for ev in ({"points": 7}, {"examples": 100}):
+        p = build_plan(tiny_cfg(study={"eval": ev}))
+        assert set(_keys(p, "train")) == by_op["train"] and set(_keys(p, "star")) == by_op["star"]
+        assert not set(_keys(p, "pair")) & by_op["pair"]
 
     # a star setting: star and pairs touching the star change; models and regular pairs stay
     p = build_plan(tiny_cfg(star={"mu": 0.5}))

@@ -341,9 +341,10 @@ def _example(bundle: _data.DataBundle, n: int = 2) -> torch.Tensor:
 
 
 def align(a: Any, b: Any, *, model: Any = None, data: Any = None, example_input: Any = None,
-          method: str = "weight", seed: int = 0, check: bool = True) -> Aligned:
+          method: str = "weight", seed: int = 0, check: bool = True, variant: str = "full") -> Aligned:
     """Permute B's units to best match A (weight matching; "activation" uses a training batch), like
-    `stardomain align`. The result computes B's function (checked unless check=False). -> Aligned."""
+    `stardomain align`. The result computes B's function (checked unless check=False). `variant`: align
+    only "heads", "mlp" or "stream" groups (stardomain.permute.VARIANTS). -> Aligned."""
     ref = _first_trained(a, b)
     if example_input is not None and method == "weight" and data is None and model is not None:
         arch = model if isinstance(model, nn.Module) else model()  # nothing else is needed
@@ -355,14 +356,15 @@ def align(a: Any, b: Any, *, model: Any = None, data: Any = None, example_input:
     from .permute import align as permute_align
 
     sd_p, info = permute_align(copy.deepcopy(arch).cpu(), _state(a), _state(b), example_input=x, method=method,
-                               data_x=data_x, seed=seed, check=check)
+                               data_x=data_x, seed=seed, check=check, variant=variant)
     perm = {k: torch.as_tensor(v) for k, v in info.pop("perm").items()}
     return Aligned(sd_p, perm, info)
 
 
-def barrier(a: Any, b: Any, *, model: Any = None, data: Any = None, points: int = 11, align: bool = True,
+def barrier(a: Any, b: Any, *, model: Any = None, data: Any = None, points: int = 11, align: bool | str = True,
             seed: int = 0, device: str | None = None, **kwargs: Any) -> Barrier:
-    """Loss barrier along the straight path from A to B (B aligned to A first unless align=False), like
+    """Loss barrier along the straight path from A to B (B aligned to A first unless align=False; a variant
+    name such as "heads" aligns only those groups), like
     `stardomain barrier`. Other keywords go to `barrier.measure` (refine, repair, temperature, ...)."""
     arch, bundle, _ = _context(_first_trained(a, b), model, data)
     rec = _measure(copy.deepcopy(arch), _state(a), _state(b), bundle, points=points, align=align,

@@ -31,12 +31,13 @@ import torch.nn.functional as F
 
 from ._verbs import make_callable
 from .checkpoint import atomic_write_bytes, build_from_meta, data_from_meta, read_pair, weights_sha256
-from .data import DataBundle, Split, batches, first_inputs
+from .data import DataBundle, Split, batches, first_inputs, per_token
 from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_module
 from .engine import STRATEGIES as METHODS
 from .errors import UserError
 from .interpolate import lerp, recalibrate_bn
 from .permute import align as permute_align
+from .permute.variants import check_variant
 from .repair import apply_repair, channel_stats, remove_repair
 from .utils import resolve_device
 
@@ -185,7 +186,8 @@ def _logits(model: nn.Module, split: Split, batch_size: int, device) -> tuple[to
     model.eval()
     outs, ys = [], []
     for x, y in batches(split, batch_size, device=device):
-        outs.append(model(x).double().cpu())
+        out, y = per_token(model(x).double(), y)
+        outs.append(out.cpu())
         ys.append(y.cpu())
     return torch.cat(outs), torch.cat(ys)
 
@@ -209,7 +211,7 @@ def _scaled_loss(model: nn.Module, split: Split, batch_size: int, device, temps:
     model.eval()
     sums, n = [0.0] * len(temps), 0
     for x, y in batches(split, batch_size, device=device):
-        out = model(x).double()
+        out, y = per_token(model(x).double(), y)
         for i, T in enumerate(temps):
             sums[i] += F.cross_entropy(out / T, y, reduction="sum").item()
         n += len(y)
@@ -308,7 +310,7 @@ def _refine_points(ts: list[float], dev_t: float | None, n: int) -> list[float]:
 
 
 def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, *, points: int = 11,
-            align: bool = True, example_input: torch.Tensor | None = None, bn_batches: int | None = None,
+            align: bool | str = True, example_input: torch.Tensor | None = None, bn_batches: int | None = None,
             seed: int = 0, device=None, ts: Sequence[float] | None = None, refine: int = 0,
             batch_size: int = 1000, method: str = "auto", repair: bool = False, temperature: bool = False,
             temperature_fraction: float = 0.2) -> dict:
@@ -318,21 +320,23 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
     `train_loss_ts` / `test_loss_ts`: the loss barriers after temperature scaling every point.
 
     With `align`, B is first replaced by the permutation of B that best matches A (weight matching,
-    `stardomain.permute.align`). `refine` > 0 evaluates that many extra t values between the grid
-    neighbours of the worst grid point (train and test loss) and reports `barrier_refined` beside the
-    grid barrier.
+    `stardomain.permute.align`). `align` may name an alignment variant (`stardomain.permute.VARIANTS`):
+    "heads", "mlp" or "stream" align only that role's groups; True is "full", False "none".
+    `refine` > 0 evaluates that many extra t values between the grid neighbours of the worst grid point
+    (train and test loss) and reports `barrier_refined` beside the grid barrier.
     """
     t_start = time.perf_counter()
     ts = list(ts) if ts is not None else grid(points)
-    alignment: dict[str, Any] = {"aligned": False}
+    variant = check_variant(align if isinstance(align, str) else "full" if align else "none")
+    alignment: dict[str, Any] = {"aligned": False, "variant": "none"}
     t_align = 0.0
-    if align:
+    if variant != "none":
         if example_input is None:
             example_input = first_inputs(data.train)
         ta = time.perf_counter()
         sd_b, info = permute_align(copy.deepcopy(model).cpu(), {k: v.cpu() for k, v in sd_a.items()},
                                    {k: v.cpu() for k, v in sd_b.items()}, example_input=example_input.cpu(),
-                                   method="weight", seed=seed)
+                                   method="weight", seed=seed, variant=variant)
         t_align = time.perf_counter() - ta
         alignment = {"aligned": True, **{k: v for k, v in info.items() if k != "perm" and _jsonable(v)}}
     rec = curve(model, sd_a, sd_b, data, ts, bn_batches=bn_batches, batch_size=batch_size, device=device,
@@ -392,7 +396,7 @@ def _sha(sd: StateDict) -> str:
     return weights_sha256(sd)
 
 
-def measure_files(path_a, path_b, *, points: int = 11, align: bool = True, bn_batches: int | None = None,
+def measure_files(path_a, path_b, *, points: int = 11, align: bool | str = True, bn_batches: int | None = None,
                   device: str = "auto", refine: int = 0, seed: int = 0, repair: bool = False,
                   temperature: bool = False, temperature_fraction: float = 0.2) -> dict:
     """`measure` on two model files; refuses incompatible pairs (UserError). Adds both files' sha256."""
@@ -434,8 +438,10 @@ def plot(rec: dict, out=None, title: str | None = None) -> bytes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="dotted: chord" if metric == "loss" else "barrier = drop below chord",
                   title_fontsize=8)
-    aligned = (rec.get("alignment") or {}).get("aligned")
-    fig.suptitle(title or f"interpolation A→B ({'aligned' if aligned else 'not aligned'}, "
+    al = rec.get("alignment") or {}
+    how = ("not aligned" if not al.get("aligned") else "aligned" if al.get("variant", "full") == "full"
+           else f"aligned: {al['variant']} only")
+    fig.suptitle(title or f"interpolation A→B ({how}, "
                  f"{rec.get('data', '')})", fontsize=11)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -218,6 +218,7 @@ class Context:
         self.star_sd, self.source_sds, self.fusion_sd = star_sd, source_sds, fusion_sd
         self.k, self.seed, self.seeds, self.chunk, self.n_bins = k, seed, seeds, chunk, n_bins
         self.batch_size, self.bn_batches, self.ood_x = batch_size, bn_batches, ood_x
+        self.labels = data.test.y.reshape(-1)  # one per prediction: next-token targets count every token
         self.ks = k_checkpoints(k)
         self.curves: dict[str, Any] = {"k": self.ks}
         self.align_info: dict[str, Any] = {"seconds": 0.0, "to_star_seconds": 0.0}
@@ -262,10 +263,10 @@ class Context:
         return self._pairs[(i, j)]
 
     def score(self, run: Run) -> dict[str, float]:
-        return score(run.probs["test"], self.data.test.y, {s: run.probs[s] for s in self.ood_x}, self.n_bins)
+        return score(run.probs["test"], self.labels, {s: run.probs[s] for s in self.ood_x}, self.n_bins)
 
     def reliability(self, run: Run) -> dict:
-        return M.calibration_bins(run.probs["test"], self.data.test.y, self.n_bins)
+        return M.calibration_bins(run.probs["test"], self.labels, self.n_bins)
 
 
 @dataclass
@@ -391,7 +392,7 @@ class BMA(Predictor):
             ctx.say(f"{self.name} n={n} seed={s}")
             t0 = time.perf_counter()
             chunk_weights, t, t_align = self.segments(ctx, n, s)
-            final, curve, t_score = _bma_run(ctx.engine, chunk_weights, t, ctx.data.test.x, ctx.data.test.y,
+            final, curve, t_score = _bma_run(ctx.engine, chunk_weights, t, ctx.data.test.x, ctx.labels,
                                              ctx.ood_x, ctx.data.train, chunk=ctx.chunk, batch_size=ctx.batch_size,
                                              bn_batches=ctx.bn_batches, ks=ctx.ks, n_bins=ctx.n_bins)
             out.append(Run(final, time.perf_counter() - t0 - t_align - t_score, curve))
@@ -507,7 +508,7 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
                   ood_x=ood_x, n_bins=n_bins, say=progress or (lambda s: None))
     info: dict[str, Any] = {"k": k, "seeds": list(range(seed, seed + seeds)), "n_sources": len(source_sds),
                             "aligned": align, "bn_recalibrated": bool(ev.bn_keys), "bn_batches": bn_batches,
-                            "device": str(dev), "test_size": len(data.test.y), "ood_shifts": list(ood_x),
+                            "device": str(dev), "test_size": len(data.test.y), "test_predictions": data.test.y.numel(), "ood_shifts": list(ood_x),
                             "vectorized": vectorize, "n_bins": n_bins}
     # warm-up (so the first timing is not inflated); a module vmap cannot run falls back to a loop
     ev.probs(ev.recalibrate(Stack.of(source_sds[:1], dev), Split(data.train.x[:8], data.train.y[:8]), 8, 1),

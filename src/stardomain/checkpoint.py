@@ -16,7 +16,7 @@ import platform
 import struct
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -56,6 +56,7 @@ class DataMeta(_Open):
     input_shape: list[Annotated[int, Field(ge=1, le=2**20)]] = Field(min_length=1, max_length=4)
     num_classes: int = Field(ge=1, le=10**6)
     train_size: int | None = Field(None, ge=0)
+    input_dtype: Literal["int64"] | None = None  # token ids (next-token data); absent: float inputs
 
     @model_validator(mode="after")
     def _small_enough(self) -> "DataMeta":

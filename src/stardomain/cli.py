@@ -22,7 +22,7 @@ try:  # typer >= 0.20 ships its own copy of click; older ones use click itself
 except ImportError:  # pragma: no cover
     from click import exceptions as _clickx
 
-from .config import AlignMethod, Executor, MatchInit
+from .config import AlignMethod, AlignVariant, Executor, MatchInit
 from .errors import UserError
 
 app = typer.Typer(
@@ -375,6 +375,10 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
                                                     "weight only): informed (the default; first pass in trace "
                                                     "order, each group on what is known; recovers permuted copies "
                                                     "exactly), identity (the paper's algorithm) or sorted."),
+           only: AlignVariant = typer.Option(AlignVariant.full, "--only", help="Which permutation groups to "
+                                             "align (see `stardomain spec`): all of them (full), only attention "
+                                             "heads, only MLP hidden units, only the residual stream; the rest "
+                                             "stay as they are."),
            json_: bool = typer.Option(False, "--json", help="Print the record as JSON on stdout."),
            json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the record as JSON here."),
            threads: Optional[int] = ThreadsOpt,
@@ -402,7 +406,8 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     check_output(out, "align", {"alignment": {"reference_sha256": sha[0], "source_sha256": sha[1]}}, force=force,
                  inputs=[a, b])
     check_output(json_out, "align.json", force=force, inputs=[a, b], option="--json-out")
-    rec = align_files(a, b, out, method=method.value, seed=seed, init=init.value, strict=strict)
+    rec = align_files(a, b, out, method=method.value, seed=seed, init=init.value, strict=strict,
+                      variant=AlignVariant(only).value)
     for w in rec.get("warnings", []):
         typer.echo(f"warning: {w}", err=True)
     if json_out:
@@ -410,7 +415,8 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     if json_:
         echo_json(result_json(rec))
         return
-    typer.echo(f"wrote {out}  method {rec['method']}  iterations {rec['iterations']}  "
+    only_txt = "" if rec["variant"] == "full" else f" ({rec['variant']} only)"
+    typer.echo(f"wrote {out}  method {rec['method']}{only_txt}  iterations {rec['iterations']}  "
                f"parameter L2 distance to A {rec['distance_before']:.4f} -> {rec['distance_after']:.4f}  "
                f"equivalence error {rec['equivalence_error']:.2e}  {rec['seconds']:.2f}s")
 
@@ -475,6 +481,10 @@ def spec_(path: Path = typer.Argument(..., help="A model file written by stardom
         typer.echo(spec.summary())
 
 
+def _aligned_words(variant: str) -> str:
+    return {"full": "aligned", "none": "not aligned"}.get(variant, f"aligned: {variant} only")
+
+
 @app.command("barrier")
 def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
              b: Path = typer.Argument(..., help="Model file B (t = 1); weight-matched to A first unless --no-align."),
@@ -482,7 +492,12 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
              json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the barrier record here (JSON)."),
              plot_out: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG of loss/accuracy vs t."),
              points: int = typer.Option(11, "--points", min=3, max=10_001, help="Evenly spaced t values from 0 to 1 (11: 0, 0.1, ..., 1)."),
-             no_align: bool = typer.Option(False, "--no-align", help="Interpolate B as it is, without weight matching."),
+             no_align: bool = typer.Option(False, "--no-align", help="Interpolate B as it is, without weight "
+                                           "matching (the same as --align none)."),
+             align: Optional[AlignVariant] = typer.Option(None, "--align", help="Which permutation groups weight "
+                                                          "matching aligns: all (full, the default), only "
+                                                          "attention heads, only MLP hidden units, only the "
+                                                          "residual stream, or none."),
              bn_batches: Optional[int] = typer.Option(None, "--bn-batches", min=1, help="Training batches (of 1000) that "
                                                       "recompute BatchNorm statistics at interior t; default: all."),
              refine: int = typer.Option(0, "--refine", min=0, max=1000, help="Extra t values searched around the worst grid point."),
@@ -507,26 +522,29 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     from .barrier import measure_files, plot
     from .checkpoint import check_distinct, check_output
 
+    variant = "none" if no_align else AlignVariant(align or "full").value
+    if no_align and align not in (None, AlignVariant.none):
+        raise UserError(f"--no-align and --align {AlignVariant(align).value} contradict each other; give one")
     use_threads(threads)
     allow_factories(allow_factory)
     check_distinct(**{"json-out": json_out, "plot": plot_out})
     check_output(json_out, "barrier.json", force=force, inputs=[a, b], option="--json-out")
     check_output(plot_out, "barrier.png", force=force, inputs=[a, b], option="--plot")
-    rec = measure_files(a, b, points=points, align=not no_align, bn_batches=bn_batches, device=device,
+    rec = measure_files(a, b, points=points, align=variant, bn_batches=bn_batches, device=device,
                         refine=refine, seed=seed, repair=repair, temperature=temperature)
     from .checkpoint import atomic_write_json
 
     if json_out is not None:
         atomic_write_json(json_out, result_json(rec))
     if plot_out is not None:
-        plot(rec, plot_out, title=f"{a.name} → {b.name} ({'aligned' if not no_align else 'not aligned'})")
+        plot(rec, plot_out, title=f"{a.name} → {b.name} ({_aligned_words(variant)})")
     if json_:
         echo_json(result_json(rec))
         return
     br = rec["barrier"]
     typer.echo(f"barrier  train loss {br['train_loss']:.4f} (t={br['train_loss_t']})  test loss "
                f"{br['test_loss']:.4f}  train acc drop {br['train_acc']:.4f}  test acc drop {br['test_acc']:.4f}"
-               f"  [{'aligned' if rec['alignment']['aligned'] else 'not aligned'}, {rec['timings']['total_s']:.1f}s]")
+               f"  [{_aligned_words(variant)}, {rec['timings']['total_s']:.1f}s]")
     if temperature:
         typer.echo(f"temperature-scaled: train loss {br['train_loss_ts']:.4f}  test loss {br['test_loss_ts']:.4f}  "
                    f"(calibrated on {rec['temperature_scaled']['calibration']['source']})")

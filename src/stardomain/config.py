@@ -34,6 +34,8 @@ class AlignMethod(str, Enum):
 
 
 MatchInit = Enum("MatchInit", {n: n for n in ("informed", "identity", "sorted")}, type=str)
+# Which permutation groups alignment moves (stardomain.permute.VARIANTS; tests check the two agree).
+AlignVariant = Enum("AlignVariant", {n: n for n in ("full", *pairkinds.VARIANTS)}, type=str)
 
 
 class Executor(str, Enum):
@@ -145,11 +147,24 @@ class StudyEvalConfig(Section):
     align: bool = True  # weight matching before interpolating (the paper's "modulo permutations")
     bn_batches: int | None = Field(None, ge=1)  # BN recalibration batches per point; None: the whole train split
     batch_size: int = Field(1000, ge=1)
+    # Measure on a seeded sample of this many examples of each split (the same for every pair; BN is
+    # recalibrated on it too); None: the whole splits. For studies whose full evaluation would dominate.
+    examples: int | None = Field(None, ge=1)
     # Also report loss barriers after temperature scaling each interpolated model (one temperature per t,
     # fitted by NLL on a calibration split: the data set's `val` split, else a seeded `temperature_fraction`
     # of the test split, which the temperature-scaled test losses then leave out).
     temperature: bool = False
     temperature_fraction: float = Field(0.2, gt=0, lt=1)
+    # Alignment variants: each also measures star_heldout and regular_regular (those listed in study.pairs)
+    # aligning only attention heads, only MLP hidden units, only the residual stream, or nothing
+    # (docs/method.md, "Alignment variants"): which symmetry carries the barrier.
+    variants: list[Literal[pairkinds.VARIANTS]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _variants_align(self) -> "StudyEvalConfig":
+        if self.variants and not self.align:
+            raise ValueError("variants compare partial alignments with full alignment; set align: true")
+        return self
 
 
 class StudySweeps(Section):

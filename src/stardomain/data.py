@@ -8,6 +8,7 @@ augmentation runs on whole batches. A user factory may return torch Datasets ins
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib
 import importlib.resources
 import inspect
@@ -48,6 +49,13 @@ class DataBundle:
     val: Split | None = None
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # normalisation etc., stored in model files
+
+    @property
+    def sequence(self) -> bool:
+        """Next-token data: every input position has its own target (y of shape (N, T)), so each token is one
+        prediction in every loss, accuracy and BMA metric (`per_token`)."""
+        y = self.train.y if self.train.y is not None else torch.as_tensor(self.train.dataset[0][1])
+        return y.dim() == (2 if self.train.y is not None else 1)
 
     def split(self, name: str) -> Split:
         s = {"train": self.train, "test": self.test, "val": self.val}.get(name)
@@ -151,9 +159,58 @@ def _torchvision(name: str, root: str = "~/.cache/stardomain", download: bool = 
             "augment": name.startswith("cifar")}
 
 
+def pydoc_paragraphs() -> list[str]:
+    """The interpreter's own documentation (`pydoc_data.topics`, text every Python ships) as paragraphs:
+    topics in name order, split at blank lines, each paragraph kept once (topics repeat whole sections)."""
+    from pydoc_data.topics import topics
+
+    seen: dict[str, None] = {}
+    for name in sorted(topics):
+        for p in topics[name].split("\n\n"):
+            p = p.strip("\n")
+            if p.strip():
+                seen.setdefault(p, None)
+    return list(seen)
+
+
+def is_test_paragraph(p: str) -> bool:
+    """The fixed split rule of `pydoc_text`: a paragraph is held out when the sha256 of its text is 0 mod 10
+    (about a tenth of the text). Paragraphs are unique, so none is on both sides, and a paragraph keeps
+    its side in every Python version that has it."""
+    return int(hashlib.sha256(p.encode()).hexdigest(), 16) % 10 == 0
+
+
+def _pydoc_text(context: int = 64, **_: Any) -> dict:
+    """Character-level language modelling on Python's documentation (no download).
+
+    Paragraphs (`pydoc_paragraphs`) go to train or test by `is_test_paragraph`; each split's paragraphs are
+    joined with blank lines and cut into windows of `context` + 1 characters advancing by `context`:
+    x = window[:-1], y = window[1:] (the next character at every position). The vocabulary is every
+    character of the text, sorted; it and the text's sha256 are kept in the model files (the text differs a
+    little between Python versions)."""
+    if isinstance(context, bool) or not isinstance(context, int) or not 2 <= context <= 4096:
+        raise ValueError(f"context must be a whole number from 2 to 4096 (got {context!r})")
+    paragraphs = pydoc_paragraphs()
+    texts = {s: "\n\n".join(p for p in paragraphs if is_test_paragraph(p) == (s == "test")) for s in ("train", "test")}
+    vocab = "".join(sorted(set(texts["train"] + texts["test"] + "\n")))
+    ids = {c: i for i, c in enumerate(vocab)}
+
+    def windows(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.tensor([ids[c] for c in text], dtype=torch.int64)
+        n = (len(t) - 1) // context
+        w = t[: n * context + 1]
+        return w[:-1].view(n, context), w[1:].view(n, context)
+
+    digest = hashlib.sha256("\0".join(paragraphs).encode()).hexdigest()
+    return {"train": windows(texts["train"]), "test": windows(texts["test"]), "num_classes": len(vocab),
+            "info": {"task": "next_token", "vocab": vocab, "context": context, "source": "pydoc_data.topics",
+                     "text_sha256": digest}}
+
+
 DATASETS: dict[str, Callable[..., dict]] = {
     "mnist": _mnist,
     "digits": _digits,
+    "pydoc_text": _pydoc_text,
     **{k: (lambda k: lambda **kw: _torchvision(k, **kw))(k) for k in _TV},
 }
 
@@ -172,7 +229,8 @@ def _to_split(v, split: str) -> Split:
             raise UserError(f"data split {split!r}: labels must be whole numbers (class indices)")
         if x.dtype == torch.bool or x.is_complex() or y.is_complex() or y.dtype == torch.bool:
             raise UserError(f"data split {split!r}: x must be real numbers and y class indices")
-        return Split(x=x.float(), y=y.long())
+        tokens = y.dim() == 2 and not x.is_floating_point()  # next-token data: integer inputs stay token ids
+        return Split(x=x.long() if tokens else x.float(), y=y.long())
     raise UserError("a data factory must return (x, y) tensors or a torch Dataset for each split")
 
 
@@ -196,9 +254,16 @@ def check_bundle(b: DataBundle) -> DataBundle:
             continue
         if sp.x.dim() < 2:
             raise UserError(f"data set {b.name}: the {name} split's x has shape {tuple(sp.x.shape)}; want (N, ...)")
-        if sp.y is None or len(sp.x) != len(sp.y) or sp.y.dim() != 1:
+        if sp.y is None or len(sp.x) != len(sp.y) or sp.y.dim() not in (1, 2):
             raise UserError(f"data set {b.name}: the {name} split has {len(sp.x)} inputs but "
-                            f"{len(sp.y) if sp.y is not None else 'no'} labels (want x of shape (N, ...), y of shape (N,))")
+                            f"{len(sp.y) if sp.y is not None else 'no'} labels (want x of shape (N, ...) and y of "
+                            "shape (N,) for classes, or token ids x and targets y both of shape (N, T))")
+        if sp.y.dim() == 2 and (sp.x.is_floating_point() or sp.x.shape != sp.y.shape):
+            raise UserError(f"data set {b.name}: the {name} split has targets of shape {tuple(sp.y.shape)}, so it is "
+                            f"next-token data and needs integer token ids x of the same shape (got "
+                            f"{tuple(sp.x.shape)} {str(sp.x.dtype).replace('torch.', '')})")
+        if not sp.x.is_floating_point() and sp.y.dim() == 2 and int(sp.x.min()) < 0:
+            raise UserError(f"data set {b.name}: the {name} split has negative token ids")
         if tuple(sp.x.shape[1:]) != tuple(b.input_shape):
             raise UserError(f"data set {b.name}: the {name} split has inputs of shape {tuple(sp.x.shape[1:])}, "
                             f"the train split {tuple(b.input_shape)}")
@@ -306,6 +371,35 @@ def batches(split: Split, batch_size: int, *, generator: torch.Generator | None 
         if augment is not None:
             x = augment(x, generator)
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def data_meta(b: DataBundle, cfg: DataConfig) -> dict[str, Any]:
+    """What a model file records of its data (docs/architecture.md, "Contracts"); next-token data adds
+    `input_dtype` and, from its info, the vocabulary and context length."""
+    return {"name": b.name, "config": cfg.model_dump(), "input_shape": list(b.input_shape),
+            "num_classes": b.num_classes, "train_size": len(b.train),
+            **({"input_dtype": "int64"} if b.sequence else {}), **b.info}
+
+
+def sample_examples(b: DataBundle, n: int | None, seed: int) -> DataBundle:
+    """The bundle with its train and test splits cut to a seeded sample of n examples each (in memory; a
+    split no larger than n, or n None, is kept whole): a cheaper, paired estimate of every pair's curve."""
+    def cut(sp: Split, tag: int) -> Split:
+        if n is None or sp.x is None or len(sp) <= n:
+            return sp
+        idx = torch.randperm(len(sp), generator=torch.Generator().manual_seed(seed * 2 + tag))[:n].sort().values
+        return Split(sp.x[idx], sp.y[idx])
+
+    return b if n is None else DataBundle(**{**b.__dict__, "train": cut(b.train, 0), "test": cut(b.test, 1)})
+
+
+def per_token(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets as one prediction per row: next-token targets (N, T) with logits (..., N, T, V)
+    become (N*T,) and (..., N*T, V), so a loss or accuracy is the mean over tokens; class targets (N,)
+    pass through."""
+    if y.dim() == 1:
+        return out, y
+    return out.reshape(*out.shape[: out.dim() - y.dim() - 1], y.numel(), out.shape[-1]), y.reshape(-1)
 
 
 def first_inputs(split: Split, n: int = 2) -> torch.Tensor:

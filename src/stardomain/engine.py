@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from .data import Split, batches
+from .data import Split, batches, per_token
 from .errors import UserError
 
 StateDict = dict[str, torch.Tensor]
@@ -259,15 +259,15 @@ def score_batches(logits: Callable[[torch.Tensor, int], torch.Tensor], split: Sp
     (`_ce_stacked` when `stacked`, else F.cross_entropy), then accumulated in float64."""
     loss = torch.zeros(k, dtype=torch.float64, device=device)
     correct = torch.zeros(k, dtype=torch.int64, device=device)
-    n = 0
+    n = preds = 0  # examples (the offset of the next batch); predictions (tokens of next-token data)
     for x, y in batches(split, batch_size, device=device):
-        out = logits(x, n).float()
-        loss += (_ce_stacked if stacked else _ce_module)(out, y).double()
-        correct += (out.argmax(2) == y.unsqueeze(0)).sum(1)
-        n += len(y)
+        out, yt = per_token(logits(x, n).float(), y)
+        loss += (_ce_stacked if stacked else _ce_module)(out, yt).double()
+        correct += (out.argmax(2) == yt.unsqueeze(0)).sum(1)
+        n, preds = n + len(y), preds + len(yt)
     if n == 0:
         raise UserError("cannot evaluate on an empty split")
-    return {"loss": (loss / n).tolist(), "acc": (correct.double() / n).tolist()}
+    return {"loss": (loss / preds).tolist(), "acc": (correct.double() / preds).tolist()}
 
 
 def evaluate_module(forward: Callable[[torch.Tensor], torch.Tensor], split: Split, batch_size: int,
@@ -346,9 +346,11 @@ class _Vmapped:
 
     def __init__(self, m: nn.Module, rec: _Recording, stack: Stack, chunk: int):
         self.m, self.rec, self.chunk, self.k = m, rec, chunk, stack.k
-        floats = {k for k, v in m.named_buffers() if v.is_floating_point()}
-        ints = {k for k, v in m.named_buffers() if not v.is_floating_point()}
-        pnames = [k for k, _ in m.named_parameters()]
+        # state-dict entries only: non-persistent buffers (rotary tables) stay the module's own; every name of
+        # a tied parameter (an embedding and its output head), since the call below does not tie weights
+        floats = {k for k, v in m.named_buffers() if k in stack.tensors and v.is_floating_point()}
+        ints = {k for k, v in m.named_buffers() if k in stack.tensors and not v.is_floating_point()}
+        pnames = [k for k, _ in m.named_parameters(remove_duplicate=False)]
         self.params = {k: stack.tensors[k] for k in pnames}
         self.bufs = {k: stack.tensors[k] for k in floats}
         self.ints = {k: stack.tensors[k][0] for k in ints}  # not read in eval mode nor by exact_batch_norm
@@ -443,12 +445,17 @@ class Engine:
         self._per_example: dict[tuple, int] = {}
 
     def _guarded(self, run_vmap: Callable, run_loop: Callable):
-        """vmap when the strategy says so; under "auto", an operation vmap cannot batch falls back to loop."""
+        """vmap when the strategy says so; under "auto", an operation vmap cannot batch falls back to loop,
+        and so does one it can only batch by looping inside (torch warns "no batching rule": scaled
+        dot-product attention on CPU, measured 2.6x slower than the loop on a small GPT)."""
         if self.strategy != "vmap":
             return run_loop()
         try:
-            return run_vmap()
-        except (RuntimeError, NotImplementedError) as e:
+            with warnings.catch_warnings():
+                if self.may_fall_back:
+                    warnings.filterwarnings("error", message=".*batching rule.*", category=UserWarning)
+                return run_vmap()
+        except (RuntimeError, NotImplementedError, UserWarning) as e:
             if not self.may_fall_back or ("vmap" not in str(e).lower() and "batch" not in str(e).lower()):
                 raise
             self.strategy, self.fallback_reason = "loop", str(e).splitlines()[0][:200]
@@ -460,6 +467,9 @@ class Engine:
         shape = tuple(x0.shape[1:])
         if shape not in self._per_example:  # one forward per input shape (a new shape costs oneDNN set-up)
             self._per_example[shape] = _peak_elements_per_example(self.module, x0[:1].to(self.device))
+            if self.may_fall_back:  # two models on one example: an op vmap cannot batch shows up cheaply here
+                probe = Stack.of([self.module.state_dict()] * 2, self.device)
+                _Vmapped(self.module, rec, probe, 2).call("logits", x0[:1].to(self.device), torch.arange(2))
         per_ex = self._per_example[shape]
         chunk = max(1, min(stack.k, self.act_budget // max(1, per_ex * batch_size)))
         if self.max_models:
@@ -564,7 +574,8 @@ class Engine:
 
     @torch.no_grad()
     def probs(self, stack: Stack, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """(k, N, classes) softmax probabilities (float32 softmax, returned as float64) over an input tensor."""
+        """(k, N, classes) softmax probabilities (float32 softmax, returned as float64) over an input tensor;
+        a next-token model's (k, N, T, vocab) come as (k, N*T, vocab), in the order of `data.per_token`."""
         def run_vmap():
             v = self._vmapped(stack, x[:1], batch_size, _Recording(self.module))
             chunks = v.chunks(list(range(stack.k)))
@@ -583,4 +594,4 @@ class Engine:
     def _batched(self, x: torch.Tensor, batch_size: int, logits: Callable) -> torch.Tensor:
         out = [logits(x[i:i + batch_size].to(self.device)).float().softmax(-1).double()
                for i in range(0, len(x), batch_size)]
-        return torch.cat(out, 1)
+        return torch.cat(out, 1).flatten(1, -2)  # next-token models: one row per token

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 CENTRES = ("star", "average", "merged")  # one model each, built only when some measured kind pairs it
 GROUPS = ("sources", "heldouts")  # populations
 GROUP_WORDS = {"sources": "sources", "heldouts": "held-outs"}
+# Alignment variants a study can add (study.eval.variants): align only one role's permutation groups
+# (stardomain.permute.variants; plain names here so the config imports no torch), or nothing.
+VARIANTS = ("heads", "mlp", "stream", "none")
+VARIANT_WORDS = {"full": "full alignment", "heads": "attention heads only", "mlp": "MLP units only",
+                 "stream": "residual stream only", "none": "not aligned"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ class PairKind:
     align: bool | None = None  # None: study.eval.align decides; False: never aligned (a control)
     default: bool = True  # measured unless study.pairs says otherwise
     centre_name: str | None = None  # a naive centre the verdict weighs the star against, in words
+    base: str | None = None  # the kind this one measures again with another alignment (a variant or control)
+    variant: str | None = None  # that alignment (VARIANTS): only this role's groups aligned, or none
 
     def __post_init__(self):
         for side in (self.a, self.b):
@@ -51,8 +58,9 @@ class PairKind:
 
     @property
     def own_figure(self) -> bool:
-        """Unaligned barriers are an order of magnitude higher: drawn on their own figure."""
-        return self.align is False
+        """Other alignments of a kind (unaligned barriers are an order of magnitude higher): drawn on
+        figures of their own, beside their base kind."""
+        return self.base is not None
 
 
 def _table(*kinds: PairKind) -> dict[str, PairKind]:
@@ -69,10 +77,38 @@ KINDS: dict[str, PairKind] = _table(
     # Controls beyond the paper: regular-regular without alignment (how much of the barrier permutation
     # symmetry explains), and the held-outs' barriers to a "merge many" centre (Git Re-Basin's MergeMany).
     PairKind("regular_regular_unaligned", "regular – regular, not aligned (control)", "tab:gray", "sources",
-             "heldouts", align=False, default=False),
+             "heldouts", align=False, default=False, base="regular_regular", variant="none"),
     PairKind("merged_heldout", "merge-many centre – held-out (control)", "tab:purple", "merged", "heldouts",
              default=False, centre_name="merge-many centre"),
 )
+
+
+def _variant_kinds(bases: tuple[str, ...], colors: dict[str, str]) -> None:
+    """The alignment variants (study.eval.variants) of `bases`: one kind per base and variant, named
+    `<base>_<variant>` (`<base>_unaligned` for none), unless the table has that variant already."""
+    for base in bases:
+        b = KINDS[base]
+        for v in VARIANTS:
+            if variant_of(base, v) is None:
+                name = f"{base}_{'unaligned' if v == 'none' else v}"
+                KINDS[name] = PairKind(name, f"{b.label.split(' (')[0]}, {VARIANT_WORDS[v]}",
+                                       colors.get(v, b.color), b.a, b.b, align=v != "none", default=False,
+                                       base=base, variant=v)
+
+
+def variant_of(base: str, variant: str) -> str | None:
+    """The kind measuring `base`'s pairs with alignment variant `variant` (None: none registered)."""
+    return next((k.name for k in KINDS.values() if k.base == base and k.variant == variant), None)
+
+
+def with_variants(kinds: list[str], variants: list[str]) -> list[str]:
+    """study.pairs plus, per study.eval.variants entry, the registered variant of each kind listed."""
+    out = list(dict.fromkeys(kinds))
+    extra = [variant_of(k, v) for v in dict.fromkeys(variants) for k in out]
+    return out + [k for k in dict.fromkeys(extra) if k is not None and k not in out]
+
+
+_variant_kinds(("star_heldout", "regular_regular"), {"none": "tab:pink"})
 
 
 def names() -> tuple[str, ...]:

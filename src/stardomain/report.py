@@ -150,12 +150,62 @@ def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | N
     return _png(fig)
 
 
+_VARIANT_ORDER = ("full", *pairkinds.VARIANTS)
+
+
+def _variant_rows(results: dict) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """(bases, base -> {variant -> kind}) over the measured kinds, when some variant other than "none"
+    was measured (study.eval.variants); else ([], {})."""
+    summary = results.get("summary", {})
+    entries = [pairkinds.get(k) for k in summary]
+    bases = list(dict.fromkeys(e.base for e in entries if e is not None and e.variant not in (None, "none")))
+    table = {b: {v: k for v in _VARIANT_ORDER if (k := b if v == "full" else pairkinds.variant_of(b, v)) in summary}
+             for b in bases if b in summary}
+    return list(table), table
+
+
+def plot_variants(results: dict) -> bytes | None:
+    """Which symmetry carries the barrier: the mean barrier (95% CI) after each alignment variant, per
+    base pair kind, train and test loss."""
+    bases, table = _variant_rows(results)
+    if not bases:
+        return None
+    summary = results["summary"]
+    variants = [v for v in _VARIANT_ORDER if any(v in table[b] for b in bases)]
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    width = 0.8 / len(bases)
+    for ax, metric in zip(axes, ("train_loss", "test_loss")):
+        for i, base in enumerate(bases):
+            xs, ys, err = [], [], []
+            for j, v in enumerate(variants):
+                s = summary.get(table[base].get(v), {}).get(metric)
+                if not s or not s.get("n"):
+                    continue
+                lo, hi = s["ci95"] if s["ci95"][0] is not None else (s["mean"], s["mean"])
+                xs.append(j + (i - (len(bases) - 1) / 2) * width)
+                ys.append(s["mean"])
+                err.append((max(0.0, s["mean"] - lo), max(0.0, hi - s["mean"])))
+            ax.bar(xs, ys, width, yerr=np.array(err).T if err else None, capsize=3, color=KIND_COLORS.get(base),
+                   alpha=0.85, label=KIND_NAMES.get(base, base).split(" (")[0])
+        ax.set_xticks(range(len(variants)))
+        ax.set_xticklabels([pairkinds.VARIANT_WORDS[v] for v in variants], rotation=15, fontsize=8)
+        ax.set_ylabel(METRIC_NAMES[metric])
+        ax.set_title(f"{METRIC_NAMES[metric]} after each alignment\n(mean, 95% CI)", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def make_plots(results: dict) -> dict[str, bytes]:
     plots = {"curves": plot_curves(results), "barriers": plot_distributions(results)}
-    unaligned = tuple(k for k, v in results.get("pairs", {}).items() if v and _own_figure(k))
+    measured = [pairkinds.get(k) for k, v in results.get("pairs", {}).items() if v]
+    unaligned = [e for e in measured if e is not None and e.base and e.align is False]
     if unaligned:
-        plots["alignment_control"] = plot_curves(results, ("regular_regular", *unaligned),
-                                                 "with and without weight matching")
+        plots["alignment_control"] = plot_curves(results, tuple(dict.fromkeys(
+            k for e in unaligned for k in (e.base, e.name))), "with and without weight matching")
+    plots["variants"] = plot_variants(results)
     for dim in results.get("sweeps", {}):
         plots[f"sweep_{dim}"] = plot_sweep(results, dim)
     return {k: v for k, v in plots.items() if v}
@@ -183,6 +233,39 @@ def _summary_table(results: dict) -> list[str]:
                 rows.append(f"| {KIND_NAMES.get(kind, kind)} | {m} | {_f(s['mean'])} | {_f(s['std'])} | "
                             f"{_ci(s['ci95'])} | {s['n']} | {_f(s['min'])} | {_f(s['max'])} |")
     return rows
+
+
+def _variants_lines(results: dict, plots: dict[str, str], metric: str = "train_loss") -> list[str]:
+    """The alignment variants' table: each variant's barrier, the share of the hidden-unit axes it aligns,
+    and how much of full alignment's reduction of the barrier (unaligned − full) it achieves alone."""
+    bases, table = _variant_rows(results)
+    if not bases:
+        return []
+    summary, pairs = results["summary"], results.get("pairs", {})
+    variants = [v for v in _VARIANT_ORDER if any(v in table[b] for b in bases)]
+    head = "| alignment | share of hidden-unit axes aligned |" + "".join(
+        f" {KIND_NAMES.get(b, b).split(' (')[0]} | of full alignment's reduction |" for b in bases)
+    rows = [head, "|---|---|" + "---|---|" * len(bases)]
+    for v in variants:
+        fracs = [r["alignment"].get("permutable_fraction") for b in bases for r in pairs.get(table[b].get(v), [])]
+        frac = 0.0 if v == "none" else next((f for f in fracs if f is not None), None)
+        cells = [pairkinds.VARIANT_WORDS[v], "—" if frac is None else f"{100 * frac:.0f}%"]
+        for b in bases:
+            s = summary.get(table[b].get(v), {}).get(metric)
+            full, none = (summary.get(table[b].get(w), {}).get(metric) for w in ("full", "none"))
+            gain = none["mean"] - full["mean"] if full and none else None
+            cells += [_pm(s) + (f" {_ci(s['ci95'])}" if s and s["ci95"][0] is not None else ""),
+                      "—" if not s or not gain or gain <= 0 else f"{100 * (none['mean'] - s['mean']) / gain:.0f}%"]
+        rows.append("| " + " | ".join(cells) + " |")
+    lines = ["## Which symmetry carries the barrier", "",
+             f"{METRIC_NAMES[metric].capitalize()} after aligning only one kind of permutation group, the others "
+             "left as trained: attention heads, MLP hidden units (a block's inner units), the residual stream "
+             "(docs/method.md, \"Alignment variants\"). The reduction column is (unaligned − variant) / "
+             "(unaligned − full) of the means: the part of full alignment's gain one symmetry achieves alone.",
+             "", *rows, ""]
+    if "variants" in plots:
+        lines += [f"![variants]({plots['variants']})", ""]
+    return lines
 
 
 def _tests_table(results: dict) -> list[str]:
@@ -355,8 +438,9 @@ def render_markdown(results: dict, plots: dict[str, str], timings: dict | None =
     if "barriers" in plots:
         lines += [f"![barriers]({plots['barriers']})", ""]
     if "alignment_control" in plots:
-        lines += ["The alignment control: the same source × held-out pairs with and without weight matching.", "",
+        lines += ["The alignment control: the same pairs with and without weight matching.", "",
                   f"![alignment_control]({plots['alignment_control']})", ""]
+    lines += _variants_lines(results, plots)
     t = _tests_table(results)
     if t:
         lines += ["## Tests", "", "One-sided: is the first kind's barrier below the second's? The sign-flip test "

@@ -43,7 +43,7 @@ from torch.func import functional_call
 from . import permute
 from .checkpoint import compatible, read_model_file, save_model, weights_sha256
 from .config import Config, StarConfig, TrainConfig
-from .data import first_inputs, get_dataset
+from .data import first_inputs, get_dataset, per_token
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
 from .train import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta, write_history_csv
@@ -78,7 +78,7 @@ def star_loss(model: nn.Module, params: Mapping[str, torch.Tensor], draws: Seque
     back-propagating (1-t)·L into the interpolated leaves `work` (see `new_work`). `scratch`, when given,
     replaces the module's buffers in interpolated forwards (BatchNorm updates land there). -> the total."""
     k = len(draws)
-    n = len(y)
+    n = y.numel()  # predictions in the batch: examples, or tokens of next-token data
     scale = 1.0 / (1.0 + mu)
     total = 0.0
     work = new_work(params) if work is None else work
@@ -88,8 +88,8 @@ def star_loss(model: nn.Module, params: Mapping[str, torch.Tensor], draws: Seque
             continue
         interpolate_into(work, params, src, t)
         with torch.set_grad_enabled(backward):
-            out = functional_call(model, {**work, **scratch} if scratch else work, (xc,))
-            loss = F.cross_entropy(out.float(), yc, label_smoothing=label_smoothing, reduction="sum") * (scale / n)
+            out, yt = per_token(functional_call(model, {**work, **scratch} if scratch else work, (xc,)), yc)
+            loss = F.cross_entropy(out.float(), yt, label_smoothing=label_smoothing, reduction="sum") * (scale / n)
         if backward:
             (loss * (1.0 - t)).backward()
             for name, p in params.items():
@@ -101,8 +101,8 @@ def star_loss(model: nn.Module, params: Mapping[str, torch.Tensor], draws: Seque
         total += loss.item()
     if mu > 0:
         with torch.set_grad_enabled(backward):
-            out = model(x)  # θ's own forward: its BatchNorm buffers get θ's statistics
-            loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing) * (mu * scale)
+            out, yt = per_token(model(x), y)  # θ's own forward: its BatchNorm buffers get θ's statistics
+            loss = F.cross_entropy(out.float(), yt, label_smoothing=label_smoothing) * (mu * scale)
         if backward:
             loss.backward()
         total += loss.item()

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ._verbs import make_callable
 from .checkpoint import load_state, save_model, save_state
 from .config import Config, OptimizerConfig, ScheduleConfig, TrainConfig
-from .data import DataBundle, Split, batches, get_dataset, num_batches
+from .data import DataBundle, Split, batches, data_meta, get_dataset, num_batches, per_token
 from .engine import evaluate_module
 from .errors import UserError
 from .models import build_model
@@ -102,8 +102,7 @@ def model_meta(cfg: Config, data: DataBundle, seed: int, role: str, *, device: s
     runtime = record(resolve_device(device if device is not None else cfg.study.device))
     return {
         "model": cfg.model.model_dump(),
-        "data": {"name": data.name, "config": cfg.data.model_dump(), "input_shape": list(data.input_shape),
-                 "num_classes": data.num_classes, "train_size": len(data.train), **data.info},
+        "data": data_meta(data, cfg.data),
         "seed": seed,
         "role": role,
         "config": cfg.model_dump(),
@@ -257,8 +256,8 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
             opt.step()
             sched.step()
             n_step += 1
-            loss_sum += loss * len(y)
-            seen += len(y)
+            loss_sum += loss * y.numel()  # per prediction: an example, or a token of next-token data
+            seen += y.numel()
             correct += right or 0
             bar.update(epoch, loss_sum / seen, correct / seen if right is not None else None)
         acc = correct / seen if seen and right is not None else None
@@ -294,12 +293,12 @@ def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_
 
     def step(x, y, _n):
         with autocast(device, tc.amp):
-            out = model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=tc.label_smoothing)
+            out, yt = per_token(model(x), y)
+            loss = F.cross_entropy(out.float(), yt, label_smoothing=tc.label_smoothing)
         if not torch.isfinite(loss):
             return loss.item(), None
         loss.backward()
-        return loss.item(), (out.argmax(1) == y).sum().item()
+        return loss.item(), (out.argmax(-1) == yt).sum().item()
 
     def diverged(loss, epoch):
         kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path else ""

@@ -1,12 +1,13 @@
-"""Small transformers over images read as token sequences, for studying permutation symmetry in the
-architectures language models use, on data sets that fit a laptop.
+"""Small transformers, for studying permutation symmetry in the architectures language models use, on
+data sets that fit a laptop: a language model over token ids, or a reader of images as token sequences.
 
 An image is average-pooled to a `grid` x `grid` map per channel and each value quantised to one of
 `levels` tokens (fixed bin edges on normalised data), giving C * grid**2 tokens.
 
 - `gpt`: a decoder (causal, pre-norm, fused q/k/v projection split with .split, scaled dot-product
-  attention) that reads the pixel tokens and predicts the next token, which is the class: the
-  vocabulary holds the pixel levels and one token per class, the output head is tied to the token
+  attention). On next-token data (token ids of shape (T,)) it is a language model predicting the next
+  token at every position. On images it reads the pixel tokens and predicts the next token, which is
+  the class: the vocabulary holds the pixel levels and one token per class, the output head is tied to the token
   embedding, and the model returns the logits of the class tokens. Options: rotary embeddings
   instead of learned positions, grouped-query attention (kv_heads < heads), RMSNorm, SwiGLU.
 - `bert`: an encoder (bidirectional, post-norm, separate q/k/v, a class token, a tanh pooler).
@@ -117,14 +118,17 @@ class GPT(nn.Module):
             raise ValueError(f"dim {dim} must be divisible by heads {heads}, and heads by kv_heads {kv_heads}")
         if rope and (dim // heads) % 2:
             raise ValueError(f"rotary embeddings need an even head size, got {dim // heads}")
-        self.levels, self.num_classes = levels, num_classes
-        self.tokens = Tokens(grid, levels)
-        n = in_shape[0] * grid * grid
-        self.wte = nn.Embedding(levels + num_classes, dim)
+        if len(in_shape) == 1:  # next-token data: the input is T token ids, the vocabulary num_classes ids
+            self.levels, self.tokens, n, vocab = 0, None, in_shape[0], num_classes
+        else:
+            self.levels, self.tokens, n = levels, Tokens(grid, levels), in_shape[0] * grid * grid
+            vocab = levels + num_classes
+        self.num_classes = num_classes
+        self.wte = nn.Embedding(vocab, dim)
         self.wpe = None if rope else nn.Embedding(n, dim)
         self.h = nn.ModuleList([Block(dim, heads, kv_heads, mlp_ratio * dim, norm, mlp, rope) for _ in range(depth)])
         self.ln_f = _norm(norm, dim)
-        self.lm_head = nn.Linear(dim, levels + num_classes, bias=False)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
         self.wte.weight = self.lm_head.weight  # tied
         hd = dim // heads
         inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
@@ -135,13 +139,15 @@ class GPT(nn.Module):
         nn.init.normal_(self.lm_head.weight, std=0.02)
 
     def forward(self, x):
-        idx = self.tokens(x)
+        idx = x if self.tokens is None else self.tokens(x)
         T = idx.size(1)
         h = self.wte(idx)
         if self.wpe is not None:
             h = h + self.wpe(torch.arange(T, device=idx.device))
-        for block in self.h:  # T is always the image's token count: the tables fit it exactly
+        for block in self.h:  # T is always the context (or the image's token count): the tables fit it exactly
             h = block(h, self.cos, self.sin)
+        if self.tokens is None:
+            return self.lm_head(self.ln_f(h))  # (B, T, vocab): the next token at every position
         logits = self.lm_head(self.ln_f(h[:, -1]))  # the next token after the image
         return logits[:, self.levels:]  # ... is the class
 
@@ -149,8 +155,9 @@ class GPT(nn.Module):
 def gpt(in_shape, num_classes, dim: int = 32, depth: int = 2, heads: int = 4, kv_heads: int | None = None,
         mlp_ratio: int = 2, grid: int = 4, levels: int = 16, rope: bool = False, norm: str = "layer",
         mlp: str = "gelu") -> nn.Module:
-    """GPT-style decoder over C * grid**2 pixel tokens (MNIST, grid 4: 16 tokens) predicting the class
-    as the next token; tied embedding/head. kv_heads < heads: grouped-query attention."""
+    """GPT-style decoder; tied embedding/head; kv_heads < heads: grouped-query attention. On next-token data
+    (in_shape (T,), num_classes the vocabulary) a language model returning (B, T, vocab) logits; on images,
+    a reader of C * grid**2 pixel tokens (MNIST, grid 4: 16 tokens) predicting the class as the next token."""
     return GPT(in_shape, num_classes, dim, depth, heads, kv_heads, mlp_ratio, grid, levels, rope, norm, mlp)
 
 

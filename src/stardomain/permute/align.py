@@ -15,6 +15,7 @@ from ..errors import UserError
 from .inputs import as_call, flat_tensors, map_tensors, signature
 from .matching import INITS, activation_matching, apply_permutation, distance, weight_matching
 from .spec import PermutationSpec, spec_from_model
+from .variants import restrict
 
 TOLERANCE = 1e-5
 _CACHE: "OrderedDict[tuple, PermutationSpec]" = OrderedDict()
@@ -202,7 +203,8 @@ def _dtype(model: nn.Module) -> torch.dtype:
 
 def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, method: str = "weight",
           data_x: Any = None, seed: int = 0, check: bool = True,
-          spec: PermutationSpec | None = None, max_iter: int = 100, init: str = "informed") -> tuple[dict, dict]:
+          spec: PermutationSpec | None = None, max_iter: int = 100, init: str = "informed",
+          variant: str = "full") -> tuple[dict, dict]:
     """-> (pi(sd_b) best matching sd_a, info). `model` only provides the architecture.
 
     method "weight": weight matching (`init`: its start, see `weight_matching`; "identity" is the
@@ -215,11 +217,15 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, metho
     example_input (and data_x): a tensor, a tuple of positional arguments or a dict of keyword
     arguments. If the model's graph cannot be captured or nothing in it is permutable, a
     CoverageWarning says so and info["warnings"] holds the same lines (B is returned unchanged).
+    variant: align only one role's groups ("heads", "mlp", "stream"; permute.variants), the rest left
+    at the identity; "none" returns B unchanged; info["permutable_fraction"] is the share it aligns.
     """
     t0 = time.perf_counter()
     spec = spec if spec is not None else spec_for(model, example_input)
-    for problem in spec.problems():
+    problems = spec.problems()  # of the whole model: a variant with no groups of its role is no problem
+    for problem in problems:
         warnings.warn(problem, CoverageWarning, stacklevel=2)
+    spec = restrict(spec, variant)
     if method == "weight":
         if init not in INITS:
             raise UserError(f"unknown weight-matching start {init!r}; choose {', '.join(INITS)}")
@@ -233,9 +239,9 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, metho
     sd_p = apply_permutation(spec, sd_b, perm)
     seconds = time.perf_counter() - t0
     err = check_equivalence(model, sd_b, sd_p, example_input, spec=spec, perm=perm) if check else None
-    info = {"method": method, **info, "distance_before": distance(sd_a, sd_b, spec.parameters),
+    info = {"method": method, "variant": variant, **info, "distance_before": distance(sd_a, sd_b, spec.parameters),
             "distance_after": distance(sd_a, sd_p, spec.parameters), "distance_over": "parameters",
             "equivalence_error": err, "seconds": seconds, "permutable_fraction": spec.permutable_fraction(),
-            "capture": spec.capture, "capture_error": spec.capture_error, "warnings": spec.problems(),
+            "capture": spec.capture, "capture_error": spec.capture_error, "warnings": problems,
             "perm": {k: v.tolist() for k, v in perm.items()}}
     return sd_p, info

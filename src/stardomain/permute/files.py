@@ -16,10 +16,15 @@ from .spec import PermutationSpec
 
 def example_input(meta: dict) -> "torch.Tensor | dict":
     """Zeros of shape (2, *input_shape): enough to trace shapes (weights and values are irrelevant);
-    for an imported model with keyword inputs, two seeded samples of them (meta["example_input"])."""
+    token ids (`data.input_dtype` int64) are seeded random ids in [0, num_classes), so the equivalence
+    check sees varied sequences; for an imported model with keyword inputs, two seeded samples of them
+    (meta["example_input"])."""
     if meta.get("example_input"):
         return _example_from_spec(meta["example_input"], 2)
-    return torch.zeros(2, *[int(s) for s in meta["data"]["input_shape"]])
+    shape = (2, *[int(s) for s in meta["data"]["input_shape"]])
+    if meta["data"].get("input_dtype") == "int64":
+        return torch.randint(int(meta["data"]["num_classes"]), shape, generator=torch.Generator().manual_seed(0))
+    return torch.zeros(shape)
 
 
 def data_batch(meta: dict, n: int = 512, source: str = "the model file") -> "torch.Tensor | dict":
@@ -28,7 +33,8 @@ def data_batch(meta: dict, n: int = 512, source: str = "the model file") -> "tor
     if meta.get("example_input"):
         return _example_from_spec(meta["example_input"], min(n, 64), seed=1)
 
-    return first_inputs(data_from_meta(meta, source).train, n).float()
+    x = first_inputs(data_from_meta(meta, source).train, n)
+    return x if meta["data"].get("input_dtype") == "int64" else x.float()
 
 
 def spec_file(path: str | Path) -> tuple[PermutationSpec, dict]:
@@ -37,10 +43,12 @@ def spec_file(path: str | Path) -> tuple[PermutationSpec, dict]:
 
 
 def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
-                seed: int = 0, max_iter: int = 100, init: str = "informed", strict: bool = False) -> dict:
+                seed: int = 0, max_iter: int = 100, init: str = "informed", strict: bool = False,
+                variant: str = "full") -> dict:
     """Write pi(B), aligned to A, to `out` (B's metadata plus `alignment` provenance). -> the record
     (distances to A are over parameters: "distance_over": "parameters"). rec["warnings"] says when the
-    model could not be captured or nothing is permutable; strict: refuse (UserError) instead."""
+    model could not be captured or nothing is permutable; strict: refuse (UserError) instead. variant:
+    align only one role's groups (permute.variants)."""
     sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "align")
     model = build_from_meta(meta_a, str(path_a))
     x = example_input(meta_a)
@@ -52,10 +60,10 @@ def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, meth
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CoverageWarning)  # the record carries them; the CLI prints them
         sd_p, info = align(model, sd_a, sd_b, example_input=x, method=method, data_x=data_x, seed=seed,
-                           check=True, max_iter=max_iter, init=init)
-    rec = {k: info[k] for k in ("method", "iterations", "converged", "groups", "distance_before", "distance_after",
-                                "distance_over", "equivalence_error", "seconds", "permutable_fraction",
-                                "capture", "capture_error", "warnings")}
+                           check=True, max_iter=max_iter, init=init, variant=variant)
+    rec = {k: info[k] for k in ("method", "variant", "iterations", "converged", "groups", "distance_before",
+                                "distance_after", "distance_over", "equivalence_error", "seconds",
+                                "permutable_fraction", "capture", "capture_error", "warnings")}
     rec.update({"init": info.get("init"), "seed": seed, "reference": str(path_a), "reference_sha256": meta_a["sha256"],
                 "source": str(path_b), "source_sha256": meta_b["sha256"]})
     meta = {k: v for k, v in meta_b.items() if k not in ("sha256", "digest")}
@@ -151,7 +159,7 @@ def import_weights(weights: str | Path, factory: str, kwargs: dict, data: dict |
     the model's keyword inputs when it does not take images ({"input_ids": {"shape": [16], "dtype":
     "int64", "high": vocab}}), stored in the metadata and used for capture and checks. -> metadata."""
     from ..config import DataConfig, ModelConfig
-    from ..data import get_dataset
+    from ..data import data_meta, get_dataset
     from ..models import build_model
 
     weights = Path(weights)
@@ -163,8 +171,7 @@ def import_weights(weights: str | Path, factory: str, kwargs: dict, data: dict |
     fitted = _fit(model, sd, str(weights))
     model.load_state_dict(fitted)
     meta = {"model": mcfg.model_dump(),
-            "data": {"name": bundle.name, "config": dcfg.model_dump(), "input_shape": list(bundle.input_shape),
-                     "num_classes": bundle.num_classes, "train_size": len(bundle.train), **bundle.info},
+            "data": data_meta(bundle, dcfg),
             "seed": None, "role": "imported",
             "imported": {"weights": files, "factory": factory, "kwargs": kwargs}}
     if example:

@@ -53,6 +53,15 @@ class Group:
     heads: int = 0            # >0: permutations must map whole heads (blocks of size // heads) to heads
     couple: str | None = None  # a group that must share this group's head-level permutation
     head_only: bool = False   # units keep their order within a head (rotary q/k): whole heads move only
+    role: str = "mlp"         # what the units are (ROLES): attention heads, a block's hidden units, the stream
+
+
+# A group's role, read off the graph where the group is formed (never off names): "heads" if its units
+# meet in an attention product (q/k, or v/o sharing the scores' heads); else "stream" if it is the sum of
+# several computed values (residual additions: the embedding dimension every block reads and writes);
+# else "mlp": the hidden units of one layer or block (a feed-forward or gated SwiGLU hidden layer, a
+# conv block's inner channels, an MLP's hidden layer). Alignment variants align one role at a time.
+ROLES = ("heads", "mlp", "stream")
 
 
 @dataclass
@@ -82,7 +91,8 @@ class PermutationSpec:
     def from_dict(cls, d: dict) -> "PermutationSpec":
         groups = {k: Group(name=g["name"], size=g["size"], members=[Member(**m) for m in g["members"]],
                            probes=[Probe(**p) for p in g.get("probes", [])], heads=g.get("heads", 0),
-                           couple=g.get("couple"), head_only=g.get("head_only", False))
+                           couple=g.get("couple"), head_only=g.get("head_only", False),
+                           role=g.get("role", "heads" if g.get("couple") else "mlp"))
                   for k, g in d["groups"].items()}
         return cls(groups, [Unpermuted(u["what"], u["reason"], [list(a) for a in u.get("axes", [])])
                             for u in d["unpermuted"]],
@@ -135,7 +145,8 @@ class PermutationSpec:
 
     def summary(self) -> str:
         how = {"fx": "torch.fx", "export": "torch.export"}.get(self.capture, "nothing")
-        lines = [f"{len(self.groups)} permutation groups, "
+        roles = ", ".join(f"{n} {r}" for r in ROLES if (n := sum(g.role == r for g in self.groups.values())))
+        lines = [f"{len(self.groups)} permutation groups" + (f" ({roles})" if roles else "") + ", "
                  f"{100 * self.permutable_fraction():.1f}% of the parameter axes that carry hidden units "
                  f"permuted (captured with {how})"]
         lines += [f"warning: {p}" for p in self.problems()]
@@ -144,7 +155,7 @@ class PermutationSpec:
                      + (f" coupled with {g.couple}" if g.couple else "") if g.heads else "")
             ms = ", ".join(f"{m.tensor}[{m.axis}]" + (f"@{m.offset}" if m.offset else "")
                            + (f"x{m.block}" if m.block > 1 else "") for m in g.members)
-            lines.append(f"  {g.name}: size {g.size}{extra}: {ms}")
+            lines.append(f"  {g.name} [{g.role}]: size {g.size}{extra}: {ms}")
         if self.unpermuted:
             lines.append("unpermuted:")
             lines += [f"  {u.what}: {u.reason}" for u in self.unpermuted]
@@ -194,6 +205,8 @@ class _Builder:
         self.couple: list[int | None] = []
         self.parts: dict[int, list[int]] = {}  # a group cut into sub-groups (a fused q/k/v projection)
         self.head_only: list[bool] = []
+        self.attention: list[bool] = []  # units met in an attention product (role "heads")
+        self.summed: list[bool] = []     # the sum of several computed values (role "stream")
 
     def new(self, n: int, label: str, reason: str | None = None) -> int:
         g = len(self.parent)
@@ -206,7 +219,20 @@ class _Builder:
         self.heads.append(0)
         self.couple.append(None)
         self.head_only.append(False)
+        self.attention.append(False)
+        self.summed.append(False)
         return g
+
+    def role(self, g: int) -> str:
+        r = self.find(g)
+        return "heads" if self.attention[r] else "stream" if self.summed[r] else "mlp"
+
+    def mark(self, flags: list[bool], *gids: int) -> None:
+        for g in gids:
+            flags[self.find(g)] = True
+
+    def _inherit(self, new: int, r: int) -> None:
+        self.attention[new], self.summed[new] = self.attention[r], self.summed[r]
 
     def split(self, g: int, sizes: list[int]) -> list[int] | None:
         """Cut group g's units into consecutive sub-groups (q, k and v of one fused projection). Only a
@@ -221,6 +247,7 @@ class _Builder:
         for n in sizes:
             sg = self.new(n, f"{self.label[r]}[{off}:{off + n}]")
             self.reasons[sg] = list(self.reasons[r])
+            self._inherit(sg, r)
             self.members[sg] = [Member(m.tensor, m.axis, m.offset + off, 1) for m in self.members[r]]
             self.probes[sg] = [Probe(p.node, p.axis, p.offset + off * p.block, p.block) for p in self.probes[r]]
             subs.append(sg)
@@ -238,6 +265,7 @@ class _Builder:
         per = self.n[r] // blocks
         c = self.new(blocks, self.label[r], None)
         self.reasons[c] = list(self.reasons[r])
+        self._inherit(c, r)
         self.members[c] = [Member(m.tensor, m.axis, m.offset, per) for m in self.members[r]]
         self.probes[c] = [Probe(p.node, p.axis, p.offset, p.block * per) for p in self.probes[r]]
         self.members[r], self.probes[r] = [], []
@@ -279,6 +307,8 @@ class _Builder:
             self.fix(a, "merged groups split into different numbers of heads")
         self.heads[a] = ha or hb  # a head-structured permutation is legal for the merged group too
         self.head_only[a] = self.head_only[a] or self.head_only[b]
+        self.attention[a] = self.attention[a] or self.attention[b]
+        self.summed[a] = self.summed[a] or self.summed[b]
         ca, cb = self.couple[a], self.couple[b]
         if ca is not None and cb is not None and self.find(ca) != self.find(cb):
             self.fix(a, "attention heads coupled to two different groups")
@@ -294,6 +324,7 @@ class _Builder:
     def set_couple(self, a: int, b: int) -> None:
         """Two head-structured groups that must share their head-level permutation (q/k with v/o)."""
         a, b = self.find(a), self.find(b)
+        self.mark(self.attention, a, b)
         if a == b:
             return
         for x, y in ((a, b), (b, a)):
@@ -708,6 +739,7 @@ class _Tracer:
             self.b.add(vo, Member(f"{name}.out_proj.weight", 1))
             self.b.heads[qk] = self.b.heads[vo] = h
             self.b.couple[qk], self.b.couple[vo] = vo, qk
+            self.b.mark(self.b.attention, qk, vo)
         so = _shape(node)
         nd = len(so[0]) if so and isinstance(so[0], (tuple, list)) else len(_shape(ins[0]))
         out = self.fresh(e, f"{name}.out_proj", nd - 1, [(f"{name}.out_proj.weight", 0), (f"{name}.out_proj.bias", 0)])
@@ -753,13 +785,15 @@ class _Tracer:
         hl = [(a, self.lay(a)) for a in tensor_args if isinstance(self.lay(a), _HLay)]
         if hl:
             return self.binary_heads(node, tensor_args, hl)
-        lays, plain = [], []
+        lays, plain, computed = [], [], set()
         for a in list(node.args) + list(node.kwargs.values()):
             if not isinstance(a, fx.Node):
                 continue
             lay, sa = self.lay(a), _shape(a)
             if lay is not None:
                 lays.append(_Lay(lay.axis + len(so) - len(sa), lay.segs))
+                if not isinstance(self.env.get(a), _P):  # a parameter added (a bias, positions) is no branch
+                    computed.add(tuple(self.b.find(g) for g, _, _ in lay.segs))
             elif sa is not None:
                 plain.append(sa)
         if not lays:
@@ -771,7 +805,10 @@ class _Tracer:
             k = ax - (len(so) - len(sa))
             if k >= 0 and sa[k] != 1:
                 raise _Fix("elementwise op with an unpermutable tensor")
-        return self.merge(lays)
+        out = self.merge(lays)
+        if len(computed) > 1 and _is_sum(node):  # branches summed (a residual connection): a stream
+            self.b.mark(self.b.summed, *(g for g, _, _ in out.segs))
+        return out
 
     def binary_heads(self, node: fx.Node, tensor_args: list, hl: list) -> _HLay:
         """Per-head tensors with scalars, or with tensors constant across heads and units (a causal or
@@ -975,6 +1012,7 @@ class _Tracer:
             raise _Fix("matrix product across heads")
         if lx.unit_axis == nx - 1 and ly.unit_axis == ny - 2:  # q @ k^T
             g = self.b.union(lx.gid, ly.gid)
+            self.b.mark(self.b.attention, g)
             return _HLay(no + hx, None, g)
         if lx.unit_axis is None and ly.unit_axis == ny - 1:  # scores @ v
             self.b.set_couple(lx.gid, ly.gid)
@@ -1327,6 +1365,7 @@ class _Tracer:
         if any(c is None for c in coarse):
             raise _Fix("grouped-query attention over projections tied to other tensors")
         g = self.b.union(self.b.union(coarse[0], coarse[1]), coarse[2])
+        self.b.mark(self.b.attention, g)
         no = len(_shape(node))
         return _HLay(no - 3, no - 1, g)
 
@@ -1404,7 +1443,7 @@ class _Tracer:
             while name in groups:
                 name += "'"
             groups[name] = Group(name, b.n[r], members, list(dict.fromkeys(b.probes[r])), b.heads[r],
-                                 head_only=b.head_only[r] and b.heads[r] > 0)
+                                 head_only=b.head_only[r] and b.heads[r] > 0, role=b.role(r))
             b.label[r] = name
         return groups, unperm
 
@@ -1446,6 +1485,14 @@ class _Tracer:
 # only plain layouts (per-head or fused ones are pinned before they run), "any" rules handle all.
 
 _EMBEDDING_ROWS = "model input: an embedding's rows are looked up by token id"
+
+
+def _is_sum(node: fx.Node) -> bool:
+    """x + y, x - y, in place or not, as a function, method or ATen op."""
+    t = node.target
+    name = t._schema.name.split("::")[-1] if isinstance(t, torch._ops.OpOverload) else (
+        t if isinstance(t, str) else getattr(t, "__name__", ""))
+    return name.rstrip("_") in ("add", "sub", "iadd", "isub")
 
 
 def _only_output(node: fx.Node) -> bool:

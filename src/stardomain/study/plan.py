@@ -134,13 +134,19 @@ class _Builder:
             "bn_batches": ev.bn_batches, "batch_size": ev.batch_size,
             "sources": [self.model_file(s) for s in sources]}, tuple(sources), **self._res()))
 
-    def pair(self, a: str, b: str, align: bool | None = None) -> str:
-        """A pair task; `align` overrides study.eval.align (the unaligned control). The temperature
-        options enter the key only when switched on, so turning them on never invalidates other pairs."""
-        ev = self.st.eval.model_dump()
+    def pair(self, a: str, b: str, align: bool | None = None, variant: str | None = None) -> str:
+        """A pair task; `align` overrides study.eval.align (the unaligned control), `variant` aligns only one
+        role's groups (it enters the key; "none" is align=False, so the same pair as the control). The
+        temperature options enter the key only when switched on, and the list of variants never does, so
+        turning them on never invalidates other pairs."""
+        ev = self.st.eval.model_dump(exclude={"variants"})
         if align is not None:
             ev["align"] = align
+        if variant not in (None, "none", "full"):
+            ev["variant"] = variant
         ident_ev = ev if ev["temperature"] else {k: v for k, v in ev.items() if not k.startswith("temperature")}
+        if ident_ev["examples"] is None:  # as before the option existed: existing pairs stay valid
+            ident_ev = {k: v for k, v in ident_ev.items() if k != "examples"}
         key = key_of({"op": "pair", "v": CACHE_VERSION, "a": a, "b": b, "eval": ident_ev, "seed": self.st.seed})
         return self._add(Task(key, "pair", f"{self.labels[a]} ↔ {self.labels[b]}", {
             "a": self.model_file(a), "b": self.model_file(b), "a_label": self.labels[a],
@@ -180,7 +186,7 @@ class _Builder:
             a, b = (_members(models, side) for side in (kind.a, kind.b))
             combos = ([(x, y) for i, x in enumerate(a) for y in a[i + 1:]] if kind.within
                       else [(x, y) for x in a for y in b])
-            out[name] = [self.pair(x, y, align=kind.align) for x, y in combos]
+            out[name] = [self.pair(x, y, align=kind.align, variant=kind.variant) for x, y in combos]
         return out
 
 
@@ -198,7 +204,7 @@ def build_plan(cfg: Config) -> Plan:
     st = cfg.study
     b = _Builder(cfg)
     base = cfg.model_dump(mode="json")
-    kinds = list(dict.fromkeys(st.pairs))
+    kinds = pairkinds.with_variants(st.pairs, st.eval.variants)
     sw = st.sweeps
     pool = max([st.n_sources, *sw.n_sources])
     sources_all, heldouts = b.population(base, pool, st.n_heldouts)

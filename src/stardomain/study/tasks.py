@@ -22,7 +22,7 @@ from ..bma import bma_files
 from ..checkpoint import (atomic_write_json, build_from_meta, data_from_meta, load_model, read_model_file,
                           read_pair, save_model)
 from ..config import Config, validate
-from ..data import first_inputs, get_dataset
+from ..data import first_inputs, get_dataset, sample_examples
 from ..errors import UserError
 from ..interpolate import average, recalibrate_bn
 from ..merge import merge_many
@@ -182,10 +182,10 @@ def _run_pair(task: Task, root: Path) -> None:
     ev = p["eval"]
     t0 = time.perf_counter()
     sd_a, meta_a, sd_b, meta_b = read_pair(root / p["a"], root / p["b"])
-    data = data_from_meta(meta_a, str(root / p["a"]))
+    data = sample_examples(data_from_meta(meta_a, str(root / p["a"])), ev.get("examples"), p["seed"])
     device = resolve_device(p.get("device", "auto"))
     model = build_from_meta(meta_a, str(root / p["a"])).to(device)
-    rec = measure_barrier(model, sd_a, sd_b, data, points=ev["points"], align=ev["align"],
+    rec = measure_barrier(model, sd_a, sd_b, data, points=ev["points"], align=ev.get("variant", ev["align"]),
                           example_input=first_inputs(data.train), bn_batches=ev["bn_batches"], seed=p["seed"],
                           device=device, temperature=ev.get("temperature", False),
                           temperature_fraction=ev.get("temperature_fraction", 0.2))
