@@ -135,8 +135,9 @@ def test_align_keeps_the_function(digits, pair):
 
 def test_barrier_equals_measure(tmp_path, digits, pair):
     """sd.barrier is barrier.measure (one code path), so on the same weights it gives the same numbers,
-    bit for bit. At one thread (the package default) no BLAS or reduction splits work by thread count;
-    40 repetitions of both calls at 1 and at 2 threads gave one distinct result each (2026-12-02)."""
+    bit for bit. At one thread (the package default) no BLAS or reduction splits work by thread count.
+    The earlier 1.4e-5 difference was not reproduced: 40 alternating calls at 1 and at 2 threads, and 30
+    at 2 threads with both cores busy, gave one distinct result each (2026-12-02)."""
     a, b = pair
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
