@@ -534,3 +534,27 @@ def test_all_finite_is_isfinite_all(values):
 
     x = torch.tensor(values, dtype=torch.float32).view(-1, 1)
     assert _all_finite(x) == bool(torch.isfinite(x).all())
+
+
+def test_run_piped_prints_plain_study_lines(monkeypatch, capsys, tmp_path):
+    """`run` with stderr in a log: plain lines (tasks done/total, elapsed, ETA, what runs), no bar."""
+    ex = importlib.import_module("stardomain.executors")
+    tr = importlib.import_module("stardomain.train")
+    monkeypatch.setattr(tr, "PLAIN_EVERY_S", 0.0)  # a line at every task start and end
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"name": "digits"}, "model": {"name": "mlp", "kwargs": {"width": 8}},
+        "train": {"epochs": 1, "batch_size": 64}, "star": {"align_every": "never"},
+        "study": {"n_sources": 2, "n_heldouts": 1, "pairs": ["star_heldout"], "bootstrap": 100}}))
+    code, _, err = run_cli(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "s")
+    assert code == 0, err
+    assert "\r" not in err
+    line = re.compile(r"^study: (\d+)/(\d+) tasks  \d+s(  ETA \d+s)?(  running: .+)?$")
+    got = [line.match(x) for x in err.splitlines()]
+    assert got and all(got), err
+    total = {int(m.group(2)) for m in got}
+    n = len(ex.pending(importlib.import_module("stardomain.study").build_plan(
+        importlib.import_module("stardomain.config").load_config(cfg)), tmp_path / "nothing"))
+    assert total == {n}
+    assert [int(m.group(1)) for m in got][-1] == n and got[-1].group(4) is None
+    assert sum(1 for m in got if m.group(4)) == n  # one line as each task starts

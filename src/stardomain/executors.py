@@ -10,6 +10,7 @@ Tasks whose artifact already exists are skipped, which is what makes a killed st
 from __future__ import annotations
 
 import os
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -24,20 +25,44 @@ from .study.tasks import execute, is_done
 
 
 class _Progress:
-    """One overall bar: tasks done/total, the current task, elapsed time and an estimate (tqdm)."""
+    """The study's progress where stderr goes: one tqdm bar (tasks done/total, the current task, elapsed
+    time, an estimate) on a terminal; when stderr is a file or a pipe, a plain line at most every
+    `train.PLAIN_EVERY_S` seconds as tasks start and finish (and a closing one if any was printed), so a
+    log shows the study moving; nothing when `enabled` is False."""
 
     def __init__(self, total: int, done: int, enabled: bool | None):
+        self.plain = enabled is None and not sys.stderr.isatty()
+        self.total, self.done0, self.done, self.text = total, done, done, ""
+        self.t0 = self.last = time.monotonic()
+        self.printed = False
         self.bar = tqdm(total=total, initial=done, desc="study", unit="task", dynamic_ncols=True,
-                        disable=None if enabled is None else not enabled,
+                        disable=True if self.plain else (None if enabled is None else not enabled),
                         bar_format="{desc}: {n_fmt}/{total_fmt} tasks |{bar}| {elapsed}<{remaining} {postfix}")
 
     def current(self, text: str) -> None:
+        self.text = text
         self.bar.set_postfix_str(text[:60])
+        self._line(running=True)
 
     def advance(self) -> None:
+        self.done += 1
         self.bar.update(1)
+        self._line()
+
+    def _line(self, running: bool = False, closing: bool = False) -> None:
+        from .train import PLAIN_EVERY_S
+
+        now = time.monotonic()
+        if not self.plain or (now - self.last < PLAIN_EVERY_S and not (closing and self.printed)):
+            return
+        self.last, self.printed = now, True
+        ran = self.done - self.done0
+        eta = f"  ETA {(now - self.t0) / ran * (self.total - self.done):.0f}s" if ran else ""
+        what = f"  running: {self.text[:80]}" if running else ""
+        print(f"study: {self.done}/{self.total} tasks  {now - self.t0:.0f}s{eta}{what}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        self._line(closing=True)
         self.bar.close()
 
 
