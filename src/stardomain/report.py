@@ -30,6 +30,11 @@ METRIC_NAMES = {"train_loss": "training-loss barrier", "test_loss": "test-loss b
                 "test_loss_ts": "test-loss barrier, temperature-scaled"}
 
 
+def axis_label(metric: str) -> str:
+    """A barrier axis with its unit: loss barriers in nats of cross-entropy, accuracy drops as fractions."""
+    return METRIC_NAMES[metric] + (" (nats)" if "loss" in metric else " (fraction)")
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
@@ -90,7 +95,7 @@ def plot_distributions(results: dict) -> bytes | None:
         for i, (k, d) in enumerate(zip(kinds, data), start=1):
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=12, color=KIND_COLORS.get(k), alpha=0.8, zorder=3)
         ax.set_xticklabels([KIND_NAMES.get(k, k).split(" (")[0] for k in kinds], rotation=20, fontsize=8)
-        ax.set_ylabel(METRIC_NAMES[metric])
+        ax.set_ylabel(axis_label(metric))
         ax.set_title(f"{METRIC_NAMES[metric]} per pair kind", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -140,7 +145,7 @@ def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | N
         ax.minorticks_off()
     names = {"n_sources": "number of sources |Z|", "width": "width", "depth": "depth", "t_sampling": "t sampling"}
     ax.set_xlabel(names.get(dim, dim))
-    ax.set_ylabel(METRIC_NAMES[metric])
+    ax.set_ylabel(axis_label(metric))
     if dim == "width" and fits and numeric and min(xs) > 0:
         ax.set_yscale("log")  # a power law is a straight line
     ax.set_title(f"{METRIC_NAMES[metric]} against {names.get(dim, dim)}", fontsize=10)
@@ -190,7 +195,7 @@ def plot_variants(results: dict) -> bytes | None:
                    alpha=0.85, label=KIND_NAMES.get(base, base).split(" (")[0])
         ax.set_xticks(range(len(variants)))
         ax.set_xticklabels([pairkinds.VARIANT_WORDS[v] for v in variants], rotation=15, fontsize=8)
-        ax.set_ylabel(METRIC_NAMES[metric])
+        ax.set_ylabel(axis_label(metric))
         ax.set_title(f"{METRIC_NAMES[metric]} after each alignment\n(mean, 95% CI)", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
