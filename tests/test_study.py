@@ -514,3 +514,13 @@ def test_workers_must_be_positive():
     assert get_executor("local").workers == 1 and get_executor("local", num_workers=3).workers == 3
     with pytest.raises(UserError, match="--workers"):
         get_executor("local", num_workers=0)
+
+
+def test_no_two_models_share_a_seed():
+    """Sources, held-outs and stars each get their own initialisation and data order (a star seeded like
+    source 0 starts in that source's basin)."""
+    plan = build_plan(tiny_cfg(study={"sweeps": {"n_sources": [1, 2]}}))
+    seeds = [(t.op, t.params["seed"]) for t in plan.tasks if t.op in ("train", "star")]
+    train_seeds = [s for op, s in seeds if op == "train"]
+    assert len(set(train_seeds)) == len(train_seeds)
+    assert not {s for op, s in seeds if op == "star"} & set(train_seeds)
