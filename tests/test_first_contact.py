@@ -392,3 +392,169 @@ def test_ctrl_c_in_a_command_that_does_not_resume(monkeypatch, capsys, tmp_path)
     monkeypatch.setattr(ckm, "read_model_file", stop)
     code, _, err = run_cli(monkeypatch, capsys, "info", tmp_path / "m.safetensors")
     assert (code, err) == (130, "interrupted; stardomain info does not resume: re-run it to start over\n")
+
+
+# ---------------------------------------------------------------- the report and JSON that read well
+
+def _floats(obj):
+    if isinstance(obj, float):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _floats(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _floats(v)
+
+
+def test_json_results_show_six_significant_digits(monkeypatch, capsys, tmp_path):
+    """--json and --json-out show floats to 6 significant digits, the measured values rounded."""
+    from stardomain.barrier import measure_files
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for seed, f in ((0, a), (1, b)):
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--out", f, "--seed", seed, "--set", "train.epochs=1",
+                               *DIGITS)
+        assert code == 0, err
+    js = tmp_path / "b.json"
+    code, out, err = run_cli(monkeypatch, capsys, "barrier", a, b, "--points", 3, "--json", "--json-out", js)
+    assert code == 0, err
+    printed = json.loads(out)
+    assert json.loads(js.read_text()) == printed
+    assert all(float(f"{x:.6g}") == x for x in _floats(printed))
+    direct = measure_files(a, b, points=3, device="cpu")
+    assert printed["train"]["loss"] == [float(f"{x:.6g}") for x in direct["train"]["loss"]]
+    assert any(float(f"{x:.6g}") != x for x in direct["train"]["loss"])  # the rounding did something
+    code, out, err = run_cli(monkeypatch, capsys, "eval", a, "--json")
+    assert code == 0 and all(float(f"{x:.6g}") == x for x in _floats(json.loads(out)))
+
+
+TIMING_WORDS = re.compile(r"(^|_)(s|seconds?|secs|time|timings?|elapsed|wall|duration)($|_)")
+
+
+def test_report_carries_config_versions_date_and_the_bma_figure_and_results_no_timings(tmp_path):
+    """A tiny study with BMA: report.md/.html show when and with what they were written, the resolved
+    config (YAML that loads back to results.json's config; collapsed in the HTML) and the BMA figure;
+    results.json has no timing field anywhere (they are all in timings.json)."""
+    from stardomain import __version__
+    from stardomain.config import Config
+    from stardomain.study import run_study
+
+    cfg = Config.model_validate({
+        "data": {"name": "digits"}, "model": {"name": "mlp", "kwargs": {"width": 8}},
+        "train": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+        "study": {"n_sources": 2, "n_heldouts": 1, "eval": {"points": 3}, "bootstrap": 100, "bma": True,
+                  "bma_k": 2}})
+    res = run_study(cfg, tmp_path / "s", progress=False)
+    md = (tmp_path / "s" / "report.md").read_text()
+    html = (tmp_path / "s" / "report.html").read_text()
+    assert re.search(rf"Written \d{{4}}-\d\d-\d\d \d\d:\d\d UTC by stardomain {re.escape(__version__)} "
+                     rf"\(torch {re.escape(torch.__version__)}, numpy ", md)
+    block = md.split("## Config", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block) == res["config"] == cfg.model_dump(mode="json")
+    assert "<details><summary>the config as YAML</summary>" in html and "</code></pre>\n</details>" in html
+    png = (tmp_path / "s" / "plots" / "bma.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "![bma](plots/bma.png)" in md
+    import base64
+    assert base64.b64encode(png).decode() in html
+
+    def keys(obj, path=""):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield f"{path}.{k}", str(k)
+                yield from keys(v, f"{path}.{k}")
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from keys(v, path)
+
+    on_disk = json.loads((tmp_path / "s" / "results.json").read_text())
+    timed = [p for p, k in keys(on_disk) if TIMING_WORDS.search(k.lower())]
+    assert timed == []
+    timings = json.loads((tmp_path / "s" / "timings.json").read_text())
+    assert timings["tasks"] and all("seconds" in v for v in timings["tasks"].values())
+
+
+# ---------------------------------------------------------------- TensorBoard (optional)
+
+def _scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_what_the_history_holds(monkeypatch, capsys, tmp_path):
+    """--tensorboard DIR: per epoch, the history's loss and accuracy (train) and the star's interpolated
+    loss, at step = epoch, as float32."""
+    pytest.importorskip("tensorboard")
+    srcs = [tmp_path / f"s{i}.safetensors" for i in range(2)]
+    for i, f in enumerate(srcs):
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--out", f, "--seed", i, "--set", "train.epochs=2",
+                               *DIGITS, "--tensorboard", tmp_path / f"tb{i}")
+        assert code == 0, err
+    got = _scalars(tmp_path / "tb0")
+    hist = _meta(srcs[0])["history"]
+    assert set(got) == {"train/loss", "train/acc"}
+    for m in ("loss", "acc"):
+        assert got[f"train/{m}"] == [(h["epoch"], pytest.approx(h[m], rel=1e-6)) for h in hist]
+    star = tmp_path / "star.safetensors"
+    code, _, err = run_cli(monkeypatch, capsys, "star", "--sources", *srcs, "--out", star, "--set", "train.epochs=2",
+                           *DIGITS, "--tensorboard", tmp_path / "tbs")
+    assert code == 0, err
+    got = _scalars(tmp_path / "tbs")
+    hist = _meta(star)["star"]["history"]
+    assert got["star/interp_loss"] == [(h["epoch"], pytest.approx(h["interp_loss"], rel=1e-6)) for h in hist]
+    assert len(hist) == 2
+
+
+def test_tensorboard_without_the_package_warns_and_trains(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    out = tmp_path / "m.safetensors"
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--out", out, "--set", "train.epochs=1", *DIGITS,
+                           "--tensorboard", tmp_path / "tb")
+    assert code == 0 and out.is_file() and not (tmp_path / "tb").exists()
+    assert [ln for ln in err.splitlines() if ln.startswith("warning")] == [
+        "warning: --tensorboard needs the tensorboard package (pip install tensorboard); training without it "
+        "(per-epoch metrics are still in the model's metadata and OUT.csv)"]
+
+
+# ---------------------------------------------------------------- less fixed cost on a busy machine
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -1.5, 3e38, -3e38, 1e-40, float("nan"), float("inf"), -float("inf")]),
+                min_size=0, max_size=12))
+def test_all_finite_is_isfinite_all(values):
+    """data._all_finite (two reductions, no mask) says what torch.isfinite(x).all() says."""
+    from stardomain.data import _all_finite
+
+    x = torch.tensor(values, dtype=torch.float32).view(-1, 1)
+    assert _all_finite(x) == bool(torch.isfinite(x).all())
+
+
+def test_run_piped_prints_plain_study_lines(monkeypatch, capsys, tmp_path):
+    """`run` with stderr in a log: plain lines (tasks done/total, elapsed, ETA, what runs), no bar."""
+    ex = importlib.import_module("stardomain.executors")
+    tr = importlib.import_module("stardomain.train")
+    monkeypatch.setattr(tr, "PLAIN_EVERY_S", 0.0)  # a line at every task start and end
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"name": "digits"}, "model": {"name": "mlp", "kwargs": {"width": 8}},
+        "train": {"epochs": 1, "batch_size": 64}, "star": {"align_every": "never"},
+        "study": {"n_sources": 2, "n_heldouts": 1, "pairs": ["star_heldout"], "bootstrap": 100}}))
+    code, _, err = run_cli(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "s")
+    assert code == 0, err
+    assert "\r" not in err
+    line = re.compile(r"^study: (\d+)/(\d+) tasks  \d+s(  ETA \d+s)?(  running: .+)?$")
+    got = [line.match(x) for x in err.splitlines()]
+    assert got and all(got), err
+    total = {int(m.group(2)) for m in got}
+    n = len(ex.pending(importlib.import_module("stardomain.study").build_plan(
+        importlib.import_module("stardomain.config").load_config(cfg)), tmp_path / "nothing"))
+    assert total == {n}
+    assert [int(m.group(1)) for m in got][-1] == n and got[-1].group(4) is None
+    assert sum(1 for m in got if m.group(4)) == n  # one line as each task starts

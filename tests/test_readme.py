@@ -16,6 +16,9 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TINY = "data: {name: digits}\nmodel: {name: mlp, kwargs: {width: 8}}\ntrain: {epochs: 1, batch_size: 64}\n"
+TRANSFORMER_TINY = ("--set data.train_subset=96 --set train.epochs=1 --set star.train.epochs=1 --set study.n_sources=2 "
+                    "--set study.n_heldouts=1 --set 'study.sweeps.n_sources=[2]' --set study.eval.points=3 "
+                    "--set study.eval.examples=32 --set model.kwargs.depth=1")
 STUDY_TINY = ("--set data.name=digits --set train.epochs=1 --set star.train.epochs=1 --set study.n_sources=2 "
               "--set study.n_heldouts=2 --set 'study.sweeps.n_sources=[]' --set study.bma=false")
 UNAVAILABLE = ("cifar", "mypkg", "hf-model-folder")
@@ -50,13 +53,18 @@ def test_readme_lists_the_examples_this_test_runs():
 def test_readme_shell_examples_run_as_written(tmp_path):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "mnist_mlp.yaml").write_text(TINY)
+    for name in ("text_gpt", "mnist_vit"):  # the shipped studies, shrunk by --set only
+        (tmp_path / "configs" / f"{name}.yaml").write_text((README.parent / "configs" / f"{name}.yaml").read_text())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for cmd in readme_commands():
         cmd = cmd.replace(".venv/bin/stardomain", f'"{sys.executable}" -m stardomain')
         if re.search(r"stardomain run --out", cmd):
             cmd += " " + STUDY_TINY
+        if re.search(r"stardomain run configs/(text_gpt|mnist_vit)", cmd):
+            cmd += " " + TRANSFORMER_TINY
         res = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=600)
         assert res.returncode == 0, f"{cmd}\n{res.stderr[-2000:]}"
     assert (tmp_path / "runs" / "default" / "results.json").is_file()
+    assert (tmp_path / "runs" / "text_gpt" / "report.md").is_file() and (tmp_path / "runs" / "mnist_vit" / "report.md").is_file()
     assert (tmp_path / "runs" / "star_h0.png").is_file() and (tmp_path / "runs" / "s1_to_s0.safetensors").is_file()

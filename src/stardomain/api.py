@@ -386,12 +386,16 @@ def bma(star_model: Any, sources: Sequence[Any], *, model: Any = None, data: Any
 
 def run(config: Config | Mapping | str | Path | None, out: str | Path, *,
         overrides: Sequence[str] | Mapping | None = None, executor: str = "local", progress: bool | None = False,
-        report: bool = True, force: bool = False, **kwargs: Any) -> Study:
-    """Run (or resume) a whole study into the folder `out`, like `stardomain run`. -> Study."""
+        report: bool = True, force: bool = False, workers: int | None = None, **kwargs: Any) -> Study:
+    """Run (or resume) a whole study into the folder `out`, like `stardomain run`. -> Study.
+
+    workers: tasks run at once, as `--workers` (the local executor's process pool starts its workers by
+    spawning, so a script calling this with workers > 1 needs the usual `if __name__ == "__main__":`).
+    Other keywords go to `study.run_study` (ray_address, ...)."""
     from .study import run_study
 
     res = run_study(_config(config, overrides), out, executor=executor, progress=progress, report=report,
-                    force=force, **kwargs)
+                    force=force, num_workers=workers, **kwargs)
     return Study(Path(out), res)
 
 

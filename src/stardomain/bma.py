@@ -727,7 +727,7 @@ def plot_result(result: dict, path) -> None:
             ax.plot(*zip(*pts), "o-", color=col, ms=3, label=f"{name} (ECE {_num(result[name].get('ece')):.3f})")
     ax.set(xlabel="confidence (top-label)", ylabel="accuracy", title="reliability (15 equal-width bins)",
            xlim=(0, 1), ylim=(0, 1))
-    ax.legend(fontsize=7)
+    rel_legend = ax.get_legend_handles_labels()  # drawn below the figure, where it covers no curve
     curves = result.get("_curves", {})
     panels = ("nll", "ece", "auroc_misclassification", "accuracy", "ood_auroc")
     for ax, m in zip(axes.flat[1:], panels):
@@ -747,9 +747,21 @@ def plot_result(result: dict, path) -> None:
                 ax.axhline(v, color=col, ls=ls, label=name)
         ax.set_xscale("log", base=2)
         ax.set(xlabel="K (models averaged)", title=f"{title} vs K")
-        ax.legend(fontsize=7)
+        if m == "nll":
+            ax.set_ylabel("test cross-entropy (nats)")
+    # the legends below the panels, where they cover no curve: reliability (with ECE), then the K panels
+    handles: dict = {}
+    for ax in axes.flat[1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if rel_legend[0]:
+        fig.legend(*rel_legend, loc="lower center", bbox_to_anchor=(0.5, 0.035), ncol=len(rel_legend[0]),
+                   fontsize=8, frameon=False, title="reliability", title_fontsize=8)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8,
+                   frameon=False)
     fig.suptitle(f"BMA: {result.get('_info', {}).get('n_sources')} sources, K = {result.get('_info', {}).get('k')}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, metadata={"Software": "stardomain bma"})  # see checkpoint.check_output
     atomic_write_bytes(path, buf.getvalue())

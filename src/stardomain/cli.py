@@ -44,6 +44,9 @@ ThreadsOpt = typer.Option(None, "--threads", min=1, max=1024, help="CPU threads 
                           "(fast on a busy machine). Weights depend on it bitwise; model files record it.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing output file even if it is not an earlier "
                         "output of this same command and job (without it such a file is refused).")
+TensorboardOpt = typer.Option(None, "--tensorboard", metavar="DIR", help="Also log the per-epoch training "
+                              "metrics for TensorBoard under DIR (needs the tensorboard package; without it, one "
+                              "warning and training goes on).")
 SEED_MAX = 2**63 - 1
 AllowOpt = typer.Option([], "--allow-factory", metavar="PKG.MOD:FN",
                         help="Let a model file's metadata name this user model/data factory (imports and runs "
@@ -85,6 +88,17 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Print the full tr
     _DEBUG["on"] = _DEBUG["on"] or debug
 
 
+JSON_DIGITS = 6  # significant digits of the floats a result's JSON shows (float32 results hold ~7)
+
+
+def result_json(obj):
+    """A command's JSON result as --json prints it and --json-out writes it: plain JSON, floats rounded
+    to JSON_DIGITS significant digits so it reads well (results.json, a study's file, keeps 12)."""
+    from .utils import json_safe, round_floats
+
+    return round_floats(json_safe(obj), JSON_DIGITS)
+
+
 def echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
@@ -107,6 +121,7 @@ def train(
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
+    tensorboard: Optional[Path] = TensorboardOpt,
 ):
     """Train one model from a seed and write a self-describing .safetensors file.
 
@@ -114,13 +129,19 @@ def train(
     """
     from .checkpoint import check_output
     from .config import load_config
+    from .tblog import epoch_log
     from .train import train_to_file
 
     use_threads(threads)
     cfg = load_config(config, set_)
     check_output(out, "train", {"role": role, "seed": seed, "config": cfg.model_dump()}, force=force,
                  inputs=[config])
-    meta = train_to_file(cfg, seed, out, role=role, device=device)
+    log = epoch_log(tensorboard, "train")
+    try:
+        meta = train_to_file(cfg, seed, out, role=role, device=device, on_epoch=log)
+    finally:
+        if log is not None:
+            log.close()
     m = meta["metrics"]
     typer.echo(f"wrote {out}  train loss {m['train']['loss']:.4f} acc {m['train']['acc']:.4f}  "
                f"test loss {m['test']['loss']:.4f} acc {m['test']['acc']:.4f}")
@@ -176,7 +197,7 @@ def eval_(path: Path = typer.Argument(..., help="A model file written by stardom
     model, meta = load_model(path, resolve_device(device))
     res = evaluate_splits(model, data_from_meta(meta, str(path)), batch_size)
     if json_:
-        echo_json(res)
+        echo_json(result_json(res))
     else:
         for split, r in res.items():
             typer.echo(f"{split:<6} loss {r['loss']:.4f}  acc {r['acc']:.4f}")
@@ -195,6 +216,7 @@ def star(
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
+    tensorboard: Optional[Path] = TensorboardOpt,
 ):
     """Train a star model with Starlight (docs/method.md, "Starlight") from source model files.
 
@@ -209,6 +231,7 @@ def star(
     from .checkpoint import check_output, read_model_file, read_model_meta
     from .config import load_config
     from .starlight import star_to_file
+    from .tblog import epoch_log
 
     use_threads(threads)
     sources = sources_with_extra(ctx, sources, "star")
@@ -216,7 +239,12 @@ def star(
     shas = [(read_model_meta(p) or read_model_file(p)[1])["sha256"] for p in sources]
     check_output(out, "star", {"role": "star", "seed": seed, "config": cfg.model_dump(),
                                "sources": [{"sha256": h} for h in shas]}, force=force, inputs=[config, *sources])
-    meta = star_to_file(cfg, [str(p) for p in sources], out, seed=seed, device=device)
+    log = epoch_log(tensorboard, "star")
+    try:
+        meta = star_to_file(cfg, [str(p) for p in sources], out, seed=seed, device=device, on_epoch=log)
+    finally:
+        if log is not None:
+            log.close()
     m = meta["metrics"]
     typer.echo(f"wrote {out}  ({len(sources)} sources)  train loss {m['train']['loss']:.4f} acc "
                f"{m['train']['acc']:.4f}  test loss {m['test']['loss']:.4f} acc {m['test']['acc']:.4f}")
@@ -228,10 +256,13 @@ def run(
                                             "(MNIST, MLP width 16, 10 sources, 5 held-outs, a star, all pairs)."),
     out: Path = typer.Option(..., "--out", "-o", help="Study folder: results.json, report.md/.html, plots/, "
                              "models/, cache/. Re-running with the same folder resumes and reuses finished work."),
-    executor: Executor = typer.Option(Executor.local, "--executor", help="local (in-process, sequential) or ray."),
+    executor: Executor = typer.Option(Executor.local, "--executor", help="local (this machine; --workers processes) "
+                                      "or ray."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (e.g. auto or "
                                               "host:6379); without it --executor ray starts a local one."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="CPUs of the local Ray cluster (default: all)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, max=1024, help="Study tasks run at once, each "
+                                          "with --threads threads (local: a pool of N processes, default 1; ray: "
+                                          "default as many as the cluster's CPUs allow). Results do not depend on it."),
     set_: List[str] = SetOpt,
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps for every task "
                                          "(the same as --set study.device=...; default: the config's, auto)."),
@@ -302,7 +333,7 @@ def bma_(
     """
     from .bma import bma_files, report_section
     from .bma import table as bma_table
-    from .checkpoint import atomic_write_text, check_distinct, check_output
+    from .checkpoint import atomic_write_json, atomic_write_text, check_distinct, check_output
 
     use_threads(threads)
     allow_factories(allow_factory)
@@ -317,13 +348,15 @@ def bma_(
         raise UserError(f"--ns must be comma-separated integers such as 1,2,5 (got {ns[:40]!r})") from None
     if n_list and min(n_list) < 1:
         raise UserError(f"--ns values must be at least 1 (got {min(n_list)})")
-    res = bma_files(star, [str(f) for f in files], k=k, seed=seed, json_out=json_out, seeds=seeds, plot=plot,
+    res = bma_files(star, [str(f) for f in files], k=k, seed=seed, seeds=seeds, plot=plot,
                     fusion_path=fusion, align=align, ns=n_list, bn_batches=bn_batches, device=device, ood=ood,
                     progress=lambda s: typer.echo(f"  {s}", err=True))
     if report:
         atomic_write_text(report, report_section(res))
+    if json_out:
+        atomic_write_json(json_out, result_json(res))
     if json_:
-        echo_json(res)
+        echo_json(result_json(res))
         return
     typer.echo(bma_table(res))  # every metric descriptor the result has (stardomain.metrics.METRICS)
     wrote = [str(p) for p in (json_out, plot, report) if p]
@@ -378,9 +411,9 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     for w in rec.get("warnings", []):
         typer.echo(f"warning: {w}", err=True)
     if json_out:
-        atomic_write_json(json_out, rec)
+        atomic_write_json(json_out, result_json(rec))
     if json_:
-        echo_json(rec)
+        echo_json(result_json(rec))
         return
     only_txt = "" if rec["variant"] == "full" else f" ({rec['variant']} only)"
     typer.echo(f"wrote {out}  method {rec['method']}{only_txt}  iterations {rec['iterations']}  "
@@ -502,11 +535,11 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     from .checkpoint import atomic_write_json
 
     if json_out is not None:
-        atomic_write_json(json_out, rec)
+        atomic_write_json(json_out, result_json(rec))
     if plot_out is not None:
         plot(rec, plot_out, title=f"{a.name} → {b.name} ({_aligned_words(variant)})")
     if json_:
-        echo_json(rec)
+        echo_json(result_json(rec))
         return
     br = rec["barrier"]
     typer.echo(f"barrier  train loss {br['train_loss']:.4f} (t={br['train_loss_t']})  test loss "

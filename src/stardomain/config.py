@@ -181,9 +181,9 @@ class StudySweeps(Section):
 class StudyConfig(Section):
     """The star-domain study: N sources, H held-outs (optionally another recipe), a star, pairs to measure."""
 
-    n_sources: int = Field(10, ge=1)
-    n_heldouts: int = Field(5, ge=1)
-    seed: int = Field(0, ge=0, le=2**62)  # sources use seed+i, held-outs seed+1000+i, stars seed
+    n_sources: int = Field(10, ge=1, le=1000)  # at most 1000 each: model seeds never collide (study.plan)
+    n_heldouts: int = Field(5, ge=1, le=1000)
+    seed: int = Field(0, ge=0, le=2**62)  # sources use seed+i, held-outs seed+1000+i, stars seed+2000
     heldout_train: dict[str, Any] | None = None  # partial train section merged over `train` for held-outs
     pairs: list[Annotated[str, AfterValidator(_known_pair_kind)]] = Field(
         default_factory=lambda: list(pairkinds.default_names()))

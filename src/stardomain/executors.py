@@ -1,14 +1,19 @@
-"""Executors for study plans: `local` (in-process, sequential) and `ray` (one Ray task per study task).
+"""Executors for study plans: `local` (this machine: in-process, or a pool of `workers` processes) and
+`ray` (one Ray task per study task).
 
 Both run the same `study.execute(task, root)` on the same plan and cache folder, so results do not depend
-on the executor; they differ only in where and how many tasks run at once. Tasks whose artifact already
-exists are skipped, which is what makes a killed study resume.
+on the executor; they differ only in where and how many tasks run at once (`workers`, the one meaning of
+`--workers` for every executor: at most that many tasks at once, each with `study.cpus_per_task` threads).
+Tasks whose artifact already exists are skipped, which is what makes a killed study resume.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,20 +25,44 @@ from .study.tasks import execute, is_done
 
 
 class _Progress:
-    """One overall bar: tasks done/total, the current task, elapsed time and an estimate (tqdm)."""
+    """The study's progress where stderr goes: one tqdm bar (tasks done/total, the current task, elapsed
+    time, an estimate) on a terminal; when stderr is a file or a pipe, a plain line at most every
+    `train.PLAIN_EVERY_S` seconds as tasks start and finish (and a closing one if any was printed), so a
+    log shows the study moving; nothing when `enabled` is False."""
 
     def __init__(self, total: int, done: int, enabled: bool | None):
+        self.plain = enabled is None and not sys.stderr.isatty()
+        self.total, self.done0, self.done, self.text = total, done, done, ""
+        self.t0 = self.last = time.monotonic()
+        self.printed = False
         self.bar = tqdm(total=total, initial=done, desc="study", unit="task", dynamic_ncols=True,
-                        disable=None if enabled is None else not enabled,
+                        disable=True if self.plain else (None if enabled is None else not enabled),
                         bar_format="{desc}: {n_fmt}/{total_fmt} tasks |{bar}| {elapsed}<{remaining} {postfix}")
 
     def current(self, text: str) -> None:
+        self.text = text
         self.bar.set_postfix_str(text[:60])
+        self._line(running=True)
 
     def advance(self) -> None:
+        self.done += 1
         self.bar.update(1)
+        self._line()
+
+    def _line(self, running: bool = False, closing: bool = False) -> None:
+        from .train import PLAIN_EVERY_S
+
+        now = time.monotonic()
+        if not self.plain or (now - self.last < PLAIN_EVERY_S and not (closing and self.printed)):
+            return
+        self.last, self.printed = now, True
+        ran = self.done - self.done0
+        eta = f"  ETA {(now - self.t0) / ran * (self.total - self.done):.0f}s" if ran else ""
+        what = f"  running: {self.text[:80]}" if running else ""
+        print(f"study: {self.done}/{self.total} tasks  {now - self.t0:.0f}s{eta}{what}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        self._line(closing=True)
         self.bar.close()
 
 
@@ -42,20 +71,78 @@ def pending(plan: Plan, root: Path) -> list[Task]:
     return [t for t in plan.tasks if not is_done(t, root, tasks)]
 
 
+def ready(waiting: dict[str, Task], busy: set[str]) -> list[Task]:
+    """The waiting tasks none of whose inputs is still waiting or running (plan order kept)."""
+    return [t for t in waiting.values() if not any(d in waiting or d in busy for d in t.deps)]
+
+
 class LocalExecutor:
+    """This machine. `workers` = 1: every task in this process, in plan order. `workers` > 1: a pool of
+    that many processes (spawned, so no thread pool state is forked), each task submitted once its inputs
+    exist. Every task fixes its own threads and seed and writes atomically under its key, so the results
+    are byte-identical to the serial run's. A task that fails stops new submissions; the running ones
+    finish and keep their work, then the failure is raised (a UserError as itself)."""
+
     name = "local"
+
+    def __init__(self, workers: int = 1):
+        if int(workers) < 1:
+            raise UserError(f"--workers must be at least 1 (got {workers})")
+        self.workers = int(workers)
 
     def run(self, plan: Plan, root: str | Path, progress: bool | None = None, only: set[str] | None = None) -> None:
         root = Path(root)
         todo = [t for t in pending(plan, root) if only is None or t.op in only]
         bar = _Progress(len(plan.tasks), len(plan.tasks) - len(todo), progress)
         try:
-            for t in todo:  # plan order is topological
-                bar.current(t.label)
-                execute(t, root)
-                bar.advance()
+            if self.workers == 1 or len(todo) <= 1:
+                for t in todo:  # plan order is topological
+                    bar.current(t.label)
+                    execute(t, root)
+                    bar.advance()
+            else:
+                self._pool(todo, root, bar)
         finally:
             bar.close()
+
+    def _pool(self, todo: list[Task], root: Path, bar: _Progress) -> None:
+        import multiprocessing as mp
+
+        waiting = {t.key: t for t in todo}
+        running: dict = {}  # future -> task
+        failure: BaseException | None = None
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+            try:
+                while waiting or running:
+                    if failure is None:
+                        for t in ready(waiting, {r.key for r in running.values()}):
+                            if len(running) >= self.workers:
+                                break
+                            running[pool.submit(execute, t, str(root))] = t
+                            del waiting[t.key]
+                    if not running:
+                        if failure is not None:
+                            break
+                        raise UserError("study plan has tasks whose inputs are never produced (a cycle?)")
+                    bar.current(", ".join(t.label for t in list(running.values())[:2])
+                                + (f" (+{len(running) - 2})" if len(running) > 2 else ""))
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        t = running.pop(fut)
+                        try:
+                            fut.result()
+                        except BrokenProcessPool:
+                            raise UserError(f"study task {t.label!r} failed: a worker process died (killed, or "
+                                            "out of memory?); finished work is kept, re-run to resume it") from None
+                        except Exception as e:  # let the others finish: their work is kept
+                            failure = failure or e
+                            continue
+                        bar.advance()
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        if failure is not None:
+            raise failure
 
 
 def _ray_execute(task_dict: dict, root: str) -> str:
@@ -64,7 +151,9 @@ def _ray_execute(task_dict: dict, root: str) -> str:
 
 class RayExecutor:
     """Each study task becomes `ray.remote(num_cpus=task.cpus, num_gpus=task.gpus)`; a task is submitted when
-    its inputs exist. Joins the cluster at `address` if given, else starts a local one (`num_workers` CPUs).
+    its inputs exist, at most `num_workers` at once when given (else as many as the cluster's resources
+    allow). Joins the cluster at `address` if given, else starts a local one (`num_workers` tasks' CPUs,
+    default all).
     Tasks read and write the study folder directly, so on a multi-machine cluster it must be on a file
     system every node mounts at the same path.
 
@@ -79,7 +168,7 @@ class RayExecutor:
         self.address = address
         self.num_workers = num_workers
 
-    def _init(self):
+    def _init(self, cpus_per_task: int = 1):
         try:
             import ray
         except ImportError:
@@ -92,7 +181,7 @@ class RayExecutor:
                 except (ConnectionError, RuntimeError, ValueError) as e:
                     raise UserError(f"cannot join the Ray cluster at {self.address}: {e}") from None
             else:
-                ray.init(num_cpus=self.num_workers or os.cpu_count(), **kw)
+                ray.init(num_cpus=self.num_workers * cpus_per_task if self.num_workers else os.cpu_count(), **kw)
         return ray
 
     def run(self, plan: Plan, root: str | Path, progress: bool | None = None, only: set[str] | None = None) -> None:
@@ -100,7 +189,7 @@ class RayExecutor:
         todo = [t for t in pending(plan, root) if only is None or t.op in only]
         if not todo:
             return
-        ray = self._init()
+        ray = self._init(max(t.cpus for t in todo))
         need_gpu = max(t.gpus for t in todo)
         have_gpu = ray.cluster_resources().get("GPU", 0)
         if need_gpu > have_gpu:
@@ -113,13 +202,14 @@ class RayExecutor:
         bar = _Progress(len(plan.tasks), len(plan.tasks) - len(todo), progress)
         try:
             while waiting or running:
-                for key, t in list(waiting.items()):
-                    if not any(d in waiting or d in running.values() for d in t.deps):
-                        ref = remote.options(num_cpus=t.cpus, num_gpus=t.gpus, max_retries=self.MAX_RETRIES,
-                                             retry_exceptions=False, name=t.label[:60]).remote(
-                                                 asdict(t), str(root.resolve()))
-                        running[ref] = key
-                        del waiting[key]
+                for t in ready(waiting, set(running.values())):
+                    if self.num_workers and len(running) >= self.num_workers:
+                        break
+                    ref = remote.options(num_cpus=t.cpus, num_gpus=t.gpus, max_retries=self.MAX_RETRIES,
+                                         retry_exceptions=False, name=t.label[:60]).remote(
+                                             asdict(t), str(root.resolve()))
+                    running[ref] = t.key
+                    del waiting[t.key]
                 if not running:
                     raise UserError("study plan has tasks whose inputs are never produced (a cycle?)")
                 bar.current(", ".join(labels[k] for k in list(running.values())[:2])
@@ -158,10 +248,11 @@ def _system_failures(ray) -> tuple[type, ...]:
 
 
 def get_executor(name: str, *, address: str | None = None, num_workers: int | None = None):
+    """`num_workers`: tasks run at once (local default 1; ray default: what the cluster's CPUs allow)."""
     if name == "local":
         if address:
             raise UserError("--ray-address only applies with --executor ray")
-        return LocalExecutor()
+        return LocalExecutor(1 if num_workers is None else num_workers)
     if name == "ray":
         return RayExecutor(address, num_workers)
     raise UserError(f"unknown executor {name!r}; choose local or ray")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from markdown_it import MarkdownIt
 from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
 
 from . import pairkinds
-from .bma import report_section
+from .bma import plot_result, report_section
 from .checkpoint import atomic_write_bytes, atomic_write_text
 
 # Live views of the pair-kind table (stardomain.pairkinds): a registered kind is named and coloured too.
@@ -27,6 +28,11 @@ METRIC_NAMES = {"train_loss": "training-loss barrier", "test_loss": "test-loss b
                 "train_acc": "training-accuracy barrier (drop)", "test_acc": "test-accuracy barrier (drop)",
                 "train_loss_ts": "training-loss barrier, temperature-scaled",
                 "test_loss_ts": "test-loss barrier, temperature-scaled"}
+
+
+def axis_label(metric: str) -> str:
+    """A barrier axis with its unit: loss barriers in nats of cross-entropy, accuracy drops as fractions."""
+    return METRIC_NAMES[metric] + (" (nats)" if "loss" in metric else " (fraction)")
 
 
 def _png(fig) -> bytes:
@@ -89,7 +95,7 @@ def plot_distributions(results: dict) -> bytes | None:
         for i, (k, d) in enumerate(zip(kinds, data), start=1):
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=12, color=KIND_COLORS.get(k), alpha=0.8, zorder=3)
         ax.set_xticklabels([KIND_NAMES.get(k, k).split(" (")[0] for k in kinds], rotation=20, fontsize=8)
-        ax.set_ylabel(METRIC_NAMES[metric])
+        ax.set_ylabel(axis_label(metric))
         ax.set_title(f"{METRIC_NAMES[metric]} per pair kind", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -139,7 +145,7 @@ def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | N
         ax.minorticks_off()
     names = {"n_sources": "number of sources |Z|", "width": "width", "depth": "depth", "t_sampling": "t sampling"}
     ax.set_xlabel(names.get(dim, dim))
-    ax.set_ylabel(METRIC_NAMES[metric])
+    ax.set_ylabel(axis_label(metric))
     if dim == "width" and fits and numeric and min(xs) > 0:
         ax.set_yscale("log")  # a power law is a straight line
     ax.set_title(f"{METRIC_NAMES[metric]} against {names.get(dim, dim)}", fontsize=10)
@@ -189,7 +195,7 @@ def plot_variants(results: dict) -> bytes | None:
                    alpha=0.85, label=KIND_NAMES.get(base, base).split(" (")[0])
         ax.set_xticks(range(len(variants)))
         ax.set_xticklabels([pairkinds.VARIANT_WORDS[v] for v in variants], rotation=15, fontsize=8)
-        ax.set_ylabel(METRIC_NAMES[metric])
+        ax.set_ylabel(axis_label(metric))
         ax.set_title(f"{METRIC_NAMES[metric]} after each alignment\n(mean, 95% CI)", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
@@ -393,6 +399,29 @@ def _cost_lines(timings: dict | None) -> list[str]:
     return lines + [""]
 
 
+def _provenance() -> str:
+    """When and with what this report was written (the models' own files record where they ran)."""
+    import time
+
+    from .checkpoint import package_versions
+
+    v = package_versions()
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    others = ", ".join(f"{k} {v[k]}" for k in v if k != "stardomain")
+    return f"Written {when} by stardomain {v['stardomain']} ({others}); the resolved config is at the end."
+
+
+def _config_lines(cfg: dict) -> list[str]:
+    """The study's resolved config (every default filled in) as YAML: `stardomain run` reads it back."""
+    import yaml
+
+    if not cfg:
+        return []
+    return ["## Config", "", "The resolved config of this study, every default filled in (`stardomain config`"
+            " prints the same for a file; saved as YAML it runs the same study):", "", "```yaml",
+            yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None).rstrip(), "```", ""]
+
+
 def render_markdown(results: dict, plots: dict[str, str], timings: dict | None = None,
                     bma_raw: dict | None = None) -> str:
     cfg = results.get("config", {})
@@ -404,6 +433,7 @@ def render_markdown(results: dict, plots: dict[str, str], timings: dict | None =
              f"{st.get('n_sources')} sources, {st.get('n_heldouts')} held-outs, barriers on "
              f"{st.get('eval', {}).get('points')} points, "
              f"{'after weight matching' if st.get('eval', {}).get('align') else 'without alignment'}.", "",
+             _provenance(), "",
              "## Verdict", "", results.get("verdict", ""), "", *_headline_lines(results), *_controls_lines(results),
              "## Interpolation curves", "", f"![curves]({plots['curves']})" if "curves" in plots else "", "",
              "## Barriers", "", "95% CI of each mean: source × held-out kinds resample sources and held-outs "
@@ -432,6 +462,10 @@ def render_markdown(results: dict, plots: dict[str, str], timings: dict | None =
     b = _bma_section(results, bma_raw)
     if b:
         lines += [b, ""]
+    if "bma" in plots:
+        lines += ["Reliability diagrams and each metric against K, the number of models averaged:", "",
+                  f"![bma]({plots['bma']})", ""]
+    lines += _config_lines(cfg)
     lines += _cost_lines(timings)
     return "\n".join(lines) + "\n"
 
@@ -439,6 +473,10 @@ def render_markdown(results: dict, plots: dict[str, str], timings: dict | None =
 _STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
           "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
           "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}")
+
+
+_CONFIG_BLOCK = re.compile(r'(<h2>Config</h2>\n(?:<p>.*?</p>\n)?)(<pre><code class="language-yaml">.*?</code></pre>\n)',
+                           re.S)
 
 
 def _md_to_html(md: str, images: dict[str, bytes], plots: dict[str, str]) -> str:
@@ -452,6 +490,8 @@ def _md_to_html(md: str, images: dict[str, bytes], plots: dict[str, str]) -> str
         if png is not None:
             child.attrSet("src", "data:image/png;base64," + base64.b64encode(png).decode())
     body = md_it.renderer.render(tokens, md_it.options, {})
+    body = _CONFIG_BLOCK.sub(lambda m: f"{m.group(1)}<details><summary>the config as YAML</summary>\n{m.group(2)}"
+                             "</details>\n", body, count=1)  # collapsed: long, and last
     return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Star-domain study</title><style>" + _STYLE
             + "</style></head><body>\n" + body + "</body></html>\n")
 
@@ -466,6 +506,10 @@ def write_report(results: dict, out: str | Path, timings: dict | None = None,
         p = out / "plots" / f"{name}.png"
         atomic_write_bytes(p, png)
         paths[name] = f"plots/{name}.png"
+    if bma_raw and bma_raw.get("_curves"):  # the BMA figure, as `stardomain bma --plot` draws it
+        plot_result(bma_raw, out / "plots" / "bma.png")
+        images["bma"] = (out / "plots" / "bma.png").read_bytes()
+        paths["bma"] = "plots/bma.png"
     md = render_markdown(results, paths, timings, bma_raw)
     atomic_write_text(out / "report.md", md)
     atomic_write_text(out / "report.html", _md_to_html(md, images, paths))

@@ -216,11 +216,12 @@ class Hooks:
 
 def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: str, hooks: Hooks, *,
         device: torch.device, state_path: str | Path | None = None, progress: bool | None = None,
-        history: list[dict] | None = None) -> int:
+        history: list[dict] | None = None, on_epoch: Callable[[int, dict], None] | None = None) -> int:
     """The one training loop (regular training and Starlight are two uses): optimiser, per-batch schedule,
     seeded data order, resume state saved after every epoch (bitwise-identical continuation), progress
     bar, non-finite-loss stop (the last good state kept), gradient clipping. `model` is on `device`.
-    `history` (a list) receives {epoch, loss, acc} per epoch, kept across a resume.
+    `history` (a list) receives {epoch, loss, acc} per epoch, kept across a resume; `on_epoch(epoch, that
+    record)` is called once the epoch is saved (TensorBoard, stardomain.tblog).
     -> the number of optimiser steps taken in all."""
     history = [] if history is None else history
     opt = build_optimizer(model.parameters(), tc.optimizer)
@@ -267,6 +268,8 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
                                 fit_history=history, runtime=record(device), **hooks.state())
         bar.update(epoch, loss_sum / max(1, seen), acc, end_of_epoch=True)  # once the epoch is safe
         hooks.saved(epoch + 1)
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
     bar.close()
     return n_step
 
@@ -274,7 +277,8 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
 def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_path: str | Path | None = None,
           progress: bool | None = None, init: dict[str, torch.Tensor] | None = None,
           history: list[dict] | None = None, model: nn.Module | None = None,
-          data: DataBundle | None = None) -> tuple[nn.Module, dict]:
+          data: DataBundle | None = None, on_epoch: Callable[[int, dict], None] | None = None
+          ) -> tuple[nn.Module, dict]:
     """Train one model from its seed (`fit` with a cross-entropy step). -> (model in eval mode, final
     metrics on train and test); `history` (a list) receives the per-epoch training metrics. `model` and
     `data` (the Python API's live objects) replace the ones cfg.model and cfg.data would build; `model`
@@ -302,19 +306,21 @@ def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_
                 "lower train.optimizer.lr or set train.grad_clip")
 
     fit(model, data, tc, seed, config_digest(cfg), Hooks(step, diverged, desc=f"train seed {seed}"),
-        device=device, state_path=state_path, progress=progress, history=history)
+        device=device, state_path=state_path, progress=progress, history=history, on_epoch=on_epoch)
     model.eval()
     return model, evaluate_splits(model, data, tc.eval_batch_size)
 
 
 def train_to_file(cfg: Config, seed: int, out: str | Path, *, role: str = "source", device: str = "auto",
-                  progress: bool | None = None) -> dict[str, Any]:
+                  progress: bool | None = None, on_epoch: Callable[[int, dict], None] | None = None
+                  ) -> dict[str, Any]:
     """Train and write a model file; resumable through `OUT.state` (removed when done); the per-epoch
-    metrics also go to `OUT.csv`. -> metadata."""
+    metrics also go to `OUT.csv` (and to `on_epoch`, see `fit`). -> metadata."""
     out = Path(out)
     state_path = out.with_name(out.name + ".state")
     history: list[dict] = []
-    model, metrics = train(cfg, seed, device=device, state_path=state_path, progress=progress, history=history)
+    model, metrics = train(cfg, seed, device=device, state_path=state_path, progress=progress, history=history,
+                           on_epoch=on_epoch)
     meta = save_model(out, model.state_dict(), model_meta(cfg, get_dataset(cfg.data), seed, role, metrics=metrics,
                                                           device=resolve_device(device), history=history))
     write_history_csv(out.with_name(out.name + ".csv"), history)

@@ -81,3 +81,14 @@ def json_safe(obj: Any, *, drop_timings: bool = False, infinity: float | None = 
         return str(o)
 
     return conv(obj)
+
+
+def round_floats(obj: Any, digits: int) -> Any:
+    """Every float in nested dicts and lists to `digits` significant digits (ints, bools, None kept)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [round_floats(v, digits) for v in obj]
+    return obj

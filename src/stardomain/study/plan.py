@@ -19,6 +19,9 @@ from ..errors import UserError
 from ..safety import config_factories
 
 CACHE_VERSION = 1
+# Seeds: source i uses seed + i, held-out i seed + HELDOUT_SEED_OFFSET + i, every star seed + STAR_SEED_OFFSET,
+# so no two models share an initialisation or a data order (up to 1000 sources and held-outs).
+HELDOUT_SEED_OFFSET, STAR_SEED_OFFSET = 1000, 2000
 _MODEL_OPS = ("train", "star", "average", "merge")  # tasks whose output is a model file
 
 
@@ -103,12 +106,14 @@ class _Builder:
                                                                    "device": self.st.device}, (), **self._res()))
 
     def star(self, cfgd: dict, sources: list[str], tag: str) -> str:
-        ident = {"op": "star", "v": CACHE_VERSION, "config": _model_cfg(cfgd), "seed": self.st.seed,
-                 "sources": sources}
+        """A star from its own seed (study seed + STAR_SEED_OFFSET): sharing source 0's initialisation and
+        data order would put it in that source's basin (measured: star–source 0 barriers near zero)."""
+        seed = self.st.seed + STAR_SEED_OFFSET
+        ident = {"op": "star", "v": CACHE_VERSION, "config": _model_cfg(cfgd), "seed": seed, "sources": sources}
         key = key_of(ident)
         name = f"star{tag}-{key[:12]}"
         return self._add(Task(key, "star", f"star{tag}", {
-            "config": _model_cfg(cfgd), "seed": self.st.seed, "name": name, "device": self.st.device,
+            "config": _model_cfg(cfgd), "seed": seed, "name": name, "device": self.st.device,
             "sources": [self.model_file(s) for s in sources]}, tuple(sources), **self._res()))
 
     def average(self, cfgd: dict, sources: list[str], tag: str) -> str:
@@ -172,7 +177,7 @@ class _Builder:
         if st.heldout_train:
             merged = deep_merge(cfgd["train"], st.heldout_train)
             ho_cfg["train"] = validate(TrainConfig, merged, "study.heldout_train").model_dump()
-        ho = [self.train(ho_cfg, st.seed + 1000 + i, "heldout", i, tag) for i in range(n_heldouts)]
+        ho = [self.train(ho_cfg, st.seed + HELDOUT_SEED_OFFSET + i, "heldout", i, tag) for i in range(n_heldouts)]
         return src, ho
 
     def pairs(self, kinds: Sequence[str], models: dict) -> dict[str, list[str]]:

@@ -14,6 +14,7 @@ from ..pairkinds import naive_centres
 from ..stats import (grid_mean_ci, mann_whitney_less, paired_differences, paired_wilcoxon_less, sign_flip_test,
                      summarize)
 from ..verdict import MAIN_METRICS, SECONDARY, analyse, grid, heldout_values, row_headline, verdict, verdict_line
+from ..utils import round_floats
 from .plan import Plan, Task
 from .tasks import _record_json, _read_json
 
@@ -172,11 +173,5 @@ def _role(test: dict | None, role: str) -> dict | None:
 def _rounded(obj: Any, digits: int = 12) -> Any:
     """Floats to 12 significant digits: reductions whose order depends on memory alignment (diagnostics such
     as alignment distances) can differ in the last bit between processes; the file should not."""
-    if isinstance(obj, float):
-        return float(f"{obj:.{digits}g}")
-    if isinstance(obj, dict):
-        return {k: _rounded(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_rounded(v, digits) for v in obj]
-    return obj
+    return round_floats(obj, digits)
 

@@ -148,7 +148,7 @@ def _run_average(task: Task, root: Path) -> None:
         model.load_state_dict(average(aligned))
         recalibrate_bn(model, data.train, p["batch_size"], p["bn_batches"])
         return save_model(out, model.state_dict(), model_meta(
-            cfg, data, p["seed"], "merged", metrics=_model_metrics(model, cfg),
+            cfg, data, p["seed"], "merged", metrics=_model_metrics(model, cfg), device="cpu",
             merge={"method": "aligned_average", "sources": p["sources"], "align": p["align"]}))
 
     _model_task(task, root, make)
@@ -171,7 +171,7 @@ def _run_merge(task: Task, root: Path) -> None:
         model.load_state_dict(centre)
         recalibrate_bn(model, data.train, p["batch_size"], p["bn_batches"])
         return save_model(out, model.state_dict(), model_meta(
-            cfg, data, p["seed"], "merged", metrics=_model_metrics(model, cfg),
+            cfg, data, p["seed"], "merged", metrics=_model_metrics(model, cfg), device="cpu",
             merge={"sources": p["sources"], **info}))
 
     _model_task(task, root, make, info=lambda meta: meta.get("merge") or {})
