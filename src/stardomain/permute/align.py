@@ -205,7 +205,7 @@ def _graph_in_float64(model: nn.Module, x: Any, spec: PermutationSpec) -> tuple[
 
 
 _LOW = (torch.float32, torch.float16, torch.bfloat16)
-_CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+_CAST_METHODS = ("float", "half", "bfloat16")
 
 
 def _casts_down(gm) -> bool:

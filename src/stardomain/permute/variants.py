@@ -32,5 +32,7 @@ def restrict(spec: PermutationSpec, variant: str) -> PermutationSpec:
                           f"left at the identity by the '{variant}' alignment variant (a {g.role} group)",
                           [[m.tensor, m.axis, m.offset, g.size * m.block * m.rep] for m in g.members])
                for k, g in spec.groups.items() if k not in keep]
-    return PermutationSpec({k: g for k, g in spec.groups.items() if k in keep}, spec.unpermuted + dropped,
-                           spec.shapes, spec.parameters, spec.capture, spec.capture_error)
+    out = PermutationSpec({k: g for k, g in spec.groups.items() if k in keep}, spec.unpermuted + dropped,
+                          spec.shapes, spec.parameters, spec.capture, spec.capture_error)
+    out.graph_signature = getattr(spec, "graph_signature", None)  # the same capture (see spec_from_model)
+    return out
