@@ -474,9 +474,13 @@ def test_cli_bad_executor(tmp_path, tiny_yaml):
 
 # ---------------------------------------------------------------- the local process pool (--workers)
 
-def test_local_pool_gives_the_serial_results(local_run, tiny_yaml, tmp_path):
+def test_local_pool_gives_the_serial_results(local_run, tiny_yaml, tmp_path, monkeypatch):
     """--workers 2 runs independent tasks in two processes; every task is keyed, seeded and written
-    atomically, so results.json is byte-identical to the serial run's."""
+    atomically, so results.json is byte-identical to the serial run's, also when workers are replaced
+    every few tasks (here every 3)."""
+    from stardomain import executors
+
+    monkeypatch.setattr(executors, "TASKS_PER_WORKER", 3)
     out_ref, _ = local_run
     run_study(load_config(tiny_yaml), tmp_path / "pool", num_workers=2, progress=False, report=False)
     assert (tmp_path / "pool" / "results.json").read_bytes() == (out_ref / "results.json").read_bytes()
