@@ -432,8 +432,9 @@ class Engine:
             raise UserError(f"method must be one of {', '.join(STRATEGIES)} (got {strategy!r})")
         self.device = torch.device(device)
         self.module = copy.deepcopy(model).to(self.device).eval()
-        # fused needs BatchNorm to fold: a BN-free ViT (one patch convolution) measured 1.8x slower fused
-        # than looped, and every freeze keeps ~4-7 MB of TorchScript graphs until the process ends
+        # fused needs BatchNorm to fold: a BN-free ViT (one patch convolution) ran 2x slower fused than
+        # looped, and every freeze keeps ~4-7 MB of TorchScript graphs until the process ends
+        # (benchmarks/engine_transformers.py)
         self.strategy = (("fused" if has_conv(model) and has_bn(model) else "vmap") if strategy == "auto"
                          else strategy)
         self.may_fall_back = strategy == "auto" if fall_back is None else fall_back
@@ -451,7 +452,7 @@ class Engine:
     def _guarded(self, run_vmap: Callable, run_loop: Callable):
         """vmap when the strategy says so; under "auto", an operation vmap cannot batch falls back to loop,
         and so does one it can only batch by looping inside (torch warns "no batching rule": scaled
-        dot-product attention on CPU, measured 2.6x slower than the loop on a small GPT)."""
+        dot-product attention on CPU: 2.2x slower than the loop on a small GPT, benchmarks/engine_transformers.py)."""
         if self.strategy != "vmap":
             return run_loop()
         try:
