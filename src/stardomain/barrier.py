@@ -37,7 +37,7 @@ from .engine import STRATEGIES as METHODS
 from .errors import UserError
 from .interpolate import lerp, recalibrate_bn
 from .permute import align as permute_align
-from .permute.variants import check_variant
+from .permute.variants import check_variant, in_words
 from .repair import apply_repair, channel_stats, remove_repair
 from .utils import resolve_device
 
@@ -439,8 +439,7 @@ def plot(rec: dict, out=None, title: str | None = None) -> bytes:
         ax.legend(fontsize=8, title="dotted: chord" if metric == "loss" else "barrier = drop below chord",
                   title_fontsize=8)
     al = rec.get("alignment") or {}
-    how = ("not aligned" if not al.get("aligned") else "aligned" if al.get("variant", "full") == "full"
-           else f"aligned: {al['variant']} only")
+    how = in_words(al.get("variant", "full") if al.get("aligned") else "none")
     fig.suptitle(title or f"interpolation A→B ({how}, "
                  f"{rec.get('data', '')})", fontsize=11)
     fig.tight_layout()

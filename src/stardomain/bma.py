@@ -508,7 +508,8 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
                   ood_x=ood_x, n_bins=n_bins, say=progress or (lambda s: None))
     info: dict[str, Any] = {"k": k, "seeds": list(range(seed, seed + seeds)), "n_sources": len(source_sds),
                             "aligned": align, "bn_recalibrated": bool(ev.bn_keys), "bn_batches": bn_batches,
-                            "device": str(dev), "test_size": len(data.test.y), "test_predictions": data.test.y.numel(), "ood_shifts": list(ood_x),
+                            "device": str(dev), "test_size": len(data.test.y),
+                            "test_predictions": data.test.y.numel(), "ood_shifts": list(ood_x),
                             "vectorized": vectorize, "n_bins": n_bins}
     # warm-up (so the first timing is not inflated); a module vmap cannot run falls back to a loop
     ev.probs(ev.recalibrate(Stack.of(source_sds[:1], dev), Split(data.train.x[:8], data.train.y[:8]), 8, 1),

@@ -481,10 +481,6 @@ def spec_(path: Path = typer.Argument(..., help="A model file written by stardom
         typer.echo(spec.summary())
 
 
-def _aligned_words(variant: str) -> str:
-    return {"full": "aligned", "none": "not aligned"}.get(variant, f"aligned: {variant} only")
-
-
 @app.command("barrier")
 def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
              b: Path = typer.Argument(..., help="Model file B (t = 1); weight-matched to A first unless --no-align."),
@@ -521,6 +517,7 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     """
     from .barrier import measure_files, plot
     from .checkpoint import check_distinct, check_output
+    from .permute.variants import in_words as aligned_in_words
 
     variant = "none" if no_align else AlignVariant(align or "full").value
     if no_align and align not in (None, AlignVariant.none):
@@ -537,14 +534,14 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     if json_out is not None:
         atomic_write_json(json_out, result_json(rec))
     if plot_out is not None:
-        plot(rec, plot_out, title=f"{a.name} → {b.name} ({_aligned_words(variant)})")
+        plot(rec, plot_out, title=f"{a.name} → {b.name} ({aligned_in_words(variant)})")
     if json_:
         echo_json(result_json(rec))
         return
     br = rec["barrier"]
     typer.echo(f"barrier  train loss {br['train_loss']:.4f} (t={br['train_loss_t']})  test loss "
                f"{br['test_loss']:.4f}  train acc drop {br['train_acc']:.4f}  test acc drop {br['test_acc']:.4f}"
-               f"  [{_aligned_words(variant)}, {rec['timings']['total_s']:.1f}s]")
+               f"  [{aligned_in_words(variant)}, {rec['timings']['total_s']:.1f}s]")
     if temperature:
         typer.echo(f"temperature-scaled: train loss {br['train_loss_ts']:.4f}  test loss {br['test_loss_ts']:.4f}  "
                    f"(calibrated on {rec['temperature_scaled']['calibration']['source']})")

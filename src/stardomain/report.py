@@ -158,25 +158,24 @@ def plot_sweep(results: dict, dim: str, metric: str = "train_loss") -> bytes | N
 _VARIANT_ORDER = ("full", *pairkinds.VARIANTS)
 
 
-def _variant_rows(results: dict) -> tuple[list[str], dict[str, dict[str, str]]]:
-    """(bases, base -> {variant -> kind}) over the measured kinds, when some variant other than "none"
-    was measured (study.eval.variants); else ([], {})."""
+def _variant_rows(results: dict) -> tuple[list[str], dict[str, dict[str, str]], list[str]]:
+    """(bases, base -> {variant -> kind}, the variants measured for some base, in order) over the measured
+    kinds, when some variant other than "none" was measured (study.eval.variants); else ([], {}, [])."""
     summary = results.get("summary", {})
     entries = [pairkinds.get(k) for k in summary]
     bases = list(dict.fromkeys(e.base for e in entries if e is not None and e.variant not in (None, "none")))
     table = {b: {v: k for v in _VARIANT_ORDER if (k := b if v == "full" else pairkinds.variant_of(b, v)) in summary}
              for b in bases if b in summary}
-    return list(table), table
+    return list(table), table, [v for v in _VARIANT_ORDER if any(v in row for row in table.values())]
 
 
 def plot_variants(results: dict) -> bytes | None:
     """Which symmetry carries the barrier: the mean barrier (95% CI) after each alignment variant, per
     base pair kind, train and test loss."""
-    bases, table = _variant_rows(results)
+    bases, table, variants = _variant_rows(results)
     if not bases:
         return None
     summary = results["summary"]
-    variants = [v for v in _VARIANT_ORDER if any(v in table[b] for b in bases)]
     fig = Figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2)
     width = 0.8 / len(bases)
@@ -243,11 +242,10 @@ def _summary_table(results: dict) -> list[str]:
 def _variants_lines(results: dict, plots: dict[str, str], metric: str = "train_loss") -> list[str]:
     """The alignment variants' table: each variant's barrier, the share of the hidden-unit axes it aligns,
     and how much of full alignment's reduction of the barrier (unaligned − full) it achieves alone."""
-    bases, table = _variant_rows(results)
+    bases, table, variants = _variant_rows(results)
     if not bases:
         return []
     summary, pairs = results["summary"], results.get("pairs", {})
-    variants = [v for v in _VARIANT_ORDER if any(v in table[b] for b in bases)]
     head = "| alignment | share of hidden-unit axes aligned |" + "".join(
         f" {KIND_NAMES.get(b, b).split(' (')[0]} | of full alignment's reduction |" for b in bases)
     rows = [head, "|---|---|" + "---|---|" * len(bases)]

@@ -15,6 +15,11 @@ from .spec import ROLES, PermutationSpec, Unpermuted
 VARIANTS = ("full", *ROLES, "none")
 
 
+def in_words(variant: str) -> str:
+    """How a barrier's B was aligned, for titles and one-line summaries."""
+    return {"full": "aligned", "none": "not aligned"}.get(variant, f"aligned: {variant} only")
+
+
 def check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise UserError(f"unknown alignment variant {variant!r}; choose {', '.join(VARIANTS)}")

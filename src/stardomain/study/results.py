@@ -123,7 +123,9 @@ def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
     results = _record_json(results)
     results["verdict_line"] = verdict_line(results)
     results["verdict"] = verdict(results)
-    return _rounded(results)
+    # 12 significant digits: reductions whose order depends on memory alignment (diagnostics such as
+    # alignment distances) can differ in the last bit between processes; the file should not
+    return round_floats(results, 12)
 
 
 _PAIRED = "secondary (paired by held-out, rank test; the headline uses the sign-flip test on the same pairing)"
@@ -168,10 +170,4 @@ def _tests(pairs: dict[str, list[dict]]) -> dict:
 
 def _role(test: dict | None, role: str) -> dict | None:
     return None if test is None else {**test, "role": role}
-
-
-def _rounded(obj: Any, digits: int = 12) -> Any:
-    """Floats to 12 significant digits: reductions whose order depends on memory alignment (diagnostics such
-    as alignment distances) can differ in the last bit between processes; the file should not."""
-    return round_floats(obj, digits)
 
