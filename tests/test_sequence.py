@@ -146,6 +146,23 @@ def test_user_factory_with_token_tensors(monkeypatch):
             get_dataset({"factory": "tokfactory:make", "kwargs": {"bad": bad}})
 
 
+def test_models_refuse_inputs_they_cannot_read(monkeypatch):
+    """An image/vector model on token ids, or the GPT on float feature vectors: one UserError before
+    anything trains (not a dtype error from inside the first forward)."""
+    with pytest.raises(UserError, match="model mlp reads images or feature vectors, but this data set holds token"):
+        train(validate(Config, {"data": TEXT, "model": {"name": "mlp"}, "train": RECIPE}), 0, progress=False)
+    import sys
+    import types
+
+    mod = types.ModuleType("vecfactory")
+    mod.make = lambda: {"train": (torch.randn(20, 6), torch.randint(3, (20,))), "test": (torch.randn(5, 6),
+                                                                                       torch.randint(3, (5,)))}
+    monkeypatch.setitem(sys.modules, "vecfactory", mod)
+    with pytest.raises(UserError, match="model gpt reads token ids .* feature vectors of shape"):
+        train(validate(Config, {"data": {"factory": "vecfactory:make"}, "model": GPT, "train": RECIPE}), 0,
+              progress=False)
+
+
 def test_per_token_passes_class_targets_through():
     out, y = torch.randn(3, 4, 5, 7), torch.randint(7, (4, 5))
     o, t = per_token(out, y)

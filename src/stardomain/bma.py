@@ -499,7 +499,8 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
     data = data if data is not None else get_dataset(cfg.data)
     if data.test.x is None or data.train.x is None:
         raise UserError("BMA evaluation needs a data set held in memory (x, y tensors)")
-    model = model if model is not None else build_model(cfg.model, data.input_shape, data.num_classes)
+    if model is None:
+        model = build_model(cfg.model, data.input_shape, data.num_classes, tokens=data.sequence)
     _check_fit(cfg, model, [star_sd, fusion_sd, *source_sds])
     ev = Engine(model, dev, "vmap" if vectorize else "loop", fall_back=True)
     ood_x = ood_sets(data, seed=0, max_n=ood_max) if ood else {}

@@ -253,7 +253,8 @@ def build_from_meta(meta: dict[str, Any], source: str = "the model file") -> tor
 
     check_meta_factories(meta, source)
     d = meta["data"]
-    return build_model(meta["model"], tuple(d["input_shape"]), int(d["num_classes"]))
+    return build_model(meta["model"], tuple(d["input_shape"]), int(d["num_classes"]),
+                       tokens=d.get("input_dtype") == "int64")
 
 
 def data_from_meta(meta: dict[str, Any], source: str = "the model file"):

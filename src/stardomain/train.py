@@ -162,7 +162,7 @@ def init_model(cfg: Config, data: DataBundle, seed: int) -> nn.Module:
     """The seeded initialisation: the same seed always gives the same initial weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(cfg.model, data.input_shape, data.num_classes)
+        return build_model(cfg.model, data.input_shape, data.num_classes, tokens=data.sequence)
 
 
 def save_training_state(path, digest: str, seed: int, epoch: int, model: nn.Module, opt, sched,

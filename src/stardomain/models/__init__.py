@@ -32,6 +32,20 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# Registered models that read token ids (next-token data, in_shape (T,)); the others read images or float
+# vectors, and gpt reads images too. A user factory is trusted to know its own inputs.
+TOKEN_MODELS = {"gpt"}
+
+
+def _check_inputs(name: str, in_shape: tuple[int, ...], tokens: bool) -> None:
+    if tokens and name not in TOKEN_MODELS:
+        raise UserError(f"model {name} reads images or feature vectors, but this data set holds token ids "
+                        f"(next-token data); use model {' or '.join(sorted(TOKEN_MODELS))}, or your own model.factory")
+    if not tokens and name in TOKEN_MODELS and len(in_shape) == 1:
+        raise UserError(f"model {name} reads token ids (next-token data) or images, but this data set holds "
+                        f"feature vectors of shape {tuple(in_shape)}")
+
+
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     MODELS[name] = factory
 
@@ -54,8 +68,10 @@ def _size_on_meta(fn: Callable[..., nn.Module], kwargs: dict) -> int:
     return sum(t.numel() for t in (*m.parameters(), *m.buffers()))
 
 
-def build_model(cfg: ModelConfig | dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Registered models check their kwargs and size first; any failure to build is one UserError."""
+def build_model(cfg: ModelConfig | dict, in_shape: tuple[int, ...], num_classes: int,
+                tokens: bool = False) -> nn.Module:
+    """Registered models check their inputs (`tokens`: the data are token ids), kwargs and size first; any
+    failure to build is one UserError."""
     if isinstance(cfg, dict):
         cfg = ModelConfig.model_validate(cfg)
     if cfg.factory:
@@ -72,6 +88,7 @@ def build_model(cfg: ModelConfig | dict, in_shape: tuple[int, ...], num_classes:
         if cfg.name not in MODELS:
             raise UserError(f"unknown model {cfg.name!r}; choose one of {', '.join(MODELS)} "
                             "or give model.factory: 'package.module:function'")
+        _check_inputs(cfg.name, tuple(in_shape), tokens)
         fn, extra, where = MODELS[cfg.name], {"in_shape": tuple(in_shape), "num_classes": num_classes}, f"model {cfg.name}"
     kwargs = {**extra, **cfg.kwargs}
     try:

@@ -205,7 +205,7 @@ def import_weights(weights: str | Path, factory: str, kwargs: dict, data: dict |
     dcfg = DataConfig(name=data) if isinstance(data, str) else DataConfig.model_validate(data)
     bundle = get_dataset(dcfg)
     mcfg = ModelConfig(factory=factory, kwargs=kwargs)
-    model = build_model(mcfg, bundle.input_shape, bundle.num_classes)
+    model = build_model(mcfg, bundle.input_shape, bundle.num_classes, tokens=bundle.sequence)
     fitted = _fit(model, sd, str(weights))
     model.load_state_dict(fitted)
     meta = {"model": mcfg.model_dump(),
