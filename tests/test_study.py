@@ -115,10 +115,14 @@ def test_keys_change_exactly_with_their_inputs():
     p = build_plan(tiny_cfg(study={"n_heldouts": 3}))
     assert set(_keys(base)) <= set(_keys(p))
 
-    # the base seed: a model is its seed, so shifting by one reuses the overlapping sources
+    # another study seed: an independent replicate, no model shared (study.plan.model_seed)
     p = build_plan(tiny_cfg(study={"seed": 1}))
-    assert p.layout["main"]["sources"][:2] == L["sources"][1:]
-    assert p.layout["main"]["sources"][2] not in by_op["train"] and p.layout["main"]["star"] != L["star"]
+    assert not set(_keys(p, "train")) & by_op["train"] and not set(_keys(p, "star")) & by_op["star"]
+
+    # more stars: the first star is the one star of before, the others are new
+    p = build_plan(tiny_cfg(study={"n_stars": 3}))
+    assert p.layout["main"]["star"][0] == L["star"][0] and len(set(p.layout["main"]["star"])) == 3
+    assert set(_keys(base)) - set(_keys(p)) == set()  # nothing recomputed
 
 
 def test_sweeps_add_stars_and_populations():
@@ -131,8 +135,8 @@ def test_sweeps_add_stars_and_populations():
     assert sw["width"][1]["star"] == p.layout["main"]["star"]
 
     p = build_plan(tiny_cfg(study={"sweeps": {"t_sampling": ["uniform", "beta", "constant"], "depth": [2]}}))
-    stars = [r["star"] for r in p.layout["sweeps"]["t_sampling"]]
-    assert stars[0] == p.layout["main"]["star"] and len(set(stars)) == 3  # uniform is the default scheme
+    stars = [tuple(r["star"]) for r in p.layout["sweeps"]["t_sampling"]]
+    assert list(stars[0]) == p.layout["main"]["star"] and len(set(stars)) == 3  # uniform is the default scheme
     assert p.layout["sweeps"]["depth"][0]["star"] != p.layout["main"]["star"]
     with pytest.raises(UserError):
         build_plan(tiny_cfg(study={"sweeps": {"t_sampling": ["sideways"]}}))
@@ -324,7 +328,7 @@ def test_study_interrupted_inside_the_star_resumes_to_identical_results(local_ru
     assert not list((out / "models").glob("star-*.safetensors"))
     monkeypatch.setattr(sl, "star_to_file", real)
     res = run_study(load_config(tiny_yaml), out, progress=False, report=False)
-    assert res["models"]["star"]["info"]["star"]["alignments"] == 2  # align_every epoch, 2 epochs
+    assert res["models"]["stars"][0]["info"]["star"]["alignments"] == 2  # align_every epoch, 2 epochs
     assert (out / "results.json").read_bytes() == (out_ref / "results.json").read_bytes()
 
 

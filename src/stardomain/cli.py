@@ -271,6 +271,9 @@ def run(
                                           "Results depend on it bitwise; model files record it."),
     force: bool = typer.Option(False, "--force", help="Use --out even if it is a non-empty folder that is not a "
                                "study folder (without it such a folder is refused)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Replicate the study over these study seeds (e.g. "
+                                        "0-4 or 0,1,2): one study each in OUT/seed-N (disjoint models), then one "
+                                        "combined verdict (OUT/combined.json; docs/method.md, 'The headline test')."),
 ):
     """Run the star-domain study: train sources and held-outs, train the star, measure every pair's barrier,
     test star–held-out < regular–regular, and write results.json, report.md and a self-contained report.html.
@@ -292,8 +295,21 @@ def run(
         from .train import resolve_device
 
         warn_if_study_changed(out, cfg.study.cpus_per_task, resolve_device(cfg.study.device))
-    res = run_study(cfg, out, executor=Executor(executor).value, ray_address=ray_address, num_workers=workers,
-                    force=force)
+    def run_one(c, folder):
+        return run_study(c, folder, executor=Executor(executor).value, ray_address=ray_address, num_workers=workers,
+                         force=force)
+
+    if seeds is not None:
+        from .study.replicates import parse_seeds, run_replicates
+
+        res = run_replicates(cfg, out, parse_seeds(seeds), run_one=run_one, force=force)
+        for s, line in zip(res["seeds"], res["replicates"]):
+            typer.echo(f"study seed {s}: {line}")
+        typer.echo("")
+        typer.echo(f"Combined over {len(res['seeds'])} study seeds: {res['verdict_line']}")
+        typer.echo(f"wrote {out}/combined.json and one study folder per seed ({out}/seed-N)")
+        return
+    res = run_one(cfg, out)
     typer.echo(res["verdict_line"])
     typer.echo("")
     typer.echo(res["verdict"])

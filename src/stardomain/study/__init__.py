@@ -45,7 +45,7 @@ def _timing_table(plan: Plan, root: Path) -> dict:
     return {"tasks": out, "total_seconds_by_op": by_op}
 
 
-_STUDY_MARKS = ("plan.json", ".lock", "results.json")
+_STUDY_MARKS = ("plan.json", ".lock", "results.json", "replicates.json")
 
 
 def check_study_folder(root: Path, force: bool = False) -> None:

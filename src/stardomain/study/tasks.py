@@ -92,7 +92,8 @@ def _finish_model(task: Task, root: Path, meta: dict, model=None, cfg: Config | 
             "seed": meta.get("seed"), "file": f"models/{task.params['name']}.safetensors",
             "sha256": meta["sha256"], "metrics": {s: {"loss": m[s]["loss"], "acc": m[s]["acc"]}
                                                   for s in ("train", "test")},
-            "info": _record_json(info or {}), "timings": {"seconds": seconds, **_timings(info or {})}}
+            "fit": _record_json(meta.get("fit")), "info": _record_json(info or {}),
+            "timings": {"seconds": seconds, **_timings(info or {})}}
     atomic_write_json(root / task.output, side)
 
 
