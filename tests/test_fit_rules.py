@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from stardomain.checkpoint import read_model_file, weights_sha256
 from stardomain.config import STUDY_SEED_MAX, Config, validate
 from stardomain.study.plan import build_plan, deep_merge, model_seed
 
-tr = importlib.import_module("stardomain.train")
+from stardomain import training as tr
 
 
 def _with(cfg: Config, **train) -> Config:

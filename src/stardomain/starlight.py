@@ -47,8 +47,8 @@ from .config import Config, StarConfig, TrainConfig
 from .data import first_inputs, get_dataset, per_token
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
-from .train import (Hooks, StopRule, autocast, config_digest, evaluate, evaluate_splits, fit, fit_record, init_model,
-                    model_meta, write_history_csv)
+from .training import (Hooks, StopRule, autocast, config_digest, evaluate, evaluate_splits, fit, fit_record,
+                       init_model, model_meta, write_history_csv)
 from .utils import resolve_device
 
 StateDict = dict[str, torch.Tensor]
