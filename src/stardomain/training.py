@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import sys
 import time
@@ -255,6 +256,14 @@ class Hooks:
     restore: Callable[[dict], None] = lambda st: None
     stop: StopRule | None = None
 
+    def done(self, history: list[dict]) -> bool:
+        """The last finished epoch met the stop rule (perhaps before a kill): train no further."""
+        return self.stop is not None and self.stop.met_by(history)
+
+    def check(self, model: nn.Module, split: Split, batch_size: int) -> dict:
+        """With a stop rule, {"check": the training split's loss and accuracy}, for the epoch's record."""
+        return {} if self.stop is None else {"check": evaluate(model, split, batch_size)}
+
 
 def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: str, hooks: Hooks, *,
         device: torch.device, state_path: str | Path | None = None, progress: bool | None = None,
@@ -284,9 +293,7 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
         hooks.restore(st)
     hooks.ready()
     bar = Progress(hooks.desc, tc.epochs, steps, start_epoch, progress)
-    for epoch in range(start_epoch, tc.epochs):
-        if hooks.stop is not None and hooks.stop.met_by(history):  # met (perhaps before a kill): done
-            break
+    for epoch in itertools.takewhile(lambda _: not hooks.done(history), range(start_epoch, tc.epochs)):
         hooks.epoch_start(epoch, n_step)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -308,9 +315,8 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
             bar.update(epoch, loss_sum / seen, correct / seen if right is not None else None)
         acc = correct / seen if seen and right is not None else None
         hooks.epoch_end(epoch, loss_sum / max(1, seen))
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "acc": acc})
-        if hooks.stop is not None:
-            history[-1]["check"] = evaluate(model, data.train, tc.eval_batch_size)
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "acc": acc,
+                        **hooks.check(model, data.train, tc.eval_batch_size)})
         if state_path:
             save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device, step=n_step,
                                 fit_history=history, runtime=record(device), **hooks.state())
