@@ -110,7 +110,7 @@ def _model_seeds(study_seed: int) -> dict[str, int]:
     return {t.key: t.params["seed"] for t in build_plan(cfg).tasks if t.op in ("train", "star")}
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(st.integers(0, STUDY_SEED_MAX),
        st.integers(1, 10**6))
 def test_different_study_seeds_share_no_model_seed(a, step):
