@@ -528,16 +528,16 @@ def test_spec_records_the_shapes_shape_prop_finds_and_restores_training_modes():
     import torch.fx as fx
     from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-    import stardomain.permute.spec as spec_mod
+    import stardomain.permute.capture as capture
 
     model = _WithDefault()
     model.bn.eval()  # mixed modes: each module's own mode must come back, not the root's
     stats = model.bn.running_mean.clone()
     x = torch.randn(3, 3, 8, 8)
-    graph = spec_mod._GraphTracer().trace(model)
+    graph = capture.GraphTracer().trace(model)
     assert str(graph) == str(fx.Tracer().trace(model))  # the same graph, node names included
     with torch.no_grad():
-        spec_mod._record_shapes(model, graph, x)
+        capture.record_shapes(model, graph, x)
     ref = fx.GraphModule(model, fx.Tracer().trace(model))
     ShapeProp(ref.eval()).propagate(x)
     model.train()
@@ -557,7 +557,7 @@ def test_spec_records_the_shapes_shape_prop_finds_and_restores_training_modes():
 @given(st.data())
 def test_shape_pass_sizes_convolutions_as_running_them_does(data):
     """The shape pass sizes plain convolutions by formula: it must agree with running them."""
-    import stardomain.permute.spec as spec_mod
+    import stardomain.permute.capture as capture
 
     nd = data.draw(st.integers(1, 3))
     groups = data.draw(st.sampled_from([1, 2, 3]))
@@ -575,9 +575,9 @@ def test_shape_pass_sizes_convolutions_as_running_them_does(data):
     try:
         want = conv(x).shape
     except RuntimeError:  # too small for the kernel, or padding larger than the input allows
-        assert spec_mod._shaped_like_output(conv, x) is None  # left to the module, which raises
+        assert capture.shaped_like_output(conv, x) is None  # left to the module, which raises
         return
-    got = spec_mod._shaped_like_output(conv, x)
+    got = capture.shaped_like_output(conv, x)
     if mode == "zeros":
         assert got.shape == want and not got.any()
     else:
@@ -586,7 +586,7 @@ def test_shape_pass_sizes_convolutions_as_running_them_does(data):
 
 @pytest.mark.parametrize("bn, dims", [(nn.BatchNorm1d, (2, 3)), (nn.BatchNorm2d, (4,)), (nn.BatchNorm3d, (5,))])
 def test_shape_pass_skips_batchnorm_only_where_it_would_run(bn, dims):
-    import stardomain.permute.spec as spec_mod
+    import stardomain.permute.capture as capture
 
     mod = bn(3).eval()
     for d in range(1, 7):
@@ -597,9 +597,9 @@ def test_shape_pass_skips_batchnorm_only_where_it_would_run(bn, dims):
                 runs = True
             except (RuntimeError, ValueError):
                 runs = False
-            got = spec_mod._shaped_like_output(mod, x)
+            got = capture.shaped_like_output(mod, x)
             assert got.shape == x.shape and not got.any() if runs else got is None
-    assert spec_mod._shaped_like_output(mod.train(), torch.randn(2, 3, *[2] * (dims[-1] - 2))) is None
+    assert capture.shaped_like_output(mod.train(), torch.randn(2, 3, *[2] * (dims[-1] - 2))) is None
 
 
 class _InvertsItsFeatures(nn.Module):
@@ -617,12 +617,12 @@ class _InvertsItsFeatures(nn.Module):
 
 
 def test_shape_pass_reruns_on_real_values_when_an_op_refuses_the_placeholders():
-    import stardomain.permute.spec as spec_mod
+    import stardomain.permute.capture as capture
 
     model, x = _InvertsItsFeatures(), torch.randn(2, 1, 6, 6)
-    graph = spec_mod._GraphTracer().trace(model)
+    graph = capture.GraphTracer().trace(model)
     with pytest.raises(RuntimeError), torch.no_grad():
-        spec_mod._record_shapes(model, graph, x)  # the fast pass alone fails
+        capture.record_shapes(model, graph, x)  # the fast pass alone fails
     spec = spec_from_model(model, x)
     assert not any("could not trace" in u.reason for u in spec.unpermuted)
     assert not spec.groups  # the conv's channels feed an op the tracer does not know: pinned, and said so
