@@ -10,7 +10,8 @@ Where things are: docs/architecture.md (permute/).
 """
 
 from .activations import activation_matching
-from .alignment import METHODS, CoverageWarning, MatchingOptions, align, spec_for
+from .alignment import METHODS, CoverageWarning, MatchingOptions, align
+from .cache import spec_for
 from .checks import EquivalenceError, activation_error, check_equivalence, equivalence_error
 from .matching import weight_matching
 from .permutations import apply_permutation, distance, identity, inverse, random_permutation

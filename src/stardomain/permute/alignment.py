@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -13,49 +12,16 @@ import torch.nn as nn
 
 from ..errors import UserError
 from .activations import activation_matching
+from .cache import spec_for
 from .checks import check_equivalence
-from .inputs import signature
 from .matching import INITS, weight_matching
 from .permutations import apply_permutation, distance
-from .rules.registry import RULES_VERSION
 from .spec import PermutationSpec
-from .tracer import spec_from_model
 from .variants import restrict
-
-_CACHE: "OrderedDict[tuple, PermutationSpec]" = OrderedDict()
-
 
 class CoverageWarning(UserWarning):
     """Aligning this model cannot do what was asked: its graph could not be captured, or nothing in it
     can be permuted (the model is returned unchanged)."""
-
-
-_PLAIN = (int, float, bool, str, type(None))
-
-
-def _architecture(model: nn.Module) -> tuple:
-    """Every module's class and plain attributes: what forward reads besides the weights. repr() is not
-    enough: nn.MultiheadAttention's omits num_heads, so a 4-head and a 3-head ViT of one width looked
-    alike and shared a spec."""
-    def attrs(m):
-        return tuple(sorted((k, repr(v)) for k, v in vars(m).items() if k != "training" and (
-            isinstance(v, _PLAIN) or (isinstance(v, (tuple, list)) and all(isinstance(e, _PLAIN) for e in v)))))
-
-    return tuple((name, type(m).__module__, type(m).__qualname__, attrs(m)) for name, m in model.named_modules())
-
-
-def spec_for(model: nn.Module, example_input: Any) -> PermutationSpec:
-    """spec_from_model, cached by architecture (every module's class and settings, input shapes and dtypes)."""
-    key = (_architecture(model), signature(example_input), RULES_VERSION[0],
-           tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    spec = spec_from_model(model, example_input)
-    _CACHE[key] = spec
-    while len(_CACHE) > 32:
-        _CACHE.popitem(last=False)
-    return spec
 
 
 @dataclass(frozen=True)

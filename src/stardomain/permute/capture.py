@@ -131,7 +131,7 @@ def _bind(model: nn.Module, example: Any) -> dict[str, Any]:
     return out
 
 
-def _concrete_defaults(model: nn.Module, example: Any) -> dict[str, Any]:
+def concrete_defaults(model: nn.Module, example: Any) -> dict[str, Any]:
     """The optional arguments the example leaves out (targets=None, labels=None): traced at their
     default, so `if targets is not None:` is decided rather than traced."""
     given = _bind(model, example)
@@ -143,7 +143,7 @@ def fx_graph(model: nn.Module, example: Any) -> fx.Graph:
     """fx trace plus the shape pass (the model in eval mode; its training flags restored)."""
     training = [m for m in model.modules() if m.training]  # restored exactly afterwards
     try:
-        graph = GraphTracer().trace(model, concrete_args=_concrete_defaults(model, example) or None)
+        graph = GraphTracer().trace(model, concrete_args=concrete_defaults(model, example) or None)
         for m in training:
             m.training = False
         threads = torch.get_num_threads()
@@ -231,4 +231,4 @@ def capture_module(model: nn.Module, example: Any, capture: str) -> fx.GraphModu
         gm = ep.module()
         gm.graph_signature = graph_signature(ep.graph)
         return gm
-    return fx.GraphModule(model, GraphTracer().trace(model, concrete_args=_concrete_defaults(model, example) or None))
+    return fx.GraphModule(model, GraphTracer().trace(model, concrete_args=concrete_defaults(model, example) or None))

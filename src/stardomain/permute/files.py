@@ -10,7 +10,8 @@ import torch
 from ..checkpoint import build_from_meta, data_from_meta, read_model_file, read_pair, save_model
 from ..data import first_inputs
 from ..errors import UserError
-from .alignment import CoverageWarning, MatchingOptions, align, spec_for
+from .alignment import CoverageWarning, MatchingOptions, align
+from .cache import spec_for
 from .capture import aliases_of
 from .spec import PermutationSpec
 

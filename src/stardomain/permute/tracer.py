@@ -250,7 +250,9 @@ def spec_from_model(model: nn.Module, example_input: Any) -> PermutationSpec:
     else:
         tr = Tracer(model, graph, sd_keys, aliases=aliases)
         tr.run()
-        return assemble(tr, model, sd)
+        spec = assemble(tr, model, sd)
+        spec.graph_signature = graph_signature(graph)  # not saved: lets the cache check a hit (cache.py)
+        return spec
     try:
         ep, names = export_graph(model, example_input)
     except Exception as e:  # noqa: BLE001 - neither could: permute nothing, and say why

@@ -148,13 +148,38 @@ def group_norm(t, node: fx.Node, x: Any, groups: int, params: list) -> Any:
     return lay
 
 
+def spanned_weight_axis(lay: Any, si: tuple, kernel: tuple, padding: Any, dilation: Any) -> int | None:
+    """The weight axis along which a convolution reads `lay`'s units, where they lie on a spatial axis the
+    kernel spans whole, unpadded and undilated (TextCNN: a kernel as wide as the embedding): its one
+    output position sees every unit through its own kernel tap, so permuting the units and the taps
+    alike keeps the function. None: any other convolution over a non-channel axis."""
+    nd = len(kernel)
+    j = lay.axis - (len(si) - nd) if isinstance(lay, Lay) else -1
+    if not 0 <= j < nd or any(len(s) != 3 or s[2] != 1 for s in lay.segs):
+        return None
+    pad = (0,) * nd if padding == "valid" else padding
+    if isinstance(pad, str):
+        return None
+    pad = tuple(pad) if isinstance(pad, (tuple, list)) else (pad,) * nd
+    dil = tuple(dilation) if isinstance(dilation, (tuple, list)) else (dilation,) * nd
+    pad, dil = pad * nd if len(pad) == 1 else pad, dil * nd if len(dil) == 1 else dil
+    if kernel[j] != si[lay.axis] or pad[j] != 0 or dil[j] != 1:
+        return None
+    return 2 + j
+
+
 def conv(t, node: fx.Node, x: Any, w: str | None, b: str | None, groups: int, transposed: bool) -> Any:
     lay, so = t.lay(x), shape_of(node)
     if not isinstance(t.env.get(node.args[1]), Param):
         raise Pin("a convolution whose weight is computed")
-    if lay is not None and (not isinstance(lay, Lay) or lay.axis != 1 or any(sg[2] != 1 for sg in lay.segs)):
-        raise Pin("convolution over a non-channel axis")
     out_ch = so[1]
+    if lay is not None and (not isinstance(lay, Lay) or lay.axis != 1 or any(sg[2] != 1 for sg in lay.segs)):
+        wax = None if transposed or groups != 1 or not w else spanned_weight_axis(
+            lay, shape_of(x), shape_of(node.args[1])[2:], arg(node, 4, "padding", 0), arg(node, 5, "dilation", 1))
+        if wax is None:
+            raise Pin("convolution over a non-channel axis")
+        t.add_members(lay, [(w, wax)])
+        return t.fresh(out_ch, w.removesuffix(".weight"), 1, [(w, 0)] + ([(b, 0)] if b else []))
     if groups == 1:
         if lay is not None and w:
             t.add_members(lay, [(w, 0 if transposed else 1)])
@@ -310,7 +335,12 @@ def _m_reshape(t, c: ModuleCall) -> Any:
 def _m_conv(t, c: ModuleCall) -> Any:
     lay, name, mod = c.lay, c.name, c.mod
     if lay is not None and (lay.axis != 1 or any(s[2] != 1 for s in lay.segs)):
-        raise Pin("convolution over a non-channel axis")
+        wax = None if mod.groups != 1 else spanned_weight_axis(lay, c.shape_in, mod.kernel_size, mod.padding,
+                                                                 mod.dilation)
+        if wax is None:
+            raise Pin("convolution over a non-channel axis")
+        t.add_members(lay, [(f"{name}.weight", wax)])
+        return t.fresh(mod.out_channels, name, 1, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
     if mod.groups == 1:
         if lay is not None:
             t.add_members(lay, [(f"{name}.weight", 1)])

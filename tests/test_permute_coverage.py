@@ -1,0 +1,107 @@
+"""Coverage beyond the zoo (issue 26): convolutions whose kernel spans a whole non-channel axis
+(the AG-News TextCNN). Each family: a hand-permuted copy is aligned back to distance 0, and the
+permutation keeps the function in float64."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stardomain.permute import (apply_permutation, distance, inverse, random_permutation, spec_from_model,
+                                weight_matching)
+
+
+class TextCNN(nn.Module):
+    """Embedding -> Conv2d with kernels (k, embedding dim) -> max over time -> linear (Kim 2014)."""
+
+    def __init__(self, vocab=30, dim=8, filters=4, kernels=(2, 3), classes=4, functional=False):
+        super().__init__()
+        self.functional = functional
+        self.embed = nn.Embedding(vocab, dim)
+        self.convs = nn.ModuleList(nn.Conv2d(1, filters, (k, dim)) for k in kernels)
+        self.fc = nn.Linear(filters * len(kernels), classes)
+
+    def forward(self, ids):
+        x = self.embed(ids).unsqueeze(1)  # (B, 1, T, dim)
+        if self.functional:
+            hs = [F.relu(F.conv2d(x, c.weight, c.bias)).squeeze(3) for c in self.convs]
+        else:
+            hs = [F.relu(c(x)).squeeze(3) for c in self.convs]  # (B, filters, T - k + 1)
+        hs = [F.max_pool1d(h, h.size(2)).squeeze(2) for h in hs]
+        return self.fc(torch.cat(hs, 1))
+
+
+class Conv1dOverFeatures(nn.Module):
+    """The 1-D analogue: a feature vector read as one channel, a kernel as long as the vector."""
+
+    def __init__(self, d=6, filters=5, kernel=None):
+        super().__init__()
+        kernel = kernel or d
+        self.fc, self.conv = nn.Linear(3, d), nn.Conv1d(1, filters, kernel)
+        self.out = nn.Linear(filters * (d - kernel + 1), 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.conv(torch.tanh(self.fc(x)).unsqueeze(1))).flatten(1))
+
+
+def _noisy(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if torch.is_floating_point(v) else v
+            for k, v in m.state_dict().items()}
+
+
+def _out64(m, sd, x):
+    m = copy.deepcopy(m).double().eval()
+    m.load_state_dict({k: v.double() for k, v in sd.items()})
+    with torch.no_grad():
+        return m(x if not torch.is_floating_point(x) else x.double())
+
+
+def _round_trip(m, x, seed=0):
+    spec = spec_from_model(m, x)
+    sd = _noisy(m, seed)
+    p = random_permutation(spec, torch.Generator().manual_seed(seed + 1))
+    sp = apply_permutation(spec, sd, p)
+    ref = _out64(m, sd, x)
+    assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
+    q, _ = weight_matching(spec, sd, sp)
+    assert distance(sd, apply_permutation(spec, sp, q)) == pytest.approx(0.0, abs=1e-9)
+    assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups)
+    return spec
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_textcnn_filters_and_embedding_units_are_permuted(functional):
+    torch.manual_seed(0)
+    m = TextCNN(functional=functional)
+    spec = _round_trip(m, torch.randint(0, 30, (3, 7)))
+    axes = {(mm.tensor, mm.axis) for g in spec.groups.values() for mm in g.members}
+    # the filters are units (conv weight rows, fc columns); the embedding's units index the kernel's width
+    assert {("convs.0.weight", 0), ("convs.1.weight", 0), ("fc.weight", 1), ("embed.weight", 1),
+            ("convs.0.weight", 3), ("convs.1.weight", 3)} <= axes
+    assert spec.permutable_fraction() == 1.0
+
+
+def test_a_kernel_narrower_than_the_axis_stays_pinned():
+    torch.manual_seed(0)
+    spec = spec_from_model(Conv1dOverFeatures(d=6, kernel=5), torch.randn(4, 3))  # slides along the units
+    assert any("convolution over a non-channel axis" in u.reason for u in spec.unpermuted)
+    assert not any(mm.tensor == "fc.weight" and mm.axis == 0 for g in spec.groups.values() for mm in g.members)
+
+
+@settings(max_examples=8, deadline=None)
+@given(dim=st.integers(2, 6), filters=st.integers(2, 5), kernels=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       seed=st.integers(0, 100))
+def test_textcnn_round_trip_over_shapes(dim, filters, kernels, seed):
+    torch.manual_seed(seed)
+    _round_trip(TextCNN(dim=dim, filters=filters, kernels=tuple(kernels)), torch.randint(0, 30, (2, 5)), seed)
+
+
+def test_conv1d_spanning_the_feature_vector():
+    torch.manual_seed(0)
+    spec = _round_trip(Conv1dOverFeatures(), torch.randn(4, 3))
+    assert spec.permutable_fraction() == 1.0
