@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stardomain.permute import (apply_permutation, distance, inverse, random_permutation, spec_from_model,
+from stardomain.permute import (align, apply_permutation, distance, inverse, random_permutation, spec_from_model,
                                 weight_matching)
 
 
@@ -71,6 +71,8 @@ def _round_trip(m, x, seed=0):
     q, _ = weight_matching(spec, sd, sp)
     assert distance(sd, apply_permutation(spec, sp, q)) == pytest.approx(0.0, abs=1e-9)
     assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups)
+    _, info = align(m, sd, sp, example_input=x)  # checked: outputs and every probed activation
+    assert info["distance_after"] == pytest.approx(0.0, abs=1e-9) and info["equivalence_error"] < 1e-9
     return spec
 
 
@@ -105,3 +107,59 @@ def test_conv1d_spanning_the_feature_vector():
     torch.manual_seed(0)
     spec = _round_trip(Conv1dOverFeatures(), torch.randn(4, 3))
     assert spec.permutable_fraction() == 1.0
+
+
+RNNS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class Recurrent(nn.Module):
+    """Embedding -> a recurrent stack -> its last step (or its final state) -> linear."""
+
+    def __init__(self, kind="lstm", layers=2, bidirectional=True, batch_first=True, hidden=5, dim=4,
+                 use_state=False):
+        super().__init__()
+        self.batch_first, self.use_state = batch_first, use_state
+        self.embed = nn.Embedding(20, dim)
+        self.rnn = RNNS[kind](dim, hidden, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+        self.fc = nn.Linear(hidden * (2 if bidirectional and not use_state else 1), 3)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        out, state = self.rnn(x)
+        if self.use_state:
+            h = state[0] if isinstance(state, tuple) else state
+            return self.fc(h[-1])
+        return self.fc(out[:, -1] if self.batch_first else out[-1])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_recurrent_hidden_units_are_permuted_per_layer_and_direction(kind):
+    torch.manual_seed(0)
+    m = Recurrent(kind)
+    spec = _round_trip(m, torch.randint(0, 20, (3, 6)))
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
+    hidden = [g for g in spec.groups.values() if g.name.startswith("rnn.")]
+    assert len(hidden) == 4 and all(g.size == 5 for g in hidden)  # 2 layers x 2 directions
+    ih = {(mm.tensor, mm.offset, mm.rep) for g in hidden for mm in g.members if mm.axis == 0}
+    assert ("rnn.weight_ih_l1_reverse", 0, gates) in ih and ("rnn.bias_hh_l0", 0, gates) in ih
+    assert spec.permutable_fraction() == 1.0
+
+
+def test_a_read_final_state_pins_the_recurrent_units():
+    torch.manual_seed(0)
+    m = Recurrent("lstm", use_state=True)
+    spec = _round_trip(m, torch.randint(0, 20, (3, 6)))
+    assert not any(g.name.startswith("rnn.") for g in spec.groups.values())
+    assert any("final state" in u.reason for u in spec.unpermuted)
+
+
+@settings(max_examples=10, deadline=None)
+@given(kind=st.sampled_from(sorted(RNNS)), layers=st.integers(1, 3), bidirectional=st.booleans(),
+       batch_first=st.booleans(), hidden=st.integers(2, 6), seed=st.integers(0, 100))
+def test_recurrent_round_trip_over_shapes(kind, layers, bidirectional, batch_first, hidden, seed):
+    torch.manual_seed(seed)
+    m = Recurrent(kind, layers, bidirectional, batch_first, hidden)
+    spec = _round_trip(m, torch.randint(0, 20, (2, 4)), seed)
+    assert sum(g.name.startswith("rnn.") for g in spec.groups.values()) == layers * (1 + bidirectional)

@@ -26,6 +26,7 @@ from .layers import (POOL_MODULES, _addmm, _batch_norm_aten, _batch_norm_aten_tu
                      _m_pinned, _m_pool, _m_reshape, _m_rms_norm, _m_sequential, _m_upsample, _matmul,
                      _native_layer_norm, _rms_norm, _spatial, _spatial_tuple)
 from .pointwise import ELEMENTWISE_MODULES, _binary, _type_as, _unary
+from .recurrent import recurrent
 from .shapes import (_cat, _chunk, _expand, _getitem, _narrow, _pad, _permute, _reduce, _reshape, _select, _slice,
                      _split, _squeeze, _stack, _transpose, _unbind, _unsqueeze)
 
@@ -196,6 +197,7 @@ BUILTIN_MODULE_RULES: list[tuple[tuple[type, ...], Any]] = [
     (POOL_MODULES, _m_pool),
     ((nn.Embedding,), _m_embedding),
     ((nn.MultiheadAttention,), lambda t, c: mha(t, c.node, c.mod)),
+    ((nn.RNNBase,), recurrent),
     ((nn.Sequential,), _m_sequential),
 ]
 
