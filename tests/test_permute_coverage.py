@@ -163,3 +163,64 @@ def test_recurrent_round_trip_over_shapes(kind, layers, bidirectional, batch_fir
     m = Recurrent(kind, layers, bidirectional, batch_first, hidden)
     spec = _round_trip(m, torch.randint(0, 20, (2, 4)), seed)
     assert sum(g.name.startswith("rnn.") for g in spec.groups.values()) == layers * (1 + bidirectional)
+
+
+class ResNeXtBlock(nn.Module):
+    """1x1 -> grouped 3x3 -> 1x1 bottleneck with BatchNorm and a residual add (ResNeXt, RegNet's X block);
+    se=True adds RegNetY's squeeze-and-excitation on the grouped convolution's output."""
+
+    def __init__(self, c=8, width=12, groups=3, se=False, classes=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.a, self.bn_a = nn.Conv2d(c, width, 1), nn.BatchNorm2d(width)
+        self.b, self.bn_b = nn.Conv2d(width, width, 3, padding=1, groups=groups), nn.BatchNorm2d(width)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(width, 4, 1), nn.ReLU(), nn.Conv2d(4, width, 1),
+                                nn.Sigmoid()) if se else None
+        self.c, self.bn_c = nn.Conv2d(width, c, 1), nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        h = torch.relu(self.bn_a(self.a(x)))
+        h = torch.relu(self.bn_b(self.b(h)))
+        if self.se is not None:
+            h = h * self.se(h)
+        h = torch.relu(x + self.bn_c(self.c(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def _bn_noisy(m, seed):
+    g = torch.Generator().manual_seed(seed + 50)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(0.1 * torch.randn(mod.running_mean.shape, generator=g))
+            mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g))
+    return m.eval()
+
+
+@pytest.mark.parametrize("se", [False, True])
+def test_grouped_convolution_moves_whole_groups_and_units_within(se):
+    torch.manual_seed(0)
+    m = _bn_noisy(ResNeXtBlock(se=se), 0)
+    spec = _round_trip(m, torch.randn(2, 3, 6, 6))
+    inner = next(g for g in spec.groups.values() if any(mm.tensor == "b.weight" and mm.axis == 0 for mm in g.members))
+    outer = spec.groups[inner.couple]  # the grouped convolution's inputs: the 1x1 conv's outputs
+    assert inner.heads == outer.heads == 3 and outer.couple == inner.name
+    assert outer.head_only and not inner.head_only and inner.role == outer.role == "mlp"
+    assert any(mm.tensor == "a.weight" and mm.axis == 0 for mm in outer.members)
+    assert spec.permutable_fraction() == 1.0
+
+
+def test_grouped_convolution_of_the_raw_input_stays_pinned():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+    spec = spec_from_model(m, torch.randn(2, 4, 6, 6))
+    assert not spec.groups and any("groups cannot move" in u.reason for u in spec.unpermuted)
+
+
+@settings(max_examples=8, deadline=None)
+@given(groups=st.integers(1, 4), per_group=st.integers(1, 3), se=st.booleans(), seed=st.integers(0, 100))
+def test_grouped_round_trip_over_group_counts(groups, per_group, se, seed):
+    torch.manual_seed(seed)
+    m = _bn_noisy(ResNeXtBlock(width=groups * per_group, groups=groups, se=se), seed)
+    _round_trip(m, torch.randn(2, 3, 5, 5), seed)

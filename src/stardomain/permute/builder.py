@@ -140,9 +140,13 @@ class GroupBuilder:
         self.heads[r] = h
 
     def set_couple(self, a: int, b: int) -> None:
-        """Two head-structured groups that must share their head-level permutation (q/k with v/o)."""
-        a, b = self.find(a), self.find(b)
+        """Two attention groups that must share their head-level permutation (q/k with v/o)."""
         self.mark(self.attention, a, b)
+        self.tie_blocks(a, b)
+
+    def tie_blocks(self, a: int, b: int) -> None:
+        """Two block-structured groups that must share their block-level permutation (coupled)."""
+        a, b = self.find(a), self.find(b)
         if a == b:
             return
         for x, y in ((a, b), (b, a)):

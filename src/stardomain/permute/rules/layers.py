@@ -168,6 +168,24 @@ def spanned_weight_axis(lay: Any, si: tuple, kernel: tuple, padding: Any, dilati
     return 2 + j
 
 
+def grouped_conv(t, lay: Any, w: str, b: str | None, groups: int, out_ch: int, label: str) -> Lay:
+    """A grouped convolution: output group i reads only input group i. Whole groups move as blocks, the
+    inputs' and the outputs' alike (coupled groups with `groups` heads); the outputs also move within
+    their group. The inputs keep their order within a group: the weight's input axis is shared by every
+    group's rows, so one reorder of it applies to all groups."""
+    if lay is None:
+        raise Pin(f"grouped convolution (groups={groups}) of unpermuted inputs: its groups cannot move")
+    if len(lay.segs) != 1:
+        raise Pin(f"grouped convolution (groups={groups}) over concatenated channels")
+    gin = lay.segs[0][0]
+    t.b.set_heads(gin, groups)
+    t.b.fix_units(gin)
+    out = t.fresh(out_ch, label, 1, [(w, 0)] + ([(b, 0)] if b else []))
+    t.b.set_heads(out.segs[0][0], groups)
+    t.b.tie_blocks(gin, out.segs[0][0])
+    return out
+
+
 def conv(t, node: fx.Node, x: Any, w: str | None, b: str | None, groups: int, transposed: bool) -> Any:
     lay, so = t.lay(x), shape_of(node)
     if not isinstance(t.env.get(node.args[1]), Param):
@@ -190,7 +208,9 @@ def conv(t, node: fx.Node, x: Any, w: str | None, b: str | None, groups: int, tr
             return None
         t.add_members(lay, [(w, 0)] + ([(b, 0)] if b else []))
         return lay
-    raise Pin(f"grouped convolution (groups={groups}) ties channels to groups")
+    if transposed or not w:
+        raise Pin(f"grouped convolution (groups={groups}) ties channels to groups")
+    return grouped_conv(t, lay, w, b, groups, out_ch, w.removesuffix(".weight"))
 
 
 def addmm(t, node: fx.Node, bias: Any, x: Any, w: Any) -> Any:
@@ -350,7 +370,7 @@ def _m_conv(t, c: ModuleCall) -> Any:
             return None
         t.add_members(lay, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
         return lay
-    raise Pin(f"grouped convolution (groups={mod.groups}) ties channels to groups")
+    return grouped_conv(t, lay, f"{name}.weight", f"{name}.bias", mod.groups, mod.out_channels, name)
 
 
 def _m_conv_transpose(t, c: ModuleCall) -> Any:
