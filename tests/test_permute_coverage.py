@@ -224,3 +224,52 @@ def test_grouped_round_trip_over_group_counts(groups, per_group, se, seed):
     torch.manual_seed(seed)
     m = _bn_noisy(ResNeXtBlock(width=groups * per_group, groups=groups, se=se), seed)
     _round_trip(m, torch.randn(2, 3, 5, 5), seed)
+
+
+# ---- the new groups through the CLI: factories over 8x8 digits (rows read as a sequence of 8 steps) ----
+class DigitsRows(nn.Module):
+    def __init__(self, kind, classes):
+        super().__init__()
+        self.kind = kind
+        if kind == "lstm":
+            self.body = nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True)
+            self.fc = nn.Linear(12, classes)
+        else:  # textcnn: kernels as wide as a row
+            self.body = nn.Conv2d(1, 5, (3, 8))
+            self.fc = nn.Linear(5, classes)
+
+    def forward(self, x):
+        if self.kind == "lstm":
+            out, _ = self.body(x.squeeze(1))
+            return self.fc(out[:, -1])
+        h = torch.relu(self.body(x)).squeeze(3)
+        return self.fc(F.max_pool1d(h, h.size(2)).squeeze(2))
+
+
+def digits_lstm(in_shape, num_classes):
+    return DigitsRows("lstm", num_classes)
+
+
+def digits_textcnn(in_shape, num_classes):
+    return DigitsRows("textcnn", num_classes)
+
+
+def digits_resnext(in_shape, num_classes):
+    m = ResNeXtBlock(c=6, width=8, groups=4, se=True, classes=num_classes)
+    m.stem = nn.Conv2d(in_shape[0], 6, 3, padding=1)
+    return m
+
+
+@pytest.mark.parametrize("factory, shown", [("digits_lstm", "body.l1_reverse [mlp]: size 6"),
+                                             ("digits_textcnn", "body [mlp]: size 5: body.weight[0]"),
+                                             ("digits_resnext", "4 heads (whole heads only) coupled with b")])
+def test_spec_cli_reports_the_new_groups(tmp_path, factory, shown):
+    from safetensors.torch import save_file
+    from test_permute_cli import run
+
+    torch.manual_seed(0)
+    raw, model = tmp_path / "w.safetensors", tmp_path / "m.safetensors"
+    save_file({k: v.clone() for k, v in globals()[factory]((1, 8, 8), 10).state_dict().items()}, str(raw))
+    run("import", raw, "--model-factory", f"test_permute_coverage:{factory}", "--data", "digits", "--out", model)
+    out = run("spec", model, "--allow-factory", f"test_permute_coverage:{factory}").stdout
+    assert shown in out and "100.0% of the parameter axes" in out
