@@ -10,6 +10,8 @@ import torch.nn as nn
 from .builder import GroupBuilder
 from .spec import Group, Member, PermutationSpec, Unpermuted
 
+PARTNER_PINNED = "the group its blocks (attention heads, convolution groups) are coupled with is unpermutable"
+
 
 def assemble(tr: Any, model: nn.Module, sd: dict, trace_error: str | None = None, capture: str = "fx",
              capture_error: str | None = None) -> PermutationSpec:
@@ -89,7 +91,7 @@ def _couple_heads(b: GroupBuilder, groups: dict[str, Group], unperm: list[Unperm
             else:
                 gr = groups.pop(b.label[r])
                 unperm.append(Unpermuted(", ".join(f"{m.tensor}[{m.axis}]" for m in gr.members),
-                                         "its attention heads' partner group is unpermutable",
+                                         PARTNER_PINNED,
                                          [[m.tensor, m.axis, m.offset, gr.size * m.block * m.rep]
                                           for m in gr.members]))
 

@@ -144,15 +144,16 @@ class GroupBuilder:
         self.mark(self.attention, a, b)
         self.tie_blocks(a, b)
 
-    def tie_blocks(self, a: int, b: int) -> None:
-        """Two block-structured groups that must share their block-level permutation (coupled)."""
+    def tie_blocks(self, a: int, b: int, what: str = "attention heads") -> None:
+        """Two block-structured groups that must share their block-level permutation (coupled); `what`
+        the blocks are, for the reason given when they cannot."""
         a, b = self.find(a), self.find(b)
         if a == b:
             return
         for x, y in ((a, b), (b, a)):
             if self.couple[x] is not None and self.find(self.couple[x]) != y:
-                self.fix(x, "attention heads coupled to two different groups")
-                self.fix(y, "attention heads coupled to two different groups")
+                self.fix(x, f"{what} coupled to two different groups")
+                self.fix(y, f"{what} coupled to two different groups")
             self.couple[x] = y
 
     def fix(self, g: int, reason: str) -> None:

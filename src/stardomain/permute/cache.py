@@ -52,8 +52,10 @@ def _fingerprint(v: Any, depth: int = 0) -> Any:
     if callable(v) and hasattr(v, "__qualname__"):
         cells = tuple(_fingerprint(c.cell_contents, depth + 1) for c in (getattr(v, "__closure__", None) or ()))
         owner = getattr(v, "__self__", None)
+        if owner is None or isinstance(owner, (nn.Module, type, types.ModuleType)):
+            owner = None  # a module's own method, or a function: its name says it
         return ("fn", getattr(v, "__module__", None), v.__qualname__, cells,
-                None if owner is None or isinstance(owner, (nn.Module, type, types.ModuleType)) else _fingerprint(owner, depth + 1))
+                None if owner is None else _fingerprint(owner, depth + 1))
     if hasattr(v, "__dict__"):
         return (type(v).__module__, type(v).__qualname__, _fingerprint(vars(v), depth + 1))
     raise _Unreadable

@@ -150,7 +150,8 @@ def _sorted_init(spec: PermutationSpec, sd_a: dict, sd_b: dict) -> dict[str, tor
         if not any(m.tensor in params for kk in ks for m in spec.groups[kk].members):
             out.update({kk: torch.arange(g.size) for kk in ks})  # nothing to match: keep the order
         elif g.heads:
-            for kk, p in zip(ks, solve_heads(cs[0], cs[1] if len(cs) > 1 else None, g.heads, head_only_flags(spec, ks))):
+            solved = solve_heads(cs[0], cs[1] if len(cs) > 1 else None, g.heads, head_only_flags(spec, ks))
+            for kk, p in zip(ks, solved):
                 out[kk] = p
         else:
             out[k] = torch.from_numpy(lsa(cs[0])).long()

@@ -182,7 +182,7 @@ def grouped_conv(t, lay: Any, w: str, b: str | None, groups: int, out_ch: int, l
     t.b.fix_units(gin)
     out = t.fresh(out_ch, label, 1, [(w, 0)] + ([(b, 0)] if b else []))
     t.b.set_heads(out.segs[0][0], groups)
-    t.b.tie_blocks(gin, out.segs[0][0])
+    t.b.tie_blocks(gin, out.segs[0][0], "convolution groups")
     return out
 
 
