@@ -19,6 +19,7 @@ from .permutations import apply_permutation, distance
 from .spec import PermutationSpec
 from .variants import restrict
 
+
 class CoverageWarning(UserWarning):
     """Aligning this model cannot do what was asked: its graph could not be captured, or nothing in it
     can be permuted (the model is returned unchanged)."""

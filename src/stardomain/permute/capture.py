@@ -216,7 +216,6 @@ def short_error(e: Exception) -> str:
     return f"{type(e).__name__}: {msg[:240]}"
 
 
-
 def graph_signature(graph: fx.Graph) -> tuple:
     """Each node's name, kind and target: two captures with equal signatures name the same nodes for the
     same ops (an export names its nodes in order, so one op more or less renames the rest)."""

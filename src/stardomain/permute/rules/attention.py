@@ -16,6 +16,7 @@ from ..layouts import Fused, HLay, Lay, dropped
 from ..spec import Member
 from .common import Pin, arg, shape_of
 
+
 def split_heads(t, lay: Lay, si: tuple, so: tuple) -> "HLay | None":
     """(.., H*dh, ..) -> (.., H, dh, ..): the units of one group split into heads."""
     a = lay.axis
@@ -28,6 +29,7 @@ def split_heads(t, lay: Lay, si: tuple, so: tuple) -> "HLay | None":
             return HLay(b, b + 1, gid)
     return None
 
+
 def repeat_heads(t, lay: HLay, si: tuple, so: tuple) -> "HLay | None":
     """(.., Hkv, r, .., d) -> (.., Hkv * r, .., d): key/value heads repeated for grouped-query
     attention (repeat_kv); output head i comes from input head i // r."""
@@ -37,6 +39,7 @@ def repeat_heads(t, lay: HLay, si: tuple, so: tuple) -> "HLay | None":
     if so[:h] != si[:h] or so[h] != si[h] * si[h + 1] or so[h + 1:] != si[h + 2:]:
         return None
     return HLay(h, u - 1, lay.gid, lay.rep * si[h + 1])
+
 
 def merge_heads(t, lay: HLay, si: tuple, so: tuple) -> Lay:
     """(.., H, dh, ..) -> (.., H*dh, ..): heads merged back into one feature axis; grouped-query
@@ -53,6 +56,7 @@ def merge_heads(t, lay: HLay, si: tuple, so: tuple) -> Lay:
         if math.prod(so[:b]) == pre and so[b] == n and math.prod(so[b + 1:]) == post:
             return Lay(b, ((lay.gid, size, 1) if lay.rep == 1 else (lay.gid, size, 1, lay.rep),))
     raise Pin("reshape of per-head tensors other than merging heads back")
+
 
 def split_parts(t, lay: Lay, si: tuple, so: tuple) -> "Fused | None":
     """(.., P*n, ..) -> (.., P, n, ..) or (.., P, H, d, ..): a fused projection (q/k/v) split into
@@ -81,6 +85,7 @@ def split_parts(t, lay: Lay, si: tuple, so: tuple) -> "Fused | None":
                 return Fused(b, parts)
     return None
 
+
 def index_fused(t, node: fx.Node, lay: Fused, idx: Any, nd: int) -> Any:
     """qkv[0] / qkv[:, :, 1]: an integer index on the parts axis, full slices elsewhere."""
     idx = list(idx) if isinstance(idx, tuple) else [idx]
@@ -89,6 +94,7 @@ def index_fused(t, node: fx.Node, lay: Fused, idx: Any, nd: int) -> Any:
     if any(e != slice(None) for e in idx[:lay.axis]) or len(idx) != lay.axis + 1 or not isinstance(idx[-1], int):
         raise Pin("indexing a fused projection other than by part")
     return dropped(lay.parts[idx[-1]], lay.axis)
+
 
 def index_heads(t, lay: HLay, idx: Any, nd: int) -> HLay:
     """Slices of per-head tensors (None inserts an axis): full over the heads; a slice of the units
@@ -118,6 +124,7 @@ def index_heads(t, lay: HLay, idx: Any, nd: int) -> HLay:
         pos[i] = i_out + i - i_in
     return HLay(pos[lay.head_axis], None if lay.unit_axis is None else pos[lay.unit_axis], lay.gid, lay.rep)
 
+
 def cat_heads(t, lays: list, dim: int) -> HLay:
     """Per-head tensors laid out alike, concatenated along another axis, or along the units (rotary
     rotate_half: cat(-x2, x1)): one group, and in the second case its units stay in place."""
@@ -132,6 +139,7 @@ def cat_heads(t, lays: list, dim: int) -> HLay:
     if dim == first.unit_axis:
         t.b.fix_units(first.gid)
     return first
+
 
 def binary_heads(t, node: fx.Node, tensor_args: list, hl: list) -> HLay:
     """Per-head tensors with scalars, or with tensors constant across heads and units (a causal or
@@ -159,6 +167,7 @@ def binary_heads(t, node: fx.Node, tensor_args: list, hl: list) -> HLay:
                 t.b.fix_units(out.gid)  # the same per-unit factor in every head (rotary cos/sin)
     return out
 
+
 def matmul(t, node: fx.Node) -> Any:
     """Attention's two products: q @ k^T contracts units (q and k share a group, heads kept);
     scores @ v keeps v's units and pairs the score heads with v's heads (coupled groups)."""
@@ -185,6 +194,7 @@ def matmul(t, node: fx.Node) -> Any:
         return HLay(no + hx, no - 1, ly.gid, ly.rep)
     raise Pin("matrix product of per-head tensors in an unrecognised pattern")
 
+
 def sdpa(t, node: fx.Node, q: Any, k: Any, v: Any, mask: Any, gqa: bool) -> Any:
     """softmax(q k^T / sqrt(d) + mask) v, heads on axis -3 and units last: q and k share a group
     (units within a head permute jointly), v's group shares the head permutation (coupled)."""
@@ -210,6 +220,7 @@ def sdpa(t, node: fx.Node, q: Any, k: Any, v: Any, mask: Any, gqa: bool) -> Any:
     no = len(shape_of(node))
     return HLay(no - 3, no - 1, lv.gid)
 
+
 def grouped_query(t, node: fx.Node, lq: HLay, lk: HLay, lv: HLay, hq: int, hkv: int, ok: bool) -> HLay:
     """Grouped-query attention: query head i uses key/value head i // r (r = hq / hkv). Exact:
     permuting the key/value heads with their blocks of r query heads (and the output projection's
@@ -226,6 +237,7 @@ def grouped_query(t, node: fx.Node, lq: HLay, lk: HLay, lv: HLay, hq: int, hkv: 
     t.b.set_couple(lk.gid, lv.gid)  # (marks both as attention heads)
     no = len(shape_of(node))
     return HLay(no - 3, no - 1, lv.gid, r)
+
 
 def mha(t, node: fx.Node, mod: nn.MultiheadAttention) -> Any:
     """nn.MultiheadAttention: its inputs share in_proj's input axis; out_proj's outputs are a new
@@ -269,6 +281,7 @@ def mha(t, node: fx.Node, mod: nn.MultiheadAttention) -> Any:
     nd = len(so[0]) if so and isinstance(so[0], (tuple, list)) else len(shape_of(ins[0]))
     out = t.fresh(e, f"{name}.out_proj", nd - 1, [(f"{name}.out_proj.weight", 0), (f"{name}.out_proj.bias", 0)])
     return (out, None)
+
 
 def _sdpa(t, node):
     return sdpa(t, node, node.args[0], node.args[1], node.args[2], arg(node, 3, "attn_mask"),

@@ -26,7 +26,6 @@ POOL_MODULES = (
 )
 
 
-
 def leaf(t, node: fx.Node, name: str, rule: Any) -> Any:
     """A user-registered leaf module (register_leaf_module)."""
     x = node.args[0] if node.args else None
@@ -308,14 +307,12 @@ def _convolution(t, node):  # aten.convolution(x, w, b, stride, padding, dilatio
     return conv(t, node, node.args[0], t.pname(node.args[1]), t.pname(node.args[2]), node.args[8], node.args[6])
 
 
-
 def _spatial(t, node):  # pooling and upsampling: channels on axis 1, spatial axes after it
     return channel_op(t, node, node.args[0], [], "pooling or upsampling", min_rank=3)
 
 
 def _spatial_tuple(t, node):
     return (_spatial(t, node), None)
-
 
 
 @dataclass(frozen=True)

@@ -69,10 +69,8 @@ def _binary(t, node):
     return binary(t, node)
 
 
-
 def _type_as(t, node):
     return t.lay(node.args[0])
-
 
 
 def is_unary(t, node: fx.Node) -> bool:

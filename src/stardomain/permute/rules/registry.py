@@ -30,6 +30,7 @@ from .recurrent import recurrent
 from .shapes import (_cat, _chunk, _expand, _getitem, _narrow, _pad, _permute, _reduce, _reshape, _select, _slice,
                      _split, _squeeze, _stack, _transpose, _unbind, _unsqueeze)
 
+
 def _pinned(reason):
     def rule(t, node):
         raise Pin(reason)
@@ -160,7 +161,6 @@ ATEN_RULES: dict[str, Any] = {
 }
 
 
-
 # ---- rules users register for their own leaf modules ----
 
 @dataclass(frozen=True)
@@ -176,7 +176,6 @@ class LeafRule:
 
 MODULE_RULES: dict[type, LeafRule] = {}
 RULES_VERSION = [0]
-
 
 
 # Module types -> how a call propagates unit layouts, first match wins (users: register_leaf_module).
@@ -200,6 +199,7 @@ BUILTIN_MODULE_RULES: list[tuple[tuple[type, ...], Any]] = [
     ((nn.RNNBase,), recurrent),
     ((nn.Sequential,), _m_sequential),
 ]
+
 
 def user_rule(mod: nn.Module) -> "LeafRule | None":
     return MODULE_RULES.get(type(mod)) if MODULE_RULES else None
@@ -233,7 +233,6 @@ def register_leaf_module(cls: type, kind: str | None, *, params: dict[str, int] 
         MODULE_RULES[cls] = LeafRule(cls, kind, dict(params or {}), tuple(weights), tuple(biases), tuple(axes),
                                      reason)
     RULES_VERSION[0] += 1
-
 
 
 def rule_of(node: fx.Node) -> Any:

@@ -13,6 +13,7 @@ from ..layouts import Fused, HLay, Lay, dropped
 from .attention import cat_heads, index_fused, index_heads, merge_heads, repeat_heads, split_heads, split_parts
 from .common import Pin, arg, dim_list, only_output, shape_of
 
+
 def reshape(t, lay: Any, si: tuple | None, so: tuple | None) -> Any:
     if lay is None:
         return None
@@ -394,8 +395,6 @@ def _narrow(t, node):  # torch.narrow(x, dim, start, length)
 
 def _select(t, node):
     return select(t, node, node.args[0], arg(node, 1, "dim"), arg(node, 2, "index"))
-
-
 
 
 def _pad(t, node):
