@@ -141,7 +141,8 @@ def test_densenet_concat_is_union_of_parts():
 
 
 class _Odd(nn.Module):
-    """Grouped conv, a GroupNorm with 2 groups, and a channel cumsum: all must stay unpermuted."""
+    """A grouped conv feeding a GroupNorm with as many groups (whole groups move as blocks), a depthwise
+    conv (a per-channel op), and a channel cumsum (must stay unpermuted)."""
 
     def __init__(self):
         super().__init__()
@@ -165,11 +166,14 @@ def test_unsupported_layers_stay_unpermuted_and_say_why():
     model = _Odd()
     spec = _check_roundtrip(model, (2, 5, 5))
     reasons = " ".join(u.reason for u in spec.unpermuted)
-    assert "grouped convolution" in reasons and "cumsum" in reasons
+    assert "cumsum" in reasons and "grouped convolution" not in reasons
     # the depthwise conv is a per-channel op: c2's out channels, dw's weight/bias share one group
     (g,) = [g for g in spec.groups.values() if any(m.tensor == "dw.weight" for m in g.members)]
     assert {m.tensor for m in g.members} == {"c2.weight", "c2.bias", "dw.weight", "dw.bias", "c3.weight"}
-    assert sorted(g.size for g in spec.groups.values()) == [4, 6]  # c1/g/c3 groups are pinned
+    assert sorted(g.size for g in spec.groups.values()) == [4, 6, 8, 8]  # c3's outputs are pinned (cumsum)
+    # c1's outputs (the grouped conv's inputs) move as whole groups only, coupled with g's outputs
+    c1 = next(g for g in spec.groups.values() if any(m.tensor == "c1.weight" for m in g.members))
+    assert c1.heads == 2 and c1.head_only and spec.groups[c1.couple].heads == 2
 
 
 def test_untraceable_model_permutes_nothing():
