@@ -166,7 +166,7 @@ def test_unsupported_layers_stay_unpermuted_and_say_why():
     model = _Odd()
     spec = _check_roundtrip(model, (2, 5, 5))
     reasons = " ".join(u.reason for u in spec.unpermuted)
-    assert "cumsum" in reasons and "grouped convolution" not in reasons
+    assert "cumsum" in reasons and "ties channels to groups" not in reasons
     # the depthwise conv is a per-channel op: c2's out channels, dw's weight/bias share one group
     (g,) = [g for g in spec.groups.values() if any(m.tensor == "dw.weight" for m in g.members)]
     assert {m.tensor for m in g.members} == {"c2.weight", "c2.bias", "dw.weight", "dw.bias", "c3.weight"}

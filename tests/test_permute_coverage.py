@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from stardomain.permute import (align, apply_permutation, distance, inverse, random_permutation, spec_from_model,
                                 weight_matching)
+from stardomain.permute.rules.layers import GROUPED_INPUTS
 
 
 class TextCNN(nn.Module):
@@ -208,7 +209,9 @@ def test_grouped_convolution_moves_whole_groups_and_units_within(se):
     assert inner.heads == outer.heads == 3 and outer.couple == inner.name
     assert outer.head_only and not inner.head_only and inner.role == outer.role == "mlp"
     assert any(mm.tensor == "a.weight" and mm.axis == 0 for mm in outer.members)
-    assert spec.permutable_fraction() == 1.0
+    # all that stays pinned: the grouped weight's input axis (units within a group keep their order)
+    pinned = [u for u in spec.unpermuted if not u.reason.startswith("model output")]
+    assert [(u.axes, u.reason) for u in pinned] == [([["b.weight", 1, 0, 0]], GROUPED_INPUTS)]
 
 
 def test_grouped_convolution_of_the_raw_input_stays_pinned():
@@ -262,7 +265,7 @@ def digits_resnext(in_shape, num_classes):
 
 @pytest.mark.parametrize("factory, shown", [("digits_lstm", "body.l1_reverse [mlp]: size 6"),
                                              ("digits_textcnn", "body [mlp]: size 5: body.weight[0]"),
-                                             ("digits_resnext", "4 heads (whole heads only) coupled with b")])
+                                             ("digits_resnext", "b.weight[1]: " + GROUPED_INPUTS)])
 def test_spec_cli_reports_the_new_groups(tmp_path, factory, shown):
     from safetensors.torch import save_file
     from test_permute_cli import run
@@ -272,4 +275,8 @@ def test_spec_cli_reports_the_new_groups(tmp_path, factory, shown):
     save_file({k: v.clone() for k, v in globals()[factory]((1, 8, 8), 10).state_dict().items()}, str(raw))
     run("import", raw, "--model-factory", f"test_permute_coverage:{factory}", "--data", "digits", "--out", model)
     out = run("spec", model, "--allow-factory", f"test_permute_coverage:{factory}").stdout
-    assert shown in out and "100.0% of the parameter axes" in out
+    assert shown in out
+    if factory == "digits_resnext":  # the grouped convolution's coupled blocks
+        assert "4 heads (whole heads only) coupled with b" in out and "size 8, 4 heads coupled with a" in out
+    else:
+        assert "100.0% of the parameter axes" in out

@@ -167,6 +167,10 @@ def spanned_weight_axis(lay: Any, si: tuple, kernel: tuple, padding: Any, dilati
     return 2 + j
 
 
+GROUPED_INPUTS = ("a grouped convolution's inputs keep their order within a group (the weight's input axis is "
+                  "shared by every group's rows)")
+
+
 def grouped_conv(t, lay: Any, w: str, b: str | None, groups: int, out_ch: int, label: str) -> Lay:
     """A grouped convolution: output group i reads only input group i. Whole groups move as blocks, the
     inputs' and the outputs' alike (coupled groups with `groups` heads); the outputs also move within
@@ -179,6 +183,8 @@ def grouped_conv(t, lay: Any, w: str, b: str | None, groups: int, out_ch: int, l
     gin = lay.segs[0][0]
     t.b.set_heads(gin, groups)
     t.b.fix_units(gin)
+    if lay.segs[0][1] > groups:  # the weight's input axis: units within a group, kept in order
+        t.pin_axis(w, 1, GROUPED_INPUTS)
     out = t.fresh(out_ch, label, 1, [(w, 0)] + ([(b, 0)] if b else []))
     t.b.set_heads(out.segs[0][0], groups)
     t.b.tie_blocks(gin, out.segs[0][0], "convolution groups")
