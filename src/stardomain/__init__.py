@@ -19,7 +19,7 @@ _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 __version__ = "0.1.0"
 
 __all__ = ["Config", "train", "star", "align", "barrier", "bma", "run", "load", "save",
-           "Trained", "Aligned", "Barrier", "BMA", "Study"]
+           "Trained", "Aligned", "Barrier", "BMA", "Study", "Starlight"]
 
 
 _VERB_MODULES = frozenset({"train", "barrier", "bma"})  # submodules that, called, run the verb
@@ -30,6 +30,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
+    if name == "Starlight":  # the objective for training loops of one's own
+        from .objective import Starlight
+
+        return Starlight
     if name in __all__:
         from . import api
 
