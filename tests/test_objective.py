@@ -15,7 +15,7 @@ from stardomain.data import batches, first_inputs, get_dataset, num_batches
 from stardomain.errors import UserError
 from stardomain.interpolate import lerp
 from stardomain.models import build_model
-from stardomain.train import build_optimizer, build_scheduler, init_model
+from stardomain.training import build_optimizer, build_scheduler, init_model
 
 ARCH = {"name": "mlp", "kwargs": {"width": 8, "bn": True}}
 SHAPE = (1, 8, 8)

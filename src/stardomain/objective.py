@@ -339,7 +339,7 @@ class Starlight:
         weights = interpolated_weights(self.params, self.bank.get(n), t, 1.0 - t)
         if self.scratch:
             weights.update(self.scratch)
-        with torch.nn.utils.stateless._reparametrize_module(self.star, weights):
+        with torch.nn.utils.stateless._reparametrize_module(self.star, weights, tie_weights=True):  # as functional_call
             yield n, t
 
     def realign(self) -> None:
