@@ -18,6 +18,7 @@ recipe (train.batch_size, seeded order), so results stay seeded and reproducible
 from __future__ import annotations
 
 import copy
+import html
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -35,6 +36,7 @@ from .averaging import predictors as _predictors
 from .averaging import table as _table
 from .config import Config, apply_overrides, load_config, validate
 from .errors import UserError
+from .report import study_html as _study_html
 from .starlight import train_star
 from .training import init_model, model_meta
 from .training import train as train_one
@@ -96,6 +98,9 @@ class Barrier:
         """PNG of the curve (written to `path` when given). -> the PNG bytes."""
         return _plot(self.record, path)
 
+    def _repr_png_(self) -> bytes:  # a notebook shows the curve
+        return self.plot()
+
 
 @dataclass(frozen=True)
 class BMA:
@@ -111,6 +116,9 @@ class BMA:
         """The plain-text table `stardomain bma` prints (one row per predictor)."""
         return _table(self.result)
 
+    def _repr_html_(self) -> str:  # a notebook shows the table
+        return f"<pre>{html.escape(self.table())}</pre>"
+
 
 @dataclass(frozen=True)
 class Study:
@@ -118,6 +126,9 @@ class Study:
 
     path: Path
     results: dict
+
+    def _repr_html_(self) -> str:  # a notebook shows the verdict and the tables
+        return _study_html(self.results)
 
 
 # ---------------------------------------------------------------- inputs
