@@ -141,6 +141,44 @@ def test_inputs_that_need_gradients_get_their_own_unscaled_gradient():
         torch.testing.assert_close(p.grad, (1 - t) * dict(second.named_parameters())[k].grad, rtol=1e-5, atol=1e-7)
 
 
+class _Box:
+    """An output object pytree cannot look into."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+
+def test_outputs_of_any_structure_get_the_factor_exactly_once():
+    star, sources = _models()
+    x, y = torch.randn(16, *SHAPE), torch.randint(0, 10, (16,))
+    wrapped = {"dict": lambda m: (lambda v: {"logits": m(v), "aux": [m(v)[:, :2]]}),
+               "box": lambda m: (lambda v: _Box(m(v)))}
+    grads = {}
+    for name in ("plain", "dict", "box"):
+        s = copy.deepcopy(star).train()
+        net = s if name == "plain" else _Wrap(s, wrapped[name])
+        light = sd.Starlight(net, sources if name == "plain" else [{f"inner.{k}": v for k, v in src.items()}
+                                                                      for src in sources], align_every=None, seed=4)
+        out = light(x)
+        logits = out if name == "plain" else out["logits"] if name == "dict" else out.logits
+        loss = F.cross_entropy(logits, y) + (out["aux"][0].sum() * 0 if name == "dict" else 0)
+        loss.backward()
+        grads[name] = {k: p.grad for k, p in s.named_parameters()}
+    for name in ("dict", "box"):
+        for k in grads["plain"]:
+            torch.testing.assert_close(grads[name][k], grads["plain"][k], rtol=1e-5, atol=1e-7)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, inner, make_forward):
+        super().__init__()
+        self.inner = inner
+        self._make = make_forward
+
+    def forward(self, x):
+        return self._make(self.inner)(x)
+
+
 def test_the_context_form_gives_the_same_gradient_as_a_call():
     star, sources = _models()
     x, y = torch.randn(16, *SHAPE), torch.randint(0, 10, (16,))

@@ -15,9 +15,10 @@ This module holds the one implementation of the Starlight step, which `stardomai
   numbers per example, not one pass over every parameter), so a step costs one lerp per parameter more
   than an ordinary one;
 - when an input itself needs a gradient (adversarial training, an upstream encoder), scaling the output
-  would scale that gradient too, so the factor moves onto the parameters' gradients instead; the
-  context form (`Starlight.drawn`, used by the Lightning and Hugging Face integrations, which cannot see
-  the output) always works that way.
+  would scale that gradient too, and an output holding objects that torch's pytree cannot look into
+  might hide a tensor from the scaling; in both cases the factor goes onto the parameters' gradients
+  instead (one multiply per parameter in backward). The context form (`Starlight.drawn`, used by the
+  Lightning and Hugging Face integrations, which cannot see the output) always works that way.
 
 Gradients reach θ through autograd's ordinary accumulation, so gradient accumulation, `torch.autocast`,
 gradient clipping and DistributedDataParallel (its hooks fire on θ) work as for any module.
@@ -59,18 +60,20 @@ StateDict = dict[str, torch.Tensor]
 # ---------------------------------------------------------------- the step
 
 class _Interpolated(torch.autograd.Function):
-    """(1-t)·θ + t·θ_n for every parameter at once. Backward hands θ the incoming gradient times `scale`:
-    1 when the caller scales the output's gradient by (1-t) instead (`interpolated_forward`)."""
+    """(1-t)·θ + t·θ_n for every parameter at once. Backward hands θ the incoming gradient times
+    `factor["scale"]`, read at backward time: 1 when the (1-t) went onto the output's gradient instead
+    (`interpolated_forward` decides after the forward, once it has seen the output)."""
 
     @staticmethod
-    def forward(ctx, t: float, scale: float, sources: tuple, *params: torch.Tensor):  # type: ignore[override]
-        ctx.scale = scale
+    def forward(ctx, t: float, factor: dict, sources: tuple, *params: torch.Tensor):  # type: ignore[override]
+        ctx.factor = factor
         return tuple(torch.lerp(p, s, t) for p, s in zip(params, sources))
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        if ctx.scale != 1.0:
-            grads = tuple(None if g is None else g * ctx.scale for g in grads)
+        scale = ctx.factor["scale"]
+        if scale != 1.0:
+            grads = tuple(None if g is None else g * scale for g in grads)
         return (None, None, None, *grads)
 
 
@@ -88,17 +91,31 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def interpolated_weights(params: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], t: float,
-                         scale: float) -> dict[str, torch.Tensor]:
-    """{name: (1-t)·params[name] + t·source[name]}, differentiable in params with gradient × `scale`."""
+                         factor: dict) -> dict[str, torch.Tensor]:
+    """{name: (1-t)·params[name] + t·source[name]}, differentiable in params with the gradient times
+    factor["scale"] (a dict, so the caller may still change it after the forward)."""
     names = list(params)
     if not torch.is_grad_enabled():
         return {k: torch.lerp(params[k], source[k], t) for k in names}
-    out = _Interpolated.apply(t, scale, tuple(source[k] for k in names), *(params[k] for k in names))
+    out = _Interpolated.apply(t, factor, tuple(source[k] for k in names), *(params[k] for k in names))
     return dict(zip(names, out))
 
 
 def _needs_grad(tree: Any) -> bool:
     return any(torch.is_tensor(v) and v.requires_grad for v in pytree.tree_leaves(tree))
+
+
+_PLAIN = (torch.Tensor, int, float, bool, str, bytes, type(None))
+
+
+def _scale_output(out: Any, factor: float) -> Any | None:
+    """`out` with every tensor that needs a gradient passed through _ScaleGrad, or None when the output
+    holds objects whose tensors pytree cannot reach (then the factor must go onto θ's gradients)."""
+    leaves = pytree.tree_leaves(out)
+    if not all(isinstance(v, _PLAIN) for v in leaves):
+        return None
+    return pytree.tree_map(lambda v: _ScaleGrad.apply(factor, v)
+                           if torch.is_tensor(v) and v.requires_grad else v, out)
 
 
 def interpolated_forward(model: nn.Module, params: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
@@ -108,16 +125,18 @@ def interpolated_forward(model: nn.Module, params: Mapping[str, torch.Tensor], s
     replaced by `buffers` when given. Back-propagating any loss of the output gives params the gradient
     (1-t)·∇L at the interpolated point (see the module docstring for where the factor goes)."""
     kwargs = dict(kwargs or {})
-    on_output = torch.is_grad_enabled() and not _needs_grad((args, kwargs))
-    weights = interpolated_weights(params, source, t, 1.0 if on_output else 1.0 - t)
+    factor = {"scale": 1.0 - t}
+    weights = interpolated_weights(params, source, t, factor)
     if buffers:
         weights.update(buffers)
     out = functional_call(model, weights, args, kwargs)
-    if not on_output:
+    if not torch.is_grad_enabled() or _needs_grad((args, kwargs)):
         return out
-    factor = 1.0 - t
-    return pytree.tree_map(lambda v: _ScaleGrad.apply(factor, v)
-                           if torch.is_tensor(v) and v.requires_grad else v, out)
+    scaled = _scale_output(out, 1.0 - t)
+    if scaled is None:
+        return out
+    factor["scale"] = 1.0  # the output's gradient carries (1-t) now
+    return scaled
 
 
 # ---------------------------------------------------------------- draws
@@ -336,7 +355,7 @@ class Starlight:
         and BatchNorm buffers swapped), for loops whose forward you do not call yourself. The (1-t) factor
         goes on θ's gradients. Leave the block before `backward()` so the optimiser sees θ. -> (index, t)"""
         n, t = self.next_draw()
-        weights = interpolated_weights(self.params, self.bank.get(n), t, 1.0 - t)
+        weights = interpolated_weights(self.params, self.bank.get(n), t, {"scale": 1.0 - t})
         if self.scratch:
             weights.update(self.scratch)
         with torch.nn.utils.stateless._reparametrize_module(self.star, weights, tie_weights=True):  # as functional_call
