@@ -7,7 +7,7 @@ Two steps on the same model, batch and optimiser, timed interleaved in one proce
              per alignment as in `stardomain star`, see benchmarks/RESULTS.md)
 Models: MLP 784-512-512-10 (MNIST shape) and our BN `cnn` (CIFAR shape), batch 128. Target: <= 1.10x.
 
-    python benchmarks/starlight_objective.py [--threads 2] [--rounds 15] [--models mlp,cnn]
+    python benchmarks/starlight_objective.py [--threads 2] [--rounds 15] [--models mlp,cnn] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -50,16 +50,16 @@ def make_steps(arch, shape, batch):
     return {"plain": plain, "starlight": starlight}
 
 
-def time_steps(steps, rounds, reps):
+def time_steps(steps, rounds, reps, clock):
     for f in steps.values():  # warm-up
         f(), f()
     per = {k: [] for k in steps}
     for _ in range(rounds):
         for k, f in steps.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(reps):
                 f()
-            per[k].append((time.perf_counter() - t0) / reps)
+            per[k].append((clock() - t0) / reps)
     return per
 
 
@@ -69,15 +69,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: perf_counter; cpu: this process's CPU time (steadier on a crowded machine)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} threads, batch {a.batch}, {a.rounds} interleaved rounds, "
+          f"{a.clock} clock, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"{'model':<6} {'plain ms':>9} {'starlight ms':>13} {'ratio':>7} {'median ratio':>13}   "
           "(ms and ratio: fastest round, the least disturbed)")
     for name in a.models.split(","):
         arch, shape = MODELS[name]
-        per = time_steps(make_steps(arch, shape, a.batch), a.rounds, 5 if name == "mlp" else 1)
+        clock = time.perf_counter if a.clock == "wall" else time.process_time
+        per = time_steps(make_steps(arch, shape, a.batch), a.rounds, 5 if name == "mlp" else 1, clock)
         mn = {k: min(v) for k, v in per.items()}
         med = {k: statistics.median(v) for k, v in per.items()}
         print(f"{name:<6} {mn['plain'] * 1e3:9.2f} {mn['starlight'] * 1e3:13.2f} "
