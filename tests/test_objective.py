@@ -282,3 +282,23 @@ def test_a_hand_written_loop_gives_bitwise_the_star_of_sd_star():
     got = star.state_dict()
     for k, v in ref.state_dict.items():
         assert torch.equal(got[k], v), k
+
+
+def test_state_dict_resumes_the_same_draws_and_alignment():
+    star, sources = _models()
+    x = torch.randn(8, *SHAPE)
+    whole = sd.Starlight(copy.deepcopy(star), sources, example_input=x[:2], align_every=2, seed=1)
+    first = sd.Starlight(copy.deepcopy(star), sources, example_input=x[:2], align_every=2, seed=1)
+    with torch.no_grad():
+        for _ in range(3):
+            whole(x), first(x)
+        resumed = sd.Starlight(copy.deepcopy(star), sources, example_input=x[:2], align_every=2, seed=1)
+        resumed.load_state_dict(first.state_dict())
+        for _ in range(3):
+            whole(x), resumed(x)
+            assert resumed.last_draw == whole.last_draw
+    assert resumed.calls == whole.calls == 6 and resumed.alignments == whole.alignments == 3
+    for a, b in zip(resumed.permutations, whole.permutations):
+        assert all(torch.equal(a[g], b[g]) for g in a)
+    for k in whole.scratch:
+        assert torch.equal(resumed.scratch[k], whole.scratch[k]), k
