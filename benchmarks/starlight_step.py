@@ -42,6 +42,7 @@ def make_steps(arch, shape, batch):
     params = dict(model.named_parameters())
     scratch = {k: b.clone() for k, b in model.named_buffers()}
     src_vec = parameters_to_vector(src.values())
+    pool = []
     t = 0.37
 
     def plain():
@@ -51,7 +52,7 @@ def make_steps(arch, shape, batch):
 
     def ours():
         opt.zero_grad(set_to_none=True)
-        star_loss(model, params, [(src, t)], x, y, scratch=scratch)
+        star_loss(model, params, [(src, t)], x, y, scratch=scratch, pool=pool)
         opt.step()
 
     def reference():

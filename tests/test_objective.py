@@ -302,3 +302,15 @@ def test_state_dict_resumes_the_same_draws_and_alignment():
         assert all(torch.equal(a[g], b[g]) for g in a)
     for k in whole.scratch:
         assert torch.equal(resumed.scratch[k], whole.scratch[k]), k
+
+
+def test_steady_training_reuses_the_interpolated_weights_buffers():
+    star, sources = _models()
+    x, y = torch.randn(16, *SHAPE), torch.randint(0, 10, (16,))
+    light = sd.Starlight(star.train(), sources, align_every=None, seed=0)
+    for _ in range(3):
+        F.cross_entropy(light(x), y).backward()
+    assert len(light.pool) == 1  # one set, back in the pool after each backward
+    kept = light.pool[0]
+    F.cross_entropy(light(x), y).backward()
+    assert len(light.pool) == 1 and light.pool[0] is kept

@@ -60,21 +60,27 @@ StateDict = dict[str, torch.Tensor]
 # ---------------------------------------------------------------- the step
 
 class _Interpolated(torch.autograd.Function):
-    """(1-t)·θ + t·θ_n for every parameter at once. Backward hands θ the incoming gradient times
-    `factor["scale"]`, read at backward time: 1 when the (1-t) went onto the output's gradient instead
-    (`interpolated_forward` decides after the forward, once it has seen the output)."""
+    """(1-t)·θ + t·θ_n for every parameter at once, written into a buffer set from `pool` (a list; reused
+    once this node's backward has run, so steady training allocates nothing). Backward hands θ the
+    incoming gradient times `factor["scale"]`, read at backward time: 1 when the (1-t) went onto the
+    output's gradient instead (`interpolated_forward` decides after the forward, once it has seen the
+    output)."""
 
     @staticmethod
-    def forward(ctx, t: float, factor: dict, sources: tuple, *params: torch.Tensor):  # type: ignore[override]
-        ctx.factor = factor
-        return tuple(torch.lerp(p, s, t) for p, s in zip(params, sources))
+    def forward(ctx, t: float, factor: dict, pool: list, sources: tuple, *params: torch.Tensor):  # type: ignore[override]
+        bufs = pool.pop() if pool else [torch.empty_like(p) for p in params]
+        ctx.factor, ctx.pool, ctx.bufs = factor, pool, bufs
+        return tuple(torch.lerp(p, s, t, out=b) for p, s, b in zip(params, sources, bufs))
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
+        if ctx.bufs is not None:  # this graph is done with its buffers (a second backward would be refused)
+            ctx.pool.append(ctx.bufs)
+            ctx.bufs = None
         scale = ctx.factor["scale"]
         if scale != 1.0:
             grads = tuple(None if g is None else g * scale for g in grads)
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -91,13 +97,15 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def interpolated_weights(params: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], t: float,
-                         factor: dict) -> dict[str, torch.Tensor]:
+                         factor: dict, pool: list | None = None) -> dict[str, torch.Tensor]:
     """{name: (1-t)·params[name] + t·source[name]}, differentiable in params with the gradient times
-    factor["scale"] (a dict, so the caller may still change it after the forward)."""
+    factor["scale"] (a dict, so the caller may still change it after the forward). `pool`: a list the
+    caller keeps, of buffer sets to reuse (see _Interpolated)."""
     names = list(params)
     if not torch.is_grad_enabled():
         return {k: torch.lerp(params[k], source[k], t) for k in names}
-    out = _Interpolated.apply(t, factor, tuple(source[k] for k in names), *(params[k] for k in names))
+    out = _Interpolated.apply(t, factor, [] if pool is None else pool, tuple(source[k] for k in names),
+                              *(params[k] for k in names))
     return dict(zip(names, out))
 
 
@@ -120,13 +128,13 @@ def _scale_output(out: Any, factor: float) -> Any | None:
 
 def interpolated_forward(model: nn.Module, params: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
                          t: float, args: tuple, kwargs: Mapping[str, Any] | None = None,
-                         buffers: Mapping[str, torch.Tensor] | None = None) -> Any:
+                         buffers: Mapping[str, torch.Tensor] | None = None, pool: list | None = None) -> Any:
     """The Starlight step's forward: `model` run at (1-t)·params + t·source on (args, kwargs), its buffers
-    replaced by `buffers` when given. Back-propagating any loss of the output gives params the gradient
+    replaced by `buffers` when given; `pool` as for `interpolated_weights`. Back-propagating any loss of the output gives params the gradient
     (1-t)·∇L at the interpolated point (see the module docstring for where the factor goes)."""
     kwargs = dict(kwargs or {})
     factor = {"scale": 1.0 - t}
-    weights = interpolated_weights(params, source, t, factor)
+    weights = interpolated_weights(params, source, t, factor, pool)
     if buffers:
         weights.update(buffers)
     out = functional_call(model, weights, args, kwargs)
@@ -334,10 +342,12 @@ class Starlight:
         self.scratch = ({k: b.detach().clone() for k, b in star.named_buffers()} if has_bn(star) else None)
         self.calls, self.alignments = 0, 0
         self.last_draw: tuple[int, float] | None = None
+        self.pool: list = []  # interpolated-weight buffers, reused across steps
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         n, t = self.next_draw()
-        return interpolated_forward(self.star, self.params, self.bank.get(n), t, args, kwargs, self.scratch)
+        return interpolated_forward(self.star, self.params, self.bank.get(n), t, args, kwargs, self.scratch,
+                                    self.pool)
 
     def next_draw(self) -> tuple[int, float]:
         """Align when due, then draw the next (source, t) and count the call. -> (source index, t)."""
@@ -355,7 +365,7 @@ class Starlight:
         and BatchNorm buffers swapped), for loops whose forward you do not call yourself. The (1-t) factor
         goes on θ's gradients. Leave the block before `backward()` so the optimiser sees θ. -> (index, t)"""
         n, t = self.next_draw()
-        weights = interpolated_weights(self.params, self.bank.get(n), t, {"scale": 1.0 - t})
+        weights = interpolated_weights(self.params, self.bank.get(n), t, {"scale": 1.0 - t}, self.pool)
         if self.scratch:
             weights.update(self.scratch)
         with torch.nn.utils.stateless._reparametrize_module(self.star, weights, tie_weights=True):  # as functional_call

@@ -53,13 +53,15 @@ StateDict = dict[str, torch.Tensor]
 
 def star_loss(model: nn.Module, params: Mapping[str, torch.Tensor], draws: Sequence[tuple[Mapping[str, torch.Tensor], float]],
               x: torch.Tensor, y: torch.Tensor, *, mu: float = 0.0, label_smoothing: float = 0.0,
-              scratch: Mapping[str, torch.Tensor] | None = None, backward: bool = True) -> float:
+              scratch: Mapping[str, torch.Tensor] | None = None, backward: bool = True,
+              pool: list | None = None) -> float:
     """One Starlight objective on a mini-batch split into len(draws) chunks, chunk i through its own
     (source_i, t_i) by `objective.interpolated_forward` (the step `sd.Starlight` runs too). L_interp is the
     mean loss over the whole batch; with μ > 0 the total is (L_interp + μ·L(θ)) / (1 + μ). With `backward`,
     θ's gradients (`params[k].grad`) receive ∂total/∂θ: for each chunk, d/dθ L((1-t)·θ + t·θ_n) =
     (1-t)·∇L at the interpolated point. `scratch`, when given, replaces the module's buffers in
-    interpolated forwards (BatchNorm updates land there). -> the total."""
+    interpolated forwards (BatchNorm updates land there); `pool` keeps the interpolated weights' buffers
+    for the next step. -> the total."""
     k = len(draws)
     n = y.numel()  # predictions in the batch: examples, or tokens of next-token data
     scale = 1.0 / (1.0 + mu)
@@ -69,7 +71,7 @@ def star_loss(model: nn.Module, params: Mapping[str, torch.Tensor], draws: Seque
         if len(yc) == 0:
             continue
         with torch.set_grad_enabled(backward):
-            out, yt = per_token(interpolated_forward(model, params, src, t, (xc,), buffers=scratch), yc)
+            out, yt = per_token(interpolated_forward(model, params, src, t, (xc,), buffers=scratch, pool=pool), yc)
             loss = F.cross_entropy(out.float(), yt, label_smoothing=label_smoothing, reduction="sum") * (scale / n)
         if backward:
             loss.backward()
@@ -156,6 +158,7 @@ class _StarRun:
         """After a resume: scratch BN buffers from θ's (restored) ones."""
         self.scratch = ({k: b.detach().clone() for k, b in self.model.named_buffers()} if has_bn(self.model)
                         else None)
+        self.pool: list = []  # the interpolated weights' buffers, reused every step
 
     def align(self, n_step: int) -> None:
         a0 = time.perf_counter()
@@ -173,7 +176,8 @@ class _StarRun:
         chosen = [self.draws.draw() for _ in range(self.sc.chunks)]
         with autocast(self.device, self.tc.amp):
             loss = star_loss(self.model, self.params, [(self.bank.get(n), t) for n, t in chosen], x, y,
-                             mu=self.sc.mu, label_smoothing=self.tc.label_smoothing, scratch=self.scratch)
+                             mu=self.sc.mu, label_smoothing=self.tc.label_smoothing, scratch=self.scratch,
+                             pool=self.pool)
         return loss, None
 
     def diverged(self, loss: float, epoch: int) -> str:
