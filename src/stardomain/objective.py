@@ -238,33 +238,14 @@ class SourceBank:
         self.align_to(star_sd, permute, spec, seed=seed * 100003 + n_step, max_iter=max_iter)
 
 
-class SourceFiles(Sequence):
-    """Sources as model files, read on access: the originals stay on disk, so only the aligned copies
-    (N models) live in memory. Each read is checked against the file's sha256."""
-
-    def __init__(self, paths: Sequence[str | Path]):
-        self.paths = [Path(p) for p in paths]
-        self.metas = [read_model_file(p)[1] for p in self.paths]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, n):  # type: ignore[override]
-        sd, meta = read_model_file(self.paths[n])
-        if meta["sha256"] != self.metas[n]["sha256"]:
-            raise UserError(f"{self.paths[n]} changed while the star was training")
-        return sd
-
-
 def source_states(sources: Any) -> Sequence[StateDict]:
-    """Sources as state dicts: model files stay on disk (`SourceFiles`); state dicts, modules and
-    results carrying a `state_dict` (`sd.train`'s Trained) are taken as they are."""
-    if isinstance(sources, SourceFiles):
-        return sources
+    """Sources as state dicts: model files are read (weights checked against their digest); state dicts,
+    modules and results carrying a `state_dict` (`sd.train`'s Trained) are taken as they are; a sequence
+    of another kind (`files.SourceFiles`, reading files on access) is passed through."""
     if isinstance(sources, (str, Path, Mapping)) or not isinstance(sources, Sequence):
         raise UserError("sources must be a list (of state dicts, Trained results or model files)")
-    if sources and all(isinstance(s, (str, Path)) for s in sources):
-        return SourceFiles(sources)
+    if not isinstance(sources, (list, tuple)):
+        return sources
     out = []
     for i, s in enumerate(sources):
         if isinstance(s, (str, Path)):

@@ -37,13 +37,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import permute
-from .checkpoint import compatible, save_model, weights_sha256
+from .checkpoint import weights_sha256
 from .config import Config, StarConfig, TrainConfig
 from .data import first_inputs, get_dataset, per_token
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
-from .objective import Draws, SourceBank, SourceFiles, check_sources, interpolated_forward
-from .training import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta, write_history_csv
+from .objective import Draws, SourceBank, check_sources, interpolated_forward
+from .training import Hooks, autocast, config_digest, evaluate_splits, fit, init_model
 from .utils import resolve_device
 
 StateDict = dict[str, torch.Tensor]
@@ -155,7 +155,7 @@ class _StarRun:
                      epoch_end=self.epoch_end, saved=self.saved, state=self.state, restore=self.restore)
 
     def ready(self) -> None:
-        """After a resume: scratch BN buffers from θ's (restored) ones."""
+        """After a resume: scratch BN buffers from θ's (restored) ones; an empty pool of weight buffers."""
         self.scratch = ({k: b.detach().clone() for k, b in self.model.named_buffers()} if has_bn(self.model)
                         else None)
         self.pool: list = []  # the interpolated weights' buffers, reused every step
@@ -250,33 +250,3 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
             "alignments": run.alignments, "sources_on": "device" if bank.on_device else "cpu",
             "source_bytes": bank.bytes, "history": run.history, "fit_history": fit_history, "device": str(device)}
     return model, info
-
-
-def star_to_file(cfg: Config, source_paths: Sequence[str | Path], out: str | Path, *, seed: int = 0,
-                 device: str | torch.device = "auto", progress: bool | None = None,
-                 on_epoch: Callable[[int, dict], None] | None = None) -> dict:
-    """Train a star from model files and write it (resumable through `OUT.state`, removed when done).
-    The metadata lists the sources (path + sha256), the Starlight settings and final metrics. -> metadata."""
-    if not source_paths:
-        raise UserError("give at least one source model file (--sources F1 F2 ...)")
-    files = SourceFiles(source_paths)
-    data = get_dataset(cfg.data)
-    want = {"model": cfg.model.model_dump(), "data": {"config": cfg.data.model_dump()}}
-    for p, m in zip(files.paths, files.metas):
-        why = compatible(want, m)
-        if why:
-            raise UserError(f"{p} does not match the config: {why}")
-    out = Path(out)
-    state_path = out.with_name(out.name + ".state")
-    ids = [m["sha256"] for m in files.metas]
-    model, info = train_star(cfg, files, seed=seed, device=device, state_path=state_path, progress=progress,
-                             source_ids=ids, on_epoch=on_epoch)
-    extra = {k: info[k] for k in ("epochs", "steps", "seconds", "align_seconds", "alignments", "history")}
-    meta = save_model(out, model.state_dict(), model_meta(
-        cfg, data, seed, "star", device=info["device"], history=info["fit_history"], metrics=info["metrics"],
-        star={**info["star"], **extra},
-        sources=[{"path": str(p), "sha256": m["sha256"], "seed": m.get("seed")}
-                 for p, m in zip(files.paths, files.metas)]))
-    write_history_csv(out.with_name(out.name + ".csv"), info["fit_history"])
-    state_path.unlink(missing_ok=True)
-    return meta
