@@ -13,7 +13,9 @@ import torch.nn as nn
 
 from ..errors import UserError
 from .inputs import as_call, flat_tensors, map_tensors, signature
+from .learned import straight_through
 from .matching import INITS, activation_matching, apply_permutation, distance, weight_matching
+from .sinkhorn import sinkhorn
 from .spec import PermutationSpec, spec_from_model
 from .variants import restrict
 
@@ -33,6 +35,7 @@ class CoverageWarning(UserWarning):
 
 
 _PLAIN = (int, float, bool, str, type(None))
+LEARNED = {"ste": straight_through, "sinkhorn": sinkhorn}  # the methods that learn B's permutation from the loss
 
 
 def _architecture(model: nn.Module) -> tuple:
@@ -246,11 +249,14 @@ def _dtype(model: nn.Module) -> torch.dtype:
 def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, method: str = "weight",
           data_x: Any = None, seed: int = 0, check: bool = True,
           spec: PermutationSpec | None = None, max_iter: int = 100, init: str = "informed",
-          variant: str = "full") -> tuple[dict, dict]:
+          variant: str = "full", learned: Any = None) -> tuple[dict, dict]:
     """-> (pi(sd_b) best matching sd_a, info). `model` only provides the architecture.
 
     method "weight": weight matching (`init`: its start, see `weight_matching`; "identity" is the
-    paper's algorithm); "activation": correlation of activations on `data_x`.
+    paper's algorithm); "activation": correlation of activations on `data_x`; "ste" (straight-through
+    estimator) and "sinkhorn" (Sinkhorn re-basin) learn it from the loss along the path on `data_x`, which is then
+    labelled training data (a data.Split or DataBundle), with settings `learned` (a
+    config.LearnedAlignConfig or its dict; info["settings"] records them; see permute.learned).
     With check=True (the default) pi(B) is verified to compute B's function, else EquivalenceError.
     info["distance_before"/"distance_after"] are L2 distances to A over parameters only
     (info["distance_over"] == "parameters"): the quantity weight matching minimises, so aligning
@@ -276,8 +282,10 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, metho
         if data_x is None:
             raise UserError("activation matching needs data (data_x): a batch of inputs")
         perm, info = activation_matching(spec, model, sd_a, sd_b, data_x)
+    elif method in LEARNED:
+        perm, info = LEARNED[method](spec, model, sd_a, sd_b, data_x, settings=learned, seed=seed)
     else:
-        raise UserError(f"unknown alignment method {method!r}; choose weight or activation")
+        raise UserError(f"unknown alignment method {method!r}; choose weight, activation, {' or '.join(LEARNED)}")
     sd_p = apply_permutation(spec, sd_b, perm)
     seconds = time.perf_counter() - t0
     err = check_equivalence(model, sd_b, sd_p, example_input, spec=spec, perm=perm) if check else None
