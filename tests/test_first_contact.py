@@ -262,7 +262,7 @@ def test_enum_choices_shared_with_the_library():
     from stardomain.permute.matching import INITS
 
     assert tuple(m.value for m in MatchInit) == INITS
-    assert _choices("align", "--method") == [m.value for m in AlignMethod] == ["weight", "activation"]
+    assert _choices("align", "--method") == [m.value for m in AlignMethod] == ["weight", "activation", "ste", "sinkhorn"]
     assert _choices("align", "--init") == list(INITS)
     assert _choices("run", "--executor") == [m.value for m in Executor] == ["local", "ray"]
 

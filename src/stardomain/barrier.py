@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ._verbs import make_callable
 from .checkpoint import atomic_write_bytes, build_from_meta, data_from_meta, read_pair, weights_sha256
+from .config import LEARNED_METHODS
 from .data import DataBundle, Split, batches, first_inputs, per_token
 from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_module
 from .engine import STRATEGIES as METHODS
@@ -313,15 +314,17 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
             align: bool | str = True, example_input: torch.Tensor | None = None, bn_batches: int | None = None,
             seed: int = 0, device=None, ts: Sequence[float] | None = None, refine: int = 0,
             batch_size: int = 1000, method: str = "auto", repair: bool = False, temperature: bool = False,
-            temperature_fraction: float = 0.2) -> dict:
+            temperature_fraction: float = 0.2, align_method: str = "weight", learned: Any = None) -> dict:
     """The barrier record of docs/architecture.md ("Contracts"): t, train, test, barrier{...}, alignment{...}, bn, timings.
 
     With `temperature`, also `temperature_scaled` (see `temperature_curve`) and barrier fields
     `train_loss_ts` / `test_loss_ts`: the loss barriers after temperature scaling every point.
 
-    With `align`, B is first replaced by the permutation of B that best matches A (weight matching,
-    `stardomain.permute.align`). `align` may name an alignment variant (`stardomain.permute.VARIANTS`):
-    "heads", "mlp" or "stream" align only that role's groups; True is "full", False "none".
+    With `align`, B is first replaced by the permutation of B that best matches A (`stardomain.permute.align`
+    with `align_method`: weight matching by default; "activation" on 256 training inputs; "ste" or
+    "sinkhorn" learned on the training split with settings `learned`, recorded in alignment.settings).
+    `align` may name an alignment variant (`stardomain.permute.VARIANTS`): "heads", "mlp" or "stream"
+    align only that role's groups; True is "full", False "none".
     `refine` > 0 evaluates that many extra t values between the grid neighbours of the worst grid point
     (train and test loss) and reports `barrier_refined` beside the grid barrier.
     """
@@ -336,7 +339,8 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
         ta = time.perf_counter()
         sd_b, info = permute_align(copy.deepcopy(model).cpu(), {k: v.cpu() for k, v in sd_a.items()},
                                    {k: v.cpu() for k, v in sd_b.items()}, example_input=example_input.cpu(),
-                                   method="weight", seed=seed, variant=variant)
+                                   method=align_method, seed=seed, variant=variant, learned=learned,
+                                   data_x=_alignment_data(align_method, data))
         t_align = time.perf_counter() - ta
         alignment = {"aligned": True, **{k: v for k, v in info.items() if k != "perm" and _jsonable(v)}}
     rec = curve(model, sd_a, sd_b, data, ts, bn_batches=bn_batches, batch_size=batch_size, device=device,
@@ -375,6 +379,13 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
     return out
 
 
+def _alignment_data(align_method: str, data: DataBundle):
+    """What an alignment method reads besides the weights: nothing, a batch of inputs, or the train split."""
+    if align_method == "activation":
+        return first_inputs(data.train, 256)
+    return data.train if align_method in LEARNED_METHODS else None
+
+
 def _merge(r1: dict, r2: dict) -> dict:
     pairs = sorted(zip(r1["t"] + r2["t"], range(len(r1["t"]) + len(r2["t"]))))
     order = [i for _, i in pairs]
@@ -398,14 +409,15 @@ def _sha(sd: StateDict) -> str:
 
 def measure_files(path_a, path_b, *, points: int = 11, align: bool | str = True, bn_batches: int | None = None,
                   device: str = "auto", refine: int = 0, seed: int = 0, repair: bool = False,
-                  temperature: bool = False, temperature_fraction: float = 0.2) -> dict:
+                  temperature: bool = False, temperature_fraction: float = 0.2, align_method: str = "weight",
+                  learned: Any = None) -> dict:
     """`measure` on two model files; refuses incompatible pairs (UserError). Adds both files' sha256."""
     sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "interpolate")
     model = build_from_meta(meta_a, str(path_a))
     data = data_from_meta(meta_a, str(path_a))
     rec = measure(model, sd_a, sd_b, data, points=points, align=align, bn_batches=bn_batches, device=device,
                   refine=refine, seed=seed, repair=repair, temperature=temperature,
-                  temperature_fraction=temperature_fraction)
+                  temperature_fraction=temperature_fraction, align_method=align_method, learned=learned)
     rec["files"] = {"a": str(path_a), "b": str(path_b)}
     rec["sha256"] = {"a": meta_a["sha256"], "b": meta_b["sha256"], "b_interpolated": rec["sha256"]["b"]}
     return rec

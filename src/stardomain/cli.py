@@ -54,6 +54,21 @@ AllowOpt = typer.Option([], "--allow-factory", metavar="PKG.MOD:FN",
                         "file is refused; registered models and data sets never need it.")
 
 
+LearnedOpt = typer.Option([], "--learned", help="A setting of --method ste or sinkhorn, repeatable: --learned "
+                          "steps=200 --learned lr=0.01 (steps, lr, loss_at=midpoint|random, batch_size, "
+                          "select_examples, select_every, temperature, sinkhorn_iters; docs/method.md).")
+
+
+def learned_settings(items: List[str], method: str):
+    """--learned KEY=VALUE items -> the settings of a learned method (None for the others); refused unless
+    the method learns."""
+    from .config import LEARNED_METHODS, LearnedAlignConfig, apply_overrides, validate
+
+    if items and method not in LEARNED_METHODS:
+        raise UserError(f"--learned applies to --method {' or '.join(LEARNED_METHODS)} only, not {method}")
+    return validate(LearnedAlignConfig, apply_overrides({}, list(items)), "--learned") if items else None
+
+
 def seed_opt(help_: str):
     return typer.Option(0, "--seed", min=0, max=SEED_MAX, help=help_)
 
@@ -368,8 +383,11 @@ def bma_(
 def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
            b: Path = typer.Argument(..., help="Model file to permute (B)."),
            out: Path = typer.Option(..., "--out", "-o", help="Where to write pi(B) (.safetensors)."),
-           method: AlignMethod = typer.Option(AlignMethod.weight, "--method", help="weight (weight matching) or "
-                                              "activation (correlation of activations on training data)."),
+           method: AlignMethod = typer.Option(AlignMethod.weight, "--method", help="weight (weight matching), "
+                                              "activation (correlation of activations on training data), ste "
+                                              "(straight-through estimator) or sinkhorn (Sinkhorn re-basin): the "
+                                              "last two learn from the loss along the path (slower; see --learned)."),
+           learned: List[str] = LearnedOpt,
            seed: int = seed_opt("Order of the coordinate descent."),
            init: Optional[MatchInit] = typer.Option(None, "--init", help="Start of weight matching (--method "
                                                     "weight only): informed (the default; first pass in trace "
@@ -398,8 +416,9 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     use_threads(threads)
     allow_factories(allow_factory)
     method = AlignMethod(method)
-    if init is not None and method is AlignMethod.activation:
-        raise UserError("--init applies to --method weight only (activation matching has no starting point)")
+    if init is not None and method is not AlignMethod.weight:
+        raise UserError(f"--init applies to --method weight only, not {method.value}")
+    settings = learned_settings(learned, method.value)
     init = MatchInit(init or "informed")
     sha = [(read_model_meta(p) or read_model_file(p)[1])["sha256"] for p in (a, b)]
     check_distinct(**{"out": out, "json-out": json_out})
@@ -407,7 +426,7 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
                  inputs=[a, b])
     check_output(json_out, "align.json", force=force, inputs=[a, b], option="--json-out")
     rec = align_files(a, b, out, method=method.value, seed=seed, init=init.value, strict=strict,
-                      variant=AlignVariant(only).value)
+                      variant=AlignVariant(only).value, learned=settings)
     for w in rec.get("warnings", []):
         typer.echo(f"warning: {w}", err=True)
     if json_out:
@@ -494,6 +513,10 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
                                                           "matching aligns: all (full, the default), only "
                                                           "attention heads, only MLP hidden units, only the "
                                                           "residual stream, or none."),
+             align_method: AlignMethod = typer.Option(AlignMethod.weight, "--method", help="How B is aligned: "
+                                                    "weight matching, activation matching, ste or sinkhorn "
+                                                    "(learned from the loss along the path; see --learned)."),
+             learned: List[str] = LearnedOpt,
              bn_batches: Optional[int] = typer.Option(None, "--bn-batches", min=1, help="Training batches (of 1000) that "
                                                       "recompute BatchNorm statistics at interior t; default: all."),
              refine: int = typer.Option(0, "--refine", min=0, max=1000, help="Extra t values searched around the worst grid point."),
@@ -522,13 +545,15 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     variant = "none" if no_align else AlignVariant(align or "full").value
     if no_align and align not in (None, AlignVariant.none):
         raise UserError(f"--no-align and --align {AlignVariant(align).value} contradict each other; give one")
+    settings = learned_settings(learned, AlignMethod(align_method).value)
     use_threads(threads)
     allow_factories(allow_factory)
     check_distinct(**{"json-out": json_out, "plot": plot_out})
     check_output(json_out, "barrier.json", force=force, inputs=[a, b], option="--json-out")
     check_output(plot_out, "barrier.png", force=force, inputs=[a, b], option="--plot")
     rec = measure_files(a, b, points=points, align=variant, bn_batches=bn_batches, device=device,
-                        refine=refine, seed=seed, repair=repair, temperature=temperature)
+                        refine=refine, seed=seed, repair=repair, temperature=temperature,
+                        align_method=AlignMethod(align_method).value, learned=settings)
     from .checkpoint import atomic_write_json
 
     if json_out is not None:
@@ -539,9 +564,10 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
         echo_json(result_json(rec))
         return
     br = rec["barrier"]
+    by = "" if variant == "none" or align_method == AlignMethod.weight else f" by {AlignMethod(align_method).value}"
     typer.echo(f"barrier  train loss {br['train_loss']:.4f} (t={br['train_loss_t']})  test loss "
                f"{br['test_loss']:.4f}  train acc drop {br['train_acc']:.4f}  test acc drop {br['test_acc']:.4f}"
-               f"  [{aligned_in_words(variant)}, {rec['timings']['total_s']:.1f}s]")
+               f"  [{aligned_in_words(variant)}{by}, {rec['timings']['total_s']:.1f}s]")
     if temperature:
         typer.echo(f"temperature-scaled: train loss {br['train_loss_ts']:.4f}  test loss {br['test_loss_ts']:.4f}  "
                    f"(calibrated on {rec['temperature_scaled']['calibration']['source']})")
