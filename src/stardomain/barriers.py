@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._verbs import make_callable
 from .checkpoint import atomic_write_bytes, build_from_meta, data_from_meta, read_pair, weights_sha256
 from .config import LEARNED_METHODS
 from .data import DataBundle, Split, batches, first_inputs, per_token
@@ -463,4 +462,3 @@ def plot(rec: dict, out=None, title: str | None = None) -> bytes:
     return png
 
 
-make_callable(__name__)  # `stardomain.barrier(...)` is the API verb (stardomain._verbs)
