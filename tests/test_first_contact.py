@@ -196,7 +196,7 @@ def test_completion_offered_and_completes_choices(monkeypatch, capsys):
     env = {**os.environ, "_STARDOMAIN_COMPLETE": "complete_bash", "COMP_WORDS": "stardomain align --method ",
            "COMP_CWORD": "3"}
     r = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
-    assert r.stdout.split() == ["weight", "activation"], r.stderr
+    assert r.stdout.split() == ["weight", "activation", "ste", "sinkhorn"], r.stderr
 
 
 def test_config_prints_the_resolved_config(monkeypatch, capsys, tmp_path):

@@ -181,11 +181,20 @@ class StudyEvalConfig(Section):
     # aligning only attention heads, only MLP hidden units, only the residual stream, or nothing
     # (docs/method.md, "Alignment variants"): which symmetry carries the barrier.
     variants: list[Literal[pairkinds.VARIANTS]] = Field(default_factory=list)
+    # How every aligned pair is aligned (stardomain.permute.align): weight matching (the paper's), activation
+    # matching, or learned from the loss along the path (ste, sinkhorn; settings in `learned`).
+    align_method: Literal[pairkinds.METHODS] = "weight"
+    learned: LearnedAlignConfig = Field(default_factory=LearnedAlignConfig)
+    # Also measure star_heldout and regular_regular (those listed in study.pairs) aligned by each method here
+    # (kinds `<kind>_<method>`): does the verdict depend on how the winning permutation is approximated?
+    methods: list[Literal[pairkinds.METHODS]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _variants_align(self) -> "StudyEvalConfig":
         if self.variants and not self.align:
             raise ValueError("variants compare partial alignments with full alignment; set align: true")
+        if self.methods and not self.align:
+            raise ValueError("methods compare alignment methods; set align: true")
         return self
 
 

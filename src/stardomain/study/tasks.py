@@ -188,7 +188,8 @@ def _run_pair(task: Task, root: Path) -> None:
     rec = measure_barrier(model, sd_a, sd_b, data, points=ev["points"], align=ev.get("variant", ev["align"]),
                           example_input=first_inputs(data.train), bn_batches=ev["bn_batches"], seed=p["seed"],
                           device=device, temperature=ev.get("temperature", False),
-                          temperature_fraction=ev.get("temperature_fraction", 0.2))
+                          temperature_fraction=ev.get("temperature_fraction", 0.2),
+                          align_method=ev.get("align_method", "weight"), learned=ev.get("learned"))
     out = {"key": task.key, "a": p["a_label"], "b": p["b_label"], "a_file": p["a"], "b_file": p["b"],
            "sha256_a": meta_a["sha256"], "sha256_b": meta_b["sha256"], **_record_json(rec),
            "timings_": {"seconds": time.perf_counter() - t0, **_timings(rec)}}
