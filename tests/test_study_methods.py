@@ -69,3 +69,15 @@ def test_study_aligned_by_ste_records_the_method_in_every_pair(tmp_path):
             assert al["method"] == "ste" and al["settings"]["steps"] == 2 and al["equivalence_error"] < 1e-5
         assert all(r["alignment"]["method"] == "weight" for r in res["pairs"][kind])
         assert res["summary"][f"{kind}_ste"]["train_loss"]["n"] == len(res["pairs"][kind])
+    hl = res["headline_by_method"]["ste"]
+    star = [r["barrier"]["train_loss"] for r in res["pairs"]["star_heldout_ste"]]
+    regular = [r["barrier"]["train_loss"] for r in res["pairs"]["regular_regular_ste"]]
+    assert hl["difference"]["estimate"] == pytest.approx(sum(star) / len(star) - sum(regular) / len(regular), abs=1e-9)
+
+
+def test_width_rows_measure_the_methods_too():
+    cfg = validate(Config, {**TINY, "study": {**TINY["study"], "sweeps": {"width": [4]},
+                                              "eval": {"points": 3, "methods": ["sinkhorn"]}}})
+    row = build_plan(cfg).layout["sweeps"]["width"][0]
+    assert list(row["pairs"]) == ["star_heldout", "regular_regular", "star_heldout_sinkhorn",
+                                  "regular_regular_sinkhorn"]

@@ -262,9 +262,9 @@ def build_plan(cfg: Config) -> Plan:
             tag = f"-{dim[0]}{v}"
             src_v, ho_v = b.population(cfgd, st.n_sources, st.n_heldouts, tag)
             s_v = b.star(cfgd, src_v, tag)
+            kinds_v = pairkinds.with_variants(["star_heldout", "regular_regular"], [], st.eval.methods)
             rows.append({"value": v, "star": s_v, "sources": src_v, "heldouts": ho_v,
-                         "pairs": b.pairs(["star_heldout", "regular_regular"],
-                                          {"sources": src_v, "heldouts": ho_v, "star": s_v})})
+                         "pairs": b.pairs(kinds_v, {"sources": src_v, "heldouts": ho_v, "star": s_v})})
         layout["sweeps"][dim] = rows
     return Plan(list(b.tasks.values()), layout)
 
