@@ -142,3 +142,28 @@ def test_learned_alignment_refuses_missing_data_and_bad_settings():
         align(m, sd, sd, example_input=x[:2], method="sinkhorn", data_x=_labelled(m, sd, x), learned={"steps": 0})
     with pytest.raises(UserError, match="unknown alignment method"):
         align(m, sd, sd, example_input=x[:2], method="sgd")
+
+
+def test_candidates_are_judged_by_the_floored_barrier_on_the_sample(trained_pair):
+    """The selection criterion recomputed by hand: the loss of the midpoint model over the sample (here the
+    whole train split) minus its chord, floored at 0; a permuted copy of A scores exactly 0."""
+    from stardomain.config import LearnedAlignConfig
+    from stardomain.permute.learned import Candidates
+
+    model, sd_a, sd_b, data = trained_pair
+    spec = spec_from_model(model, data.train.x[:2])
+    n = len(data.train)
+    cands = Candidates(model, spec, sd_a, sd_b, data.train, LearnedAlignConfig(select_examples=n, batch_size=n), 0)
+    p = random_permutation(spec, torch.Generator().manual_seed(7))
+
+    def loss(s):
+        model.load_state_dict(s)
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model.eval()(data.train.x), data.train.y))
+
+    chord = 0.5 * (loss(sd_a) + loss(sd_b))
+    expected = max(0.0, loss(lerp(sd_a, apply_permutation(spec, sd_b, p), 0.5)) - chord)
+    assert cands.consider(p) == pytest.approx(expected, rel=1e-5, abs=1e-7) and expected > 0
+    copy_ = Candidates(model, spec, sd_a, apply_permutation(spec, sd_a, p), data.train,
+                       LearnedAlignConfig(select_examples=n, batch_size=n), 0)
+    assert copy_.consider({k: torch.argsort(v) for k, v in p.items()}) == 0.0
