@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import stardomain as sd
+from stardomain.checkpoint import data_from_meta
 from stardomain.data import sample_examples
 
 METHODS = ("weight", "activation", "ste", "sinkhorn")
@@ -82,7 +83,8 @@ def main() -> None:
         cfg = all_cases[name]
         (a, ta), (b, tb) = trained(name, cfg, 0, args.cache), trained(name, cfg, 1, args.cache)
         # gpt as configs/text_gpt.yaml: a 1,000-window sample of train; its test split (594 windows) whole
-        data = a.data if name != "gpt" else sample_examples(a.data, 1000, 0)
+        bundle = data_from_meta(a.meta, name)
+        data = bundle if name != "gpt" else sample_examples(bundle, 1000, 0)
         for method in args.methods.split(","):
             t0 = time.perf_counter()
             rec = sd.barrier(a, b, data=data, align_method=method, device="cpu").record
