@@ -11,7 +11,8 @@ from stardomain.data import Split
 from stardomain.errors import UserError
 from stardomain.interpolate import lerp
 from stardomain.models import build_model
-from stardomain.permute import align, apply_permutation, distance, random_permutation, spec_from_model
+from stardomain.permute import (MatchingOptions, align, apply_permutation, distance, random_permutation,
+                                spec_from_model)
 from stardomain.permute.inputs import flat_tensors
 from stardomain.permute.sinkhorn import one_hot, round_matrices, soft_apply
 
@@ -74,7 +75,8 @@ def test_learned_alignment_is_a_permutation_keeping_the_function(case, method):
     m, x = CASES[case]()
     sd_a, sd_b = noisy(m, 1), noisy(m, 2)
     data = _labelled(m, sd_a, x)
-    sd_p, info = align(m, sd_a, sd_b, example_input=x[:2], method=method, data_x=data, learned=FAST)
+    sd_p, info = align(m, sd_a, sd_b, example_input=x[:2], method=method, data_x=data,
+                       options=MatchingOptions(learned=FAST))
     assert info["method"] == method and info["settings"]["steps"] == 3
     assert info["equivalence_error"] < 1e-5  # align's own check; and here, independently, in float64:
     ref = outputs_f64(m, sd_b, x[:4])
@@ -106,7 +108,8 @@ def test_learned_alignment_lowers_the_midpoint_loss(trained_pair, method):
     model, sd_a, sd_b, data = trained_pair
     x = data.train.x[:2]
     wm, _ = align(model, sd_a, sd_b, example_input=x)
-    sd_p, info = align(model, sd_a, sd_b, example_input=x, method=method, data_x=data, learned={"steps": 40})
+    sd_p, info = align(model, sd_a, sd_b, example_input=x, method=method, data_x=data,
+                       options=MatchingOptions(learned={"steps": 40}))
     identity, matched, learned = (_midpoint_loss(model, sd_a, s, data.train) for s in (sd_b, wm, sd_p))
     assert learned < identity
     assert learned <= matched * 1.02  # chosen on a sample of the train split; here judged on all of it
@@ -119,7 +122,8 @@ def test_learned_alignment_recovers_a_permuted_copy(trained_pair, method):
     x = data.train.x[:2]
     spec = spec_from_model(model, x)
     copy_ = apply_permutation(spec, sd_a, random_permutation(spec, torch.Generator().manual_seed(3)))
-    sd_p, _ = align(model, sd_a, copy_, example_input=x, method=method, data_x=data, learned={"steps": 10})
+    sd_p, _ = align(model, sd_a, copy_, example_input=x, method=method, data_x=data,
+                    options=MatchingOptions(learned={"steps": 10}))
     assert distance(sd_a, sd_p, spec.parameters) == 0.0
     assert abs(_midpoint_loss(model, sd_a, sd_p, data.train) - _midpoint_loss(model, sd_a, sd_a, data.train)) < 1e-6
 
@@ -129,7 +133,7 @@ def test_same_seed_same_permutation(trained_pair, method):
     model, sd_a, sd_b, data = trained_pair
     x = data.train.x[:2]
     runs = [align(model, sd_a, sd_b, example_input=x, method=method, data_x=data, seed=s,
-                  learned={"steps": 15, "loss_at": "random"})[1] for s in (4, 4)]
+                  options=MatchingOptions(learned={"steps": 15, "loss_at": "random"}))[1] for s in (4, 4)]
     assert runs[0]["perm"] == runs[1]["perm"] and runs[0]["selection_barrier"] == runs[1]["selection_barrier"]
 
 
@@ -139,7 +143,8 @@ def test_learned_alignment_refuses_missing_data_and_bad_settings():
     with pytest.raises(UserError, match="labelled training data"):
         align(m, sd, sd, example_input=x[:2], method="ste", data_x=x)
     with pytest.raises(UserError, match="steps"):
-        align(m, sd, sd, example_input=x[:2], method="sinkhorn", data_x=_labelled(m, sd, x), learned={"steps": 0})
+        align(m, sd, sd, example_input=x[:2], method="sinkhorn", data_x=_labelled(m, sd, x),
+              options=MatchingOptions(learned={"steps": 0}))
     with pytest.raises(UserError, match="unknown alignment method"):
         align(m, sd, sd, example_input=x[:2], method="sgd")
 

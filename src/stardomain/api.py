@@ -18,6 +18,7 @@ recipe (train.batch_size, seeded order), so results stay seeded and reproducible
 from __future__ import annotations
 
 import copy
+import html
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,6 +38,7 @@ from .report.averaging import table as _table
 from .report.barriers import plot as _plot
 from .config import Config, apply_overrides, load_config, validate
 from .errors import UserError
+from .report.study import study_html as _study_html
 from .starlight import train_star
 from .training import init_model, model_meta
 from .training import train as train_one
@@ -98,6 +100,9 @@ class Barrier:
         """PNG of the curve (written to `path` when given). -> the PNG bytes."""
         return _plot(self.record, path)
 
+    def _repr_png_(self) -> bytes:  # a notebook shows the curve
+        return self.plot()
+
 
 @dataclass(frozen=True)
 class BMA:
@@ -113,6 +118,9 @@ class BMA:
         """The plain-text table `stardomain bma` prints (one row per predictor)."""
         return _table(self.result)
 
+    def _repr_html_(self) -> str:  # a notebook shows the table
+        return f"<pre>{html.escape(self.table())}</pre>"
+
 
 @dataclass(frozen=True)
 class Study:
@@ -120,6 +128,9 @@ class Study:
 
     path: Path
     results: dict
+
+    def _repr_html_(self) -> str:  # a notebook shows the verdict and the tables
+        return _study_html(self.results)
 
 
 # ---------------------------------------------------------------- inputs
@@ -358,10 +369,11 @@ def align(a: Any, b: Any, *, model: Any = None, data: Any = None, example_input:
         arch, bundle, _ = _context(ref, model, data)
         x = example_input if example_input is not None else _example(bundle)
         data_x = {"activation": _example(bundle, 256), "ste": bundle, "sinkhorn": bundle}.get(method)
-    from .permute import align as permute_align
+    from .permute import MatchingOptions, align as permute_align
 
     sd_p, info = permute_align(copy.deepcopy(arch).cpu(), _state(a), _state(b), example_input=x, method=method,
-                               data_x=data_x, seed=seed, check=check, variant=variant, learned=learned)
+                               data_x=data_x, seed=seed, check=check, variant=variant,
+                               options=MatchingOptions(learned=learned))
     perm = {k: torch.as_tensor(v) for k, v in info.pop("perm").items()}
     return Aligned(sd_p, perm, info)
 

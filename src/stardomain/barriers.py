@@ -36,7 +36,7 @@ from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_modul
 from .engine import STRATEGIES as METHODS
 from .errors import UserError
 from .interpolate import lerp, recalibrate_bn
-from .permute import align as permute_align
+from .permute import MatchingOptions, align as permute_align
 from .permute.variants import check_variant
 from .repair import apply_repair, channel_stats, remove_repair
 from .utils import resolve_device
@@ -397,7 +397,8 @@ def _aligned_b(model, sd_a, sd_b, data, st: BarrierSettings, example_input) -> t
     ta = time.perf_counter()
     sd_b, info = permute_align(copy.deepcopy(model).cpu(), {k: v.cpu() for k, v in sd_a.items()},
                                {k: v.cpu() for k, v in sd_b.items()}, example_input=example_input.cpu(),
-                               method=st.align_method, seed=st.seed, variant=variant, learned=st.learned,
+                               method=st.align_method, seed=st.seed, variant=variant,
+                               options=MatchingOptions(learned=st.learned),
                                data_x=_alignment_data(st.align_method, data))
     alignment = {"aligned": True, **{k: v for k, v in info.items() if k != "perm" and _jsonable(v)}}
     return sd_b, alignment, time.perf_counter() - ta

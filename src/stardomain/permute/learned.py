@@ -26,7 +26,8 @@ from ..config import LearnedAlignConfig
 from ..data import DataBundle, Split, batches
 from ..errors import UserError
 from .inputs import flat_tensors
-from .matching import apply_permutation, weight_matching
+from .matching import weight_matching
+from .permutations import apply_permutation
 from .spec import PermutationSpec
 
 # Adam on the proxy weights (they start at A's): on a 64-wide digits MLP, 1e-3 changed the projection 8

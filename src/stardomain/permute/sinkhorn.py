@@ -20,7 +20,8 @@ import torch
 
 from ..config import LearnedAlignConfig
 from .learned import Learner, batch_statistics
-from .matching import _fixed, _lsa, _plan, _solve_heads
+from .matching import head_only_flags, lsa, solve_heads
+from .permutations import member_plan
 from .spec import PermutationSpec
 
 # Adam on the logits: on a 64-wide digits MLP, 0.1 changed the rounded permutation once in 100 steps, 1.0 six
@@ -39,7 +40,7 @@ def log_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 def units(spec: PermutationSpec) -> list[tuple[str, ...]]:
     """Groups touching a parameter, a coupled pair of head groups as one unit (they share a head permutation)."""
-    touched = {it[4] for items in _plan(spec, spec.parameters).values() for it in items}
+    touched = {it[4] for items in member_plan(spec, spec.parameters).values() for it in items}
     out, done = [], set()
     for k, g in spec.groups.items():
         if k in done:
@@ -102,7 +103,7 @@ def soft_apply(spec: PermutationSpec, sd: dict, mats: dict[str, torch.Tensor]) -
     """A new state dict with every axis a group owns multiplied by the group's matrix (`mats`: every
     group); with permutation matrices (`one_hot`) this is exactly `apply_permutation`."""
     out = dict(sd)
-    for name, items in _plan(spec).items():
+    for name, items in member_plan(spec).items():
         if name not in sd or not sd[name].is_floating_point():
             continue
         t = sd[name]
@@ -120,10 +121,10 @@ def round_matrices(spec: PermutationSpec, mats: dict[str, torch.Tensor], start: 
         g = spec.groups[u[0]]
         cs = [mats[k].detach().double().numpy() for k in u]
         if g.heads:
-            ps = _solve_heads(cs[0], cs[1] if len(cs) > 1 else None, g.heads, _fixed(spec, u))
+            ps = solve_heads(cs[0], cs[1] if len(cs) > 1 else None, g.heads, head_only_flags(spec, u))
             out.update({k: p for k, p in zip(u, ps) if p is not None})
         else:
-            out[u[0]] = torch.from_numpy(np.asarray(_lsa(cs[0]))).long()
+            out[u[0]] = torch.from_numpy(np.asarray(lsa(cs[0]))).long()
     return out
 
 
