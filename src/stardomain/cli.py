@@ -59,6 +59,11 @@ LearnedOpt = typer.Option([], "--learned", help="A setting of --method ste or si
                           "select_examples, select_every, temperature, sinkhorn_iters; docs/method.md).")
 
 
+BarrierMethodOpt = typer.Option(AlignMethod.weight, "--method", help="How B is aligned: weight matching, "
+                                "activation matching, ste or sinkhorn (learned from the loss along the path; "
+                                "see --learned).")
+
+
 def learned_settings(items: List[str], method: str):
     """--learned KEY=VALUE items -> the settings of a learned method (None for the others); refused unless
     the method learns."""
@@ -520,10 +525,7 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
                                                           "matching aligns: all (full, the default), only "
                                                           "attention heads, only MLP hidden units, only the "
                                                           "residual stream, or none."),
-             align_method: AlignMethod = typer.Option(AlignMethod.weight, "--method", help="How B is aligned: "
-                                                    "weight matching, activation matching, ste or sinkhorn "
-                                                    "(learned from the loss along the path; see --learned)."),
-             learned: List[str] = LearnedOpt,
+             align_method: AlignMethod = BarrierMethodOpt, learned: List[str] = LearnedOpt,
              bn_batches: Optional[int] = typer.Option(None, "--bn-batches", min=1, help="Training batches (of 1000) that "
                                                       "recompute BatchNorm statistics at interior t; default: all."),
              refine: int = typer.Option(0, "--refine", min=0, max=1000, help="Extra t values searched around the worst grid point."),
@@ -548,29 +550,26 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     from .barriers import BarrierSettings
     from .checkpoint import atomic_write_json, check_distinct, check_output
     from .files import measure_files
-    from .permute.variants import in_words as aligned_in_words
     from .report.barriers import plot
 
     variant = _barrier_variant(no_align, align)
-    method = AlignMethod(align_method).value
-    learned_cfg = learned_settings(learned, method)
     use_threads(threads)
     allow_factories(allow_factory)
     check_distinct(**{"json-out": json_out, "plot": plot_out})
     for path, kind, opt in ((json_out, "barrier.json", "--json-out"), (plot_out, "barrier.png", "--plot")):
         check_output(path, kind, force=force, inputs=[a, b], option=opt)
     settings = BarrierSettings(points=points, align=variant, bn_batches=bn_batches, refine=refine, seed=seed,
-                               repair=repair, temperature=temperature, align_method=method, learned=learned_cfg)
+                               repair=repair, temperature=temperature, align_method=align_method.value,
+                               learned=learned_settings(learned, align_method.value))
     rec = measure_files(a, b, settings, device=device)
     if json_out is not None:
         atomic_write_json(json_out, result_json(rec))
     if plot_out is not None:
-        plot(rec, plot_out, title=f"{a.name} → {b.name} ({aligned_in_words(variant)})")
+        plot(rec, plot_out, title=f"{a.name} → {b.name} ({_how_aligned(variant, align_method.value)})")
     if json_:
         echo_json(result_json(rec))
         return
-    by = "" if variant == "none" or method == "weight" else f" by {method}"
-    _print_barrier(rec, aligned_in_words(variant) + by)
+    _print_barrier(rec, _how_aligned(variant, align_method.value))
     wrote = [str(p) for p in (json_out, plot_out) if p]
     if wrote:
         typer.echo(f"wrote {' and '.join(wrote)}")
@@ -580,6 +579,12 @@ def _barrier_variant(no_align: bool, align: AlignVariant | None) -> str:
     if no_align and align not in (None, AlignVariant.none):
         raise UserError(f"--no-align and --align {AlignVariant(align).value} contradict each other; give one")
     return "none" if no_align else AlignVariant(align or "full").value
+
+
+def _how_aligned(variant: str, method: str) -> str:
+    from .permute.variants import in_words
+
+    return in_words(variant) + ("" if variant == "none" or method == "weight" else f" by {method}")
 
 
 def _print_barrier(rec: dict, how_aligned: str) -> None:

@@ -71,8 +71,8 @@ def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, meth
     rec = {k: info[k] for k in ("method", "variant", "iterations", "converged", "groups", "distance_before",
                                 "distance_after", "distance_over", "equivalence_error", "seconds",
                                 "permutable_fraction", "capture", "capture_error", "warnings")}
-    rec.update({"init": info.get("init"), "settings": info.get("settings"), "seed": seed, "reference": str(path_a), "reference_sha256": meta_a["sha256"],
-                "source": str(path_b), "source_sha256": meta_b["sha256"]})
+    rec.update({"init": info.get("init"), "settings": info.get("settings"), "seed": seed, "reference": str(path_a),
+                "reference_sha256": meta_a["sha256"], "source": str(path_b), "source_sha256": meta_b["sha256"]})
     meta = {k: v for k, v in meta_b.items() if k not in ("sha256", "digest")}
     meta["alignment"] = {**rec, "perm": info["perm"]}
     saved = save_model(out, sd_p, meta)
