@@ -354,8 +354,8 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
     """The barrier record of docs/architecture.md ("Contracts"): t, train, test, barrier{...}, alignment{...}, bn, timings.
 
     With `settings.align`, B is first replaced by the permutation of B that best matches A
-    (`stardomain.permute.align` by `settings.align_method`); a variant name ("heads", "mlp", "stream") aligns only that
-    role's groups. `refine` > 0 evaluates that many extra t values between the grid neighbours of the
+    (`stardomain.permute.align` by `settings.align_method`); a variant name ("heads", "mlp", "stream")
+    aligns only that role's groups. `refine` > 0 evaluates that many extra t values between the grid neighbours of the
     worst grid point (train and test loss) and reports `barrier_refined` beside the grid barrier. With
     `temperature`, also `temperature_scaled` (see `temperature_curve`) and barrier fields `train_loss_ts` /
     `test_loss_ts`: the loss barriers after temperature scaling every point.

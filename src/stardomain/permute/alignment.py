@@ -70,7 +70,7 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, metho
     """-> (pi(sd_b) best matching sd_a, info). `model` only provides the architecture.
 
     method "weight": weight matching; "activation": correlation of activations on `data_x`; "ste" and
-    "sinkhorn": learned from the loss along the path on `data_x`, then labelled training data (METHODS;
+    "sinkhorn": learned from the loss along the path on `data_x`, here labelled training data (METHODS;
     docs/method.md, "Learned alignment"); `options` (MatchingOptions): the method's own settings
     (weight matching's start and passes, the learned methods' `learned`, recorded in info["settings"]).
     With check=True (the default) pi(B) is verified to compute B's function, else EquivalenceError.
