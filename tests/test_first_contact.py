@@ -197,7 +197,7 @@ def test_completion_offered_and_completes_choices(monkeypatch, capsys):
     env = {**os.environ, "_STARDOMAIN_COMPLETE": "complete_bash", "COMP_WORDS": "stardomain align --method ",
            "COMP_CWORD": "3"}
     r = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
-    assert r.stdout.split() == ["weight", "activation"], r.stderr
+    assert r.stdout.split() == ["weight", "activation", "ste", "sinkhorn"], r.stderr
 
 
 def test_config_prints_the_resolved_config(monkeypatch, capsys, tmp_path):
@@ -262,7 +262,7 @@ def test_enum_choices_shared_with_the_library():
     from stardomain.permute.matching import INITS
 
     assert tuple(m.value for m in MatchInit) == INITS
-    assert _choices("align", "--method") == [m.value for m in AlignMethod] == ["weight", "activation"]
+    assert _choices("align", "--method") == [m.value for m in AlignMethod] == ["weight", "activation", "ste", "sinkhorn"]
     assert _choices("align", "--init") == list(INITS)
     assert _choices("run", "--executor") == [m.value for m in Executor] == ["local", "ray"]
 

@@ -40,10 +40,13 @@ def test_builtin_table_keeps_the_config_defaults():
     assert DEFAULT_PAIRS == ("star_heldout", "regular_regular", "heldout_heldout", "star_source", "average_heldout")
     assert pairkinds.names()[len(DEFAULT_PAIRS):] == (
         "regular_regular_unaligned", "merged_heldout", "star_heldout_heads", "star_heldout_mlp", "star_heldout_stream",
-        "star_heldout_unaligned", "regular_regular_heads", "regular_regular_mlp", "regular_regular_stream")
+        "star_heldout_unaligned", "regular_regular_heads", "regular_regular_mlp", "regular_regular_stream",
+        *(f"{k}_{m}" for k in ("star_heldout", "regular_regular") for m in ("weight", "activation", "ste", "sinkhorn")))
     assert [k for k, v in pairkinds.KINDS.items() if v.grid] == ["regular_regular", "regular_regular_unaligned",
                                                                  "regular_regular_heads", "regular_regular_mlp",
-                                                                 "regular_regular_stream"]
+                                                                 "regular_regular_stream", "regular_regular_weight",
+                                                                 "regular_regular_activation", "regular_regular_ste",
+                                                                 "regular_regular_sinkhorn"]
     assert pairkinds.naive_centres() == {"average_heldout": "aligned average", "merged_heldout": "merge-many centre"}
 
 

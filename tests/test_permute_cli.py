@@ -87,6 +87,30 @@ def test_align_cli_end_to_end(pair, method):
         assert torch.allclose(mo(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["ste", "sinkhorn"])
+def test_learned_methods_through_align_and_barrier(pair, method):
+    """--method ste|sinkhorn with --learned settings: the file's permutation keeps B's function and its
+    record names the settings; the barrier record carries them too, and its aligned B is align's output."""
+    d, a, b, _ = pair
+    out, js = d / f"b_{method}.safetensors", d / f"{method}.json"
+    run("align", a, b, "--out", out, "--method", method, "--learned", "steps=4", "--learned", "select_every=2",
+        "--json-out", js)
+    rec = json.loads(js.read_text())
+    assert rec["method"] == method and rec["settings"]["steps"] == 4 and rec["settings"]["method"] == method
+    assert rec["equivalence_error"] < 1e-5
+    meta_o = read_model_file(out)[1]
+    assert meta_o["alignment"]["settings"]["select_every"] == 2
+    line = run("barrier", a, b, "--method", method, "--learned", "steps=4", "--learned", "select_every=2",
+               "--json").stdout
+    br = json.loads(line)
+    assert br["alignment"]["method"] == method and br["alignment"]["settings"]["steps"] == 4
+    assert br["sha256"]["b_interpolated"] == meta_o["sha256"]  # the same permutation as `align` wrote
+    r = run("align", a, b, "--out", d / "z.safetensors", "--learned", "steps=4", ok=False)
+    assert r.returncode == 2 and "--learned applies to --method" in r.stderr
+    r = run("barrier", a, b, "--method", method, "--learned", "steps=-1", ok=False)
+    assert r.returncode == 2 and "steps" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_align_init_option(pair):
     """--init identity runs the paper's descent (recorded), equal to the library call; a wrong start is
     refused with one line and exit code 2, writing nothing."""

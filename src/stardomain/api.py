@@ -354,10 +354,13 @@ def _example(bundle: _data.DataBundle, n: int = 2) -> torch.Tensor:
 
 
 def align(a: Any, b: Any, *, model: Any = None, data: Any = None, example_input: Any = None,
-          method: str = "weight", seed: int = 0, check: bool = True, variant: str = "full") -> Aligned:
-    """Permute B's units to best match A (weight matching; "activation" uses a training batch), like
-    `stardomain align`. The result computes B's function (checked unless check=False). `variant`: align
-    only "heads", "mlp" or "stream" groups (stardomain.permute.VARIANTS). -> Aligned."""
+          method: str = "weight", seed: int = 0, check: bool = True, variant: str = "full",
+          learned: Any = None) -> Aligned:
+    """Permute B's units to best match A, like `stardomain align`: weight matching, "activation" (a
+    training batch's correlations), or learned from the loss along the path on the training split, "ste"
+    or "sinkhorn" (settings `learned`: a LearnedAlignConfig or dict; docs/method.md). The result computes
+    B's function (checked unless check=False). `variant`: align only "heads", "mlp" or "stream" groups
+    (stardomain.permute.VARIANTS). -> Aligned."""
     ref = _first_trained(a, b)
     if example_input is not None and method == "weight" and data is None and model is not None:
         arch = model if isinstance(model, nn.Module) else model()  # nothing else is needed
@@ -365,11 +368,12 @@ def align(a: Any, b: Any, *, model: Any = None, data: Any = None, example_input:
     else:
         arch, bundle, _ = _context(ref, model, data)
         x = example_input if example_input is not None else _example(bundle)
-        data_x = _example(bundle, 256) if method == "activation" else None
-    from .permute import align as permute_align
+        data_x = {"activation": _example(bundle, 256), "ste": bundle, "sinkhorn": bundle}.get(method)
+    from .permute import MatchingOptions, align as permute_align
 
     sd_p, info = permute_align(copy.deepcopy(arch).cpu(), _state(a), _state(b), example_input=x, method=method,
-                               data_x=data_x, seed=seed, check=check, variant=variant)
+                               data_x=data_x, seed=seed, check=check, variant=variant,
+                               options=MatchingOptions(learned=learned))
     perm = {k: torch.as_tensor(v) for k, v in info.pop("perm").items()}
     return Aligned(sd_p, perm, info)
 
@@ -377,9 +381,8 @@ def align(a: Any, b: Any, *, model: Any = None, data: Any = None, example_input:
 def barrier(a: Any, b: Any, *, model: Any = None, data: Any = None, points: int = 11, align: bool | str = True,
             seed: int = 0, device: str | None = None, **kwargs: Any) -> Barrier:
     """Loss barrier along the straight path from A to B (B aligned to A first unless align=False; a variant
-    name such as "heads" aligns only those groups), like
-    `stardomain barrier`. Other keywords are fields of `barriers.BarrierSettings` (refine, repair,
-    temperature, bn_batches, ...)."""
+    name such as "heads" aligns only those groups), like `stardomain barrier`. Other keywords are fields of
+    `barriers.BarrierSettings` (align_method, learned, refine, repair, temperature, bn_batches, ...)."""
     arch, bundle, _ = _context(_first_trained(a, b), model, data)
     settings = _settings(BarrierSettings, points=points, align=align, seed=seed, **kwargs)
     rec = _measure(copy.deepcopy(arch), _state(a), _state(b), bundle, settings,

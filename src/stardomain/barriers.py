@@ -30,12 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import weights_sha256
+from .config import LEARNED_METHODS
 from .data import DataBundle, Split, batches, first_inputs, per_token
 from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_module
 from .engine import STRATEGIES as METHODS
 from .errors import UserError
 from .interpolate import lerp, recalibrate_bn
-from .permute import align as permute_align
+from .permute import MatchingOptions, align as permute_align
 from .permute.variants import check_variant
 from .repair import apply_repair, channel_stats, remove_repair
 from .utils import resolve_device
@@ -55,7 +56,9 @@ class BarrierSettings:
     bn_batches: training batches that recalibrate BatchNorm at interior t (None: the whole split).
     method: the engine strategy ("auto", "vmap", "fused", "loop"; speed only). repair: REPAIR for networks
     without BatchNorm. refine: extra t values around the worst grid point. temperature (+ fraction): the
-    temperature-scaled control. max_models / act_budget: the engine's memory bounds."""
+    temperature-scaled control. max_models / act_budget: the engine's memory bounds. align_method /
+    learned: how B is aligned (weight matching; "activation" on 256 training inputs; "ste" or "sinkhorn"
+    learned on the training split with settings `learned`, recorded in the alignment record's `settings`)."""
 
     points: int = 11
     ts: tuple[float, ...] | None = None
@@ -70,6 +73,8 @@ class BarrierSettings:
     temperature_fraction: float = 0.2
     max_models: int | None = None
     act_budget: int = DEFAULT_ACT_BUDGET
+    align_method: str = "weight"  # how B is aligned: weight, activation, ste, sinkhorn (permute.align)
+    learned: Any = None  # the learned methods' settings (config.LearnedAlignConfig or its dict; None: defaults)
 
     def grid(self) -> list[float]:
         return [float(t) for t in self.ts] if self.ts is not None else grid(self.points)
@@ -348,9 +353,9 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
             device=None) -> dict:
     """The barrier record of docs/architecture.md ("Contracts"): t, train, test, barrier{...}, alignment{...}, bn, timings.
 
-    With `settings.align`, B is first replaced by the permutation of B that best matches A (weight
-    matching, `stardomain.permute.align`); a variant name ("heads", "mlp", "stream") aligns only that
-    role's groups. `refine` > 0 evaluates that many extra t values between the grid neighbours of the
+    With `settings.align`, B is first replaced by the permutation of B that best matches A
+    (`stardomain.permute.align` by `settings.align_method`); a variant name ("heads", "mlp", "stream")
+    aligns only that role's groups. `refine` > 0 evaluates that many extra t values between the grid neighbours of the
     worst grid point (train and test loss) and reports `barrier_refined` beside the grid barrier. With
     `temperature`, also `temperature_scaled` (see `temperature_curve`) and barrier fields `train_loss_ts` /
     `test_loss_ts`: the loss barriers after temperature scaling every point.
@@ -392,9 +397,18 @@ def _aligned_b(model, sd_a, sd_b, data, st: BarrierSettings, example_input) -> t
     ta = time.perf_counter()
     sd_b, info = permute_align(copy.deepcopy(model).cpu(), {k: v.cpu() for k, v in sd_a.items()},
                                {k: v.cpu() for k, v in sd_b.items()}, example_input=example_input.cpu(),
-                               method="weight", seed=st.seed, variant=variant)
+                               method=st.align_method, seed=st.seed, variant=variant,
+                               options=MatchingOptions(learned=st.learned),
+                               data_x=_alignment_data(st.align_method, data))
     alignment = {"aligned": True, **{k: v for k, v in info.items() if k != "perm" and _jsonable(v)}}
     return sd_b, alignment, time.perf_counter() - ta
+
+
+def _alignment_data(align_method: str, data: DataBundle):
+    """What an alignment method reads besides the weights: nothing, a batch of inputs, or the train split."""
+    if align_method == "activation":
+        return first_inputs(data.train, 256)
+    return data.train if align_method in LEARNED_METHODS else None
 
 
 def _refine(out: dict, rec: dict, model, sd_a, sd_b, data, st: BarrierSettings, device) -> float:

@@ -54,6 +54,26 @@ AllowOpt = typer.Option([], "--allow-factory", metavar="PKG.MOD:FN",
                         "file is refused; registered models and data sets never need it.")
 
 
+LearnedOpt = typer.Option([], "--learned", help="A setting of --method ste or sinkhorn, repeatable: --learned "
+                          "steps=200 --learned lr=0.01 (steps, lr, loss_at=midpoint|random, batch_size, "
+                          "select_examples, select_every, temperature, sinkhorn_iters; docs/method.md).")
+
+
+BarrierMethodOpt = typer.Option(AlignMethod.weight, "--method", help="How B is aligned: weight matching, "
+                                "activation matching, ste or sinkhorn (learned from the loss along the path; "
+                                "see --learned).")
+
+
+def learned_settings(items: List[str], method: str):
+    """--learned KEY=VALUE items -> the settings of a learned method (None for the others); refused unless
+    the method learns."""
+    from .config import LEARNED_METHODS, LearnedAlignConfig, apply_overrides, validate
+
+    if items and method not in LEARNED_METHODS:
+        raise UserError(f"--learned applies to --method {' or '.join(LEARNED_METHODS)} only, not {method}")
+    return validate(LearnedAlignConfig, apply_overrides({}, list(items)), "--learned") if items else None
+
+
 def seed_opt(help_: str):
     return typer.Option(0, "--seed", min=0, max=SEED_MAX, help=help_)
 
@@ -391,8 +411,11 @@ def bma_(
 def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
            b: Path = typer.Argument(..., help="Model file to permute (B)."),
            out: Path = typer.Option(..., "--out", "-o", help="Where to write pi(B) (.safetensors)."),
-           method: AlignMethod = typer.Option(AlignMethod.weight, "--method", help="weight (weight matching) or "
-                                              "activation (correlation of activations on training data)."),
+           method: AlignMethod = typer.Option(AlignMethod.weight, "--method", help="weight (weight matching), "
+                                              "activation (correlation of activations on training data), ste "
+                                              "(straight-through estimator) or sinkhorn (Sinkhorn re-basin): the "
+                                              "last two learn from the loss along the path (slower; see --learned)."),
+           learned: List[str] = LearnedOpt,
            seed: int = seed_opt("Order of the coordinate descent."),
            init: Optional[MatchInit] = typer.Option(None, "--init", help="Start of weight matching (--method "
                                                     "weight only): informed (the default; first pass in trace "
@@ -421,8 +444,9 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
     use_threads(threads)
     allow_factories(allow_factory)
     method = AlignMethod(method)
-    if init is not None and method is AlignMethod.activation:
-        raise UserError("--init applies to --method weight only (activation matching has no starting point)")
+    if init is not None and method is not AlignMethod.weight:
+        raise UserError(f"--init applies to --method weight only, not {method.value}")
+    settings = learned_settings(learned, method.value)
     init = MatchInit(init or "informed")
     sha = [(read_model_meta(p) or read_model_file(p)[1])["sha256"] for p in (a, b)]
     check_distinct(**{"out": out, "json-out": json_out})
@@ -430,7 +454,7 @@ def align_(a: Path = typer.Argument(..., help="Reference model file (A)."),
                  inputs=[a, b])
     check_output(json_out, "align.json", force=force, inputs=[a, b], option="--json-out")
     rec = align_files(a, b, out, method=method.value, seed=seed, init=init.value, strict=strict,
-                      variant=AlignVariant(only).value)
+                      variant=AlignVariant(only).value, learned=settings)
     for w in rec.get("warnings", []):
         typer.echo(f"warning: {w}", err=True)
     if json_out:
@@ -517,6 +541,7 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
                                                           "matching aligns: all (full, the default), only "
                                                           "attention heads, only MLP hidden units, only the "
                                                           "residual stream, or none."),
+             align_method: AlignMethod = BarrierMethodOpt, learned: List[str] = LearnedOpt,
              bn_batches: Optional[int] = typer.Option(None, "--bn-batches", min=1, help="Training batches (of 1000) that "
                                                       "recompute BatchNorm statistics at interior t; default: all."),
              refine: int = typer.Option(0, "--refine", min=0, max=1000, help="Extra t values searched around the worst grid point."),
@@ -541,7 +566,6 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     from .barriers import BarrierSettings
     from .checkpoint import atomic_write_json, check_distinct, check_output
     from .files import measure_files
-    from .permute.variants import in_words as aligned_in_words
     from .report.barriers import plot
 
     variant = _barrier_variant(no_align, align)
@@ -551,16 +575,17 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     for path, kind, opt in ((json_out, "barrier.json", "--json-out"), (plot_out, "barrier.png", "--plot")):
         check_output(path, kind, force=force, inputs=[a, b], option=opt)
     settings = BarrierSettings(points=points, align=variant, bn_batches=bn_batches, refine=refine, seed=seed,
-                               repair=repair, temperature=temperature)
+                               repair=repair, temperature=temperature, align_method=align_method.value,
+                               learned=learned_settings(learned, align_method.value))
     rec = measure_files(a, b, settings, device=device)
     if json_out is not None:
         atomic_write_json(json_out, result_json(rec))
     if plot_out is not None:
-        plot(rec, plot_out, title=f"{a.name} → {b.name} ({aligned_in_words(variant)})")
+        plot(rec, plot_out, title=f"{a.name} → {b.name} ({_how_aligned(variant, align_method.value)})")
     if json_:
         echo_json(result_json(rec))
         return
-    _print_barrier(rec, aligned_in_words(variant))
+    _print_barrier(rec, _how_aligned(variant, align_method.value))
     wrote = [str(p) for p in (json_out, plot_out) if p]
     if wrote:
         typer.echo(f"wrote {' and '.join(wrote)}")
@@ -570,6 +595,12 @@ def _barrier_variant(no_align: bool, align: AlignVariant | None) -> str:
     if no_align and align not in (None, AlignVariant.none):
         raise UserError(f"--no-align and --align {AlignVariant(align).value} contradict each other; give one")
     return "none" if no_align else AlignVariant(align or "full").value
+
+
+def _how_aligned(variant: str, method: str) -> str:
+    from .permute.variants import in_words
+
+    return in_words(variant) + ("" if variant == "none" or method == "weight" else f" by {method}")
 
 
 def _print_barrier(rec: dict, how_aligned: str) -> None:

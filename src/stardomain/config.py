@@ -33,11 +33,33 @@ DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$"
 class AlignMethod(str, Enum):
     weight = "weight"
     activation = "activation"
+    ste = "ste"  # straight-through estimator (Git Re-Basin): stardomain.permute.learned
+    sinkhorn = "sinkhorn"  # Sinkhorn re-basin (Pena et al. 2023): stardomain.permute.sinkhorn
+
+
+LEARNED_METHODS = ("ste", "sinkhorn")  # the methods that learn from the loss, with LearnedAlignConfig
 
 
 MatchInit = Enum("MatchInit", {n: n for n in ("informed", "identity", "sorted")}, type=str)
 # Which permutation groups alignment moves (stardomain.permute.VARIANTS; tests check the two agree).
 AlignVariant = Enum("AlignVariant", {n: n for n in ("full", *pairkinds.VARIANTS)}, type=str)
+
+
+class LearnedAlignConfig(BaseModel):
+    """Settings of the learned alignments, STE and Sinkhorn (docs/method.md, "Learned alignment"). They
+    enter every record that used them (alignment info, barrier record, study results)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    steps: int = Field(100, ge=1)  # gradient steps on the proxy weights (STE) or the logits (Sinkhorn)
+    lr: float | None = Field(None, gt=0)  # None: 1e-2 for STE's proxy weights (Adam), 1.0 for Sinkhorn's logits
+    loss_at: Literal["midpoint", "random"] = "midpoint"  # t of the training loss: 0.5, or uniform in (0, 1)
+    batch_size: int = Field(128, ge=1)  # training examples per step (seeded draws from the train split)
+    # A fixed seeded sample of training examples on which every candidate hard permutation's barrier (at
+    # t = 1/2, or 1/4, 1/2, 3/4 for loss_at random) is measured; the lowest wins, weight matching's on a tie.
+    select_examples: int = Field(1024, ge=1)
+    select_every: int = Field(10, ge=1)  # Sinkhorn: round the soft permutations to a candidate every N steps
+    temperature: float = Field(1.0, gt=0)  # Sinkhorn: the logits are divided by it
+    sinkhorn_iters: int = Field(20, ge=1)  # Sinkhorn: row/column normalisations per soft permutation
 
 
 class Executor(str, Enum):
@@ -177,11 +199,20 @@ class StudyEvalConfig(Section):
     # aligning only attention heads, only MLP hidden units, only the residual stream, or nothing
     # (docs/method.md, "Alignment variants"): which symmetry carries the barrier.
     variants: list[Literal[pairkinds.VARIANTS]] = Field(default_factory=list)
+    # How every aligned pair is aligned (stardomain.permute.align): weight matching (the paper's), activation
+    # matching, or learned from the loss along the path (ste, sinkhorn; settings in `learned`).
+    align_method: Literal[pairkinds.METHODS] = "weight"
+    learned: LearnedAlignConfig = Field(default_factory=LearnedAlignConfig)
+    # Also measure star_heldout and regular_regular (those listed in study.pairs) aligned by each method here
+    # (kinds `<kind>_<method>`): does the verdict depend on how the winning permutation is approximated?
+    methods: list[Literal[pairkinds.METHODS]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _variants_align(self) -> "StudyEvalConfig":
         if self.variants and not self.align:
             raise ValueError("variants compare partial alignments with full alignment; set align: true")
+        if self.methods and not self.align:
+            raise ValueError("methods compare alignment methods; set align: true")
         return self
 
 

@@ -19,6 +19,11 @@ GROUP_WORDS = {"sources": "sources", "heldouts": "held-outs"}
 VARIANTS = ("heads", "mlp", "stream", "none")
 VARIANT_WORDS = {"full": "full alignment", "heads": "attention heads only", "mlp": "MLP units only",
                  "stream": "residual stream only", "none": "not aligned"}
+# Alignment methods (stardomain.permute.align; config.AlignMethod): study.eval.align_method aligns every
+# aligned pair; study.eval.methods measures star_heldout and regular_regular again with each one listed.
+METHODS = ("weight", "activation", "ste", "sinkhorn")
+METHOD_WORDS = {"weight": "weight matching", "activation": "activation matching",
+                "ste": "straight-through estimator", "sinkhorn": "Sinkhorn re-basin"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class PairKind:
     centre_name: str | None = None  # a naive centre the verdict weighs the star against, in words
     base: str | None = None  # the kind this one measures again with another alignment (a variant or control)
     variant: str | None = None  # that alignment (VARIANTS): only this role's groups aligned, or none
+    method: str | None = None  # that alignment method (METHODS); None: study.eval.align_method
 
     def __post_init__(self):
         for side in (self.a, self.b):
@@ -101,14 +107,32 @@ def variant_of(base: str, variant: str) -> str | None:
     return next((k.name for k in KINDS.values() if k.base == base and k.variant == variant), None)
 
 
-def with_variants(kinds: list[str], variants: list[str]) -> list[str]:
-    """study.pairs plus, per study.eval.variants entry, the registered variant of each kind listed."""
+def _method_kinds(bases: tuple[str, ...]) -> None:
+    """The alignment methods (study.eval.methods) of `bases`: one kind per base and method, `<base>_<method>`."""
+    for base in bases:
+        b = KINDS[base]
+        for m in METHODS:
+            name = f"{base}_{m}"
+            KINDS[name] = PairKind(name, f"{b.label.split(' (')[0]}, {METHOD_WORDS[m]}", b.color, b.a, b.b,
+                                   align=True, default=False, base=base, method=m)
+
+
+def method_of(base: str, method: str) -> str | None:
+    """The kind measuring `base`'s pairs aligned by `method` (None: none registered)."""
+    return next((k.name for k in KINDS.values() if k.base == base and k.method == method), None)
+
+
+def with_variants(kinds: list[str], variants: list[str], methods: list[str] = ()) -> list[str]:
+    """study.pairs plus, per study.eval.variants entry, the registered variant of each kind listed, and per
+    study.eval.methods entry, the kind aligned by that method."""
     out = list(dict.fromkeys(kinds))
     extra = [variant_of(k, v) for v in dict.fromkeys(variants) for k in out]
+    extra += [method_of(k, m) for m in dict.fromkeys(methods) for k in out]
     return out + [k for k in dict.fromkeys(extra) if k is not None and k not in out]
 
 
 _variant_kinds(("star_heldout", "regular_regular"), {"none": "tab:pink"})
+_method_kinds(("star_heldout", "regular_regular"))
 
 
 def names() -> tuple[str, ...]:

@@ -14,8 +14,10 @@ from ..errors import UserError
 from .activations import activation_matching
 from .cache import spec_for
 from .checks import check_equivalence
+from .learned import straight_through
 from .matching import INITS, weight_matching
 from .permutations import apply_permutation, distance
+from .sinkhorn import sinkhorn
 from .spec import PermutationSpec
 from .variants import restrict
 
@@ -28,9 +30,10 @@ class CoverageWarning(UserWarning):
 @dataclass(frozen=True)
 class MatchingOptions:
     """A matching method's own settings: weight matching's start (`init`, see weight_matching;
-    "identity" is the paper's algorithm) and most coordinate-descent passes."""
+    "identity" is the paper's algorithm) and most coordinate-descent passes; the learned methods' settings."""
     init: str = "informed"
     max_iter: int = 100
+    learned: Any = None  # STE's and Sinkhorn's settings: a config.LearnedAlignConfig or its dict (None: defaults)
 
 
 def _by_weights(spec: PermutationSpec, model: nn.Module, sd_a: dict, sd_b: dict, data_x: Any, seed: int,
@@ -47,8 +50,18 @@ def _by_activations(spec: PermutationSpec, model: nn.Module, sd_a: dict, sd_b: d
     return activation_matching(spec, model, sd_a, sd_b, data_x)
 
 
+def _by_loss(learn: Callable) -> Callable[..., tuple[dict, dict]]:
+    """A method that learns B's permutation from the loss along the path on `data_x`, labelled training data
+    (a data.Split or DataBundle): straight-through estimator (learned.py), Sinkhorn re-basin (sinkhorn.py)."""
+    def run(spec, model, sd_a, sd_b, data_x, seed, options: MatchingOptions) -> tuple[dict, dict]:
+        return learn(spec, model, sd_a, sd_b, data_x, settings=options.learned, seed=seed)
+    return run
+
+
 # name -> fn(spec, model, sd_a, sd_b, data_x, seed, options) -> (perm to apply to B, info)
-METHODS: dict[str, Callable[..., tuple[dict, dict]]] = {"weight": _by_weights, "activation": _by_activations}
+METHODS: dict[str, Callable[..., tuple[dict, dict]]] = {"weight": _by_weights, "activation": _by_activations,
+                                                        "ste": _by_loss(straight_through),
+                                                        "sinkhorn": _by_loss(sinkhorn)}
 
 
 def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, method: str = "weight",
@@ -56,8 +69,10 @@ def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, metho
           options: MatchingOptions = MatchingOptions()) -> tuple[dict, dict]:
     """-> (pi(sd_b) best matching sd_a, info). `model` only provides the architecture.
 
-    method "weight": weight matching; "activation": correlation of activations on `data_x` (METHODS);
-    `options` (MatchingOptions): the method's own settings (weight matching's start and passes).
+    method "weight": weight matching; "activation": correlation of activations on `data_x`; "ste" and
+    "sinkhorn": learned from the loss along the path on `data_x`, here labelled training data (METHODS;
+    docs/method.md, "Learned alignment"); `options` (MatchingOptions): the method's own settings
+    (weight matching's start and passes, the learned methods' `learned`, recorded in info["settings"]).
     With check=True (the default) pi(B) is verified to compute B's function, else EquivalenceError.
     info["distance_before"/"distance_after"] are L2 distances to A over parameters only
     (info["distance_over"] == "parameters"): the quantity weight matching minimises, so aligning

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import build_from_meta, data_from_meta, read_model_file, read_pair, save_model
+from ..config import LEARNED_METHODS
 from ..data import first_inputs
 from ..errors import UserError
 from .alignment import CoverageWarning, MatchingOptions, align
@@ -46,11 +47,12 @@ def spec_file(path: str | Path) -> tuple[PermutationSpec, dict]:
 
 def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
                 seed: int = 0, max_iter: int = 100, init: str = "informed", strict: bool = False,
-                variant: str = "full") -> dict:
+                variant: str = "full", learned=None) -> dict:
     """Write pi(B), aligned to A, to `out` (B's metadata plus `alignment` provenance). -> the record
     (distances to A are over parameters: "distance_over": "parameters"). rec["warnings"] says when the
     model could not be captured or nothing is permutable; strict: refuse (UserError) instead. variant:
-    align only one role's groups (permute.variants)."""
+    align only one role's groups (permute.variants). method "ste" or "sinkhorn" learns on A's data set's
+    train split (settings `learned`, recorded under "settings")."""
     sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "align")
     model = build_from_meta(meta_a, str(path_a))
     x = example_input(meta_a)
@@ -59,15 +61,18 @@ def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, meth
         if problems:
             raise UserError(f"--strict: {problems[0]}")
     data_x = data_batch(meta_a, source=str(path_a)) if method == "activation" else None
+    if method in LEARNED_METHODS:
+        data_x = data_from_meta(meta_a, str(path_a)).train
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CoverageWarning)  # the record carries them; the CLI prints them
         sd_p, info = align(model, sd_a, sd_b, example_input=x, method=method, data_x=data_x, seed=seed,
-                           check=True, variant=variant, options=MatchingOptions(init=init, max_iter=max_iter))
+                           check=True, variant=variant,
+                           options=MatchingOptions(init=init, max_iter=max_iter, learned=learned))
     rec = {k: info[k] for k in ("method", "variant", "iterations", "converged", "groups", "distance_before",
                                 "distance_after", "distance_over", "equivalence_error", "seconds",
                                 "permutable_fraction", "capture", "capture_error", "warnings")}
-    rec.update({"init": info.get("init"), "seed": seed, "reference": str(path_a), "reference_sha256": meta_a["sha256"],
-                "source": str(path_b), "source_sha256": meta_b["sha256"]})
+    rec.update({"init": info.get("init"), "settings": info.get("settings"), "seed": seed, "reference": str(path_a),
+                "reference_sha256": meta_a["sha256"], "source": str(path_b), "source_sha256": meta_b["sha256"]})
     meta = {k: v for k, v in meta_b.items() if k not in ("sha256", "digest")}
     meta["alignment"] = {**rec, "perm": info["perm"]}
     saved = save_model(out, sd_p, meta)

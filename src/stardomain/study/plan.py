@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from .. import pairkinds
-from ..config import SEED_BLOCK, Config, TrainConfig, validate
+from ..config import LEARNED_METHODS, SEED_BLOCK, Config, TrainConfig, validate
 from ..errors import UserError
 from ..safety import config_factories
 
@@ -174,17 +174,25 @@ class _Builder:
             "bn_batches": ev.bn_batches, "batch_size": ev.batch_size,
             "sources": [self.model_file(s) for s in sources]}, tuple(sources), **self._res()))
 
-    def pair(self, a: str, b: str, align: bool | None = None, variant: str | None = None) -> str:
+    def pair(self, a: str, b: str, align: bool | None = None, variant: str | None = None,
+             method: str | None = None) -> str:
         """A pair task; `align` overrides study.eval.align (the unaligned control), `variant` aligns only one
         role's groups (it enters the key; "none" is align=False, so the same pair as the control). The
         temperature options enter the key only when switched on, and the list of variants never does, so
-        turning them on never invalidates other pairs."""
-        ev = self.st.eval.model_dump(exclude={"variants"})
+        turning them on never invalidates other pairs. `method` overrides study.eval.align_method; the method
+        and its settings enter the key only where they matter (weight matching: as before they existed)."""
+        ev = self.st.eval.model_dump(exclude={"variants", "methods"})
         if align is not None:
             ev["align"] = align
         if variant not in (None, "none", "full"):
             ev["variant"] = variant
-        ident_ev = ev if ev["temperature"] else {k: v for k, v in ev.items() if not k.startswith("temperature")}
+        if method is not None:
+            ev["align_method"] = method
+        drop = {"align_method", "learned"} if ev["align_method"] == "weight" or not ev["align"] else set()
+        drop |= set() if ev["align_method"] in LEARNED_METHODS else {"learned"}
+        ident_ev = {k: v for k, v in ev.items() if k not in drop}
+        if not ev["temperature"]:
+            ident_ev = {k: v for k, v in ident_ev.items() if not k.startswith("temperature")}
         if ident_ev["examples"] is None:  # as before the option existed: existing pairs stay valid
             ident_ev = {k: v for k, v in ident_ev.items() if k != "examples"}
         key = key_of({"op": "pair", "v": CACHE_VERSION, "a": a, "b": b, "eval": ident_ev, "seed": self.st.seed})
@@ -226,7 +234,8 @@ class _Builder:
             a, b = (_members(models, side) for side in (kind.a, kind.b))
             combos = ([(x, y) for i, x in enumerate(a) for y in a[i + 1:]] if kind.within
                       else [(x, y) for x in a for y in b])
-            out[name] = [self.pair(x, y, align=kind.align, variant=kind.variant) for x, y in combos]
+            out[name] = [self.pair(x, y, align=kind.align, variant=kind.variant, method=kind.method)
+                         for x, y in combos]
         return out
 
 
@@ -244,7 +253,7 @@ def build_plan(cfg: Config) -> Plan:
     st = cfg.study
     b = _Builder(cfg)
     base = cfg.model_dump(mode="json")
-    kinds = pairkinds.with_variants(st.pairs, st.eval.variants)
+    kinds = pairkinds.with_variants(st.pairs, st.eval.variants, st.eval.methods)
     sw = st.sweeps
     pool = max([st.n_sources, *sw.n_sources])
     sources_all, heldouts = b.population(base, pool, st.n_heldouts)
@@ -289,9 +298,9 @@ def build_plan(cfg: Config) -> Plan:
             tag = f"-{dim[0]}{v}"
             src_v, ho_v = b.population(cfgd, st.n_sources, st.n_heldouts, tag)
             s_v = b.stars(cfgd, src_v, tag)
+            kinds_v = pairkinds.with_variants(["star_heldout", "regular_regular"], [], st.eval.methods)
             rows.append({"value": v, "star": s_v, "sources": src_v, "heldouts": ho_v,
-                         "pairs": b.pairs(["star_heldout", "regular_regular"],
-                                          {"sources": src_v, "heldouts": ho_v, "star": s_v})})
+                         "pairs": b.pairs(kinds_v, {"sources": src_v, "heldouts": ho_v, "star": s_v})})
         layout["sweeps"][dim] = rows
     return Plan(list(b.tasks.values()), layout)
 

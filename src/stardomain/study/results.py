@@ -10,6 +10,7 @@ from ..config import Config
 from ..errors import UserError
 from ..pairkinds import CENTRES, GROUP_WORDS
 from ..pairkinds import get as pair_kind
+from ..pairkinds import method_of
 from ..pairkinds import naive_centres
 from ..stats import (grid_mean_ci, mann_whitney_less, paired_differences, paired_wilcoxon_less, sign_flip_test,
                      summarize)
@@ -57,6 +58,18 @@ def summarize_pairs(pairs: dict[str, list[dict]], *, seed: int = 0, n_boot: int 
 
 
 # ---------------------------------------------------------------- assembling results
+
+def method_headlines(pairs: dict[str, list[dict]], st) -> dict:
+    """Per method of study.eval.methods: the star–held-out against regular–regular headline (ratio,
+    difference, sign-flip p) on the pairs aligned by that method (verdict.row_headline)."""
+    out = {}
+    for m in st.eval.methods:
+        kinds = {base: method_of(base, m) for base in ("star_heldout", "regular_regular")}
+        if all(pairs.get(k) for k in kinds.values()):
+            out[m] = row_headline(_record_json({base: pairs[k] for base, k in kinds.items()}), alpha=st.alpha,
+                                  n_boot=st.bootstrap, seed=st.seed)
+    return out
+
 
 def _model_entry(root: Path, task: Task) -> dict:
     side = _read_json(root / task.output)
@@ -147,12 +160,16 @@ def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
             if "sources" in row:
                 entry["regular"] = _quality([_model_entry(root, tasks[k]) for k in row["sources"] + row["heldouts"]])
                 entry["headline"] = row_headline(_record_json(p), alpha=st.alpha, n_boot=st.bootstrap, seed=st.seed)
+                if st.eval.methods:
+                    entry["headline_by_method"] = method_headlines(p, st)
             out_rows.append(entry)
         sweeps[dim] = out_rows
 
     results = {"format_version": RESULTS_FORMAT, "config": cfg.model_dump(mode="json"), "models": models,
                "pairs": pairs, "summary": summary, "tests": tests, "star_quality": star_quality,
                "sweeps": sweeps}
+    if st.eval.methods:
+        results["headline_by_method"] = method_headlines(pairs, st)
     if plan.layout.get("bma"):
         rec = _read_json(root / tasks[plan.layout["bma"]].output)
         results["bma"] = rec["result"] if rec else None

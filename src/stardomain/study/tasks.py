@@ -189,7 +189,8 @@ def _run_pair(task: Task, root: Path) -> None:
     model = build_from_meta(meta_a, str(root / p["a"])).to(device)
     settings = BarrierSettings(points=ev["points"], align=ev.get("variant", ev["align"]), seed=p["seed"],
                                bn_batches=ev["bn_batches"], temperature=ev.get("temperature", False),
-                               temperature_fraction=ev.get("temperature_fraction", 0.2))
+                               temperature_fraction=ev.get("temperature_fraction", 0.2),
+                               align_method=ev.get("align_method", "weight"), learned=ev.get("learned"))
     rec = measure_barrier(model, sd_a, sd_b, data, settings, example_input=first_inputs(data.train), device=device)
     out = {"key": task.key, "a": p["a_label"], "b": p["b_label"], "a_file": p["a"], "b_file": p["b"],
            "sha256_a": meta_a["sha256"], "sha256_b": meta_b["sha256"], **_record_json(rec),
