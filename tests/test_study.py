@@ -446,10 +446,12 @@ def test_default_config_is_embedded_and_identical():
     cfg = load_config(repo)
     p = build_plan(cfg)
     assert cfg.data.name == "mnist" and cfg.model.kwargs["width"] == 16
-    assert len(_keys(p, "train")) == 15 and len(_keys(p, "star")) == 3  # main star + |Z| = 1, 3
+    # 10 sources, 10 held-outs, 3 fit-matched stars on the same sources (issue 21): every held-out
+    # meets every star, and 2^-10 < alpha
+    assert len(_keys(p, "train")) == 20 and len(_keys(p, "star")) == 3 and cfg.star.match_fit == 0.5
     assert {k: len(v) for k, v in p.layout["main"]["pairs"].items()} == {
-        "star_heldout": 5, "regular_regular": 50, "heldout_heldout": 10, "star_source": 10, "average_heldout": 5,
-        "regular_regular_unaligned": 50, "merged_heldout": 5}  # the controls of issue 13 are on by default
+        "star_heldout": 30, "regular_regular": 100, "star_source": 30, "average_heldout": 10}
+    assert 2.0 ** -cfg.study.n_heldouts < cfg.study.alpha
 
 
 @pytest.mark.parametrize("name", ["cifar10_resnet18", "cifar100_resnet18", "cifar10_vgg11", "cifar10_vgg19",
