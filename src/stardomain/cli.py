@@ -320,15 +320,7 @@ def run(
                          force=force)
 
     if seeds is not None:
-        from .study.replicates import parse_seeds, run_replicates
-
-        res = run_replicates(cfg, out, parse_seeds(seeds), run_one=run_one, force=force)
-        for s, line in zip(res["seeds"], res["replicates"]):
-            typer.echo(f"study seed {s}: {line}")
-        typer.echo("")
-        typer.echo(f"Combined over {len(res['seeds'])} study seeds: {res['verdict_line']}")
-        typer.echo(f"wrote {out}/combined.json and one study folder per seed ({out}/seed-N)")
-        return
+        return _run_replicates(cfg, out, seeds, run_one, force)
     res = run_one(cfg, out)
     typer.echo(res["verdict_line"])
     typer.echo("")
@@ -345,6 +337,18 @@ def _parse_ns(ns: str | None) -> tuple[int, ...] | None:
     if n_list and min(n_list) < 1:
         raise UserError(f"--ns values must be at least 1 (got {min(n_list)})")
     return n_list or None
+
+
+def _run_replicates(cfg, out: Path, seeds: str, run_one, force: bool) -> None:
+    """`run --seeds`: one study per study seed, each verdict line, then the combined one."""
+    from .study.replicates import parse_seeds, run_replicates
+
+    res = run_replicates(cfg, out, parse_seeds(seeds), run_one=run_one, force=force)
+    for s, line in zip(res["seeds"], res["replicates"]):
+        typer.echo(f"study seed {s}: {line}")
+    typer.echo("")
+    typer.echo(f"Combined over {len(res['seeds'])} study seeds: {res['verdict_line']}")
+    typer.echo(f"wrote {out}/combined.json and one study folder per seed ({out}/seed-N)")
 
 
 @app.command("bma", context_settings={"allow_extra_args": True})
