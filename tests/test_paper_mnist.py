@@ -59,3 +59,39 @@ def test_committed_numbers_give_the_published_reanalysis():
     assert res["64"]["ratio_ci95"] == pytest.approx([0.37, 0.49], abs=0.005)
     assert res["16"]["regular_train_loss"]["mean"] == pytest.approx(0.057, abs=5e-4)
     assert res["16"]["star_train_loss"] == pytest.approx(0.130)
+
+
+def _side_module():
+    spec = importlib.util.spec_from_file_location("paper_side_by_side", ROOT / "benchmarks" / "paper_side_by_side.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _model(label: str, loss: float, epochs: int) -> dict:
+    return {"label": label, "seed": 0, "file": f"models/{label}.safetensors",
+            "metrics": {"train": {"loss": loss, "acc": 0.9}, "test": {"loss": loss, "acc": 0.9}},
+            "fit": {"epochs": epochs}}
+
+
+def test_side_by_side_row_of_a_finished_study(tmp_path):
+    """A hand-made results.json with two stars: pooled and per-star ratios, fits and epochs as computed by hand."""
+    side = _side_module()
+    rr = {("s0", "h0"): 1.0, ("s0", "h1"): 3.0, ("s1", "h0"): 2.0, ("s1", "h1"): 2.0}  # grid mean 2.0
+    sh = {("star 0", "h0"): 0.5, ("star 0", "h1"): 1.5, ("star 1", "h0"): 2.0, ("star 1", "h1"): 2.0}
+    rec = lambda a, b, v: {"a": a, "b": b, "barrier": {"train_loss": v}}  # noqa: E731
+    res = {"config": {"train": {"epochs": 20}},
+           "models": {"sources": [_model("s0", 0.01, 20), _model("s1", 0.03, 12)],
+                      "heldouts": [_model("h0", 0.02, 20), _model("h1", 0.04, 20)],
+                      "stars": [_model("star 0", 0.025, 30), _model("star 1", 0.05, 40)]},
+           "pairs": {"regular_regular": [rec(*k, v) for k, v in rr.items()],
+                     "star_heldout": [rec(*k, v) for k, v in sh.items()]},
+           "headline": {"ratio": {"ci95": [0.1, 0.9]}, "p_value": 0.25, "min_p": 0.25}}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    row = side._folder_row(tmp_path, target=0.02)
+    assert row["ratio"] == pytest.approx(1.5 / 2.0) and row["ratio_ci95"] == [0.1, 0.9]
+    assert [s["ratio"] for s in row["stars"]] == pytest.approx([0.5, 1.0])  # each star over the same grid
+    assert row["regular_train_loss"]["median"] == pytest.approx(0.025)
+    assert [s["fit_ratio"] for s in row["stars"]] == pytest.approx([1.0, 2.0])
+    assert row["epochs"] == {"regular_min": 12, "regular_max": 20, "stars": [30, 40], "target_loss": 0.02,
+                             "regular_reached": 2, "cap": 20}
