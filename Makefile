@@ -23,7 +23,7 @@ test-all: install
 	$(PY) -m pytest -q
 
 run: install
-	$(VENV)/bin/stardomain run --out runs/default
+	$(VENV)/bin/stardomain run --out runs/default --workers 2
 
 clean:
 	rm -rf $(VENV) runs

@@ -36,7 +36,7 @@ def test_mnist_width_sweep_plans_the_papers_setting():
     # every model of a row has that row's width
     tasks = plan.by_key()
     for r in rows:
-        for k in [*r["sources"], *r["heldouts"], r["star"]]:
+        for k in [*r["sources"], *r["heldouts"], *r["star"]]:
             assert tasks[k].params["config"]["model"]["kwargs"]["width"] == r["value"]
 
 

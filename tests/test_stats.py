@@ -199,3 +199,77 @@ def test_grid_means_equal_the_resampled_grids():
     s_idx, h_idx = rng.integers(0, 6, (300, 6)), rng.integers(0, 4, (300, 4))
     direct = t[s_idx[:, :, None], h_idx[:, None, :]].mean(axis=(1, 2))
     np.testing.assert_allclose(stats.grid_means(t, s_idx, h_idx), direct, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------- several stars, several replicates
+
+STARS = np.array([[0.1, 0.3],  # star 0 to held-outs 0, 1
+                  [0.2, 0.6]])  # star 1
+
+
+def _three_way_enumeration():
+    """All 64 equally likely resamples (stars, sources, held-outs, each 2 of 2 with replacement), by loops."""
+    out = []
+    for j in itertools.product(range(2), repeat=2):
+        for s in itertools.product(range(2), repeat=2):
+            for h in itertools.product(range(2), repeat=2):
+                star_m = sum(STARS[a][b] for a in j for b in h) / 4
+                reg_m = sum(REG[a][b] for a in s for b in h) / 4
+                out.append(star_m / reg_m)
+    return np.array(out)
+
+
+def test_three_way_bootstrap_matches_enumeration():
+    exact = _three_way_enumeration()
+    res = stats.cluster_bootstrap(STARS, REG, n_boot=64000, seed=2)
+    assert res["ratio"]["estimate"] == pytest.approx(STARS.mean() / REG.mean())
+    assert res["n_stars"] == 2 and res["n_heldouts"] == 2 and res["n_sources"] == 2
+    sm, rm = stats.block_bootstrap([(STARS, REG)], n_boot=64000, seed=2)
+    got = dict(zip(*np.unique(np.round(sm / rm, 12), return_counts=True)))
+    want = dict(zip(*np.unique(np.round(exact, 12), return_counts=True)))
+    assert set(got) == set(want)  # the stars are resampled: outcomes mixing star rows occur
+    for v, c in want.items():
+        assert got[v] / 64000 == pytest.approx(c / 64, abs=0.006)
+    # one star row resampled from itself is the two-way bootstrap of before, draw for draw
+    one = stats.cluster_bootstrap(STAR, REG, n_boot=5000, seed=4)
+    assert one["ratio"] == stats.cluster_bootstrap(STAR[None, :], REG, n_boot=5000, seed=4)["ratio"]
+
+
+def test_headline_with_stars_against_hand_enumeration():
+    """The headline test averages each held-out's contrast over the stars, then flips signs over held-outs."""
+    rng = np.random.default_rng(5)
+    stars = rng.uniform(0.1, 0.5, (3, 5))
+    reg = rng.uniform(0.3, 0.9, (4, 5))
+    d = [np.mean(stars[:, h]) - np.mean(reg[:, h]) for h in range(5)]
+    pats = [np.mean([s * abs(x) for s, x in zip(signs, d)]) for signs in itertools.product((1, -1), repeat=5)]
+    want = np.mean([p <= np.mean(d) + 1e-12 for p in pats])
+    hl = stats.headline(stars, reg, n_boot=1000)
+    assert hl["p_value"] == pytest.approx(want) and hl["min_p"] == 1 / 32
+    assert hl["n_stars"] == 3
+    assert hl["star_ratios"] == pytest.approx([stars[j].mean() / reg.mean() for j in range(3)])
+
+
+def test_detectable_shift_is_the_edge_of_significance():
+    d = np.array([-0.02, 0.05, -0.01, 0.03, -0.04, 0.01])
+    delta = stats.detectable_shift(d, alpha=0.05)
+    e = d - d.mean()
+
+    def p_by_hand(x):
+        pats = [np.mean(np.array(s) * np.abs(x)) for s in itertools.product((1, -1), repeat=x.size)]
+        return np.mean([p <= x.mean() + 1e-12 for p in pats])
+
+    assert p_by_hand(e - delta) < 0.05 <= p_by_hand(e - delta * 0.999)
+    assert stats.detectable_shift(np.array([-1.0, 2.0, 0.5, 0.1]), alpha=0.05) is None  # 2^-4 > 0.05
+    hl = stats.headline(np.full((2, 6), 0.5) + d, np.ones((3, 6)), n_boot=200)
+    assert hl["detectable"]["ratio"] == pytest.approx(1 - delta / 1.0)
+
+
+def test_replicates_pool_heldouts_and_weigh_blocks_equally():
+    rng = np.random.default_rng(6)
+    blocks = [(rng.uniform(0.1, 0.4, (2, 4)), rng.uniform(0.3, 0.8, (3, 4))) for _ in range(3)]
+    hl = stats.headline(None, None, blocks=blocks, n_boot=2000)
+    d = np.concatenate([a.mean(0) - b.mean(0) for a, b in blocks])
+    assert hl["p_value"] == stats.sign_flip_test(d)["p_value"] and hl["min_p"] == 2.0 ** -12
+    assert hl["ratio"]["estimate"] == pytest.approx(np.mean([a.mean() for a, _ in blocks])
+                                                    / np.mean([b.mean() for _, b in blocks]))
+    assert hl["n_replicates"] == 3 and hl["n_stars"] == 6 and hl["n_heldouts"] == 12

@@ -28,16 +28,16 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import checkpoint
 from . import data as _data
-from .barrier import measure as _measure
-from .barrier import plot as _plot
-from .bma import evaluate_predictors as _evaluate_predictors
-from .bma import predictors as _predictors
-from .bma import table as _table
+from .barriers import measure as _measure
+from .barriers import plot as _plot
+from .averaging import evaluate_predictors as _evaluate_predictors
+from .averaging import predictors as _predictors
+from .averaging import table as _table
 from .config import Config, apply_overrides, load_config, validate
 from .errors import UserError
 from .starlight import train_star
-from .train import init_model, model_meta
-from .train import train as train_one
+from .training import StopRule, fit_record, init_model, model_meta
+from .training import train as train_one
 from .utils import resolve_device
 
 __all__ = ["Config", "train", "star", "align", "barrier", "bma", "run", "load", "save",
@@ -264,7 +264,7 @@ def train(config: Config | Mapping | str | Path | None = None, *, model: Any = N
     module, metrics = train_one(cfg, seed, device=dev, progress=progress, history=history, model=module,
                                 data=bundle)
     meta = _meta(cfg, bundle, module, model is not None, seed, "source", metrics=metrics, device=dev,
-                 history=history)
+                 history=history, fit=fit_record(StopRule.of(cfg.train.stop), cfg.train.epochs, history))
     return _trained(module, metrics, meta, cfg, bundle)
 
 
@@ -331,7 +331,7 @@ def star(sources: Sequence[Any], config: Config | Mapping | str | Path | None = 
     out, info = train_star(cfg, sds, seed=seed, device=device, progress=progress, data=bundle, model=module)
     extra = {k: info[k] for k in ("epochs", "steps", "seconds", "align_seconds", "alignments", "history")}
     meta = _meta(cfg, bundle, out, live, seed, "star", device=info["device"], history=info["fit_history"],
-                 metrics=info["metrics"], star={**info["star"], **extra},
+                 metrics=info["metrics"], star={**info["star"], **extra}, fit=info["fit"],
                  sources=[{"sha256": checkpoint.weights_sha256(sd)} for sd in sds])
     return _trained(out, info["metrics"], meta, cfg, bundle)
 

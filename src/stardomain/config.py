@@ -22,6 +22,8 @@ from .errors import UserError
 
 
 SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds
+SEED_BLOCK = 10_000  # model seeds per study seed (study.plan.model_seed)
+STUDY_SEED_MAX = SEED_MAX // SEED_BLOCK - 1
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$"
 
 
@@ -114,8 +116,23 @@ class ScheduleConfig(Section):
     pct_start: float = Field(0.25, gt=0, lt=1)  # onecycle: fraction of steps rising
 
 
+class StopConfig(Section):
+    """Stop training at the first epoch end where the model meets a target on the training split (evaluated
+    without augmentation, in eval mode); `train.epochs` is then the cap. Both given: whichever comes first.
+    A target never met stops at the cap, and the model's metadata (`fit`) says it was not reached."""
+
+    loss: float | None = Field(None, gt=0)  # training loss (mean cross-entropy) at or below this
+    acc: float | None = Field(None, gt=0, le=1)  # training accuracy (a fraction) at or above this
+
+    @model_validator(mode="after")
+    def _some(self) -> "StopConfig":
+        if self.loss is None and self.acc is None:
+            raise ValueError("give stop.loss, stop.acc or both (or leave stop out for a fixed number of epochs)")
+        return self
+
+
 class TrainConfig(Section):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1)  # the number of epochs; with `stop`, the most it may take
     batch_size: int = Field(128, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -123,6 +140,7 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(None, gt=0)  # max global gradient norm
     amp: bool = False  # bfloat16 autocast, CUDA only
     eval_batch_size: int = Field(1000, ge=1)
+    stop: StopConfig | None = None  # None: exactly `epochs` epochs
 
 
 # The pair kinds live in stardomain.pairkinds (one entry each); these are the built-in table's names.
@@ -183,7 +201,10 @@ class StudyConfig(Section):
 
     n_sources: int = Field(10, ge=1, le=1000)  # at most 1000 each: model seeds never collide (study.plan)
     n_heldouts: int = Field(5, ge=1, le=1000)
-    seed: int = Field(0, ge=0, le=2**62)  # sources use seed+i, held-outs seed+1000+i, stars seed+2000
+    # Every model's seed comes from the study seed's own block (study.plan.model_seed): different study
+    # seeds never share a model seed, so they are independent replicates.
+    seed: int = Field(0, ge=0, le=STUDY_SEED_MAX)
+    n_stars: int = Field(1, ge=1, le=1000)  # stars per setting, each with its own seed, on the same sources
     heldout_train: dict[str, Any] | None = None  # partial train section merged over `train` for held-outs
     pairs: list[Annotated[str, AfterValidator(_known_pair_kind)]] = Field(
         default_factory=lambda: list(pairkinds.default_names()))
@@ -213,6 +234,10 @@ class StarConfig(Section):
     bn_batches: int | None = Field(None, ge=1)  # BN recompute after each epoch: None = all training batches
     sources_on: Literal["auto", "device", "cpu"] = "auto"  # where source weights live when training on a GPU
     match_iters: int = Field(100, ge=1)  # weight-matching sweeps per alignment
+    # Fit-matched: stop at the first epoch end where the star's training loss is at or below this quantile
+    # of its sources' training losses (0.5: their median), so star and regular models are compared at equal
+    # fit; the star's epochs are the cap. None: the star's train section decides (epochs, or its stop rule).
+    match_fit: float | None = Field(None, ge=0, le=1)
     train: TrainConfig | None = None  # None: the same recipe as the regular models (cfg.train)
 
     @model_validator(mode="after")

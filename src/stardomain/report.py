@@ -18,8 +18,9 @@ from markdown_it import MarkdownIt
 from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
 
 from . import pairkinds
-from .bma import plot_result, report_section
+from .averaging import plot_result, report_section
 from .checkpoint import atomic_write_bytes, atomic_write_text
+from .verdict import power_words
 
 # Live views of the pair-kind table (stardomain.pairkinds): a registered kind is named and coloured too.
 KIND_NAMES = pairkinds.KindField("label")
@@ -284,18 +285,30 @@ def _tests_table(results: dict) -> list[str]:
 
 def _quality_table(results: dict) -> list[str]:
     q = results.get("star_quality", {})
-    rows = ["| model | train loss | train acc | test loss | test acc |", "|---|---|---|---|---|"]
+    rows = ["| model | train loss | train acc | test loss | test acc | fit criterion (epochs run, met) | "
+            "star–held-out / regular–regular |", "|---|---|---|---|---|---|---|"]
     reg = q.get("regular")
+    fit = q.get("fit") or {}
     if reg:
+        crit = "; ".join(sorted({c for g in ("sources", "heldouts") for c in (fit.get(g) or {}).get("criteria", [])}))
         rows.append(f"| regular (mean ± std, n={reg['train_loss']['n']}) | {_f(reg['train_loss']['mean'])} ± "
                     f"{_f(reg['train_loss']['std'])} | {_f(reg['train_acc']['mean'])} | {_f(reg['test_loss']['mean'])}"
-                    f" ± {_f(reg['test_loss']['std'])} | {_f(reg['test_acc']['mean'])} |")
-    for name in ("star", "average", "merged"):
+                    f" ± {_f(reg['test_loss']['std'])} | {_f(reg['test_acc']['mean'])} | {crit or '—'} | — |")
+    ratios = (results.get("headline") or {}).get("star_ratios") or []
+    for i, m in enumerate(q.get("stars") or []):
+        f = m.get("fit") or {}
+        met = {True: "met", False: "**not met**", None: "—"}[f.get("reached")]
+        rows.append(f"| {m['label']} | {_f(m['train']['loss'])} | {_f(m['train']['acc'])} | {_f(m['test']['loss'])} | "
+                    f"{_f(m['test']['acc'])} | {f.get('criterion', '—')} ({f.get('epochs', '—')}, {met}) | "
+                    f"{_f(ratios[i] if i < len(ratios) else None, 3)} |")
+    for name in ("average", "merged"):
         if name in q:
             m = q[name]
             rows.append(f"| {name} | {_f(m['train']['loss'])} | {_f(m['train']['acc'])} | {_f(m['test']['loss'])} | "
-                        f"{_f(m['test']['acc'])} |")
-    return rows
+                        f"{_f(m['test']['acc'])} | — | — |")
+    sol = "are" if fit.get("regular_are_solutions") else "are **not** all"
+    return rows + ([] if not fit else ["", f"The regular models {sol} solutions in the paper's sense (training loss "
+                                           f"at most {_f(fit.get('solution_loss'))})."])
 
 
 def _sweep_tables(results: dict) -> list[str]:
@@ -308,11 +321,18 @@ def _sweep_tables(results: dict) -> list[str]:
             rr = r["summary"].get("regular_regular", {}).get("train_loss")
             hl = r.get("headline")
             ratio = f"{_f(hl['ratio']['estimate'], 3)} {_ci(hl['ratio']['ci95'], 3)}" if hl else "—"
+            stars = r["stars"]
             out.append(f"| {r['value']} | {_pm(sh)} | {_pm(rr)} | {ratio} | "
-                       f"{_f(r['star']['metrics']['train']['loss'])} | {_f(r['star']['metrics']['test']['acc'])} |")
+                       f"{_f(_mean(s['metrics']['train']['loss'] for s in stars))} | "
+                       f"{_f(_mean(s['metrics']['test']['acc'] for s in stars))} |")
         out.append("")
         out += _trend_table(results, dim)
     return out
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
 
 
 def _pm(s: dict | None) -> str:
@@ -347,8 +367,9 @@ def _headline_lines(results: dict) -> list[str]:
             f"| star–held-out − regular–regular | {_f(d['estimate'], 4)} | {_ci(d['ci95'], 4)} |"]
     return ["## Headline statistics", "",
             f"Intervals: {hl['ci_method']} ({hl['n_boot']} resamples; {hl['n_sources']} sources, {hl['n_heldouts']} "
-            f"held-outs). Test: {hl['test_name']}, one-sided, p = {_p(hl['p_value'])}; the smallest p this design can "
-            f"give is {_p(hl['min_p'])} (α = {hl['alpha']:g}). Verdict: **{hl['verdict']}**"
+            f"held-outs, {hl.get('n_stars', 1)} star(s)). Test: {hl['test_name']}, one-sided, p = "
+            f"{_p(hl['p_value'])}; the smallest p this design can give is {_p(hl['min_p'])} (α = {hl['alpha']:g}). "
+            f"{power_words(hl)} Verdict: **{hl['verdict']}**"
             + (f"; flags: {'; '.join(hl['flags'])}." if hl.get("flags") else "."), "", *rows, ""]
 
 

@@ -28,6 +28,7 @@ arguments ends with the bitwise-identical star and the same metadata (timings as
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -46,7 +47,8 @@ from .config import Config, StarConfig, TrainConfig
 from .data import first_inputs, get_dataset, per_token
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
-from .train import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta, write_history_csv
+from .training import (Hooks, StopRule, autocast, config_digest, evaluate, evaluate_splits, fit, fit_record,
+                       init_model, model_meta, write_history_csv)
 from .utils import resolve_device
 
 StateDict = dict[str, torch.Tensor]
@@ -211,6 +213,37 @@ class SourceFiles(Sequence):
             raise UserError(f"{self.paths[n]} changed while the star was training")
         return sd
 
+    def train_losses(self) -> list[float | None]:
+        """Each source's training loss as its file records it (None where it records none)."""
+        return [((m.get("metrics") or {}).get("train") or {}).get("loss") for m in self.metas]
+
+
+def source_train_losses(model: nn.Module, sources: Sequence[StateDict], data, batch_size: int) -> list[float]:
+    """The sources' training losses: as their files record them (SourceFiles), else measured on the
+    training split in eval mode (what a file records is that same measurement)."""
+    recorded = sources.train_losses() if isinstance(sources, SourceFiles) else []
+    if recorded and all(v is not None for v in recorded):
+        return [float(v) for v in recorded]
+    probe = copy.deepcopy(model).cpu()
+    out = []
+    for n in range(len(sources)):
+        probe.load_state_dict(sources[n])
+        out.append(evaluate(probe, data.train, batch_size, device="cpu")["loss"])
+    return out
+
+
+def stop_rule(cfg: Config, model: nn.Module, sources: Sequence[StateDict], data) -> StopRule | None:
+    """The star's stopping rule: fit-matched (star.match_fit: its training loss at or below that quantile of
+    its sources' training losses), else its train section's own (train.stop), else none."""
+    sc, tc = cfg.star, cfg.star.train or cfg.train
+    if sc.match_fit is None:
+        return StopRule.of(tc.stop)
+    losses = source_train_losses(model, sources, data, tc.eval_batch_size)
+    target = float(np.quantile(np.asarray(losses, float), sc.match_fit))
+    what = "median" if sc.match_fit == 0.5 else f"{sc.match_fit:g} quantile"
+    return StopRule(loss=target, criterion=f"fit-matched: training loss <= {target:.6g}, the {what} of its "
+                                           f"{len(losses)} sources' training losses")
+
 
 # ---------------------------------------------------------------- training
 
@@ -218,7 +251,7 @@ def star_settings(sc: StarConfig) -> dict[str, Any]:
     """The settings recorded in a star file's metadata."""
     return {"t_sampling": sc.t_sampling, "beta": list(sc.beta), "t_constant": sc.t_constant, "mu": sc.mu,
             "align_every": sc.align_every, "init": sc.init, "init_source": sc.init_source, "chunks": sc.chunks,
-            "bn_batches": sc.bn_batches, "match_iters": sc.match_iters}
+            "bn_batches": sc.bn_batches, "match_iters": sc.match_iters, "match_fit": sc.match_fit}
 
 
 def _check_sources(model: nn.Module, sources: Sequence[StateDict]) -> None:
@@ -299,9 +332,9 @@ class _StarRun:
         self.seconds_before, self.t0 = 0.0, time.perf_counter()  # training time of earlier processes, this one's start
         self.params = dict(model.named_parameters())
 
-    def hooks(self) -> Hooks:
+    def hooks(self, stop: StopRule | None = None) -> Hooks:
         return Hooks(self.step, self.diverged, desc="starlight", ready=self.ready, epoch_start=self.epoch_start,
-                     epoch_end=self.epoch_end, saved=self.saved, state=self.state, restore=self.restore)
+                     epoch_end=self.epoch_end, saved=self.saved, state=self.state, restore=self.restore, stop=stop)
 
     def ready(self) -> None:
         """After a resume: scratch BN buffers from θ's (restored) ones, reusable interpolation leaves."""
@@ -389,13 +422,15 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
     ids = list(source_ids) if source_ids is not None else [weights_sha256(sources[n]) for n in range(len(sources))]
     digest = config_digest(cfg) + ":" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:16]
     run = _StarRun(cfg, model, sources, data, spec, bank, seed, device, on_epoch)
+    rule = stop_rule(cfg, model, sources, data)
     fit_history: list[dict] = []
-    steps = fit(model, data, tc, seed, digest, run.hooks(), device=device, state_path=state_path, progress=progress,
-                history=fit_history)
+    steps = fit(model, data, tc, seed, digest, run.hooks(rule), device=device, state_path=state_path,
+                progress=progress, history=fit_history)
     seconds = run.seconds()
     model.eval()
     metrics = evaluate_splits(model, data, tc.eval_batch_size)
-    info = {"metrics": metrics, "star": star_settings(sc), "epochs": tc.epochs, "steps": steps,
+    info = {"metrics": metrics, "star": star_settings(sc), "epochs": len(fit_history), "steps": steps,
+            "fit": fit_record(rule, tc.epochs, fit_history),
             "n_sources": len(sources), "seconds": seconds, "align_seconds": run.align_seconds,
             "alignments": run.alignments, "sources_on": "device" if bank.on_device else "cpu",
             "source_bytes": bank.bytes, "history": run.history, "fit_history": fit_history, "device": str(device)}
@@ -424,7 +459,7 @@ def star_to_file(cfg: Config, source_paths: Sequence[str | Path], out: str | Pat
     extra = {k: info[k] for k in ("epochs", "steps", "seconds", "align_seconds", "alignments", "history")}
     meta = save_model(out, model.state_dict(), model_meta(
         cfg, data, seed, "star", device=info["device"], history=info["fit_history"], metrics=info["metrics"],
-        star={**info["star"], **extra},
+        star={**info["star"], **extra}, fit=info["fit"],
         sources=[{"path": str(p), "sha256": m["sha256"], "seed": m.get("seed")}
                  for p, m in zip(files.paths, files.metas)]))
     write_history_csv(out.with_name(out.name + ".csv"), info["fit_history"])

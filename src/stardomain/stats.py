@@ -5,12 +5,14 @@ sources and H held-outs, and the H star–held-out pairs share the star. Pairs a
 independent observations, and tests that treat them as such (Mann–Whitney over pairs) overstate the
 evidence. Here the *models* are the units:
 
-- `cluster_bootstrap`: resample sources and held-outs (with replacement, two-way), recompute the
-  star–held-out mean over the resampled held-outs and the regular–regular mean over the resampled
-  source×held-out grid; percentile intervals of their ratio and difference.
-- `sign_flip_test`: per-held-out paired differences d_h = star[h] − mean_s regular[s, h]; under the null
-  each d_h is symmetric about 0, so all 2^H sign patterns are equally likely (exact when H ≤ 16).
+- `cluster_bootstrap`: resample sources, held-outs and stars (with replacement, three-way; within each
+  study replicate when there are several), recompute the star–held-out mean over the resampled stars ×
+  held-outs and the regular–regular mean over the resampled source×held-out grid; percentile intervals of
+  their ratio and difference.
+- `sign_flip_test`: per-held-out paired differences d_h = mean_j star[j, h] − mean_s regular[s, h]; under
+  the null each d_h is symmetric about 0, so all 2^H sign patterns are equally likely (exact when H ≤ 16).
   Its smallest attainable p is 2^-H: with 4 held-outs no result can be significant at 5%.
+  `detectable_shift` turns that into the smallest effect the design would call significant.
 - `trend_fit` / `classify_trend`: OLS slope of barrier against log10|Z| or the power-law exponent of
   barrier against width (log-log), with a cluster-bootstrap interval; "falls" only when the whole
   interval is below 0.
@@ -70,11 +72,18 @@ def grid_means(table: np.ndarray, s_idx: np.ndarray, h_idx: np.ndarray) -> np.nd
     return ((cs @ table) * ch).sum(axis=1) / (s_idx.shape[1] * h_idx.shape[1])
 
 
-def resampled_means(star: np.ndarray, regular: np.ndarray, s_idx: np.ndarray,
-                    h_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For B resamples (rows of s_idx: B×S, h_idx: B×H): the star–held-out mean over the resampled
-    held-outs and the regular–regular mean over the resampled source×held-out grid."""
-    return star[h_idx].mean(axis=1), grid_means(np.asarray(regular, float), s_idx, h_idx)
+def _star_table(star) -> np.ndarray:
+    """Star–held-out barriers as stars × held-outs (one star: a row)."""
+    return np.atleast_2d(np.asarray(star, float))
+
+
+def resampled_means(star, regular: np.ndarray, s_idx: np.ndarray, h_idx: np.ndarray,
+                    j_idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For B resamples (rows of s_idx: B×S, h_idx: B×H, j_idx: B×J stars): the star–held-out mean over the
+    resampled stars × held-outs and the regular–regular mean over the resampled source×held-out grid."""
+    star = _star_table(star)
+    j_idx = np.zeros((h_idx.shape[0], star.shape[0]), int) if j_idx is None else j_idx
+    return grid_means(star, j_idx, h_idx), grid_means(np.asarray(regular, float), s_idx, h_idx)
 
 
 def _ratio(a: np.ndarray | float, b: np.ndarray | float):
@@ -82,27 +91,65 @@ def _ratio(a: np.ndarray | float, b: np.ndarray | float):
         return np.where(np.asarray(b) > 0, np.asarray(a, float) / np.asarray(b, float), np.nan)
 
 
-def cluster_bootstrap(star: Sequence[float], regular, *, n_boot: int = 10000, seed: int = 0,
-                      level: float = 0.95) -> dict:
-    """Two-way cluster bootstrap of star–held-out vs regular–regular (`regular[s, h]`: source s, held-out h;
-    `star[h]`). Resamples source indices and held-out indices with replacement; the same held-outs enter
-    both means of a resample, so the comparison stays paired. -> ratio and difference with percentile CIs."""
-    star = np.asarray(star, float)
-    regular = np.asarray(regular, float)
-    S, H = regular.shape
-    if star.shape != (H,):
-        raise ValueError(f"star has {star.shape[0]} values, the regular table {H} held-out columns")
+def _check_block(star: np.ndarray, regular: np.ndarray) -> None:
+    if regular.ndim != 2 or star.shape[1] != regular.shape[1]:
+        raise ValueError(f"star has {star.shape[-1]} held-out columns, the regular table {regular.shape[-1]}")
+
+
+def block_bootstrap(blocks: Sequence[tuple], *, n_boot: int = 10000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three-way cluster bootstrap of the star–held-out and regular–regular means over independent blocks
+    (one block per study replicate: `star[j, h]` stars × held-outs, `regular[s, h]` sources × held-outs).
+    Within each block, held-outs, sources and stars are resampled with replacement; the same resampled
+    held-outs enter both means, so the comparison stays paired. A resample's mean is the average of its
+    blocks' means (every block weighs the same). -> (B star means, B regular means)."""
     rng = np.random.default_rng(seed)
-    h_idx = rng.integers(0, H, size=(n_boot, H))
-    s_idx = rng.integers(0, S, size=(n_boot, S))
-    sm, rm = resampled_means(star, regular, s_idx, h_idx)
+    sm, rm = np.zeros(n_boot), np.zeros(n_boot)
+    for star, regular in blocks:
+        star, regular = _star_table(star), np.asarray(regular, float)
+        _check_block(star, regular)
+        (S, H), J = regular.shape, star.shape[0]
+        h_idx = rng.integers(0, H, size=(n_boot, H))
+        s_idx = rng.integers(0, S, size=(n_boot, S))
+        j_idx = rng.integers(0, J, size=(n_boot, J))
+        b_sm, b_rm = resampled_means(star, regular, s_idx, h_idx, j_idx)
+        sm += b_sm / len(blocks)
+        rm += b_rm / len(blocks)
+    return sm, rm
+
+
+def cluster_bootstrap(star, regular, *, n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+                      blocks: Sequence[tuple] | None = None) -> dict:
+    """Cluster bootstrap of star–held-out vs regular–regular (`regular[s, h]`: source s, held-out h;
+    `star[h]`, or `star[j, h]` for several stars): sources, held-outs and stars resampled with replacement
+    (`block_bootstrap`; `blocks` adds further independent replicates). -> ratio and difference with
+    percentile CIs."""
+    blocks = [(star, regular)] if blocks is None else list(blocks)
+    tabs = [(_star_table(a), np.asarray(b, float)) for a, b in blocks]
+    for a, b in tabs:
+        _check_block(a, b)
+    sm, rm = block_bootstrap(tabs, n_boot=n_boot, seed=seed)
     ratio_d, diff_d = _ratio(sm, rm), sm - rm
-    est_ratio = float(_ratio(star.mean(), regular.mean()))
+    s_mean = float(np.mean([a.mean() for a, _ in tabs]))
+    r_mean = float(np.mean([b.mean() for _, b in tabs]))
+    est_ratio = float(_ratio(s_mean, r_mean))
     return {"ratio": {"estimate": None if np.isnan(est_ratio) else est_ratio, "ci95": _ci(ratio_d, level)},
-            "difference": {"estimate": float(star.mean() - regular.mean()), "ci95": _ci(diff_d, level)},
-            "star_mean": float(star.mean()), "regular_mean": float(regular.mean()),
-            "n_sources": S, "n_heldouts": H, "n_boot": n_boot, "undefined_ratio_draws": int(np.isnan(ratio_d).sum()),
-            "method": "two-way cluster bootstrap (sources and held-outs resampled with replacement), percentile CI"}
+            "difference": {"estimate": s_mean - r_mean, "ci95": _ci(diff_d, level)},
+            "star_mean": s_mean, "regular_mean": r_mean, "n_sources": sum(b.shape[0] for _, b in tabs),
+            "n_heldouts": sum(b.shape[1] for _, b in tabs), "n_stars": sum(a.shape[0] for a, _ in tabs),
+            "n_replicates": len(tabs), "n_boot": n_boot, "undefined_ratio_draws": int(np.isnan(ratio_d).sum()),
+            "method": "cluster bootstrap (sources, held-outs and stars resampled with replacement"
+                      + (", within each replicate" if len(tabs) > 1 else "") + "), percentile CI"}
+
+
+def _flip_stats(d: np.ndarray, n_mc: int, seed: int) -> tuple[np.ndarray, bool]:
+    """The sign-flip null distribution of mean(d): all 2^H patterns (H <= EXACT_SIGN_FLIP_MAX), else n_mc
+    seeded random ones. -> (statistics, exact)."""
+    H = d.size
+    if H <= EXACT_SIGN_FLIP_MAX:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=H)))
+        return signs @ np.abs(d) / H, True
+    signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(n_mc, H))
+    return signs @ np.abs(d) / H, False
 
 
 def sign_flip_test(d: Sequence[float], *, n_mc: int = 100000, seed: int = 0) -> dict:
@@ -114,37 +161,73 @@ def sign_flip_test(d: Sequence[float], *, n_mc: int = 100000, seed: int = 0) -> 
         return {"test": "sign_flip", "alternative": "less", "p_value": None, "n": 0, "min_p": None}
     obs = float(d.mean())
     tol = 1e-12 * max(1.0, float(np.abs(d).max()))
-    if H <= EXACT_SIGN_FLIP_MAX:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=H)))
-        stats = signs @ np.abs(d) / H
-        p = float(np.mean(stats <= obs + tol))
-        exact, min_p = True, 2.0 ** -H
+    stats, exact = _flip_stats(d, n_mc, seed)
+    if exact:
+        p, min_p = float(np.mean(stats <= obs + tol)), 2.0 ** -H
     else:
-        rng = np.random.default_rng(seed)
-        signs = rng.choice((1.0, -1.0), size=(n_mc, H))
-        stats = signs @ np.abs(d) / H
         p = float((1 + np.sum(stats <= obs + tol)) / (1 + n_mc))
-        exact, min_p = False, max(2.0 ** -H, 1.0 / (1 + n_mc))
+        min_p = max(2.0 ** -H, 1.0 / (1 + n_mc))
     return {"test": "sign_flip", "alternative": "less", "statistic": obs, "p_value": p, "n": H,
             "exact": exact, "min_p": min_p}
 
 
-def paired_differences(star: Sequence[float], regular) -> np.ndarray:
-    """d_h = star[h] − mean over sources of regular[s, h]."""
-    return np.asarray(star, float) - np.asarray(regular, float).mean(axis=0)
+def detectable_shift(d: Sequence[float], *, alpha: float = 0.05, n_mc: int = 20000, seed: int = 0) -> float | None:
+    """The power the design has, in barrier units: the smallest δ >= 0 such that the sign-flip test would
+    reject at `alpha` if every paired difference were its observed deviation from the mean, shifted down
+    by δ (the observed spread, with a true effect δ). None when no shift can reach alpha (2^-H >= alpha).
+    Found by bisection (the p-value falls as δ grows)."""
+    d = np.asarray(d, float)
+    if d.size == 0 or 2.0 ** -d.size >= alpha:
+        return None
+    e = d - d.mean()
+
+    def p_at(delta: float) -> float:
+        return sign_flip_test(e - delta, n_mc=n_mc, seed=seed)["p_value"]
+
+    lo, hi = 0.0, float(np.abs(e).max()) * 2 + 1e-12
+    if p_at(lo) < alpha:
+        return 0.0
+    while p_at(hi) >= alpha:  # only when Monte Carlo noise keeps p above alpha: widen
+        hi *= 2
+        if hi > 1e12:
+            return None
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if p_at(mid) < alpha else (mid, hi)
+    return hi
 
 
-def headline(star: Sequence[float], regular, *, alpha: float = 0.05, n_boot: int = 10000, seed: int = 0) -> dict:
-    """The dependence-aware comparison: cluster-bootstrap ratio/difference and the sign-flip p-value."""
-    boot = cluster_bootstrap(star, regular, n_boot=n_boot, seed=seed)
-    test = sign_flip_test(paired_differences(star, regular), seed=seed)
+def paired_differences(star, regular) -> np.ndarray:
+    """d_h = mean over stars of star[j, h] − mean over sources of regular[s, h] (one star: star[h])."""
+    return _star_table(star).mean(axis=0) - np.asarray(regular, float).mean(axis=0)
+
+
+def headline(star, regular, *, alpha: float = 0.05, n_boot: int = 10000, seed: int = 0,
+             blocks: Sequence[tuple] | None = None) -> dict:
+    """The dependence-aware comparison (docs/method.md, "The headline test"): the cluster-bootstrap ratio and
+    difference (sources, held-outs and stars resampled), the sign-flip p-value on the per-held-out
+    contrasts averaged over stars (pooled over replicates when `blocks` gives several), each star's own
+    ratio, and the design's power: the smallest attainable p and the smallest ratio reduction it would call
+    significant at `alpha`."""
+    blocks = [(star, regular)] if blocks is None else list(blocks)
+    boot = cluster_bootstrap(None, None, n_boot=n_boot, seed=seed, blocks=blocks)
+    d = np.concatenate([paired_differences(a, b) for a, b in blocks])
+    test = sign_flip_test(d, seed=seed)
     if boot["n_heldouts"] < MIN_FOR_SPREAD:  # two held-outs cannot estimate a spread
         boot["ratio"]["ci95"] = [None, None]
         boot["difference"]["ci95"] = [None, None]
+    shift = detectable_shift(d, alpha=alpha, seed=seed)
+    rm = boot["regular_mean"]
+    per_star = [float(_ratio(row.mean(), np.asarray(b, float).mean())) for a, b in blocks for row in _star_table(a)]
     return {"ratio": boot["ratio"], "difference": boot["difference"], "star_mean": boot["star_mean"],
-            "regular_mean": boot["regular_mean"], "n_sources": boot["n_sources"], "n_heldouts": boot["n_heldouts"],
+            "regular_mean": rm, "n_sources": boot["n_sources"], "n_heldouts": boot["n_heldouts"],
+            "n_stars": boot["n_stars"], "n_replicates": boot["n_replicates"],
+            "star_ratios": [None if np.isnan(r) else r for r in per_star],
             "ci_method": boot["method"], "n_boot": n_boot, "test": test, "p_value": test["p_value"],
-            "min_p": test["min_p"], "alpha": alpha}
+            "min_p": test["min_p"], "alpha": alpha,
+            "detectable": {"shift": shift, "ratio": None if shift is None or rm <= 0 else 1 - shift / rm,
+                           "meaning": "the ratio at or below which the sign-flip test rejects at alpha, given "
+                                      "the spread of the per-held-out contrasts observed here"}}
 
 
 # ---------------------------------------------------------------- pairwise tests (secondary)

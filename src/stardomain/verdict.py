@@ -47,7 +47,20 @@ def grid(records: list[dict], metric: str,
     return np.asarray(vals, float), sources, heldouts
 
 
+def star_table(records: list[dict], metric: str, heldouts: list[str]) -> np.ndarray | None:
+    """stars × held-outs from star–held-out records (`a` a star, `b` a held-out), held-outs in that order."""
+    g = grid(records, metric, heldouts)
+    return None if g is None else g[0]
+
+
+def star_means(records: list[dict], metric: str, heldouts: list[str]) -> np.ndarray | None:
+    """Per held-out, the mean over stars of the star–held-out barrier (one star: its barriers)."""
+    t = star_table(records, metric, heldouts)
+    return None if t is None else t.mean(axis=0)
+
+
 def _star_and_grid(pairs: dict, metric: str, reg_kind: str = "regular_regular"):
+    """(stars × held-outs, sources × held-outs, held-out names) or None."""
     sh, rr = pairs.get("star_heldout") or [], pairs.get(reg_kind) or []
     if not sh or not rr:
         return None
@@ -55,7 +68,7 @@ def _star_and_grid(pairs: dict, metric: str, reg_kind: str = "regular_regular"):
     if g is None:
         return None
     table, _, heldouts = g
-    star = heldout_values(sh, metric, heldouts)
+    star = star_table(sh, metric, heldouts)
     return None if star is None else (star, table, heldouts)
 
 
@@ -72,13 +85,13 @@ def analyse(results: dict, *, alpha: float = 0.05, n_boot: int = 10000, seed: in
     star, table, heldouts = sg
     hl = stats.headline(star, table, alpha=alpha, n_boot=n_boot, seed=seed)
     hl["metric"] = HEADLINE_METRIC
-    hl["test_name"] = f"sign-flip permutation test over {len(heldouts)} held-outs (per-held-out paired differences)"
+    hl["test_name"] = test_name(hl)
     centres = {}
     for kind, name in pairkinds.naive_centres().items():
         c = heldout_values(pairs.get(kind) or [], HEADLINE_METRIC, heldouts)
         if c is None:
             continue
-        t = stats.sign_flip_test(star - c, seed=seed)
+        t = stats.sign_flip_test(star.mean(axis=0) - c, seed=seed)
         centres[kind] = {"name": name, "mean": float(c.mean()), "star_mean": float(star.mean()), "test": t,
                          "as_low": not (t["p_value"] is not None and t["p_value"] < alpha)}
     out["controls"]["centres"] = centres
@@ -89,9 +102,15 @@ def analyse(results: dict, *, alpha: float = 0.05, n_boot: int = 10000, seed: in
         out["controls"]["temperature_scaled"] = {"metric": "train_loss_ts", **{k: h2[k] for k in (
             "ratio", "difference", "star_mean", "regular_mean", "p_value", "min_p")}}
     hl["flags"] = _flags(results, hl, centres, out["trends"], alpha)
-    hl["verdict"] = _word(hl, results)
+    hl["verdict"] = _word(hl, _star_worse_fit(results))
     out["headline"] = hl
     return out
+
+
+def test_name(hl: dict) -> str:
+    stars = f", averaged over {hl['n_stars']} stars" if hl.get("n_stars", 1) > 1 else ""
+    return (f"sign-flip permutation test over {hl['n_heldouts']} held-outs (per-held-out paired differences"
+            f"{stars})")
 
 
 def row_headline(pairs: dict, *, alpha: float = 0.05, n_boot: int = 10000, seed: int = 0) -> dict | None:
@@ -102,7 +121,7 @@ def row_headline(pairs: dict, *, alpha: float = 0.05, n_boot: int = 10000, seed:
         return None
     h = stats.headline(sg[0], sg[1], alpha=alpha, n_boot=n_boot, seed=seed)
     return {"metric": HEADLINE_METRIC, **{k: h[k] for k in ("ratio", "difference", "p_value", "min_p", "n_sources",
-                                                            "n_heldouts")}}
+                                                            "n_heldouts", "n_stars", "star_ratios")}}
 
 
 def _alignment_share(pairs: dict, n_boot: int, seed: int) -> dict:
@@ -130,9 +149,7 @@ def _star_worse_fit(results: dict) -> bool:
 
 
 def _flags(results: dict, hl: dict, centres: dict, trend: dict, alpha: float) -> list[str]:
-    flags = []
-    if _star_worse_fit(results):
-        flags.append("star a worse fit than the regular models")
+    flags = _design_flags(hl, _star_worse_fit(results), alpha)
     low = [kind for kind, c in centres.items() if c["as_low"]]
     if low:
         q = results.get("star_quality", {})
@@ -144,9 +161,6 @@ def _flags(results: dict, hl: dict, centres: dict, trend: dict, alpha: float) ->
         elif worse:
             note = f"; {', '.join(centres[k]['name'] for k in worse)} a worse fit than the star"
         flags.append(f"naive centre as low ({', '.join(centres[k]['name'] for k in low)}{note})")
-    if hl["min_p"] is not None and hl["min_p"] > alpha:
-        flags.append(f"too few held-outs for significance at α = {alpha:g} ({hl['n_heldouts']} held-outs: "
-                     f"smallest possible p = {hl['min_p']:.3g})")
     z = (trend.get("n_sources") or {}).get(HEADLINE_METRIC, {}).get("star_heldout")
     if z and z.get("slope") is not None:
         if z["direction"] == "no clear trend":
@@ -158,7 +172,40 @@ def _flags(results: dict, hl: dict, centres: dict, trend: dict, alpha: float) ->
     return flags
 
 
-def _word(hl: dict, results: dict) -> str:
+def _design_flags(hl: dict, star_worse_fit: bool, alpha: float) -> list[str]:
+    """The flags any headline can carry: a worse-fit star, stars that disagree, too few held-outs."""
+    flags = ["star a worse fit than the regular models"] if star_worse_fit else []
+    est, per = hl["ratio"]["estimate"], [r for r in hl.get("star_ratios") or [] if r is not None]
+    if est is not None and est < 1 and len(per) > 1 and any(r >= 1 for r in per):
+        flags.append(f"stars disagree ({sum(r >= 1 for r in per)} of {len(per)} at or above the regular barrier)")
+    if hl["min_p"] is not None and hl["min_p"] > alpha:
+        flags.append(f"too few held-outs for significance at α = {alpha:g} ({hl['n_heldouts']} held-outs: "
+                     f"smallest possible p = {hl['min_p']:.3g})")
+    return flags
+
+
+def combined(results: list[dict], *, alpha: float = 0.05, n_boot: int = 10000, seed: int = 0) -> dict:
+    """One verdict over independent study replicates (disjoint model seeds): the headline statistics with
+    every replicate a block (stats.headline: pooled sign-flip test, bootstrap within replicates), the same
+    verdict rule. -> {"headline", "verdict_line", "replicates": each one's verdict line}."""
+    blocks = []
+    for r in results:
+        sg = _star_and_grid(r.get("pairs") or {}, HEADLINE_METRIC)
+        if sg is None:
+            return {"headline": None, "verdict_line": verdict_line({}), "replicates": [x.get("verdict_line")
+                                                                                       for x in results]}
+        blocks.append(sg[:2])
+    hl = stats.headline(None, None, blocks=blocks, alpha=alpha, n_boot=n_boot, seed=seed)
+    hl["metric"] = HEADLINE_METRIC
+    hl["test_name"] = test_name(hl) + f", pooled over {len(blocks)} study seeds"
+    worse = any(_star_worse_fit(r) for r in results)
+    hl["flags"] = _design_flags(hl, worse, alpha)
+    hl["verdict"] = _word(hl, worse)
+    return {"headline": hl, "verdict_line": verdict_line({"headline": hl}),
+            "replicates": [r.get("verdict_line") for r in results]}
+
+
+def _word(hl: dict, star_worse_fit: bool) -> str:
     r = hl["ratio"]
     lo, hi = r["ci95"]
     if r["estimate"] is None:
@@ -166,7 +213,7 @@ def _word(hl: dict, results: dict) -> str:
     if (lo is not None and lo >= 1) or r["estimate"] >= 1:
         return "not supported"
     if hi is not None and hi < 1 and hl["p_value"] is not None and hl["p_value"] < hl["alpha"] \
-            and not _star_worse_fit(results):
+            and not star_worse_fit:
         return "supported"
     return "inconclusive"
 
@@ -210,8 +257,9 @@ def _row_table(pairs: dict, kind: str, metric: str) -> np.ndarray | None:
     recs = pairs.get(kind) or []
     if not recs:
         return None
-    if kind == "star_heldout":
-        return heldout_values(recs, metric, sorted({r["b"] for r in recs}))
+    if kind == "star_heldout":  # stars × held-outs; one star: its held-out values
+        t = star_table(recs, metric, sorted({r["b"] for r in recs}))
+        return t[0] if t is not None and t.shape[0] == 1 else t
     g = grid(recs, metric)
     return None if g is None else g[0]
 
@@ -245,11 +293,24 @@ def verdict_line(results: dict) -> str:
               f"no interval with {hl['n_heldouts']} held-outs")
     effect = (f"star–held-out barrier is {r['estimate']:.2f}× the regular–regular one ({ci_txt})"
               if r["estimate"] is not None else "the regular–regular barrier is 0, so no ratio")
+    stars = f", {hl['n_stars']} stars" if hl.get("n_stars", 1) > 1 else ""
+    reps = f", {hl['n_replicates']} study seeds" if hl.get("n_replicates", 1) > 1 else ""
     line = (f"{hl['verdict'].capitalize()} on this task: {effect}, p = {_p(hl['p_value'])} "
-            f"(sign-flip test over {hl['n_heldouts']} held-outs)")
+            f"(sign-flip test over {hl['n_heldouts']} held-outs{stars}{reps})")
     if hl.get("flags"):
         line += "; flags: " + "; ".join(hl["flags"])
     return line + "."
+
+
+def power_words(hl: dict) -> str:
+    """What the design can detect, in one sentence (stats.detectable_shift)."""
+    det = hl.get("detectable") or {}
+    if det.get("ratio") is None:
+        return (f"No effect can be significant with {hl['n_heldouts']} held-outs (smallest attainable p "
+                f"{_p(hl['min_p'])} ≥ α).")
+    return (f"Power: with the spread of per-held-out contrasts seen here, the test calls a star–held-out barrier "
+            f"significant at α = {hl['alpha']:g} from {det['ratio']:.2f}× the regular one down (a "
+            f"{100 * (1 - det['ratio']):.0f}% reduction).")
 
 
 def _summary_words(s: dict) -> str:
@@ -272,7 +333,7 @@ def verdict(results: dict, metric: str = HEADLINE_METRIC) -> str:
             f"{_f(hl['ratio']['estimate'], 2)} (95% CI {_ci(hl['ratio']['ci95'])}); both intervals resample "
             f"sources and held-outs, not pairs. The headline test pairs each held-out's star barrier with the mean "
             f"of the sources' barriers to it: one-sided sign-flip p = {_p(hl['p_value'])} (smallest attainable "
-            f"{_p(hl['min_p'])} with {hl['n_heldouts']} held-outs; α = {hl['alpha']:g}).")
+            f"{_p(hl['min_p'])} with {hl['n_heldouts']} held-outs; α = {hl['alpha']:g}). {power_words(hl)}")
         mw = (results.get("tests", {}).get("star_heldout_below_regular_regular") or {}).get(metric)
         if mw:
             parts.append(f"A Mann–Whitney U test over all pairs gives p = {_p(mw['p_value'])}, but it treats the "
@@ -300,6 +361,7 @@ def _quality_words(results: dict) -> list[str]:
     if "star" not in q:
         return []
     reg = q["regular"]["train_loss"]
+    stars = q.get("stars") or [q["star"]]
     star_l = q["star"]["train"]["loss"]
     if star_l > reg["max"]:
         judge = (f"higher than every regular model's ({star_l / reg['mean']:.2f}× their mean), so the star is a "
@@ -308,9 +370,33 @@ def _quality_words(results: dict) -> list[str]:
         judge = "lower than every regular model's: the star is at least as good a solution"
     else:
         judge = "within the range of the regular models': the star is as good a solution as they are"
-    return [f"The star's own training loss is {_f(star_l, 4)} (test accuracy {100 * q['star']['test']['acc']:.2f}%)"
-            f" against {_f(reg['mean'], 4)} on average (range {_f(reg['min'], 4)}–{_f(reg['max'], 4)}; test "
-            f"accuracy {100 * q['regular']['test_acc']['mean']:.2f}%) for the regular models: {judge}."]
+    own = (f"The star's own training loss is {_f(star_l, 4)} (test accuracy {100 * q['star']['test']['acc']:.2f}%)"
+           if len(stars) == 1 else
+           f"The {len(stars)} stars' own training losses are {', '.join(_f(s['train']['loss'], 4) for s in stars)} "
+           f"(mean {_f(star_l, 4)}, test accuracy {100 * q['star']['test']['acc']:.2f}% on average)")
+    out = [f"{own} against {_f(reg['mean'], 4)} on average (range {_f(reg['min'], 4)}–{_f(reg['max'], 4)}; test "
+           f"accuracy {100 * q['regular']['test_acc']['mean']:.2f}%) for the regular models: {judge}."]
+    return out + _fit_words(q.get("fit") or {})
+
+
+def _fit_words(fit: dict) -> list[str]:
+    """How long each group trained and whether the regular models are solutions in the paper's sense."""
+    if not fit:
+        return []
+    bits = []
+    for group, name in (("sources", "sources"), ("heldouts", "held-outs"), ("stars", "stars")):
+        g = fit.get(group)
+        if not g:
+            continue
+        reached = [r for r in g["reached"] if r is not None]
+        met = f", the rule met by {sum(reached)} of {len(reached)}" if reached else ""
+        ep = [e for e in g["epochs"] if e is not None]
+        span = f"{min(ep)}–{max(ep)}" if ep and min(ep) != max(ep) else (str(ep[0]) if ep else "?")
+        bits.append(f"{name}: {'; '.join(g['criteria'])} ({span} epochs{met})")
+    sol = fit.get("solution_loss")
+    words = ("are solutions in the paper's sense (training loss at most " if fit.get("regular_are_solutions") else
+             "are not all solutions in the paper's sense (near-zero training loss, here at most ")
+    return [f"Training ran to these criteria: {'; '.join(bits)}. The regular models {words}{_f(sol, 3)})."]
 
 
 def _centre_model(kind: str) -> str | None:

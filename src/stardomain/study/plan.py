@@ -14,14 +14,26 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from .. import pairkinds
-from ..config import Config, TrainConfig, validate
+from ..config import SEED_BLOCK, Config, TrainConfig, validate
 from ..errors import UserError
 from ..safety import config_factories
 
 CACHE_VERSION = 1
-# Seeds: source i uses seed + i, held-out i seed + HELDOUT_SEED_OFFSET + i, every star seed + STAR_SEED_OFFSET,
-# so no two models share an initialisation or a data order (up to 1000 sources and held-outs).
-HELDOUT_SEED_OFFSET, STAR_SEED_OFFSET = 1000, 2000
+# Model seeds: study seed s owns the block [s·SEED_BLOCK, (s+1)·SEED_BLOCK); inside it source i has offset i,
+# held-out i 1000 + i, star j 2000 + j (up to 1000 of each). No two models of a study share an
+# initialisation or a data order, and two study seeds share no model seed (independent replicates). Study
+# seed 0 keeps the seeds it always had (sources 0.., held-outs 1000.., the star 2000).
+ROLE_OFFSETS = {"source": 0, "heldout": 1000, "star": 2000}
+PER_ROLE = 1000
+
+
+def model_seed(study_seed: int, role: str, index: int) -> int:
+    """The seed of model `index` of `role` in the study with seed `study_seed` (see ROLE_OFFSETS)."""
+    if not 0 <= index < PER_ROLE:
+        raise UserError(f"at most {PER_ROLE} models per role (asked for {role} {index})")
+    return study_seed * SEED_BLOCK + ROLE_OFFSETS[role] + index
+
+
 _MODEL_OPS = ("train", "star", "average", "merge")  # tasks whose output is a model file
 
 
@@ -75,6 +87,23 @@ def _model_cfg(cfg: dict, sections: Sequence[str] = ("data", "model", "train", "
     return {k: v for k, v in cfg.items() if k in sections}
 
 
+# Settings added after studies were first cached: left out of a key while unset, so the artifacts of a
+# study that does not use them keep their keys (and are reused) across the upgrade.
+_LATER_SETTINGS = (("train", "stop"), ("star", "match_fit"), ("star", "train", "stop"))
+
+
+def _ident_cfg(cfg: dict) -> dict:
+    """`cfg` as it enters a key: _LATER_SETTINGS dropped where they are None."""
+    out = copy.deepcopy(cfg)
+    for path in _LATER_SETTINGS:
+        node = out
+        for k in path[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node and node[path[-1]] is None:
+            del node[path[-1]]
+    return out
+
+
 _REGULAR = ("data", "model", "train")
 
 
@@ -97,7 +126,7 @@ class _Builder:
         return f"models/{self.tasks[key].params['name']}.safetensors"
 
     def train(self, cfgd: dict, seed: int, role: str, idx: int, tag: str) -> str:
-        ident = {"op": "train", "v": CACHE_VERSION, "config": _model_cfg(cfgd, _REGULAR), "seed": seed,
+        ident = {"op": "train", "v": CACHE_VERSION, "config": _ident_cfg(_model_cfg(cfgd, _REGULAR)), "seed": seed,
                  "role": role}
         key = key_of(ident)
         name = f"{role}{tag}-s{seed}-{key[:12]}"
@@ -105,14 +134,20 @@ class _Builder:
                                                                    "role": role, "name": name,
                                                                    "device": self.st.device}, (), **self._res()))
 
-    def star(self, cfgd: dict, sources: list[str], tag: str) -> str:
-        """A star from its own seed (study seed + STAR_SEED_OFFSET): sharing source 0's initialisation and
-        data order would put it in that source's basin (measured: star–source 0 barriers near zero)."""
-        seed = self.st.seed + STAR_SEED_OFFSET
-        ident = {"op": "star", "v": CACHE_VERSION, "config": _model_cfg(cfgd), "seed": seed, "sources": sources}
+    def stars(self, cfgd: dict, sources: list[str], tag: str) -> list[str]:
+        """study.n_stars stars on the same sources, star j from its own seed (model_seed(.., "star", j)):
+        sharing a source's initialisation and data order would put a star in that source's basin (measured:
+        star–source 0 barriers near zero). One star is labelled "star", several "star 0", "star 1", ..."""
+        n = self.st.n_stars
+        return [self.star(cfgd, sources, tag, j, f"star{tag}" if n == 1 else f"star {j}{tag}") for j in range(n)]
+
+    def star(self, cfgd: dict, sources: list[str], tag: str, j: int, label: str) -> str:
+        seed = model_seed(self.st.seed, "star", j)
+        ident = {"op": "star", "v": CACHE_VERSION, "config": _ident_cfg(_model_cfg(cfgd)), "seed": seed,
+                 "sources": sources}
         key = key_of(ident)
         name = f"star{tag}-{key[:12]}"
-        return self._add(Task(key, "star", f"star{tag}", {
+        return self._add(Task(key, "star", label, {
             "config": _model_cfg(cfgd), "seed": seed, "name": name, "device": self.st.device,
             "sources": [self.model_file(s) for s in sources]}, tuple(sources), **self._res()))
 
@@ -172,12 +207,12 @@ class _Builder:
 
     def population(self, cfgd: dict, n_sources: int, n_heldouts: int, tag: str = "") -> tuple[list, list]:
         st = self.st
-        src = [self.train(cfgd, st.seed + i, "source", i, tag) for i in range(n_sources)]
+        src = [self.train(cfgd, model_seed(st.seed, "source", i), "source", i, tag) for i in range(n_sources)]
         ho_cfg = dict(cfgd)
         if st.heldout_train:
             merged = deep_merge(cfgd["train"], st.heldout_train)
             ho_cfg["train"] = validate(TrainConfig, merged, "study.heldout_train").model_dump()
-        ho = [self.train(ho_cfg, st.seed + HELDOUT_SEED_OFFSET + i, "heldout", i, tag) for i in range(n_heldouts)]
+        ho = [self.train(ho_cfg, model_seed(st.seed, "heldout", i), "heldout", i, tag) for i in range(n_heldouts)]
         return src, ho
 
     def pairs(self, kinds: Sequence[str], models: dict) -> dict[str, list[str]]:
@@ -215,19 +250,20 @@ def build_plan(cfg: Config) -> Plan:
     sources_all, heldouts = b.population(base, pool, st.n_heldouts)
     sources = sources_all[:st.n_sources]
     centres = _centres_needed(kinds)
-    star = b.star(base, sources, "") if ("star" in centres or st.bma or sw.n_sources or sw.t_sampling) else None
+    stars = b.stars(base, sources, "") if ("star" in centres or st.bma or sw.n_sources or sw.t_sampling) else []
     avg = b.average(base, sources, "") if "average" in centres else None
     merged = b.merge(base, sources, "") if "merged" in centres else None
-    main = {"sources": sources, "heldouts": heldouts, "star": star, "average": avg, "merged": merged}
+    # "star": the list of stars (a star kind pairs every star with every member of its other side)
+    main = {"sources": sources, "heldouts": heldouts, "star": stars, "average": avg, "merged": merged}
     main["pairs"] = b.pairs(kinds, main)
     layout: dict[str, Any] = {"main": main, "sweeps": {}}
-    if st.bma and star:
-        layout["bma"] = b.bma(star, sources)
+    if st.bma and stars:
+        layout["bma"] = b.bma(stars[0], sources)  # BMA around the first star
 
     if sw.n_sources:
         rows = []
         for k in sorted(set(sw.n_sources)):
-            s_k = b.star(base, sources_all[:k], f"-z{k}")
+            s_k = b.stars(base, sources_all[:k], f"-z{k}")
             rows.append({"value": k, "star": s_k,
                          "pairs": b.pairs(["star_heldout"], {"heldouts": heldouts, "star": s_k})})
         layout["sweeps"]["n_sources"] = rows
@@ -238,7 +274,7 @@ def build_plan(cfg: Config) -> Plan:
         for scheme in dict.fromkeys(sw.t_sampling):
             cfgd = deep_merge(base, {"star": {"t_sampling": scheme}})
             validate(Config, cfgd, f"study.sweeps.t_sampling={scheme}")
-            s_t = b.star(cfgd, sources, f"-t{scheme}")
+            s_t = b.stars(cfgd, sources, f"-t{scheme}")
             rows.append({"value": scheme, "star": s_t,
                          "pairs": b.pairs(["star_heldout"], {"heldouts": heldouts, "star": s_t})})
         layout["sweeps"]["t_sampling"] = rows
@@ -252,7 +288,7 @@ def build_plan(cfg: Config) -> Plan:
             validate(Config, cfgd, f"study.sweeps.{dim}={v}")
             tag = f"-{dim[0]}{v}"
             src_v, ho_v = b.population(cfgd, st.n_sources, st.n_heldouts, tag)
-            s_v = b.star(cfgd, src_v, tag)
+            s_v = b.stars(cfgd, src_v, tag)
             rows.append({"value": v, "star": s_v, "sources": src_v, "heldouts": ho_v,
                          "pairs": b.pairs(["star_heldout", "regular_regular"],
                                           {"sources": src_v, "heldouts": ho_v, "star": s_v})})

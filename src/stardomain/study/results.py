@@ -13,7 +13,8 @@ from ..pairkinds import get as pair_kind
 from ..pairkinds import naive_centres
 from ..stats import (grid_mean_ci, mann_whitney_less, paired_differences, paired_wilcoxon_less, sign_flip_test,
                      summarize)
-from ..verdict import MAIN_METRICS, SECONDARY, analyse, grid, heldout_values, row_headline, verdict, verdict_line
+from ..verdict import (MAIN_METRICS, SECONDARY, analyse, grid, heldout_values, row_headline, star_means, verdict,
+                       verdict_line)
 from ..utils import round_floats
 from .plan import Plan, Task
 from .tasks import _record_json, _read_json
@@ -42,10 +43,12 @@ def summarize_pairs(pairs: dict[str, list[dict]], *, seed: int = 0, n_boot: int 
         out[kind] = {}
         for m in _metrics_of(recs):
             s = summarize([r["barrier"].get(m) for r in recs], seed=seed, n_boot=n_boot)
-            g = grid(recs, m) if entry is not None and entry.grid else None
+            several = entry is not None and entry.a == "star" and len({r["a"] for r in recs}) > 1
+            g = grid(recs, m) if entry is not None and (entry.grid or several) else None
             if g is not None and s["n"] >= 3:
                 s["ci95"] = grid_mean_ci(g[0], n_boot=n_boot, seed=seed)
-                s["ci_method"] = "two-way cluster bootstrap over sources and held-outs"
+                s["ci_method"] = (f"two-way cluster bootstrap over stars and {GROUP_WORDS[entry.b]}" if several
+                                  else "two-way cluster bootstrap over sources and held-outs")
             elif s["ci95"][0] is not None:
                 s["ci_method"] = "bootstrap over pairs" + (
                     f" (pairs share {GROUP_WORDS[entry.a]})" if entry is not None and entry.within else "")
@@ -59,22 +62,53 @@ def _model_entry(root: Path, task: Task) -> dict:
     side = _read_json(root / task.output)
     if side is None:
         raise UserError(f"study artifact {task.output} is missing; re-run the study to finish it")
-    return {k: side[k] for k in ("label", "role", "seed", "file", "sha256", "metrics", "info") if k in side}
+    return {"label": task.label, **{k: side[k] for k in ("role", "seed", "file", "sha256", "metrics", "fit", "info")
+                                    if k in side}}
 
 
 def _pair_records(root: Path, tasks: dict[str, Task], keys: list[str]) -> list[dict]:
+    """The pair records, named by today's plan (a star measured as "star" is "star 0" once there are more)."""
     out = []
     for k in keys:
         rec = _read_json(root / tasks[k].output)
         if rec is None:
             raise UserError(f"study artifact {tasks[k].output} is missing; re-run the study to finish it")
-        out.append({kk: v for kk, v in rec.items() if kk not in ("key", "timings_")})
+        p = tasks[k].params
+        out.append({**{kk: v for kk, v in rec.items() if kk not in ("key", "timings_")}, "a": p["a_label"],
+                    "b": p["b_label"]})
     return out
 
 
 def _quality(entries: list[dict]) -> dict:
     return {f"{s}_{m}": summarize([e["metrics"][s][m] for e in entries], n_boot=1000)
             for s in ("train", "test") for m in ("loss", "acc")}
+
+
+SOLUTION_LOSS = 0.01  # "near-zero training loss" (a solution in the paper's sense): at most this, in nats
+
+
+def _mean_metrics(entries: list[dict]) -> dict:
+    """train/test loss and accuracy averaged over models (the stars, where one number stands for them)."""
+    return {s: {m: sum(e["metrics"][s][m] for e in entries) / len(entries) for m in ("loss", "acc")}
+            for s in ("train", "test")}
+
+
+def fit_summary(models: dict) -> dict:
+    """How each group was trained (its fit criteria, epochs run, rules met) and whether the regular models
+    are solutions in the paper's sense (training loss <= SOLUTION_LOSS)."""
+    out: dict[str, Any] = {"solution_loss": SOLUTION_LOSS}
+    for group in ("sources", "heldouts", "stars"):
+        entries = models.get(group) or []
+        fits = [e.get("fit") or {} for e in entries]
+        if not entries:
+            continue
+        out[group] = {"criteria": sorted({f.get("criterion") or "not recorded" for f in fits}),
+                      "epochs": [f.get("epochs") for f in fits],
+                      "reached": [f.get("reached") for f in fits],
+                      "train_loss": [e["metrics"]["train"]["loss"] for e in entries]}
+    regular = [e["metrics"]["train"]["loss"] for g in ("sources", "heldouts") for e in models.get(g) or []]
+    out["regular_are_solutions"] = bool(regular) and max(regular) <= SOLUTION_LOSS
+    return out
 
 
 def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
@@ -85,17 +119,20 @@ def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
     L = plan.layout["main"]
     models = {"sources": [_model_entry(root, tasks[k]) for k in L["sources"]],
               "heldouts": [_model_entry(root, tasks[k]) for k in L["heldouts"]]}
+    if L.get("star"):
+        models["stars"] = [_model_entry(root, tasks[k]) for k in L["star"]]
     for name in CENTRES:
-        if L.get(name):
+        if name != "star" and L.get(name):
             models[name] = _model_entry(root, tasks[L[name]])
     pairs = {kind: _pair_records(root, tasks, keys) for kind, keys in L["pairs"].items()}
     summary = summarize_pairs(pairs, seed=st.seed, n_boot=st.bootstrap)
 
     tests = _tests(pairs)
     regular = models["sources"] + models["heldouts"]
-    star_quality = {"regular": _quality(regular)}
-    if "star" in models:
-        star_quality["star"] = models["star"]["metrics"]
+    star_quality = {"regular": _quality(regular), "fit": fit_summary(models)}
+    if "stars" in models:
+        star_quality["star"] = _mean_metrics(models["stars"])
+        star_quality["stars"] = [{"label": e["label"], **e["metrics"], "fit": e.get("fit")} for e in models["stars"]]
     for name in ("average", "merged"):
         if name in models:
             star_quality[name] = models[name]["metrics"]
@@ -105,7 +142,7 @@ def collect(cfg: Config, plan: Plan, root: str | Path) -> dict:
         out_rows = []
         for row in rows:
             p = {kind: _pair_records(root, tasks, keys) for kind, keys in row["pairs"].items()}
-            entry = {"value": row["value"], "star": _model_entry(root, tasks[row["star"]]),
+            entry = {"value": row["value"], "stars": [_model_entry(root, tasks[k]) for k in row["star"]],
                      "summary": summarize_pairs(p, seed=st.seed, n_boot=st.bootstrap), "pairs": p}
             if "sources" in row:
                 entry["regular"] = _quality([_model_entry(root, tasks[k]) for k in row["sources"] + row["heldouts"]])
@@ -145,7 +182,7 @@ def _tests(pairs: dict[str, list[dict]]) -> dict:
                 [r["barrier"][m] for r in sh], [r["barrier"][m] for r in pairs["regular_regular"]]), SECONDARY)
         for m in metrics:
             g = grid(pairs["regular_regular"], m)
-            star = heldout_values(sh, m, g[2]) if g else None
+            star = star_means(sh, m, g[2]) if g else None
             if star is None:
                 continue
             tests.setdefault("star_heldout_below_regular_regular_paired", {})[m] = _role(
@@ -153,12 +190,12 @@ def _tests(pairs: dict[str, list[dict]]) -> dict:
             if m in MAIN_METRICS:
                 tests.setdefault("star_heldout_below_regular_regular_sign_flip", {})[m] = _role(
                     sign_flip_test(paired_differences(star, g[0])), _HEADLINE)
-    heldouts = [r["b"] for r in sh]
+    heldouts = list(dict.fromkeys(r["b"] for r in sh))
     for kind in naive_centres():
         if not pairs.get(kind):
             continue
         for m in metrics:
-            star, c = heldout_values(sh, m, heldouts), heldout_values(pairs[kind], m, heldouts)
+            star, c = star_means(sh, m, heldouts), heldout_values(pairs[kind], m, heldouts)
             if star is None or c is None:
                 continue
             tests.setdefault(f"star_heldout_below_{kind}", {})[m] = _role(paired_wilcoxon_less(star, c), _PAIRED)

@@ -22,9 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._verbs import make_callable
 from .checkpoint import load_state, save_model, save_state
-from .config import Config, OptimizerConfig, ScheduleConfig, TrainConfig
+from .config import Config, OptimizerConfig, ScheduleConfig, StopConfig, TrainConfig
 from .data import DataBundle, Split, batches, data_meta, get_dataset, num_batches, per_token
 from .engine import evaluate_module
 from .errors import UserError
@@ -193,6 +192,47 @@ def resume_training_state(path, digest: str, seed: int, model: nn.Module, opt, s
     return st
 
 
+@dataclass(frozen=True)
+class StopRule:
+    """When `fit` stops before its cap (train.epochs): at the first epoch end where the model's training loss
+    is at or below `loss` or its training accuracy at or above `acc`, both measured on the whole training
+    split without augmentation, in eval mode (the same numbers as the model's final train metrics).
+    `criterion` says it in words for the metadata."""
+
+    loss: float | None = None
+    acc: float | None = None
+    criterion: str = ""
+
+    @classmethod
+    def of(cls, stop: StopConfig | None) -> "StopRule | None":
+        if stop is None:
+            return None
+        words = [f"training loss <= {stop.loss:g}" if stop.loss is not None else "",
+                 f"training accuracy >= {stop.acc:g}" if stop.acc is not None else ""]
+        return cls(stop.loss, stop.acc, " or ".join(w for w in words if w))
+
+    def met(self, check: dict | None) -> bool:
+        if not check:
+            return False
+        return bool((self.loss is not None and check["loss"] <= self.loss)
+                    or (self.acc is not None and check["acc"] >= self.acc))
+
+    def met_by(self, history: list[dict]) -> bool:
+        """The last finished epoch met the rule (so a resumed run that was stopping stops)."""
+        return bool(history) and self.met(history[-1].get("check"))
+
+
+def fit_record(rule: StopRule | None, cap: int, history: list[dict]) -> dict[str, Any]:
+    """What every model's metadata says about how long it trained (`fit`): the criterion, the cap, the
+    epochs run and whether the rule was met (None without a rule: a fixed number of epochs)."""
+    if rule is None:
+        return {"criterion": f"a fixed {cap} epochs", "cap": cap, "epochs": len(history), "reached": None}
+    last = history[-1].get("check") if history else None
+    return {"criterion": rule.criterion, "cap": cap, "epochs": len(history), "reached": rule.met(last),
+            "target_loss": rule.loss, "target_acc": rule.acc,
+            **({"train_loss": last["loss"], "train_acc": last["acc"]} if last else {})}
+
+
 @dataclass
 class Hooks:
     """What one use of `fit` adds to the plain loop. `step(x, y, n)` runs optimiser step n's forward and
@@ -201,7 +241,8 @@ class Hooks:
     `epoch_end(e, mean loss)` around an epoch's steps (before its state is saved); `saved(e)` after.
     `epoch_start` also gets the number of optimiser steps taken so far.
     `state()` -> extra resumable state (plain data, saved every epoch); `restore(st)` reads it back.
-    `diverged(loss, epoch)` -> the one-line error for a non-finite loss."""
+    `diverged(loss, epoch)` -> the one-line error for a non-finite loss. `stop`: the rule that may end
+    training before tc.epochs (checked after `epoch_end`, so on the weights that would be saved)."""
 
     step: Callable[[torch.Tensor, torch.Tensor, int], tuple[float, int | None]]
     diverged: Callable[[float, int], str]
@@ -212,6 +253,7 @@ class Hooks:
     saved: Callable[[int], None] = lambda epoch: None
     state: Callable[[], dict] = dict
     restore: Callable[[dict], None] = lambda st: None
+    stop: StopRule | None = None
 
 
 def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: str, hooks: Hooks, *,
@@ -220,8 +262,10 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
     """The one training loop (regular training and Starlight are two uses): optimiser, per-batch schedule,
     seeded data order, resume state saved after every epoch (bitwise-identical continuation), progress
     bar, non-finite-loss stop (the last good state kept), gradient clipping. `model` is on `device`.
-    `history` (a list) receives {epoch, loss, acc} per epoch, kept across a resume; `on_epoch(epoch, that
-    record)` is called once the epoch is saved (TensorBoard, stardomain.tblog).
+    `history` (a list) receives {epoch, loss, acc} per epoch (and, with a stop rule, `check`: the training
+    split's loss and accuracy at the epoch's end), kept across a resume; `on_epoch(epoch, that record)` is
+    called once the epoch is saved (TensorBoard, stardomain.tblog). With `hooks.stop`, training ends at
+    the first epoch end that meets it, else at tc.epochs (`fit_record` says which).
     -> the number of optimiser steps taken in all."""
     history = [] if history is None else history
     opt = build_optimizer(model.parameters(), tc.optimizer)
@@ -241,6 +285,8 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
     hooks.ready()
     bar = Progress(hooks.desc, tc.epochs, steps, start_epoch, progress)
     for epoch in range(start_epoch, tc.epochs):
+        if hooks.stop is not None and hooks.stop.met_by(history):  # met (perhaps before a kill): done
+            break
         hooks.epoch_start(epoch, n_step)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -263,6 +309,8 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
         acc = correct / seen if seen and right is not None else None
         hooks.epoch_end(epoch, loss_sum / max(1, seen))
         history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "acc": acc})
+        if hooks.stop is not None:
+            history[-1]["check"] = evaluate(model, data.train, tc.eval_batch_size)
         if state_path:
             save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device, step=n_step,
                                 fit_history=history, runtime=record(device), **hooks.state())
@@ -305,8 +353,9 @@ def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_
         return (f"training diverged: loss is {loss} at epoch {epoch + 1} (seed {seed}){kept}; "
                 "lower train.optimizer.lr or set train.grad_clip")
 
-    fit(model, data, tc, seed, config_digest(cfg), Hooks(step, diverged, desc=f"train seed {seed}"),
-        device=device, state_path=state_path, progress=progress, history=history, on_epoch=on_epoch)
+    hooks = Hooks(step, diverged, desc=f"train seed {seed}", stop=StopRule.of(tc.stop))
+    fit(model, data, tc, seed, config_digest(cfg), hooks, device=device, state_path=state_path, progress=progress,
+        history=history, on_epoch=on_epoch)
     model.eval()
     return model, evaluate_splits(model, data, tc.eval_batch_size)
 
@@ -322,10 +371,11 @@ def train_to_file(cfg: Config, seed: int, out: str | Path, *, role: str = "sourc
     model, metrics = train(cfg, seed, device=device, state_path=state_path, progress=progress, history=history,
                            on_epoch=on_epoch)
     meta = save_model(out, model.state_dict(), model_meta(cfg, get_dataset(cfg.data), seed, role, metrics=metrics,
-                                                          device=resolve_device(device), history=history))
+                                                          device=resolve_device(device), history=history,
+                                                          fit=fit_record(StopRule.of(cfg.train.stop),
+                                                                         cfg.train.epochs, history)))
     write_history_csv(out.with_name(out.name + ".csv"), history)
     state_path.unlink(missing_ok=True)
     return meta
 
 
-make_callable(__name__)  # `stardomain.train(...)` is the API verb (stardomain._verbs)
