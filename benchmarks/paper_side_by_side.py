@@ -52,6 +52,11 @@ LABELS = {"paper": "paper (official results, 17 sources, 1 star)",
           "c": "(c) our 5-epoch recipe"}
 
 
+def label(part: str) -> str:
+    """A series' legend: the fixed parts above, or "(b) ... cap N" for fit-matched stars with another cap."""
+    return LABELS.get(part) or f"(b) same sources, fit-matched stars, cap {part[len('bcap'):]} epochs"
+
+
 def _paper_module():
     spec = importlib.util.spec_from_file_location("paper_mnist", HERE / "paper_mnist.py")
     mod = importlib.util.module_from_spec(spec)
@@ -67,9 +72,11 @@ def paper_targets() -> dict[int, float]:
 
 # ---------------------------------------------------------------- running the studies
 
-def _stardomain(config: Path, out: Path, sets: list[str], workers: int) -> None:
+def _stardomain(config: Path, out: Path, sets: list[str], workers: int, copied: bool = False) -> None:
+    """One `stardomain run`; `copied`: the folder holds a population copied from another study (--force:
+    it is not a study folder until the first run writes its plan)."""
     cmd = [sys.executable, "-m", "stardomain", "run", str(config), "--out", str(out), "--threads", "1",
-           "--workers", str(workers)] + [a for s in sets for a in ("--set", s)]
+           "--workers", str(workers)] + [a for s in sets for a in ("--set", s)] + (["--force"] if copied else [])
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True)
 
@@ -85,7 +92,8 @@ def _copy_population(src: Path, dst: Path) -> None:
     (every write is an atomic rename, which replaces a link and never edits the shared file)."""
     for sub in ("models", "cache"):
         if (src / sub).is_dir() and not (dst / sub).exists():
-            shutil.copytree(src / sub, dst / sub, copy_function=lambda a, b: Path(b).hardlink_to(a))
+            shutil.copytree(src / sub, dst / sub, copy_function=lambda a, b: Path(b).hardlink_to(a),
+                            ignore=shutil.ignore_patterns("*.state", "*.partial"))
 
 
 def _regular(width: int, target: float | None) -> list[str]:
@@ -93,9 +101,16 @@ def _regular(width: int, target: float | None) -> list[str]:
     return [f"model.kwargs.width={width}", f"train.stop.loss={target:g}" if target is not None else "train.stop=null"]
 
 
-def run_fit(runs: Path, width: int, target: float | None, workers: int) -> None:
-    """(b): sources and held-outs to the paper's loss (or the cap), fit-matched stars."""
-    _stardomain(FIT_CONFIG, runs / "fit" / f"w{width}", _regular(width, target), workers)
+def run_fit(runs: Path, width: int, target: float | None, workers: int, star_cap: int | None = None) -> None:
+    """(b): sources and held-outs to the paper's loss (or the cap), fit-matched stars. `star_cap`: the stars'
+    cap instead of the config's, in folder fit_cap{N} on the fit folder's population."""
+    if star_cap is None:
+        _stardomain(FIT_CONFIG, runs / "fit" / f"w{width}", _regular(width, target), workers)
+        return
+    fit, out = runs / "fit" / f"w{width}", runs / f"fit_cap{star_cap}" / f"w{width}"
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_population(fit, out)
+    _stardomain(FIT_CONFIG, out, _regular(width, target) + [f"star.train.epochs={star_cap}"], workers, True)
 
 
 def run_paper(runs: Path, width: int, target: float | None, workers: int) -> None:
@@ -108,7 +123,7 @@ def run_paper(runs: Path, width: int, target: float | None, workers: int) -> Non
     out.mkdir(parents=True, exist_ok=True)
     _copy_population(fit, out)
     _stardomain(FIT_CONFIG, out, _regular(width, target) + ["study.n_stars=1", "star.match_fit=null",
-                                                            f"star.train.epochs={epochs}"], workers)
+                                                            f"star.train.epochs={epochs}"], workers, True)
 
 
 def run_ours(runs: Path, workers: int) -> None:
@@ -215,12 +230,14 @@ def _paper_rows() -> dict[int, dict]:
 def collect(runs: Path) -> dict:
     targets = paper_targets()
     parts: dict[str, dict] = {"paper": _paper_rows(), "c": _ours_rows(runs / "ours"), "a": {}, "b": {}}
-    for w in WIDTHS:
-        for part, sub in (("a", "paper"), ("b", "fit")):
+    folders = [("a", "paper"), ("b", "fit")] + [(f"b{d.name[len('fit_'):]}", d.name)
+                                                for d in sorted(runs.glob("fit_cap*")) if d.is_dir()]
+    for part, sub in folders:
+        for w in WIDTHS:
             row = _folder_row(runs / sub / f"w{w}", targets[w])
             if row is not None:
-                parts[part][w] = row
-    return {"metric": METRIC, "design": DESIGN, "targets": targets, "labels": LABELS,
+                parts.setdefault(part, {})[w] = row
+    return {"metric": METRIC, "design": DESIGN, "targets": targets, "labels": {p: label(p) for p in parts},
             "source": json.loads(_paper_module().DATA.read_text())["source"],
             "parts": {p: {str(w): r for w, r in sorted(rows.items())} for p, rows in parts.items()}}
 
@@ -229,6 +246,7 @@ def collect(runs: Path) -> dict:
 
 STYLE = {"paper": ("k", "o", -0.09), "a": ("tab:orange", "s", -0.03), "b": ("tab:blue", "D", 0.03),
          "c": ("tab:gray", "^", 0.09)}
+EXTRA_STYLE = ("tab:purple", "v", 0.06)  # fit-matched stars with another cap
 
 
 def figure(result: dict) -> bytes:
@@ -243,14 +261,14 @@ def figure(result: dict) -> bytes:
     for part, rows in result["parts"].items():
         if not rows:
             continue
-        color, marker, dx = STYLE[part]
+        color, marker, dx = STYLE.get(part, EXTRA_STYLE)
         ws = np.array([int(w) for w in rows], float)
         x = np.log2(ws) + dx
         y = np.array([r["ratio"] for r in rows.values()])
         ci = [r.get("ratio_ci95") or [None, None] for r in rows.values()]
         lo = np.array([y[i] - c[0] if c[0] is not None else 0 for i, c in enumerate(ci)])
         hi = np.array([c[1] - y[i] if c[1] is not None else 0 for i, c in enumerate(ci)])
-        ax.errorbar(x, y, yerr=[lo, hi], color=color, marker=marker, capsize=3, lw=1.2, label=LABELS[part])
+        ax.errorbar(x, y, yerr=[lo, hi], color=color, marker=marker, capsize=3, lw=1.2, label=label(part))
         fx.plot(x, [r["fit_ratio"] for r in rows.values()], color=color, marker=marker, lw=1.2)
     for a in (ax, fx):
         a.set_xticks(np.log2(WIDTHS), [str(w) for w in WIDTHS])
@@ -285,7 +303,7 @@ def _epochs(r: dict) -> str:
 def tables(result: dict) -> list[str]:
     lines = []
     for part, rows in result["parts"].items():
-        lines += [f"### {LABELS[part]}", ""]
+        lines += [f"### {label(part)}", ""]
         if not rows:
             lines += ["Not run (no finished study folder).", ""]
             continue
@@ -331,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-stop", type=int, nargs="*", default=[], metavar="WIDTH",
                    help="widths whose sources train for the cap without the stop rule (where the cap's loss is "
                         "above the paper's, the rule never fires and the weights are the same)")
+    r.add_argument("--star-cap", type=int, help="part b only: the fit-matched stars' cap of epochs instead of "
+                   "the config's (folder fit_capN, on the fit folder's sources)")
     p = sub.add_parser("report", help="results.json, report.md and the figure from the finished folders")
     p.add_argument("runs", type=Path)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "mnist_width_sweep")
@@ -348,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for w in args.widths:
             target = None if w in args.no_stop else targets[w]
-            (run_fit if part == "b" else run_paper)(args.runs, w, target, args.workers)
+            if part == "b":
+                run_fit(args.runs, w, target, args.workers, args.star_cap)
+            else:
+                run_paper(args.runs, w, target, args.workers)
     return 0
 
 
