@@ -47,8 +47,8 @@ MARKER = "<!-- everything below is written by benchmarks/paper_side_by_side.py r
 METRIC = "train_loss"
 PARTS = ("paper", "a", "b", "c")
 LABELS = {"paper": "paper (official results, 17 sources, 1 star)",
-          "a": "(a) sources to the paper's loss, star for the sources' epochs",
-          "b": "(b) same sources, fit-matched stars",
+          "a": "(a) sources to the paper's loss or the cap, star for their epochs",
+          "b": "(b) same sources, fit-matched stars (the config's cap)",
           "c": "(c) our 5-epoch recipe"}
 
 
@@ -191,6 +191,8 @@ def _folder_row(folder: Path, target: float) -> dict | None:
     if not path.exists():
         return None
     res = json.loads(path.read_text())
+    if not res["pairs"].get("star_heldout"):  # the population alone, its stars not yet measured
+        return None
     regular = res["models"]["sources"] + res["models"]["heldouts"]
     ep = epochs_taken(folder) + epochs_taken(folder, "heldout")
     stars = _stars(res["models"])
@@ -256,7 +258,7 @@ def figure(result: dict) -> bytes:
 
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.8))
     ax, fx = fig.subplots(1, 2)
     for part, rows in result["parts"].items():
         if not rows:
@@ -275,12 +277,14 @@ def figure(result: dict) -> bytes:
         a.set_xlabel("hidden width")
         a.axhline(1.0, color="k", lw=0.6, ls=":")
     ax.set_ylabel("star–held-out / regular–regular\n(training-loss barrier, 95% CI)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.set_ylim(0, 1.6)
     fx.set_yscale("log")
     fx.set_ylabel("star training loss / regular median")
     fx.set_title("how well the star fits", fontsize=9)
     ax.set_title("barrier ratio (below 1: the star is closer to the held-outs)", fontsize=9)
-    fig.tight_layout()
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
     return buf.getvalue()
@@ -327,7 +331,7 @@ def write_report(result: dict, out: Path) -> None:
     atomic_write_json(out / "results.json", result)
     atomic_write_bytes(out / "width_sweep.png", figure(result))
     old = (out / "report.md").read_text() if (out / "report.md").exists() else ""
-    head = old.split(MARKER)[0].rstrip() if MARKER in old else "# The paper's MNIST width sweep, side by side"
+    head = old.split(MARKER)[0].rstrip() or "# The paper's MNIST width sweep, side by side"
     src = result["source"]
     body = [MARKER, "", "![ratio and fit against width](width_sweep.png)", "",
             f"Paper numbers: {src['repository']} at commit `{src['commit']}`, files "
