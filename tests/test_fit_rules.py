@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stardomain.starlight as sl
-from stardomain.checkpoint import read_model_file, weights_sha256
+from stardomain.checkpoint import read_model_file
 from stardomain.config import STUDY_SEED_MAX, Config, validate
+from stardomain.data import get_dataset
+from stardomain.files import train_to_file
 from stardomain.study.plan import build_plan, deep_merge, model_seed
 
 from stardomain import training as tr
@@ -44,13 +46,13 @@ def test_a_rule_stops_at_the_first_epoch_that_meets_it(digits_cfg):
 
 def test_a_rule_that_cannot_be_met_stops_at_the_cap_and_says_so(digits_cfg, tmp_path):
     cfg = _with(digits_cfg, epochs=2, stop={"acc": 1.0, "loss": 1e-9})
-    meta = tr.train_to_file(cfg, 3, tmp_path / "m.safetensors", progress=False)
+    meta = train_to_file(cfg, 3, tmp_path / "m.safetensors", progress=False)
     fit = read_model_file(tmp_path / "m.safetensors")[1]["fit"]
     assert fit == meta["fit"]
     assert fit["reached"] is False and fit["epochs"] == 2 and fit["cap"] == 2
     assert "training accuracy >= 1" in fit["criterion"] and "training loss <= 1e-09" in fit["criterion"]
     # without a rule the metadata says so too
-    plain = tr.train_to_file(digits_cfg, 3, tmp_path / "p.safetensors", progress=False)["fit"]
+    plain = train_to_file(digits_cfg, 3, tmp_path / "p.safetensors", progress=False)["fit"]
     assert plain == {"criterion": "a fixed 3 epochs", "cap": 3, "epochs": 3, "reached": None}
 
 
@@ -61,7 +63,7 @@ def test_killed_run_with_a_rule_resumes_to_the_same_bits(digits_cfg, tmp_path, k
     cfg = _with(digits_cfg, epochs=5)
     target = _checks(cfg, seed=4)[1]
     cfg = _with(cfg, stop={"loss": target})
-    ref = tr.train_to_file(cfg, 4, tmp_path / "ref.safetensors", progress=False)
+    ref = train_to_file(cfg, 4, tmp_path / "ref.safetensors", progress=False)
 
     class Killed(Exception):
         pass
@@ -72,17 +74,17 @@ def test_killed_run_with_a_rule_resumes_to_the_same_bits(digits_cfg, tmp_path, k
 
     out = tmp_path / "m.safetensors"
     with pytest.raises(Killed):
-        tr.train_to_file(cfg, 4, out, progress=False, on_epoch=kill)
+        train_to_file(cfg, 4, out, progress=False, on_epoch=kill)
     assert out.with_name(out.name + ".state").exists()
-    got = tr.train_to_file(cfg, 4, out, progress=False)
+    got = train_to_file(cfg, 4, out, progress=False)
     assert got["sha256"] == ref["sha256"] and got["fit"] == ref["fit"]
 
 
 def test_fit_matched_star_stops_at_the_sources_median(digits_cfg):
     cfg = digits_cfg
     sources = [tr.train(cfg, s, progress=False)[0].state_dict() for s in (21, 22, 23)]
-    data = sl.get_dataset(cfg.data)
-    probe = sl.init_model(cfg, data, 0)
+    data = get_dataset(cfg.data)
+    probe = tr.init_model(cfg, data, 0)
     losses = []
     for sd in sources:  # independent: each source's training loss by its own evaluation
         probe.load_state_dict(sd)
@@ -110,7 +112,7 @@ def _model_seeds(study_seed: int) -> dict[str, int]:
     return {t.key: t.params["seed"] for t in build_plan(cfg).tasks if t.op in ("train", "star")}
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(st.integers(0, STUDY_SEED_MAX),
        st.integers(1, 10**6))
 def test_different_study_seeds_share_no_model_seed(a, step):

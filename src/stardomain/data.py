@@ -279,15 +279,8 @@ def check_bundle(b: DataBundle) -> DataBundle:
 _CACHE: dict[str, DataBundle] = {}
 
 
-def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
-    """Build (and cache in-process) the data set a config describes."""
-    if isinstance(cfg, str):
-        cfg = DataConfig(name=cfg)
-    elif isinstance(cfg, dict):
-        cfg = validate(DataConfig, cfg, "data config")
-    key = cfg.model_dump_json()
-    if key in _CACHE:
-        return _CACHE[key]
+def _load_raw(cfg: DataConfig) -> tuple[Any, str]:
+    """What the registered loader or the user's factory returns, and the data set's name."""
     if cfg.factory:
         fn = import_object(cfg.factory, "data factory")
         kwargs = dict(cfg.kwargs)
@@ -313,28 +306,43 @@ def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
         except (TypeError, ValueError) as e:
             raise UserError(f"data set {cfg.name}: bad kwargs {str(cfg.kwargs)[:120]} ({str(e)[:200]})") from e
         name = cfg.name
-    if isinstance(raw, DataBundle):
-        bundle = raw
-    else:
-        if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
-            raise UserError("a data factory must return a dict with 'train' and 'test' (and optionally "
-                            "'val', 'num_classes')")
-        train, test = _to_split(raw["train"], "train"), _to_split(raw["test"], "test")
-        val = _to_split(raw["val"], "val") if raw.get("val") is not None else None
-        if len(train) == 0:
-            raise UserError(f"data set {name}: the train split is empty")
-        x0, _ = (train.x[0], None) if train.x is not None else train.dataset[0]
-        num_classes = raw.get("num_classes")
-        if num_classes is None:
-            if train.y is None:
-                raise UserError("a data factory returning Datasets must also return 'num_classes'")
-            num_classes = int(train.y.max()) + 1
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-            raise UserError(f"data set {name}: num_classes must be a whole number (got {num_classes!r})")
-        want_aug = raw.get("augment", False) if cfg.augment is None else cfg.augment
-        bundle = DataBundle(name=name, train=train, test=test, val=val, num_classes=int(num_classes),
-                            input_shape=tuple(x0.shape), info=raw.get("info", {}),
-                            augment=random_crop_flip if want_aug else None)
+    return raw, name
+
+
+def _bundle_of(raw: Any, name: str, cfg: DataConfig) -> DataBundle:
+    """A factory's dict {train, test, val?, num_classes?, augment?, info?} as a DataBundle."""
+    if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
+        raise UserError("a data factory must return a dict with 'train' and 'test' (and optionally "
+                        "'val', 'num_classes')")
+    train, test = _to_split(raw["train"], "train"), _to_split(raw["test"], "test")
+    val = _to_split(raw["val"], "val") if raw.get("val") is not None else None
+    if len(train) == 0:
+        raise UserError(f"data set {name}: the train split is empty")
+    x0, _ = (train.x[0], None) if train.x is not None else train.dataset[0]
+    num_classes = raw.get("num_classes")
+    if num_classes is None:
+        if train.y is None:
+            raise UserError("a data factory returning Datasets must also return 'num_classes'")
+        num_classes = int(train.y.max()) + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise UserError(f"data set {name}: num_classes must be a whole number (got {num_classes!r})")
+    want_aug = raw.get("augment", False) if cfg.augment is None else cfg.augment
+    return DataBundle(name=name, train=train, test=test, val=val, num_classes=int(num_classes),
+                      input_shape=tuple(x0.shape), info=raw.get("info", {}),
+                      augment=random_crop_flip if want_aug else None)
+
+
+def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
+    """Build (and cache in-process) the data set a config describes."""
+    if isinstance(cfg, str):
+        cfg = DataConfig(name=cfg)
+    elif isinstance(cfg, dict):
+        cfg = validate(DataConfig, cfg, "data config")
+    key = cfg.model_dump_json()
+    if key in _CACHE:
+        return _CACHE[key]
+    raw, name = _load_raw(cfg)
+    bundle = raw if isinstance(raw, DataBundle) else _bundle_of(raw, name, cfg)
     if cfg.train_subset is not None and bundle.train.x is not None:
         n = min(cfg.train_subset, len(bundle.train))
         idx = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(cfg.split_seed))[:n]

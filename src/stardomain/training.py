@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import sys
 import time
@@ -22,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_state, save_model, save_state
+from .checkpoint import load_state, save_state
 from .config import Config, OptimizerConfig, ScheduleConfig, StopConfig, TrainConfig
 from .data import DataBundle, Split, batches, data_meta, get_dataset, num_batches, per_token
 from .engine import evaluate_module
@@ -109,15 +110,6 @@ def model_meta(cfg: Config, data: DataBundle, seed: int, role: str, *, device: s
         **({"history": history} if history is not None else {}),
         **extra,
     }
-
-
-def write_history_csv(path: str | Path, history: list[dict]) -> None:
-    """Per-epoch training metrics as CSV (epoch,loss,acc), written atomically beside the model file."""
-    from .checkpoint import atomic_write_text
-
-    rows = ["epoch,loss,acc"] + [f"{h['epoch']},{h['loss']!r},{'' if h.get('acc') is None else repr(h['acc'])}"
-                                  for h in history]
-    atomic_write_text(path, "\n".join(rows) + "\n")
 
 
 PLAIN_EVERY_S = 5.0  # piped progress: at most one line this often
@@ -241,8 +233,9 @@ class Hooks:
     `epoch_end(e, mean loss)` around an epoch's steps (before its state is saved); `saved(e)` after.
     `epoch_start` also gets the number of optimiser steps taken so far.
     `state()` -> extra resumable state (plain data, saved every epoch); `restore(st)` reads it back.
-    `diverged(loss, epoch)` -> the one-line error for a non-finite loss. `stop`: the rule that may end
-    training before tc.epochs (checked after `epoch_end`, so on the weights that would be saved)."""
+    `diverged(loss, epoch)` -> the one-line error for a non-finite loss. `logged(e, record)` gets each
+    epoch's {epoch, loss, acc} once the epoch is saved (TensorBoard, stardomain.tblog). `stop`: the rule
+    that may end training before tc.epochs (checked after `epoch_end`, on the weights that are saved)."""
 
     step: Callable[[torch.Tensor, torch.Tensor, int], tuple[float, int | None]]
     diverged: Callable[[float, int], str]
@@ -253,19 +246,27 @@ class Hooks:
     saved: Callable[[int], None] = lambda epoch: None
     state: Callable[[], dict] = dict
     restore: Callable[[dict], None] = lambda st: None
+    logged: Callable[[int, dict], None] = lambda epoch, record: None
     stop: StopRule | None = None
+
+    def done(self, history: list[dict]) -> bool:
+        """The last finished epoch met the stop rule (perhaps before a kill): train no further."""
+        return self.stop is not None and self.stop.met_by(history)
+
+    def check(self, model: nn.Module, split: Split, batch_size: int) -> dict:
+        """With a stop rule, {"check": the training split's loss and accuracy}, for the epoch's record."""
+        return {} if self.stop is None else {"check": evaluate(model, split, batch_size)}
 
 
 def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: str, hooks: Hooks, *,
         device: torch.device, state_path: str | Path | None = None, progress: bool | None = None,
-        history: list[dict] | None = None, on_epoch: Callable[[int, dict], None] | None = None) -> int:
+        history: list[dict] | None = None) -> int:
     """The one training loop (regular training and Starlight are two uses): optimiser, per-batch schedule,
     seeded data order, resume state saved after every epoch (bitwise-identical continuation), progress
     bar, non-finite-loss stop (the last good state kept), gradient clipping. `model` is on `device`.
     `history` (a list) receives {epoch, loss, acc} per epoch (and, with a stop rule, `check`: the training
-    split's loss and accuracy at the epoch's end), kept across a resume; `on_epoch(epoch, that record)` is
-    called once the epoch is saved (TensorBoard, stardomain.tblog). With `hooks.stop`, training ends at
-    the first epoch end that meets it, else at tc.epochs (`fit_record` says which).
+    split's loss and accuracy at the epoch's end), kept across a resume. With `hooks.stop`, training ends
+    at the first epoch end that meets it, else at tc.epochs (`fit_record` says which).
     -> the number of optimiser steps taken in all."""
     history = [] if history is None else history
     opt = build_optimizer(model.parameters(), tc.optimizer)
@@ -284,9 +285,7 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
         hooks.restore(st)
     hooks.ready()
     bar = Progress(hooks.desc, tc.epochs, steps, start_epoch, progress)
-    for epoch in range(start_epoch, tc.epochs):
-        if hooks.stop is not None and hooks.stop.met_by(history):  # met (perhaps before a kill): done
-            break
+    for epoch in itertools.takewhile(lambda _: not hooks.done(history), range(start_epoch, tc.epochs)):
         hooks.epoch_start(epoch, n_step)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -308,16 +307,14 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
             bar.update(epoch, loss_sum / seen, correct / seen if right is not None else None)
         acc = correct / seen if seen and right is not None else None
         hooks.epoch_end(epoch, loss_sum / max(1, seen))
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "acc": acc})
-        if hooks.stop is not None:
-            history[-1]["check"] = evaluate(model, data.train, tc.eval_batch_size)
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "acc": acc,
+                        **hooks.check(model, data.train, tc.eval_batch_size)})
         if state_path:
             save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device, step=n_step,
                                 fit_history=history, runtime=record(device), **hooks.state())
         bar.update(epoch, loss_sum / max(1, seen), acc, end_of_epoch=True)  # once the epoch is safe
         hooks.saved(epoch + 1)
-        if on_epoch is not None:
-            on_epoch(epoch, history[-1])
+        hooks.logged(epoch, history[-1])
     bar.close()
     return n_step
 
@@ -353,29 +350,9 @@ def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_
         return (f"training diverged: loss is {loss} at epoch {epoch + 1} (seed {seed}){kept}; "
                 "lower train.optimizer.lr or set train.grad_clip")
 
-    hooks = Hooks(step, diverged, desc=f"train seed {seed}", stop=StopRule.of(tc.stop))
+    hooks = Hooks(step, diverged, desc=f"train seed {seed}", logged=on_epoch or (lambda epoch, record: None),
+                  stop=StopRule.of(tc.stop))
     fit(model, data, tc, seed, config_digest(cfg), hooks, device=device, state_path=state_path, progress=progress,
-        history=history, on_epoch=on_epoch)
+        history=history)
     model.eval()
     return model, evaluate_splits(model, data, tc.eval_batch_size)
-
-
-def train_to_file(cfg: Config, seed: int, out: str | Path, *, role: str = "source", device: str = "auto",
-                  progress: bool | None = None, on_epoch: Callable[[int, dict], None] | None = None
-                  ) -> dict[str, Any]:
-    """Train and write a model file; resumable through `OUT.state` (removed when done); the per-epoch
-    metrics also go to `OUT.csv` (and to `on_epoch`, see `fit`). -> metadata."""
-    out = Path(out)
-    state_path = out.with_name(out.name + ".state")
-    history: list[dict] = []
-    model, metrics = train(cfg, seed, device=device, state_path=state_path, progress=progress, history=history,
-                           on_epoch=on_epoch)
-    meta = save_model(out, model.state_dict(), model_meta(cfg, get_dataset(cfg.data), seed, role, metrics=metrics,
-                                                          device=resolve_device(device), history=history,
-                                                          fit=fit_record(StopRule.of(cfg.train.stop),
-                                                                         cfg.train.epochs, history)))
-    write_history_csv(out.with_name(out.name + ".csv"), history)
-    state_path.unlink(missing_ok=True)
-    return meta
-
-

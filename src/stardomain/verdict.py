@@ -85,7 +85,7 @@ def analyse(results: dict, *, alpha: float = 0.05, n_boot: int = 10000, seed: in
     star, table, heldouts = sg
     hl = stats.headline(star, table, alpha=alpha, n_boot=n_boot, seed=seed)
     hl["metric"] = HEADLINE_METRIC
-    hl["test_name"] = test_name(hl)
+    hl["test_name"] = headline_test_name(hl)
     centres = {}
     for kind, name in pairkinds.naive_centres().items():
         c = heldout_values(pairs.get(kind) or [], HEADLINE_METRIC, heldouts)
@@ -107,7 +107,7 @@ def analyse(results: dict, *, alpha: float = 0.05, n_boot: int = 10000, seed: in
     return out
 
 
-def test_name(hl: dict) -> str:
+def headline_test_name(hl: dict) -> str:
     stars = f", averaged over {hl['n_stars']} stars" if hl.get("n_stars", 1) > 1 else ""
     return (f"sign-flip permutation test over {hl['n_heldouts']} held-outs (per-held-out paired differences"
             f"{stars})")
@@ -197,7 +197,7 @@ def combined(results: list[dict], *, alpha: float = 0.05, n_boot: int = 10000, s
         blocks.append(sg[:2])
     hl = stats.headline(None, None, blocks=blocks, alpha=alpha, n_boot=n_boot, seed=seed)
     hl["metric"] = HEADLINE_METRIC
-    hl["test_name"] = test_name(hl) + f", pooled over {len(blocks)} study seeds"
+    hl["test_name"] = headline_test_name(hl) + f", pooled over {len(blocks)} study seeds"
     worse = any(_star_worse_fit(r) for r in results)
     hl["flags"] = _design_flags(hl, worse, alpha)
     hl["verdict"] = _word(hl, worse)

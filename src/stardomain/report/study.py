@@ -17,10 +17,10 @@ import numpy as np
 from markdown_it import MarkdownIt
 from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
 
-from . import pairkinds
+from .. import pairkinds
 from .averaging import plot_result, report_section
-from .checkpoint import atomic_write_bytes, atomic_write_text
-from .verdict import power_words
+from ..checkpoint import atomic_write_bytes, atomic_write_text
+from ..verdict import power_words
 
 # Live views of the pair-kind table (stardomain.pairkinds): a registered kind is named and coloured too.
 KIND_NAMES = pairkinds.KindField("label")
@@ -398,7 +398,7 @@ def _controls_lines(results: dict) -> list[str]:
 
 
 def _bma_section(results: dict, raw: dict | None = None) -> str | None:
-    """bma.report_section on the full BMA result (with its timings)."""
+    """report.averaging.report_section on the full BMA result (with its timings)."""
     res = raw or results.get("bma")
     if not res:
         return None
@@ -422,7 +422,7 @@ def _provenance() -> str:
     """When and with what this report was written (the models' own files record where they ran)."""
     import time
 
-    from .checkpoint import package_versions
+    from ..checkpoint import package_versions
 
     v = package_versions()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -513,6 +513,16 @@ def _md_to_html(md: str, images: dict[str, bytes], plots: dict[str, str]) -> str
                              "</details>\n", body, count=1)  # collapsed: long, and last
     return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Star-domain study</title><style>" + _STYLE
             + "</style></head><body>\n" + body + "</body></html>\n")
+
+
+def study_html(results: dict) -> str:
+    """A study as a notebook shows it (`sd.Study`): the report's verdict and tables as an HTML fragment,
+    without the figures (they are in the study folder's report)."""
+    md_it = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable("table")
+    body = md_it.render(render_markdown(results, {}))
+    body = _CONFIG_BLOCK.sub(lambda m: f"{m.group(1)}<details><summary>the config as YAML</summary>\n{m.group(2)}"
+                             "</details>\n", body, count=1)
+    return f"<div class='stardomain-study'>{body}</div>"
 
 
 def write_report(results: dict, out: str | Path, timings: dict | None = None,
