@@ -8,7 +8,9 @@ Four series of the star–held-out / regular–regular training-loss barrier rat
   sources' recipe for as many epochs as the sources took (the paper's recipe);
 - (b) `fit-matched`: the same sources and held-outs, several stars, each stopped when its training loss
   reaches its sources' median (star.match_fit 0.5), so star and regular models fit equally well;
-- (c) `5 epochs`: our committed 5-epoch recipe (configs/mnist_width_sweep.yaml) at the same design size.
+- (c) `5 epochs`: our 5-epoch recipe (configs/mnist_width_sweep.yaml) at the same design size. The
+  committed docs/results run used that config's earlier star, 15 fixed epochs; the config's star is now
+  fit-matched (cap 30), so `run --part c` measures that.
 
 `run` trains and measures (one `stardomain run` per study folder: killed, the same command resumes);
 `report` writes results.json, report.md and the figure from the finished folders (widths not finished
@@ -49,7 +51,7 @@ PARTS = ("paper", "a", "b", "c")
 LABELS = {"paper": "paper (official results, 17 sources, 1 star)",
           "a": "(a) sources to the paper's loss or the cap, star for their epochs",
           "b": "(b) same sources, fit-matched stars (the config's cap)",
-          "c": "(c) our 5-epoch recipe"}
+          "c": "(c) our 5-epoch recipe, 15-epoch star"}
 
 
 def label(part: str) -> str:
