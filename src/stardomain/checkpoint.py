@@ -342,14 +342,18 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    tensors, meta = _read_safetensors(Path(path))
+    fix = "delete it (or pass --force) to start afresh"
+    try:
+        tensors, meta = _read_safetensors(Path(path))
+    except UserError as e:
+        raise UserError(f"{e}; it is the resume state of an interrupted run: {fix}") from None
     if "state" not in meta:
-        raise UserError(f"{path}: not a stardomain training state")
+        raise UserError(f"{path}: not a stardomain training state; {fix}")
     check_json_limits(meta["state"], f"{path}: its state structure", max_bytes=64 * 2**20)
     try:
         return _unflatten(json.loads(meta["state"]), tensors)
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: a corrupt training state; delete it to start afresh") from None
+        raise UserError(f"{path}: a corrupt training state; {fix}") from None
 
 
 # ---- output policy: nothing is overwritten by surprise ----
@@ -424,8 +428,50 @@ def _png_software(path: Path) -> str | None:
     return None
 
 
+def sidecars(out: str | Path) -> dict[str, Path]:
+    """The files written beside a trained model file: the per-epoch history and the resume state."""
+    out = Path(out)
+    return {"history.csv": out.with_name(out.name + ".csv"), "state": out.with_name(out.name + ".state")}
+
+
+HISTORY_HEAD = "epoch,loss,acc\n"  # the first line of every history CSV (train.write_history_csv)
+
+
+def is_training_state(path: str | Path) -> bool:
+    """A readable training state `save_state` wrote (the header alone is read)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 0 < n <= 100_000_000 or os.fstat(f.fileno()).st_size < 8 + n:
+                return False
+            md = json.loads(f.read(n)).get("__metadata__") or {}
+        return isinstance(md, dict) and "state" in md
+    except (OSError, struct.error, ValueError, AttributeError):
+        return False
+
+
+def prepare_training_outputs(out: str | Path, kind: str, job: dict, *, force: bool = False,
+                             inputs: Sequence[str | Path | None] = ()) -> None:
+    """`train`/`star`, before any work: the model file and its sidecars (OUT.csv, OUT.state) under the one
+    policy (each is new, an earlier output of this job, or replaced only with `force`). With `force`, a
+    state file that is no training state (truncated, foreign) is removed: it would block the run."""
+    check_output(out, kind, job, force=force, inputs=inputs)
+    for side_kind, side in sidecars(out).items():
+        check_output(side, side_kind, force=force, inputs=inputs, beside=str(out))
+    state = sidecars(out)["state"]
+    if force and (state.exists() or state.is_symlink()) and not is_training_state(state):
+        state.unlink()
+
+
 def _why_not_replaceable(path: Path, kind: str, job: dict | None) -> str | None:
     """None when `path` is an earlier output of this kind (and, for model files, of this job)."""
+    if kind == "history.csv":
+        with open(path, "rb") as f:
+            ok = f.read(len(HISTORY_HEAD)) == HISTORY_HEAD.encode()
+        return None if ok else "is not a training history a model file's run wrote"
+    if kind == "state":
+        return None if is_training_state(path) else ("is not a training state stardomain wrote (truncated or "
+                                                    "foreign: delete it to start afresh)")
     if kind in MODEL_KINDS:
         meta = read_model_meta(path)
         if meta is None:
@@ -458,27 +504,50 @@ def _why_not_replaceable(path: Path, kind: str, job: dict | None) -> str | None:
 
 
 def check_output(path: str | Path | None, kind: str, job: dict | None = None, *, force: bool = False,
-                 inputs: Sequence[str | Path | None] = (), option: str = "--out") -> None:
+                 inputs: Sequence[str | Path | None] = (), option: str = "--out", beside: str | None = None) -> None:
     """Refuse, before any work, to write `path` where that would destroy something the user did not mean
-    to replace: a folder (always), one of the command's own inputs, or an existing file that is not an
-    earlier output of the same kind (`kind`: train/star/align model files, barrier.json, bma.json,
-    align.json, barrier.png, bma.png, bma.md) and, for model files, of the same job (`job`: the metadata
-    fields `model_job` reads). `force` allows all but the folder."""
+    to replace: a folder or a FIFO/device (always), one of the command's own inputs, or an existing file
+    that is not an earlier output of the same kind (`kind`: train/star/align model files, barrier.json,
+    bma.json, align.json, barrier.png, bma.png, bma.md, history.csv, state) and, for model files, of the
+    same job (`job`: the metadata fields `model_job` reads); and a place that cannot be written. `force`
+    allows all but the folder, the FIFO and the unwritable. `beside`: `path` is a file written beside the
+    output that `option` names (OUT.csv beside --out OUT)."""
     if path is None:
         return
     p = Path(path)
+    what = f"{p} (written beside {option} {beside})" if beside else f"{option} {p}"
     if p.is_dir():
-        raise UserError(f"{option} {p} is a folder; give the path of a file to write")
+        raise UserError(f"{what} is a folder; give the path of a file to write")
+    if p.exists() and not p.is_file():
+        raise UserError(f"{what} is not a regular file (a FIFO, socket or device); give a file path")
+    check_writable(p, option)
     if force or not p.exists():
         return
     for q in inputs:
         if q is not None and Path(q).exists() and os.path.samefile(p, q):
-            raise UserError(f"{option} {p} is also an input of this command and would be overwritten; "
+            raise UserError(f"{what} is also an input of this command and would be overwritten; "
                             f"choose another {option} (or pass --force)")
     why = _why_not_replaceable(p, kind, job)
     if why:
-        raise UserError(f"{option} {p} already exists and {why}; choose another {option} or pass --force "
-                        "to replace it")
+        raise UserError(f"{what} already exists and {why}; choose another {option} or pass --force to replace it")
+
+
+def check_writable(path: str | Path, option: str = "--out") -> None:
+    """Before any work: a file can be created where `path` will be written (in its folder, or the nearest
+    folder above it that exists: the write makes the rest). Probed with a real temporary file, since
+    permission bits say nothing of root, read-only mounts or /proc."""
+    p = Path(path).absolute()
+    folder = p.parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {option} {path}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".stardomain-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {option} {path}: {folder}: {(e.strerror or str(e)).lower()}") from None
 
 
 def check_distinct(**outputs: str | Path | None) -> None:

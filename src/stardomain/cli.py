@@ -127,15 +127,15 @@ def train(
 
     Example: stardomain train --config configs/mnist_mlp.yaml --seed 0 --out runs/m0.safetensors
     """
-    from .checkpoint import check_output
+    from .checkpoint import prepare_training_outputs
     from .config import load_config
     from .tblog import epoch_log
     from .train import train_to_file
 
     use_threads(threads)
     cfg = load_config(config, set_)
-    check_output(out, "train", {"role": role, "seed": seed, "config": cfg.model_dump()}, force=force,
-                 inputs=[config])
+    prepare_training_outputs(out, "train", {"role": role, "seed": seed, "config": cfg.model_dump()}, force=force,
+                             inputs=[config])
     log = epoch_log(tensorboard, "train")
     try:
         meta = train_to_file(cfg, seed, out, role=role, device=device, on_epoch=log)
@@ -228,7 +228,7 @@ def star(
 
     Example: stardomain star --config c.yaml --sources runs/s*.safetensors --out runs/star.safetensors --set star.chunks=4
     """
-    from .checkpoint import check_output, read_model_file, read_model_meta
+    from .checkpoint import prepare_training_outputs, read_model_file, read_model_meta
     from .config import load_config
     from .starlight import star_to_file
     from .tblog import epoch_log
@@ -237,8 +237,9 @@ def star(
     sources = sources_with_extra(ctx, sources, "star")
     cfg = load_config(config, set_)
     shas = [(read_model_meta(p) or read_model_file(p)[1])["sha256"] for p in sources]
-    check_output(out, "star", {"role": "star", "seed": seed, "config": cfg.model_dump(),
-                               "sources": [{"sha256": h} for h in shas]}, force=force, inputs=[config, *sources])
+    prepare_training_outputs(out, "star", {"role": "star", "seed": seed, "config": cfg.model_dump(),
+                                           "sources": [{"sha256": h} for h in shas]},
+                             force=force, inputs=[config, *sources])
     log = epoch_log(tensorboard, "star")
     try:
         meta = star_to_file(cfg, [str(p) for p in sources], out, seed=seed, device=device, on_epoch=log)

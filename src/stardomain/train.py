@@ -114,9 +114,9 @@ def model_meta(cfg: Config, data: DataBundle, seed: int, role: str, *, device: s
 
 def write_history_csv(path: str | Path, history: list[dict]) -> None:
     """Per-epoch training metrics as CSV (epoch,loss,acc), written atomically beside the model file."""
-    from .checkpoint import atomic_write_text
+    from .checkpoint import HISTORY_HEAD, atomic_write_text
 
-    rows = ["epoch,loss,acc"] + [f"{h['epoch']},{h['loss']!r},{'' if h.get('acc') is None else repr(h['acc'])}"
+    rows = [HISTORY_HEAD.strip()] + [f"{h['epoch']},{h['loss']!r},{'' if h.get('acc') is None else repr(h['acc'])}"
                                   for h in history]
     atomic_write_text(path, "\n".join(rows) + "\n")
 

@@ -24,12 +24,14 @@ from ..lock import study_lock
 from ..report import write_report
 from ..stats import mann_whitney_less, paired_wilcoxon_less, summarize  # noqa: F401  (re-exported)
 from ..verdict import analyse, row_headline, verdict, verdict_line  # noqa: F401  (the words live in verdict)
+from .folder import check_study_folder, is_study_folder, mark_study_folder  # noqa: F401
 from .plan import CACHE_VERSION, Plan, Task, build_plan, deep_merge, key_of  # noqa: F401
 from .results import RESULTS_FORMAT, collect, summarize_pairs  # noqa: F401
 from .tasks import CRASH_ENV, _read_json, execute, is_done  # noqa: F401
 
 __all__ = ["CACHE_VERSION", "CRASH_ENV", "RESULTS_FORMAT", "Plan", "Task", "analyse", "build_plan",
-           "check_study_folder", "collect", "deep_merge", "default_config_path", "execute", "is_done", "key_of",
+           "check_study_folder", "collect", "deep_merge", "default_config_path", "execute", "is_done", "is_study_folder",
+           "key_of",
            "mann_whitney_less", "paired_wilcoxon_less", "row_headline", "run_study", "summarize", "summarize_pairs",
            "verdict", "verdict_line"]
 
@@ -45,19 +47,6 @@ def _timing_table(plan: Plan, root: Path) -> dict:
     return {"tasks": out, "total_seconds_by_op": by_op}
 
 
-_STUDY_MARKS = ("plan.json", ".lock", "results.json")
-
-
-def check_study_folder(root: Path, force: bool = False) -> None:
-    """The study folder is DIR itself: refuse a file, and a non-empty folder that is not a study folder
-    (a run writes report.md, plots/, ... into it) unless `force`."""
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--out {root} is a file; a study writes a folder (give a folder path)")
-    if not force and root.is_dir() and any(root.iterdir()) and not any((root / m).exists() for m in _STUDY_MARKS):
-        raise UserError(f"--out {root} is a folder with other files in it, not a study folder; choose another "
-                        "--out or pass --force to write the study into it")
-
-
 def run_study(cfg: Config, out: str | Path, *, executor: str = "local", ray_address: str | None = None,
               progress: bool | None = None, report: bool = True, num_workers: int | None = None,
               force: bool = False) -> dict:
@@ -71,6 +60,7 @@ def run_study(cfg: Config, out: str | Path, *, executor: str = "local", ray_addr
     root = Path(out)
     check_study_folder(root, force)
     root.mkdir(parents=True, exist_ok=True)
+    mark_study_folder(root)
     with study_lock(root):
         return _run_locked(cfg, plan, ex, executor, root, progress, report)
 
