@@ -401,7 +401,7 @@ def measure_files(path_a, path_b, *, points: int = 11, align: bool | str = True,
                   temperature: bool = False, temperature_fraction: float = 0.2) -> dict:
     """`measure` on two model files; refuses incompatible pairs (UserError). Adds both files' sha256."""
     sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "interpolate")
-    model = build_from_meta(meta_a, str(path_a))
+    model = build_from_meta(meta_a, str(path_a), weights=sd_a)
     data = data_from_meta(meta_a, str(path_a))
     rec = measure(model, sd_a, sd_b, data, points=points, align=align, bn_batches=bn_batches, device=device,
                   refine=refine, seed=seed, repair=repair, temperature=temperature,

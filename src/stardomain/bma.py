@@ -49,7 +49,8 @@ import torch.nn as nn
 
 from ._verbs import make_callable
 from . import metrics as M
-from .checkpoint import atomic_write_bytes, atomic_write_json, compatible, read_model_file, weights_sha256
+from .checkpoint import (atomic_write_bytes, atomic_write_json, build_from_meta, check_layout, compatible,
+                         read_model_file, weights_sha256)
 from .config import Config, validate
 from .data import Split, get_dataset
 from .engine import Engine, Stack
@@ -561,6 +562,9 @@ def bma_files(star_path, source_paths: Sequence, *, k: int = 32, seed: int = 0, 
         if why:
             raise UserError(f"{p} cannot be compared with the star {star_path}: {why}")
     check_meta_factories(star_meta, str(star_path))  # its model and data are built below
+    want = build_from_meta(star_meta, str(star_path), weights=star_sd).state_dict()
+    for p, (sd, _) in zip([*source_paths, *([fusion_path] if fusion else [])], [*sources, *([fusion] if fusion else [])]):
+        check_layout(want, sd, str(p), against=f"the star {star_path}'s architecture")
     cfg = validate(Config, {"data": star_meta["data"]["config"], "model": star_meta["model"]}, where=str(star_path))
     res = evaluate_predictors(cfg, star_sd, [sd for sd, _ in sources], k=k, seed=seed, device=device,
                               fusion_sd=fusion[0] if fusion else None, seeds=seeds, align=align, ns=ns,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import struct
@@ -19,14 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import DataConfig, ModelConfig, format_validation_error
 from .errors import UserError
-from .safety import check_json_limits, check_meta_factories
+from .safety import check_json_limits, check_meta_factories, check_regular_file
 
 FORMAT_VERSION = 2  # 2: `digest` covers the metadata (1: only the weights were covered, by `sha256`)
 META_KEY = "stardomain"
@@ -71,6 +72,38 @@ class DataMeta(_Open):
 
 _HEX64 = r"^[0-9a-f]{64}$"
 
+# The dtypes an example input may ask for: names read from a file never reach getattr(torch, ...) unchecked.
+EXAMPLE_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+MAX_EXAMPLE_NUMEL = 2**20  # numbers in one sample of all keyword inputs together
+
+
+class ExampleInput(BaseModel):
+    """One keyword input of an imported model: {"shape": [16], "dtype": "int64", "high": 30522}; samples
+    are seeded draws (integers in [low, high), floats standard normal)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    shape: list[Annotated[int, Field(ge=1, le=2**20)]] = Field(max_length=8)
+    dtype: Literal[EXAMPLE_DTYPES] = "float32"
+    low: int = Field(0, ge=-(2**62), le=2**62)
+    high: int = Field(2, ge=-(2**62), le=2**62)
+
+    @model_validator(mode="after")
+    def _range(self) -> "ExampleInput":
+        if self.high <= self.low:
+            raise ValueError(f"high ({self.high}) must be above low ({self.low})")
+        return self
+
+
+def _check_examples(spec: dict[str, ExampleInput]) -> dict[str, ExampleInput]:
+    n = sum(math.prod(s.shape) for s in spec.values())
+    if n > MAX_EXAMPLE_NUMEL:
+        raise ValueError(f"example inputs hold {n:,} numbers per sample, more than {MAX_EXAMPLE_NUMEL:,}")
+    return spec
+
+
+ExampleInputs = Annotated[dict[Annotated[str, Field(max_length=200)], ExampleInput],
+                          Field(min_length=1, max_length=64), AfterValidator(_check_examples)]
+
 
 class FileMeta(_Open):
     """The `stardomain` metadata of a model file (docs/architecture.md, "Contracts")."""
@@ -88,6 +121,7 @@ class FileMeta(_Open):
     sources: list[dict[str, Any]] | None = None
     alignment: dict[str, Any] | None = None
     star: dict[str, Any] | None = None
+    example_input: ExampleInputs | None = None  # keyword inputs of an imported model (stardomain import)
 
 
 def meta_digest(meta: dict[str, Any]) -> str:
@@ -179,8 +213,7 @@ def save_model(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise UserError(f"{path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    check_regular_file(path)
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -215,7 +248,42 @@ def read_model_file(path: str | Path, verify: bool = True) -> tuple[dict[str, to
     meta = parse_meta(raw_meta[META_KEY], str(path))
     if verify and weights_sha256(tensors) != meta["sha256"]:
         raise UserError(f"{path}: weights do not match the sha256 in its metadata (file corrupted or edited)")
+    check_weights(tensors, str(path))
     return tensors, meta
+
+
+# Float weights are float32, float16 or bfloat16 (what the architectures hold); integer and bool tensors
+# are buffers (counters, masks). float64 is refused rather than cast: a cast would change the bits the
+# file's sha256 names.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                 torch.int8, torch.uint8, torch.bool)
+
+
+def check_weights(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor of a supported dtype and every float finite: a NaN weight would surface deep inside
+    weight matching or interpolation, far from its cause."""
+    for k, t in tensors.items():
+        if t.dtype not in WEIGHT_DTYPES:
+            raise UserError(f"{where}: tensor {k!r} is {str(t.dtype).removeprefix('torch.')}; model files hold "
+                            "float32, float16 or bfloat16 weights (convert it, e.g. to float32, and save again)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{where}: tensor {k!r} holds NaN or infinite values; the model is broken "
+                            "(training diverged?)")
+
+
+def check_layout(want: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], where: str,
+                 against: str = "the architecture in its metadata") -> None:
+    """`sd` has exactly `want`'s tensors, with its shapes and dtypes: one line naming the first few that do
+    not, before any code loads or interpolates them."""
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want]
+    shape = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    dtype = [k for k in want if k in sd and k not in shape and sd[k].dtype != want[k].dtype]
+    parts = [f"{what} {', '.join(repr(k) for k in keys[:3])}{' ...' if len(keys) > 3 else ''}"
+             for what, keys in (("missing", missing), ("unexpected", extra), ("other shape for", shape),
+                                ("other dtype for", dtype)) if keys]
+    if parts:
+        raise UserError(f"{where}: its weights do not fit {against} ({'; '.join(parts)})")
 
 
 def parse_meta(text: str, where: str) -> dict[str, Any]:
@@ -246,15 +314,19 @@ def parse_meta(text: str, where: str) -> dict[str, Any]:
     return meta
 
 
-def build_from_meta(meta: dict[str, Any], source: str = "the model file") -> torch.nn.Module:
-    """Rebuild the architecture a model file describes (weights not loaded). A user factory it names
-    is imported only when allowed (stardomain.safety)."""
+def build_from_meta(meta: dict[str, Any], source: str = "the model file",
+                    weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Rebuild the architecture a model file describes (weights not loaded; `weights`, when given, are
+    checked to fit it). A user factory it names is imported only when allowed (stardomain.safety)."""
     from .models import build_model
 
     check_meta_factories(meta, source)
     d = meta["data"]
-    return build_model(meta["model"], tuple(d["input_shape"]), int(d["num_classes"]),
-                       tokens=d.get("input_dtype") == "int64")
+    model = build_model(meta["model"], tuple(d["input_shape"]), int(d["num_classes"]),
+                        tokens=d.get("input_dtype") == "int64")
+    if weights is not None:
+        check_layout(model.state_dict(), weights, source)
+    return model
 
 
 def data_from_meta(meta: dict[str, Any], source: str = "the model file"):
@@ -268,13 +340,8 @@ def data_from_meta(meta: dict[str, Any], source: str = "the model file"):
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """-> (module with the file's weights, in eval mode, metadata)."""
     sd, meta = read_model_file(path)
-    model = build_from_meta(meta, str(path))
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise UserError(f"{path}: weights do not fit the architecture in its metadata "
-                        f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    model = build_from_meta(meta, str(path), weights=sd)
+    model.load_state_dict(sd, strict=True)
     return model.to(device).eval(), meta
 
 
@@ -301,6 +368,7 @@ def read_pair(path_a: str | Path, path_b: str | Path, verb: str = "compare"):
     why = compatible(meta_a, meta_b)
     if why:
         raise UserError(f"cannot {verb} {path_a} and {path_b}: {why}")
+    check_layout(sd_a, sd_b, f"cannot {verb} {path_a} and {path_b}: {path_b}", against=f"{path_a}'s")
     return sd_a, meta_a, sd_b, meta_b
 
 

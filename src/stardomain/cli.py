@@ -152,6 +152,7 @@ def info(path: Path = typer.Argument(..., help="A model file written by stardoma
          json_: bool = typer.Option(False, "--json", help="Print the whole metadata as JSON.")):
     """Show how a model file was made: architecture, data, seed, role, metrics, sha256 (imports nothing)."""
     from .checkpoint import read_model_file
+    from .safety import config_factories
 
     sd, meta = read_model_file(path)
     if json_:
@@ -174,6 +175,9 @@ def info(path: Path = typer.Argument(..., help="A model file written by stardoma
     for key in ("runtime", "sources", "alignment", "star"):
         if key in meta:
             lines.append(f"{key:<9} {json.dumps(meta[key])[:200]}")
+    for f in config_factories({"model": meta["model"], "data": meta["data"]["config"]}):
+        lines.append(f"factory   names user code {f!r}: eval, spec, align, barrier and bma import it only with "
+                     f"--allow-factory '{f}' (info imports nothing)")
     lines += [f"sha256    {meta['sha256']}", f"versions  {meta.get('versions', {})}",
               f"format    {meta['format_version']}: " + (
                   "metadata and weights covered by its digest" if meta.get("digest") else

@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from . import pairkinds
 from .errors import UserError
+from .safety import check_regular_file
 
 
 SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds
@@ -266,6 +267,26 @@ class Config(Section):
         return self
 
 
+# Settings that only decide whether a run stops, never what a finished run computes: they stay out of artifact
+# keys, resume digests and job identities, so changing them reuses finished work.
+RUN_GUARDS = ("divergence_factor",)
+
+
+def result_identity(cfg: dict) -> dict:
+    """A dumped config without its RUN_GUARDS (in train, star.train and study.heldout_train)."""
+    def strip(section):
+        return {k: v for k, v in section.items() if k not in RUN_GUARDS} if isinstance(section, dict) else section
+
+    out = dict(cfg)
+    if "train" in out:
+        out["train"] = strip(out["train"])
+    if isinstance(out.get("star"), dict) and "train" in out["star"]:
+        out["star"] = {**out["star"], "train": strip(out["star"]["train"])}
+    if isinstance(out.get("study"), dict) and "heldout_train" in out["study"]:
+        out["study"] = {**out["study"], "heldout_train": strip(out["study"]["heldout_train"])}
+    return out
+
+
 def _merged(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -421,8 +442,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+    check_regular_file(p, "config file ")
     try:
         data = p.read_bytes()
     except OSError as e:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from . import permute
-from .checkpoint import compatible, read_model_file, save_model, weights_sha256
+from .checkpoint import check_layout, compatible, read_model_file, save_model, weights_sha256
 from .config import Config, StarConfig, TrainConfig
 from .data import first_inputs, get_dataset, per_token
 from .errors import UserError
@@ -224,24 +224,8 @@ def star_settings(sc: StarConfig) -> dict[str, Any]:
 def _check_sources(model: nn.Module, sources: Sequence[StateDict]) -> None:
     want = model.state_dict()
     for i in range(len(sources)):
-        sd = sources[i]
-        missing = [k for k in want if k not in sd]
-        extra = [k for k in sd if k not in want]
-        bad = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
-        if missing or extra or bad:
-            raise UserError(f"source {i} does not fit the configured model ({cfg_hint(missing, extra, bad)}); "
-                            "give sources trained with the same model config")
-
-
-def cfg_hint(missing, extra, bad) -> str:
-    parts = []
-    if missing:
-        parts.append(f"missing {missing[:3]}")
-    if extra:
-        parts.append(f"unexpected {extra[:3]}")
-    if bad:
-        parts.append(f"shape differs for {bad[:3]}")
-    return ", ".join(parts)
+        check_layout(want, sources[i], f"source {i}", against="the configured model (give sources trained "
+                     "with the same model config)")
 
 
 def _alignments_before(sc: StarConfig, epoch: int, step: int) -> int:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ._verbs import make_callable
 from .checkpoint import load_state, save_model, save_state
-from .config import Config, OptimizerConfig, ScheduleConfig, TrainConfig
+from .config import RUN_GUARDS, Config, OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import DataBundle, Split, batches, data_meta, get_dataset, num_batches, per_token
 from .engine import evaluate_module
 from .errors import UserError
@@ -91,7 +91,10 @@ def evaluate_splits(model: nn.Module, data: DataBundle, batch_size: int = 1000) 
 
 
 def config_digest(cfg: Config) -> str:
-    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+    """Identifies a run's resume state: the config without its RUN_GUARDS (config.result_identity)."""
+    guards = {g: True for g in RUN_GUARDS}
+    text = cfg.model_dump_json(exclude={"train": guards, "star": {"train": guards}})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def model_meta(cfg: Config, data: DataBundle, seed: int, role: str, *, device: str | torch.device | None = None,

@@ -184,7 +184,7 @@ def _run_pair(task: Task, root: Path) -> None:
     sd_a, meta_a, sd_b, meta_b = read_pair(root / p["a"], root / p["b"])
     data = sample_examples(data_from_meta(meta_a, str(root / p["a"])), ev.get("examples"), p["seed"])
     device = resolve_device(p.get("device", "auto"))
-    model = build_from_meta(meta_a, str(root / p["a"])).to(device)
+    model = build_from_meta(meta_a, str(root / p["a"]), weights=sd_a).to(device)
     rec = measure_barrier(model, sd_a, sd_b, data, points=ev["points"], align=ev.get("variant", ev["align"]),
                           example_input=first_inputs(data.train), bn_batches=ev["bn_batches"], seed=p["seed"],
                           device=device, temperature=ev.get("temperature", False),
