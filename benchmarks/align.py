@@ -68,7 +68,7 @@ def make(cfg, shape, classes, seed):
 def trained(cfg, seed, subset):
     """One epoch of MNIST (the first `subset` training images) from seed `seed`."""
     from stardomain.config import load_config
-    from stardomain.train import train
+    from stardomain.training import train
 
     conf = load_config(None, ["data.name=mnist", f"data.train_subset={subset}", f"model.name={cfg['name']}",
                               f"model.kwargs={cfg['kwargs']}", "train.epochs=1", "train.batch_size=128",

@@ -1,4 +1,4 @@
-"""Barrier curve: ours (stardomain.barrier.curve, method auto) against the straightforward reference
+"""Barrier curve: ours (stardomain.barriers.curve, method auto) against the straightforward reference
 (for each t: build the model, one full BatchNorm pass at interior t with PyTorch's own train-mode
 BatchNorm, one full pass over train and test), in one process, on the same pair. Prints the speed ratio
 and the largest difference between the curves.
@@ -20,11 +20,11 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from stardomain.barrier import curve, grid
+from stardomain.barriers import curve, grid
 from stardomain.config import Config
 from stardomain.data import batches, get_dataset
 from stardomain.interpolate import lerp
-from stardomain.train import train
+from stardomain.training import train
 
 
 def pair(model: dict, data: dict, epochs: int, device: str):

@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from stardomain import bma
+from stardomain import averaging as bma
 from stardomain.config import Config
 from stardomain.data import get_dataset
 from stardomain.engine import Engine, Stack
 from stardomain.interpolate import lerp, recalibrate_bn
 from stardomain.models import build_model
-from stardomain.train import init_model
+from stardomain.training import init_model
 
 MODELS = {"mlp-bn": {"name": "mlp", "kwargs": {"width": 64, "bn": True}},
           "cnn-bn": {"name": "cnn", "kwargs": {"widths": [16, 32], "norm": "bn"}}}

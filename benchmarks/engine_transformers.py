@@ -19,10 +19,10 @@ import warnings
 
 import torch
 
-from stardomain.barrier import curve, grid
+from stardomain.barriers import curve, grid
 from stardomain.config import Config
 from stardomain.data import get_dataset, sample_examples
-from stardomain.train import train
+from stardomain.training import train
 
 CASES = {
     "gpt": {"data": {"name": "pydoc_text", "kwargs": {"context": 64}, "train_subset": 3000},

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from stardomain import starlight as sl
-from stardomain.barrier import measure
+from stardomain.barriers import measure
 from stardomain.checkpoint import build_from_meta, read_model_file
 from stardomain.config import apply_overrides, read_yaml, validate, Config
 from stardomain.data import get_dataset

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from stardomain import starlight as sl
-from stardomain import train as tr
-from stardomain.barrier import measure
+from stardomain import training as tr
+from stardomain.barriers import measure
 from stardomain.config import Config
 from stardomain.data import get_dataset
 from stardomain.models import build_model

@@ -31,7 +31,7 @@ import json, resource, sys, torch
 torch.set_num_threads(1)
 from stardomain.config import Config
 from stardomain.data import get_dataset
-from stardomain import train as tr, starlight as sl
+from stardomain import training as tr, starlight as sl
 from stardomain.checkpoint import save_model
 mode, n, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cfg = Config.model_validate(json.loads(sys.argv[4]))

@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 
 from stardomain.config import load_config
-from stardomain.executors import RayExecutor
+from stardomain.study.executors import RayExecutor
 from stardomain.study import build_plan
 
 

@@ -1,7 +1,6 @@
 """The Python API (`import stardomain as sd`): each verb on live modules, tensors and DataLoaders, checked
 against the functions the CLI uses (same seed -> same bits) or a direct computation."""
 
-import importlib
 import json
 import subprocess
 import sys
@@ -18,8 +17,8 @@ from stardomain.data import get_dataset
 from stardomain.errors import UserError
 from stardomain.starlight import train_star
 
-tr = importlib.import_module("stardomain.train")
-barrier_mod = importlib.import_module("stardomain.barrier")
+import stardomain.training as tr
+import stardomain.barriers as barrier_mod
 
 VERBS = ["train", "star", "align", "barrier", "bma", "run", "load", "save", "Config"]
 
@@ -246,12 +245,19 @@ def test_meta_matches_what_train_to_file_writes(tmp_path, cfg):
     assert res.meta["history"] == meta["history"] and res.meta["runtime"] == meta["runtime"]
 
 
-def test_verb_modules_are_modules_and_verbs(cfg):
-    """`stardomain.train`, `.barrier`, `.bma` stay importable modules (users' `import stardomain.train as
-    tr`, `stardomain.bma.bma_files`) and, called, run the verbs."""
-    import stardomain.train as train_module
-    from stardomain import bma as bma_module
+def test_verbs_are_plain_functions_with_their_own_signature_and_docstring(cfg):
+    """`sd.train`, `sd.barrier`, `sd.bma`, `sd.align` are the functions of `stardomain.api`: their real
+    signatures and docstrings show in `inspect` and `help`, and they pickle by reference."""
+    import inspect
+    import pickle
 
-    assert train_module is sd.train and callable(train_module) and hasattr(train_module, "fit")
-    assert hasattr(bma_module, "bma_files") and hasattr(sd.barrier, "measure")
+    import stardomain.api as api
+
+    for name in ("train", "star", "align", "barrier", "bma", "run", "load", "save"):
+        verb = getattr(sd, name)
+        assert verb is getattr(api, name) and inspect.isfunction(verb), name
+        assert pickle.loads(pickle.dumps(verb)) is verb
+    assert {"config", "model", "data", "seed"} <= set(inspect.signature(sd.train).parameters)
+    assert inspect.getdoc(sd.barrier) == inspect.getdoc(api.barrier)
+    assert "loss barrier" in inspect.getdoc(sd.barrier).lower()
     assert isinstance(sd.train(cfg, seed=0), sd.Trained)

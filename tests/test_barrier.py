@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from stardomain.barrier import barriers, curve, grid, interpolated_states, measure, plot
+from stardomain.barriers import barriers, curve, grid, interpolated_states, measure, plot
 from stardomain.config import Config
 from stardomain.data import DataBundle, Split, get_dataset
 from stardomain.errors import UserError
@@ -36,7 +36,7 @@ def digits():
 @pytest.fixture(scope="module")
 def mlp_pair():
     """Two digits MLPs (width 16) from different seeds: an MNIST-like pair, trained in about a second."""
-    from stardomain.train import train
+    from stardomain.training import train
 
     cfg = Config.model_validate({"data": {"name": "digits"}, "model": {"name": "mlp", "kwargs": {"width": 16}},
                                  "train": {"epochs": 4, "batch_size": 64}})
@@ -346,7 +346,7 @@ def _cli(capsys, monkeypatch, *args):
 
 
 def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
-    from stardomain.train import train_to_file
+    from stardomain.training import train_to_file
 
     base = {"data": {"name": "digits"}, "train": {"epochs": 1, "batch_size": 64}}
     cfg = Config.model_validate({**base, "model": {"name": "mlp", "kwargs": {"width": 16}}})

@@ -1,7 +1,6 @@
 """BMA: the stacked functional evaluation against a plain loop over modules (an independent
 implementation), single-model identities, and the CLI end to end on digits."""
 
-import importlib
 import json
 import math
 
@@ -11,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-bma = importlib.import_module("stardomain.bma")  # the package's `bma` is the verb
+import stardomain.averaging as bma
 from stardomain import metrics as M
 from stardomain.checkpoint import save_model
 from stardomain.cli import app
@@ -20,7 +19,7 @@ from stardomain.data import get_dataset
 from stardomain.engine import Engine, Stack
 from stardomain.interpolate import average, lerp, recalibrate_bn
 from stardomain.models import build_model
-from stardomain.train import init_model, model_meta
+from stardomain.training import init_model, model_meta
 
 
 def _cfg(model):
@@ -161,7 +160,7 @@ def test_ood_sets_are_deterministic_and_shifted():
 
 
 def _train_files(tmp_path):
-    from stardomain.train import train
+    from stardomain.training import train
 
     cfg = _cfg(MLP_BN)
     data = get_dataset(cfg.data)

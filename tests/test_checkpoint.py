@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 import stardomain.checkpoint as ck
 from stardomain.errors import UserError
-from stardomain.train import model_meta, train
+from stardomain.training import model_meta, train
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ study's headline/verdict blocks, each against an independent computation."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import subprocess
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-barrier = importlib.import_module("stardomain.barrier")  # the package's `barrier` is the verb
+import stardomain.barriers as barrier
 from stardomain.config import Config, validate
 from stardomain.data import get_dataset
 from stardomain.merge import merge_many

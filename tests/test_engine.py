@@ -12,7 +12,7 @@ from stardomain.data import Split
 from stardomain.engine import Engine, Stack
 from stardomain.interpolate import lerp, recalibrate_bn
 from stardomain.models import build_model
-from stardomain.train import evaluate, init_model
+from stardomain.training import evaluate, init_model
 
 MLP_BN = {"name": "mlp", "kwargs": {"width": 16, "bn": True}}
 CNN_BN = {"name": "cnn", "kwargs": {"widths": [4, 8], "norm": "bn"}}

@@ -3,7 +3,6 @@ and the command-line conventions (--version, config, did-you-mean, enum choices,
 
 import csv
 import enum
-import importlib
 import json
 import os
 import re
@@ -81,7 +80,7 @@ def test_threads_device_version_recorded_and_restored(monkeypatch, capsys, tmp_p
 
 def _interrupted_train(monkeypatch, cfg, out, threads):
     """Train at `threads`, stopped by a KeyboardInterrupt right after epoch 1's state is saved."""
-    tr = importlib.import_module("stardomain.train")  # the package's `train` is the verb
+    import stardomain.training as tr
 
     real = tr.save_training_state
 
@@ -99,7 +98,7 @@ def _interrupted_train(monkeypatch, cfg, out, threads):
 
 @pytest.mark.parametrize("before, after, warned", [(2, 1, True), (1, 1, False)])
 def test_resume_under_other_threads_warns(monkeypatch, capsys, tmp_path, digits_cfg, before, after, warned):
-    from stardomain.train import train_to_file
+    from stardomain.training import train_to_file
 
     out = tmp_path / "m.safetensors"
     _interrupted_train(monkeypatch, digits_cfg, out, before)
@@ -118,7 +117,7 @@ LINE = re.compile(r"^train seed 0: epoch (\d+)/(\d+)  loss (\d+\.\d{4})  acc (\d
 
 
 def test_piped_progress_lines_history_and_csv(monkeypatch, capsys, tmp_path):
-    tr = importlib.import_module("stardomain.train")  # the package's `train` is the verb
+    import stardomain.training as tr
 
     monkeypatch.setattr(tr, "PLAIN_EVERY_S", 0.0)  # a line after every batch
     out = tmp_path / "m.safetensors"
@@ -320,7 +319,7 @@ def test_barrier_json_prints_what_json_out_writes(monkeypatch, capsys, tmp_path)
 
 def test_star_records_runtime_history_and_csv(tmp_path, digits_cfg):
     from stardomain.starlight import star_to_file
-    from stardomain.train import train_to_file
+    from stardomain.training import train_to_file
 
     cfg = digits_cfg.model_copy(update={"train": digits_cfg.train.model_copy(update={"epochs": 1})})
     srcs = [tmp_path / f"s{i}.safetensors" for i in range(2)]
@@ -341,7 +340,7 @@ def test_star_records_runtime_history_and_csv(tmp_path, digits_cfg):
 
 def test_run_on_a_study_made_under_other_threads_warns(monkeypatch, capsys, tmp_path, digits_cfg):
     from stardomain.runtime import warn_if_study_changed
-    from stardomain.train import train_to_file
+    from stardomain.training import train_to_file
 
     (tmp_path / "models").mkdir()
     torch.set_num_threads(2)
@@ -409,7 +408,7 @@ def _floats(obj):
 
 def test_json_results_show_six_significant_digits(monkeypatch, capsys, tmp_path):
     """--json and --json-out show floats to 6 significant digits, the measured values rounded."""
-    from stardomain.barrier import measure_files
+    from stardomain.barriers import measure_files
 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     for seed, f in ((0, a), (1, b)):
@@ -538,8 +537,10 @@ def test_all_finite_is_isfinite_all(values):
 
 def test_run_piped_prints_plain_study_lines(monkeypatch, capsys, tmp_path):
     """`run` with stderr in a log: plain lines (tasks done/total, elapsed, ETA, what runs), no bar."""
-    ex = importlib.import_module("stardomain.executors")
-    tr = importlib.import_module("stardomain.train")
+    import stardomain.study.executors as ex
+    import stardomain.training as tr
+    from stardomain.config import load_config
+    from stardomain.study import build_plan
     monkeypatch.setattr(tr, "PLAIN_EVERY_S", 0.0)  # a line at every task start and end
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -553,8 +554,7 @@ def test_run_piped_prints_plain_study_lines(monkeypatch, capsys, tmp_path):
     got = [line.match(x) for x in err.splitlines()]
     assert got and all(got), err
     total = {int(m.group(2)) for m in got}
-    n = len(ex.pending(importlib.import_module("stardomain.study").build_plan(
-        importlib.import_module("stardomain.config").load_config(cfg)), tmp_path / "nothing"))
+    n = len(ex.pending(build_plan(load_config(cfg)), tmp_path / "nothing"))
     assert total == {n}
     assert [int(m.group(1)) for m in got][-1] == n and got[-1].group(4) is None
     assert sum(1 for m in got if m.group(4)) == n  # one line as each task starts

@@ -1,12 +1,11 @@
 """train.fit, the one training loop: a new use of it is a step and a few hooks; its extra state resumes."""
 
-import importlib
 import pytest
 import torch
 import torch.nn.functional as F
 
 from stardomain import starlight as sl
-tr = importlib.import_module("stardomain.train")  # the package's `train` is the verb
+import stardomain.training as tr
 from stardomain.checkpoint import weights_sha256
 from stardomain.config import StarConfig
 from stardomain.data import get_dataset

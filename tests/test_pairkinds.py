@@ -3,13 +3,12 @@ the config, planned, measured, summarised and reported with no other change."""
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 
 from stardomain import pairkinds
 
-barrier = importlib.import_module("stardomain.barrier")  # the package's `barrier` is the verb
+import stardomain.barriers as barrier
 from stardomain.config import DEFAULT_PAIRS, Config, validate
 from stardomain.errors import UserError
 from stardomain.pairkinds import PairKind

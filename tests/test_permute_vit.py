@@ -343,7 +343,7 @@ def test_hand_written_attention_with_unknown_mask_is_safe():
 
 
 def test_vit_trained_twins_align_on_digits(digits_cfg):
-    from stardomain.train import train
+    from stardomain.training import train
 
     cfg = digits_cfg.model_copy(update={"model": digits_cfg.model.model_validate(
         {"name": "vit", "kwargs": {"patch": 4, "dim": 8, "depth": 1, "heads": 2, "mlp_dim": 8}})})

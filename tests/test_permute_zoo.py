@@ -51,7 +51,7 @@ def test_zoo_transformers_permute_exactly(name, kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt", "bert"])
 def test_zoo_transformer_trained_twins_align(digits_cfg, name):
-    from stardomain.train import train
+    from stardomain.training import train
 
     cfg = digits_cfg.model_copy(update={"model": digits_cfg.model.model_validate(
         {"name": name, "kwargs": {"dim": 16, "heads": 2, "depth": 1}})})

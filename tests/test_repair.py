@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from stardomain.barrier import curve, measure
+from stardomain.barriers import curve, measure
 from stardomain.data import get_dataset
 from stardomain.errors import UserError
 from stardomain.interpolate import lerp
 from stardomain.models import build_model
 from stardomain.repair import apply_repair, channel_stats, remove_repair, repair_points
-from stardomain.train import train
+from stardomain.training import train
 
 
 @pytest.fixture(scope="module")

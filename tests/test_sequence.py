@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stardomain import barrier as B
-from stardomain import bma
+from stardomain import barriers as B
+from stardomain import averaging as bma
 from stardomain.checkpoint import read_model_file
 from stardomain.config import Config, validate
 from stardomain.data import _pydoc_text, get_dataset, is_test_paragraph, per_token, pydoc_paragraphs
@@ -19,7 +19,7 @@ from stardomain.engine import Engine, Stack
 from stardomain.errors import UserError
 from stardomain.permute import align
 from stardomain.starlight import train_star
-from stardomain.train import evaluate, train, train_to_file
+from stardomain.training import evaluate, train, train_to_file
 
 TEXT = {"name": "pydoc_text", "kwargs": {"context": 16}, "train_subset": 300}
 GPT = {"name": "gpt", "kwargs": {"dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2}}
@@ -78,7 +78,7 @@ def test_training_lowers_the_loss_and_files_record_vocab_and_context(tmp_path):
     c = cfg()
     data = get_dataset(c.data)
     torch.manual_seed(0)
-    from stardomain.train import init_model
+    from stardomain.training import init_model
 
     before = evaluate(init_model(c, data, 0), data.test, 500)["loss"]
     meta = train_to_file(c, 0, tmp_path / "m.safetensors", progress=False)

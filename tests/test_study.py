@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib
 import json
 import os
 import signal
@@ -22,9 +21,9 @@ from scipy import stats as sps
 
 from stardomain.config import Config, load_config, validate
 from stardomain.errors import UserError
-from stardomain.executors import pending
-from stardomain.study import (build_plan, check_study_folder, mann_whitney_less, paired_wilcoxon_less, run_study,
-                              summarize, default_config_path)
+from stardomain.study.executors import pending
+from stardomain.stats import mann_whitney_less, paired_wilcoxon_less, summarize
+from stardomain.study import build_plan, check_study_folder, default_config_path, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 STARDOMAIN = str(Path(sys.executable).with_name("stardomain"))
@@ -239,7 +238,7 @@ def test_local_study_results_and_report(local_run, tiny_yaml):
 
 
 def test_pair_record_matches_direct_measurement(local_run):
-    barrier = importlib.import_module("stardomain.barrier")  # the package's `barrier` is the verb
+    import stardomain.barriers as barrier
 
     out, res = local_run
     rec = res["pairs"]["regular_regular"][0]
@@ -339,7 +338,7 @@ def _main(monkeypatch, capsys, *args):
 def test_second_run_on_a_locked_folder_exits_2_naming_the_holder(tiny_yaml, tmp_path, monkeypatch, capsys):
     import socket
 
-    from stardomain.lock import study_lock
+    from stardomain.study.lock import study_lock
 
     out = tmp_path / "busy"
     out.mkdir()
@@ -358,9 +357,9 @@ def test_second_run_on_a_locked_folder_exits_2_naming_the_holder(tiny_yaml, tmp_
 
 
 def test_lock_of_a_killed_run_is_released(tmp_path):
-    from stardomain.lock import study_lock
+    from stardomain.study.lock import study_lock
 
-    code = ("import sys, time; from stardomain.lock import study_lock\n"
+    code = ("import sys, time; from stardomain.study.lock import study_lock\n"
             "with study_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -478,7 +477,7 @@ def test_local_pool_gives_the_serial_results(local_run, tiny_yaml, tmp_path, mon
     """--workers 2 runs independent tasks in two processes; every task is keyed, seeded and written
     atomically, so results.json is byte-identical to the serial run's, also when workers are replaced
     every few tasks (here every 3)."""
-    from stardomain import executors
+    from stardomain.study import executors
 
     monkeypatch.setattr(executors, "TASKS_PER_WORKER", 3)
     out_ref, _ = local_run
@@ -513,7 +512,7 @@ def test_local_pool_failure_is_one_line_and_keeps_finished_work(local_run, tiny_
 
 
 def test_workers_must_be_positive():
-    from stardomain.executors import get_executor
+    from stardomain.study.executors import get_executor
 
     assert get_executor("local").workers == 1 and get_executor("local", num_workers=3).workers == 3
     with pytest.raises(UserError, match="--workers"):

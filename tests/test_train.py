@@ -1,10 +1,9 @@
-import importlib
 import math
 
 import pytest
 import torch
 
-tr = importlib.import_module("stardomain.train")  # the package's `train` is the verb
+import stardomain.training as tr
 from stardomain.checkpoint import weights_sha256
 from stardomain.config import ScheduleConfig
 from stardomain.data import get_dataset

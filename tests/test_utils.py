@@ -60,6 +60,6 @@ def test_resolve_device_and_import_object():
 
 def test_old_import_paths_still_work():
     from stardomain.data import import_object as old_import
-    from stardomain.train import resolve_device as old_resolve
+    from stardomain.training import resolve_device as old_resolve
 
     assert old_import is import_object and old_resolve is resolve_device

@@ -5,7 +5,6 @@ recovered), and the study's variant pair kinds (config, plan keys, a tiny study 
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 
 import pytest
@@ -24,7 +23,7 @@ from stardomain.permute import (ROLES, VARIANTS, PermutationSpec, align, apply_p
                                 random_permutation, restrict, spec_from_model)
 from stardomain.study import build_plan, run_study
 
-barrier = importlib.import_module("stardomain.barrier")  # the package's `barrier` is the verb
+import stardomain.barriers as barrier
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 GPT_OPTS = {"rope": True, "kv_heads": 2, "norm": "rms", "mlp": "swiglu"}

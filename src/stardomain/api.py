@@ -28,16 +28,16 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import checkpoint
 from . import data as _data
-from .barrier import measure as _measure
-from .barrier import plot as _plot
-from .bma import evaluate_predictors as _evaluate_predictors
-from .bma import predictors as _predictors
-from .bma import table as _table
+from .barriers import measure as _measure
+from .barriers import plot as _plot
+from .averaging import evaluate_predictors as _evaluate_predictors
+from .averaging import predictors as _predictors
+from .averaging import table as _table
 from .config import Config, apply_overrides, load_config, validate
 from .errors import UserError
 from .starlight import train_star
-from .train import init_model, model_meta
-from .train import train as train_one
+from .training import init_model, model_meta
+from .training import train as train_one
 from .utils import resolve_device
 
 __all__ = ["Config", "train", "star", "align", "barrier", "bma", "run", "load", "save",

@@ -185,7 +185,7 @@ def package_versions() -> dict[str, str]:
     import numpy
     import safetensors
 
-    from . import __version__
+    from ._version import __version__
 
     return {"stardomain": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "safetensors": safetensors.__version__, "python": platform.python_version()}

@@ -75,7 +75,7 @@ _DEBUG = {"on": False}
 
 def _print_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from ._version import __version__
 
         typer.echo(f"stardomain {__version__}")
         raise typer.Exit()
@@ -130,7 +130,7 @@ def train(
     from .checkpoint import prepare_training_outputs
     from .config import load_config
     from .tblog import epoch_log
-    from .train import train_to_file
+    from .training import train_to_file
 
     use_threads(threads)
     cfg = load_config(config, set_)
@@ -194,7 +194,7 @@ def eval_(path: Path = typer.Argument(..., help="A model file written by stardom
           allow_factory: List[str] = AllowOpt):
     """Loss and accuracy (a fraction) on the training split (no augmentation) and the test split."""
     from .checkpoint import data_from_meta, load_model
-    from .train import evaluate_splits, resolve_device
+    from .training import evaluate_splits, resolve_device
 
     use_threads(threads)
     allow_factories(allow_factory)
@@ -294,7 +294,7 @@ def run(
     cfg = load_config(path, set_)
     if out.is_dir():
         from .runtime import warn_if_study_changed
-        from .train import resolve_device
+        from .training import resolve_device
 
         warn_if_study_changed(out, cfg.study.cpus_per_task, resolve_device(cfg.study.device))
     res = run_study(cfg, out, executor=Executor(executor).value, ray_address=ray_address, num_workers=workers,
@@ -336,8 +336,8 @@ def bma_(
     Example: stardomain bma --star runs/star.safetensors --sources runs/s0.safetensors runs/s1.safetensors
     --k 32 --seeds 3 --json-out runs/bma.json --plot runs/bma.png
     """
-    from .bma import bma_files, report_section
-    from .bma import table as bma_table
+    from .averaging import bma_files, report_section
+    from .averaging import table as bma_table
     from .checkpoint import atomic_write_json, atomic_write_text, check_distinct, check_output
 
     use_threads(threads)
@@ -520,7 +520,7 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
 
     Example: stardomain barrier runs/m0.safetensors runs/m1.safetensors --json-out b01.json --plot b01.png
     """
-    from .barrier import measure_files, plot
+    from .barriers import measure_files, plot
     from .checkpoint import check_distinct, check_output
     from .permute.variants import in_words as aligned_in_words
 

@@ -18,7 +18,7 @@ from markdown_it import MarkdownIt
 from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
 
 from . import pairkinds
-from .bma import plot_result, report_section
+from .averaging import plot_result, report_section
 from .checkpoint import atomic_write_bytes, atomic_write_text
 
 # Live views of the pair-kind table (stardomain.pairkinds): a registered kind is named and coloured too.

@@ -74,7 +74,7 @@ def record(device) -> dict:
     """What the metadata and the resume state keep about where a run ran (results depend on it)."""
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     return {"threads": torch.get_num_threads(), "device": str(device), "stardomain": __version__}
 

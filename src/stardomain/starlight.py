@@ -46,7 +46,7 @@ from .config import Config, StarConfig, TrainConfig
 from .data import first_inputs, get_dataset, per_token
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
-from .train import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta, write_history_csv
+from .training import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta, write_history_csv
 from .utils import resolve_device
 
 StateDict = dict[str, torch.Tensor]

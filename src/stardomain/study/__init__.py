@@ -1,7 +1,8 @@
 """The star-domain study, end to end: config -> plan (tasks as plain data) -> cached artifacts -> results.
 
 By concern: `plan` (keys, Task, Plan, build_plan), `tasks` (running one task, is_done), `results`
-(collect: summaries, tests, verdict blocks); this module runs the whole study. Every artifact lives under
+(collect: summaries, tests, verdict blocks), `executors` (local pool, Ray), `lock` (one run per folder),
+`runner` (the whole study: run_study). Every artifact lives under
 a key that is the sha256 of exactly what determines it; re-running skips finished artifacts, and a
 changed setting changes only the keys that depend on it. All writes are atomic and every task is
 deterministic on CPU, so a run killed at any point resumes with the same command and ends with the same
@@ -12,78 +13,11 @@ deterministic on CPU, so a run killed at any point resumes with the same command
 
 from __future__ import annotations
 
-import time
-from importlib.resources import files
-from pathlib import Path
+from .plan import CACHE_VERSION, Plan, Task, build_plan, deep_merge, key_of
+from .results import RESULTS_FORMAT, collect, summarize_pairs
+from .runner import check_study_folder, default_config_path, run_study
+from .tasks import CRASH_ENV, execute, is_done
 
-from ..checkpoint import atomic_write_json
-from ..config import Config
-from ..data import get_dataset
-from ..errors import UserError
-from ..lock import study_lock
-from ..report import write_report
-from ..stats import mann_whitney_less, paired_wilcoxon_less, summarize  # noqa: F401  (re-exported)
-from ..verdict import analyse, row_headline, verdict, verdict_line  # noqa: F401  (the words live in verdict)
-from .folder import check_study_folder, is_study_folder, mark_study_folder  # noqa: F401
-from .plan import CACHE_VERSION, Plan, Task, build_plan, deep_merge, key_of  # noqa: F401
-from .results import RESULTS_FORMAT, collect, summarize_pairs  # noqa: F401
-from .tasks import CRASH_ENV, _read_json, execute, is_done  # noqa: F401
-
-__all__ = ["CACHE_VERSION", "CRASH_ENV", "RESULTS_FORMAT", "Plan", "Task", "analyse", "build_plan",
-           "check_study_folder", "collect", "deep_merge", "default_config_path", "execute", "is_done", "is_study_folder",
-           "key_of",
-           "mann_whitney_less", "paired_wilcoxon_less", "row_headline", "run_study", "summarize", "summarize_pairs",
-           "verdict", "verdict_line"]
-
-
-def _timing_table(plan: Plan, root: Path) -> dict:
-    out = {}
-    for t in plan.tasks:
-        rec = _read_json(root / t.output) or {}
-        out[t.label] = {"op": t.op, **(rec.get("timings") or rec.get("timings_") or {})}
-    by_op: dict[str, float] = {}
-    for v in out.values():
-        by_op[v["op"]] = by_op.get(v["op"], 0.0) + float(v.get("seconds", 0.0))
-    return {"tasks": out, "total_seconds_by_op": by_op}
-
-
-def run_study(cfg: Config, out: str | Path, *, executor: str = "local", ray_address: str | None = None,
-              progress: bool | None = None, report: bool = True, num_workers: int | None = None,
-              force: bool = False) -> dict:
-    """Plan, execute what is not cached, collect, write results.json (+ timings.json, report). The folder is
-    locked while this runs (`lock.study_lock`): a second run on it stops with a UserError naming the holder."""
-    from ..executors import get_executor  # executors import this package: a genuine cycle
-
-    ex = get_executor(executor, address=ray_address, num_workers=num_workers)
-    plan = build_plan(cfg)
-    get_dataset(cfg.data)  # a missing data set stops here, before any work
-    root = Path(out)
-    check_study_folder(root, force)
-    root.mkdir(parents=True, exist_ok=True)
-    mark_study_folder(root)
-    with study_lock(root):
-        return _run_locked(cfg, plan, ex, executor, root, progress, report)
-
-
-def _run_locked(cfg: Config, plan: Plan, ex, executor: str, root: Path, progress: bool | None, report: bool) -> dict:
-    """run_study's work, with the folder's lock held."""
-    atomic_write_json(root / "plan.json", plan.to_json())
-    t0 = time.perf_counter()
-    ex.run(plan, root, progress=progress)
-    wall = time.perf_counter() - t0
-    results = collect(cfg, plan, root)
-    atomic_write_json(root / "results.json", results)
-    atomic_write_json(root / "timings.json", {"executor": executor, "wall_seconds_this_run": wall,
-                                              **_timing_table(plan, root)})
-    if report:
-        bma_raw = None
-        if plan.layout.get("bma"):
-            bma_raw = (_read_json(root / plan.by_key()[plan.layout["bma"]].output) or {}).get("raw")
-        write_report(results, root, timings=_read_json(root / "timings.json"), bma_raw=bma_raw)
-    return results
-
-
-def default_config_path() -> Path:
-    """The embedded default study (MNIST, MLP width 16), shipped inside the package."""
-    return Path(str(files("stardomain") / "configs" / "default.yaml"))
-
+__all__ = ["CACHE_VERSION", "CRASH_ENV", "RESULTS_FORMAT", "Plan", "Task", "build_plan", "check_study_folder",
+           "collect", "deep_merge", "default_config_path", "execute", "is_done", "key_of", "run_study",
+           "summarize_pairs"]

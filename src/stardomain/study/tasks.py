@@ -17,8 +17,8 @@ from typing import Any, Callable
 import torch
 
 from .. import starlight
-from ..barrier import measure as measure_barrier  # `stardomain.barrier` is the API verb
-from ..bma import bma_files
+from ..barriers import measure as measure_barrier  # `stardomain.barrier` is the API verb
+from ..averaging import bma_files
 from ..checkpoint import (atomic_write_json, build_from_meta, data_from_meta, load_model, read_model_file,
                           read_pair, save_model)
 from ..config import Config, validate
@@ -28,7 +28,7 @@ from ..interpolate import average, recalibrate_bn
 from ..merge import merge_many
 from ..permute import align, apply_permutation, check_equivalence, identity, spec_for, weight_matching
 from ..safety import allowed, config_factories
-from ..train import evaluate_splits, model_meta, train_to_file
+from ..training import evaluate_splits, model_meta, train_to_file
 from ..utils import TIMING_KEYS, json_safe, resolve_device
 from .plan import _MODEL_OPS, Task
 

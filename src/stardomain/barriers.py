@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._verbs import make_callable
 from .checkpoint import atomic_write_bytes, build_from_meta, data_from_meta, read_pair, weights_sha256
 from .data import DataBundle, Split, batches, first_inputs, per_token
 from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_module
@@ -451,4 +450,3 @@ def plot(rec: dict, out=None, title: str | None = None) -> bytes:
     return png
 
 
-make_callable(__name__)  # `stardomain.barrier(...)` is the API verb (stardomain._verbs)

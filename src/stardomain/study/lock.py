@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from ..errors import UserError
 
 LOCK_NAME = ".lock"
 

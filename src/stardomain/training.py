@@ -22,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._verbs import make_callable
 from .checkpoint import load_state, save_model, save_state
 from .config import RUN_GUARDS, Config, OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import DataBundle, Split, batches, data_meta, get_dataset, num_batches, per_token
@@ -331,4 +330,3 @@ def train_to_file(cfg: Config, seed: int, out: str | Path, *, role: str = "sourc
     return meta
 
 
-make_callable(__name__)  # `stardomain.train(...)` is the API verb (stardomain._verbs)

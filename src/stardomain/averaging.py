@@ -47,7 +47,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._verbs import make_callable
 from . import metrics as M
 from .checkpoint import (atomic_write_bytes, atomic_write_json, build_from_meta, check_layout, compatible,
                          read_model_file, weights_sha256)
@@ -773,4 +772,3 @@ def plot_result(result: dict, path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-make_callable(__name__)  # `stardomain.bma(...)` is the API verb (stardomain._verbs)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .study.plan import Plan, Task
-from .study.tasks import execute, is_done
+from ..errors import UserError
+from .plan import Plan, Task
+from .tasks import execute, is_done
 
 
 class _Progress:
@@ -50,7 +50,7 @@ class _Progress:
         self._line()
 
     def _line(self, running: bool = False, closing: bool = False) -> None:
-        from .train import PLAIN_EVERY_S
+        from ..training import PLAIN_EVERY_S
 
         now = time.monotonic()
         if not self.plain or (now - self.last < PLAIN_EVERY_S and not (closing and self.printed)):
