@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import DataConfig, ModelConfig, format_validation_error
+from .config import DataConfig, ModelConfig, format_validation_error, result_identity
 from .errors import UserError
 from .safety import check_json_limits, check_meta_factories, check_regular_file
 
@@ -347,7 +347,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
 
 def compatible(meta_a: dict, meta_b: dict) -> str | None:
     """Why two model files cannot be compared or interpolated, or None if they can."""
-    if meta_a["model"] != meta_b["model"]:
+    from .models import resolved
+
+    if resolved(meta_a["model"]) != resolved(meta_b["model"]):
         return f"different architectures ({_short(meta_a['model'])} vs {_short(meta_b['model'])})"
     da, db = meta_a["data"], meta_b["data"]
     if da.get("config") != db.get("config"):
@@ -471,7 +473,9 @@ def model_job(kind: str, meta: dict) -> dict:
         imp = meta.get("imported") or {}
         job = {"factory": imp.get("factory"), "kwargs": imp.get("kwargs")}
     else:
-        job = {"role": meta.get("role"), "seed": meta.get("seed"), "config": meta.get("config")}
+        cfg = meta.get("config")
+        job = {"role": meta.get("role"), "seed": meta.get("seed"),
+               "config": result_identity(cfg) if isinstance(cfg, dict) else cfg}
         if kind == "star":
             job["sources"] = [s.get("sha256") for s in meta.get("sources") or []]
     return json.loads(json.dumps(job, sort_keys=True, default=str))

@@ -216,6 +216,18 @@ class Hooks:
     restore: Callable[[dict], None] = lambda st: None
 
 
+def divergence(loss: float, first: float, factor: float | None) -> str | None:
+    """None while training is sane; else what the diverged line adds: '' for a NaN/inf loss, the bound for a
+    loss above `factor` times the run's first mini-batch loss (at least 1, so a run that starts near zero,
+    a star initialised from a source, is not stopped by an ordinary rise)."""
+    if not math.isfinite(loss):
+        return ""
+    if factor is not None and math.isfinite(first) and loss > factor * max(first, 1.0):
+        return (f" (the loss grew past {factor:g} times the first mini-batch's {first:.4g}; the bound is "
+                "train.divergence_factor)")
+    return None
+
+
 def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: str, hooks: Hooks, *,
         device: torch.device, state_path: str | Path | None = None, progress: bool | None = None,
         history: list[dict] | None = None, on_epoch: Callable[[int, dict], None] | None = None) -> int:
@@ -232,10 +244,10 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
     sched = build_scheduler(opt, tc, steps)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and other global draws; restored below when resuming
-    start_epoch, n_step = 0, 0
+    start_epoch, n_step, first = 0, 0, None
     st = resume_training_state(state_path, digest, seed, model, opt, sched, gen, device)
     if st is not None:
-        start_epoch = st["epoch"]
+        start_epoch, first = st["epoch"], st.get("first_loss")
         n_step = st.get("step", start_epoch * steps)
         history[:] = list(st.get("fit_history") or [])
         warn_if_changed(st.get("runtime"), record(device), what=hooks.desc)
@@ -250,9 +262,11 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
                             drop_last=drop_last):
             opt.zero_grad(set_to_none=True)
             loss, right = hooks.step(x, y, n_step)
-            if not math.isfinite(loss):
+            first = loss if first is None else first
+            grown = divergence(loss, first, tc.divergence_factor)
+            if grown is not None:
                 bar.close()
-                raise UserError(hooks.diverged(loss, epoch))
+                raise UserError(hooks.diverged(loss, epoch) + grown)
             if tc.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
@@ -267,7 +281,7 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
         history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "acc": acc})
         if state_path:
             save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device, step=n_step,
-                                fit_history=history, runtime=record(device), **hooks.state())
+                                fit_history=history, runtime=record(device), first_loss=first, **hooks.state())
         bar.update(epoch, loss_sum / max(1, seen), acc, end_of_epoch=True)  # once the epoch is safe
         hooks.saved(epoch + 1)
         if on_epoch is not None:

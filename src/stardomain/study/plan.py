@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from .. import pairkinds
-from ..config import Config, TrainConfig, validate
+from ..config import Config, TrainConfig, result_identity, validate
 from ..errors import UserError
 from ..safety import config_factories
 
@@ -97,7 +97,7 @@ class _Builder:
         return f"models/{self.tasks[key].params['name']}.safetensors"
 
     def train(self, cfgd: dict, seed: int, role: str, idx: int, tag: str) -> str:
-        ident = {"op": "train", "v": CACHE_VERSION, "config": _model_cfg(cfgd, _REGULAR), "seed": seed,
+        ident = {"op": "train", "v": CACHE_VERSION, "config": result_identity(_model_cfg(cfgd, _REGULAR)), "seed": seed,
                  "role": role}
         key = key_of(ident)
         name = f"{role}{tag}-s{seed}-{key[:12]}"
@@ -109,7 +109,8 @@ class _Builder:
         """A star from its own seed (study seed + STAR_SEED_OFFSET): sharing source 0's initialisation and
         data order would put it in that source's basin (measured: star–source 0 barriers near zero)."""
         seed = self.st.seed + STAR_SEED_OFFSET
-        ident = {"op": "star", "v": CACHE_VERSION, "config": _model_cfg(cfgd), "seed": seed, "sources": sources}
+        ident = {"op": "star", "v": CACHE_VERSION, "config": result_identity(_model_cfg(cfgd)), "seed": seed,
+                 "sources": sources}
         key = key_of(ident)
         name = f"star{tag}-{key[:12]}"
         return self._add(Task(key, "star", f"star{tag}", {
