@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -283,7 +284,7 @@ def check_layout(want: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], whe
              for what, keys in (("missing", missing), ("unexpected", extra), ("other shape for", shape),
                                 ("other dtype for", dtype)) if keys]
     if parts:
-        raise UserError(f"{where}: its weights do not fit {against} ({'; '.join(parts)})")
+        raise UserError(f"{where} does not fit {against} ({'; '.join(parts)})")
 
 
 def parse_meta(text: str, where: str) -> dict[str, Any]:
@@ -370,7 +371,8 @@ def read_pair(path_a: str | Path, path_b: str | Path, verb: str = "compare"):
     why = compatible(meta_a, meta_b)
     if why:
         raise UserError(f"cannot {verb} {path_a} and {path_b}: {why}")
-    check_layout(sd_a, sd_b, f"cannot {verb} {path_a} and {path_b}: {path_b}", against=f"{path_a}'s")
+    check_layout(sd_a, sd_b, f"cannot {verb} {path_a} and {path_b}: {path_b}",
+                 against=f"{path_a} (the same tensors, shapes and dtypes)")
     return sd_a, meta_a, sd_b, meta_b
 
 
@@ -436,18 +438,33 @@ _MD_HEAD = {"bma.md": "## Bayesian model averaging"}
 MODEL_KINDS = ("train", "star", "align", "import")
 
 
+def _header(path: str | Path) -> dict | None:
+    """The safetensors JSON header of a regular file (a FIFO is not waited on), None when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            size = os.fstat(fd)
+            if not stat.S_ISREG(size.st_mode):
+                return None
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 0 < n <= 100_000_000 or size.st_size < 8 + n:
+                return None
+            header = json.loads(f.read(n))
+        except (OSError, struct.error, ValueError, RecursionError):
+            return None
+    return header if isinstance(header, dict) else None
+
+
 def read_model_meta(path: str | Path) -> dict | None:
     """The stardomain metadata of a model file from its header alone (no weights read, nothing verified):
     cheap enough to ask of any path. None when it is not a stardomain model file."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n <= 100_000_000:
-                return None
-            header = json.loads(f.read(n))
-        meta = json.loads(header["__metadata__"][META_KEY])
+        meta = json.loads((_header(path) or {})["__metadata__"][META_KEY])
         return meta if isinstance(meta, dict) else None
-    except (OSError, struct.error, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError, RecursionError):
         return None
 
 
@@ -511,15 +528,8 @@ HISTORY_HEAD = "epoch,loss,acc\n"  # the first line of every history CSV (train.
 
 def is_training_state(path: str | Path) -> bool:
     """A readable training state `save_state` wrote (the header alone is read)."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n <= 100_000_000 or os.fstat(f.fileno()).st_size < 8 + n:
-                return False
-            md = json.loads(f.read(n)).get("__metadata__") or {}
-        return isinstance(md, dict) and "state" in md
-    except (OSError, struct.error, ValueError, AttributeError):
-        return False
+    md = (_header(path) or {}).get("__metadata__")
+    return isinstance(md, dict) and "state" in md
 
 
 def prepare_training_outputs(out: str | Path, kind: str, job: dict, *, force: bool = False,

@@ -300,6 +300,7 @@ def check_kwargs(fn: Callable, kwargs: dict, where: str, reserved: dict[str, str
     for k in kwargs:
         if k in (reserved or {}):
             raise UserError(f"{where}: {k!r} is set by {reserved[k]}, not here")
+    for k in kwargs:
         if k not in accepted:
             hint = did_you_mean(str(k), accepted) if accepted else " (it takes no kwargs)"
             raise UserError(f"{where}: unknown key {str(k)[:60]!r}{hint}")
@@ -329,12 +330,12 @@ def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
         raw = fn(**kwargs)
     except UserError:
         raise
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: bad kwargs {str(cfg.kwargs)[:120]} ({str(e)[:200]})") from e
     except Exception as e:
-        if not cfg.factory:
-            raise
-        raise UserError(f"{where} raised {type(e).__name__}: {str(e)[:200]}") from e
+        if cfg.factory:
+            raise UserError(f"{where} raised {type(e).__name__}: {str(e)[:200]}") from e
+        if isinstance(e, (TypeError, ValueError)):
+            raise UserError(f"{where}: bad kwargs {str(cfg.kwargs)[:120]} ({str(e)[:200]})") from e
+        raise
     if isinstance(raw, DataBundle):
         bundle = raw
     else:

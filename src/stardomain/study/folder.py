@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import atomic_write_text, check_writable
 from ..errors import UserError
+from .lock import LOCK_NAME
 
 MARK_NAME = ".stardomain-study"
 MARK_TEXT = "a stardomain study folder (stardomain run); its files are written and replaced by the study\n"
@@ -30,9 +31,13 @@ def _regular_text(path: Path, limit: int = 1 << 20) -> str | None:
 
 
 def is_study_folder(root: Path) -> bool:
-    """Ours: it carries the mark, or (a folder from before the mark) a plan.json of a study's shape."""
+    """Ours: it carries the mark, or holds nothing but a study's lock (empty, or its holder's line), or (a
+    folder from before the mark) a plan.json of a study's shape."""
     if _regular_text(root / MARK_NAME) == MARK_TEXT:
         return True
+    if os.listdir(root) == [LOCK_NAME]:
+        line = _regular_text(root / LOCK_NAME)
+        return line is not None and (line == "" or line.startswith("pid "))
     try:
         plan = json.loads(_regular_text(root / "plan.json") or "null")
     except ValueError:

@@ -53,10 +53,15 @@ def _timings(obj: Any, prefix: str = "") -> dict[str, float]:
 
 
 def _read_json(path: Path) -> dict | None:
+    """A record of the study folder; None when it is missing, unreadable or not a regular file (a FIFO
+    planted in a shared folder is not waited on)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        if not path.is_file():
+            return None
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return obj if isinstance(obj, dict) else None
 
 
 def is_done(task: Task, root: Path, plan_tasks: dict[str, Task] | None = None) -> bool:
