@@ -72,6 +72,7 @@ def zoo(tmp_path_factory):
     hostile["missing"] = d / "missing.safetensors"
     folder = d / "folder"
     folder.mkdir()
+    (folder / "notes.md").write_text("a user's folder, not a study's")
     hostile["folder"] = folder
     fifo = d / "fifo"
     os.mkfifo(fifo)
@@ -109,6 +110,11 @@ def zoo(tmp_path_factory):
 
 
 INPUT_SLOTS = {"A", "B", "CFG", "W"}
+# Hostile for most slots, but a fine input here: an empty YAML file is the default config; `info` describes
+# a file without building it, so a model whose tensors do not fit, whose width is absurd or that names a
+# factory is shown (with the factory's --allow-factory line), not refused.
+NOT_HOSTILE = {("CFG", "empty.safetensors"), ("info", "extra.safetensors"), ("info", "deep.safetensors"),
+               ("info", "factory.safetensors")}
 
 
 def _cases():
@@ -126,6 +132,8 @@ def test_hostile_inputs_never_reach_internal_error(zoo, tmp_path, monkeypatch, c
     values = zoo["outs"] if slot == "OUT" else zoo["hostile"]
     failures = []
     for name, value in values.items():
+        if (slot, name) in NOT_HOSTILE or (command, name) in NOT_HOSTILE:
+            continue
         fill = {"A": zoo["A"], "B": zoo["B"], "CFG": zoo["CFG"], "W": zoo["W"], "OUT": tmp_path / "out.json",
                 "DIR": tmp_path / "study"}
         if slot == "OUT":
