@@ -25,6 +25,7 @@ from stardomain.config import Config
 from stardomain.data import batches, get_dataset
 from stardomain.interpolate import lerp
 from stardomain.training import train
+from stardomain.barriers import BarrierSettings
 
 
 def pair(model: dict, data: dict, epochs: int, device: str):
@@ -75,7 +76,7 @@ def bench(name, model, sa, sb, data, reps, points, device, bn_batches=None):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             recs[who] = (reference(model, sa, sb, data, ts, device, bn_batches=bn_batches) if who == "reference"
-                         else curve(model, sa, sb, data, ts, method="auto", device=device, bn_batches=bn_batches))
+                         else curve(model, sa, sb, data, ts, BarrierSettings(method='auto', bn_batches=bn_batches), device=device))
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             best[who] = min(best[who], time.perf_counter() - t0)

@@ -23,6 +23,7 @@ from stardomain.barriers import curve, grid
 from stardomain.config import Config
 from stardomain.data import get_dataset, sample_examples
 from stardomain.training import train
+from stardomain.barriers import BarrierSettings
 
 CASES = {
     "gpt": {"data": {"name": "pydoc_text", "kwargs": {"context": 64}, "train_subset": 3000},
@@ -62,16 +63,16 @@ def main() -> None:
         for _ in range(args.reps):
             for s in STRATEGIES:
                 t0 = time.perf_counter()
-                curves[s] = curve(a, sa, sb, data, ts, method=s)
+                curves[s] = curve(a, sa, sb, data, ts, BarrierSettings(method=s))
                 best[s] = min(best[s], time.perf_counter() - t0)
         ref = curves["loop"]["train"]["loss"]
         diff = max(abs(x - y) for s in STRATEGIES for x, y in zip(curves[s]["train"]["loss"], ref))
         kept = []
         for s in STRATEGIES:  # growth of the resident memory over repeated curves, after a warm-up curve
-            curve(a, sa, sb, data, ts, method=s)
+            curve(a, sa, sb, data, ts, BarrierSettings(method=s))
             before = rss_mb()
             for _ in range(args.leak):
-                curve(a, sa, sb, data, ts, method=s)
+                curve(a, sa, sb, data, ts, BarrierSettings(method=s))
             kept.append(f"{(rss_mb() - before) / args.leak:.1f}")
         picked = curves["auto"].get("method", "?")
         print(f"| {name} | {picked} | " + " | ".join(f"{best[s]:.2f}" for s in STRATEGIES)

@@ -27,6 +27,7 @@ from stardomain.checkpoint import build_from_meta, read_model_file
 from stardomain.config import apply_overrides, read_yaml, validate, Config
 from stardomain.data import get_dataset
 from stardomain.study import default_config_path
+from stardomain.barriers import BarrierSettings
 
 SGD = "{name: sgd, lr: %s, momentum: 0.9}"
 
@@ -110,7 +111,7 @@ def main():
             secs.append(time.perf_counter() - t0)
             align_s.append(info["align_seconds"])
             sd = {k: v.detach() for k, v in star.state_dict().items()}
-            bars.append([measure(probe, sd, h, data, points=11)["barrier"]["train_loss"] for h in heldouts])
+            bars.append([measure(probe, sd, h, data, BarrierSettings(points=11))["barrier"]["train_loss"] for h in heldouts])
             losses.append(info["metrics"]["train"]["loss"])
             accs.append(info["metrics"]["test"]["acc"])
         per_seed = [float(np.mean(b)) for b in bars]

@@ -25,6 +25,7 @@ from stardomain.barriers import measure
 from stardomain.config import Config
 from stardomain.data import get_dataset
 from stardomain.models import build_model
+from stardomain.barriers import BarrierSettings
 
 
 def main():
@@ -44,7 +45,7 @@ def main():
     probe = build_model(cfg.model, data.input_shape, data.num_classes)
 
     def aligned_barrier(sd_a, sd_b):
-        return measure(probe, sd_a, sd_b, data, points=11)["barrier"]["train_loss"]
+        return measure(probe, sd_a, sd_b, data, BarrierSettings(points=11))["barrier"]["train_loss"]
 
     reg = [aligned_barrier(s, h) for s in sources for h in heldouts]
     print(f"regular-regular (source x held-out, aligned): {np.mean(reg):.4f} +- {np.std(reg) / np.sqrt(len(reg)):.4f}"

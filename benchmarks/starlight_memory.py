@@ -33,6 +33,7 @@ from stardomain.config import Config
 from stardomain.data import get_dataset
 from stardomain import training as tr, starlight as sl
 from stardomain.checkpoint import save_model
+from stardomain.files import star_to_file
 mode, n, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cfg = Config.model_validate(json.loads(sys.argv[4]))
 data = get_dataset(cfg.data)
@@ -58,7 +59,7 @@ elif mode == "memory":
     cfg = cfg.model_copy(update={"star": cfg.star.model_copy(update={"align_every": "never"})})
     sl.train_star(cfg, srcs, seed=0, device="cpu", progress=False)
 else:
-    sl.star_to_file(cfg, [f"{folder}/s{i}.safetensors" for i in range(n)], f"{folder}/star.safetensors",
+    star_to_file(cfg, [f"{folder}/s{i}.safetensors" for i in range(n)], f"{folder}/star.safetensors",
                     device="cpu", progress=False)
 print(json.dumps({"peak": status("VmHWM") - before, "before": before}))
 """

@@ -15,10 +15,12 @@ from stardomain.checkpoint import weights_sha256
 from stardomain.config import Config
 from stardomain.data import get_dataset
 from stardomain.errors import UserError
+from stardomain.files import train_to_file
 from stardomain.starlight import train_star
 
 import stardomain.training as tr
 import stardomain.barriers as barrier_mod
+from stardomain.barriers import BarrierSettings
 
 VERBS = ["train", "star", "align", "barrier", "bma", "run", "load", "save", "Config"]
 
@@ -142,8 +144,7 @@ def test_barrier_equals_measure(tmp_path, digits, pair):
     torch.set_num_threads(1)
     try:
         res = sd.barrier(a, b, points=5)
-        direct = barrier_mod.measure(live_mlp(), a.state_dict, b.state_dict, digits, points=5,
-                                     device=torch.device("cpu"))
+        direct = barrier_mod.measure(live_mlp(), a.state_dict, b.state_dict, digits, BarrierSettings(points=5), device=torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     assert res.barrier == direct["barrier"]
@@ -239,7 +240,7 @@ def test_a_dataset_of_its_own_kind_needs_num_classes(cfg, digits):
 
 def test_meta_matches_what_train_to_file_writes(tmp_path, cfg):
     """sd.train's metadata has the fields `stardomain train` files carry (runtime, per-epoch history)."""
-    meta = tr.train_to_file(cfg, 0, tmp_path / "m.safetensors", progress=False)
+    meta = train_to_file(cfg, 0, tmp_path / "m.safetensors", progress=False)
     res = sd.train(cfg, seed=0)
     assert set(meta) - {"format_version", "versions", "sha256", "digest"} == set(res.meta)
     assert res.meta["history"] == meta["history"] and res.meta["runtime"] == meta["runtime"]

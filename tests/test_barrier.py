@@ -14,12 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from stardomain.barriers import barriers, curve, grid, interpolated_states, measure, plot
+from stardomain.barriers import barriers, curve, grid, interpolated_states, measure
+from stardomain.report.barriers import plot
 from stardomain.config import Config
 from stardomain.data import DataBundle, Split, get_dataset
 from stardomain.errors import UserError
 from stardomain.interpolate import lerp, recalibrate_bn
 from stardomain.models import build_model
+from stardomain.barriers import BarrierSettings
 
 CURVE_KEYS = [(s, m) for s in ("train", "test") for m in ("loss", "acc")]
 
@@ -105,7 +107,7 @@ def _toy(c_a, c_b):
 def test_closed_form_logistic_path(c_a, c_b, method):
     model, sa, sb, data = _toy(c_a, c_b)
     ts = grid(11)
-    rec = curve(model, sa, sb, data, ts, method=method)
+    rec = curve(model, sa, sb, data, ts, BarrierSettings(method=method))
     sp = lambda z: math.log1p(math.exp(z)) if z < 30 else z  # noqa: E731
     want = [sp(-2 * ((1 - t) * c_a + t * c_b)) for t in ts]
     assert np.allclose(rec["train"]["loss"], want, atol=1e-6)
@@ -123,7 +125,7 @@ def test_closed_form_logistic_path(c_a, c_b, method):
 
 def test_model_against_itself_has_zero_barrier(mlp_pair, digits):
     model, sa, _ = mlp_pair
-    rec = measure(model, sa, sa, digits, align=False)
+    rec = measure(model, sa, sa, digits, BarrierSettings(align=False))
     for s, m in CURVE_KEYS:
         assert np.allclose(rec[s][m], rec[s][m][0], atol=1e-6)
     for k in ("train_loss", "test_loss", "train_acc", "test_acc"):
@@ -153,8 +155,8 @@ def _permute_mlp(sd, perm):
 def test_permuted_copy(mlp_pair, digits):
     model, sa, _ = mlp_pair
     sp = _permute_mlp(sa, torch.randperm(16, generator=torch.Generator().manual_seed(3)))
-    plain = measure(model, sa, sp, digits, align=False)
-    aligned = measure(model, sa, sp, digits, align=True)
+    plain = measure(model, sa, sp, digits, BarrierSettings(align=False))
+    aligned = measure(model, sa, sp, digits, BarrierSettings(align=True))
     # the endpoints compute the same function
     assert plain["train"]["loss"][0] == pytest.approx(plain["train"]["loss"][-1], abs=1e-5)
     assert plain["barrier"]["train_loss"] > 0.05
@@ -249,9 +251,9 @@ def test_fast_paths_equal_reference(digits, spec, bn_batches):
     m = _with_bn_stats(build_model(spec, (1, 8, 8), 10), digits.train.x, 1)
     sa, sb = m.state_dict(), _with_bn_stats(build_model(spec, (1, 8, 8), 10), digits.train.x, 2).state_dict()
     ts = [0.0, 0.1, 0.35, 0.5, 0.9, 1.0]
-    ref = curve(m, sa, sb, digits, ts, method="loop", batch_size=500, bn_batches=bn_batches)
+    ref = curve(m, sa, sb, digits, ts, BarrierSettings(method='loop', batch_size=500, bn_batches=bn_batches))
     for method in ("vmap", "fused", "auto"):
-        fast = curve(m, sa, sb, digits, ts, method=method, batch_size=500, bn_batches=bn_batches, max_models=4)
+        fast = curve(m, sa, sb, digits, ts, BarrierSettings(method=method, batch_size=500, bn_batches=bn_batches, max_models=4))
         assert max_diff(fast, ref) < 1e-4, method
 
 
@@ -289,7 +291,7 @@ def _independent_protocol(sa, sb, data):
 
 def test_agrees_with_independent_protocol(mlp_pair, digits):
     model, sa, sb = mlp_pair
-    rec = measure(model, sa, sb, digits, points=11, align=True)
+    rec = measure(model, sa, sb, digits, BarrierSettings(points=11, align=True))
     ind = _independent_protocol(sa, sb, digits)
     for split in ("train", "test"):
         assert np.allclose(rec[split]["loss"], ind[split]["loss"], atol=1e-3)
@@ -301,13 +303,13 @@ def test_agrees_with_independent_protocol(mlp_pair, digits):
 
 def test_refinement_reports_both(mlp_pair, digits):
     model, sa, sb = mlp_pair
-    rec = measure(model, sa, sb, digits, points=6, align=False, refine=3)
+    rec = measure(model, sa, sb, digits, BarrierSettings(points=6, align=False, refine=3))
     r = rec["barrier_refined"]
     t_worst = rec["barrier"]["train_loss_t"]
     assert any(abs(t - t_worst) <= 0.2 + 1e-12 and t not in rec["t"] for t in r["t"])
     assert r["train_loss"] >= rec["barrier"]["train_loss"] - 1e-12
     # a refined point's value is the value of the curve there
-    again = curve(model, sa, sb, digits, [0.0, r["t"][0], 1.0], method="loop")
+    again = curve(model, sa, sb, digits, [0.0, r["t"][0], 1.0], BarrierSettings(method='loop'))
     assert again["train"]["loss"][1] == pytest.approx(r["train"]["loss"][0], abs=1e-5)
 
 
@@ -316,14 +318,14 @@ def test_bad_inputs(mlp_pair, digits):
     with pytest.raises(UserError):
         curve(model, sa, sb, digits, [0.0, 1.5])
     with pytest.raises(UserError):
-        curve(model, sa, sb, digits, [0.0, 1.0], bn_batches=0)
+        curve(model, sa, sb, digits, [0.0, 1.0], BarrierSettings(bn_batches=0))
     with pytest.raises(UserError):
         grid(1)
 
 
 def test_plot_is_a_png(mlp_pair, digits, tmp_path):
     model, sa, sb = mlp_pair
-    rec = measure(model, sa, sb, digits, points=5, align=False)
+    rec = measure(model, sa, sb, digits, BarrierSettings(points=5, align=False))
     png = plot(rec, tmp_path / "p.png")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "p.png").read_bytes() == png
 
@@ -346,7 +348,7 @@ def _cli(capsys, monkeypatch, *args):
 
 
 def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
-    from stardomain.training import train_to_file
+    from stardomain.files import train_to_file
 
     base = {"data": {"name": "digits"}, "train": {"epochs": 1, "batch_size": 64}}
     cfg = Config.model_validate({**base, "model": {"name": "mlp", "kwargs": {"width": 16}}})
@@ -368,8 +370,7 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert png.read_bytes()[:4] == b"\x89PNG"
     # the same numbers as the library
     model = build_model({"name": "mlp", "kwargs": {"width": 16}}, (1, 8, 8), 10)
-    lib = measure(model, read_model_file(a)[0], read_model_file(b)[0], get_dataset({"name": "digits"}),
-                  points=6, align=True)
+    lib = measure(model, read_model_file(a)[0], read_model_file(b)[0], get_dataset({"name": "digits"}), BarrierSettings(points=6, align=True))
     assert rec["barrier"]["train_loss"] == float(f"{lib['barrier']['train_loss']:.6g}")  # --json-out: 6 digits
 
     code, err = _cli(capsys, monkeypatch, "barrier", a, c, "--json-out", tmp_path / "ac.json")

@@ -20,6 +20,9 @@ from stardomain.engine import Engine, Stack
 from stardomain.interpolate import average, lerp, recalibrate_bn
 from stardomain.models import build_model
 from stardomain.training import init_model, model_meta
+from stardomain.report.averaging import report_section
+from stardomain.report.averaging import table as bma_table
+from stardomain.averaging import BMASettings
 
 
 def _cfg(model):
@@ -66,8 +69,9 @@ def test_functional_bma_equals_module_loop(model, vectorize):
         rows = idx[sl].tolist()
         return Stack.of([star] * len(rows)), Stack.of([sources[r] for r in rows])
 
-    (final, curve, _) = bma._bma_run(ev, chunk_weights, t, data.test.x, data.test.y, {}, data.train, chunk=4,
-                                  batch_size=300, bn_batches=3, ks=[1, 6], n_bins=15)
+    ctx = bma.Context(ev, data, star, sources, None, None, BMASettings(k=k, chunk=4, batch_size=300, bn_batches=3),
+                      {}, lambda s: None)
+    (final, curve, _) = bma._bma_run(ctx, chunk_weights, t)
     want = _loop_bma(cfg, data, star, sources, idx, t, bn_batches=3, batch_size=300)
     assert (final["test"] - want).abs().max().item() < 1e-5
     # the prefix curve's last point is the final predictor
@@ -97,8 +101,7 @@ def test_evaluate_predictors_against_independent_computation():
     data = get_dataset(cfg.data)
     star = _perturbed(cfg, data, 0)
     sources = [_perturbed(cfg, data, s) for s in (1, 2, 3)]
-    res = bma.evaluate_predictors(cfg, star, sources, k=4, seed=7, seeds=2, align=False, device="cpu",
-                                  bn_batches=2, batch_size=400, ns=[1])
+    res = bma.evaluate_predictors(cfg, star, sources, BMASettings(k=4, seed=7, seeds=2, align=False, bn_batches=2, batch_size=400, ns=(1,)), device="cpu")
     y = data.test.y
 
     def probs(sd, recal=False):
@@ -139,7 +142,7 @@ def test_ensemble_of_one_is_that_model():
     cfg = _cfg(MLP_BN)
     data = get_dataset(cfg.data)
     sd = _perturbed(cfg, data, 9)
-    res = bma.evaluate_predictors(cfg, None, [sd], k=2, align=False, device="cpu", ood=False)
+    res = bma.evaluate_predictors(cfg, None, [sd], BMASettings(k=2, align=False, ood=False), device="cpu")
     for m in M.classification_metrics(torch.tensor([[0.5, 0.5]]), torch.tensor([0])):
         a, b = res["ensemble"][m], res["source_0"][m]
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12)
@@ -202,7 +205,7 @@ def test_cli_end_to_end_on_digits(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     text = md.read_text()
     assert "| star_bma |" in text and "ensemble" in text and "star BMA vs ensemble" in text
-    assert text == bma.report_section(res)
+    assert text == report_section(res)
 
 
 def test_cli_refuses_bad_input(tmp_path):
@@ -222,7 +225,7 @@ def test_report_section_says_where_star_bma_wins():
     sb = {"accuracy": 0.95, "nll": 0.31, "ece": 0.05, "auroc_misclassification": 0.85, "seconds": 2.0,
           "ci95": {"accuracy": 0.01, "nll": 0.02, "ece": 0.01, "auroc_misclassification": 0.01}}
     res = {"ensemble": ens, "star_bma": sb, "_info": {"k": 8, "seeds": [0, 1, 2], "n_sources": 5}}
-    text = bma.report_section(res)
+    text = report_section(res)
     win = text.split("beats the deep ensemble on ")[1].split(";")[0]
     assert "acc (0.9500 vs 0.9000)" in win and "AUROC mis (max-p)" in win and "ECE" not in win
     assert "worse on ECE (0.0500 vs 0.0200)" in text
@@ -270,7 +273,7 @@ def test_modules_vmap_rejects_fall_back_to_a_loop():
     cfg = _cfg({"factory": "test_bma:make_itemnet"})
     data = get_dataset(cfg.data)
     star, *sources = [_perturbed(cfg, data, s) for s in range(3)]
-    res = bma.evaluate_predictors(cfg, star, sources, k=3, seed=1, seeds=1, align=False, device="cpu", ood=False)
+    res = bma.evaluate_predictors(cfg, star, sources, BMASettings(k=3, seed=1, seeds=1, align=False, ood=False), device="cpu")
     assert res["_info"]["vectorized"] is False and "vmap_error" in res["_info"]
     idx, t = bma.draw_star(2, 3, bma._generator(1, "star-bma-2"))
     want = M.nll(_loop_bma(cfg, data, star, sources, idx, t, bn_batches=None, batch_size=1000), data.test.y)
@@ -294,7 +297,7 @@ def test_a_predictor_is_one_registration(monkeypatch):
     cfg = _cfg(MLP_BN)
     data = get_dataset(cfg.data)
     sources = [_perturbed(cfg, data, s) for s in (1, 2)]
-    res = bma.evaluate_predictors(cfg, None, sources, k=2, seeds=1, align=False, device="cpu", ns=[1])
+    res = bma.evaluate_predictors(cfg, None, sources, BMASettings(k=2, seeds=1, align=False, ns=(1,)), device="cpu")
     ps = []
     for sd in sources:
         m = build_model(cfg.model, data.input_shape, data.num_classes)
@@ -305,8 +308,8 @@ def test_a_predictor_is_one_registration(monkeypatch):
     assert res["geometric_ensemble"]["nll"] == pytest.approx(M.nll(want, data.test.y), abs=1e-6)
     # one source: its own probabilities, up to the log/softmax round trip
     assert res["_by_n"]["1"]["geometric_ensemble"]["nll"] == pytest.approx(res["source_0"]["nll"], abs=1e-7)
-    assert "| geometric_ensemble |" in bma.report_section(res)
-    assert "geometric_ensemble" in bma.table(res)
+    assert "| geometric_ensemble |" in report_section(res)
+    assert "geometric_ensemble" in bma_table(res)
 
 
 def test_a_metric_is_one_descriptor(monkeypatch):
@@ -318,14 +321,14 @@ def test_a_metric_is_one_descriptor(monkeypatch):
     data = get_dataset(cfg.data)
     star = _perturbed(cfg, data, 0)
     sources = [_perturbed(cfg, data, s) for s in (1, 2)]
-    res = bma.evaluate_predictors(cfg, star, sources, k=2, seeds=2, align=False, device="cpu", ood=False)
+    res = bma.evaluate_predictors(cfg, star, sources, BMASettings(k=2, seeds=2, align=False, ood=False), device="cpu")
     m = build_model(cfg.model, data.input_shape, data.num_classes)
     m.load_state_dict(star)
     with torch.no_grad():
         p = m.eval()(data.test.x).softmax(-1).double()
     assert res["star"]["confidence"] == pytest.approx(float(p.max(1).values.mean()), abs=1e-6)
     assert len(res["star_bma"]["values"]["confidence"]) == 2 and "confidence" in res["_curves"]["star_bma"]
-    text = bma.report_section(res)
+    text = report_section(res)
     header = next(line for line in text.splitlines() if line.startswith("| predictor"))
-    assert "mean conf" in header and "mean conf" in bma.table(res).splitlines()[0]
+    assert "mean conf" in header and "mean conf" in bma_table(res).splitlines()[0]
     assert "mean conf (" in text  # compared with the ensemble in the sentences

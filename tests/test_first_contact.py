@@ -81,6 +81,7 @@ def test_threads_device_version_recorded_and_restored(monkeypatch, capsys, tmp_p
 def _interrupted_train(monkeypatch, cfg, out, threads):
     """Train at `threads`, stopped by a KeyboardInterrupt right after epoch 1's state is saved."""
     import stardomain.training as tr
+    from stardomain.files import train_to_file
 
     real = tr.save_training_state
 
@@ -92,13 +93,13 @@ def _interrupted_train(monkeypatch, cfg, out, threads):
     with monkeypatch.context() as mp:
         mp.setattr(tr, "save_training_state", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
-            tr.train_to_file(cfg, 0, out, progress=False, device="cpu")
+            train_to_file(cfg, 0, out, progress=False, device="cpu")
     assert out.with_name(out.name + ".state").exists()
 
 
 @pytest.mark.parametrize("before, after, warned", [(2, 1, True), (1, 1, False)])
 def test_resume_under_other_threads_warns(monkeypatch, capsys, tmp_path, digits_cfg, before, after, warned):
-    from stardomain.training import train_to_file
+    from stardomain.files import train_to_file
 
     out = tmp_path / "m.safetensors"
     _interrupted_train(monkeypatch, digits_cfg, out, before)
@@ -318,8 +319,8 @@ def test_barrier_json_prints_what_json_out_writes(monkeypatch, capsys, tmp_path)
 
 
 def test_star_records_runtime_history_and_csv(tmp_path, digits_cfg):
-    from stardomain.starlight import star_to_file
-    from stardomain.training import train_to_file
+    from stardomain.files import star_to_file
+    from stardomain.files import train_to_file
 
     cfg = digits_cfg.model_copy(update={"train": digits_cfg.train.model_copy(update={"epochs": 1})})
     srcs = [tmp_path / f"s{i}.safetensors" for i in range(2)]
@@ -340,7 +341,7 @@ def test_star_records_runtime_history_and_csv(tmp_path, digits_cfg):
 
 def test_run_on_a_study_made_under_other_threads_warns(monkeypatch, capsys, tmp_path, digits_cfg):
     from stardomain.runtime import warn_if_study_changed
-    from stardomain.training import train_to_file
+    from stardomain.files import train_to_file
 
     (tmp_path / "models").mkdir()
     torch.set_num_threads(2)
@@ -408,7 +409,7 @@ def _floats(obj):
 
 def test_json_results_show_six_significant_digits(monkeypatch, capsys, tmp_path):
     """--json and --json-out show floats to 6 significant digits, the measured values rounded."""
-    from stardomain.barriers import measure_files
+    from stardomain.files import measure_files
 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     for seed, f in ((0, a), (1, b)):
@@ -421,7 +422,7 @@ def test_json_results_show_six_significant_digits(monkeypatch, capsys, tmp_path)
     printed = json.loads(out)
     assert json.loads(js.read_text()) == printed
     assert all(float(f"{x:.6g}") == x for x in _floats(printed))
-    direct = measure_files(a, b, points=3, device="cpu")
+    direct = measure_files(a, b, BarrierSettings(points=3), device="cpu")
     assert printed["train"]["loss"] == [float(f"{x:.6g}") for x in direct["train"]["loss"]]
     assert any(float(f"{x:.6g}") != x for x in direct["train"]["loss"])  # the rounding did something
     code, out, err = run_cli(monkeypatch, capsys, "eval", a, "--json")
@@ -522,6 +523,7 @@ def test_tensorboard_without_the_package_warns_and_trains(monkeypatch, capsys, t
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from stardomain.barriers import BarrierSettings
 
 
 @settings(max_examples=60, deadline=None)

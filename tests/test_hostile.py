@@ -46,7 +46,7 @@ def assert_one_line(code, err, *words, code_want=2):
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     """One tiny trained model file (digits, MLP width 8, one epoch) shared by the module."""
-    from stardomain.training import train_to_file
+    from stardomain.files import train_to_file
 
     d = tmp_path_factory.mktemp("hostile")
     path = d / "good.safetensors"

@@ -48,7 +48,7 @@ def test_every_command_has_a_template():
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """Good inputs and a collection of hostile files."""
-    from stardomain.training import train_to_file
+    from stardomain.files import train_to_file
 
     d = tmp_path_factory.mktemp("hostile_cli")
     good = d / "good.safetensors"

@@ -24,7 +24,7 @@ TINY = {"data": {"name": "digits"}, "model": {"name": "mlp", "kwargs": {"width":
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """Two tiny digits models (MLP width 8, one epoch)."""
-    from stardomain.training import train_to_file
+    from stardomain.files import train_to_file
 
     d = tmp_path_factory.mktemp("files")
     paths = [d / f"d{i}.safetensors" for i in range(2)]

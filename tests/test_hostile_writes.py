@@ -198,7 +198,7 @@ def _unwritable(tmp_path):
 
 
 def test_barrier_json_out_into_an_unwritable_place_fails_before_computing(tmp_path, monkeypatch, capsys):
-    import stardomain.barriers as barriers
+    import stardomain.files as barriers
 
     def refuse(*_a, **_k):
         raise AssertionError("measured before checking --json-out")

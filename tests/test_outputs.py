@@ -10,7 +10,7 @@ from clitools import run_cli
 import stardomain.checkpoint as ck
 from stardomain.config import load_config
 from stardomain.errors import UserError
-from stardomain.training import train_to_file
+from stardomain.files import train_to_file
 
 CFG = "data: {name: digits}\nmodel: {name: mlp, kwargs: {width: 8}}\ntrain: {epochs: 1, batch_size: 64}\n"
 

@@ -8,11 +8,12 @@ import pytest
 
 from stardomain import pairkinds
 
-import stardomain.barriers as barrier
 from stardomain.config import DEFAULT_PAIRS, Config, validate
 from stardomain.errors import UserError
 from stardomain.pairkinds import PairKind
 from stardomain.study import build_plan, run_study
+from stardomain.files import measure_files
+from stardomain.barriers import BarrierSettings
 
 TINY = {
     "data": {"name": "digits"},
@@ -61,7 +62,7 @@ def test_a_registered_kind_is_planned_measured_and_reported(source_source, tmp_p
     assert [(r["a"], r["b"]) for r in recs] == [("source 0", "source 1"), ("source 0", "source 2"),
                                                 ("source 1", "source 2")]
     for rec in recs:  # measured: each record is the barrier of its two model files, measured directly
-        direct = barrier.measure_files(out / rec["a_file"], out / rec["b_file"], points=5, align=True, device="cpu")
+        direct = measure_files(out / rec["a_file"], out / rec["b_file"], BarrierSettings(points=5, align=True), device="cpu")
         for m in ("train_loss", "test_loss", "train_acc", "test_acc"):
             assert rec["barrier"][m] == pytest.approx(direct["barrier"][m], abs=1e-6)
     s = res["summary"]["source_source"]["train_loss"]
@@ -75,7 +76,7 @@ def test_a_registered_kind_is_planned_measured_and_reported(source_source, tmp_p
 
 
 def test_views_follow_the_table(source_source, monkeypatch):
-    from stardomain.report import KIND_COLORS, KIND_NAMES
+    from stardomain.report.study import KIND_COLORS, KIND_NAMES
     from stardomain.verdict import CENTRES
 
     assert KIND_NAMES["source_source"] == "source – source" and KIND_COLORS["source_source"] == "tab:brown"

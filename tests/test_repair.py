@@ -8,6 +8,7 @@ from stardomain.interpolate import lerp
 from stardomain.models import build_model
 from stardomain.repair import apply_repair, channel_stats, remove_repair, repair_points
 from stardomain.training import train
+from stardomain.barriers import BarrierSettings
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,8 @@ def test_repaired_channels_have_the_interpolated_target_statistics(pair, t):
 
 def test_barrier_with_repair(pair):
     model, sd_a, sd_b, data = pair
-    rec = measure(model, sd_a, sd_b, data, points=5, align=False, repair=True)
-    plain = measure(model, sd_a, sd_b, data, points=5, align=False)
+    rec = measure(model, sd_a, sd_b, data, BarrierSettings(points=5, align=False, repair=True))
+    plain = measure(model, sd_a, sd_b, data, BarrierSettings(points=5, align=False))
     assert rec["bn"]["repair"] is True and rec["method"] == "loop"
     for s in ("train", "test"):  # endpoints are the models themselves either way
         assert rec[s]["loss"][0] == pytest.approx(plain[s]["loss"][0])
@@ -80,4 +81,4 @@ def test_repair_refuses_batchnorm_networks():
     m = build_model({"name": "mlp", "kwargs": {"width": 8, "bn": True}}, (1, 8, 8), 10)
     sd = m.state_dict()
     with pytest.raises(UserError, match="REPAIR"):
-        curve(m, sd, sd, data, [0, 0.5, 1], repair=True)
+        curve(m, sd, sd, data, [0, 0.5, 1], BarrierSettings(repair=True))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import sys
 
-from stardomain.report import _md_to_html, plot_curves
+from stardomain.report.study import _md_to_html, plot_curves
 
 MD = """# Title
 

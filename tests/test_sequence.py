@@ -19,7 +19,10 @@ from stardomain.engine import Engine, Stack
 from stardomain.errors import UserError
 from stardomain.permute import align
 from stardomain.starlight import train_star
-from stardomain.training import evaluate, train, train_to_file
+from stardomain.files import train_to_file
+from stardomain.training import evaluate, train
+from stardomain.averaging import BMASettings
+from stardomain.barriers import BarrierSettings
 
 TEXT = {"name": "pydoc_text", "kwargs": {"context": 16}, "train_subset": 300}
 GPT = {"name": "gpt", "kwargs": {"dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2}}
@@ -104,15 +107,14 @@ def test_alignment_of_trained_gpts_preserves_function_and_lowers_distance(pair):
 
 def test_barrier_star_and_bma_run_on_sequence_models(pair):
     c, data, m0, m1 = pair
-    rec = B.measure(m0, m0.state_dict(), m1.state_dict(), data, points=3, example_input=data.train.x[:4])
+    rec = B.measure(m0, m0.state_dict(), m1.state_dict(), data, BarrierSettings(points=3), example_input=data.train.x[:4])
     assert rec["barrier"]["train_loss"] >= 0 and 0 <= rec["test"]["acc"][1] <= 1
     # endpoints are the models' own token-level losses
     assert rec["train"]["loss"][0] == pytest.approx(evaluate(m0, data.train, 1000)["loss"], rel=1e-5)
     star, info = train_star(cfg(star={"train": {**RECIPE, "epochs": 1}}), [m0.state_dict(), m1.state_dict()],
                             progress=False)
     assert math.isfinite(info["metrics"]["test"]["loss"])
-    res = bma.evaluate_predictors(c, star.state_dict(), [m0.state_dict(), m1.state_dict()], k=2, seeds=1,
-                                  device="cpu")
+    res = bma.evaluate_predictors(c, star.state_dict(), [m0.state_dict(), m1.state_dict()], BMASettings(k=2, seeds=1), device="cpu")
     single = next(v for k, v in res.items() if k == "star")
     assert single["nll"] == pytest.approx(evaluate(star, data.test, 1000)["loss"], rel=1e-4)
     assert res["_info"]["test_predictions"] == data.test.y.numel()

@@ -25,6 +25,8 @@ from stardomain.data import get_dataset
 from stardomain.errors import UserError
 from stardomain.interpolate import lerp
 from stardomain.models import build_model
+from stardomain.files import star_to_file, train_to_file
+from stardomain.barriers import BarrierSettings
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -240,7 +242,7 @@ def test_star_sees_heldouts_it_never_saw_better_than_regular_models_see_each_oth
                for s in sources for h in heldouts]
     assert np.mean(star_held) < 0.5 * np.mean(reg_reg), (star_held, reg_reg)
     barrier = pytest.importorskip("stardomain.barriers")  # the package's measurement agrees with ours
-    rec = barrier.measure(probe, star_sd, heldouts[0], data, points=11, align=True)
+    rec = barrier.measure(probe, star_sd, heldouts[0], data, BarrierSettings(points=11, align=True))
     assert rec["barrier"]["train_loss"] == pytest.approx(star_held[0], abs=1e-4)
     # not a degenerate centre: the star is itself a usable classifier (its own loss is above the sources':
     # a width-16 MLP has little room to be central and a solution at once; RESULTS.md has the numbers)
@@ -263,7 +265,7 @@ def source_files(tmp_path_factory):
     paths = []
     for s in (1, 2):
         p = d / f"s{s}.safetensors"
-        tr.train_to_file(cfg, s, p, progress=False)
+        train_to_file(cfg, s, p, progress=False)
         paths.append(p)
     conf = d / "c.yaml"
     conf.write_text("data: {name: digits}\nmodel: {name: mlp, kwargs: {width: 16}}\n"
@@ -312,7 +314,7 @@ def test_killed_cli_run_restarts_to_the_bitwise_identical_star(source_files, tmp
     args = ["star", "--config", conf, "--sources", *paths, "--set", "train.epochs=8", "--set", "train.batch_size=32"]
     ref = tmp_path / "ref.safetensors"  # uninterrupted, in process (the library call behind the command)
     cfg = load_config(conf, ["train.epochs=8", "train.batch_size=32"])
-    sl.star_to_file(cfg, paths, ref, progress=False)
+    star_to_file(cfg, paths, ref, progress=False)
     out = tmp_path / "star.safetensors"
     state = out.with_name(out.name + ".state")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -406,7 +408,7 @@ def test_interrupted_star_file_has_the_same_metadata_and_bits(source_files, tmp_
     conf, paths = source_files
     cfg = load_config(conf, [f"star.align_every={align_every}", "train.epochs=3"])
     ref = tmp_path / "ref.safetensors"
-    sl.star_to_file(cfg, paths, ref, seed=4, progress=False)
+    star_to_file(cfg, paths, ref, seed=4, progress=False)
 
     class Stop(Exception):
         pass
@@ -417,14 +419,14 @@ def test_interrupted_star_file_has_the_same_metadata_and_bits(source_files, tmp_
 
     out = tmp_path / "star.safetensors"
     with pytest.raises(Stop):
-        sl.star_to_file(cfg, paths, out, seed=4, progress=False, on_epoch=stop_after_1)
+        star_to_file(cfg, paths, out, seed=4, progress=False, on_epoch=stop_after_1)
     state = out.with_name(out.name + ".state")
     assert state.exists() and not out.exists()
     if old_state:
         st = load_state(state)
         assert st["alignments"] == (1 if align_every == "epoch" else -(-st["step"] // 5))
         save_state(state, {k: v for k, v in st.items() if k not in ("alignments", "align_seconds", "seconds")})
-    sl.star_to_file(cfg, paths, out, seed=4, progress=False)
+    star_to_file(cfg, paths, out, seed=4, progress=False)
     sd_ref, meta_ref = read_model_file(ref)
     sd, meta = read_model_file(out)
     steps = meta_ref["star"]["steps"]

@@ -25,6 +25,8 @@ from stardomain.study.executors import pending
 from stardomain.stats import mann_whitney_less, paired_wilcoxon_less, summarize
 from stardomain.study import build_plan, check_study_folder, default_config_path, run_study
 from stardomain.study.folder import MARK_NAME, MARK_TEXT
+from stardomain.files import measure_files
+from stardomain.barriers import BarrierSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 STARDOMAIN = str(Path(sys.executable).with_name("stardomain"))
@@ -239,11 +241,9 @@ def test_local_study_results_and_report(local_run, tiny_yaml):
 
 
 def test_pair_record_matches_direct_measurement(local_run):
-    import stardomain.barriers as barrier
-
     out, res = local_run
     rec = res["pairs"]["regular_regular"][0]
-    direct = barrier.measure_files(out / rec["a_file"], out / rec["b_file"], points=5, align=True, device="cpu")
+    direct = measure_files(out / rec["a_file"], out / rec["b_file"], BarrierSettings(points=5, align=True), device="cpu")
     for m in ("train_loss", "test_loss", "train_acc", "test_acc"):
         assert rec["barrier"][m] == pytest.approx(direct["barrier"][m], abs=1e-6)
 
@@ -304,10 +304,10 @@ def test_killed_study_resumes_to_identical_results(local_run, tiny_yaml, tmp_pat
 def test_study_interrupted_inside_the_star_resumes_to_identical_results(local_run, tiny_yaml, tmp_path, monkeypatch):
     """Stopped after the star's first epoch (its resume state on disk), then re-run: results.json byte for
     byte as uninterrupted, the star's provenance (number of alignments, history) included."""
-    import stardomain.starlight as sl
+    import stardomain.study.tasks as tasks
 
     out_ref, _ = local_run
-    real = sl.star_to_file
+    real = tasks.star_to_file
 
     class Killed(Exception):
         pass
@@ -316,13 +316,13 @@ def test_study_interrupted_inside_the_star_resumes_to_identical_results(local_ru
         if epoch == 1:
             raise Killed
 
-    monkeypatch.setattr(sl, "star_to_file", lambda *a, **kw: real(*a, **kw, on_epoch=die_after_epoch_1))
+    monkeypatch.setattr(tasks, "star_to_file", lambda *a, **kw: real(*a, **kw, on_epoch=die_after_epoch_1))
     out = tmp_path / "s"
     with pytest.raises(Killed):
         run_study(load_config(tiny_yaml), out, progress=False, report=False)
     assert list((out / "models").glob("star-*.safetensors.state"))
     assert not list((out / "models").glob("star-*.safetensors"))
-    monkeypatch.setattr(sl, "star_to_file", real)
+    monkeypatch.setattr(tasks, "star_to_file", real)
     res = run_study(load_config(tiny_yaml), out, progress=False, report=False)
     assert res["models"]["star"]["info"]["star"]["alignments"] == 2  # align_every epoch, 2 epochs
     assert (out / "results.json").read_bytes() == (out_ref / "results.json").read_bytes()

@@ -22,8 +22,9 @@ from stardomain.models import build_model
 from stardomain.permute import (ROLES, VARIANTS, PermutationSpec, align, apply_permutation, distance,
                                 random_permutation, restrict, spec_from_model)
 from stardomain.study import build_plan, run_study
+from stardomain.files import measure_files
 
-import stardomain.barriers as barrier
+from stardomain.barriers import BarrierSettings
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 GPT_OPTS = {"rope": True, "kv_heads": 2, "norm": "rms", "mlp": "swiglu"}
@@ -278,8 +279,7 @@ def test_tiny_study_measures_each_variant(variant_study):
             assert res["summary"][name]["train_loss"]["n"] == len(recs)
     # a variant record is the barrier of its two files with that alignment, measured directly
     rec = pairs["regular_regular_heads"][0]
-    direct = barrier.measure_files(out / rec["a_file"], out / rec["b_file"], points=3, align="heads",
-                                   device="cpu")
+    direct = measure_files(out / rec["a_file"], out / rec["b_file"], BarrierSettings(points=3, align='heads'), device="cpu")
     assert rec["barrier"]["train_loss"] == pytest.approx(direct["barrier"]["train_loss"], rel=1e-9)
     assert rec["alignment"]["permutable_fraction"] == pytest.approx(direct["alignment"]["permutable_fraction"])
     assert 0 < rec["alignment"]["permutable_fraction"] < 1

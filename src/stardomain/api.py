@@ -28,11 +28,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import checkpoint
 from . import data as _data
-from .barriers import measure as _measure
-from .barriers import plot as _plot
+from .averaging import BMASettings
 from .averaging import evaluate_predictors as _evaluate_predictors
-from .averaging import predictors as _predictors
-from .averaging import table as _table
+from .barriers import BarrierSettings
+from .barriers import measure as _measure
+from .report.averaging import predictors as _predictors
+from .report.averaging import table as _table
+from .report.barriers import plot as _plot
 from .config import Config, apply_overrides, load_config, validate
 from .errors import UserError
 from .starlight import train_star
@@ -365,23 +367,38 @@ def barrier(a: Any, b: Any, *, model: Any = None, data: Any = None, points: int 
             seed: int = 0, device: str | None = None, **kwargs: Any) -> Barrier:
     """Loss barrier along the straight path from A to B (B aligned to A first unless align=False; a variant
     name such as "heads" aligns only those groups), like
-    `stardomain barrier`. Other keywords go to `barrier.measure` (refine, repair, temperature, ...)."""
+    `stardomain barrier`. Other keywords are fields of `barriers.BarrierSettings` (refine, repair,
+    temperature, bn_batches, ...)."""
     arch, bundle, _ = _context(_first_trained(a, b), model, data)
-    rec = _measure(copy.deepcopy(arch), _state(a), _state(b), bundle, points=points, align=align,
-                           seed=seed, device=resolve_device(device or "auto"), **kwargs)
+    settings = _settings(BarrierSettings, points=points, align=align, seed=seed, **kwargs)
+    rec = _measure(copy.deepcopy(arch), _state(a), _state(b), bundle, settings,
+                   device=resolve_device(device or "auto"))
     return Barrier(rec)
 
 
 def bma(star_model: Any, sources: Sequence[Any], *, model: Any = None, data: Any = None, k: int = 32,
         seeds: int = 3, seed: int = 0, align: bool = True, device: str = "auto", **kwargs: Any) -> BMA:
     """Score the star, the sources, their ensemble and the BMA predictors on the test split, like
-    `stardomain bma`. Other keywords go to `bma.evaluate_predictors` (ns, ood, bn_batches, ...)."""
+    `stardomain bma`. Other keywords are fields of `averaging.BMASettings` (ns, ood, bn_batches, ...)."""
     ref = _first_trained(star_model, *sources)
     arch, bundle, cfg = _context(ref, model, data)
-    res = _evaluate_predictors(cfg, _state(star_model), [_state(s) for s in sources], k=k, seed=seed,
-                                   seeds=seeds, align=align, device=device, data=bundle,
-                                   model=copy.deepcopy(arch).cpu(), **kwargs)
+    settings = _settings(BMASettings, k=k, seeds=seeds, seed=seed, align=align, **kwargs)
+    res = _evaluate_predictors(cfg, _state(star_model), [_state(s) for s in sources], settings, device=device,
+                               data=bundle, model=copy.deepcopy(arch).cpu())
     return BMA(res)
+
+
+def _settings(cls, **fields: Any):
+    """A settings object from keywords; an unknown keyword is a UserError naming the known ones."""
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise UserError(f"unknown setting {unknown[0]!r}; {cls.__name__} has {', '.join(sorted(known))}")
+    if isinstance(fields.get("ns"), list):
+        fields["ns"] = tuple(fields["ns"])
+    if isinstance(fields.get("ts"), list):
+        fields["ts"] = tuple(fields["ts"])
+    return cls(**fields)
 
 
 def run(config: Config | Mapping | str | Path | None, out: str | Path, *,

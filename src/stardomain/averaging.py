@@ -37,7 +37,6 @@ sources, when asked for).
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -48,20 +47,41 @@ import torch
 import torch.nn as nn
 
 from . import metrics as M
-from .checkpoint import (atomic_write_bytes, atomic_write_json, build_from_meta, check_layout, compatible,
-                         read_model_file, weights_sha256)
-from .config import Config, validate
 from .data import Split, get_dataset
 from .engine import Engine, Stack
 from .errors import UserError
 from .interpolate import average
 from .models import build_model
 from .permute import align as _align
-from .safety import check_meta_factories
-from .utils import json_safe, resolve_device
+from .utils import resolve_device
 
 StateDict = dict[str, torch.Tensor]
 BMA_KINDS = ("star_bma", "regular_bma")
+
+
+@dataclass(frozen=True)
+class BMASettings:
+    """How the predictors are drawn and scored (one object from the CLI, the API and the study).
+
+    k: models per BMA run; seed / seeds: BMA runs with evaluation seeds seed .. seed+seeds-1; align:
+    weight matching before interpolating; ns: also score the `by_n` predictors with only the first n
+    sources, for each n (under `_by_n`); bn_batches: training batches for BN recalibration (None: the
+    whole training split); batch_size / chunk: evaluation batch and weight sets per stacked call; ood
+    (+ ood_max): OOD AUROC against shifted test inputs; n_bins: calibration bins; vectorize: vmap the
+    stacked weights (False: a loop, the reference)."""
+
+    k: int = 32
+    seed: int = 0
+    seeds: int = 3
+    align: bool = True
+    ns: tuple[int, ...] | None = None
+    bn_batches: int | None = None
+    batch_size: int = 1000
+    chunk: int = 8
+    ood: bool = True
+    ood_max: int | None = None
+    n_bins: int = 15
+    vectorize: bool = True
 
 
 # ---------------------------------------------------------------- draws
@@ -175,14 +195,13 @@ def _aligner(align: bool, model: nn.Module, example_input: torch.Tensor, seed: i
 
 # ---------------------------------------------------------------- the predictors
 
-def _bma_run(ev: Engine, chunk_weights: Callable[[slice], tuple[Stack, Stack]], t: torch.Tensor,
-             x_test: torch.Tensor, labels: torch.Tensor, ood_x: dict[str, torch.Tensor], train: Split,
-             *, chunk: int, batch_size: int, bn_batches: int | None, ks: list[int], n_bins: int):
+def _bma_run(ctx: Context, chunk_weights: Callable[[slice], tuple[Stack, Stack]], t: torch.Tensor):
     """One BMA run: the i-th model is (1 - t_i)·base_i + t_i·end_i, where `chunk_weights(slice)` gives the
     stacked (base, end) weights of a slice of the K draws. Streams the K models in chunks, never holding
     more than `chunk` weight sets or their probabilities at once.
     -> (final mean probabilities on test and each shift, metrics at each prefix size in ks, seconds spent
     scoring the prefixes)."""
+    ev, ood_x, chunk, batch_size, ks = ctx.engine, ctx.ood_x, ctx.chunk, ctx.batch_size, ctx.ks
     k = len(t)
     sums: dict[str, torch.Tensor] = {}
     curve: dict[int, dict[str, float]] = {}
@@ -190,9 +209,9 @@ def _bma_run(ev: Engine, chunk_weights: Callable[[slice], tuple[Stack, Stack]], 
     for start in range(0, k, chunk):
         sl = slice(start, min(k, start + chunk))
         base, ends = chunk_weights(sl)
-        w = ev.recalibrate(Stack.lerp_rows(base, ends, t[sl]), train, batch_size, bn_batches)
+        w = ev.recalibrate(Stack.lerp_rows(base, ends, t[sl]), ctx.data.train, batch_size, ctx.bn_batches)
         prefix = {}
-        for s, xs in (("test", x_test), *ood_x.items()):
+        for s, xs in (("test", ctx.data.test.x), *ood_x.items()):
             p = ev.probs(w, xs, batch_size).cumsum(0)  # running sums after each model in the chunk
             prefix[s] = p + sums[s].unsqueeze(0) if s in sums else p
             sums[s] = prefix[s][-1]
@@ -200,8 +219,8 @@ def _bma_run(ev: Engine, chunk_weights: Callable[[slice], tuple[Stack, Stack]], 
             kk = start + j + 1
             if kk in ks:
                 t0 = time.perf_counter()
-                curve[kk] = score((prefix["test"][j] / kk).cpu(), labels,
-                                  {s: (prefix[s][j] / kk).cpu() for s in ood_x}, n_bins)
+                curve[kk] = score((prefix["test"][j] / kk).cpu(), ctx.labels,
+                                  {s: (prefix[s][j] / kk).cpu() for s in ood_x}, ctx.n_bins)
                 t_score += time.perf_counter() - t0
     final = {s: (v / k).cpu() for s, v in sums.items()}
     return final, curve, t_score
@@ -211,15 +230,15 @@ class Context:
     """What every predictor reads: the engine, the data, the settings, the networks, and the caches they
     share (the sources' predictions, alignments). Alignment cost is kept apart, in `align_info`."""
 
-    def __init__(self, engine: Engine, data, star_sd, source_sds, fusion_sd, aligner, *, k: int, seed: int,
-                 seeds: int, batch_size: int, bn_batches: int | None, chunk: int, ood_x: dict, n_bins: int,
-                 say: Callable[[str], None]):
+    def __init__(self, engine: Engine, data, star_sd, source_sds, fusion_sd, aligner, settings: BMASettings,
+                 ood_x: dict, say: Callable[[str], None]):
         self.engine, self.data, self.aligner, self.say = engine, data, aligner, say
         self.star_sd, self.source_sds, self.fusion_sd = star_sd, source_sds, fusion_sd
-        self.k, self.seed, self.seeds, self.chunk, self.n_bins = k, seed, seeds, chunk, n_bins
-        self.batch_size, self.bn_batches, self.ood_x = batch_size, bn_batches, ood_x
+        st = settings
+        self.k, self.seed, self.seeds, self.chunk, self.n_bins = st.k, st.seed, st.seeds, st.chunk, st.n_bins
+        self.batch_size, self.bn_batches, self.ood_x = st.batch_size, st.bn_batches, ood_x
         self.labels = data.test.y.reshape(-1)  # one per prediction: next-token targets count every token
-        self.ks = k_checkpoints(k)
+        self.ks = k_checkpoints(st.k)
         self.curves: dict[str, Any] = {"k": self.ks}
         self.align_info: dict[str, Any] = {"seconds": 0.0, "to_star_seconds": 0.0}
         self._pairs: dict[tuple[int, int], StateDict] = {}
@@ -375,7 +394,7 @@ class WeightAverage(Predictor):
         return {"kind": self.kind, "anchor": "source_0"}
 
 
-class BMA(Predictor):
+class SegmentBMA(Predictor):
     """K models drawn on segments, BN recomputed for each, softmax average; one run per evaluation seed.
     Subclasses give the draws (`segments`). The metric-vs-K curve of the full set of sources goes to
     `_curves`."""
@@ -392,9 +411,7 @@ class BMA(Predictor):
             ctx.say(f"{self.name} n={n} seed={s}")
             t0 = time.perf_counter()
             chunk_weights, t, t_align = self.segments(ctx, n, s)
-            final, curve, t_score = _bma_run(ctx.engine, chunk_weights, t, ctx.data.test.x, ctx.labels,
-                                             ctx.ood_x, ctx.data.train, chunk=ctx.chunk, batch_size=ctx.batch_size,
-                                             bn_batches=ctx.bn_batches, ks=ctx.ks, n_bins=ctx.n_bins)
+            final, curve, t_score = _bma_run(ctx, chunk_weights, t)
             out.append(Run(final, time.perf_counter() - t0 - t_align - t_score, curve))
         return out
 
@@ -408,7 +425,7 @@ class BMA(Predictor):
         return {self.name: scored(self, ctx, n, runs)}
 
 
-class StarBMA(BMA):
+class StarBMA(SegmentBMA):
     """Star-domain BMA: source uniform, t ~ U[0, 1], (1 - t)·θ* + t·π(θ_n)."""
 
     name, display = "star_bma", 10
@@ -429,7 +446,7 @@ class StarBMA(BMA):
         return chunk_weights, t, 0.0
 
 
-class RegularBMA(BMA):
+class RegularBMA(SegmentBMA):
     """Regular-domain BMA (control): pair {i, j} uniform, t ~ U[0, 1], (1 - t)·θ_i + t·π_i(θ_j)."""
 
     name, display = "regular_bma", 20
@@ -474,27 +491,15 @@ def register_predictor(pred: Predictor) -> Predictor:
     return pred
 
 
-def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDict], *, k: int = 32,
-                        seed: int = 0, device: str | torch.device = "auto", fusion_sd: StateDict | None = None,
-                        seeds: int = 3, align: bool = True, ns: Sequence[int] | None = None,
-                        bn_batches: int | None = None, batch_size: int = 1000, chunk: int = 8,
-                        ood: bool = True, ood_max: int | None = None, n_bins: int = 15,
-                        vectorize: bool = True, progress: Callable[[str], None] | None = None,
+def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDict],
+                        settings: BMASettings | None = None, *, fusion_sd: StateDict | None = None,
+                        device: str | torch.device = "auto", progress: Callable[[str], None] | None = None,
                         data=None, model: nn.Module | None = None) -> dict:
-    """Score every predictor of PREDICTORS (module docstring) on the test split of `cfg.data`.
-
-    k: models per BMA run; seeds: BMA runs (evaluation seeds seed .. seed+seeds-1); align: weight
-    matching before interpolating (needs stardomain.permute); ns: also report the predictors with `by_n`
-    with only the first n sources, for each n (under `_by_n`); bn_batches: training batches for BN
-    recalibration (None: the whole training split); ood: add OOD AUROC against shifted test inputs.
-    `data` (a DataBundle) and `model` (the architecture) replace cfg's for the Python API's live objects."""
-    if k < 1 or seeds < 1:
-        raise UserError("k and seeds must be at least 1")
-    if not source_sds:
-        raise UserError("BMA needs at least one source model")
-    bad_n = [n for n in sorted(set(ns or [])) if not 1 <= n <= len(source_sds)]
-    if bad_n:
-        raise UserError(f"ns must lie in 1..{len(source_sds)} (the number of sources), got {bad_n[0]}")
+    """Score every predictor of PREDICTORS (module docstring) on the test split of `cfg.data`, drawn and
+    scored as `settings` (BMASettings) says. `data` (a DataBundle) and `model` (the architecture) replace
+    cfg's for the Python API's live objects."""
+    st = settings or BMASettings()
+    _check_settings(st, len(source_sds))
     dev = resolve_device(device)
     data = data if data is not None else get_dataset(cfg.data)
     if data.test.x is None or data.train.x is None:
@@ -502,16 +507,15 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
     if model is None:
         model = build_model(cfg.model, data.input_shape, data.num_classes, tokens=data.sequence)
     _check_fit(cfg, model, [star_sd, fusion_sd, *source_sds])
-    ev = Engine(model, dev, "vmap" if vectorize else "loop", fall_back=True)
-    ood_x = ood_sets(data, seed=0, max_n=ood_max) if ood else {}
-    ctx = Context(ev, data, star_sd, source_sds, fusion_sd, _aligner(align, model, data.train.x[:8], seed),
-                  k=k, seed=seed, seeds=seeds, batch_size=batch_size, bn_batches=bn_batches, chunk=chunk,
-                  ood_x=ood_x, n_bins=n_bins, say=progress or (lambda s: None))
-    info: dict[str, Any] = {"k": k, "seeds": list(range(seed, seed + seeds)), "n_sources": len(source_sds),
-                            "aligned": align, "bn_recalibrated": bool(ev.bn_keys), "bn_batches": bn_batches,
-                            "device": str(dev), "test_size": len(data.test.y),
+    ev = Engine(model, dev, "vmap" if st.vectorize else "loop", fall_back=True)
+    ood_x = ood_sets(data, seed=0, max_n=st.ood_max) if st.ood else {}
+    ctx = Context(ev, data, star_sd, source_sds, fusion_sd, _aligner(st.align, model, data.train.x[:8], st.seed),
+                  st, ood_x, progress or (lambda s: None))
+    info: dict[str, Any] = {"k": st.k, "seeds": list(range(st.seed, st.seed + st.seeds)),
+                            "n_sources": len(source_sds), "aligned": st.align, "bn_recalibrated": bool(ev.bn_keys),
+                            "bn_batches": st.bn_batches, "device": str(dev), "test_size": len(data.test.y),
                             "test_predictions": data.test.y.numel(), "ood_shifts": list(ood_x),
-                            "vectorized": vectorize, "n_bins": n_bins}
+                            "vectorized": st.vectorize, "n_bins": st.n_bins}
     # warm-up (so the first timing is not inflated); a module vmap cannot run falls back to a loop
     ev.probs(ev.recalibrate(Stack.of(source_sds[:1], dev), Split(data.train.x[:8], data.train.y[:8]), 8, 1),
              data.test.x[:2])
@@ -523,7 +527,7 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
         if pred.available(ctx, ctx.n_sources):
             res.update(pred.entries(ctx, ctx.n_sources))
     by_n = {str(n): {p.name: p.entries(ctx, n)[p.name] for p in PREDICTORS if p.by_n and p.available(ctx, n)}
-            for n in sorted(set(ns or []))}
+            for n in sorted(set(st.ns or []))}
     ctx.align_info["seconds"] += ctx.align_info["to_star_seconds"]
     ctx.align_info["pairs_aligned"] = len(ctx._pairs)
     res["_info"] = {**info, "alignment": ctx.align_info}
@@ -531,6 +535,16 @@ def evaluate_predictors(cfg, star_sd: StateDict | None, source_sds: list[StateDi
     if by_n:
         res["_by_n"] = by_n
     return res
+
+
+def _check_settings(st: BMASettings, n_sources: int) -> None:
+    if st.k < 1 or st.seeds < 1:
+        raise UserError("k and seeds must be at least 1")
+    if not n_sources:
+        raise UserError("BMA needs at least one source model")
+    bad_n = [n for n in sorted(set(st.ns or [])) if not 1 <= n <= n_sources]
+    if bad_n:
+        raise UserError(f"ns must lie in 1..{n_sources} (the number of sources), got {bad_n[0]}")
 
 
 def _check_fit(cfg, model: nn.Module, sds: Sequence[StateDict | None]) -> None:
@@ -541,234 +555,3 @@ def _check_fit(cfg, model: nn.Module, sds: Sequence[StateDict | None]) -> None:
         if missing:
             raise UserError(f"a model's weights do not fit the architecture {cfg.model.name or cfg.model.factory} "
                             f"(mismatched tensors: {sorted(missing)[:3]})")
-
-
-# ---------------------------------------------------------------- files, report, plots
-
-def bma_files(star_path, source_paths: Sequence, *, k: int = 32, seed: int = 0, json_out=None,
-              seeds: int = 3, plot=None, fusion_path=None, align: bool = True, ns: Sequence[int] | None = None,
-              bn_batches: int | None = None, device: str = "auto", ood: bool = True,
-              progress: Callable[[str], None] | None = None) -> dict:
-    """Load the model files, check they fit together, evaluate every predictor, write JSON (NaN -> null)
-    and the plot. The data set and architecture come from the star's metadata."""
-    if not source_paths:
-        raise UserError("give at least one source model file (--sources F1 F2 ...)")
-    star_sd, star_meta = read_model_file(star_path)
-    sources = [read_model_file(p) for p in source_paths]
-    fusion = read_model_file(fusion_path) if fusion_path else None
-    for p, (_, meta) in zip([*source_paths, *([fusion_path] if fusion else [])], [*sources, *([fusion] if fusion else [])]):
-        why = compatible(star_meta, meta)
-        if why:
-            raise UserError(f"{p} cannot be compared with the star {star_path}: {why}")
-    check_meta_factories(star_meta, str(star_path))  # its model and data are built below
-    want = build_from_meta(star_meta, str(star_path), weights=star_sd).state_dict()
-    for p, (sd, _) in zip([*source_paths, *([fusion_path] if fusion else [])], [*sources, *([fusion] if fusion else [])]):
-        check_layout(want, sd, str(p), against=f"the star {star_path}'s architecture")
-    cfg = validate(Config, {"data": star_meta["data"]["config"], "model": star_meta["model"]}, where=str(star_path))
-    res = evaluate_predictors(cfg, star_sd, [sd for sd, _ in sources], k=k, seed=seed, device=device,
-                              fusion_sd=fusion[0] if fusion else None, seeds=seeds, align=align, ns=ns,
-                              bn_batches=bn_batches, ood=ood, progress=progress)
-    res["_info"]["files"] = {"star": {"path": str(star_path), "sha256": weights_sha256(star_sd)},
-                             "sources": [{"path": str(p), "sha256": weights_sha256(sd)}
-                                         for p, (sd, _) in zip(source_paths, sources)]}
-    if fusion:
-        res["_info"]["files"]["fusion"] = {"path": str(fusion_path), "sha256": weights_sha256(fusion[0])}
-    if json_out:
-        atomic_write_json(json_out, json_safe(res))
-    if plot:
-        plot_result(res, plot)
-    return res
-
-
-def predictors(result: dict) -> list[str]:
-    """Predictor names in a result, in display order (each predictor's `display` rank; names no
-    registered predictor knows after those; individual sources last)."""
-    rank = {p.name: p.display for p in PREDICTORS}
-    names = [n for n in result if not n.startswith(("_", "source_"))]
-    names = sorted(names, key=lambda n: rank.get(n, 1000))  # stable: unknown names keep their order
-    return names + sorted((n for n in result if n.startswith("source_")), key=lambda s: int(s.split("_")[1]))
-
-
-def _label(name: str) -> str:
-    d = M.metric(name)
-    return d.label if d else name
-
-
-def table(result: dict, cols: Sequence[str] | None = None) -> str:
-    """The plain-text table the CLI prints: one row per predictor (sources apart), one column per metric
-    of metrics.METRICS present in the result, and seconds."""
-    cols = list(cols) if cols is not None else [*_metric_columns(result), "seconds"]
-    lines = [f"{'predictor':<16}" + "".join(f"{_label(c)[:12]:>13}" for c in cols)]
-    for name in predictors(result):
-        if not name.startswith("source_"):
-            e = result[name]
-            lines.append(f"{name:<16}" + "".join(f"{e[c]:>13.4f}" if isinstance(e.get(c), float) else f"{'n/a':>13}"
-                                                 for c in cols))
-    return "\n".join(lines)
-
-
-def _metric_columns(result: dict) -> list[str]:
-    """Every metric of metrics.METRICS that some predictor of the result has."""
-    names = predictors(result)
-    return [d.name for d in M.METRICS if any(d.name in result.get(n, {}) for n in names)]
-
-
-def _num(x) -> float:
-    return float("nan") if x is None else float(x)
-
-
-def _cell(e: dict, m: str) -> str:
-    v = _num(e.get(m))
-    if math.isnan(v):
-        return "n/a"
-    ci = _num((e.get("ci95") or {}).get(m))
-    return f"{v:.4f}" if math.isnan(ci) else f"{v:.4f} ± {ci:.4f}"
-
-
-def report_section(result: dict) -> str:
-    """A markdown section: predictors x metrics (± 95% CI half-width over evaluation seeds for BMA,
-    over sources for the source mean), and sentences, generated from the numbers, saying where
-    star-domain BMA beats the deep ensemble and where it does not."""
-    info = result.get("_info", {})
-    cols = _metric_columns(result)
-    names = [n for n in predictors(result) if not n.startswith("source_")]
-    lines = ["## Bayesian model averaging", ""]
-    lines.append(f"K = {info.get('k')} sampled models per BMA run, {len(info.get('seeds', []))} evaluation seed(s), "
-                 f"{info.get('n_sources')} sources, test set of {info.get('test_size')} examples; sources "
-                 f"{'aligned by weight matching' if info.get('aligned') else 'NOT aligned'}; BatchNorm "
-                 f"{'recomputed for every sampled model' if info.get('bn_recalibrated') else 'absent'}. "
-                 "Values after ± are 95% CI half-widths (t-interval over evaluation seeds; over sources for "
-                 "the source mean). ECE uses 15 equal-width bins, ACE 15 equal-mass bins; Brier is the "
-                 "multi-class sum over classes. OOD shifts: "
-                 f"{', '.join(info.get('ood_shifts', [])) or 'none'}.")
-    lines += ["", "| predictor | " + " | ".join(_label(c) for c in cols) + " | seconds |",
-              "|---|" + "---|" * (len(cols) + 1)]
-    for n in names:
-        e = result[n]
-        lines.append(f"| {n} | " + " | ".join(_cell(e, c) for c in cols) + f" | {_num(e.get('seconds')):.2f} |")
-    lines.append("")
-    if "star_bma" in result and "ensemble" in result:
-        lines += _star_bma_sentences(result, cols)
-    if result.get("_by_n"):
-        lines += _by_n_table(result["_by_n"])
-    return "\n".join(lines) + "\n"
-
-
-def _star_bma_sentences(result: dict, cols: list[str]) -> list[str]:
-    """Where star-domain BMA beats the ensemble (each metric's direction from its descriptor), within
-    the CI, or loses; then the star, the fusion star and the regular-domain control in numbers."""
-    info = result.get("_info", {})
-    sb, en = result["star_bma"], result["ensemble"]
-    better, worse, tied = [], [], []
-    for c in cols:
-        a, b = _num(sb.get(c)), _num(en.get(c))
-        if math.isnan(a) or math.isnan(b):
-            continue
-        ci = _num((sb.get("ci95") or {}).get(c))
-        ci = 0.0 if math.isnan(ci) else ci
-        txt = f"{_label(c)} ({a:.4f} vs {b:.4f})"
-        if abs(a - b) <= ci:
-            tied.append(txt)
-        elif (a > b) == M.metric(c).higher_is_better:
-            better.append(txt)
-        else:
-            worse.append(txt)
-    parts, lines = [], []
-    if better:
-        parts.append("Star-domain BMA beats the deep ensemble on " + ", ".join(better))
-    if worse:
-        parts.append(("it is worse on " if better else "Star-domain BMA is worse than the deep ensemble on ")
-                     + ", ".join(worse))
-    if tied:
-        parts.append("the difference lies within the 95% CI on " + ", ".join(tied))
-    if parts:
-        lines.append("; ".join(parts) + " (star BMA vs ensemble).")
-    if "star" in result:
-        st = result["star"]
-        lines.append(f"The star alone reaches accuracy {_num(st.get('accuracy')):.4f} and NLL "
-                     f"{_num(st.get('nll')):.4f} at the cost of one network, against "
-                     f"{_num(en.get('accuracy')):.4f} and {_num(en.get('nll')):.4f} for the "
-                     f"{info.get('n_sources')}-model ensemble.")
-    if "fusion_star" in result:
-        fu = result["fusion_star"]
-        lines.append(f"The fusion star (mu > 0) reaches accuracy {_num(fu.get('accuracy')):.4f} and NLL "
-                     f"{_num(fu.get('nll')):.4f}, one network against the ensemble's "
-                     f"{_num(en.get('accuracy')):.4f} and {_num(en.get('nll')):.4f}.")
-    if "regular_bma" in result:
-        rb = result["regular_bma"]
-        lines.append(f"Control: regular-domain BMA has NLL {_cell(rb, 'nll')} and misclassification AUROC "
-                     f"{_cell(rb, 'auroc_misclassification')}, star-domain BMA {_cell(sb, 'nll')} and "
-                     f"{_cell(sb, 'auroc_misclassification')}.")
-    return lines
-
-
-def _by_n_table(by_n: dict) -> list[str]:
-    kinds = ("ensemble", "star_bma", "regular_bma")
-    lines = ["", "Against the number of sources n (NLL / misclassification AUROC):", "",
-             "| n | " + " | ".join(kinds) + " |", "|---|---|---|---|"]
-    for n, e in sorted(by_n.items(), key=lambda kv: int(kv[0])):
-        cells = [f"{_cell(e[p], 'nll')} / {_cell(e[p], 'auroc_misclassification')}" if p in e else "n/a"
-                 for p in kinds]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def plot_result(result: dict, path) -> None:
-    """Reliability diagrams and metric-vs-K curves in one PNG (written atomically)."""
-    from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
-
-    fig = Figure(figsize=(15, 9))
-    axes = fig.subplots(2, 3)
-    ax = axes[0, 0]
-    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
-    colours = {"ensemble": "C0", "star_bma": "C1", "regular_bma": "C2", "star": "C3", "weight_average": "C4",
-               "fusion_star": "C5", "source_0": "C7"}
-    for name, col in colours.items():
-        rel = (result.get(name) or {}).get("reliability")
-        if not rel:
-            continue
-        pts = [(c, a) for c, a, n in zip(rel["confidence"], rel["accuracy"], rel["count"]) if n and c is not None]
-        if pts:
-            ax.plot(*zip(*pts), "o-", color=col, ms=3, label=f"{name} (ECE {_num(result[name].get('ece')):.3f})")
-    ax.set(xlabel="confidence (top-label)", ylabel="accuracy", title="reliability (15 equal-width bins)",
-           xlim=(0, 1), ylim=(0, 1))
-    rel_legend = ax.get_legend_handles_labels()  # drawn below the figure, where it covers no curve
-    curves = result.get("_curves", {})
-    panels = ("nll", "ece", "auroc_misclassification", "accuracy", "ood_auroc")
-    for ax, m in zip(axes.flat[1:], panels):
-        title = _label(m)
-        for kind, col in (("star_bma", "C1"), ("regular_bma", "C2")):
-            c = curves.get(kind)
-            if not c or m not in c:
-                continue
-            mean = np.array([_num(v) for v in c[m]])
-            sd = np.array([_num(v) for v in c.get(m + "_std", [None] * len(mean))])
-            ax.plot(c["k"], mean, "o-", color=col, label=kind)
-            if not np.isnan(sd).all():
-                ax.fill_between(c["k"], mean - sd, mean + sd, color=col, alpha=0.2)
-        for name, col, ls in (("ensemble", "C0", "--"), ("star", "C3", ":"), ("weight_average", "C4", "-.")):
-            v = _num((result.get(name) or {}).get(m))
-            if not math.isnan(v):
-                ax.axhline(v, color=col, ls=ls, label=name)
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="K (models averaged)", title=f"{title} vs K")
-        if m == "nll":
-            ax.set_ylabel("test cross-entropy (nats)")
-    # the legends below the panels, where they cover no curve: reliability (with ECE), then the K panels
-    handles: dict = {}
-    for ax in axes.flat[1:]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    if rel_legend[0]:
-        fig.legend(*rel_legend, loc="lower center", bbox_to_anchor=(0.5, 0.035), ncol=len(rel_legend[0]),
-                   fontsize=8, frameon=False, title="reliability", title_fontsize=8)
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8,
-                   frameon=False)
-    fig.suptitle(f"BMA: {result.get('_info', {}).get('n_sources')} sources, K = {result.get('_info', {}).get('k')}")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, metadata={"Software": "stardomain bma"})  # see checkpoint.check_output
-    atomic_write_bytes(path, buf.getvalue())
-
-

@@ -20,29 +20,64 @@ an accuracy barrier is the largest *drop* below the accuracy chord, max over int
 from __future__ import annotations
 
 import copy
-import io
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write_bytes, build_from_meta, data_from_meta, read_pair, weights_sha256
+from .checkpoint import weights_sha256
 from .data import DataBundle, Split, batches, first_inputs, per_token
 from .engine import DEFAULT_ACT_BUDGET, Engine, Stack, bn_layers, evaluate_module
 from .engine import STRATEGIES as METHODS
 from .errors import UserError
 from .interpolate import lerp, recalibrate_bn
 from .permute import align as permute_align
-from .permute.variants import check_variant, in_words
+from .permute.variants import check_variant
 from .repair import apply_repair, channel_stats, remove_repair
 from .utils import resolve_device
 
 StateDict = dict[str, torch.Tensor]
 
 ENDPOINTS = (0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class BarrierSettings:
+    """How a barrier is measured: the path's t values, the alignment of B, how each point is evaluated,
+    and the opt-in extras. One object travels from the CLI, the API and the study to `measure` and `curve`.
+
+    points / ts: the grid (`ts` overrides `points`). align: True ("full"), False ("none") or an alignment
+    variant ("heads", "mlp", "stream"). seed: the alignment's and the temperature split's seed.
+    bn_batches: training batches that recalibrate BatchNorm at interior t (None: the whole split).
+    method: the engine strategy ("auto", "vmap", "fused", "loop"; speed only). repair: REPAIR for networks
+    without BatchNorm. refine: extra t values around the worst grid point. temperature (+ fraction): the
+    temperature-scaled control. max_models / act_budget: the engine's memory bounds."""
+
+    points: int = 11
+    ts: tuple[float, ...] | None = None
+    align: bool | str = True
+    seed: int = 0
+    bn_batches: int | None = None
+    batch_size: int = 1000
+    method: str = "auto"
+    repair: bool = False
+    refine: int = 0
+    temperature: bool = False
+    temperature_fraction: float = 0.2
+    max_models: int | None = None
+    act_budget: int = DEFAULT_ACT_BUDGET
+
+    def grid(self) -> list[float]:
+        return [float(t) for t in self.ts] if self.ts is not None else grid(self.points)
+
+    def variant(self) -> str:
+        """The alignment variant this asks for ("none" when B is not aligned)."""
+        a = self.align
+        return check_variant(a if isinstance(a, str) else "full" if a else "none")
 
 
 def grid(points: int = 11) -> list[float]:
@@ -60,7 +95,7 @@ def _is_endpoint(t: float) -> bool:
 # curves
 
 
-def _curve_repair(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device) -> dict:
+def _curve_repair(model, sd_a, sd_b, data, ts, st: BarrierSettings, device) -> dict:
     """For each t: build the model, REPAIR-renormalise it (interior t; stardomain.repair), one pass over
     train and one over test."""
     m = copy.deepcopy(model).to(device)
@@ -68,28 +103,28 @@ def _curve_repair(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device) -
     stats = []
     for sd in (sd_a, sd_b):
         m.load_state_dict(sd)
-        stats.append(channel_stats(m, data.train, batch_size, bn_batches, device))
+        stats.append(channel_stats(m, data.train, st.batch_size, st.bn_batches, device))
     for t in ts:
         m.load_state_dict(sd_a if t == 0.0 else sd_b if t == 1.0 else lerp(sd_a, sd_b, t))
-        hooks = [] if _is_endpoint(t) else apply_repair(m, stats[0], stats[1], t, data.train, batch_size,
-                                                        bn_batches, device)
+        hooks = [] if _is_endpoint(t) else apply_repair(m, stats[0], stats[1], t, data.train, st.batch_size,
+                                                        st.bn_batches, device)
         for s in ("train", "test"):
-            r = evaluate_module(m.eval(), data.split(s), batch_size, device)
+            r = evaluate_module(m.eval(), data.split(s), st.batch_size, device)
             rec[s]["loss"].append(r["loss"])
             rec[s]["acc"].append(r["acc"])
         remove_repair(hooks)
     return rec
 
 
-def _curve_engine(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, method, max_models,
-                  act_budget) -> dict:
+def _curve_engine(model, sd_a, sd_b, data, ts, st: BarrierSettings, device) -> dict:
     """The stacked-weights engine (`stardomain.engine`): the segment's K models, BatchNorm recomputed at
     interior t, evaluated on train and test."""
-    eng = Engine(model, device, method, act_budget=act_budget, max_models=max_models)
+    eng = Engine(model, device, st.method, act_budget=st.act_budget, max_models=st.max_models)
     stack = Stack.between(sd_a, sd_b, ts, device)
-    stack = eng.recalibrate(stack, data.train, batch_size, bn_batches,
+    stack = eng.recalibrate(stack, data.train, st.batch_size, st.bn_batches,
                             rows=[i for i, t in enumerate(ts) if not _is_endpoint(t)])
-    rec: dict[str, Any] = {"t": list(ts), **eng.evaluate(stack, {"train": data.train, "test": data.test}, batch_size)}
+    rec: dict[str, Any] = {"t": list(ts),
+                           **eng.evaluate(stack, {"train": data.train, "test": data.test}, st.batch_size)}
     rec["method"] = eng.strategy
     rec["bn_batches_used"] = eng.bn_batches_seen
     if eng.strategy == "vmap":
@@ -100,43 +135,43 @@ def _curve_engine(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, m
     return rec
 
 
-def curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, ts: Sequence[float], *,
-          bn_batches: int | None = None, batch_size: int = 1000, device=None, method: str = "auto",
-          max_models: int | None = None, act_budget: int = DEFAULT_ACT_BUDGET, repair: bool = False) -> dict:
+def curve(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, ts: Sequence[float],
+          settings: BarrierSettings | None = None, *, device=None) -> dict:
     """Loss and accuracy along (1-t)·A + t·B for every t in `ts`, on train (no augmentation) and test.
 
     -> {"t": [...], "train": {"loss": [...], "acc": [...]}, "test": {...}, "method": ...}.
-    `model` is any module of the architecture (its weights are not used). `bn_batches`: how many
-    training batches recalibrate BatchNorm at interior t (None: the whole training split).
-    `method`: an execution strategy of `stardomain.engine`: "vmap" (all t share each batch, first layer
+    `model` is any module of the architecture (its weights are not used). From `settings`: `bn_batches`,
+    how many training batches recalibrate BatchNorm at interior t (None: the whole training split);
+    `method`, an execution strategy of `stardomain.engine`: "vmap" (all t share each batch, first layer
     evaluated twice instead of K times), "fused" (one t at a time, evaluated through a frozen BN-folded
     TorchScript module), "loop" (one t at a time, plain modules) or "auto" (fused for conv nets, vmap
     otherwise, falling back to loop for an operation vmap cannot batch).
     `repair`: for networks without BatchNorm, renormalise interior models with REPAIR (Jordan et al.
     2023; `stardomain.repair`), evaluated one t at a time.
     """
+    st = settings or BarrierSettings()
     ts = [float(t) for t in ts]
     if not ts:
         raise UserError("no t values to evaluate")
     bad = [t for t in ts if not (0.0 <= t <= 1.0) or math.isnan(t)]
     if bad:
         raise UserError(f"t values must lie in [0, 1]; got {bad}")
-    if bn_batches is not None and bn_batches < 1:
-        raise UserError(f"bn_batches must be >= 1 (or None for the whole training split), got {bn_batches}")
-    if method not in METHODS:
-        raise UserError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
+    if st.bn_batches is not None and st.bn_batches < 1:
+        raise UserError(f"bn_batches must be >= 1 (or None for the whole training split), got {st.bn_batches}")
+    if st.method not in METHODS:
+        raise UserError(f"method must be one of {', '.join(METHODS)} (got {st.method!r})")
     device = resolve_device(device or "cpu")
-    if repair and bn_layers(model):
+    if st.repair and bn_layers(model):
         raise UserError("REPAIR is for networks without BatchNorm; BatchNorm networks are recalibrated "
                         "at every interior t already (drop --repair)")
     t0 = time.perf_counter()
-    if repair:
-        rec = {**_curve_repair(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device), "method": "loop"}
+    if st.repair:
+        rec = {**_curve_repair(model, sd_a, sd_b, data, ts, st, device), "method": "loop"}
     else:
-        rec = _curve_engine(model, sd_a, sd_b, data, ts, bn_batches, batch_size, device, method, max_models,
-                            act_budget)
+        rec = _curve_engine(model, sd_a, sd_b, data, ts, st, device)
     rec["bn"] = {"recalibrated": bool(bn_layers(model)) and any(not _is_endpoint(t) for t in ts),
-                 "repair": repair, "batches": "all" if bn_batches is None else bn_batches, "batch_size": batch_size}
+                 "repair": st.repair, "batches": "all" if st.bn_batches is None else st.bn_batches,
+                 "batch_size": st.batch_size}
     rec["seconds"] = time.perf_counter() - t0
     return rec
 
@@ -308,57 +343,30 @@ def _refine_points(ts: list[float], dev_t: float | None, n: int) -> list[float]:
 # the whole measurement
 
 
-def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle, *, points: int = 11,
-            align: bool | str = True, example_input: torch.Tensor | None = None, bn_batches: int | None = None,
-            seed: int = 0, device=None, ts: Sequence[float] | None = None, refine: int = 0,
-            batch_size: int = 1000, method: str = "auto", repair: bool = False, temperature: bool = False,
-            temperature_fraction: float = 0.2) -> dict:
+def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle,
+            settings: BarrierSettings | None = None, *, example_input: torch.Tensor | None = None,
+            device=None) -> dict:
     """The barrier record of docs/architecture.md ("Contracts"): t, train, test, barrier{...}, alignment{...}, bn, timings.
 
-    With `temperature`, also `temperature_scaled` (see `temperature_curve`) and barrier fields
-    `train_loss_ts` / `test_loss_ts`: the loss barriers after temperature scaling every point.
-
-    With `align`, B is first replaced by the permutation of B that best matches A (weight matching,
-    `stardomain.permute.align`). `align` may name an alignment variant (`stardomain.permute.VARIANTS`):
-    "heads", "mlp" or "stream" align only that role's groups; True is "full", False "none".
-    `refine` > 0 evaluates that many extra t values between the grid neighbours of the worst grid point
-    (train and test loss) and reports `barrier_refined` beside the grid barrier.
+    With `settings.align`, B is first replaced by the permutation of B that best matches A (weight
+    matching, `stardomain.permute.align`); a variant name ("heads", "mlp", "stream") aligns only that
+    role's groups. `refine` > 0 evaluates that many extra t values between the grid neighbours of the
+    worst grid point (train and test loss) and reports `barrier_refined` beside the grid barrier. With
+    `temperature`, also `temperature_scaled` (see `temperature_curve`) and barrier fields `train_loss_ts` /
+    `test_loss_ts`: the loss barriers after temperature scaling every point.
     """
+    st = settings or BarrierSettings()
     t_start = time.perf_counter()
-    ts = list(ts) if ts is not None else grid(points)
-    variant = check_variant(align if isinstance(align, str) else "full" if align else "none")
-    alignment: dict[str, Any] = {"aligned": False, "variant": "none"}
-    t_align = 0.0
-    if variant != "none":
-        if example_input is None:
-            example_input = first_inputs(data.train)
-        ta = time.perf_counter()
-        sd_b, info = permute_align(copy.deepcopy(model).cpu(), {k: v.cpu() for k, v in sd_a.items()},
-                                   {k: v.cpu() for k, v in sd_b.items()}, example_input=example_input.cpu(),
-                                   method="weight", seed=seed, variant=variant)
-        t_align = time.perf_counter() - ta
-        alignment = {"aligned": True, **{k: v for k, v in info.items() if k != "perm" and _jsonable(v)}}
-    rec = curve(model, sd_a, sd_b, data, ts, bn_batches=bn_batches, batch_size=batch_size, device=device,
-                method=method, repair=repair)
+    ts = st.grid()
+    sd_b, alignment, t_align = _aligned_b(model, sd_a, sd_b, data, st, example_input)
+    rec = curve(model, sd_a, sd_b, data, ts, st, device=device)
     out: dict[str, Any] = {"t": rec["t"], "train": rec["train"], "test": rec["test"], "barrier": barriers(rec)}
-    t_refine = 0.0
-    if refine > 0:
-        tr = time.perf_counter()
-        b = out["barrier"]
-        extra = sorted(set(_refine_points(ts, b["train_loss_t"], refine)) | set(_refine_points(ts, b["test_loss_t"], refine)))
-        if extra:
-            r2 = curve(model, sd_a, sd_b, data, extra, bn_batches=bn_batches, batch_size=batch_size,
-                       device=device, method=method, repair=repair)
-            merged = _merge(rec, r2)
-            rb = barriers(merged)
-            out["barrier_refined"] = {"t": r2["t"], "train": r2["train"], "test": r2["test"],
-                                      **{k: rb[k] for k in rb if k != "definition"}}
-        t_refine = time.perf_counter() - tr
+    t_refine = _refine(out, rec, model, sd_a, sd_b, data, st, device) if st.refine > 0 else 0.0
     t_temp = 0.0
-    if temperature:
+    if st.temperature:
         tt = time.perf_counter()
-        ts_rec = temperature_curve(model, sd_a, sd_b, data, ts, bn_batches=bn_batches, batch_size=batch_size,
-                                   device=device, fraction=temperature_fraction, seed=seed)
+        ts_rec = temperature_curve(model, sd_a, sd_b, data, ts, bn_batches=st.bn_batches, batch_size=st.batch_size,
+                                   device=device, fraction=st.temperature_fraction, seed=st.seed)
         out["temperature_scaled"] = ts_rec
         out["barrier"]["train_loss_ts"] = ts_rec["barrier"]["train_loss"]
         out["barrier"]["test_loss_ts"] = ts_rec["barrier"]["test_loss"]
@@ -372,6 +380,34 @@ def measure(model: nn.Module, sd_a: StateDict, sd_b: StateDict, data: DataBundle
                       "temperature_s": t_temp, "total_s": time.perf_counter() - t_start}
     out["sha256"] = {"a": _sha(sd_a), "b": _sha(sd_b)}  # b: the (aligned) weights interpolated
     return out
+
+
+def _aligned_b(model, sd_a, sd_b, data, st: BarrierSettings, example_input) -> tuple[StateDict, dict, float]:
+    """B as the barrier interpolates it (aligned to A as the settings ask), the alignment record, seconds."""
+    variant = st.variant()
+    if variant == "none":
+        return sd_b, {"aligned": False, "variant": "none"}, 0.0
+    if example_input is None:
+        example_input = first_inputs(data.train)
+    ta = time.perf_counter()
+    sd_b, info = permute_align(copy.deepcopy(model).cpu(), {k: v.cpu() for k, v in sd_a.items()},
+                               {k: v.cpu() for k, v in sd_b.items()}, example_input=example_input.cpu(),
+                               method="weight", seed=st.seed, variant=variant)
+    alignment = {"aligned": True, **{k: v for k, v in info.items() if k != "perm" and _jsonable(v)}}
+    return sd_b, alignment, time.perf_counter() - ta
+
+
+def _refine(out: dict, rec: dict, model, sd_a, sd_b, data, st: BarrierSettings, device) -> float:
+    """Add `barrier_refined` to `out`: extra t values around the worst grid point. -> seconds."""
+    tr = time.perf_counter()
+    ts, b = rec["t"], out["barrier"]
+    extra = sorted(set(_refine_points(ts, b["train_loss_t"], st.refine)) | set(_refine_points(ts, b["test_loss_t"], st.refine)))
+    if extra:
+        r2 = curve(model, sd_a, sd_b, data, extra, st, device=device)
+        rb = barriers(_merge(rec, r2))
+        out["barrier_refined"] = {"t": r2["t"], "train": r2["train"], "test": r2["test"],
+                                  **{k: rb[k] for k in rb if k != "definition"}}
+    return time.perf_counter() - tr
 
 
 def _merge(r1: dict, r2: dict) -> dict:
@@ -393,60 +429,3 @@ def _jsonable(v) -> bool:
 
 def _sha(sd: StateDict) -> str:
     return weights_sha256(sd)
-
-
-def measure_files(path_a, path_b, *, points: int = 11, align: bool | str = True, bn_batches: int | None = None,
-                  device: str = "auto", refine: int = 0, seed: int = 0, repair: bool = False,
-                  temperature: bool = False, temperature_fraction: float = 0.2) -> dict:
-    """`measure` on two model files; refuses incompatible pairs (UserError). Adds both files' sha256."""
-    sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "interpolate")
-    model = build_from_meta(meta_a, str(path_a), weights=sd_a)
-    data = data_from_meta(meta_a, str(path_a))
-    rec = measure(model, sd_a, sd_b, data, points=points, align=align, bn_batches=bn_batches, device=device,
-                  refine=refine, seed=seed, repair=repair, temperature=temperature,
-                  temperature_fraction=temperature_fraction)
-    rec["files"] = {"a": str(path_a), "b": str(path_b)}
-    rec["sha256"] = {"a": meta_a["sha256"], "b": meta_b["sha256"], "b_interpolated": rec["sha256"]["b"]}
-    return rec
-
-
-# --------------------------------------------------------------------------------------------------
-# plot
-
-
-def plot(rec: dict, out=None, title: str | None = None) -> bytes:
-    """PNG of loss and accuracy against t (train solid, test dashed, chords dotted). Written atomically
-    to `out` when given; the PNG bytes are returned either way."""
-    from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
-
-    ts = rec["t"]
-    b = rec.get("barrier") or barriers(rec)
-    fig = Figure(figsize=(10, 4), dpi=110)
-    axes = fig.subplots(1, 2)
-    colors = {"train": "tab:blue", "test": "tab:orange"}
-    for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
-        for s in ("train", "test"):
-            ys = rec[s][metric]
-            ax.plot(ts, ys, "-" if s == "train" else "--", marker="o", ms=4, color=colors[s],
-                    label=f"{s}  barrier {b[f'{s}_{metric}']:.4g}")
-            y0, y1 = ys[ts.index(0.0)], ys[ts.index(1.0)]
-            ax.plot([0, 1], [y0, y1], ":", color=colors[s], lw=1)
-        ax.set_xlabel("t   (0 = A, 1 = B)")
-        ax.set_ylabel(label)
-        ax.set_xlim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title="dotted: chord" if metric == "loss" else "barrier = drop below chord",
-                  title_fontsize=8)
-    al = rec.get("alignment") or {}
-    how = in_words(al.get("variant", "full") if al.get("aligned") else "none")
-    fig.suptitle(title or f"interpolation A→B ({how}, "
-                 f"{rec.get('data', '')})", fontsize=11)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": "stardomain barrier"})  # see checkpoint.check_output
-    png = buf.getvalue()
-    if out is not None:
-        atomic_write_bytes(out, png)
-    return png
-
-

@@ -130,7 +130,7 @@ def train(
     from .checkpoint import prepare_training_outputs
     from .config import load_config
     from .tblog import epoch_log
-    from .training import train_to_file
+    from .files import train_to_file
 
     use_threads(threads)
     cfg = load_config(config, set_)
@@ -234,7 +234,7 @@ def star(
     """
     from .checkpoint import prepare_training_outputs, read_model_file, read_model_meta
     from .config import load_config
-    from .starlight import star_to_file
+    from .files import star_to_file
     from .tblog import epoch_log
 
     use_threads(threads)
@@ -305,6 +305,17 @@ def run(
     typer.echo(f"wrote {out}/results.json, {out}/report.md, {out}/report.html")
 
 
+def _parse_ns(ns: str | None) -> tuple[int, ...] | None:
+    """--ns 1,2,5 -> (1, 2, 5)."""
+    try:
+        n_list = tuple(int(v) for v in ns.split(",") if v.strip()) if ns else None
+    except ValueError:
+        raise UserError(f"--ns must be comma-separated integers such as 1,2,5 (got {ns[:40]!r})") from None
+    if n_list and min(n_list) < 1:
+        raise UserError(f"--ns values must be at least 1 (got {min(n_list)})")
+    return n_list or None
+
+
 @app.command("bma", context_settings={"allow_extra_args": True})
 def bma_(
     ctx: typer.Context,
@@ -336,9 +347,11 @@ def bma_(
     Example: stardomain bma --star runs/star.safetensors --sources runs/s0.safetensors runs/s1.safetensors
     --k 32 --seeds 3 --json-out runs/bma.json --plot runs/bma.png
     """
-    from .averaging import bma_files, report_section
-    from .averaging import table as bma_table
+    from .averaging import BMASettings
     from .checkpoint import atomic_write_json, atomic_write_text, check_distinct, check_output
+    from .files import bma_files
+    from .report.averaging import report_section
+    from .report.averaging import table as bma_table
 
     use_threads(threads)
     allow_factories(allow_factory)
@@ -347,14 +360,8 @@ def bma_(
     for path, kind, opt in ((json_out, "bma.json", "--json-out"), (plot, "bma.png", "--plot"),
                             (report, "bma.md", "--report")):
         check_output(path, kind, force=force, inputs=[star, *files, fusion], option=opt)
-    try:
-        n_list = [int(v) for v in ns.split(",") if v.strip()] if ns else None
-    except ValueError:
-        raise UserError(f"--ns must be comma-separated integers such as 1,2,5 (got {ns[:40]!r})") from None
-    if n_list and min(n_list) < 1:
-        raise UserError(f"--ns values must be at least 1 (got {min(n_list)})")
-    res = bma_files(star, [str(f) for f in files], k=k, seed=seed, seeds=seeds, plot=plot,
-                    fusion_path=fusion, align=align, ns=n_list, bn_batches=bn_batches, device=device, ood=ood,
+    settings = BMASettings(k=k, seed=seed, seeds=seeds, align=align, ns=_parse_ns(ns), bn_batches=bn_batches, ood=ood)
+    res = bma_files(star, [str(f) for f in files], settings, fusion_path=fusion, plot=plot, device=device,
                     progress=lambda s: typer.echo(f"  {s}", err=True))
     if report:
         atomic_write_text(report, report_section(res))
@@ -520,22 +527,21 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
 
     Example: stardomain barrier runs/m0.safetensors runs/m1.safetensors --json-out b01.json --plot b01.png
     """
-    from .barriers import measure_files, plot
-    from .checkpoint import check_distinct, check_output
+    from .barriers import BarrierSettings
+    from .checkpoint import atomic_write_json, check_distinct, check_output
+    from .files import measure_files
     from .permute.variants import in_words as aligned_in_words
+    from .report.barriers import plot
 
-    variant = "none" if no_align else AlignVariant(align or "full").value
-    if no_align and align not in (None, AlignVariant.none):
-        raise UserError(f"--no-align and --align {AlignVariant(align).value} contradict each other; give one")
+    variant = _barrier_variant(no_align, align)
     use_threads(threads)
     allow_factories(allow_factory)
     check_distinct(**{"json-out": json_out, "plot": plot_out})
-    check_output(json_out, "barrier.json", force=force, inputs=[a, b], option="--json-out")
-    check_output(plot_out, "barrier.png", force=force, inputs=[a, b], option="--plot")
-    rec = measure_files(a, b, points=points, align=variant, bn_batches=bn_batches, device=device,
-                        refine=refine, seed=seed, repair=repair, temperature=temperature)
-    from .checkpoint import atomic_write_json
-
+    for path, kind, opt in ((json_out, "barrier.json", "--json-out"), (plot_out, "barrier.png", "--plot")):
+        check_output(path, kind, force=force, inputs=[a, b], option=opt)
+    settings = BarrierSettings(points=points, align=variant, bn_batches=bn_batches, refine=refine, seed=seed,
+                               repair=repair, temperature=temperature)
+    rec = measure_files(a, b, settings, device=device)
     if json_out is not None:
         atomic_write_json(json_out, result_json(rec))
     if plot_out is not None:
@@ -543,16 +549,26 @@ def barrier_(a: Path = typer.Argument(..., help="Model file A (t = 0)."),
     if json_:
         echo_json(result_json(rec))
         return
-    br = rec["barrier"]
-    typer.echo(f"barrier  train loss {br['train_loss']:.4f} (t={br['train_loss_t']})  test loss "
-               f"{br['test_loss']:.4f}  train acc drop {br['train_acc']:.4f}  test acc drop {br['test_acc']:.4f}"
-               f"  [{aligned_in_words(variant)}, {rec['timings']['total_s']:.1f}s]")
-    if temperature:
-        typer.echo(f"temperature-scaled: train loss {br['train_loss_ts']:.4f}  test loss {br['test_loss_ts']:.4f}  "
-                   f"(calibrated on {rec['temperature_scaled']['calibration']['source']})")
+    _print_barrier(rec, aligned_in_words(variant))
     wrote = [str(p) for p in (json_out, plot_out) if p]
     if wrote:
         typer.echo(f"wrote {' and '.join(wrote)}")
+
+
+def _barrier_variant(no_align: bool, align: AlignVariant | None) -> str:
+    if no_align and align not in (None, AlignVariant.none):
+        raise UserError(f"--no-align and --align {AlignVariant(align).value} contradict each other; give one")
+    return "none" if no_align else AlignVariant(align or "full").value
+
+
+def _print_barrier(rec: dict, how_aligned: str) -> None:
+    br = rec["barrier"]
+    typer.echo(f"barrier  train loss {br['train_loss']:.4f} (t={br['train_loss_t']})  test loss "
+               f"{br['test_loss']:.4f}  train acc drop {br['train_acc']:.4f}  test acc drop {br['test_acc']:.4f}"
+               f"  [{how_aligned}, {rec['timings']['total_s']:.1f}s]")
+    if "temperature_scaled" in rec:
+        typer.echo(f"temperature-scaled: train loss {br['train_loss_ts']:.4f}  test loss {br['test_loss_ts']:.4f}  "
+                   f"(calibrated on {rec['temperature_scaled']['calibration']['source']})")
 
 
 @app.command("config")

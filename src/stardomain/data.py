@@ -287,18 +287,17 @@ def _parameters(fn: Callable) -> dict[str, inspect.Parameter] | None:
         return None
 
 
-def check_kwargs(fn: Callable, kwargs: dict, where: str, reserved: dict[str, str] | None = None,
-                 skip: tuple[str, ...] = ()) -> None:
+def check_kwargs(fn: Callable, kwargs: dict, where: str, reserved: dict[str, str] | None = None) -> None:
     """Every key of `kwargs` is a parameter of `fn` (unless it takes **kwargs): an unknown one is refused
-    with the closest name, before any work. `reserved` names parameters set elsewhere (key -> where);
-    `skip`, parameters the caller fills in itself."""
+    with the closest name, before any work. `reserved` names parameters set elsewhere (key -> where)."""
     params = _parameters(fn)
     if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    accepted = [k for k, p in params.items() if k not in skip and k not in (reserved or {})
+    reserved = reserved or {}
+    accepted = [k for k, p in params.items() if k not in reserved
                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
     for k in kwargs:
-        if k in (reserved or {}):
+        if k in reserved:
             raise UserError(f"{where}: {k!r} is set by {reserved[k]}, not here")
     for k in kwargs:
         if k not in accepted:
@@ -306,15 +305,9 @@ def check_kwargs(fn: Callable, kwargs: dict, where: str, reserved: dict[str, str
             raise UserError(f"{where}: unknown key {str(k)[:60]!r}{hint}")
 
 
-def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
-    """Build (and cache in-process) the data set a config describes."""
-    if isinstance(cfg, str):
-        cfg = DataConfig(name=cfg)
-    elif isinstance(cfg, dict):
-        cfg = validate(DataConfig, cfg, "data config")
-    key = cfg.model_dump_json()
-    if key in _CACHE:
-        return _CACHE[key]
+def _load_raw(cfg: DataConfig) -> tuple[Any, str]:
+    """What the registered loader or the user's factory returns, and the data set's name. Its kwargs are
+    checked against the loader's parameters first."""
     if cfg.factory:
         fn, name, where = import_object(cfg.factory, "data factory"), cfg.factory, f"data factory {cfg.factory}"
     else:
@@ -327,7 +320,7 @@ def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
     if "split_seed" in (_parameters(fn) or {}):
         kwargs["split_seed"] = cfg.split_seed
     try:
-        raw = fn(**kwargs)
+        return fn(**kwargs), name
     except UserError:
         raise
     except Exception as e:
@@ -336,28 +329,42 @@ def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
         if isinstance(e, (TypeError, ValueError)):
             raise UserError(f"{where}: bad kwargs {str(cfg.kwargs)[:120]} ({str(e)[:200]})") from e
         raise
-    if isinstance(raw, DataBundle):
-        bundle = raw
-    else:
-        if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
-            raise UserError("a data factory must return a dict with 'train' and 'test' (and optionally "
-                            "'val', 'num_classes')")
-        train, test = _to_split(raw["train"], "train"), _to_split(raw["test"], "test")
-        val = _to_split(raw["val"], "val") if raw.get("val") is not None else None
-        if len(train) == 0:
-            raise UserError(f"data set {name}: the train split is empty")
-        x0, _ = (train.x[0], None) if train.x is not None else train.dataset[0]
-        num_classes = raw.get("num_classes")
-        if num_classes is None:
-            if train.y is None:
-                raise UserError("a data factory returning Datasets must also return 'num_classes'")
-            num_classes = int(train.y.max()) + 1
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-            raise UserError(f"data set {name}: num_classes must be a whole number (got {num_classes!r})")
-        want_aug = raw.get("augment", False) if cfg.augment is None else cfg.augment
-        bundle = DataBundle(name=name, train=train, test=test, val=val, num_classes=int(num_classes),
-                            input_shape=tuple(x0.shape), info=raw.get("info", {}),
-                            augment=random_crop_flip if want_aug else None)
+
+
+def _bundle_of(raw: Any, name: str, cfg: DataConfig) -> DataBundle:
+    """A factory's dict {train, test, val?, num_classes?, augment?, info?} as a DataBundle."""
+    if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
+        raise UserError("a data factory must return a dict with 'train' and 'test' (and optionally "
+                        "'val', 'num_classes')")
+    train, test = _to_split(raw["train"], "train"), _to_split(raw["test"], "test")
+    val = _to_split(raw["val"], "val") if raw.get("val") is not None else None
+    if len(train) == 0:
+        raise UserError(f"data set {name}: the train split is empty")
+    x0, _ = (train.x[0], None) if train.x is not None else train.dataset[0]
+    num_classes = raw.get("num_classes")
+    if num_classes is None:
+        if train.y is None:
+            raise UserError("a data factory returning Datasets must also return 'num_classes'")
+        num_classes = int(train.y.max()) + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise UserError(f"data set {name}: num_classes must be a whole number (got {num_classes!r})")
+    want_aug = raw.get("augment", False) if cfg.augment is None else cfg.augment
+    return DataBundle(name=name, train=train, test=test, val=val, num_classes=int(num_classes),
+                      input_shape=tuple(x0.shape), info=raw.get("info", {}),
+                      augment=random_crop_flip if want_aug else None)
+
+
+def get_dataset(cfg: DataConfig | dict | str) -> DataBundle:
+    """Build (and cache in-process) the data set a config describes."""
+    if isinstance(cfg, str):
+        cfg = DataConfig(name=cfg)
+    elif isinstance(cfg, dict):
+        cfg = validate(DataConfig, cfg, "data config")
+    key = cfg.model_dump_json()
+    if key in _CACHE:
+        return _CACHE[key]
+    raw, name = _load_raw(cfg)
+    bundle = raw if isinstance(raw, DataBundle) else _bundle_of(raw, name, cfg)
     if cfg.train_subset is not None and bundle.train.x is not None:
         n = min(cfg.train_subset, len(bundle.train))
         idx = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(cfg.split_seed))[:n]

@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from . import permute
-from .checkpoint import check_layout, compatible, read_model_file, save_model, weights_sha256
+from .checkpoint import check_layout, weights_sha256
 from .config import Config, StarConfig, TrainConfig
 from .data import first_inputs, get_dataset, per_token
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
-from .training import Hooks, autocast, config_digest, evaluate_splits, fit, init_model, model_meta, write_history_csv
+from .training import Hooks, autocast, config_digest, evaluate_splits, fit, init_model
 from .utils import resolve_device
 
 StateDict = dict[str, torch.Tensor]
@@ -192,24 +192,6 @@ class SourceBank:
             self.set_perm(n, perm, permute, spec)
             iters.append(info.get("iterations", 0) if isinstance(info, dict) else 0)
         return {"mean_iterations": float(np.mean(iters)) if iters else 0.0}
-
-
-class SourceFiles(Sequence):
-    """Sources as model files, read on access: the originals stay on disk, so only the aligned copies
-    (N models) live in memory. Each read is checked against the file's sha256."""
-
-    def __init__(self, paths: Sequence[str | Path]):
-        self.paths = [Path(p) for p in paths]
-        self.metas = [read_model_file(p)[1] for p in self.paths]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, n):  # type: ignore[override]
-        sd, meta = read_model_file(self.paths[n])
-        if meta["sha256"] != self.metas[n]["sha256"]:
-            raise UserError(f"{self.paths[n]} changed while the star was training")
-        return sd
 
 
 # ---------------------------------------------------------------- training
@@ -384,33 +366,3 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
             "alignments": run.alignments, "sources_on": "device" if bank.on_device else "cpu",
             "source_bytes": bank.bytes, "history": run.history, "fit_history": fit_history, "device": str(device)}
     return model, info
-
-
-def star_to_file(cfg: Config, source_paths: Sequence[str | Path], out: str | Path, *, seed: int = 0,
-                 device: str | torch.device = "auto", progress: bool | None = None,
-                 on_epoch: Callable[[int, dict], None] | None = None) -> dict:
-    """Train a star from model files and write it (resumable through `OUT.state`, removed when done).
-    The metadata lists the sources (path + sha256), the Starlight settings and final metrics. -> metadata."""
-    if not source_paths:
-        raise UserError("give at least one source model file (--sources F1 F2 ...)")
-    files = SourceFiles(source_paths)
-    data = get_dataset(cfg.data)
-    want = {"model": cfg.model.model_dump(), "data": {"config": cfg.data.model_dump()}}
-    for p, m in zip(files.paths, files.metas):
-        why = compatible(want, m)
-        if why:
-            raise UserError(f"{p} does not match the config: {why}")
-    out = Path(out)
-    state_path = out.with_name(out.name + ".state")
-    ids = [m["sha256"] for m in files.metas]
-    model, info = train_star(cfg, files, seed=seed, device=device, state_path=state_path, progress=progress,
-                             source_ids=ids, on_epoch=on_epoch)
-    extra = {k: info[k] for k in ("epochs", "steps", "seconds", "align_seconds", "alignments", "history")}
-    meta = save_model(out, model.state_dict(), model_meta(
-        cfg, data, seed, "star", device=info["device"], history=info["fit_history"], metrics=info["metrics"],
-        star={**info["star"], **extra},
-        sources=[{"path": str(p), "sha256": m["sha256"], "seed": m.get("seed")}
-                 for p, m in zip(files.paths, files.metas)]))
-    write_history_csv(out.with_name(out.name + ".csv"), info["fit_history"])
-    state_path.unlink(missing_ok=True)
-    return meta

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_state, save_model, save_state
+from .checkpoint import load_state, save_state
 from .config import RUN_GUARDS, Config, OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import DataBundle, Split, batches, data_meta, get_dataset, num_batches, per_token
 from .engine import evaluate_module
@@ -114,15 +114,6 @@ def model_meta(cfg: Config, data: DataBundle, seed: int, role: str, *, device: s
     }
 
 
-def write_history_csv(path: str | Path, history: list[dict]) -> None:
-    """Per-epoch training metrics as CSV (epoch,loss,acc), written atomically beside the model file."""
-    from .checkpoint import HISTORY_HEAD, atomic_write_text
-
-    rows = [HISTORY_HEAD.strip()] + [f"{h['epoch']},{h['loss']!r},{'' if h.get('acc') is None else repr(h['acc'])}"
-                                  for h in history]
-    atomic_write_text(path, "\n".join(rows) + "\n")
-
-
 PLAIN_EVERY_S = 5.0  # piped progress: at most one line this often
 
 
@@ -203,7 +194,8 @@ class Hooks:
     `epoch_end(e, mean loss)` around an epoch's steps (before its state is saved); `saved(e)` after.
     `epoch_start` also gets the number of optimiser steps taken so far.
     `state()` -> extra resumable state (plain data, saved every epoch); `restore(st)` reads it back.
-    `diverged(loss, epoch)` -> the one-line error for a non-finite loss."""
+    `diverged(loss, epoch)` -> the one-line error for a non-finite loss. `logged(e, record)` gets each
+    epoch's {epoch, loss, acc} once the epoch is saved (TensorBoard, stardomain.tblog)."""
 
     step: Callable[[torch.Tensor, torch.Tensor, int], tuple[float, int | None]]
     diverged: Callable[[float, int], str]
@@ -214,6 +206,7 @@ class Hooks:
     saved: Callable[[int], None] = lambda epoch: None
     state: Callable[[], dict] = dict
     restore: Callable[[dict], None] = lambda st: None
+    logged: Callable[[int, dict], None] = lambda epoch, record: None
 
 
 def divergence(loss: float, first: float, factor: float | None) -> str | None:
@@ -230,12 +223,11 @@ def divergence(loss: float, first: float, factor: float | None) -> str | None:
 
 def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: str, hooks: Hooks, *,
         device: torch.device, state_path: str | Path | None = None, progress: bool | None = None,
-        history: list[dict] | None = None, on_epoch: Callable[[int, dict], None] | None = None) -> int:
+        history: list[dict] | None = None) -> int:
     """The one training loop (regular training and Starlight are two uses): optimiser, per-batch schedule,
     seeded data order, resume state saved after every epoch (bitwise-identical continuation), progress
     bar, non-finite-loss stop (the last good state kept), gradient clipping. `model` is on `device`.
-    `history` (a list) receives {epoch, loss, acc} per epoch, kept across a resume; `on_epoch(epoch, that
-    record)` is called once the epoch is saved (TensorBoard, stardomain.tblog).
+    `history` (a list) receives {epoch, loss, acc} per epoch, kept across a resume.
     -> the number of optimiser steps taken in all."""
     history = [] if history is None else history
     opt = build_optimizer(model.parameters(), tc.optimizer)
@@ -284,8 +276,7 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
                                 fit_history=history, runtime=record(device), first_loss=first, **hooks.state())
         bar.update(epoch, loss_sum / max(1, seen), acc, end_of_epoch=True)  # once the epoch is safe
         hooks.saved(epoch + 1)
-        if on_epoch is not None:
-            on_epoch(epoch, history[-1])
+        hooks.logged(epoch, history[-1])
     bar.close()
     return n_step
 
@@ -321,26 +312,8 @@ def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_
         return (f"training diverged: loss is {loss} at epoch {epoch + 1} (seed {seed}){kept}; "
                 "lower train.optimizer.lr or set train.grad_clip")
 
-    fit(model, data, tc, seed, config_digest(cfg), Hooks(step, diverged, desc=f"train seed {seed}"),
-        device=device, state_path=state_path, progress=progress, history=history, on_epoch=on_epoch)
+    hooks = Hooks(step, diverged, desc=f"train seed {seed}", logged=on_epoch or (lambda epoch, record: None))
+    fit(model, data, tc, seed, config_digest(cfg), hooks, device=device, state_path=state_path, progress=progress,
+        history=history)
     model.eval()
     return model, evaluate_splits(model, data, tc.eval_batch_size)
-
-
-def train_to_file(cfg: Config, seed: int, out: str | Path, *, role: str = "source", device: str = "auto",
-                  progress: bool | None = None, on_epoch: Callable[[int, dict], None] | None = None
-                  ) -> dict[str, Any]:
-    """Train and write a model file; resumable through `OUT.state` (removed when done); the per-epoch
-    metrics also go to `OUT.csv` (and to `on_epoch`, see `fit`). -> metadata."""
-    out = Path(out)
-    state_path = out.with_name(out.name + ".state")
-    history: list[dict] = []
-    model, metrics = train(cfg, seed, device=device, state_path=state_path, progress=progress, history=history,
-                           on_epoch=on_epoch)
-    meta = save_model(out, model.state_dict(), model_meta(cfg, get_dataset(cfg.data), seed, role, metrics=metrics,
-                                                          device=resolve_device(device), history=history))
-    write_history_csv(out.with_name(out.name + ".csv"), history)
-    state_path.unlink(missing_ok=True)
-    return meta
-
-

@@ -15,7 +15,9 @@ An image is average-pooled to a `grid` x `grid` map per channel and each value q
 
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -109,11 +111,30 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+@dataclass(frozen=True)
+class GPTShape:
+    """The decoder's architecture (the `gpt` model's kwargs): width, depth, heads (kv_heads < heads:
+    grouped-query attention), MLP ratio, the pixel tokens on images (grid, levels), rotary positions,
+    norm ("layer" or "rms") and MLP ("gelu" or "swiglu")."""
+
+    dim: int = 32
+    depth: int = 2
+    heads: int = 4
+    kv_heads: int | None = None
+    mlp_ratio: int = 2
+    grid: int = 4
+    levels: int = 16
+    rope: bool = False
+    norm: str = "layer"
+    mlp: str = "gelu"
+
+
 class GPT(nn.Module):
-    def __init__(self, in_shape, num_classes, dim, depth, heads, kv_heads, mlp_ratio, grid, levels, rope, norm,
-                 mlp):
+    def __init__(self, in_shape, num_classes, shape: GPTShape):
         super().__init__()
-        kv_heads = kv_heads or heads
+        dim, depth, heads, mlp_ratio, rope = shape.dim, shape.depth, shape.heads, shape.mlp_ratio, shape.rope
+        grid, levels, norm, mlp = shape.grid, shape.levels, shape.norm, shape.mlp
+        kv_heads = shape.kv_heads or heads
         if dim % heads or heads % kv_heads:
             raise ValueError(f"dim {dim} must be divisible by heads {heads}, and heads by kv_heads {kv_heads}")
         if rope and (dim // heads) % 2:
@@ -152,13 +173,18 @@ class GPT(nn.Module):
         return logits[:, self.levels:]  # ... is the class
 
 
-def gpt(in_shape, num_classes, dim: int = 32, depth: int = 2, heads: int = 4, kv_heads: int | None = None,
-        mlp_ratio: int = 2, grid: int = 4, levels: int = 16, rope: bool = False, norm: str = "layer",
-        mlp: str = "gelu") -> nn.Module:
+def gpt(in_shape, num_classes, **shape) -> nn.Module:
     """GPT-style decoder; tied embedding/head; kv_heads < heads: grouped-query attention. On next-token data
     (in_shape (T,), num_classes the vocabulary) a language model returning (B, T, vocab) logits; on images,
-    a reader of C * grid**2 pixel tokens (MNIST, grid 4: 16 tokens) predicting the class as the next token."""
-    return GPT(in_shape, num_classes, dim, depth, heads, kv_heads, mlp_ratio, grid, levels, rope, norm, mlp)
+    a reader of C * grid**2 pixel tokens (MNIST, grid 4: 16 tokens) predicting the class as the next token.
+    kwargs: the fields of `GPTShape` (an unknown one is a TypeError, as for any function)."""
+    return GPT(in_shape, num_classes, GPTShape(**shape))
+
+
+# What `inspect.signature(gpt)` shows (the registry's kwargs checks and docs read it): GPTShape's fields.
+gpt.__signature__ = inspect.Signature(
+    [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("in_shape", "num_classes")]
+    + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields(GPTShape)])
 
 
 class BertLayer(nn.Module):

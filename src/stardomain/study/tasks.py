@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import torch
 
-from .. import starlight
-from ..barriers import measure as measure_barrier  # `stardomain.barrier` is the API verb
-from ..averaging import bma_files
+from ..averaging import BMASettings
+from ..barriers import BarrierSettings
+from ..barriers import measure as measure_barrier
 from ..checkpoint import (atomic_write_json, build_from_meta, data_from_meta, load_model, read_model_file,
                           read_pair, save_model)
 from ..config import Config, validate
@@ -29,7 +29,8 @@ from ..interpolate import average, recalibrate_bn
 from ..merge import merge_many
 from ..permute import align, apply_permutation, check_equivalence, identity, spec_for, weight_matching
 from ..safety import allowed, config_factories
-from ..training import evaluate_splits, model_meta, train_to_file
+from ..files import bma_files, star_to_file, train_to_file
+from ..training import evaluate_splits, model_meta
 from ..utils import TIMING_KEYS, json_safe, resolve_device
 from .plan import _MODEL_OPS, Task
 
@@ -151,8 +152,8 @@ def _run_train(task: Task, root: Path) -> None:
 
 def _run_star(task: Task, root: Path) -> None:
     def make(p: dict, out: Path) -> dict:
-        meta = starlight.star_to_file(_config(p), [str(root / s) for s in p["sources"]], out, seed=p["seed"],
-                                      device=p.get("device", "auto"), progress=False)
+        meta = star_to_file(_config(p), [str(root / s) for s in p["sources"]], out, seed=p["seed"],
+                            device=p.get("device", "auto"), progress=False)
         return _existing_model(out) or meta
 
     _model_task(task, root, make, info=lambda meta: {k: v for k, v in meta.items()
@@ -212,10 +213,10 @@ def _run_pair(task: Task, root: Path) -> None:
     data = sample_examples(data_from_meta(meta_a, str(root / p["a"])), ev.get("examples"), p["seed"])
     device = resolve_device(p.get("device", "auto"))
     model = build_from_meta(meta_a, str(root / p["a"]), weights=sd_a).to(device)
-    rec = measure_barrier(model, sd_a, sd_b, data, points=ev["points"], align=ev.get("variant", ev["align"]),
-                          example_input=first_inputs(data.train), bn_batches=ev["bn_batches"], seed=p["seed"],
-                          device=device, temperature=ev.get("temperature", False),
-                          temperature_fraction=ev.get("temperature_fraction", 0.2))
+    settings = BarrierSettings(points=ev["points"], align=ev.get("variant", ev["align"]), seed=p["seed"],
+                               bn_batches=ev["bn_batches"], temperature=ev.get("temperature", False),
+                               temperature_fraction=ev.get("temperature_fraction", 0.2))
+    rec = measure_barrier(model, sd_a, sd_b, data, settings, example_input=first_inputs(data.train), device=device)
     out = {"key": task.key, "a": p["a_label"], "b": p["b_label"], "a_file": p["a"], "b_file": p["b"],
            "sha256_a": meta_a["sha256"], "sha256_b": meta_b["sha256"], **_record_json(rec),
            "timings_": {"seconds": time.perf_counter() - t0, **_timings(rec)}}
@@ -225,8 +226,8 @@ def _run_pair(task: Task, root: Path) -> None:
 def _run_bma(task: Task, root: Path) -> None:
     p = task.params
     t0 = time.perf_counter()
-    res = bma_files(str(root / p["star"]), [str(root / s) for s in p["sources"]], k=p["k"], seed=p["seed"],
-                        device=p.get("device", "auto"))
+    res = bma_files(str(root / p["star"]), [str(root / s) for s in p["sources"]],
+                    BMASettings(k=p["k"], seed=p["seed"]), device=p.get("device", "auto"))
     files = (res.get("_info") or {}).get("files") or {}
     for entry in [files.get("star"), *(files.get("sources") or [])]:
         if isinstance(entry, dict) and "path" in entry:  # relative: results must not depend on the folder

@@ -17,9 +17,9 @@ import numpy as np
 from markdown_it import MarkdownIt
 from matplotlib.figure import Figure  # the object API: never switches a notebook's backend
 
-from . import pairkinds
+from .. import pairkinds
 from .averaging import plot_result, report_section
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from ..checkpoint import atomic_write_bytes, atomic_write_text
 
 # Live views of the pair-kind table (stardomain.pairkinds): a registered kind is named and coloured too.
 KIND_NAMES = pairkinds.KindField("label")
@@ -377,7 +377,7 @@ def _controls_lines(results: dict) -> list[str]:
 
 
 def _bma_section(results: dict, raw: dict | None = None) -> str | None:
-    """bma.report_section on the full BMA result (with its timings)."""
+    """report.averaging.report_section on the full BMA result (with its timings)."""
     res = raw or results.get("bma")
     if not res:
         return None
@@ -401,7 +401,7 @@ def _provenance() -> str:
     """When and with what this report was written (the models' own files record where they ran)."""
     import time
 
-    from .checkpoint import package_versions
+    from ..checkpoint import package_versions
 
     v = package_versions()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
