@@ -444,11 +444,12 @@ def _header(path: str | Path) -> dict | None:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
+    size = os.fstat(fd)
+    if not stat.S_ISREG(size.st_mode):  # a folder, a FIFO, a device
+        os.close(fd)
+        return None
     with os.fdopen(fd, "rb") as f:
         try:
-            size = os.fstat(fd)
-            if not stat.S_ISREG(size.st_mode):
-                return None
             (n,) = struct.unpack("<Q", f.read(8))
             if not 0 < n <= 100_000_000 or size.st_size < 8 + n:
                 return None
