@@ -102,7 +102,7 @@ def lap_census(ma, mb, x_trace):
     """(number of assignment problems, their sizes, seconds in scipy) of one weight matching."""
     spec = spec_from_model(mb, x_trace)
     log: list[tuple[int, float]] = []
-    solve = matching._lsa
+    solve = matching.lsa
 
     def timed(c):
         t0 = time.perf_counter()
@@ -110,11 +110,11 @@ def lap_census(ma, mb, x_trace):
         log.append((c.shape[0], time.perf_counter() - t0))
         return out
 
-    matching._lsa = timed
+    matching.lsa = timed
     try:
         weight_matching(spec, ma.state_dict(), mb.state_dict())
     finally:
-        matching._lsa = solve
+        matching.lsa = solve
     sizes: dict[int, int] = {}
     for n, _ in log:
         sizes[n] = sizes.get(n, 0) + 1

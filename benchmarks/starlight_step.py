@@ -2,7 +2,7 @@
 
 Three steps on the same model, batch and optimiser, timed interleaved in one process:
   plain      zero_grad, forward, cross-entropy, backward, SGD step
-  ours       stardomain.starlight.star_loss: functional_call over torch.lerp(θ, θ_n, t) (autograd does 1-t)
+  ours       stardomain.starlight.star_loss: functional_call over lerp(θ, θ_n, t), (1-t) on the output's gradient
   reference  the paper code's way: concatenate all parameters into one vector, interpolate the vectors,
              copy the result into a second module, back-propagate there, copy the gradient vector back into
              the star's .grad scaled by (1-t), SGD step
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from stardomain.models import build_model
-from stardomain.starlight import new_work, star_loss
+from stardomain.starlight import star_loss
 
 MODELS = {
     "mlp": ({"name": "mlp", "kwargs": {"width": 512, "depth": 2}}, (1, 28, 28)),
@@ -41,8 +41,8 @@ def make_steps(arch, shape, batch):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     params = dict(model.named_parameters())
     scratch = {k: b.clone() for k, b in model.named_buffers()}
-    work = new_work(params)
     src_vec = parameters_to_vector(src.values())
+    pool = []
     t = 0.37
 
     def plain():
@@ -52,7 +52,7 @@ def make_steps(arch, shape, batch):
 
     def ours():
         opt.zero_grad(set_to_none=True)
-        star_loss(model, params, [(src, t)], x, y, scratch=scratch, work=work)
+        star_loss(model, params, [(src, t)], x, y, scratch=scratch, pool=pool)
         opt.step()
 
     def reference():

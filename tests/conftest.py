@@ -23,13 +23,14 @@ def digits_cfg():
 def spec_running_every_layer(monkeypatch):
     """spec_from_model with a shape pass that runs every layer, where the default one puts zeros of the
     right shape in for convolutions, BatchNorm and activations: the two specs must be equal."""
-    import stardomain.permute.spec as spec_mod
+    import stardomain.permute.capture as capture
+    from stardomain.permute import spec_from_model
 
-    real = spec_mod._record_shapes
+    real = capture.record_shapes
 
     def spec(model, x):
         with monkeypatch.context() as mp:
-            mp.setattr(spec_mod, "_record_shapes", lambda m, g, example, fast=True: real(m, g, example, fast=False))
-            return spec_mod.spec_from_model(model, x)
+            mp.setattr(capture, "record_shapes", lambda m, g, example, fast=True: real(m, g, example, fast=False))
+            return spec_from_model(model, x)
 
     return spec

@@ -161,6 +161,21 @@ def test_controls_in_results_report_and_plots(controls_run):
     assert "alignment_control" in md
 
 
+def test_a_notebook_shows_a_study_as_its_verdict_and_tables(controls_run):
+    import html
+    import re
+
+    import stardomain as sd
+
+    out, res, _ = controls_run
+    shown = sd.Study(out, res)._repr_html_()
+    assert res["verdict_line"] in html.unescape(shown)
+    report = (out / "report.html").read_text()
+    tables = re.findall(r"<table>.*?</table>", shown, flags=re.S)
+    assert len(tables) >= 2 and all(t in report for t in tables)  # the report's own tables (timings aside)
+    assert "<img" not in shown and "<html" not in shown  # a fragment, without the figures
+
+
 def test_headline_recomputed_from_pair_records(controls_run):
     out, res, _ = controls_run
     hl = res["headline"]

@@ -1,5 +1,6 @@
 """The package's shape, checked: the import graph (lazy imports inside functions included) has no cycle and
-points only down the layers written once below, which `docs/architecture.md` draws from the same list.
+points only down the layers written once below, which `docs/architecture.md` draws from the same list;
+files, functions and parameter lists stay small enough to read.
 
 `python tests/test_layout.py` prints the layer block that docs/architecture.md must contain."""
 
@@ -17,15 +18,17 @@ PACKAGE = ROOT / "src" / "stardomain"
 LAYERS: list[tuple[str, list[str], str]] = [
     ("front doors", ["stardomain", "stardomain.__main__", "stardomain.cli"],
      "parse, call the library, print; the one error boundary (exit 2 / 1)"),
-    ("api", ["stardomain.api"], "the verbs as functions over live objects (sd.train, sd.barrier, ...)"),
+    ("api", ["stardomain.api", "stardomain.integrations", "stardomain.integrations.*"],
+     "the verbs over live objects (sd.train, sd.barrier, ...); Starlight in Lightning and the HF Trainer"),
     ("study", ["stardomain.study", "stardomain.study.*"],
      "plan -> tasks -> artifacts -> results; executors, lock, runner"),
     ("file front ends", ["stardomain.files"],
      "read model files, run a computation, write its outputs (what commands and tasks run)"),
     ("presentation", ["stardomain.report", "stardomain.report.*"],
      "tables, prose and figures from results (never computes)"),
-    ("methods", ["stardomain.starlight", "stardomain.barriers", "stardomain.averaging", "stardomain.merge"],
-     "Starlight, barriers, BMA and the other predictors, merges (state dicts in, records out)"),
+    ("methods", ["stardomain.starlight", "stardomain.objective", "stardomain.barriers", "stardomain.averaging",
+                 "stardomain.merge"],
+     "Starlight (its run and its objective), barriers, BMA and the other predictors, merges"),
     ("training", ["stardomain.training", "stardomain.runtime", "stardomain.tblog", "stardomain.interpolate",
                   "stardomain.repair"],
      "the one training loop, state-dict arithmetic, REPAIR"),
@@ -41,6 +44,9 @@ LAYERS: list[tuple[str, list[str], str]] = [
      "config, errors, the factory gate, pair kinds, small helpers"),
 ]
 
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES, MAX_PARAMETERS = 800, 60, 10
 
 
 def modules() -> dict[str, tuple[Path, bool]]:
@@ -152,6 +158,34 @@ def test_imports_only_point_down_the_layers():
 def test_architecture_doc_draws_the_same_layers():
     doc = (ROOT / "docs" / "architecture.md").read_text()
     assert layer_block() in doc, "docs/architecture.md's layer block is stale: run `python tests/test_layout.py`"
+
+
+def _is_command(node: ast.FunctionDef) -> bool:
+    return any(isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "command"
+               for d in node.decorator_list)
+
+
+def test_files_functions_and_parameter_lists_stay_small():
+    """No file over 800 lines, no function over 60, no function with more than 10 parameters (typer command
+    functions, which take one parameter per option, aside)."""
+    too_big = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        where = path.relative_to(PACKAGE)
+        if text.count("\n") > MAX_FILE_LINES:
+            too_big.append(f"{where}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs] + [x.arg for x in (a.vararg, a.kwarg) if x]
+            n_params = len([x for x in names if x not in ("self", "cls")])
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                too_big.append(f"{where}:{node.lineno} {node.name}: {length} lines")
+            if n_params > MAX_PARAMETERS and not _is_command(node):
+                too_big.append(f"{where}:{node.lineno} {node.name}: {n_params} parameters")
+    assert too_big == []
 
 
 if __name__ == "__main__":

@@ -141,7 +141,8 @@ def test_densenet_concat_is_union_of_parts():
 
 
 class _Odd(nn.Module):
-    """Grouped conv, a GroupNorm with 2 groups, and a channel cumsum: all must stay unpermuted."""
+    """A grouped conv feeding a GroupNorm with as many groups (whole groups move as blocks), a depthwise
+    conv (a per-channel op), and a channel cumsum (must stay unpermuted)."""
 
     def __init__(self):
         super().__init__()
@@ -165,11 +166,14 @@ def test_unsupported_layers_stay_unpermuted_and_say_why():
     model = _Odd()
     spec = _check_roundtrip(model, (2, 5, 5))
     reasons = " ".join(u.reason for u in spec.unpermuted)
-    assert "grouped convolution" in reasons and "cumsum" in reasons
+    assert "cumsum" in reasons and "ties channels to groups" not in reasons
     # the depthwise conv is a per-channel op: c2's out channels, dw's weight/bias share one group
     (g,) = [g for g in spec.groups.values() if any(m.tensor == "dw.weight" for m in g.members)]
     assert {m.tensor for m in g.members} == {"c2.weight", "c2.bias", "dw.weight", "dw.bias", "c3.weight"}
-    assert sorted(g.size for g in spec.groups.values()) == [4, 6]  # c1/g/c3 groups are pinned
+    assert sorted(g.size for g in spec.groups.values()) == [4, 6, 8, 8]  # c3's outputs are pinned (cumsum)
+    # c1's outputs (the grouped conv's inputs) move as whole groups only, coupled with g's outputs
+    c1 = next(g for g in spec.groups.values() if any(m.tensor == "c1.weight" for m in g.members))
+    assert c1.heads == 2 and c1.head_only and spec.groups[c1.couple].heads == 2
 
 
 def test_untraceable_model_permutes_nothing():
@@ -528,16 +532,16 @@ def test_spec_records_the_shapes_shape_prop_finds_and_restores_training_modes():
     import torch.fx as fx
     from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-    import stardomain.permute.spec as spec_mod
+    import stardomain.permute.capture as capture
 
     model = _WithDefault()
     model.bn.eval()  # mixed modes: each module's own mode must come back, not the root's
     stats = model.bn.running_mean.clone()
     x = torch.randn(3, 3, 8, 8)
-    graph = spec_mod._GraphTracer().trace(model)
+    graph = capture.GraphTracer().trace(model)
     assert str(graph) == str(fx.Tracer().trace(model))  # the same graph, node names included
     with torch.no_grad():
-        spec_mod._record_shapes(model, graph, x)
+        capture.record_shapes(model, graph, x)
     ref = fx.GraphModule(model, fx.Tracer().trace(model))
     ShapeProp(ref.eval()).propagate(x)
     model.train()
@@ -557,7 +561,7 @@ def test_spec_records_the_shapes_shape_prop_finds_and_restores_training_modes():
 @given(st.data())
 def test_shape_pass_sizes_convolutions_as_running_them_does(data):
     """The shape pass sizes plain convolutions by formula: it must agree with running them."""
-    import stardomain.permute.spec as spec_mod
+    import stardomain.permute.capture as capture
 
     nd = data.draw(st.integers(1, 3))
     groups = data.draw(st.sampled_from([1, 2, 3]))
@@ -575,9 +579,9 @@ def test_shape_pass_sizes_convolutions_as_running_them_does(data):
     try:
         want = conv(x).shape
     except RuntimeError:  # too small for the kernel, or padding larger than the input allows
-        assert spec_mod._shaped_like_output(conv, x) is None  # left to the module, which raises
+        assert capture.shaped_like_output(conv, x) is None  # left to the module, which raises
         return
-    got = spec_mod._shaped_like_output(conv, x)
+    got = capture.shaped_like_output(conv, x)
     if mode == "zeros":
         assert got.shape == want and not got.any()
     else:
@@ -586,7 +590,7 @@ def test_shape_pass_sizes_convolutions_as_running_them_does(data):
 
 @pytest.mark.parametrize("bn, dims", [(nn.BatchNorm1d, (2, 3)), (nn.BatchNorm2d, (4,)), (nn.BatchNorm3d, (5,))])
 def test_shape_pass_skips_batchnorm_only_where_it_would_run(bn, dims):
-    import stardomain.permute.spec as spec_mod
+    import stardomain.permute.capture as capture
 
     mod = bn(3).eval()
     for d in range(1, 7):
@@ -597,9 +601,9 @@ def test_shape_pass_skips_batchnorm_only_where_it_would_run(bn, dims):
                 runs = True
             except (RuntimeError, ValueError):
                 runs = False
-            got = spec_mod._shaped_like_output(mod, x)
+            got = capture.shaped_like_output(mod, x)
             assert got.shape == x.shape and not got.any() if runs else got is None
-    assert spec_mod._shaped_like_output(mod.train(), torch.randn(2, 3, *[2] * (dims[-1] - 2))) is None
+    assert capture.shaped_like_output(mod.train(), torch.randn(2, 3, *[2] * (dims[-1] - 2))) is None
 
 
 class _InvertsItsFeatures(nn.Module):
@@ -617,12 +621,12 @@ class _InvertsItsFeatures(nn.Module):
 
 
 def test_shape_pass_reruns_on_real_values_when_an_op_refuses_the_placeholders():
-    import stardomain.permute.spec as spec_mod
+    import stardomain.permute.capture as capture
 
     model, x = _InvertsItsFeatures(), torch.randn(2, 1, 6, 6)
-    graph = spec_mod._GraphTracer().trace(model)
+    graph = capture.GraphTracer().trace(model)
     with pytest.raises(RuntimeError), torch.no_grad():
-        spec_mod._record_shapes(model, graph, x)  # the fast pass alone fails
+        capture.record_shapes(model, graph, x)  # the fast pass alone fails
     spec = spec_from_model(model, x)
     assert not any("could not trace" in u.reason for u in spec.unpermuted)
     assert not spec.groups  # the conv's channels feed an op the tracer does not know: pinned, and said so

@@ -15,7 +15,7 @@ from test_permute_cli import run  # noqa: E402
 
 from stardomain.checkpoint import read_model_file  # noqa: E402
 from stardomain.permute import (activation_error, align, apply_permutation, distance, inverse,  # noqa: E402
-                                random_permutation, spec_from_model, weight_matching)
+                                random_permutation, spec_for, spec_from_model, weight_matching)
 from stardomain.permute.inputs import flat_tensors  # noqa: E402
 
 NAMES = ["bert", "gpt2", "vit", "llama"]
@@ -129,3 +129,21 @@ def test_import_refuses_pickles_and_misfits(tmp_path):
             tmp_path / "x.safetensors", ok=False)
     assert r.returncode == 2 and "do not fit" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_two_berts_differing_only_in_config_each_align_exactly_in_one_process():
+    """The stale-cache case: the attention implementation and return_dict live in the config object, not
+    in any module's plain attributes; each model must get its own spec."""
+    torch.manual_seed(0)
+    a, b = H.bert(attn_implementation="eager", return_dict=True), H.bert(attn_implementation="sdpa", return_dict=False)
+    b.load_state_dict(a.state_dict())
+    x = H.example("bert")
+    assert spec_for(a, x) is not spec_for(b, x) and spec_for(b, x) == spec_from_model(b, x)
+    g = torch.Generator().manual_seed(1)
+    for m in (a, b):
+        sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) if torch.is_floating_point(v) else v
+              for k, v in m.state_dict().items()}
+        spec = spec_for(m, x)
+        sp = apply_permutation(spec, sd, random_permutation(spec, torch.Generator().manual_seed(2)))
+        _, info = align(m, sd, sp, example_input=x)
+        assert info["distance_after"] == 0.0 and info["equivalence_error"] < 1e-10

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from stardomain.permute import (apply_permutation, equivalence_error, random_permutation, register_leaf_module,
                                 spec_for, spec_from_model, weight_matching)
-from stardomain.permute.spec import ATEN_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES
+from stardomain.permute.rules.registry import ATEN_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES
 
 
 class ScaleShift(nn.Module):

@@ -70,17 +70,19 @@ def test_zoo_transformer_trained_twins_align(digits_cfg, name):
 def test_fx_and_export_captures_give_the_same_groups(kwargs):
     """The two capture paths read the same model alike (the zoo's gpt traces with torch.fx; its export
     is read op by op from ATen)."""
-    import stardomain.permute.spec as S
+    from stardomain.permute.assembly import assemble
+    from stardomain.permute.capture import aliases_of, export_graph
+    from stardomain.permute.tracer import Tracer
 
     torch.manual_seed(0)
     m = build_model({"name": "gpt", "kwargs": {"dim": 16, **kwargs}}, (1, 8, 8), 10)
     x = torch.randn(2, 1, 8, 8)
     sd = m.state_dict()
     fx_spec = spec_from_model(m, x)
-    ep, names = S._export(m, x)
-    tr = S._Tracer(None, ep.graph, set(sd), params=names, aliases=S._aliases(m, sd))
+    ep, names = export_graph(m, x)
+    tr = Tracer(None, ep.graph, set(sd), params=names, aliases=aliases_of(sd))
     tr.run()
-    ex_spec = tr.spec(m, sd, capture="export")
+    ex_spec = assemble(tr, m, sd, capture="export")
     assert fx_spec.capture == "fx"
 
     def shape(spec):

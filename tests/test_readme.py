@@ -68,3 +68,34 @@ def test_readme_shell_examples_run_as_written(tmp_path):
     assert (tmp_path / "runs" / "default" / "results.json").is_file()
     assert (tmp_path / "runs" / "text_gpt" / "report.md").is_file() and (tmp_path / "runs" / "mnist_vit" / "report.md").is_file()
     assert (tmp_path / "runs" / "star_h0.png").is_file() and (tmp_path / "runs" / "s1_to_s0.safetensors").is_file()
+
+
+OWN_LOOP = "## Train a star in your own loop"
+
+
+def readme_python(section: str) -> list[str]:
+    """The ```python blocks of one README section, in order."""
+    text = README.read_text()
+    start = text.index(section)
+    end = text.find("\n## ", start + len(section))
+    return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], flags=re.S)
+
+
+def test_readme_own_loop_section_shows_the_plain_loop_lightning_and_the_trainer():
+    blocks = readme_python(OWN_LOOP)
+    assert len(blocks) == 3
+    assert "sd.Starlight(" in blocks[0] and "StarlightCallback(" in blocks[1] and "StarlightTrainer(" in blocks[2]
+
+
+@pytest.mark.slow
+def test_readme_own_loop_examples_run_as_written(tmp_path):
+    """The three blocks run in order in one fresh interpreter (later blocks use the first one's names)."""
+    pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    code = "\n\n".join(readme_python(OWN_LOOP))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.strip().splitlines()[0]) >= 0

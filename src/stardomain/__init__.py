@@ -19,10 +19,14 @@ from ._version import __version__
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __all__ = ["Config", "train", "star", "align", "barrier", "bma", "run", "load", "save",
-           "Trained", "Aligned", "Barrier", "BMA", "Study", "__version__"]
+           "Trained", "Aligned", "Barrier", "BMA", "Study", "Starlight", "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "Starlight":  # the objective for training loops of one's own
+        from .objective import Starlight
+
+        return Starlight
     if name in __all__:
         from . import api
 

@@ -18,6 +18,7 @@ recipe (train.batch_size, seeded order), so results stay seeded and reproducible
 from __future__ import annotations
 
 import copy
+import html
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,6 +38,7 @@ from .report.averaging import table as _table
 from .report.barriers import plot as _plot
 from .config import Config, apply_overrides, load_config, validate
 from .errors import UserError
+from .report.study import study_html as _study_html
 from .starlight import train_star
 from .training import init_model, model_meta
 from .training import train as train_one
@@ -98,6 +100,9 @@ class Barrier:
         """PNG of the curve (written to `path` when given). -> the PNG bytes."""
         return _plot(self.record, path)
 
+    def _repr_png_(self) -> bytes:  # a notebook shows the curve
+        return self.plot()
+
 
 @dataclass(frozen=True)
 class BMA:
@@ -113,6 +118,9 @@ class BMA:
         """The plain-text table `stardomain bma` prints (one row per predictor)."""
         return _table(self.result)
 
+    def _repr_html_(self) -> str:  # a notebook shows the table
+        return f"<pre>{html.escape(self.table())}</pre>"
+
 
 @dataclass(frozen=True)
 class Study:
@@ -120,6 +128,9 @@ class Study:
 
     path: Path
     results: dict
+
+    def _repr_html_(self) -> str:  # a notebook shows the verdict and the tables
+        return _study_html(self.results)
 
 
 # ---------------------------------------------------------------- inputs

@@ -1,11 +1,10 @@
 """Starlight (docs/method.md, "Starlight"): train a star model θ that sees its sources along straight lines.
 
 Every mini-batch draws a source θ_n uniformly and t from the configured scheme, forwards the batch through
-the interpolated weights (1-t)·θ + t·θ_n (BatchNorm in train mode) and back-propagates into θ *through the
-interpolation itself*: the interpolated parameters are written by `torch.lerp` into reusable leaf tensors
-that `torch.func.functional_call` runs the module with (no second module), and the chain rule's (1-t)
-factor is applied exactly once, on the loss, so back-propagation delivers (1-t)·∇L at the interpolated
-point, which becomes θ's gradient. The cost over an ordinary step is one lerp per parameter tensor.
+the interpolated weights (1-t)·θ + t·θ_n (BatchNorm in train mode) and back-propagates into θ through the
+interpolation, the chain rule's (1-t) applied exactly once. The step itself, the draws and the source bank
+live in `objective` (one implementation, shared with `sd.Starlight` for users' own training loops); this
+module is the training run around them.
 
 BatchNorm buffers: an interpolated forward in train mode would update running statistics with the
 statistics of the *interpolated* network. Those are not θ's statistics, so interpolated forwards run with
@@ -29,23 +28,21 @@ arguments ends with the bitwise-identical star and the same metadata (timings as
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from . import permute
-from .checkpoint import check_layout, weights_sha256
+from .checkpoint import weights_sha256
 from .config import Config, StarConfig, TrainConfig
 from .data import first_inputs, get_dataset, per_token
 from .errors import UserError
 from .interpolate import average, has_bn, recalibrate_bn
+from .objective import Draws, SourceBank, check_sources, interpolated_forward
 from .training import Hooks, autocast, config_digest, evaluate_splits, fit, init_model
 from .utils import resolve_device
 
@@ -54,50 +51,30 @@ StateDict = dict[str, torch.Tensor]
 
 # ---------------------------------------------------------------- the step
 
-def interpolate_into(work: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
-                     source: Mapping[str, torch.Tensor], t: float) -> None:
-    """work[k] <- (1-t)·params[k] + t·source[k], in place and outside autograd."""
-    with torch.no_grad():
-        for k, p in params.items():
-            torch.lerp(p, source[k], t, out=work[k])
-
-
-def new_work(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Leaf tensors that hold the interpolated weights; reused every step so nothing is allocated."""
-    return {k: torch.empty_like(p, requires_grad=True) for k, p in params.items()}
-
-
 def star_loss(model: nn.Module, params: Mapping[str, torch.Tensor], draws: Sequence[tuple[Mapping[str, torch.Tensor], float]],
               x: torch.Tensor, y: torch.Tensor, *, mu: float = 0.0, label_smoothing: float = 0.0,
               scratch: Mapping[str, torch.Tensor] | None = None, backward: bool = True,
-              work: Mapping[str, torch.Tensor] | None = None) -> float:
+              pool: list | None = None) -> float:
     """One Starlight objective on a mini-batch split into len(draws) chunks, chunk i through its own
-    (source_i, t_i). L_interp is the mean loss over the whole batch; with μ > 0 the total is
-    (L_interp + μ·L(θ)) / (1 + μ). With `backward`, θ's gradients (`params[k].grad`) receive
-    ∂total/∂θ: for each chunk, d/dθ L((1-t)·θ + t·θ_n) = (1-t)·∇L at the interpolated point, computed by
-    back-propagating (1-t)·L into the interpolated leaves `work` (see `new_work`). `scratch`, when given,
-    replaces the module's buffers in interpolated forwards (BatchNorm updates land there). -> the total."""
+    (source_i, t_i) by `objective.interpolated_forward` (the step `sd.Starlight` runs too). L_interp is the
+    mean loss over the whole batch; with μ > 0 the total is (L_interp + μ·L(θ)) / (1 + μ). With `backward`,
+    θ's gradients (`params[k].grad`) receive ∂total/∂θ: for each chunk, d/dθ L((1-t)·θ + t·θ_n) =
+    (1-t)·∇L at the interpolated point. `scratch`, when given, replaces the module's buffers in
+    interpolated forwards (BatchNorm updates land there); `pool` keeps the interpolated weights' buffers
+    for the next step. -> the total."""
     k = len(draws)
     n = y.numel()  # predictions in the batch: examples, or tokens of next-token data
     scale = 1.0 / (1.0 + mu)
     total = 0.0
-    work = new_work(params) if work is None else work
     xs, ys = (torch.tensor_split(x, k), torch.tensor_split(y, k)) if k > 1 else ((x,), (y,))
     for (src, t), xc, yc in zip(draws, xs, ys):
         if len(yc) == 0:
             continue
-        interpolate_into(work, params, src, t)
         with torch.set_grad_enabled(backward):
-            out, yt = per_token(functional_call(model, {**work, **scratch} if scratch else work, (xc,)), yc)
+            out, yt = per_token(interpolated_forward(model, params, src, t, (xc,), buffers=scratch, pool=pool), yc)
             loss = F.cross_entropy(out.float(), yt, label_smoothing=label_smoothing, reduction="sum") * (scale / n)
         if backward:
-            (loss * (1.0 - t)).backward()
-            for name, p in params.items():
-                g, work[name].grad = work[name].grad, None
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
+            loss.backward()
         total += loss.item()
     if mu > 0:
         with torch.set_grad_enabled(backward):
@@ -109,91 +86,6 @@ def star_loss(model: nn.Module, params: Mapping[str, torch.Tensor], draws: Seque
     return total
 
 
-# ---------------------------------------------------------------- draws
-
-class Draws:
-    """The seeded (source, t) generator: numpy's PCG64, whose state is plain JSON (resumable, no pickle)."""
-
-    def __init__(self, sc: StarConfig, n_sources: int, seed: int):
-        self.sc, self.n = sc, n_sources
-        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x5747])))
-
-    def draw(self) -> tuple[int, float]:
-        n = int(self.rng.integers(self.n))
-        if self.sc.t_sampling == "uniform":
-            t = float(self.rng.random())
-        elif self.sc.t_sampling == "beta":
-            t = float(self.rng.beta(*self.sc.beta))
-        else:
-            t = float(self.sc.t_constant)
-        return n, t
-
-    def get_state(self) -> str:
-        return json.dumps(self.rng.bit_generator.state)
-
-    def set_state(self, s: str) -> None:
-        self.rng.bit_generator.state = json.loads(s)
-
-
-# ---------------------------------------------------------------- sources
-
-class SourceBank:
-    """The sources' parameters as the star trains against them: N aligned copies (parameters only), on the
-    training device when they fit there, else on the CPU with the drawn one moved per step. Originals are
-    read through `originals[n]` (a list, or a lazy sequence that reads files) and never modified."""
-
-    def __init__(self, originals: Sequence[StateDict], param_names: list[str], device: torch.device, where: str):
-        self.originals = originals
-        self.names = param_names
-        self.device = device
-        self.perms: list[dict[str, torch.Tensor] | None] = [None] * len(originals)
-        first = originals[0]
-        bytes_per = sum(first[k].numel() * first[k].element_size() for k in param_names)
-        if where == "auto":
-            where = "device"
-            if device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                where = "device" if bytes_per * len(originals) < 0.3 * free else "cpu"
-        self.on_device = where == "device" or device.type == "cpu"
-        self.bytes = bytes_per * len(originals)
-        self.params: list[StateDict] = [self._params(originals[n]) for n in range(len(originals))]
-
-    def _params(self, sd: StateDict) -> StateDict:
-        dev = self.device if self.on_device else torch.device("cpu")
-        return {k: sd[k].detach().to(dev, torch.float32 if sd[k].is_floating_point() else sd[k].dtype)
-                for k in self.names}
-
-    def __len__(self) -> int:
-        return len(self.params)
-
-    def get(self, n: int) -> StateDict:
-        p = self.params[n]
-        if self.on_device:
-            return p
-        return {k: v.to(self.device, non_blocking=True) for k, v in p.items()}
-
-    def set_perm(self, n: int, perm: dict[str, torch.Tensor] | None, permute=None, spec=None) -> None:
-        """Make copy n the original permuted by `perm` (None: the original itself)."""
-        sd = self.originals[n]
-        if perm is not None:
-            sd = permute.apply_permutation(spec, sd, perm)
-        self.perms[n] = perm
-        self.params[n] = self._params(sd)
-
-    def align_to(self, star_sd: StateDict, permute, spec, seed: int, max_iter: int) -> dict[str, float]:
-        """Re-align every source (from its original weights) to the star by weight matching."""
-        iters = []
-        for n in range(len(self.params)):
-            # warm start from the last permutation (saved in the resume state, so this stays reproducible)
-            kw = {"init": self.perms[n]} if self.perms[n] is not None else {}
-            perm, info = permute.weight_matching(spec, star_sd, self.originals[n], seed=seed + n, max_iter=max_iter,
-                                                 **kw)
-            perm = {g: p.detach().cpu().to(torch.int64) for g, p in perm.items()}
-            self.set_perm(n, perm, permute, spec)
-            iters.append(info.get("iterations", 0) if isinstance(info, dict) else 0)
-        return {"mean_iterations": float(np.mean(iters)) if iters else 0.0}
-
-
 # ---------------------------------------------------------------- training
 
 def star_settings(sc: StarConfig) -> dict[str, Any]:
@@ -201,13 +93,6 @@ def star_settings(sc: StarConfig) -> dict[str, Any]:
     return {"t_sampling": sc.t_sampling, "beta": list(sc.beta), "t_constant": sc.t_constant, "mu": sc.mu,
             "align_every": sc.align_every, "init": sc.init, "init_source": sc.init_source, "chunks": sc.chunks,
             "bn_batches": sc.bn_batches, "match_iters": sc.match_iters}
-
-
-def _check_sources(model: nn.Module, sources: Sequence[StateDict]) -> None:
-    want = model.state_dict()
-    for i in range(len(sources)):
-        check_layout(want, sources[i], f"source {i}", against="the configured model (give sources trained "
-                     "with the same model config)")
 
 
 def _alignments_before(sc: StarConfig, epoch: int, step: int) -> int:
@@ -241,7 +126,7 @@ def _init_star(model: nn.Module, cfg: Config, sources: Sequence[StateDict], data
 def _check_star_config(cfg: Config, model: nn.Module, sources: Sequence[StateDict]) -> None:
     sc = cfg.star
     tc: TrainConfig = sc.train or cfg.train
-    _check_sources(model, sources)
+    check_sources(model, sources)
     if has_bn(model) and tc.batch_size // sc.chunks < 2:
         raise UserError(f"star.chunks={sc.chunks} leaves chunks of under 2 examples at batch size {tc.batch_size}; "
                         "BatchNorm needs at least 2: lower star.chunks or raise the batch size")
@@ -270,15 +155,14 @@ class _StarRun:
                      epoch_end=self.epoch_end, saved=self.saved, state=self.state, restore=self.restore)
 
     def ready(self) -> None:
-        """After a resume: scratch BN buffers from θ's (restored) ones, reusable interpolation leaves."""
+        """After a resume: scratch BN buffers from θ's (restored) ones; an empty pool of weight buffers."""
         self.scratch = ({k: b.detach().clone() for k, b in self.model.named_buffers()} if has_bn(self.model)
                         else None)
-        self.work = new_work(self.params)
+        self.pool: list = []  # the interpolated weights' buffers, reused every step
 
     def align(self, n_step: int) -> None:
         a0 = time.perf_counter()
-        star_sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        self.bank.align_to(star_sd, permute, self.spec, seed=self.seed * 100003 + n_step, max_iter=self.sc.match_iters)
+        self.bank.align_to_model(self.model, self.spec, self.seed, n_step, self.sc.match_iters)
         self.align_seconds += time.perf_counter() - a0
         self.alignments += 1
 
@@ -293,7 +177,7 @@ class _StarRun:
         with autocast(self.device, self.tc.amp):
             loss = star_loss(self.model, self.params, [(self.bank.get(n), t) for n, t in chosen], x, y,
                              mu=self.sc.mu, label_smoothing=self.tc.label_smoothing, scratch=self.scratch,
-                             work=self.work)
+                             pool=self.pool)
         return loss, None
 
     def diverged(self, loss: float, epoch: int) -> str:

@@ -8,11 +8,14 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from ..checkpoint import ExampleInput, ExampleInputs, build_from_meta, data_from_meta, read_model_file, read_pair, save_model
+from ..checkpoint import (ExampleInput, ExampleInputs, build_from_meta, data_from_meta, read_model_file, read_pair,
+                          save_model)
 from ..data import first_inputs
 from ..errors import UserError
 from ..safety import check_regular_file
-from .align import CoverageWarning, align, spec_for
+from .alignment import CoverageWarning, MatchingOptions, align
+from .cache import spec_for
+from .capture import aliases_of
 from .spec import PermutationSpec
 
 
@@ -62,7 +65,7 @@ def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, meth
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CoverageWarning)  # the record carries them; the CLI prints them
         sd_p, info = align(model, sd_a, sd_b, example_input=x, method=method, data_x=data_x, seed=seed,
-                           check=True, max_iter=max_iter, init=init, variant=variant)
+                           check=True, variant=variant, options=MatchingOptions(init=init, max_iter=max_iter))
     rec = {k: info[k] for k in ("method", "variant", "iterations", "converged", "groups", "distance_before",
                                 "distance_after", "distance_over", "equivalence_error", "seconds",
                                 "permutable_fraction", "capture", "capture_error", "warnings")}
@@ -177,13 +180,11 @@ def _fit(model: torch.nn.Module, sd: dict, where: str) -> dict:
     names are first mapped by transformers itself: _hf_renamed); tied tensors missing from the file
     (an output head sharing the embedding) are filled from their partner; non-persistent buffers are
     the model's."""
-    from .spec import _aliases
-
     renamed = _hf_renamed(model, sd, where)
     if renamed is not None:
         sd = renamed
     own = model.state_dict()
-    aliases = _aliases(model, own)
+    aliases = aliases_of(own)
     out, missing = {}, []
     for k, v in own.items():
         src = k if k in sd else next((a for a in aliases.get(k, []) if a in sd), None)

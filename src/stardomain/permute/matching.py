@@ -1,7 +1,6 @@
-"""Applying permutations to state dicts, and finding them: weight matching and activation matching.
-
-Convention: a permutation `p` of a group of size n puts unit p[i] of the input at position i
-(new = old.index_select(axis, p)). `weight_matching(spec, a, b)` returns the p to apply to b.
+"""Weight matching (Git Re-Basin): the permutation of B that brings its parameters closest to A's in L2,
+by coordinate descent over groups, one linear assignment per group (head groups: block-structured).
+`weight_matching(spec, a, b)` returns the p to apply to b (conventions: permutations.py).
 """
 
 from __future__ import annotations
@@ -12,138 +11,11 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .permutations import CpuThreads, axis_index, identity, member_plan, permute_tensor, slice_rows, unit_major
 from .spec import PermutationSpec
 
 
-def identity(spec: PermutationSpec) -> dict[str, torch.Tensor]:
-    return {k: torch.arange(g.size) for k, g in spec.groups.items()}
-
-
-def inverse(perm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: torch.argsort(p) for k, p in perm.items()}
-
-
-def random_permutation(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """A uniformly random legal permutation (head groups: heads permuted together, units within each)."""
-    out: dict[str, torch.Tensor] = {}
-    for k, g in spec.groups.items():
-        if g.heads:
-            if k in out:
-                continue
-            hp = torch.randperm(g.heads, generator=generator)
-            for name in [k] + ([g.couple] if g.couple else []):
-                dh = g.size // g.heads
-                out[name] = _head_perm(hp, [torch.arange(dh) if spec.groups[name].head_only else
-                                            torch.randperm(dh, generator=generator) for _ in range(g.heads)], dh)
-        else:
-            out[k] = torch.randperm(g.size, generator=generator)
-    return out
-
-
-def _head_perm(head_perm: torch.Tensor, within: list[torch.Tensor], dh: int) -> torch.Tensor:
-    """Position block i takes source head head_perm[i], its units reordered by within[i]."""
-    return torch.cat([int(h) * dh + w for h, w in zip(head_perm, within)])
-
-
-def _plan(spec: PermutationSpec, tensors=None) -> dict[str, list[tuple[int, int, int, int, str, int, int]]]:
-    """tensor -> [(axis, offset, size, block, group, rep, heads)], over the tensors named in `tensors` if
-    given (rep and heads: see Member.rep)."""
-    keep = None if tensors is None else set(tensors)
-    plan: dict[str, list] = {}
-    for k, g in spec.groups.items():
-        for m in g.members:
-            if keep is None or m.tensor in keep:
-                plan.setdefault(m.tensor, []).append((m.axis, m.offset, g.size, m.block, k, m.rep, g.heads))
-    return plan
-
-
-def _member_index(p: torch.Tensor, n: int, blk: int, rep: int = 1, heads: int = 0) -> torch.Tensor:
-    """The gather index within one member's slice (n * blk * rep long) for its group's permutation p."""
-    p = p.cpu().long()
-    if rep == 1:
-        return p if blk == 1 else (p.view(-1, 1) * blk + torch.arange(blk)).reshape(-1)
-    h = heads or 1
-    dh = n // h
-    src = p.view(h, 1, dh, 1)  # viewed as (heads, rep, units per head, block): every copy alike
-    idx = (src // dh * (rep * dh * blk) + torch.arange(rep).view(1, rep, 1, 1) * (dh * blk)
-           + src % dh * blk + torch.arange(blk))
-    return idx.reshape(-1)
-
-
-def _axis_index(length: int, items, perm) -> torch.Tensor:
-    """The gather index along one axis for the groups (items, as _plan's) owning slices of it."""
-    if len(items) == 1 and items[0][1] == 0 and items[0][2] * items[0][3] * _rep(items[0]) == length:
-        _, _, n, blk, k, *rest = items[0]  # one group owns the whole axis (the usual case)
-        return _member_index(perm[k], n, blk, *rest)
-    idx = torch.arange(length)
-    for _, off, n, blk, k, *rest in items:
-        idx[off:off + n * blk * (rest[0] if rest else 1)] = off + _member_index(perm[k], n, blk, *rest)
-    return idx
-
-
-def _rep(item) -> int:
-    return item[5] if len(item) > 5 else 1
-
-
-def _unit_major(t: torch.Tensor, ax: int, off: int, n: int, blk: int, rep: int = 1, heads: int = 0):
-    """A member's slice with its axis moved first and ordered unit by unit (a unit's rep copies and
-    block adjacent): reshaped to (n, -1), row i holds everything unit i owns."""
-    s = t.narrow(ax, off, n * blk * rep).movedim(ax, 0)
-    if rep == 1:
-        return s
-    h = heads or 1
-    return s.reshape(h, rep, n // h, blk, *s.shape[1:]).transpose(1, 2).reshape(n * rep * blk, *s.shape[1:])
-
-
-def _permute_tensor(t: torch.Tensor, items, perm) -> torch.Tensor:
-    axes: dict[int, list] = {}
-    for it in items:
-        axes.setdefault(it[0], []).append(it)
-    for ax, its in axes.items():
-        t = t.index_select(ax, _axis_index(t.shape[ax], its, perm).to(t.device))
-    return t
-
-
-def apply_permutation(spec: PermutationSpec, sd: dict, perm: dict[str, torch.Tensor]) -> dict:
-    """A new state dict with every tensor axis a group touches permuted (parameters and buffers; tied
-    names, one tensor under two names, stay one tensor)."""
-    missing = set(spec.groups) - set(perm)
-    if missing:
-        raise ValueError(f"permutation lacks groups {sorted(missing)[:5]}")
-    out = dict(sd)
-    plan = {t: items for t, items in _plan(spec).items() if t in sd}
-    if not plan:
-        return out
-    done: dict[tuple, torch.Tensor] = {}  # tied names (an embedding and its output head): one result, shared
-    with _Threads(sum(sd[t].numel() for t in plan), sd[next(iter(plan))].device):
-        for name, items in plan.items():
-            t = sd[name]
-            key = (t.data_ptr(), t.dtype, t.shape, t.stride(), tuple(items)) if t.numel() else (name,)
-            if key not in done:
-                done[key] = _permute_tensor(t, items, perm)
-            out[name] = done[key]
-    return out
-
-
-def distance(sd_a: dict, sd_b: dict, keys=None) -> float:
-    """L2 distance over the floating-point tensors named in `keys` (default: all, buffers included).
-
-    Alignment is judged with keys=spec.parameters: weight matching minimises the distance between
-    parameters only, so that is the distance aligning never increases (BatchNorm running statistics
-    are data summaries, recomputed along interpolation paths, not weights)."""
-    tot = 0.0
-    for k in (sd_a if keys is None else keys):
-        a = sd_a[k]
-        if torch.is_floating_point(a):
-            tot += float((a.double() - sd_b[k].double()).pow(2).sum())
-    return tot ** 0.5
-
-
-def _slice_rows(t: torch.Tensor, ax: int, off: int, n: int, blk: int, rep: int = 1, heads: int = 0) -> torch.Tensor:
-    return _unit_major(t, ax, off, n, blk, rep, heads).reshape(n, -1)
-
-
-def _lsa(score: np.ndarray) -> np.ndarray:
+def lsa(score: np.ndarray) -> np.ndarray:
     """The assignment maximising `score` (columns for rows 0..n-1). Solved as the equivalent
     minimisation of rowmax - score, column-reduced: same optima, and scipy is ~1.35x faster on the
     near-degenerate matrices of BatchNorm networks than with maximize=True."""
@@ -152,7 +24,7 @@ def _lsa(score: np.ndarray) -> np.ndarray:
     return linear_sum_assignment(d)[1]
 
 
-def _solve_heads(cq: np.ndarray, cv: np.ndarray | None, heads: int,
+def solve_heads(cq: np.ndarray, cv: np.ndarray | None, heads: int,
                  fixed: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Best head-structured assignment for one or two coupled cost matrices (A unit x B unit, float64).
     fixed[i]: matrix i's units keep their order within a head (rotary q/k): whole heads move only."""
@@ -164,43 +36,26 @@ def _solve_heads(cq: np.ndarray, cv: np.ndarray | None, heads: int,
     within: dict[tuple[int, int], list[np.ndarray]] = {}
     for a in range(heads):
         for b in range(heads):
-            cols = [np.arange(dh) if f else _lsa(m[a, b]) for m, f in zip(mats, fixed)]
+            cols = [np.arange(dh) if f else lsa(m[a, b]) for m, f in zip(mats, fixed)]
             within[a, b] = cols
             score[a, b] = sum(m[a, b][np.arange(dh), c].sum() for m, c in zip(mats, cols))
-    hp = _lsa(score)
+    hp = lsa(score)
     perms = [torch.from_numpy(np.concatenate([hp[a] * dh + within[a, hp[a]][i] for a in range(heads)])).long()
              for i in range(len(mats))]
     return perms[0], (perms[1] if len(perms) > 1 else None)
 
 
-def _fixed(spec: PermutationSpec, names) -> tuple[bool, bool]:
+def head_only_flags(spec: PermutationSpec, names) -> tuple[bool, bool]:
     flags = tuple(spec.groups[k].head_only for k in names)
     return (flags + (False, False))[:2]
 
 
-def _np64(c: torch.Tensor) -> np.ndarray:
+def np64(c: torch.Tensor) -> np.ndarray:
     return c.detach().cpu().double().numpy()
 
 
 _POOL_MIN_SIZE = 128
 _INCREMENTAL_MIN_MACS = 1 << 20  # a cost term updated from the units that moved, not recomputed, from this size
-
-
-class _Threads:
-    """Run small CPU work on one thread: matrices of a few hundred rows gain little from threads on an idle
-    machine and lose 10-50x to OpenMP contention on a busy one. Large problems keep torch's setting."""
-
-    def __init__(self, numel: int, device: torch.device):
-        self.active = device.type == "cpu" and numel < (1 << 24)
-
-    def __enter__(self):
-        if self.active:
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.active:
-            torch.set_num_threads(self.saved)
 
 
 INITS = ("informed", "identity", "sorted")  # weight_matching's named starts
@@ -232,14 +87,14 @@ def weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int 
     workers: threads solving independent assignments at once (default: torch's thread count, at most
     4); the result is identical for every value.
     """
-    plan = _plan(spec, spec.parameters)
+    plan = member_plan(spec, spec.parameters)
     if not plan:
         return identity(spec), {"iterations": 0, "converged": True, "groups": len(spec.groups), "init": "identity"}
     if workers is None:
         workers = min(torch.get_num_threads(), 4)
     numel = sum(sd_a[t].numel() for t in plan)
     kw = dict(seed=seed, max_iter=max_iter, workers=workers)
-    with _Threads(numel, sd_a[next(iter(plan))].device):
+    with CpuThreads(numel, sd_a[next(iter(plan))].device):
         if isinstance(init, dict):
             perm, info, _ = _weight_matching(spec, sd_a, sd_b, init=init, **kw)
             return perm, {**info, "init": "given"}
@@ -267,8 +122,8 @@ def weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int 
 
 def _objective(spec: PermutationSpec, sd_a: dict, sd_b: dict, perm: dict) -> float:
     """sum over permuted parameters of <A, perm(B)> (the rest of the distance does not depend on perm)."""
-    plan = _plan(spec, spec.parameters)
-    return sum(float((sd_a[t].double() * _permute_tensor(sd_b[t], items, perm).double()).sum())
+    plan = member_plan(spec, spec.parameters)
+    return sum(float((sd_a[t].double() * permute_tensor(sd_b[t], items, perm).double()).sum())
                for t, items in plan.items())
 
 
@@ -288,17 +143,18 @@ def _sorted_init(spec: PermutationSpec, sd_a: dict, sd_b: dict) -> dict[str, tor
                 if m.tensor not in params:
                     continue
                 where = (m.axis, m.offset, g.size, m.block, m.rep, spec.groups[kk].heads)
-                a = _slice_rows(sd_a[m.tensor].float(), *where).sort(dim=1).values
-                b = _slice_rows(sd_b[m.tensor].float(), *where).sort(dim=1).values
+                a = slice_rows(sd_a[m.tensor].float(), *where).sort(dim=1).values
+                b = slice_rows(sd_b[m.tensor].float(), *where).sort(dim=1).values
                 c += 2 * a @ b.T - (a * a).sum(1, keepdim=True) - (b * b).sum(1)
-            cs.append(_np64(c))
+            cs.append(np64(c))
         if not any(m.tensor in params for kk in ks for m in spec.groups[kk].members):
             out.update({kk: torch.arange(g.size) for kk in ks})  # nothing to match: keep the order
         elif g.heads:
-            for kk, p in zip(ks, _solve_heads(cs[0], cs[1] if len(cs) > 1 else None, g.heads, _fixed(spec, ks))):
+            solved = solve_heads(cs[0], cs[1] if len(cs) > 1 else None, g.heads, head_only_flags(spec, ks))
+            for kk, p in zip(ks, solved):
                 out[kk] = p
         else:
-            out[k] = torch.from_numpy(_lsa(cs[0])).long()
+            out[k] = torch.from_numpy(lsa(cs[0])).long()
     return out
 
 
@@ -318,8 +174,8 @@ def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
             if ax == 0 and off == 0 and rep == 1 and n * blk == B[t].shape[0]:  # the usual case: views, no copies
                 ra, bm = A[t].reshape(n, -1).contiguous(), B[t]
             else:
-                ra = _slice_rows(A[t], ax, off, n, blk, rep, heads)
-                bm = _unit_major(B[t], ax, off, n, blk, rep, heads)
+                ra = slice_rows(A[t], ax, off, n, blk, rep, heads)
+                bm = unit_major(B[t], ax, off, n, blk, rep, heads)
             # other groups' axes (items on k's own axis permute other slices; k's own are skipped)
             others: dict[int, list] = {}
             for it in items:
@@ -375,21 +231,21 @@ class _CostCache:
                 continue
             b = bm  # read B through every other axis (several: recomputed each time)
             for ax, its in others.items():
-                b = b.index_select(ax, _axis_index(b.shape[ax], its, perm))
+                b = b.index_select(ax, axis_index(b.shape[ax], its, perm))
             if left_out:
                 blind.append((ra, b.reshape(n, -1)))
             else:
                 c.addmm_(ra, b.reshape(n, -1).T)
         for key, js in buckets.items():
             c += self._terms(k, key, js, perm)
-        return _np64(c), (blind or None)
+        return np64(c), (blind or None)
 
     def _terms(self, k: str, key: tuple, js: list[int], perm: dict) -> torch.Tensor:
         """The sum of group k's terms js (rows of A, B's slice), each read through its single other axis,
         all through the groups in `key`: reused, updated from the units that moved, or recomputed."""
         n = self.spec.groups[k].size
         terms = [(self.terms[k][j][0], self.terms[k][j][1], *next(iter(self.terms[k][j][2].items()))) for j in js]
-        idx = {j: _axis_index(bm.shape[ax], its, perm) for j, (_, bm, ax, its) in zip(js, terms)}
+        idx = {j: axis_index(bm.shape[ax], its, perm) for j, (_, bm, ax, its) in zip(js, terms)}
         prev = self.last.get((k, key))
         if prev is not None and all(prev[0][j] is idx[j] for j in js):  # the groups have not moved (same tensor)
             return prev[1]
@@ -425,10 +281,10 @@ def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.nda
     g = spec.groups[u[0]]
     seen = [c for c, _ in cs]
     if g.heads:
-        new = [p for p in _solve_heads(seen[0], seen[1] if len(seen) > 1 else None, g.heads, _fixed(spec, u))
+        new = [p for p in solve_heads(seen[0], seen[1] if len(seen) > 1 else None, g.heads, head_only_flags(spec, u))
                if p is not None]
     else:
-        new = [torch.from_numpy(_lsa(seen[0])).long()]
+        new = [torch.from_numpy(lsa(seen[0])).long()]
     ar = np.arange(g.size)
 
     def value(ps, full):
@@ -526,7 +382,7 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
     terms it saw, its effect on the objective is still counted, and the group is solved again in the
     next pass. With workers > 1, independent large units of a pass are solved at once (_batches).
     """
-    plan = _plan(spec, spec.parameters)
+    plan = member_plan(spec, spec.parameters)
     dtype = torch.float64 if any(sd_a[t].dtype == torch.float64 for t in plan) else torch.float32
     costs = _CostCache(spec, plan, {t: sd_a[t].to(dtype) for t in plan}, {t: sd_b[t].to(dtype) for t in plan}, dtype)
     perm = {k: v.detach().cpu().long().clone() for k, v in (init or identity(spec)).items()}
@@ -565,140 +421,3 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
         if pool is not None:
             pool.shutdown()
     return perm, {"iterations": it, "converged": converged, "groups": len(spec.groups)}, (gain, scale)
-
-
-def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dict, sd_b: dict,
-                        x: torch.Tensor, *, max_probes: int = 3) -> tuple[dict[str, torch.Tensor], dict]:
-    """Match units by the correlation of their activations on a batch `x` (-> perm for B, info).
-
-    Each group is observed at up to `max_probes` places in the traced graph (preferring the output
-    of nonlinearities); correlations are summed over those places and one assignment solved per group
-    (head groups: whole heads as blocks, units within a head's q/k jointly and v/out jointly).
-    nn.MultiheadAttention computes its q, k and v inside one fused op, so no graph node shows them:
-    they are recomputed from the module's observed inputs and the model's own in_proj weights.
-    """
-    if not spec.groups:  # nothing to match (a capture failure included): same as weight matching
-        return identity(spec), {"iterations": 0, "converged": True, "groups": 0}
-    chosen, fused, acts_a, acts_b = _observe_pair(spec, model, x, sd_a, sd_b, max_probes)
-    unit_axes: dict[str, set[int]] = {}  # node -> its axes some group permutes
-    for g in spec.groups.values():
-        for p in g.probes:
-            unit_axes.setdefault(p.node, set()).add(p.axis)
-    perm: dict[str, torch.Tensor] = {}
-    for k, g in spec.groups.items():
-        if k in perm:
-            continue
-        ks = [k] + ([g.couple] if g.couple else [])
-        if not any(chosen[kk] or fused.get(kk) for kk in ks):  # never observed
-            perm.update({kk: torch.arange(g.size) for kk in ks})
-            continue
-        corr = {kk: _correlation(g.size, chosen[kk], fused.get(kk, []), acts_a, acts_b, sd_a, sd_b, unit_axes)
-                for kk in ks}
-        if g.heads:
-            ps = _solve_heads(corr[ks[0]].numpy(), corr[ks[1]].numpy() if len(ks) > 1 else None, g.heads,
-                              _fixed(spec, ks))
-            perm.update(zip(ks, ps))
-        else:
-            perm[k] = torch.from_numpy(_lsa(corr[k].numpy())).long()
-    return perm, {"iterations": 1, "converged": True, "groups": len(spec.groups)}
-
-
-def _observe_pair(spec: PermutationSpec, model: torch.nn.Module, x, sd_a: dict, sd_b: dict, max_probes: int):
-    """-> (probes chosen per group, fused-attention probes per group, A's and B's observed activations):
-    one captured copy of the model run with each state dict, recording only the nodes some probe reads."""
-    import copy
-
-    from .spec import capture_module, load_into, observe
-
-    model = copy.deepcopy(model).eval()
-    gm = capture_module(model, x, spec.capture)
-    chosen = {k: sorted([p for p in g.probes if p.rep == 1],  # (a query head's copies of key units: not needed)
-                        key=lambda p: (not _is_nonlinear(gm, p.node),))[:max_probes]
-              for k, g in spec.groups.items()}
-    fused = _mha_probes(spec, gm)
-    mha_inputs = {}  # (MultiheadAttention node, 0/1/2) -> the node computing its query/key/value input
-    for n in gm.graph.nodes:
-        if any(n.name == node for ps in fused.values() for node, *_ in ps):
-            for i, name in enumerate(("query", "key", "value")):
-                a = n.args[i] if len(n.args) > i else n.kwargs[name]
-                mha_inputs[n.name, i] = a.name
-    wanted = {p.node for ps in chosen.values() for p in ps} | set(mha_inputs.values())
-
-    def run(sd):
-        load_into(gm, model, sd)
-        if spec.capture == "fx":  # an exported module is already in eval mode (and refuses .eval())
-            gm.eval()
-        vals = observe(gm, x, wanted)
-        return {**vals, **{key: vals[name] for key, name in mha_inputs.items()}}
-
-    return chosen, fused, run(sd_a), run(sd_b)
-
-
-def _correlation(n: int, probes: list, fused: list, acts_a: dict, acts_b: dict, sd_a: dict, sd_b: dict,
-                 unit_axes: dict | None = None):
-    """n x n correlation of A's and B's units, summed over the group's probes (and fused q/k/v probes).
-    Where another axis of a probed value carries units too (a token-mixing MLP's hidden units along the
-    channels), A's and B's values are sorted along it: samples that do not depend on its order."""
-    c = torch.zeros(n, n, dtype=torch.float64)
-    for p in probes:
-        if p.node in acts_a and p.node in acts_b:  # (a re-export on the data may name nodes apart)
-            ta, tb = acts_a[p.node], acts_b[p.node]
-            for ax in sorted((unit_axes or {}).get(p.node, set()) - {p.axis}):
-                ta, tb = ta.sort(dim=ax).values, tb.sort(dim=ax).values
-            c += _unit_features(ta, p, n).T @ _unit_features(tb, p, n)
-    for p in fused:
-        c += _projected_units(acts_a, sd_a, p, n).T @ _projected_units(acts_b, sd_b, p, n)
-    return c
-
-
-def _unit_features(t: torch.Tensor, p, n: int) -> torch.Tensor:
-    """The n units a probe sees (each a block of p.block values along p.axis), as normalised columns."""
-    f = t.narrow(p.axis, p.offset, n * p.block).movedim(p.axis, -1)
-    return _normalised(f.reshape(*f.shape[:-1], n, p.block).movedim(-2, -1).reshape(-1, n))
-
-
-def _projected_units(acts: dict, sd: dict, probe, n: int) -> torch.Tensor:
-    """Rows offset..offset+n of in_proj applied to the observed input: q, k or v units."""
-    node, i, weight, bias, off = probe
-    f = acts[node, i].double() @ sd[weight][off:off + n].double().T
-    return _normalised(f + sd[bias][off:off + n].double() if bias is not None else f)
-
-
-def _normalised(f: torch.Tensor) -> torch.Tensor:
-    """(samples, units) -> centred unit columns of norm 1 (their inner products are correlations)."""
-    f = f.reshape(-1, f.shape[-1]).double()
-    f = f - f.mean(0)
-    return f / (f.norm(dim=0) + 1e-12)
-
-
-def _mha_probes(spec: PermutationSpec, gm) -> dict[str, list[tuple[str, int, str, str | None, int]]]:
-    """group -> [(MultiheadAttention node, input (0 query, 1 key, 2 value), in_proj weight, its bias or
-    None, first row)] for every group owning rows of an nn.MultiheadAttention's in_proj_weight."""
-    nodes: dict[str, list[str]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.MultiheadAttention):
-            nodes.setdefault(n.target, []).append(n.name)
-    out: dict[str, list] = {}
-    for k, g in spec.groups.items():
-        for m in g.members:
-            mod = m.tensor.removesuffix(".in_proj_weight")
-            if m.axis != 0 or m.block != 1 or mod == m.tensor or mod not in nodes:
-                continue
-            bias = f"{mod}.in_proj_bias" if f"{mod}.in_proj_bias" in spec.shapes else None
-            e = gm.get_submodule(mod).embed_dim
-            out.setdefault(k, []).extend((node, m.offset // e, m.tensor, bias, m.offset) for node in nodes[mod])
-    return out
-
-
-_NONLIN = ("relu", "gelu", "silu", "sigmoid", "tanh", "elu", "mish", "softplus", "hardswish")
-
-
-def _is_nonlinear(gm, node_name: str) -> bool:
-    for n in gm.graph.nodes:
-        if n.name == node_name:
-            t = n.target
-            name = t if isinstance(t, str) else getattr(t, "__name__", "")
-            if n.op == "call_module":
-                name = type(gm.get_submodule(t)).__name__
-            return any(s in name.lower() for s in _NONLIN)
-    return False

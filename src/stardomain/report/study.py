@@ -494,6 +494,16 @@ def _md_to_html(md: str, images: dict[str, bytes], plots: dict[str, str]) -> str
             + "</style></head><body>\n" + body + "</body></html>\n")
 
 
+def study_html(results: dict) -> str:
+    """A study as a notebook shows it (`sd.Study`): the report's verdict and tables as an HTML fragment,
+    without the figures (they are in the study folder's report)."""
+    md_it = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable("table")
+    body = md_it.render(render_markdown(results, {}))
+    body = _CONFIG_BLOCK.sub(lambda m: f"{m.group(1)}<details><summary>the config as YAML</summary>\n{m.group(2)}"
+                             "</details>\n", body, count=1)
+    return f"<div class='stardomain-study'>{body}</div>"
+
+
 def write_report(results: dict, out: str | Path, timings: dict | None = None,
                  bma_raw: dict | None = None) -> dict[str, Path]:
     """Write plots/*.png, report.md (images by relative path) and report.html (images embedded)."""

@@ -1,65 +1,27 @@
-"""Aligning one model to another, with the function-preservation check that makes it trustworthy."""
+"""The checks that make an alignment trustworthy: the permuted model computes the original's function,
+judged on its outputs and on every probed hidden activation mapped back through the permutation."""
 
 from __future__ import annotations
 
 import copy
-import time
-import warnings
-from collections import OrderedDict
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
-from .inputs import as_call, flat_tensors, map_tensors, signature
-from .matching import INITS, activation_matching, apply_permutation, distance, weight_matching
-from .spec import PermutationSpec, spec_from_model
-from .variants import restrict
+from .capture import capture_module
+from .inputs import as_call, map_tensors, flat_tensors
+from .permutations import axis_index
+from .probes import load_into, observe
+from .spec import PermutationSpec
 
 # The outputs' relative tolerance: the coarse check (a model may compute steps in float32 whatever its
 # dtype: ~1e-7 then); the tight one is the activations' (ACT_TOLERANCE, 1e-9 where it runs in float64).
 TOLERANCE = 1e-5
-_CACHE: "OrderedDict[tuple, PermutationSpec]" = OrderedDict()
 
 
 class EquivalenceError(RuntimeError):
     """A permuted model computes a different function: a bug in the spec, never to be ignored."""
-
-
-class CoverageWarning(UserWarning):
-    """Aligning this model cannot do what was asked: its graph could not be captured, or nothing in it
-    can be permuted (the model is returned unchanged)."""
-
-
-_PLAIN = (int, float, bool, str, type(None))
-
-
-def _architecture(model: nn.Module) -> tuple:
-    """Every module's class and plain attributes: what forward reads besides the weights. repr() is not
-    enough: nn.MultiheadAttention's omits num_heads, so a 4-head and a 3-head ViT of one width looked
-    alike and shared a spec."""
-    def attrs(m):
-        return tuple(sorted((k, repr(v)) for k, v in vars(m).items() if k != "training" and (
-            isinstance(v, _PLAIN) or (isinstance(v, (tuple, list)) and all(isinstance(e, _PLAIN) for e in v)))))
-
-    return tuple((name, type(m).__module__, type(m).__qualname__, attrs(m)) for name, m in model.named_modules())
-
-
-def spec_for(model: nn.Module, example_input: Any) -> PermutationSpec:
-    """spec_from_model, cached by architecture (every module's class and settings, input shapes and dtypes)."""
-    from .spec import _RULES_VERSION
-
-    key = (_architecture(model), signature(example_input), _RULES_VERSION[0],
-           tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    spec = spec_from_model(model, example_input)
-    _CACHE[key] = spec
-    while len(_CACHE) > 32:
-        _CACHE.popitem(last=False)
-    return spec
 
 
 def _outputs(model: nn.Module, sd: dict, x: Any) -> torch.Tensor:
@@ -142,9 +104,6 @@ def activation_error(model: nn.Module, spec: PermutationSpec, sd: dict, sd_perm:
     probes name those nodes); else the check runs in the model's dtype. Judged at a float32 tolerance
     (ACT_TOLERANCE) wherever it ran in float32 or the graph itself casts values down to float32 or
     below (Hugging Face's RMSNorm computes in float32 whatever the model's dtype)."""
-    from .matching import _axis_index
-    from .spec import capture_module, load_into, observe
-
     items: dict[str, list] = {}
     for k, g in spec.groups.items():
         for p in g.probes:
@@ -167,7 +126,7 @@ def activation_error(model: nn.Module, spec: PermutationSpec, sd: dict, sd_perm:
             continue  # not the node the spec saw: nothing to compare
         expected = ta
         for ax in sorted({it[0] for it in its}):
-            idx = _axis_index(ta.shape[ax], [it for it in its if it[0] == ax], perm)
+            idx = axis_index(ta.shape[ax], [it for it in its if it[0] == ax], perm)
             expected = expected.index_select(ax, idx.to(ta.device))
         scale = float(ta.abs().max()) if ta.numel() else 0.0
         if scale > 0:
@@ -181,7 +140,6 @@ def _graph_in_float64(model: nn.Module, x: Any, spec: PermutationSpec) -> tuple[
     """-> (model, example, captured graph module): in float64 where the model runs so and (for an
     export) its float64 graph names the same nodes for the same ops as the one the spec was derived
     from (spec.graph_signature, else a capture in the model's own dtype)."""
-    from .spec import capture_module
 
     capture = spec.capture
     try:
@@ -241,49 +199,3 @@ def check_equivalence(model, sd, sd_perm, example_input, tol: float = TOLERANCE,
 
 def _dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if torch.is_floating_point(p)), torch.float32)
-
-
-def align(model: nn.Module, sd_a: dict, sd_b: dict, *, example_input: Any, method: str = "weight",
-          data_x: Any = None, seed: int = 0, check: bool = True,
-          spec: PermutationSpec | None = None, max_iter: int = 100, init: str = "informed",
-          variant: str = "full") -> tuple[dict, dict]:
-    """-> (pi(sd_b) best matching sd_a, info). `model` only provides the architecture.
-
-    method "weight": weight matching (`init`: its start, see `weight_matching`; "identity" is the
-    paper's algorithm); "activation": correlation of activations on `data_x`.
-    With check=True (the default) pi(B) is verified to compute B's function, else EquivalenceError.
-    info["distance_before"/"distance_after"] are L2 distances to A over parameters only
-    (info["distance_over"] == "parameters"): the quantity weight matching minimises, so aligning
-    never increases it. Buffers (BatchNorm running statistics) are permuted but not measured: they
-    summarise data, and interpolation paths recompute them.
-    example_input (and data_x): a tensor, a tuple of positional arguments or a dict of keyword
-    arguments. If the model's graph cannot be captured or nothing in it is permutable, a
-    CoverageWarning says so and info["warnings"] holds the same lines (B is returned unchanged).
-    variant: align only one role's groups ("heads", "mlp", "stream"; permute.variants), the rest left
-    at the identity; "none" returns B unchanged; info["permutable_fraction"] is the share it aligns.
-    """
-    t0 = time.perf_counter()
-    spec = spec if spec is not None else spec_for(model, example_input)
-    problems = spec.problems()  # of the whole model: a variant with no groups of its role is no problem
-    for problem in problems:
-        warnings.warn(problem, CoverageWarning, stacklevel=2)
-    spec = restrict(spec, variant)
-    if method == "weight":
-        if init not in INITS:
-            raise UserError(f"unknown weight-matching start {init!r}; choose {', '.join(INITS)}")
-        perm, info = weight_matching(spec, sd_a, sd_b, seed=seed, max_iter=max_iter, init=init)
-    elif method == "activation":
-        if data_x is None:
-            raise UserError("activation matching needs data (data_x): a batch of inputs")
-        perm, info = activation_matching(spec, model, sd_a, sd_b, data_x)
-    else:
-        raise UserError(f"unknown alignment method {method!r}; choose weight or activation")
-    sd_p = apply_permutation(spec, sd_b, perm)
-    seconds = time.perf_counter() - t0
-    err = check_equivalence(model, sd_b, sd_p, example_input, spec=spec, perm=perm) if check else None
-    info = {"method": method, "variant": variant, **info, "distance_before": distance(sd_a, sd_b, spec.parameters),
-            "distance_after": distance(sd_a, sd_p, spec.parameters), "distance_over": "parameters",
-            "equivalence_error": err, "seconds": seconds, "permutable_fraction": spec.permutable_fraction(),
-            "capture": spec.capture, "capture_error": spec.capture_error, "warnings": problems,
-            "perm": {k: v.tolist() for k, v in perm.items()}}
-    return sd_p, info

@@ -1,0 +1,184 @@
+"""Alignment coverage: how much of each architecture the permutation spec can permute.
+
+For the zoo's models and small stand-ins written here in the shapes of third-party architectures
+(RegNetY, ResNeXt, DPN, PNASNet, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier; nothing is
+downloaded), prints the spec's permutable share (spec.permutable_fraction(): the permuted share of
+the parameter axes that carry hidden units), the share of parameters in a tensor with at least one
+permuted axis, the number of groups, the distinct reasons for what stays pinned, and the seconds to
+derive the spec (one run, after a warm-up).
+
+    .venv/bin/python benchmarks/align_coverage.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stardomain.models import build_model
+from stardomain.permute import spec_from_model
+
+
+def _cbr(i, o, k=1, groups=1, stride=1):
+    return nn.Sequential(nn.Conv2d(i, o, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> grouped 3x3 (-> squeeze-excitation) -> 1x1, residual (ResNeXt; RegNetY with se=True)."""
+
+    def __init__(self, c, width, groups, se=False):
+        super().__init__()
+        self.a, self.b = _cbr(c, width), _cbr(width, width, 3, groups)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(width, width // 4, 1), nn.ReLU(),
+                                nn.Conv2d(width // 4, width, 1), nn.Sigmoid()) if se else None
+        self.c = nn.Sequential(nn.Conv2d(width, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        h = self.b(self.a(x))
+        if self.se is not None:
+            h = h * self.se(h)
+        return F.relu(x + self.c(h))
+
+
+class DualPath(nn.Module):
+    """DPN: a grouped bottleneck whose output is split into a residual part (added) and a dense part
+    (concatenated)."""
+
+    def __init__(self, c, dense, width, groups):
+        super().__init__()
+        self.c, self.dense = c, dense
+        self.a, self.b = _cbr(c + dense, width), _cbr(width, width, 3, groups)
+        self.out = nn.Sequential(nn.Conv2d(width, c + dense, 1, bias=False), nn.BatchNorm2d(c + dense))
+
+    def forward(self, x):
+        h = self.out(self.b(self.a(x)))
+        return F.relu(torch.cat([x[:, :self.c] + h[:, :self.c], x[:, self.c:] + h[:, self.c:]], 1))
+
+
+class SepConv(nn.Module):
+    """PNASNet's separable convolution: a grouped convolution with one input channel per group."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(i, o, 3, 1, 1, groups=i, bias=False), nn.BatchNorm2d(o)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class PnasCell(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.sep = SepConv(c, c * 2)
+        self.proj = nn.Conv2d(c, c * 2, 1, bias=False)
+
+    def forward(self, x):
+        return F.relu(self.sep(x) + F.max_pool2d(self.proj(x), 3, 1, 1))
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: split the channels, transform one half, concatenate, shuffle."""
+
+    def __init__(self, c):
+        super().__init__()
+        h = c // 2
+        self.branch = nn.Sequential(_cbr(h, h), nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                    _cbr(h, h))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat([a, self.branch(b)], 1)
+        n, c, hh, ww = y.shape
+        return y.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+
+
+class Net(nn.Module):
+    def __init__(self, stem, blocks, c, classes=10):
+        super().__init__()
+        self.stem, self.blocks, self.fc = _cbr(3, stem, 3), nn.Sequential(*blocks), nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class TextCNN(nn.Module):
+    def __init__(self, vocab=1000, dim=64, filters=32, kernels=(3, 4, 5), classes=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.convs = nn.ModuleList(nn.Conv2d(1, filters, (k, dim)) for k in kernels)
+        self.fc = nn.Linear(filters * len(kernels), classes)
+
+    def forward(self, ids):
+        x = self.embed(ids).unsqueeze(1)
+        hs = [F.relu(c(x)).squeeze(3) for c in self.convs]
+        return self.fc(torch.cat([F.max_pool1d(h, h.size(2)).squeeze(2) for h in hs], 1))
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self, vocab=1000, dim=64, hidden=64, classes=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        self.fc = nn.Linear(2 * hidden, classes)
+
+    def forward(self, ids):
+        out, _ = self.lstm(self.embed(ids))
+        return self.fc(out[:, -1])
+
+
+def _zoo(name, **kw):
+    return lambda: (build_model({"name": name, "kwargs": kw}, (3, 32, 32), 10), torch.randn(2, 3, 32, 32))
+
+
+IMG = torch.randn(2, 3, 32, 32)
+TOKENS = torch.randint(0, 1000, (2, 40))
+CASES = {
+    "zoo ResNet-20": _zoo("resnet", depth=20),
+    "zoo VGG-11": _zoo("vgg", depth=11, bn=True),
+    "zoo DenseNet-40": _zoo("densenet", depth=40),
+    "zoo ViT": lambda: (build_model({"name": "vit", "kwargs": {}}, (1, 28, 28), 10), torch.randn(2, 1, 28, 28)),
+    "zoo GPT (GQA, rotary, SwiGLU)": lambda: (build_model(
+        {"name": "gpt", "kwargs": {"kv_heads": 2, "rope": True, "mlp": "swiglu", "norm": "rms"}}, (1, 28, 28), 10),
+        torch.randn(2, 1, 28, 28)),
+    "ResNeXt-shaped (2 groups)": lambda: (Net(32, [Bottleneck(32, 64, 2) for _ in range(3)], 32), IMG),
+    "RegNetY-shaped (group width 8, SE)": lambda: (Net(32, [Bottleneck(32, 48, 6, se=True) for _ in range(3)], 32),
+                                                   IMG),
+    "DPN-shaped (dual path)": lambda: (Net(40, [DualPath(32, 8, 32, 4) for _ in range(2)], 40), IMG),
+    "PNASNet-shaped (separable cells)": lambda: (Net(16, [PnasCell(16), PnasCell(32)], 64), IMG),
+    "ShuffleNetV2-shaped (split, shuffle)": lambda: (Net(32, [ShuffleUnit(32) for _ in range(3)], 32), IMG),
+    "TextCNN (AG-News-shaped)": lambda: (TextCNN(), TOKENS),
+    "LSTM classifier (2 layers, bidirectional)": lambda: (LSTMClassifier(), TOKENS),
+}
+
+
+def _touched(spec) -> float:
+    """Share of parameters (elements) in a tensor with at least one permuted axis."""
+    params = set(spec.parameters)
+    size = {t: torch.Size(spec.shapes[t]).numel() for t in params}
+    touched = {m.tensor for g in spec.groups.values() for m in g.members} & params
+    return sum(size[t] for t in touched) / max(1, sum(size.values()))
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print("| model | parameters | permutable share | parameters touched | groups | seconds | pinned because |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name, make in CASES.items():
+        model, x = make()
+        model.eval()
+        spec_from_model(model, x)  # warm-up
+        t0 = time.perf_counter()
+        spec = spec_from_model(model, x)
+        secs = time.perf_counter() - t0
+        reasons = sorted({r.split(" (at ")[0] for u in spec.unpermuted for r in u.reason.split("; ")
+                          if not r.startswith(("model output", "model input"))})
+        n = sum(p.numel() for p in model.parameters())
+        print(f"| {name} | {n:,} | {100 * spec.permutable_fraction():.1f}% | {100 * _touched(spec):.1f}% | "
+              f"{len(spec.groups)} | {secs:.2f} | {'; '.join(reasons)[:240] or '-'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Step cost of `sd.Starlight` in a hand-written loop against an ordinary training step of the same model.
+
+Two steps on the same model, batch and optimiser, timed interleaved in one process:
+  plain      zero_grad, forward, cross-entropy, backward, SGD step
+  starlight  zero_grad, light(x) (draw, interpolated forward), cross-entropy, backward, SGD step
+             (alignment off, so the step itself is what is timed: weight matching costs the same
+             per alignment as in `stardomain star`, see benchmarks/RESULTS.md)
+Models: MLP 784-512-512-10 (MNIST shape) and our BN `cnn` (CIFAR shape), batch 128. Target: <= 1.10x.
+
+    python benchmarks/starlight_objective.py [--threads 2] [--rounds 15] [--models mlp,cnn] [--clock cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import stardomain as sd
+from stardomain.models import build_model
+
+MODELS = {
+    "mlp": ({"name": "mlp", "kwargs": {"width": 512, "depth": 2}}, (1, 28, 28)),
+    "cnn": ({"name": "cnn", "kwargs": {}}, (3, 32, 32)),
+}
+
+
+def make_steps(arch, shape, batch):
+    torch.manual_seed(0)
+    model = build_model(arch, shape, 10).train()
+    sources = [build_model(arch, shape, 10).state_dict() for _ in range(3)]
+    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    light = sd.Starlight(model, sources, align_every=None, seed=0)
+
+    def plain():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def starlight():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(light(x), y).backward()
+        opt.step()
+
+    return {"plain": plain, "starlight": starlight}
+
+
+def time_steps(steps, rounds, reps, clock):
+    for f in steps.values():  # warm-up
+        f(), f()
+    per = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, f in steps.items():
+            t0 = clock()
+            for _ in range(reps):
+                f()
+            per[k].append((clock() - t0) / reps)
+    return per
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: perf_counter; cpu: this process's CPU time (steadier on a crowded machine)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {a.threads} threads, batch {a.batch}, {a.rounds} interleaved rounds, "
+          f"{a.clock} clock, "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+    print(f"{'model':<6} {'plain ms':>9} {'starlight ms':>13} {'ratio':>7} {'median ratio':>13}   "
+          "(ms and ratio: fastest round, the least disturbed)")
+    for name in a.models.split(","):
+        arch, shape = MODELS[name]
+        clock = time.perf_counter if a.clock == "wall" else time.process_time
+        per = time_steps(make_steps(arch, shape, a.batch), a.rounds, 5 if name == "mlp" else 1, clock)
+        mn = {k: min(v) for k, v in per.items()}
+        med = {k: statistics.median(v) for k, v in per.items()}
+        print(f"{name:<6} {mn['plain'] * 1e3:9.2f} {mn['starlight'] * 1e3:13.2f} "
+              f"{mn['starlight'] / mn['plain']:7.3f} {med['starlight'] / med['plain']:13.3f}", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The finished spec from the tracer's groups: tied tensors merged, groups named, attention halves
+coupled, every pinned axis listed with its reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from .builder import GroupBuilder
+from .spec import Group, Member, PermutationSpec, Unpermuted
+
+PARTNER_PINNED = "the group its blocks (attention heads, convolution groups) are coupled with is unpermutable"
+
+
+def assemble(tr: Any, model: nn.Module, sd: dict, trace_error: str | None = None, capture: str = "fx",
+             capture_error: str | None = None) -> PermutationSpec:
+    """The finished spec: tied and shared tensors merged into one group, groups named, attention halves
+    coupled, and every pinned axis listed with its reason."""
+    params = {n for n, _ in model.named_parameters()}
+    pinned = {a: why for t, why in tr.pinned.items() for a in tr.aliases.get(t, [t])}
+    _merge_shared(tr, pinned)
+    groups, unperm = _named_groups(tr.b)
+    _couple_heads(tr.b, groups, unperm)
+    unperm += _pinned_elsewhere(pinned, groups, unperm, sd)
+    if trace_error:
+        unperm.append(Unpermuted("whole model", trace_error))
+    return PermutationSpec(groups, unperm, {k: list(v.shape) for k, v in sd.items()},
+                           [k for k in sd if k in params], capture, capture_error or trace_error)
+
+
+def _merge_shared(tr: Any, pinned: dict[str, str]) -> None:
+    """Tied tensors: every name of one tensor is permuted alike; a group touching a pinned tensor is
+    pinned; a tensor axis slice owned by two groups makes them one group (shared weights)."""
+    b = tr.b
+    roots = list(dict.fromkeys(b.find(g) for g in range(len(b.parent))))  # in trace order: names stay stable
+    for r in roots:
+        b.members[r] = list(dict.fromkeys(Member(a, m.axis, m.offset, m.block, m.rep) for m in b.members[r]
+                                          for a in tr.aliases.get(m.tensor, [m.tensor])))
+        for m in b.members[r]:
+            if m.tensor in pinned:
+                b.fix(r, f"{m.tensor} is read by an op not understood: {pinned[m.tensor]}")
+    owner: dict[tuple[str, int, int], int] = {}
+    for r in roots:
+        for m in b.members[b.find(r)]:
+            key = (m.tensor, m.axis, m.offset)
+            if key in owner and b.find(owner[key]) != b.find(r):
+                b.union(owner[key], r)
+            owner[key] = b.find(r)
+
+
+def _named_groups(b: GroupBuilder) -> tuple[dict[str, Group], list[Unpermuted]]:
+    """One named Group per permutable root; roots with a reason (or rotary units outside heads) listed
+    as unpermuted; single units dropped (nothing to permute)."""
+    groups: dict[str, Group] = {}
+    unperm: list[Unpermuted] = []
+    for r in dict.fromkeys(b.find(g) for g in range(len(b.parent))):
+        members = list(dict.fromkeys(b.members[r]))
+        if not members:
+            continue
+        what = ", ".join(dict.fromkeys(f"{m.tensor}[{m.axis}]" for m in members))
+        axes = [[m.tensor, m.axis, m.offset, b.n[r] * m.block * m.rep] for m in members]
+        if b.reasons[r]:
+            unperm.append(Unpermuted(what, "; ".join(dict.fromkeys(b.reasons[r])), axes))
+            continue
+        if b.head_only[r] and not b.heads[r]:
+            unperm.append(Unpermuted(what, "units tied to their positions (rotary embedding) outside "
+                                           "attention heads", axes))
+            continue
+        if b.n[r] < 2:
+            continue
+        name = b.label[r]
+        while name in groups:
+            name += "'"
+        groups[name] = Group(name, b.n[r], members, list(dict.fromkeys(b.probes[r])), b.heads[r],
+                             head_only=b.head_only[r] and b.heads[r] > 0, role=b.role(r))
+        b.label[r] = name
+    return groups, unperm
+
+
+def _couple_heads(b: GroupBuilder, groups: dict[str, Group], unperm: list[Unpermuted]) -> None:
+    """Attention: couple each q/k group with its v/o group by name; a group whose partner is pinned is
+    pinned too (they share the head permutation)."""
+    for g in range(len(b.parent)):
+        r = b.find(g)
+        c = b.couple[r]
+        if c is not None and b.label[r] in groups:
+            other = b.label[b.find(c)]
+            if other in groups:
+                groups[b.label[r]].couple = other
+            else:
+                gr = groups.pop(b.label[r])
+                unperm.append(Unpermuted(", ".join(f"{m.tensor}[{m.axis}]" for m in gr.members),
+                                         PARTNER_PINNED,
+                                         [[m.tensor, m.axis, m.offset, gr.size * m.block * m.rep]
+                                          for m in gr.members]))
+
+
+def _pinned_elsewhere(pinned: dict[str, str], groups: dict[str, Group], unperm: list[Unpermuted],
+                      sd: dict) -> list[Unpermuted]:
+    """Tensors read by an op not understood that are in no group and not yet listed: still said."""
+    listed = {(t, ax) for u in unperm for t, ax, *_ in u.axes} | {
+        (m.tensor, m.axis) for g in groups.values() for m in g.members}
+    out = []
+    for t, why in pinned.items():
+        shape = sd[t].shape if t in sd else ()
+        axes = [[t, ax, 0, shape[ax]] for ax in range(min(len(shape), 2)) if (t, ax) not in listed]
+        if axes:
+            out.append(Unpermuted(", ".join(f"{t}[{a[1]}]" for a in axes), why, axes))
+    return out

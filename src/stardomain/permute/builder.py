@@ -1,0 +1,176 @@
+"""The groups of units found so far, as a union-find the tracer grows one op at a time."""
+
+from __future__ import annotations
+
+from .spec import Member, Probe
+
+
+class GroupBuilder:
+    """Union-find over groups of units: merged when an op ties them, pinned (with reasons) when an op
+    is not understood, cut into parts (a fused q/k/v projection) or folded (grouped-query attention)."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.n: list[int] = []
+        self.reasons: list[list[str]] = []
+        self.members: list[list[Member]] = []
+        self.probes: list[list[Probe]] = []
+        self.label: list[str] = []
+        self.heads: list[int] = []
+        self.couple: list[int | None] = []
+        self.parts: dict[int, list[int]] = {}  # a group cut into sub-groups (a fused q/k/v projection)
+        self.head_only: list[bool] = []
+        self.attention: list[bool] = []  # units met in an attention product (role "heads")
+        self.summed: list[bool] = []     # the sum of several computed values (role "stream")
+
+    def new(self, n: int, label: str, reason: str | None = None) -> int:
+        g = len(self.parent)
+        self.parent.append(g)
+        self.n.append(n)
+        self.reasons.append([reason] if reason else [])
+        self.members.append([])
+        self.probes.append([])
+        self.label.append(label)
+        self.heads.append(0)
+        self.couple.append(None)
+        self.head_only.append(False)
+        self.attention.append(False)
+        self.summed.append(False)
+        return g
+
+    def role(self, g: int) -> str:
+        r = self.find(g)
+        return "heads" if self.attention[r] else "stream" if self.summed[r] else "mlp"
+
+    def mark(self, flags: list[bool], *gids: int) -> None:
+        for g in gids:
+            flags[self.find(g)] = True
+
+    def _inherit(self, new: int, r: int) -> None:
+        self.attention[new], self.summed[new] = self.attention[r], self.summed[r]
+
+    def split(self, g: int, sizes: list[int]) -> list[int] | None:
+        """Cut group g's units into consecutive sub-groups (q, k and v of one fused projection). Only a
+        group whose members all span its units plainly can be cut; using the whole again later pins
+        every part (see union, add, fix). None: it cannot be cut."""
+        r = self.find(g)
+        if self.heads[r] or self.couple[r] is not None or r in self.parts or sum(sizes) != self.n[r]:
+            return None
+        if any(m.block != 1 or m.rep != 1 for m in self.members[r]):
+            return None
+        subs, off = [], 0
+        for n in sizes:
+            sg = self.new(n, f"{self.label[r]}[{off}:{off + n}]")
+            self.reasons[sg] = list(self.reasons[r])
+            self._inherit(sg, r)
+            self.members[sg] = [Member(m.tensor, m.axis, m.offset + off, 1) for m in self.members[r]]
+            self.probes[sg] = [Probe(p.node, p.axis, p.offset + off * p.block, p.block) for p in self.probes[r]]
+            subs.append(sg)
+            off += n
+        self.members[r], self.probes[r] = [], []
+        self.parts[r] = subs
+        return subs
+
+    def fold(self, q: int, k: int, rep: int) -> bool:
+        """Grouped-query attention: query group q (rep query heads per key head) becomes rep-members of
+        key group k (Member.rep): q's units move with the key units they meet. Later uses of q alone pin
+        both (as after a split). False: it cannot be folded."""
+        q, k = self.find(q), self.find(k)
+        if q == k or q in self.parts or k in self.parts or self.couple[q] is not None or not self.heads[k]:
+            return False
+        if self.n[q] != rep * self.n[k] or self.heads[q] != rep * self.heads[k]:
+            return False
+        if any(m.rep != 1 for m in self.members[q]):
+            return False
+        self.reasons[k] += self.reasons[q]
+        self.members[k] += [Member(m.tensor, m.axis, m.offset, m.block, rep) for m in self.members[q]]
+        self.head_only[k] = self.head_only[k] or self.head_only[q]  # rotary query units fix the key units
+        self.mark(self.attention, k)
+        self.probes[k] += [Probe(p.node, p.axis, p.offset, p.block, rep) for p in self.probes[q]]
+        self.members[q], self.probes[q] = [], []
+        self.parts[q] = [k]
+        return True
+
+    def _whole_used(self, r: int) -> None:
+        for sg in self.parts.get(r, []):
+            self.fix(sg, "a fused projection used both whole and in parts")
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return a
+        if a in self.parts or b in self.parts:
+            self._whole_used(a)
+            self._whole_used(b)
+            self.reasons[a].append("a fused projection used both whole and in parts")
+        if self.n[a] <= 0 or self.n[b] <= 0:  # a pin (size unknown): takes the other's size
+            self.n[a] = self.n[b] = max(self.n[a], self.n[b])
+        elif self.n[a] != self.n[b]:  # cannot happen for a consistent graph; be safe
+            self.fix(a, "size mismatch in a merge")
+            self.fix(b, "size mismatch in a merge")
+        if b < a:
+            a, b = b, a
+        self.parent[b] = a
+        self.reasons[a] += self.reasons[b]
+        self.members[a] += self.members[b]
+        self.probes[a] += self.probes[b]
+        ha, hb = self.heads[a], self.heads[b]
+        if ha and hb and ha != hb:
+            self.fix(a, "merged groups split into different numbers of heads")
+        self.heads[a] = ha or hb  # a head-structured permutation is legal for the merged group too
+        self.head_only[a] = self.head_only[a] or self.head_only[b]
+        self.attention[a] = self.attention[a] or self.attention[b]
+        self.summed[a] = self.summed[a] or self.summed[b]
+        ca, cb = self.couple[a], self.couple[b]
+        if ca is not None and cb is not None and self.find(ca) != self.find(cb):
+            self.fix(a, "attention heads coupled to two different groups")
+        self.couple[a] = ca if ca is not None else cb
+        return a
+
+    def set_heads(self, g: int, h: int) -> None:
+        r = self.find(g)
+        if self.heads[r] and self.heads[r] != h:
+            self.fix(r, "split into different numbers of heads")
+        self.heads[r] = h
+
+    def set_couple(self, a: int, b: int) -> None:
+        """Two attention groups that must share their head-level permutation (q/k with v/o)."""
+        self.mark(self.attention, a, b)
+        self.tie_blocks(a, b)
+
+    def tie_blocks(self, a: int, b: int, what: str = "attention heads") -> None:
+        """Two block-structured groups that must share their block-level permutation (coupled); `what`
+        the blocks are, for the reason given when they cannot."""
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return
+        for x, y in ((a, b), (b, a)):
+            if self.couple[x] is not None and self.find(self.couple[x]) != y:
+                self.fix(x, f"{what} coupled to two different groups")
+                self.fix(y, f"{what} coupled to two different groups")
+            self.couple[x] = y
+
+    def fix(self, g: int, reason: str) -> None:
+        r = self.find(g)
+        if reason not in self.reasons[r]:
+            self.reasons[r].append(reason)
+            for sg in self.parts.get(r, []):
+                self.fix(sg, reason)
+
+    def add(self, gid: int, m: Member) -> None:
+        r = self.find(gid)
+        if r in self.parts:
+            self._whole_used(r)
+            self.fix(r, "a fused projection used both whole and in parts")
+        self.members[r].append(m)
+
+    def fix_units(self, gid: int) -> None:
+        """Something treats each unit within a head by its position (rotary embeddings): the group may
+        still move whole heads (every head is treated alike), never units within a head."""
+        self.head_only[self.find(gid)] = True

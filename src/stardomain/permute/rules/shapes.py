@@ -1,0 +1,402 @@
+"""Op rules for shape ops: reshape/view/flatten, transpose/permute, indexing and slicing, cat/stack,
+split/chunk/unbind, squeeze/unsqueeze/expand, reductions and padding. They move, keep or refuse a
+layout; they never create a group (except the pinned part of a concatenation)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch.fx as fx
+
+from ..layouts import Fused, HLay, Lay, dropped
+from .attention import cat_heads, index_fused, index_heads, merge_heads, repeat_heads, split_heads, split_parts
+from .common import Pin, arg, dim_list, only_output, shape_of
+
+
+def reshape(t, lay: Any, si: tuple | None, so: tuple | None) -> Any:
+    if lay is None:
+        return None
+    if si is None or so is None:
+        raise Pin("reshape of unknown shape")
+    if tuple(si) == tuple(so):  # a reshape to the same shape moves nothing
+        return lay
+    if isinstance(lay, Fused):
+        raise Pin("reshape of a fused projection split over a new axis")
+    if isinstance(lay, HLay):
+        rep = repeat_heads(t, lay, si, so)
+        return rep if rep is not None else merge_heads(t, lay, si, so)
+    try:
+        out = reshape_plain(t, lay, si, so)
+        if (len(so) == len(si) + 1 and out.axis == len(so) - 1 and so[-2] == 1 and len(lay.segs) == 1
+                and lay.segs[0][2] == 1):  # (B, T, d) -> (B, T, 1, d): a single attention head
+            return split_heads(t, lay, si, so) or out
+        return out
+    except Pin:
+        if len(lay.segs) == 1 and lay.segs[0][2] == 1:
+            split = split_heads(t, lay, si, so)
+            if split is None:
+                split = split_parts(t, lay, si, so)
+            if split is not None:
+                return split
+        raise
+
+
+def reshape_plain(t, lay: Lay, si: tuple, so: tuple) -> Lay:
+    a = lay.axis
+    pre = math.prod(si[:a])
+    c = si[a]
+    # the output axis b with prod(so[:b]) == pre and so[b] == c * prod(si[a+1:k]) for some k
+    acc, b = 1, 0
+    while acc < pre and b < len(so):
+        acc *= so[b]
+        b += 1
+    while b < len(so) and so[b] == 1 and c != 1:  # (C,) -> (1, C, 1, 1): size-1 axes around it
+        b += 1
+    if acc != pre or b >= len(so) or so[b] % c:
+        raise Pin("reshape that splits the feature axis")
+    mult, k, m = so[b] // c, a + 1, 1
+    while m < mult and k < len(si):
+        m *= si[k]
+        k += 1
+    if m != mult:
+        raise Pin("reshape that mixes the feature axis with others")
+    return Lay(b, tuple((g, n, blk * mult) for g, n, blk in lay.segs))
+
+
+def transpose(t, node, x, d0, d1) -> Any:
+    lay = t.lay(x)
+    if lay is None:
+        return None
+    nd = len(shape_of(x))
+    d0, d1 = d0 % nd, d1 % nd
+
+    def mv(ax):
+        return ax if ax is None else d1 if ax == d0 else d0 if ax == d1 else ax
+
+    return lay.moved(mv)
+
+
+def permute_axes(t, node, x, dims) -> Any:
+    lay = t.lay(x)
+    if lay is None:
+        return None
+    nd = len(shape_of(x))
+    dims = [d % nd for d in dims]
+    return lay.moved(lambda a: a if a is None else dims.index(a))
+
+
+def reduce(t, node, x, dim, keepdim) -> Any:
+    lay = t.lay(x)
+    if lay is None:
+        return None
+    nd = len(shape_of(x))
+    if dim is None:
+        return None  # a full reduction is invariant to permutations
+    dims = [d % nd for d in (dim if isinstance(dim, (tuple, list)) else [dim])]
+    if lay.axis in dims:
+        return None  # summing/averaging over units does not depend on their order
+    return Lay(lay.axis if keepdim else lay.axis - sum(d < lay.axis for d in dims), lay.segs)
+
+
+def getitem(t, node: fx.Node) -> Any:
+    x, idx = node.args
+    lay = t.lay(x)
+    if isinstance(lay, (tuple, list)):
+        return lay[idx] if isinstance(idx, int) and -len(lay) <= idx < len(lay) else None
+    if lay is None:
+        return None
+    if isinstance(lay, Fused):
+        return index_fused(t, node, lay, idx, len(shape_of(x)))
+    nd = len(shape_of(x))
+    if isinstance(lay, HLay):
+        return index_heads(t, lay, idx, nd)
+    idx = list(idx) if isinstance(idx, tuple) else [idx]
+    if sum(e is Ellipsis for e in idx) > 1:
+        raise Pin("advanced indexing")
+    if Ellipsis in idx:  # expand to full slices over the axes it stands for
+        k = idx.index(Ellipsis)
+        used = sum(e is not None and e is not Ellipsis for e in idx)
+        idx[k:k + 1] = [slice(None)] * (nd - used)
+    i_in = i_out = 0
+    for e in idx:
+        if e is None:
+            i_out += 1
+            continue
+        if isinstance(e, fx.Node) or not isinstance(e, (int, slice)):
+            raise Pin("advanced indexing")
+        if i_in == lay.axis:
+            if not (isinstance(e, slice) and e == slice(None)):
+                raise Pin("model output (a slice of it)" if only_output(node) else "indexing into the feature axis")
+            return Lay(i_out, lay.segs)
+        i_in += 1
+        i_out += isinstance(e, slice)
+    return Lay(i_out + (lay.axis - i_in), lay.segs)  # the feature axis is past the index
+
+
+def unsqueeze(t, node: fx.Node, x, dim) -> Any:
+    lay = t.lay(x)
+    if lay is None:
+        return None
+    if isinstance(lay, HLay):
+        raise Pin("unsqueeze of per-head tensors")
+    dim = dim % len(shape_of(node))
+    return Lay(lay.axis + (dim <= lay.axis), lay.segs)
+
+
+def cat(t, node: fx.Node, parts: list, dim: int) -> Any:
+    so = shape_of(node)
+    dim = dim % len(so)
+    # empty pieces (an empty key/value cache) add nothing
+    parts = [p for p in parts if not (shape_of(p) is not None and math.prod(shape_of(p)) == 0)]
+    lays = [t.lay(p) for p in parts]
+    if all(lay is None for lay in lays):
+        return None
+    if any(isinstance(lay, HLay) for lay in lays):
+        return cat_heads(t, lays, dim)
+    if any(lay is not None and not isinstance(lay, Lay) for lay in lays):
+        raise Pin("concatenation of per-head tensors")
+    if any(lay is not None and lay.axis != dim for lay in lays):  # cat along another axis: merge
+        if any(lay is None for lay in lays):
+            raise Pin("concatenation of permutable and unpermutable tensors")
+        return t.merge(lays)
+    segs: list = []
+    for p, lay in zip(parts, lays):
+        if lay is None:
+            size = shape_of(p)[dim]
+            g = t.b.new(size, f"{node.name}:part", "concatenated with an unpermutable tensor")
+            segs.append((g, size, 1))
+        else:
+            segs += list(lay.segs)
+    return Lay(dim, tuple(segs))
+
+
+def stack(t, node: fx.Node, parts: list, dim: int) -> Any:
+    so = shape_of(node)
+    dim %= len(so)
+    lays = [t.lay(p) for p in parts]
+    if all(lay is None for lay in lays):
+        return None
+    if any(not isinstance(lay, Lay) for lay in lays):
+        raise Pin("stacking permuted and unpermuted tensors")
+    merged = t.merge(lays)
+    return Lay(merged.axis + (dim <= merged.axis), merged.segs)
+
+
+def split(t, node: fx.Node, x: Any, sizes: Any, dim: int) -> Any:
+    """torch.split / chunk: along the feature axis a fused projection's output is cut into groups
+    of their own (q, k, v); along any other axis every piece keeps the layout."""
+    lay, si = t.lay(x), shape_of(x)
+    if lay is None:
+        return None
+    dim %= len(si)
+    length = si[dim]
+    if isinstance(sizes, int):
+        sizes = [sizes] * (length // sizes) + ([length % sizes] if length % sizes else [])
+    sizes = list(sizes)
+    if isinstance(lay, HLay):
+        if dim in (lay.head_axis, lay.unit_axis):
+            raise Pin("splitting per-head tensors across heads or units")
+        return tuple(lay for _ in sizes)
+    if isinstance(lay, Fused):
+        raise Pin("splitting a fused projection split over a new axis")
+    if dim != lay.axis:
+        return tuple(lay for _ in sizes)
+    segs = list(lay.segs)
+    out, cur, want = [], [], list(sizes)
+    while segs:
+        g, n, blk = segs.pop(0)
+        need = want[0] - sum(m * bb for _, m, bb in cur)
+        if n * blk <= need:
+            cur.append((g, n, blk))
+        elif blk == 1 and len(segs) == 0 and len(cur) == 0 and sum(want) == n:
+            subs = t.b.split(g, want)
+            if subs is None:
+                raise Pin("splitting a feature axis whose units are tied to other tensors")
+            return tuple(Lay(dim, ((sg, w, 1),)) for sg, w in zip(subs, want))
+        else:
+            raise Pin("split of the feature axis across a group")
+        if sum(m * bb for _, m, bb in cur) == want[0]:
+            out.append(Lay(dim, tuple(cur)))
+            cur, want = [], want[1:]
+    if want or cur:
+        raise Pin("split of the feature axis across a group")
+    return tuple(out)
+
+
+def unbind(t, node: fx.Node, x: Any, dim: int) -> Any:
+    lay, si = t.lay(x), shape_of(x)
+    if lay is None:
+        return None
+    dim %= len(si)
+    if isinstance(lay, Fused):
+        if dim != lay.axis:
+            raise Pin("unbinding a fused projection other than by part")
+        return tuple(dropped(p, dim) for p in lay.parts)
+    if isinstance(lay, HLay):
+        if dim in (lay.head_axis, lay.unit_axis):
+            raise Pin("unbinding per-head tensors across heads or units")
+        return tuple(dropped(lay, dim) for _ in range(si[dim]))
+    if dim == lay.axis:
+        raise Pin("unbinding the feature axis")
+    return tuple(dropped(lay, dim) for _ in range(si[dim]))
+
+
+def narrow(t, node: fx.Node, x: Any, dim: int, full: bool) -> Any:
+    """x[.., a:b, ..] along `dim` (full: the whole axis); select=True drops the axis."""
+    lay, si = t.lay(x), shape_of(x)
+    if lay is None:
+        return None
+    dim %= len(si)
+    if isinstance(lay, HLay) and dim == lay.unit_axis and not full:  # x[..., :d/2] (rotary)
+        t.b.fix_units(lay.gid)
+        return lay
+    axes = lay.axes()
+    if dim in axes and not full and only_output(node):
+        raise Pin("model output (a slice of it)")
+    if dim in axes and not full:
+        raise Pin("slicing into the feature axis (or heads, or a head's units)")
+    if isinstance(lay, Fused) and dim != lay.axis:
+        raise Pin("slicing a fused projection")
+    return lay
+
+
+def select(t, node: fx.Node, x: Any, dim: int, index: int) -> Any:
+    lay, si = t.lay(x), shape_of(x)
+    if lay is None:
+        return None
+    dim %= len(si)
+    if isinstance(lay, Fused):
+        if dim != lay.axis:
+            raise Pin("selecting from a fused projection other than by part")
+        return dropped(lay.parts[index], dim)
+    if dim in lay.axes():
+        raise Pin("selecting a single unit or head")
+    return dropped(lay, dim)
+
+
+def pad(t, node: fx.Node, x: Any, pad: Any) -> Any:
+    lay, si = t.lay(x), shape_of(x)
+    if lay is None:
+        return None
+    padded = {len(si) - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
+    axes = set(lay.axes())
+    if padded & axes or isinstance(lay, Fused):
+        raise Pin("padding the feature axis")
+    return lay
+
+
+def _reshape(t, node):
+    return reshape(t, t.lay(node.args[0]), shape_of(node.args[0]), shape_of(node))
+
+
+def _transpose(t, node):
+    x = node.args[0]
+    if len(node.args) < 3 and len(shape_of(x) or ()) == 2:  # .t()
+        return transpose(t, node, x, 0, 1)
+    return transpose(t, node, x, arg(node, 1, "dim0"), arg(node, 2, "dim1"))
+
+
+def _permute(t, node):
+    a = node.args
+    dims = a[1] if len(a) == 2 and isinstance(a[1], (tuple, list)) else a[1:] or node.kwargs.get("dims")
+    return permute_axes(t, node, a[0], dims)
+
+
+def _reduce(t, node):
+    dim = arg(node, 1, "dim")
+    if isinstance(dim, fx.Node) or dim is not None and not isinstance(dim, (int, tuple, list)):
+        raise Pin("a reduction over axes computed at run time")
+    keepdim = len(shape_of(node) or ()) == len(shape_of(node.args[0]) or ())  # read off the shapes: positions vary
+    lay = t.lay(node.args[0])
+    if isinstance(lay, (HLay, Fused)):
+        raise Pin("reduction of per-head tensors")
+    return reduce(t, node, node.args[0], dim_list(dim), keepdim)
+
+
+def _cat(t, node):
+    return cat(t, node, list(node.args[0]), arg(node, 1, "dim", 0))
+
+
+def _stack(t, node):
+    return stack(t, node, list(node.args[0]), arg(node, 1, "dim", 0))
+
+
+def _unsqueeze(t, node):
+    if isinstance(t.lay(node.args[0]), Fused):
+        raise Pin("unsqueeze of a fused projection")
+    if isinstance(t.lay(node.args[0]), HLay):
+        lay, nd = t.lay(node.args[0]), len(shape_of(node))
+        d = arg(node, 1, "dim") % nd
+        return lay.moved(lambda a: a if a is None or a < d else a + 1)
+    return unsqueeze(t, node, node.args[0], arg(node, 1, "dim"))
+
+
+def _squeeze(t, node):
+    lay, si, so = t.lay(node.args[0]), shape_of(node.args[0]), shape_of(node)
+    if lay is None:
+        return None
+    gone = [i for i in range(len(si)) if si[i] == 1] if len(si) != len(so) else []
+    dims = dim_list(arg(node, 1, "dim"))
+    if dims is not None:
+        gone = [d % len(si) for d in dims if si[d % len(si)] == 1]
+    out = lay
+    for d in sorted(gone, reverse=True):
+        out = dropped(out, d) if not isinstance(out, Fused) else None
+        if out is None:
+            raise Pin("squeeze of a fused projection")
+    return out
+
+
+def _expand(t, node):
+    lay, si, so = t.lay(node.args[0]), shape_of(node.args[0]), shape_of(node)
+    if lay is None:
+        return None
+    d = len(so) - len(si)
+    moved = lay.moved(lambda a: a if a is None else a + d)
+    axes = moved.axes()
+    if any(a is not None and so[a] != si[a - d] for a in axes):
+        raise Pin("expand along the feature axis")
+    return moved
+
+
+def _getitem(t, node):
+    return getitem(t, node)
+
+
+def _split(t, node):
+    return split(t, node, node.args[0], arg(node, 1, "split_size_or_sections", arg(node, 1, "split_size")),
+                 arg(node, 2, "dim", 0))
+
+
+def _chunk(t, node):
+    x, n = node.args[0], arg(node, 1, "chunks")
+    length = shape_of(x)[arg(node, 2, "dim", 0)]
+    size = -(-length // n)
+    return split(t, node, x, size, arg(node, 2, "dim", 0))
+
+
+def _unbind(t, node):
+    return unbind(t, node, node.args[0], arg(node, 1, "dim", 0))
+
+
+def _slice(t, node):  # aten.slice.Tensor(x, dim, start, end, step)
+    x = node.args[0]
+    dim = arg(node, 1, "dim", 0) % len(shape_of(x))
+    full = shape_of(node)[dim] == shape_of(x)[dim]
+    return narrow(t, node, x, dim, full)
+
+
+def _narrow(t, node):  # torch.narrow(x, dim, start, length)
+    x = node.args[0]
+    dim = arg(node, 1, "dim") % len(shape_of(x))
+    return narrow(t, node, x, dim, shape_of(node)[dim] == shape_of(x)[dim])
+
+
+def _select(t, node):
+    return select(t, node, node.args[0], arg(node, 1, "dim"), arg(node, 2, "index"))
+
+
+def _pad(t, node):
+    return pad(t, node, node.args[0], arg(node, 1, "pad"))
+

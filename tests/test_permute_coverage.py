@@ -1,0 +1,289 @@
+"""Coverage beyond the zoo (issue 26): convolutions whose kernel spans a whole non-channel axis
+(the AG-News TextCNN). Each family: a hand-permuted copy is aligned back to distance 0, and the
+permutation keeps the function in float64."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stardomain.permute import (align, apply_permutation, distance, inverse, random_permutation, spec_from_model,
+                                weight_matching)
+from stardomain.permute.rules.layers import GROUPED_INPUTS
+
+
+class TextCNN(nn.Module):
+    """Embedding -> Conv2d with kernels (k, embedding dim) -> max over time -> linear (Kim 2014)."""
+
+    def __init__(self, vocab=30, dim=8, filters=4, kernels=(2, 3), classes=4, functional=False):
+        super().__init__()
+        self.functional = functional
+        self.embed = nn.Embedding(vocab, dim)
+        self.convs = nn.ModuleList(nn.Conv2d(1, filters, (k, dim)) for k in kernels)
+        self.fc = nn.Linear(filters * len(kernels), classes)
+
+    def forward(self, ids):
+        x = self.embed(ids).unsqueeze(1)  # (B, 1, T, dim)
+        if self.functional:
+            hs = [F.relu(F.conv2d(x, c.weight, c.bias)).squeeze(3) for c in self.convs]
+        else:
+            hs = [F.relu(c(x)).squeeze(3) for c in self.convs]  # (B, filters, T - k + 1)
+        hs = [F.max_pool1d(h, h.size(2)).squeeze(2) for h in hs]
+        return self.fc(torch.cat(hs, 1))
+
+
+class Conv1dOverFeatures(nn.Module):
+    """The 1-D analogue: a feature vector read as one channel, a kernel as long as the vector."""
+
+    def __init__(self, d=6, filters=5, kernel=None):
+        super().__init__()
+        kernel = kernel or d
+        self.fc, self.conv = nn.Linear(3, d), nn.Conv1d(1, filters, kernel)
+        self.out = nn.Linear(filters * (d - kernel + 1), 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.conv(torch.tanh(self.fc(x)).unsqueeze(1))).flatten(1))
+
+
+def _noisy(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if torch.is_floating_point(v) else v
+            for k, v in m.state_dict().items()}
+
+
+def _out64(m, sd, x):
+    m = copy.deepcopy(m).double().eval()
+    m.load_state_dict({k: v.double() for k, v in sd.items()})
+    with torch.no_grad():
+        return m(x if not torch.is_floating_point(x) else x.double())
+
+
+def _round_trip(m, x, seed=0, recovered=True):
+    """A random legal permutation keeps the function (float64); weight matching brings the copy back
+    (recovered: exactly, the permutation's inverse; else, on random shapes where coordinate descent may
+    stop in a local optimum, never farther than it was), and align's checks pass."""
+    spec = spec_from_model(m, x)
+    sd = _noisy(m, seed)
+    p = random_permutation(spec, torch.Generator().manual_seed(seed + 1))
+    sp = apply_permutation(spec, sd, p)
+    ref = _out64(m, sd, x)
+    assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
+    q, _ = weight_matching(spec, sd, sp)
+    if recovered:
+        assert distance(sd, apply_permutation(spec, sp, q)) == pytest.approx(0.0, abs=1e-9)
+        assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups)
+    _, info = align(m, sd, sp, example_input=x)  # checked: outputs and every probed activation
+    assert info["equivalence_error"] < 1e-9 and info["distance_after"] <= info["distance_before"] + 1e-9
+    if recovered:
+        assert info["distance_after"] == pytest.approx(0.0, abs=1e-9)
+    return spec
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_textcnn_filters_and_embedding_units_are_permuted(functional):
+    torch.manual_seed(0)
+    m = TextCNN(functional=functional)
+    spec = _round_trip(m, torch.randint(0, 30, (3, 7)))
+    axes = {(mm.tensor, mm.axis) for g in spec.groups.values() for mm in g.members}
+    # the filters are units (conv weight rows, fc columns); the embedding's units index the kernel's width
+    assert {("convs.0.weight", 0), ("convs.1.weight", 0), ("fc.weight", 1), ("embed.weight", 1),
+            ("convs.0.weight", 3), ("convs.1.weight", 3)} <= axes
+    assert spec.permutable_fraction() == 1.0
+
+
+def test_a_kernel_narrower_than_the_axis_stays_pinned():
+    torch.manual_seed(0)
+    spec = spec_from_model(Conv1dOverFeatures(d=6, kernel=5), torch.randn(4, 3))  # slides along the units
+    assert any("convolution over a non-channel axis" in u.reason for u in spec.unpermuted)
+    assert not any(mm.tensor == "fc.weight" and mm.axis == 0 for g in spec.groups.values() for mm in g.members)
+
+
+@settings(max_examples=8, deadline=None)
+@given(dim=st.integers(2, 6), filters=st.integers(2, 5), kernels=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       seed=st.integers(0, 100))
+def test_textcnn_round_trip_over_shapes(dim, filters, kernels, seed):
+    torch.manual_seed(seed)
+    _round_trip(TextCNN(dim=dim, filters=filters, kernels=tuple(kernels)), torch.randint(0, 30, (2, 5)), seed,
+                recovered=False)
+
+
+def test_conv1d_spanning_the_feature_vector():
+    torch.manual_seed(0)
+    spec = _round_trip(Conv1dOverFeatures(), torch.randn(4, 3))
+    assert spec.permutable_fraction() == 1.0
+
+
+RNNS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class Recurrent(nn.Module):
+    """Embedding -> a recurrent stack -> its last step (or its final state) -> linear."""
+
+    def __init__(self, kind="lstm", layers=2, bidirectional=True, batch_first=True, hidden=5, dim=4,
+                 use_state=False):
+        super().__init__()
+        self.batch_first, self.use_state = batch_first, use_state
+        self.embed = nn.Embedding(20, dim)
+        self.rnn = RNNS[kind](dim, hidden, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+        self.fc = nn.Linear(hidden * (2 if bidirectional and not use_state else 1), 3)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        out, state = self.rnn(x)
+        if self.use_state:
+            h = state[0] if isinstance(state, tuple) else state
+            return self.fc(h[-1])
+        return self.fc(out[:, -1] if self.batch_first else out[-1])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_recurrent_hidden_units_are_permuted_per_layer_and_direction(kind):
+    torch.manual_seed(0)
+    m = Recurrent(kind)
+    spec = _round_trip(m, torch.randint(0, 20, (3, 6)))
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
+    hidden = [g for g in spec.groups.values() if g.name.startswith("rnn.")]
+    assert len(hidden) == 4 and all(g.size == 5 for g in hidden)  # 2 layers x 2 directions
+    ih = {(mm.tensor, mm.offset, mm.rep) for g in hidden for mm in g.members if mm.axis == 0}
+    assert ("rnn.weight_ih_l1_reverse", 0, gates) in ih and ("rnn.bias_hh_l0", 0, gates) in ih
+    assert spec.permutable_fraction() == 1.0
+
+
+def test_a_read_final_state_pins_the_recurrent_units():
+    torch.manual_seed(0)
+    m = Recurrent("lstm", use_state=True)
+    spec = _round_trip(m, torch.randint(0, 20, (3, 6)))
+    assert not any(g.name.startswith("rnn.") for g in spec.groups.values())
+    assert any("final state" in u.reason for u in spec.unpermuted)
+
+
+@settings(max_examples=10, deadline=None)
+@given(kind=st.sampled_from(sorted(RNNS)), layers=st.integers(1, 3), bidirectional=st.booleans(),
+       batch_first=st.booleans(), hidden=st.integers(2, 6), seed=st.integers(0, 100))
+def test_recurrent_round_trip_over_shapes(kind, layers, bidirectional, batch_first, hidden, seed):
+    torch.manual_seed(seed)
+    m = Recurrent(kind, layers, bidirectional, batch_first, hidden)
+    spec = _round_trip(m, torch.randint(0, 20, (2, 4)), seed, recovered=False)
+    assert sum(g.name.startswith("rnn.") for g in spec.groups.values()) == layers * (1 + bidirectional)
+
+
+class ResNeXtBlock(nn.Module):
+    """1x1 -> grouped 3x3 -> 1x1 bottleneck with BatchNorm and a residual add (ResNeXt, RegNet's X block);
+    se=True adds RegNetY's squeeze-and-excitation on the grouped convolution's output."""
+
+    def __init__(self, c=8, width=12, groups=3, se=False, classes=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.a, self.bn_a = nn.Conv2d(c, width, 1), nn.BatchNorm2d(width)
+        self.b, self.bn_b = nn.Conv2d(width, width, 3, padding=1, groups=groups), nn.BatchNorm2d(width)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(width, 4, 1), nn.ReLU(), nn.Conv2d(4, width, 1),
+                                nn.Sigmoid()) if se else None
+        self.c, self.bn_c = nn.Conv2d(width, c, 1), nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        h = torch.relu(self.bn_a(self.a(x)))
+        h = torch.relu(self.bn_b(self.b(h)))
+        if self.se is not None:
+            h = h * self.se(h)
+        h = torch.relu(x + self.bn_c(self.c(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def _bn_noisy(m, seed):
+    g = torch.Generator().manual_seed(seed + 50)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(0.1 * torch.randn(mod.running_mean.shape, generator=g))
+            mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g))
+    return m.eval()
+
+
+@pytest.mark.parametrize("se", [False, True])
+def test_grouped_convolution_moves_whole_groups_and_units_within(se):
+    torch.manual_seed(0)
+    m = _bn_noisy(ResNeXtBlock(se=se), 0)
+    spec = _round_trip(m, torch.randn(2, 3, 6, 6))
+    inner = next(g for g in spec.groups.values() if any(mm.tensor == "b.weight" and mm.axis == 0 for mm in g.members))
+    outer = spec.groups[inner.couple]  # the grouped convolution's inputs: the 1x1 conv's outputs
+    assert inner.heads == outer.heads == 3 and outer.couple == inner.name
+    assert outer.head_only and not inner.head_only and inner.role == outer.role == "mlp"
+    assert any(mm.tensor == "a.weight" and mm.axis == 0 for mm in outer.members)
+    # all that stays pinned: the grouped weight's input axis (units within a group keep their order)
+    pinned = [u for u in spec.unpermuted if not u.reason.startswith("model output")]
+    assert [(u.axes, u.reason) for u in pinned] == [([["b.weight", 1, 0, 0]], GROUPED_INPUTS)]
+
+
+def test_grouped_convolution_of_the_raw_input_stays_pinned():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+    spec = spec_from_model(m, torch.randn(2, 4, 6, 6))
+    assert not spec.groups and any("groups cannot move" in u.reason for u in spec.unpermuted)
+
+
+@settings(max_examples=8, deadline=None)
+@given(groups=st.integers(1, 4), per_group=st.integers(1, 3), se=st.booleans(), seed=st.integers(0, 100))
+def test_grouped_round_trip_over_group_counts(groups, per_group, se, seed):
+    torch.manual_seed(seed)
+    m = _bn_noisy(ResNeXtBlock(width=groups * per_group, groups=groups, se=se), seed)
+    _round_trip(m, torch.randn(2, 3, 5, 5), seed, recovered=False)
+
+
+# ---- the new groups through the CLI: factories over 8x8 digits (rows read as a sequence of 8 steps) ----
+class DigitsRows(nn.Module):
+    def __init__(self, kind, classes):
+        super().__init__()
+        self.kind = kind
+        if kind == "lstm":
+            self.body = nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True)
+            self.fc = nn.Linear(12, classes)
+        else:  # textcnn: kernels as wide as a row
+            self.body = nn.Conv2d(1, 5, (3, 8))
+            self.fc = nn.Linear(5, classes)
+
+    def forward(self, x):
+        if self.kind == "lstm":
+            out, _ = self.body(x.squeeze(1))
+            return self.fc(out[:, -1])
+        h = torch.relu(self.body(x)).squeeze(3)
+        return self.fc(F.max_pool1d(h, h.size(2)).squeeze(2))
+
+
+def digits_lstm(in_shape, num_classes):
+    return DigitsRows("lstm", num_classes)
+
+
+def digits_textcnn(in_shape, num_classes):
+    return DigitsRows("textcnn", num_classes)
+
+
+def digits_resnext(in_shape, num_classes):
+    m = ResNeXtBlock(c=6, width=8, groups=4, se=True, classes=num_classes)
+    m.stem = nn.Conv2d(in_shape[0], 6, 3, padding=1)
+    return m
+
+
+@pytest.mark.parametrize("factory, shown", [("digits_lstm", "body.l1_reverse [mlp]: size 6"),
+                                             ("digits_textcnn", "body [mlp]: size 5: body.weight[0]"),
+                                             ("digits_resnext", "b.weight[1]: " + GROUPED_INPUTS)])
+def test_spec_cli_reports_the_new_groups(tmp_path, factory, shown):
+    from safetensors.torch import save_file
+    from test_permute_cli import run
+
+    torch.manual_seed(0)
+    raw, model = tmp_path / "w.safetensors", tmp_path / "m.safetensors"
+    save_file({k: v.clone() for k, v in globals()[factory]((1, 8, 8), 10).state_dict().items()}, str(raw))
+    run("import", raw, "--model-factory", f"test_permute_coverage:{factory}", "--data", "digits", "--out", model)
+    out = run("spec", model, "--allow-factory", f"test_permute_coverage:{factory}").stdout
+    assert shown in out
+    if factory == "digits_resnext":  # the grouped convolution's coupled blocks
+        assert "4 heads (whole heads only) coupled with b" in out and "size 8, 4 heads coupled with a" in out
+    else:
+        assert "100.0% of the parameter axes" in out
