@@ -36,7 +36,7 @@ def test_accepted_values_are_listed():
 
 
 def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="no such file"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")

@@ -353,12 +353,16 @@ model: {name: mlp, kwargs: {width: *i}}
     (b"train: {optimizer: {lr: " + b"[" * 50 + b"]" * 50 + b"}}\n", ["lr"]),
 ])
 def test_hostile_configs(tmp_path, capsys, monkeypatch, data, words):
+    import stardomain.training as training
+
+    def no_training(*_a, **_k):
+        raise AssertionError("training started before the config was refused")
+
+    monkeypatch.setattr(training, "fit", no_training)  # refused before any work, however busy the machine
     cfg = _cfg(tmp_path, data)
-    t0 = time.perf_counter()
     extra = [] if b"data:" in data else ["--set", "data.name=digits"]
     code, _, err = run_cli(capsys, monkeypatch, "train", "--config", cfg, "--out", tmp_path / "m.safetensors", *extra)
     assert_one_line(code, err, *words)
-    assert time.perf_counter() - t0 < 10
     assert not (tmp_path / "m.safetensors").exists()
 
 

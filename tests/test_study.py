@@ -24,6 +24,7 @@ from stardomain.errors import UserError
 from stardomain.study.executors import pending
 from stardomain.stats import mann_whitney_less, paired_wilcoxon_less, summarize
 from stardomain.study import build_plan, check_study_folder, default_config_path, run_study
+from stardomain.study.folder import MARK_NAME, MARK_TEXT
 from stardomain.files import measure_files
 from stardomain.barriers import BarrierSettings
 
@@ -390,7 +391,10 @@ def test_out_must_be_a_study_folder(tiny_yaml, tmp_path, monkeypatch, capsys):
     assert code == 2 and "--force" in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in other.iterdir()) == ["notes.md"]
     check_study_folder(other, force=True)  # what --force allows
-    (other / "plan.json").write_text("{}")
+    (other / "plan.json").write_text("{}")  # a file of that name is not a study's mark
+    with pytest.raises(UserError, match="not a study folder"):
+        check_study_folder(other)
+    (other / MARK_NAME).write_text(MARK_TEXT)
     check_study_folder(other)  # a study folder (of any config: artifacts are keyed) is reused
     with pytest.raises(UserError, match="is a file"):
         check_study_folder(f, force=True)

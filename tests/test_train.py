@@ -67,7 +67,7 @@ def test_lr_schedules_closed_form():
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_state(digits_cfg, tmp_path):
     cfg = digits_cfg.model_validate({**digits_cfg.model_dump(), "train": {
-        "epochs": 3, "optimizer": {"name": "sgd", "lr": 1e6, "momentum": 0.9}}})
+        "epochs": 3, "optimizer": {"name": "sgd", "lr": 100, "momentum": 0.9}}})  # lr 1e6 is refused when read
     state = tmp_path / "m.state"
     with pytest.raises(UserError, match="diverged"):
         tr.train(cfg, seed=0, state_path=state, progress=False)

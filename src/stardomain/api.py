@@ -435,7 +435,7 @@ def load(path: str | Path, *, model: Any = None, device: str = "cpu") -> Trained
     ("live:<Class>") need `model=` (the module or a callable); the data is built on first use."""
     sd, meta = checkpoint.read_model_file(path)
     if model is None:
-        module = checkpoint.build_from_meta(meta, str(path))
+        module = checkpoint.build_from_meta(meta, str(path), weights=sd)
     else:
         module = copy.deepcopy(model) if isinstance(model, nn.Module) else model()
     try:

@@ -11,22 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
+import stat
 import struct
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import DataConfig, ModelConfig, format_validation_error
+from .config import DataConfig, ModelConfig, format_validation_error, result_identity
 from .errors import UserError
-from .safety import check_json_limits, check_meta_factories
+from .safety import check_json_limits, check_meta_factories, check_regular_file
 
 FORMAT_VERSION = 2  # 2: `digest` covers the metadata (1: only the weights were covered, by `sha256`)
 META_KEY = "stardomain"
@@ -71,6 +73,38 @@ class DataMeta(_Open):
 
 _HEX64 = r"^[0-9a-f]{64}$"
 
+# The dtypes an example input may ask for: names read from a file never reach getattr(torch, ...) unchecked.
+EXAMPLE_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+MAX_EXAMPLE_NUMEL = 2**20  # numbers in one sample of all keyword inputs together
+
+
+class ExampleInput(BaseModel):
+    """One keyword input of an imported model: {"shape": [16], "dtype": "int64", "high": 30522}; samples
+    are seeded draws (integers in [low, high), floats standard normal)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    shape: list[Annotated[int, Field(ge=1, le=2**20)]] = Field(max_length=8)
+    dtype: Literal[EXAMPLE_DTYPES] = "float32"
+    low: int = Field(0, ge=-(2**62), le=2**62)
+    high: int = Field(2, ge=-(2**62), le=2**62)
+
+    @model_validator(mode="after")
+    def _range(self) -> "ExampleInput":
+        if self.high <= self.low:
+            raise ValueError(f"high ({self.high}) must be above low ({self.low})")
+        return self
+
+
+def _check_examples(spec: dict[str, ExampleInput]) -> dict[str, ExampleInput]:
+    n = sum(math.prod(s.shape) for s in spec.values())
+    if n > MAX_EXAMPLE_NUMEL:
+        raise ValueError(f"example inputs hold {n:,} numbers per sample, more than {MAX_EXAMPLE_NUMEL:,}")
+    return spec
+
+
+ExampleInputs = Annotated[dict[Annotated[str, Field(max_length=200)], ExampleInput],
+                          Field(min_length=1, max_length=64), AfterValidator(_check_examples)]
+
 
 class FileMeta(_Open):
     """The `stardomain` metadata of a model file (docs/architecture.md, "Contracts")."""
@@ -88,6 +122,7 @@ class FileMeta(_Open):
     sources: list[dict[str, Any]] | None = None
     alignment: dict[str, Any] | None = None
     star: dict[str, Any] | None = None
+    example_input: ExampleInputs | None = None  # keyword inputs of an imported model (stardomain import)
 
 
 def meta_digest(meta: dict[str, Any]) -> str:
@@ -179,8 +214,7 @@ def save_model(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise UserError(f"{path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    check_regular_file(path)
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -215,7 +249,42 @@ def read_model_file(path: str | Path, verify: bool = True) -> tuple[dict[str, to
     meta = parse_meta(raw_meta[META_KEY], str(path))
     if verify and weights_sha256(tensors) != meta["sha256"]:
         raise UserError(f"{path}: weights do not match the sha256 in its metadata (file corrupted or edited)")
+    check_weights(tensors, str(path))
     return tensors, meta
+
+
+# Float weights are float32, float16 or bfloat16 (what the architectures hold); integer and bool tensors
+# are buffers (counters, masks). float64 is refused rather than cast: a cast would change the bits the
+# file's sha256 names.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                 torch.int8, torch.uint8, torch.bool)
+
+
+def check_weights(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor of a supported dtype and every float finite: a NaN weight would surface deep inside
+    weight matching or interpolation, far from its cause."""
+    for k, t in tensors.items():
+        if t.dtype not in WEIGHT_DTYPES:
+            raise UserError(f"{where}: tensor {k!r} is {str(t.dtype).removeprefix('torch.')}; model files hold "
+                            "float32, float16 or bfloat16 weights (convert it, e.g. to float32, and save again)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{where}: tensor {k!r} holds NaN or infinite values; the model is broken "
+                            "(training diverged?)")
+
+
+def check_layout(want: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], where: str,
+                 against: str = "the architecture in its metadata") -> None:
+    """`sd` has exactly `want`'s tensors, with its shapes and dtypes: one line naming the first few that do
+    not, before any code loads or interpolates them."""
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want]
+    shape = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    dtype = [k for k in want if k in sd and k not in shape and sd[k].dtype != want[k].dtype]
+    parts = [f"{what} {', '.join(repr(k) for k in keys[:3])}{' ...' if len(keys) > 3 else ''}"
+             for what, keys in (("missing", missing), ("unexpected", extra), ("other shape for", shape),
+                                ("other dtype for", dtype)) if keys]
+    if parts:
+        raise UserError(f"{where} does not fit {against} ({'; '.join(parts)})")
 
 
 def parse_meta(text: str, where: str) -> dict[str, Any]:
@@ -246,15 +315,19 @@ def parse_meta(text: str, where: str) -> dict[str, Any]:
     return meta
 
 
-def build_from_meta(meta: dict[str, Any], source: str = "the model file") -> torch.nn.Module:
-    """Rebuild the architecture a model file describes (weights not loaded). A user factory it names
-    is imported only when allowed (stardomain.safety)."""
+def build_from_meta(meta: dict[str, Any], source: str = "the model file",
+                    weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Rebuild the architecture a model file describes (weights not loaded; `weights`, when given, are
+    checked to fit it). A user factory it names is imported only when allowed (stardomain.safety)."""
     from .models import build_model
 
     check_meta_factories(meta, source)
     d = meta["data"]
-    return build_model(meta["model"], tuple(d["input_shape"]), int(d["num_classes"]),
-                       tokens=d.get("input_dtype") == "int64")
+    model = build_model(meta["model"], tuple(d["input_shape"]), int(d["num_classes"]),
+                        tokens=d.get("input_dtype") == "int64")
+    if weights is not None:
+        check_layout(model.state_dict(), weights, source)
+    return model
 
 
 def data_from_meta(meta: dict[str, Any], source: str = "the model file"):
@@ -268,19 +341,16 @@ def data_from_meta(meta: dict[str, Any], source: str = "the model file"):
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """-> (module with the file's weights, in eval mode, metadata)."""
     sd, meta = read_model_file(path)
-    model = build_from_meta(meta, str(path))
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise UserError(f"{path}: weights do not fit the architecture in its metadata "
-                        f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    model = build_from_meta(meta, str(path), weights=sd)
+    model.load_state_dict(sd, strict=True)
     return model.to(device).eval(), meta
 
 
 def compatible(meta_a: dict, meta_b: dict) -> str | None:
     """Why two model files cannot be compared or interpolated, or None if they can."""
-    if meta_a["model"] != meta_b["model"]:
+    from .models import resolved
+
+    if resolved(meta_a["model"]) != resolved(meta_b["model"]):
         return f"different architectures ({_short(meta_a['model'])} vs {_short(meta_b['model'])})"
     da, db = meta_a["data"], meta_b["data"]
     if da.get("config") != db.get("config"):
@@ -301,6 +371,8 @@ def read_pair(path_a: str | Path, path_b: str | Path, verb: str = "compare"):
     why = compatible(meta_a, meta_b)
     if why:
         raise UserError(f"cannot {verb} {path_a} and {path_b}: {why}")
+    check_layout(sd_a, sd_b, f"cannot {verb} {path_a} and {path_b}: {path_b}",
+                 against=f"{path_a} (the same tensors, shapes and dtypes)")
     return sd_a, meta_a, sd_b, meta_b
 
 
@@ -342,14 +414,18 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    tensors, meta = _read_safetensors(Path(path))
+    fix = "delete it (or pass --force) to start afresh"
+    try:
+        tensors, meta = _read_safetensors(Path(path))
+    except UserError as e:
+        raise UserError(f"{e}; it is the resume state of an interrupted run: {fix}") from None
     if "state" not in meta:
-        raise UserError(f"{path}: not a stardomain training state")
+        raise UserError(f"{path}: not a stardomain training state; {fix}")
     check_json_limits(meta["state"], f"{path}: its state structure", max_bytes=64 * 2**20)
     try:
         return _unflatten(json.loads(meta["state"]), tensors)
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: a corrupt training state; delete it to start afresh") from None
+        raise UserError(f"{path}: a corrupt training state; {fix}") from None
 
 
 # ---- output policy: nothing is overwritten by surprise ----
@@ -362,18 +438,34 @@ _MD_HEAD = {"bma.md": "## Bayesian model averaging"}
 MODEL_KINDS = ("train", "star", "align", "import")
 
 
+def _header(path: str | Path) -> dict | None:
+    """The safetensors JSON header of a regular file (a FIFO is not waited on), None when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    size = os.fstat(fd)
+    if not stat.S_ISREG(size.st_mode):  # a folder, a FIFO, a device
+        os.close(fd)
+        return None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 0 < n <= 100_000_000 or size.st_size < 8 + n:
+                return None
+            header = json.loads(f.read(n))
+        except (OSError, struct.error, ValueError, RecursionError):
+            return None
+    return header if isinstance(header, dict) else None
+
+
 def read_model_meta(path: str | Path) -> dict | None:
     """The stardomain metadata of a model file from its header alone (no weights read, nothing verified):
     cheap enough to ask of any path. None when it is not a stardomain model file."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n <= 100_000_000:
-                return None
-            header = json.loads(f.read(n))
-        meta = json.loads(header["__metadata__"][META_KEY])
+        meta = json.loads((_header(path) or {})["__metadata__"][META_KEY])
         return meta if isinstance(meta, dict) else None
-    except (OSError, struct.error, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError, RecursionError):
         return None
 
 
@@ -399,7 +491,9 @@ def model_job(kind: str, meta: dict) -> dict:
         imp = meta.get("imported") or {}
         job = {"factory": imp.get("factory"), "kwargs": imp.get("kwargs")}
     else:
-        job = {"role": meta.get("role"), "seed": meta.get("seed"), "config": meta.get("config")}
+        cfg = meta.get("config")
+        job = {"role": meta.get("role"), "seed": meta.get("seed"),
+               "config": result_identity(cfg) if isinstance(cfg, dict) else cfg}
         if kind == "star":
             job["sources"] = [s.get("sha256") for s in meta.get("sources") or []]
     return json.loads(json.dumps(job, sort_keys=True, default=str))
@@ -424,8 +518,43 @@ def _png_software(path: Path) -> str | None:
     return None
 
 
+def sidecars(out: str | Path) -> dict[str, Path]:
+    """The files written beside a trained model file: the per-epoch history and the resume state."""
+    out = Path(out)
+    return {"history.csv": out.with_name(out.name + ".csv"), "state": out.with_name(out.name + ".state")}
+
+
+HISTORY_HEAD = "epoch,loss,acc\n"  # the first line of every history CSV (train.write_history_csv)
+
+
+def is_training_state(path: str | Path) -> bool:
+    """A readable training state `save_state` wrote (the header alone is read)."""
+    md = (_header(path) or {}).get("__metadata__")
+    return isinstance(md, dict) and "state" in md
+
+
+def prepare_training_outputs(out: str | Path, kind: str, job: dict, *, force: bool = False,
+                             inputs: Sequence[str | Path | None] = ()) -> None:
+    """`train`/`star`, before any work: the model file and its sidecars (OUT.csv, OUT.state) under the one
+    policy (each is new, an earlier output of this job, or replaced only with `force`). With `force`, a
+    state file that is no training state (truncated, foreign) is removed: it would block the run."""
+    check_output(out, kind, job, force=force, inputs=inputs)
+    for side_kind, side in sidecars(out).items():
+        check_output(side, side_kind, force=force, inputs=inputs, beside=str(out))
+    state = sidecars(out)["state"]
+    if force and (state.exists() or state.is_symlink()) and not is_training_state(state):
+        state.unlink()
+
+
 def _why_not_replaceable(path: Path, kind: str, job: dict | None) -> str | None:
     """None when `path` is an earlier output of this kind (and, for model files, of this job)."""
+    if kind == "history.csv":
+        with open(path, "rb") as f:
+            ok = f.read(len(HISTORY_HEAD)) == HISTORY_HEAD.encode()
+        return None if ok else "is not a training history a model file's run wrote"
+    if kind == "state":
+        return None if is_training_state(path) else ("is not a training state stardomain wrote (truncated or "
+                                                    "foreign: delete it to start afresh)")
     if kind in MODEL_KINDS:
         meta = read_model_meta(path)
         if meta is None:
@@ -458,27 +587,50 @@ def _why_not_replaceable(path: Path, kind: str, job: dict | None) -> str | None:
 
 
 def check_output(path: str | Path | None, kind: str, job: dict | None = None, *, force: bool = False,
-                 inputs: Sequence[str | Path | None] = (), option: str = "--out") -> None:
+                 inputs: Sequence[str | Path | None] = (), option: str = "--out", beside: str | None = None) -> None:
     """Refuse, before any work, to write `path` where that would destroy something the user did not mean
-    to replace: a folder (always), one of the command's own inputs, or an existing file that is not an
-    earlier output of the same kind (`kind`: train/star/align model files, barrier.json, bma.json,
-    align.json, barrier.png, bma.png, bma.md) and, for model files, of the same job (`job`: the metadata
-    fields `model_job` reads). `force` allows all but the folder."""
+    to replace: a folder or a FIFO/device (always), one of the command's own inputs, or an existing file
+    that is not an earlier output of the same kind (`kind`: train/star/align model files, barrier.json,
+    bma.json, align.json, barrier.png, bma.png, bma.md, history.csv, state) and, for model files, of the
+    same job (`job`: the metadata fields `model_job` reads); and a place that cannot be written. `force`
+    allows all but the folder, the FIFO and the unwritable. `beside`: `path` is a file written beside the
+    output that `option` names (OUT.csv beside --out OUT)."""
     if path is None:
         return
     p = Path(path)
+    what = f"{p} (written beside {option} {beside})" if beside else f"{option} {p}"
     if p.is_dir():
-        raise UserError(f"{option} {p} is a folder; give the path of a file to write")
+        raise UserError(f"{what} is a folder; give the path of a file to write")
+    if p.exists() and not p.is_file():
+        raise UserError(f"{what} is not a regular file (a FIFO, socket or device); give a file path")
+    check_writable(p, option)
     if force or not p.exists():
         return
     for q in inputs:
         if q is not None and Path(q).exists() and os.path.samefile(p, q):
-            raise UserError(f"{option} {p} is also an input of this command and would be overwritten; "
+            raise UserError(f"{what} is also an input of this command and would be overwritten; "
                             f"choose another {option} (or pass --force)")
     why = _why_not_replaceable(p, kind, job)
     if why:
-        raise UserError(f"{option} {p} already exists and {why}; choose another {option} or pass --force "
-                        "to replace it")
+        raise UserError(f"{what} already exists and {why}; choose another {option} or pass --force to replace it")
+
+
+def check_writable(path: str | Path, option: str = "--out") -> None:
+    """Before any work: a file can be created where `path` will be written (in its folder, or the nearest
+    folder above it that exists: the write makes the rest). Probed with a real temporary file, since
+    permission bits say nothing of root, read-only mounts or /proc."""
+    p = Path(path).absolute()
+    folder = p.parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {option} {path}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".stardomain-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {option} {path}: {folder}: {(e.strerror or str(e)).lower()}") from None
 
 
 def check_distinct(**outputs: str | Path | None) -> None:

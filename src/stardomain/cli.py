@@ -147,15 +147,15 @@ def train(
 
     Example: stardomain train --config configs/mnist_mlp.yaml --seed 0 --out runs/m0.safetensors
     """
-    from .checkpoint import check_output
+    from .checkpoint import prepare_training_outputs
     from .config import load_config
     from .tblog import epoch_log
     from .files import train_to_file
 
     use_threads(threads)
     cfg = load_config(config, set_)
-    check_output(out, "train", {"role": role, "seed": seed, "config": cfg.model_dump()}, force=force,
-                 inputs=[config])
+    prepare_training_outputs(out, "train", {"role": role, "seed": seed, "config": cfg.model_dump()}, force=force,
+                             inputs=[config])
     log = epoch_log(tensorboard, "train")
     try:
         meta = train_to_file(cfg, seed, out, role=role, device=device, on_epoch=log)
@@ -172,6 +172,7 @@ def info(path: Path = typer.Argument(..., help="A model file written by stardoma
          json_: bool = typer.Option(False, "--json", help="Print the whole metadata as JSON.")):
     """Show how a model file was made: architecture, data, seed, role, metrics, sha256 (imports nothing)."""
     from .checkpoint import read_model_file
+    from .safety import config_factories
 
     sd, meta = read_model_file(path)
     if json_:
@@ -194,6 +195,9 @@ def info(path: Path = typer.Argument(..., help="A model file written by stardoma
     for key in ("runtime", "sources", "alignment", "star"):
         if key in meta:
             lines.append(f"{key:<9} {json.dumps(meta[key])[:200]}")
+    for f in config_factories({"model": meta["model"], "data": meta["data"]["config"]}):
+        lines.append(f"factory   names user code {f!r}: eval, spec, align, barrier and bma import it only with "
+                     f"--allow-factory '{f}' (info imports nothing)")
     lines += [f"sha256    {meta['sha256']}", f"versions  {meta.get('versions', {})}",
               f"format    {meta['format_version']}: " + (
                   "metadata and weights covered by its digest" if meta.get("digest") else
@@ -248,7 +252,7 @@ def star(
 
     Example: stardomain star --config c.yaml --sources runs/s*.safetensors --out runs/star.safetensors --set star.chunks=4
     """
-    from .checkpoint import check_output, read_model_file, read_model_meta
+    from .checkpoint import prepare_training_outputs, read_model_file, read_model_meta
     from .config import load_config
     from .files import star_to_file
     from .tblog import epoch_log
@@ -257,8 +261,9 @@ def star(
     sources = sources_with_extra(ctx, sources, "star")
     cfg = load_config(config, set_)
     shas = [(read_model_meta(p) or read_model_file(p)[1])["sha256"] for p in sources]
-    check_output(out, "star", {"role": "star", "seed": seed, "config": cfg.model_dump(),
-                               "sources": [{"sha256": h} for h in shas]}, force=force, inputs=[config, *sources])
+    prepare_training_outputs(out, "star", {"role": "star", "seed": seed, "config": cfg.model_dump(),
+                                           "sources": [{"sha256": h} for h in shas]},
+                             force=force, inputs=[config, *sources])
     log = epoch_log(tensorboard, "star")
     try:
         meta = star_to_file(cfg, [str(p) for p in sources], out, seed=seed, device=device, on_epoch=log)

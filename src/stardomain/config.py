@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from . import pairkinds
 from .errors import UserError
+from .safety import check_regular_file
 
 
 SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds
@@ -50,16 +51,16 @@ class LearnedAlignConfig(BaseModel):
     enter every record that used them (alignment info, barrier record, study results)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    steps: int = Field(100, ge=1)  # gradient steps on the proxy weights (STE) or the logits (Sinkhorn)
-    lr: float | None = Field(None, gt=0)  # None: 1e-2 for STE's proxy weights (Adam), 1.0 for Sinkhorn's logits
+    steps: int = Field(100, ge=1, le=1_000_000)  # gradient steps on the proxy weights (STE) or the logits (Sinkhorn)
+    lr: float | None = Field(None, gt=0, le=100.0)  # None: 1e-2 for STE's proxy weights (Adam), 1.0 for Sinkhorn's logits
     loss_at: Literal["midpoint", "random"] = "midpoint"  # t of the training loss: 0.5, or uniform in (0, 1)
-    batch_size: int = Field(128, ge=1)  # training examples per step (seeded draws from the train split)
+    batch_size: int = Field(128, ge=1, le=2**20)  # training examples per step (seeded draws from the train split)
     # A fixed seeded sample of training examples on which every candidate hard permutation's barrier (at
     # t = 1/2, or 1/4, 1/2, 3/4 for loss_at random) is measured; the lowest wins, weight matching's on a tie.
-    select_examples: int = Field(1024, ge=1)
-    select_every: int = Field(10, ge=1)  # Sinkhorn: round the soft permutations to a candidate every N steps
-    temperature: float = Field(1.0, gt=0)  # Sinkhorn: the logits are divided by it
-    sinkhorn_iters: int = Field(20, ge=1)  # Sinkhorn: row/column normalisations per soft permutation
+    select_examples: int = Field(1024, ge=1, le=10**7)
+    select_every: int = Field(10, ge=1, le=1_000_000)  # Sinkhorn: round the soft permutations to a candidate every N steps
+    temperature: float = Field(1.0, gt=0, le=1e6)  # Sinkhorn: the logits are divided by it
+    sinkhorn_iters: int = Field(20, ge=1, le=100_000)  # Sinkhorn: row/column normalisations per soft permutation
 
 
 class Executor(str, Enum):
@@ -68,7 +69,23 @@ class Executor(str, Enum):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors and floats are finite: every value a config holds is typed and bounded."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Resource limits where a setting has no natural bound: far above any real use, low enough that a typo
+# (an extra zero or three) is refused when the config is read, not after minutes of work.
+MAX_EPOCHS = 100_000
+MAX_BATCH = 2**20
+MAX_BATCHES = 10**7
+MAX_POINTS = 10_001  # interpolation points (the same bound as `barrier --points`)
+MAX_K = 100_000  # BMA draws per run (the same as `bma --k`)
+MAX_THREADS = 1024  # the same as --threads
+MAX_BOOTSTRAP = 100_000
+MAX_LR = 100.0
+MAX_SWEEP = 100  # values in one sweep list
+Count = Annotated[int, Field(ge=1, le=1000)]  # models in a population (model seeds never collide: study.plan)
 
 
 _FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -85,9 +102,9 @@ class DataConfig(Section):
 
     name: str | None = "mnist"
     factory: str | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # checked against the data set's own parameters
     split_seed: int = Field(0, ge=0, le=2**63 - 1)  # fixes train/test splits where the data set has none of its own
-    train_subset: int | None = Field(None, ge=1)  # use only the first N training examples (after a seeded shuffle)
+    train_subset: int | None = Field(None, ge=1, le=10**9)  # use only the first N training examples (after a seeded shuffle)
     augment: bool | None = None  # None: the data set's default (crop+flip for CIFAR, none otherwise)
 
     _factory = field_validator("factory")(classmethod(lambda cls, v: _check_factory(v)))
@@ -121,20 +138,21 @@ class ModelConfig(Section):
 
 class OptimizerConfig(Section):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.05, gt=0, le=MAX_LR)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
 
 
 class ScheduleConfig(Section):
     """Learning-rate schedule, stepped every mini-batch."""
 
     name: Literal["constant", "cosine", "step", "onecycle"] = "constant"
-    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up (constant and cosine)
-    step_epochs: list[int] = Field(default_factory=list)  # step: epochs where lr is multiplied by gamma
-    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)  # linear warm-up (constant and cosine)
+    # step: epochs where lr is multiplied by gamma
+    step_epochs: list[Annotated[int, Field(ge=0, le=MAX_EPOCHS)]] = Field(default_factory=list, max_length=1000)
+    gamma: float = Field(0.1, gt=0, le=10)
     pct_start: float = Field(0.25, gt=0, lt=1)  # onecycle: fraction of steps rising
 
 
@@ -143,7 +161,7 @@ class StopConfig(Section):
     without augmentation, in eval mode); `train.epochs` is then the cap. Both given: whichever comes first.
     A target never met stops at the cap, and the model's metadata (`fit`) says it was not reached."""
 
-    loss: float | None = Field(None, gt=0)  # training loss (mean cross-entropy) at or below this
+    loss: float | None = Field(None, gt=0, le=1e6)  # training loss (mean cross-entropy) at or below this
     acc: float | None = Field(None, gt=0, le=1)  # training accuracy (a fraction) at or above this
 
     @model_validator(mode="after")
@@ -154,15 +172,18 @@ class StopConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, ge=1)  # the number of epochs; with `stop`, the most it may take
-    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)  # the number of epochs; with `stop`, the most it may take
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float | None = Field(None, gt=0)  # max global gradient norm
+    grad_clip: float | None = Field(None, gt=0, le=1e9)  # max global gradient norm
     amp: bool = False  # bfloat16 autocast, CUDA only
-    eval_batch_size: int = Field(1000, ge=1)
+    eval_batch_size: int = Field(1000, ge=1, le=MAX_BATCH)
     stop: StopConfig | None = None  # None: exactly `epochs` epochs
+    # A mini-batch loss above this many times the run's first one (at least 1) stops the run as divergence,
+    # as a NaN loss does (the last good state kept); None: only NaN/inf stop it.
+    divergence_factor: float | None = Field(1000.0, gt=1, le=1e12)
 
 
 # The pair kinds live in stardomain.pairkinds (one entry each); these are the built-in table's names.
@@ -183,13 +204,14 @@ def _known_pair_kind(name: str) -> str:
 class StudyEvalConfig(Section):
     """How each pair is measured (docs/method.md: 11 points, after weight matching, BN recalibrated)."""
 
-    points: int = Field(11, ge=3)
+    points: int = Field(11, ge=3, le=MAX_POINTS)
     align: bool = True  # weight matching before interpolating (the paper's "modulo permutations")
-    bn_batches: int | None = Field(None, ge=1)  # BN recalibration batches per point; None: the whole train split
-    batch_size: int = Field(1000, ge=1)
+    # BN recalibration batches per point; None: the whole train split
+    bn_batches: int | None = Field(None, ge=1, le=MAX_BATCHES)
+    batch_size: int = Field(1000, ge=1, le=MAX_BATCH)
     # Measure on a seeded sample of this many examples of each split (the same for every pair; BN is
     # recalibrated on it too); None: the whole splits. For studies whose full evaluation would dominate.
-    examples: int | None = Field(None, ge=1)
+    examples: int | None = Field(None, ge=1, le=10**9)
     # Also report loss barriers after temperature scaling each interpolated model (one temperature per t,
     # fitted by NLL on a calibration split: the data set's `val` split, else a seeded `temperature_fraction`
     # of the test split, which the temperature-scaled test losses then leave out).
@@ -198,14 +220,14 @@ class StudyEvalConfig(Section):
     # Alignment variants: each also measures star_heldout and regular_regular (those listed in study.pairs)
     # aligning only attention heads, only MLP hidden units, only the residual stream, or nothing
     # (docs/method.md, "Alignment variants"): which symmetry carries the barrier.
-    variants: list[Literal[pairkinds.VARIANTS]] = Field(default_factory=list)
+    variants: list[Literal[pairkinds.VARIANTS]] = Field(default_factory=list, max_length=MAX_SWEEP)
     # How every aligned pair is aligned (stardomain.permute.align): weight matching (the paper's), activation
     # matching, or learned from the loss along the path (ste, sinkhorn; settings in `learned`).
     align_method: Literal[pairkinds.METHODS] = "weight"
     learned: LearnedAlignConfig = Field(default_factory=LearnedAlignConfig)
     # Also measure star_heldout and regular_regular (those listed in study.pairs) aligned by each method here
     # (kinds `<kind>_<method>`): does the verdict depend on how the winning permutation is approximated?
-    methods: list[Literal[pairkinds.METHODS]] = Field(default_factory=list)
+    methods: list[Literal[pairkinds.METHODS]] = Field(default_factory=list, max_length=MAX_SWEEP)
 
     @model_validator(mode="after")
     def _variants_align(self) -> "StudyEvalConfig":
@@ -219,10 +241,10 @@ class StudyEvalConfig(Section):
 class StudySweeps(Section):
     """Extra stars / populations: a star per |Z| value, a population per width or depth, a star per t scheme."""
 
-    n_sources: list[int] = Field(default_factory=list)
-    width: list[int] = Field(default_factory=list)
-    depth: list[int] = Field(default_factory=list)
-    t_sampling: list[str] = Field(default_factory=list)
+    n_sources: list[Count] = Field(default_factory=list, max_length=MAX_SWEEP)
+    width: list[Annotated[int, Field(ge=1, le=2**20)]] = Field(default_factory=list, max_length=MAX_SWEEP)
+    depth: list[Annotated[int, Field(ge=1, le=10_000)]] = Field(default_factory=list, max_length=MAX_SWEEP)
+    t_sampling: list[Literal["uniform", "beta", "constant"]] = Field(default_factory=list, max_length=MAX_SWEEP)
     width_key: str = "width"  # the model kwarg the width sweep sets (wrn: width_factor)
     depth_key: str = "depth"
 
@@ -230,41 +252,41 @@ class StudySweeps(Section):
 class StudyConfig(Section):
     """The star-domain study: N sources, H held-outs (optionally another recipe), a star, pairs to measure."""
 
-    n_sources: int = Field(10, ge=1, le=1000)  # at most 1000 each: model seeds never collide (study.plan)
-    n_heldouts: int = Field(5, ge=1, le=1000)
+    n_sources: Count = 10  # at most 1000 each: model seeds never collide (study.plan)
+    n_heldouts: Count = 5
     # Every model's seed comes from the study seed's own block (study.plan.model_seed): different study
     # seeds never share a model seed, so they are independent replicates.
     seed: int = Field(0, ge=0, le=STUDY_SEED_MAX)
-    n_stars: int = Field(1, ge=1, le=1000)  # stars per setting, each with its own seed, on the same sources
+    n_stars: Count = 1  # stars per setting, each with its own seed, on the same sources
     heldout_train: dict[str, Any] | None = None  # partial train section merged over `train` for held-outs
     pairs: list[Annotated[str, AfterValidator(_known_pair_kind)]] = Field(
-        default_factory=lambda: list(pairkinds.default_names()))
+        default_factory=lambda: list(pairkinds.default_names()), max_length=MAX_SWEEP)
     eval: StudyEvalConfig = Field(default_factory=StudyEvalConfig)
     sweeps: StudySweeps = Field(default_factory=StudySweeps)
     bma: bool = False  # also run star-domain BMA vs the deep ensemble of the sources
-    bma_k: int = Field(32, ge=1)
-    cpus_per_task: int = Field(1, ge=1)  # torch threads per task (and Ray num_cpus); fixed so results never
-    gpus_per_task: float = Field(0.0, ge=0)  # depend on the executor
+    bma_k: int = Field(32, ge=1, le=MAX_K)
+    cpus_per_task: int = Field(1, ge=1, le=MAX_THREADS)  # torch threads per task (and Ray num_cpus); fixed so
+    gpus_per_task: float = Field(0.0, ge=0, le=64)  # results never depend on the executor
     device: str = Field("auto", pattern=DEVICE_PATTERN)
-    bootstrap: int = Field(10000, ge=100)  # resamples for the 95% CI
+    bootstrap: int = Field(10000, ge=100, le=MAX_BOOTSTRAP)  # resamples for the 95% CI
     alpha: float = Field(0.05, gt=0, lt=1)  # significance level of the headline (sign-flip) test
-    merge_rounds: int = Field(20, ge=1)  # merged_heldout: at most this many MergeMany rounds
+    merge_rounds: int = Field(20, ge=1, le=10_000)  # merged_heldout: at most this many MergeMany rounds
 
 
 class StarConfig(Section):
     """Starlight (docs/method.md, "Starlight"): how the star model is trained from its sources."""
 
     t_sampling: Literal["uniform", "beta", "constant"] = "uniform"
-    beta: tuple[float, float] = (2.0, 2.0)  # Beta(a, b) when t_sampling = beta
+    beta: tuple[Annotated[float, Field(le=1e6)], Annotated[float, Field(le=1e6)]] = (2.0, 2.0)  # Beta(a, b) when t_sampling = beta
     t_constant: float = Field(0.5, ge=0, le=1)  # t when t_sampling = constant
-    mu: float = Field(0.0, ge=0)  # weight of the star's own loss; total (L_interp + mu*L(star)) / (1 + mu)
-    align_every: Literal["epoch", "never"] | int = "epoch"  # re-align sources to the star: per epoch, N steps, never
+    mu: float = Field(0.0, ge=0, le=1e6)  # weight of the star's own loss; total (L_interp + mu*L(star)) / (1 + mu)
+    align_every: Literal["epoch", "never"] | Annotated[int, Field(le=10**9)] = "epoch"  # re-align sources to the star: per epoch, N steps, never
     init: Literal["random", "source", "average"] = "random"  # random (seeded), one source, aligned average
-    init_source: int = Field(0, ge=0)  # which source when init = source (and the anchor of init = average)
-    chunks: int = Field(1, ge=1)  # variance reduction: k (source, t) draws per mini-batch, one per chunk
-    bn_batches: int | None = Field(None, ge=1)  # BN recompute after each epoch: None = all training batches
+    init_source: int = Field(0, ge=0, le=999)  # which source when init = source (and the anchor of init = average)
+    chunks: int = Field(1, ge=1, le=1024)  # variance reduction: k (source, t) draws per mini-batch, one per chunk
+    bn_batches: int | None = Field(None, ge=1, le=MAX_BATCHES)  # BN recompute after each epoch: None = all training batches
     sources_on: Literal["auto", "device", "cpu"] = "auto"  # where source weights live when training on a GPU
-    match_iters: int = Field(100, ge=1)  # weight-matching sweeps per alignment
+    match_iters: int = Field(100, ge=1, le=100_000)  # weight-matching sweeps per alignment
     # Fit-matched: stop at the first epoch end where the star's training loss is at or below this quantile
     # of its sources' training losses (0.5: their median), so star and regular models are compared at equal
     # fit; the star's epochs are the cap. None: the star's train section decides (epochs, or its stop rule).
@@ -283,15 +305,57 @@ class StarConfig(Section):
 class Config(Section):
     """The whole run. Unknown keys are errors, so a typo never silently falls back to a default."""
 
-    model_config = ConfigDict(extra="forbid")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     star: StarConfig = Field(default_factory=StarConfig)
     study: StudyConfig = Field(default_factory=StudyConfig)
 
+    @model_validator(mode="after")
+    def _heldout_train(self) -> "Config":
+        """study.heldout_train is a partial train section: the merged recipe is checked here, when read."""
+        over = self.study.heldout_train
+        if over:
+            try:
+                TrainConfig.model_validate(_merged(self.train.model_dump(), over))
+            except ValidationError as e:
+                raise ValueError(f"study.heldout_train: {format_validation_error(e, cls=TrainConfig)}") from None
+        return self
 
-_REPR = reprlib.Repr()
+
+# Settings that only decide whether a run stops, never what a finished run computes: they stay out of artifact
+# keys, resume digests and job identities, so changing them reuses finished work.
+RUN_GUARDS = ("divergence_factor",)
+
+
+def result_identity(cfg: dict) -> dict:
+    """A dumped config without its RUN_GUARDS (in train, star.train and study.heldout_train)."""
+    def strip(section):
+        return {k: v for k, v in section.items() if k not in RUN_GUARDS} if isinstance(section, dict) else section
+
+    out = dict(cfg)
+    if "train" in out:
+        out["train"] = strip(out["train"])
+    if isinstance(out.get("star"), dict) and "train" in out["star"]:
+        out["star"] = {**out["star"], "train": strip(out["star"]["train"])}
+    if isinstance(out.get("study"), dict) and "heldout_train" in out["study"]:
+        out["study"] = {**out["study"], "heldout_train": strip(out["study"]["heldout_train"])}
+    return out
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class _Repr(reprlib.Repr):
+    def repr_int(self, x, level):  # a 5000-digit integer: its size, not its digits (repr() would refuse)
+        return f"<an integer of {x.bit_length():,} bits>" if x.bit_length() > 200 else repr(x)
+
+
+_REPR = _Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 4, 60, 60
 
 
@@ -319,14 +383,16 @@ def format_validation_error(err: ValidationError, max_errors: int = 5, cls: type
     parts = []
     errors = err.errors()
     for e in errors[:max_errors]:
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = ".".join(str(p) for p in e["loc"])
         got = e.get("input")
         got_r = _REPR.repr(got)
         got_s = "" if isinstance(got, dict) else f" (got {got_r if len(got_r) <= 80 else got_r[:77] + '...'})"
         msg = e["msg"]
         if e["type"] == "extra_forbidden" and e["loc"]:
             msg, got_s = "unknown key", did_you_mean(str(e["loc"][-1]), _fields_at(cls, tuple(e["loc"][:-1])))
-        parts.append(f"{loc}: {msg}{got_s}")
+        if e["type"] == "value_error":  # a validator's own sentence
+            msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}{got_s}" if loc else f"{msg}{got_s}")
     if len(errors) > max_errors:
         parts.append(f"and {len(errors) - max_errors} more")
     return "; ".join(parts)
@@ -337,7 +403,8 @@ _format_validation_error = format_validation_error
 
 class _BudgetLoader(yaml.SafeLoader):
     """SafeLoader that refuses a document whose aliases expand to more than MAX_YAML_NODES nodes
-    (a 1 KB "billion laughs" file), counted on the node graph before anything is constructed."""
+    (a 1 KB "billion laughs" file), counted on the node graph before anything is constructed, and a
+    mapping that names a key twice (YAML says keys are unique; PyYAML would keep the last silently)."""
 
     def get_single_data(self):
         node = self.get_single_node()
@@ -345,6 +412,19 @@ class _BudgetLoader(yaml.SafeLoader):
             return None
         _check_node_budget(node)
         return self.construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = (key_node.tag, key_node.value)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key_node.value!r} appears twice in one mapping (line "
+                            f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                    seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 MAX_YAML_NODES = 100_000
@@ -371,8 +451,20 @@ def _check_node_budget(root) -> None:
             stack.extend((c, False) for c in kids if id(c) not in size)
 
 
-def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_BudgetLoader)  # noqa: S506 - a SafeLoader subclass
+def yaml_load(text: str, what: str = "the config", syntax_errors: bool = True) -> Any:
+    """Safe YAML with node budget and unique keys; anything it cannot read is one UserError naming `what`
+    (`!!float nope`, a 5000-digit integer, bad syntax, nesting too deep). `syntax_errors=False` lets a
+    yaml.YAMLError through (an override's value that is not YAML is plain text)."""
+    try:
+        return yaml.load(text, Loader=_BudgetLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        if not syntax_errors:
+            raise
+        raise UserError(f"{what} is not valid YAML: {str(e).splitlines()[0][:300]}") from None
+    except (ValueError, TypeError, OverflowError) as e:  # a tagged scalar that cannot be built
+        raise UserError(f"{what}: a value cannot be read ({' '.join(str(e).split())[:200]})") from None
+    except RecursionError:
+        raise UserError(f"{what} is nested too deeply") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -384,8 +476,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise UserError(f"override {text!r} has an empty key")
     try:
-        value = yaml_load(raw) if raw.strip() else None
-    except (yaml.YAMLError, RecursionError):
+        value = yaml_load(raw, f"--set {text[:100]!r}", syntax_errors=False) if raw.strip() else None
+    except yaml.YAMLError:  # plain text that is not YAML (`a: b: c`) is that string
         value = raw
     return path, value
 
@@ -406,20 +498,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+    check_regular_file(p, "config file ")
     try:
         data = p.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read config file {p}: {e.strerror or e}") from e
     if len(data) > MAX_CONFIG_BYTES:
         raise UserError(f"config file {p} is {len(data):,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
-    try:
-        raw = yaml_load(decode_text(data, f"config file {p}")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    except RecursionError:
-        raise UserError(f"config file {p} is nested too deeply") from None
+    raw = yaml_load(decode_text(data, f"config file {p}"), f"config file {p}") or {}
     if not isinstance(raw, dict):
         raise UserError(f"config file {p} must hold a mapping of sections (data, model, train, ...)")
     return raw

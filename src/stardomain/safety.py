@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import os
+import stat
 import re
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -78,6 +81,21 @@ def check_meta_factories(meta: dict, source: str) -> None:
     f = ((meta.get("data") or {}).get("config") or {}).get("factory")
     if f:
         check_factory(str(f), "data factory", source)
+
+
+def check_regular_file(path: str | Path, what: str = "") -> None:
+    """A file to read exists and is a regular file: a folder, a FIFO (reading it would wait forever), a
+    device or a link loop is one line."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        why = {errno.ENOENT: "no such file", errno.ELOOP: "a loop of symbolic links",
+               errno.ENOTDIR: "no such file (a part of the path is not a folder)"}.get(e.errno)
+        raise UserError(f"{what}{path}: {why or (e.strerror or str(e)).lower()}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what}{path}: no such file (it is a folder)")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{what}{path}: not a regular file (a FIFO, socket or device)")
 
 
 # ---- JSON from files: limits checked before json.loads ----

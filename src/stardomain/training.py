@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import load_state, save_state
-from .config import Config, OptimizerConfig, ScheduleConfig, StopConfig, TrainConfig
+from .config import RUN_GUARDS, Config, OptimizerConfig, ScheduleConfig, StopConfig, TrainConfig
 from .data import DataBundle, Split, batches, data_meta, get_dataset, num_batches, per_token
 from .engine import evaluate_module
 from .errors import UserError
@@ -91,7 +91,10 @@ def evaluate_splits(model: nn.Module, data: DataBundle, batch_size: int = 1000) 
 
 
 def config_digest(cfg: Config) -> str:
-    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+    """Identifies a run's resume state: the config without its RUN_GUARDS (config.result_identity)."""
+    guards = {g: True for g in RUN_GUARDS}
+    text = cfg.model_dump_json(exclude={"train": guards, "star": {"train": guards}})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def model_meta(cfg: Config, data: DataBundle, seed: int, role: str, *, device: str | torch.device | None = None,
@@ -258,6 +261,30 @@ class Hooks:
         return {} if self.stop is None else {"check": evaluate(model, split, batch_size)}
 
 
+def divergence(loss: float, first: float, factor: float | None) -> str | None:
+    """None while training is sane; else what the diverged line adds: '' for a NaN/inf loss, the bound for a
+    loss above `factor` times the run's first mini-batch loss (at least 1, so a run that starts near zero,
+    a star initialised from a source, is not stopped by an ordinary rise)."""
+    if not math.isfinite(loss):
+        return ""
+    if factor is not None and math.isfinite(first) and loss > factor * max(first, 1.0):
+        return (f" (the loss grew past {factor:g} times the first mini-batch's {first:.4g}; the bound is "
+                "train.divergence_factor)")
+    return None
+
+
+def _first_unless_diverged(loss: float, first: float | None, tc: TrainConfig, hooks: Hooks, epoch: int,
+                           bar: Progress) -> float:
+    """The run's first loss (the divergence reference); a loss past tc.divergence_factor times it stops
+    the run with hooks.diverged's line, like NaN."""
+    first = loss if first is None else first
+    grown = divergence(loss, first, tc.divergence_factor)
+    if grown is not None:
+        bar.close()
+        raise UserError(hooks.diverged(loss, epoch) + grown)
+    return first
+
+
 def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: str, hooks: Hooks, *,
         device: torch.device, state_path: str | Path | None = None, progress: bool | None = None,
         history: list[dict] | None = None) -> int:
@@ -275,10 +302,10 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
     sched = build_scheduler(opt, tc, steps)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and other global draws; restored below when resuming
-    start_epoch, n_step = 0, 0
+    start_epoch, n_step, first = 0, 0, None
     st = resume_training_state(state_path, digest, seed, model, opt, sched, gen, device)
     if st is not None:
-        start_epoch = st["epoch"]
+        start_epoch, first = st["epoch"], st.get("first_loss")
         n_step = st.get("step", start_epoch * steps)
         history[:] = list(st.get("fit_history") or [])
         warn_if_changed(st.get("runtime"), record(device), what=hooks.desc)
@@ -293,9 +320,7 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
                             drop_last=drop_last):
             opt.zero_grad(set_to_none=True)
             loss, right = hooks.step(x, y, n_step)
-            if not math.isfinite(loss):
-                bar.close()
-                raise UserError(hooks.diverged(loss, epoch))
+            first = _first_unless_diverged(loss, first, tc, hooks, epoch, bar)
             if tc.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
@@ -311,7 +336,7 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
                         **hooks.check(model, data.train, tc.eval_batch_size)})
         if state_path:
             save_training_state(state_path, digest, seed, epoch + 1, model, opt, sched, gen, device, step=n_step,
-                                fit_history=history, runtime=record(device), **hooks.state())
+                                fit_history=history, runtime=record(device), first_loss=first, **hooks.state())
         bar.update(epoch, loss_sum / max(1, seen), acc, end_of_epoch=True)  # once the epoch is safe
         hooks.saved(epoch + 1)
         hooks.logged(epoch, history[-1])

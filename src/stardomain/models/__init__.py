@@ -7,6 +7,7 @@ gets `in_shape`/`num_classes` only if its signature names them.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from typing import Callable
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from ..data import check_kwargs
 from ..errors import UserError
 from . import gpt as _gpt
 from . import vit as _vit
@@ -90,6 +92,8 @@ def build_model(cfg: ModelConfig | dict, in_shape: tuple[int, ...], num_classes:
                             "or give model.factory: 'package.module:function'")
         _check_inputs(cfg.name, tuple(in_shape), tokens)
         fn, extra, where = MODELS[cfg.name], {"in_shape": tuple(in_shape), "num_classes": num_classes}, f"model {cfg.name}"
+    check_kwargs(fn, cfg.kwargs, f"{where}: model.kwargs", reserved={"in_shape": "the data set",
+                                                                       "num_classes": "the data set"})
     kwargs = {**extra, **cfg.kwargs}
     try:
         if not cfg.factory:
@@ -114,6 +118,18 @@ def build_model(cfg: ModelConfig | dict, in_shape: tuple[int, ...], num_classes:
     if not isinstance(model, nn.Module):
         raise UserError(f"{where} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def resolved(model: dict) -> dict:
+    """A model section with a registered architecture's defaults filled in, so `{width: 16, depth: 1}` and
+    `{}` compare equal where those are the defaults. A user factory's section is returned as it is: its
+    code is not imported to read its signature (stardomain.safety)."""
+    fn = MODELS.get(model.get("name")) if not model.get("factory") else None
+    if fn is None or not isinstance(model.get("kwargs"), dict):
+        return model
+    defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                if k not in ("in_shape", "num_classes") and p.default is not inspect.Parameter.empty}
+    return {**model, "kwargs": json.loads(json.dumps({**defaults, **model["kwargs"]}, default=str))}
 
 
 def _first_line(e: BaseException) -> str:

@@ -6,11 +6,14 @@ import warnings
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 
-from ..checkpoint import build_from_meta, data_from_meta, read_model_file, read_pair, save_model
+from ..checkpoint import (ExampleInput, ExampleInputs, build_from_meta, data_from_meta, read_model_file, read_pair,
+                          save_model)
 from ..config import LEARNED_METHODS
 from ..data import first_inputs
 from ..errors import UserError
+from ..safety import check_regular_file
 from .alignment import CoverageWarning, MatchingOptions, align
 from .cache import spec_for
 from .capture import aliases_of
@@ -42,7 +45,7 @@ def data_batch(meta: dict, n: int = 512, source: str = "the model file") -> "tor
 
 def spec_file(path: str | Path) -> tuple[PermutationSpec, dict]:
     sd, meta = read_model_file(path)
-    return spec_for(build_from_meta(meta, str(path)), example_input(meta)), meta
+    return spec_for(build_from_meta(meta, str(path), weights=sd), example_input(meta)), meta
 
 
 def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, method: str = "weight",
@@ -54,7 +57,7 @@ def align_files(path_a: str | Path, path_b: str | Path, out: str | Path, *, meth
     align only one role's groups (permute.variants). method "ste" or "sinkhorn" learns on A's data set's
     train split (settings `learned`, recorded under "settings")."""
     sd_a, meta_a, sd_b, meta_b = read_pair(path_a, path_b, "align")
-    model = build_from_meta(meta_a, str(path_a))
+    model = build_from_meta(meta_a, str(path_a), weights=sd_a)
     x = example_input(meta_a)
     if strict:
         problems = spec_for(model, x).problems()
@@ -88,14 +91,19 @@ def _example_from_spec(spec: dict, n: int, seed: int = 0) -> dict[str, torch.Ten
     (integers uniform in [0, high), floats standard normal)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, s in spec.items():
-        shape = (n, *[int(d) for d in s["shape"]])
-        dtype = getattr(torch, s.get("dtype", "float32"))
+    for name, raw in spec.items():
+        s = ExampleInput.model_validate(raw)  # the file's schema checked it; an API caller's dict too
+        shape = (n, *s.shape)
+        dtype = getattr(torch, s.dtype)  # one of EXAMPLE_DTYPES
         if dtype.is_floating_point:
             out[name] = torch.randn(shape, generator=g).to(dtype)
         else:
-            out[name] = torch.randint(int(s.get("low", 0)), int(s.get("high", 2)), shape, generator=g).to(dtype)
+            out[name] = torch.randint(s.low, s.high, shape, generator=g).to(dtype)
     return out
+
+
+class _Examples(BaseModel):
+    example: ExampleInputs
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -107,12 +115,15 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     pickled = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
+        for f in files:
+            check_regular_file(f)  # a link loop or a FIFO named *.safetensors: one line
         if not files:
             if any(p.suffix in pickled for p in path.iterdir()):
                 raise UserError(f"{path}: only pickled weights (.bin/.pt) here; stardomain never unpickles files "
                                 "(save them with safetensors, e.g. save_pretrained(..., safe_serialization=True))")
             raise UserError(f"{path}: no *.safetensors file in this folder")
-    elif path.is_file():
+    elif path.exists() or path.is_symlink():
+        check_regular_file(path)
         if path.suffix in pickled:
             raise UserError(f"{path}: pickled weights are refused (stardomain never unpickles files); convert them "
                             "with safetensors.torch.save_file")
@@ -201,15 +212,17 @@ def import_weights(weights: str | Path, factory: str, kwargs: dict, data: dict |
     the data set's description for metadata), so spec, align, barrier and bma read it. `example`:
     the model's keyword inputs when it does not take images ({"input_ids": {"shape": [16], "dtype":
     "int64", "high": vocab}}), stored in the metadata and used for capture and checks. -> metadata."""
-    from ..config import DataConfig, ModelConfig
+    from ..config import DataConfig, ModelConfig, validate
     from ..data import data_meta, get_dataset
     from ..models import build_model
 
     weights = Path(weights)
+    mcfg = validate(ModelConfig, {"factory": factory, "kwargs": kwargs}, "--model-factory/--kwargs")
+    dcfg = validate(DataConfig, {"name": data} if isinstance(data, str) else data, "--data")
+    if example is not None:
+        example = validate(_Examples, {"example": example}, "--example").model_dump()["example"]
     sd, files = _read_weights(weights)
-    dcfg = DataConfig(name=data) if isinstance(data, str) else DataConfig.model_validate(data)
     bundle = get_dataset(dcfg)
-    mcfg = ModelConfig(factory=factory, kwargs=kwargs)
     model = build_model(mcfg, bundle.input_shape, bundle.num_classes, tokens=bundle.sequence)
     fitted = _fit(model, sd, str(weights))
     model.load_state_dict(fitted)

@@ -10,10 +10,12 @@ artifacts of the run that holds it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shlex
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -28,8 +30,16 @@ LOCK_NAME = ".lock"
 def study_lock(root: str | Path, command: str | None = None) -> Iterator[Path]:
     """Hold the study folder's lock for the block; a UserError naming the holder if another process has it."""
     path = Path(root) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's line must survive
+    try:  # no O_TRUNC: the holder's line must survive; no links followed: the lock is truncated below, and
+        # a link planted in a shared folder must not empty its target (O_NONBLOCK: a FIFO does not hang)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        why = "is a symbolic link" if e.errno == errno.ELOOP else (e.strerror or str(e)).lower()
+        raise UserError(f"study folder {root}: its lock file {path} {why}; a study's lock is a plain file it "
+                        "creates itself (remove it if you know what it is)") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"study folder {root}: its lock file {path} is not a regular file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from .. import pairkinds
-from ..config import LEARNED_METHODS, SEED_BLOCK, Config, TrainConfig, validate
+from ..config import LEARNED_METHODS, SEED_BLOCK, Config, TrainConfig, result_identity, validate
 from ..errors import UserError
 from ..safety import config_factories
 
@@ -126,8 +126,8 @@ class _Builder:
         return f"models/{self.tasks[key].params['name']}.safetensors"
 
     def train(self, cfgd: dict, seed: int, role: str, idx: int, tag: str) -> str:
-        ident = {"op": "train", "v": CACHE_VERSION, "config": _ident_cfg(_model_cfg(cfgd, _REGULAR)), "seed": seed,
-                 "role": role}
+        ident = {"op": "train", "v": CACHE_VERSION, "config": _ident_cfg(result_identity(_model_cfg(cfgd, _REGULAR))),
+                 "seed": seed, "role": role}
         key = key_of(ident)
         name = f"{role}{tag}-s{seed}-{key[:12]}"
         return self._add(Task(key, "train", f"{role} {idx}{tag}", {"config": _model_cfg(cfgd, _REGULAR), "seed": seed,
@@ -143,8 +143,8 @@ class _Builder:
 
     def star(self, cfgd: dict, sources: list[str], tag: str, j: int, label: str) -> str:
         seed = model_seed(self.st.seed, "star", j)
-        ident = {"op": "star", "v": CACHE_VERSION, "config": _ident_cfg(_model_cfg(cfgd)), "seed": seed,
-                 "sources": sources}
+        ident = {"op": "star", "v": CACHE_VERSION, "config": _ident_cfg(result_identity(_model_cfg(cfgd))),
+                 "seed": seed, "sources": sources}
         key = key_of(ident)
         name = f"star{tag}-{key[:12]}"
         return self._add(Task(key, "star", label, {

@@ -16,8 +16,9 @@ from ..config import STUDY_SEED_MAX, Config
 from ..errors import UserError
 from ..utils import round_floats
 from ..verdict import combined
+from .folder import check_study_folder, mark_study_folder
 
-MARK = "replicates.json"  # what makes OUT a replicated-study folder (study.check_study_folder accepts it)
+MARK = "replicates.json"  # the seeds a replicated-study folder holds (the folder carries the study mark too)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -38,11 +39,10 @@ def parse_seeds(text: str) -> list[int]:
 def run_replicates(cfg: Config, out: str | Path, seeds: Sequence[int], *, run_one, force: bool = False) -> dict:
     """Run the study once per seed (`run_one(cfg, folder)`, i.e. study.run_study) into OUT/seed-<s>/ and
     combine. -> {"seeds", "headline", "verdict_line", "replicates"} (also written to OUT/combined.json)."""
-    from . import check_study_folder
-
     root = Path(out)
     check_study_folder(root, force)
     root.mkdir(parents=True, exist_ok=True)
+    mark_study_folder(root)
     atomic_write_json(root / MARK, {"seeds": list(seeds)})
     results = []
     for s in seeds:

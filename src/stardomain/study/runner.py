@@ -10,9 +10,9 @@ from pathlib import Path
 from ..checkpoint import atomic_write_json
 from ..config import Config
 from ..data import get_dataset
-from ..errors import UserError
 from ..report import write_report
 from .executors import get_executor
+from .folder import check_study_folder, mark_study_folder
 from .lock import study_lock
 from .plan import Plan, build_plan
 from .results import collect
@@ -29,19 +29,6 @@ def _timing_table(plan: Plan, root: Path) -> dict:
     return {"tasks": out, "total_seconds_by_op": by_op}
 
 
-_STUDY_MARKS = ("plan.json", ".lock", "results.json", "replicates.json")
-
-
-def check_study_folder(root: Path, force: bool = False) -> None:
-    """The study folder is DIR itself: refuse a file, and a non-empty folder that is not a study folder
-    (a run writes report.md, plots/, ... into it) unless `force`."""
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--out {root} is a file; a study writes a folder (give a folder path)")
-    if not force and root.is_dir() and any(root.iterdir()) and not any((root / m).exists() for m in _STUDY_MARKS):
-        raise UserError(f"--out {root} is a folder with other files in it, not a study folder; choose another "
-                        "--out or pass --force to write the study into it")
-
-
 def run_study(cfg: Config, out: str | Path, *, executor: str = "local", ray_address: str | None = None,
               progress: bool | None = None, report: bool = True, num_workers: int | None = None,
               force: bool = False) -> dict:
@@ -53,6 +40,7 @@ def run_study(cfg: Config, out: str | Path, *, executor: str = "local", ray_addr
     root = Path(out)
     check_study_folder(root, force)
     root.mkdir(parents=True, exist_ok=True)
+    mark_study_folder(root)
     with study_lock(root):
         return _run_locked(cfg, plan, ex, executor, root, progress, report)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -53,10 +54,15 @@ def _timings(obj: Any, prefix: str = "") -> dict[str, float]:
 
 
 def _read_json(path: Path) -> dict | None:
+    """A record of the study folder; None when it is missing, unreadable or not a regular file (a FIFO
+    planted in a shared folder is not waited on)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        if not path.is_file():
+            return None
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return obj if isinstance(obj, dict) else None
 
 
 def is_done(task: Task, root: Path, plan_tasks: dict[str, Task] | None = None) -> bool:
@@ -65,12 +71,29 @@ def is_done(task: Task, root: Path, plan_tasks: dict[str, Task] | None = None) -
     if rec is None or rec.get("key") != task.key:
         return False
     if task.op in _MODEL_OPS:
-        return (root / f"models/{task.params['name']}.safetensors").is_file()
+        return _model_intact(root / f"models/{task.params['name']}.safetensors", rec.get("sha256"))
     if task.op == "pair" and plan_tasks is not None:
         for side, dep in zip("ab", task.deps):
             side_rec = _read_json(root / plan_tasks[dep].output) if dep in plan_tasks else None
             if side_rec is None or side_rec.get("sha256") != rec.get(f"sha256_{side}"):
                 return False
+    return True
+
+
+def _model_intact(path: Path, sha256: str | None) -> bool:
+    """A finished model file is reused only if it still verifies (its digest and weights' sha256) and is
+    the one its marker recorded; otherwise it is rebuilt, and stderr says why."""
+    if not path.is_file():
+        return False
+    try:
+        _, meta = read_model_file(path)
+    except UserError as e:
+        print(f"warning: {e}; rebuilding it", file=sys.stderr)
+        return False
+    if meta["sha256"] != sha256:
+        print(f"warning: {path} is not the model its task recorded (sha256 {str(sha256)[:12]}...); rebuilding it",
+              file=sys.stderr)
+        return False
     return True
 
 
@@ -115,7 +138,11 @@ def _model_task(task: Task, root: Path, make: Callable[[dict, Path], dict],
     not at all), else `make(params, out) -> metadata`; then write the marker that says the task is done."""
     out = root / f"models/{task.params['name']}.safetensors"
     t0 = time.perf_counter()
-    meta = _existing_model(out) or make(task.params, out)
+    meta = _existing_model(out)
+    done = _read_json(root / task.output) or {}
+    if meta is not None and done.get("key") == task.key and meta["sha256"] != done.get("sha256"):
+        meta = None  # a valid model file, but not the one this task made: rebuilt
+    meta = meta or make(task.params, out)
     _finish_model(task, root, meta, info=info(meta), seconds=time.perf_counter() - t0)
 
 
@@ -186,7 +213,7 @@ def _run_pair(task: Task, root: Path) -> None:
     sd_a, meta_a, sd_b, meta_b = read_pair(root / p["a"], root / p["b"])
     data = sample_examples(data_from_meta(meta_a, str(root / p["a"])), ev.get("examples"), p["seed"])
     device = resolve_device(p.get("device", "auto"))
-    model = build_from_meta(meta_a, str(root / p["a"])).to(device)
+    model = build_from_meta(meta_a, str(root / p["a"]), weights=sd_a).to(device)
     settings = BarrierSettings(points=ev["points"], align=ev.get("variant", ev["align"]), seed=p["seed"],
                                bn_batches=ev["bn_batches"], temperature=ev.get("temperature", False),
                                temperature_fraction=ev.get("temperature_fraction", 0.2),
