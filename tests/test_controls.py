@@ -212,7 +212,8 @@ def test_cli_prints_the_verdict_line_first(controls_run):
 
 
 def test_no_interval_with_two_heldouts():
-    star = [{"b": "h0", "barrier": {"train_loss": 0.1}}, {"b": "h1", "barrier": {"train_loss": 0.2}}]
+    star = [{"a": "star", "b": "h0", "barrier": {"train_loss": 0.1}},
+            {"a": "star", "b": "h1", "barrier": {"train_loss": 0.2}}]
     reg = [{"a": s, "b": h, "barrier": {"train_loss": v}}
            for s, row in (("s0", (1.0, 1.2)), ("s1", (0.8, 1.0))) for h, v in zip(("h0", "h1"), row)]
     res = {"pairs": {"star_heldout": star, "regular_regular": reg}}

@@ -71,14 +71,19 @@ def _inf(sd):
     return sd
 
 
+def _flatten_a_matrix(sd):
+    """One weight matrix flattened (a file's tensor order is not fixed: pick by name, not by position)."""
+    k = min(k for k, v in sd.items() if v.dim() >= 2)
+    return {**sd, k: sd[k].reshape(-1)}
+
+
 WEIGHTS = {
     "nan": (_nan, ["NaN or infinite"]),
     "inf": (_inf, ["NaN or infinite"]),
     "float64": (lambda sd: {k: v.double() for k, v in sd.items()}, ["float64", "float32"]),
     "extra": (lambda sd: {**sd, "bogus": torch.ones(3)}, ["unexpected 'bogus'"]),
     "missing": (lambda sd: dict(list(sd.items())[1:]), ["missing"]),
-    "reshaped": (lambda sd: {k: (v.reshape(-1) if i == 0 else v) for i, (k, v) in enumerate(sd.items())},
-                 ["other shape"]),
+    "reshaped": (_flatten_a_matrix, ["other shape"]),
     "float16": (lambda sd: {k: v.half() for k, v in sd.items()}, ["other dtype"]),
     "float8": (lambda sd: {**sd, next(iter(sd)): torch.zeros_like(next(iter(sd.values())), dtype=torch.float8_e4m3fn)},
             ["float8"]),
