@@ -130,8 +130,10 @@ class Candidates:
         self.x, self.y = _sample(split, cfg.select_examples, seed + 1)
         self.ts = (0.5,) if cfg.loss_at == "midpoint" else (0.25, 0.5, 0.75)
         self.chunk, self.skip = cfg.batch_size, _tied(model)
-        ends = [self._loss(sd_b, t) for t in (0.0, 1.0)]  # B's loss does not depend on its permutation
-        self.chord = [(1 - t) * ends[0] + t * ends[1] for t in self.ts]
+        # Each candidate's chord ends at its own permuted B: B's loss does not depend on the permutation in
+        # exact arithmetic, but in float it differs in the last bits, enough to rank a permuted copy's exact
+        # inverse (barrier 0) behind a wrong candidate whose midpoint dips below the chord.
+        self.loss_a = self._loss(sd_b, 0.0)
         self.seen: dict[tuple, float] = {}
         self.best, self.best_barrier, self.first_barrier = None, float("inf"), None
 
@@ -149,7 +151,8 @@ class Candidates:
         if key in self.seen:
             return self.seen[key]
         sd_p = apply_permutation(self.spec, self.sd_b, perm)
-        barrier = max(0.0, *(self._loss(sd_p, t) - c for t, c in zip(self.ts, self.chord)))
+        loss_b = self._loss(sd_p, 1.0)
+        barrier = max(0.0, *(self._loss(sd_p, t) - ((1 - t) * self.loss_a + t * loss_b) for t in self.ts))
         self.seen[key] = barrier
         if self.first_barrier is None:
             self.first_barrier = barrier
