@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from stardomain import api
-from stardomain.config import Config, load_config, validate
+from stardomain.config import Config, deep_merge, load_config, validate
 from stardomain.errors import UserError
 
 TINY = {"data": {"name": "digits"}, "model": {"name": "mlp", "kwargs": {"width": 8}},
@@ -81,11 +81,6 @@ def _nested(key: str, value) -> dict:
     return out
 
 
-def _merged(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 HOSTILE = [(key, _past(kind, lo, hi, strict)) for key, kind, lo, hi, strict in SETTINGS if hi is not None]
@@ -104,7 +99,7 @@ HOSTILE += [("star.align_every", 10**10), ("star.align_every", 0), ("study.sweep
 
 @pytest.mark.parametrize("key,value", HOSTILE, ids=[f"{k}={str(v)[:20]}" for k, v in HOSTILE])
 def test_a_hostile_value_is_refused_when_read_the_same_three_ways(key, value, tmp_path):
-    raw = _merged(TINY, _nested(key, value))
+    raw = deep_merge(TINY, _nested(key, value))
     first = key.split(".")[-1] if key != "study.heldout_train" else "heldout_train"
     with pytest.raises(UserError) as api_err:
         validate(Config, raw)
@@ -152,7 +147,7 @@ CLI_CASES = [(k, v) for k, v in HOSTILE if k.startswith(("study.", "train.epochs
 @pytest.mark.parametrize("key,value", CLI_CASES[::3], ids=[f"{k}={str(v)[:20]}" for k, v in CLI_CASES[::3]])
 def test_run_refuses_before_any_model_trains(key, value, tmp_path, monkeypatch, capsys, no_work):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(_merged(TINY, _nested(key, value))))
+    cfg.write_text(yaml.safe_dump(deep_merge(TINY, _nested(key, value))))
     code, _, err = clitools.run_cli(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "study")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "internal error" not in err, err
     assert not (tmp_path / "study").exists()
@@ -236,6 +231,6 @@ def test_data_kwargs_of_mnist_which_takes_none(no_work):
 def test_sweep_n_sources_zero_is_refused_before_training(tmp_path, monkeypatch, capsys, no_work):
     """The issue's case: everything trained, then a message about an option run does not have."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(_merged(TINY, {"study": {"sweeps": {"n_sources": [0]}}})))
+    cfg.write_text(yaml.safe_dump(deep_merge(TINY, {"study": {"sweeps": {"n_sources": [0]}}})))
     code, _, err = clitools.run_cli(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "s")
     assert code == 2 and "study.sweeps.n_sources" in err and "--sources" not in err, err

@@ -6,6 +6,7 @@ Later capabilities add their own sections (star, eval, bma, study) to `Config`.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import reprlib
@@ -317,7 +318,7 @@ class Config(Section):
         over = self.study.heldout_train
         if over:
             try:
-                TrainConfig.model_validate(_merged(self.train.model_dump(), over))
+                TrainConfig.model_validate(deep_merge(self.train.model_dump(), over))
             except ValidationError as e:
                 raise ValueError(f"study.heldout_train: {format_validation_error(e, cls=TrainConfig)}") from None
         return self
@@ -343,10 +344,11 @@ def result_identity(cfg: dict) -> dict:
     return out
 
 
-def _merged(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` laid on `base`, nested dicts merged key by key (copies: neither input is changed)."""
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from .. import pairkinds
-from ..config import LEARNED_METHODS, SEED_BLOCK, Config, TrainConfig, result_identity, validate
+from ..config import LEARNED_METHODS, SEED_BLOCK, Config, TrainConfig, deep_merge, result_identity, validate
 from ..errors import UserError
 from ..safety import config_factories
 
@@ -72,13 +72,6 @@ class Plan:
 
     def to_json(self) -> dict:
         return {"tasks": [asdict(t) for t in self.tasks], "layout": self.layout}
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def _model_cfg(cfg: dict, sections: Sequence[str] = ("data", "model", "train", "star")) -> dict:
