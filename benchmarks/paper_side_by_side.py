@@ -173,6 +173,7 @@ def part_row(pairs: dict, regular_losses: dict, stars: list[dict], headline: dic
     med = regular_losses["median"]
     star_rows = [{"label": s.get("label"), "seed": s.get("seed"), "train_loss": s["metrics"]["train"]["loss"],
                   "test_acc": s["metrics"]["test"]["acc"], "fit_ratio": s["metrics"]["train"]["loss"] / med,
+                  "fit_met": (s.get("fit") or {}).get("reached"),
                   **own.get(s.get("label"), {})} for s in stars]
     return {"regular_regular": float(rr.mean()), "star_heldout": float(sh.mean()),
             "ratio": float(sh.mean() / rr.mean()),
@@ -330,6 +331,9 @@ def _epochs(r: dict) -> str:
             f"stars {', '.join(map(str, e['stars']))}")
 
 
+MET = {True: " ✓", False: " ✗"}  # a star's stop rule (fit-matched) met, or stopped at the cap
+
+
 def tables(result: dict) -> list[str]:
     lines = []
     for part, rows in result["parts"].items():
@@ -343,7 +347,8 @@ def tables(result: dict) -> list[str]:
         for w, r in rows.items():
             f = r["regular_train_loss"]
             per = ", ".join(f"{s['ratio']:.2f}" for s in r.get("stars", []) if s.get("ratio") is not None) or "—"
-            star = ", ".join(f"{s['train_loss']:.4f}" for s in r.get("stars", [])) or f"{r['star_train_loss_median']:.4f}"
+            star = (", ".join(f"{s['train_loss']:.4f}{MET.get(s.get('fit_met'), '')}" for s in r.get("stars", []))
+                    or f"{r['star_train_loss_median']:.4f}")
             lines.append(f"| {w} | {r['regular_regular']:.4f} | {r['star_heldout']:.4f} | **{r['ratio']:.2f}** "
                          f"{_ci(r.get('ratio_ci95'))} | {per} | {f['median']:.4f} ({f['min']:.4f}–{f['max']:.4f}) | "
                          f"{star} ({r['fit_ratio']:.2f}×) | {_epochs(r)} |")
@@ -365,7 +370,8 @@ def write_report(result: dict, out: Path) -> None:
             f"`{src['files']['4'].replace('_4.yaml', '_*.yaml')}`. Ours: {DESIGN['n_sources']} sources, "
             f"{DESIGN['n_heldouts']} held-outs per width; stars: as many as a row's per-star ratios. "
             "Training-loss barriers after weight matching, 11 points; intervals: the study's own bootstrap "
-            "over the models (sources and held-outs, and stars where there are several).", ""] + tables(result)
+            "over the models (sources and held-outs, and stars where there are several). Star training losses: ✓ the "
+            "star met its fit rule (its sources' median), ✗ it stopped at the cap without meeting it.", ""] + tables(result)
     atomic_write_text(out / "report.md", head + "\n\n" + "\n".join(body) + "\n")
 
 
