@@ -4,8 +4,10 @@ For the zoo's models and small stand-ins written here in the shapes of third-par
 (RegNetY, ResNeXt, DPN, PNASNet, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier; nothing is
 downloaded), prints the spec's permutable share (spec.permutable_fraction(): the permuted share of
 the parameter axes that carry hidden units), the share of parameters in a tensor with at least one
-permuted axis, the number of groups, the distinct reasons for what stays pinned, and the seconds to
-derive the spec (one run, after a warm-up).
+permuted axis, the number of groups, the distinct reasons for what stays pinned, the seconds to
+derive the spec (one run, after a warm-up), and whether weight matching finds a planted permutation:
+a seeded random legal permutation of the model's own weights, matched back against the original (yes:
+the permutation's inverse exactly, distance 0; else the distance left, relative to the distance before).
 
     .venv/bin/python benchmarks/align_coverage.py
 """
@@ -19,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stardomain.models import build_model
-from stardomain.permute import spec_from_model
+from stardomain.permute import (apply_permutation, distance, inverse, random_permutation, spec_from_model,
+                                weight_matching)
 
 
 def _cbr(i, o, k=1, groups=1, stride=1):
@@ -162,10 +165,25 @@ def _touched(spec) -> float:
     return sum(size[t] for t in touched) / max(1, sum(size.values()))
 
 
+def _planted(spec, model) -> str:
+    """Weight matching of a randomly permuted copy back onto the model: 'yes' if it returns the inverse."""
+    if not spec.groups:
+        return "-"
+    sd = model.state_dict()
+    p = random_permutation(spec, torch.Generator().manual_seed(1))
+    sp = apply_permutation(spec, sd, p)
+    q, _ = weight_matching(spec, sd, sp)
+    if all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups):
+        return "yes"
+    before = distance(sd, sp, spec.parameters)
+    return f"no ({distance(sd, apply_permutation(spec, sp, q), spec.parameters) / max(before, 1e-30):.2f})"
+
+
 def main() -> None:
     torch.manual_seed(0)
-    print("| model | parameters | permutable share | parameters touched | groups | seconds | pinned because |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| model | parameters | permutable share | parameters touched | groups | seconds | planted found | "
+          "pinned because |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
     for name, make in CASES.items():
         model, x = make()
         model.eval()
@@ -177,7 +195,7 @@ def main() -> None:
                           if not r.startswith(("model output", "model input"))})
         n = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {n:,} | {100 * spec.permutable_fraction():.1f}% | {100 * _touched(spec):.1f}% | "
-              f"{len(spec.groups)} | {secs:.2f} | {'; '.join(reasons)[:240] or '-'} |")
+              f"{len(spec.groups)} | {secs:.2f} | {_planted(spec, model)} | {'; '.join(reasons)[:240] or '-'} |")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from stardomain.permute import (align, apply_permutation, distance, inverse, random_permutation, spec_from_model,
                                 weight_matching)
-from stardomain.permute.rules.layers import GROUPED_INPUTS
+from stardomain.permute.rules.common import GROUPED_INPUTS
+from stardomain.permute.spec import Member
 
 
 class TextCNN(nn.Module):
@@ -214,11 +215,122 @@ def test_grouped_convolution_moves_whole_groups_and_units_within(se):
     inner = next(g for g in spec.groups.values() if any(mm.tensor == "b.weight" and mm.axis == 0 for mm in g.members))
     outer = spec.groups[inner.couple]  # the grouped convolution's inputs: the 1x1 conv's outputs
     assert inner.heads == outer.heads == 3 and outer.couple == inner.name
-    assert outer.head_only and not inner.head_only and inner.role == outer.role == "mlp"
+    assert not outer.head_only and not inner.head_only and inner.role == outer.role == "mlp"
     assert any(mm.tensor == "a.weight" and mm.axis == 0 for mm in outer.members)
-    # all that stays pinned: the grouped weight's input axis (units within a group keep their order)
-    pinned = [u for u in spec.unpermuted if not u.reason.startswith("model output")]
-    assert [(u.axes, u.reason) for u in pinned] == [([["b.weight", 1, 0, 0]], GROUPED_INPUTS)]
+    # the grouped weight's input axis: the inputs' units within a group, one order per block of rows
+    assert Member("b.weight", 1, by=0) in outer.members
+    assert not [u for u in spec.unpermuted if not u.reason.startswith("model output")]
+    assert spec.permutable_fraction() == 1.0
+
+
+def _grouped_pair(groups=2, per_in=3, per_out=2, seed=0):
+    """1x1 conv -> grouped 3x3 -> linear: the grouped weight's input axis holds one group's units."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, groups * per_in, 1), nn.ReLU(),
+                         nn.Conv2d(groups * per_in, groups * per_out, 3, padding=1, groups=groups), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(groups * per_out * 16, 2))
+
+
+@settings(max_examples=10, deadline=None)
+@given(groups=st.integers(2, 4), per_in=st.integers(1, 4), per_out=st.integers(1, 4), seed=st.integers(0, 100))
+def test_grouped_sides_of_any_widths_are_recovered(groups, per_in, per_out, seed):
+    """Random group counts and widths on each side (depthwise with a channel multiplier at per_in 1): a
+    planted permutation (groups swapped, units reordered within them on both sides) is found exactly."""
+    _round_trip(_grouped_pair(groups, per_in, per_out, seed), torch.randn(2, 3, 4, 4), seed)
+
+
+@pytest.mark.parametrize("init", ["informed", "identity", "sorted"])
+def test_grouped_planted_permutation_is_found_from_every_start(init):
+    m, x = _grouped_pair(3, 2, 4, 1), torch.randn(2, 3, 4, 4)
+    spec = spec_from_model(m, x)
+    sd = _noisy(m, 1)
+    p = random_permutation(spec, torch.Generator().manual_seed(2))
+    q, _ = weight_matching(spec, sd, apply_permutation(spec, sd, p), init=init)
+    assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups)
+
+
+def test_grouped_convolution_under_the_other_methods():
+    """Sinkhorn's soft application at permutation matrices is the permutation (the within-group axis goes
+    through the weight's dense form), and activation matching finds a planted permutation."""
+    from stardomain.permute import activation_matching
+    from stardomain.permute.sinkhorn import one_hot, soft_apply
+
+    m = _bn_noisy(ResNeXtBlock(width=12, groups=3), 3)
+    x = torch.randn(8, 3, 6, 6)
+    spec = spec_from_model(m, x)
+    sd = _noisy(m, 3)
+    p = random_permutation(spec, torch.Generator().manual_seed(4))
+    sp = apply_permutation(spec, sd, p)
+    soft = soft_apply(spec, sd, {k: one_hot(v, torch.float32) for k, v in p.items()})
+    assert all(torch.equal(sp[k], soft[k]) for k in sd if sd[k].is_floating_point())
+    q, _ = activation_matching(spec, m, sd, sp, x)
+    assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups)
+
+
+def test_grouped_convolution_golden():
+    """Hand-written: groups (0 1 2)(3 4 5) of the inputs become (4 3 5)(2 0 1) (the groups swapped, units
+    reordered within each), so the outputs' groups (0 1)(2 3) swap too, here as (3 2)(0 1); the weight's
+    rows follow the outputs and each row's input taps follow its own group's order."""
+    m = _grouped_pair()
+    x = torch.randn(2, 3, 4, 4)
+    spec = spec_from_model(m, x)
+    gin = next(k for k, g in spec.groups.items() if any(mm.tensor == "0.weight" for mm in g.members))
+    gout = spec.groups[gin].couple
+    p = {gin: torch.tensor([4, 3, 5, 2, 0, 1]), gout: torch.tensor([3, 2, 0, 1])}
+    sd = {k: v.double() for k, v in m.state_dict().items()}
+    sp = apply_permutation(spec, sd, p)
+    w = sd["2.weight"]  # (4, 3, 3, 3): rows 0, 1 read inputs 0-2; rows 2, 3 read inputs 3-5
+    expected = torch.stack([w[3][[1, 0, 2]], w[2][[1, 0, 2]], w[0][[2, 0, 1]], w[1][[2, 0, 1]]])
+    assert torch.equal(sp["2.weight"], expected)
+    assert torch.equal(sp["0.weight"], sd["0.weight"][[4, 3, 5, 2, 0, 1]])
+    ref = _out64(m, sd, x)
+    assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
+
+
+def test_grouped_convolution_permutations_outside_the_rule_change_the_function():
+    """What the rule forbids does change the function: a unit moved to another group (the inputs'
+    permutation not block-structured), or the inputs reordered within a group while the weight's input
+    axis keeps its order (or follows another group's order)."""
+    m = _grouped_pair()
+    x = torch.randn(2, 3, 4, 4)
+    sd = {k: v.double() for k, v in _noisy(m, 0).items()}
+    ref = _out64(m, sd, x)
+
+    def changed(sp):
+        return (ref - _out64(m, sp, x)).abs().max() > 1e-6 * ref.abs().max()
+
+    across = [0, 1, 3, 2, 4, 5]  # unit 2 of group 0 swapped with unit 0 of group 1, the weight's taps alike
+    sp = {**sd, "0.weight": sd["0.weight"][across], "0.bias": sd["0.bias"][across]}
+    sp["2.weight"] = sd["2.weight"].clone()
+    sp["2.weight"][:, [2, 0]] = sd["2.weight"][:, [0, 2]]
+    assert changed(sp)
+    within = [1, 0, 2, 3, 4, 5]  # group 0's units 0, 1 swapped
+    sp = {**sd, "0.weight": sd["0.weight"][within], "0.bias": sd["0.bias"][within]}
+    assert changed(sp)  # the weight's input axis left as it was
+    sp["2.weight"] = sd["2.weight"][:, [1, 0, 2]]  # every row's taps swapped: wrong for group 1's rows
+    assert changed(sp)
+    sp["2.weight"] = torch.cat([sd["2.weight"][:2, [1, 0, 2]], sd["2.weight"][2:]])  # the rule's answer
+    assert not changed(sp)
+
+
+def test_grouped_convolution_reading_its_own_output_keeps_the_order_within_groups():
+    """x + grouped(x): the weight's rows and its inputs are one group, so the within-group order would
+    meet itself on both axes; it is kept (whole groups still move) and said, and the function is kept."""
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.g, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.fc(torch.relu(h + self.g(h)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    spec = _round_trip(Residual(), torch.randn(2, 3, 5, 5))
+    (g,) = spec.groups.values()
+    assert g.heads == 2 and g.head_only
+    assert [(u.axes, u.reason) for u in spec.unpermuted if u.reason == GROUPED_INPUTS] == [
+        ([["g.weight", 1, 0, 4]], GROUPED_INPUTS)]
 
 
 def test_grouped_convolution_of_the_raw_input_stays_pinned():
@@ -272,7 +384,7 @@ def digits_resnext(in_shape, num_classes):
 
 @pytest.mark.parametrize("factory, shown", [("digits_lstm", "body.l1_reverse [mlp]: size 6"),
                                              ("digits_textcnn", "body [mlp]: size 5: body.weight[0]"),
-                                             ("digits_resnext", "b.weight[1]: " + GROUPED_INPUTS)])
+                                             ("digits_resnext", "b.weight[1] per block of [0]")])
 def test_spec_cli_reports_the_new_groups(tmp_path, factory, shown):
     from safetensors.torch import save_file
     from test_permute_cli import run
@@ -284,6 +396,6 @@ def test_spec_cli_reports_the_new_groups(tmp_path, factory, shown):
     out = run("spec", model, "--allow-factory", f"test_permute_coverage:{factory}").stdout
     assert shown in out
     if factory == "digits_resnext":  # the grouped convolution's coupled blocks
-        assert "4 heads (whole heads only) coupled with b" in out and "size 8, 4 heads coupled with a" in out
-    else:
-        assert "100.0% of the parameter axes" in out
+        assert "size 8, 4 heads coupled with b" in out and "size 8, 4 heads coupled with a" in out
+    assert "100.0% of the parameter axes" in out
+
