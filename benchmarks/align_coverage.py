@@ -1,9 +1,9 @@
 """Alignment coverage: how much of each architecture the permutation spec can permute.
 
 For the zoo's models and small stand-ins written here in the shapes of third-party architectures
-(RegNetY, ResNeXt, DPN, PNASNet, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier; nothing is
-downloaded), prints the spec's permutable share (spec.permutable_fraction(): the permuted share of
-the parameter axes that carry hidden units), the share of parameters in a tensor with at least one
+(RegNetY, ResNeXt, DPN, PNASNet, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier, timm's ViT
+attention; nothing is downloaded), prints the spec's permutable share (spec.permutable_fraction(): the
+permuted share of the parameter axes that carry hidden units), the share of parameters in a tensor with at least one
 permuted axis, the number of groups, the distinct reasons for what stays pinned, the seconds to
 derive the spec (one run, after a warm-up), and whether weight matching finds a planted permutation:
 a seeded random legal permutation of the model's own weights, matched back against the original (yes:
@@ -132,6 +132,50 @@ class LSTMClassifier(nn.Module):
         return self.fc(out[:, -1])
 
 
+class TimmAttention(nn.Module):
+    """timm's Attention: fused qkv Linear, reshape to heads, permute, unbind, LayerNorm over each head's
+    units (qk_norm), F.scaled_dot_product_attention, heads transposed back, output projection."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.LayerNorm(self.hd), nn.LayerNorm(self.hd)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), TimmAttention(dim, heads), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TimmViT(nn.Module):
+    """timm's VisionTransformer in miniature (patch embedding, class token, qk_norm blocks)."""
+
+    def __init__(self, dim=64, heads=4, depth=2, classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.cls, self.pos = nn.Parameter(torch.zeros(1, 1, dim)), nn.Parameter(torch.zeros(1, 17, dim))
+        self.blocks = nn.Sequential(*[TimmBlock(dim, heads) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
 def _zoo(name, **kw):
     return lambda: (build_model({"name": name, "kwargs": kw}, (3, 32, 32), 10), torch.randn(2, 3, 32, 32))
 
@@ -154,6 +198,7 @@ CASES = {
     "ShuffleNetV2-shaped (split, shuffle)": lambda: (Net(32, [ShuffleUnit(32) for _ in range(3)], 32), IMG),
     "TextCNN (AG-News-shaped)": lambda: (TextCNN(), TOKENS),
     "LSTM classifier (2 layers, bidirectional)": lambda: (LSTMClassifier(), TOKENS),
+    "timm-shaped ViT (fused qkv, qk_norm, SDPA)": lambda: (TimmViT(), IMG),
 }
 
 

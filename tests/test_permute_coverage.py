@@ -399,3 +399,99 @@ def test_spec_cli_reports_the_new_groups(tmp_path, factory, shown):
         assert "size 8, 4 heads coupled with b" in out and "size 8, 4 heads coupled with a" in out
     assert "100.0% of the parameter axes" in out
 
+
+class TimmAttention(nn.Module):
+    """Attention written as timm writes it: one fused qkv Linear, reshape to (3, heads), permute, unbind,
+    optional LayerNorm over each head's units (qk_norm), q @ k^T or F.scaled_dot_product_attention, and
+    the heads transposed back into the features."""
+
+    def __init__(self, dim=8, heads=2, qk_norm=False, fused=False):
+        super().__init__()
+        self.heads, self.head_dim, self.fused = heads, dim // heads, fused
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class TimmViT(nn.Module):
+    def __init__(self, dim=8, heads=2, depth=2, qk_norm=False, fused=False):
+        super().__init__()
+        self.embed, self.head = nn.Linear(5, dim), nn.Linear(dim, 3)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2 * depth))
+        self.attns = nn.ModuleList(TimmAttention(dim, heads, qk_norm, fused) for _ in range(depth))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+                                  for _ in range(depth))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for i, (attn, mlp) in enumerate(zip(self.attns, self.mlps)):
+            x = x + attn(self.norms[2 * i](x))
+            x = x + mlp(self.norms[2 * i + 1](x))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_timm_attention_heads_are_permuted(qk_norm, fused):
+    torch.manual_seed(0)
+    m = TimmViT(qk_norm=qk_norm, fused=fused)
+    spec = _round_trip(m, torch.randn(2, 4, 5))
+    heads = [g for g in spec.groups.values() if g.role == "heads"]
+    assert len(heads) == 4 and all(g.heads == 2 and g.couple for g in heads)
+    qk = [g for g in heads if any(mm.tensor.endswith("qkv.weight") and mm.offset == 0 for mm in g.members)]
+    assert len(qk) == 2 and all(g.head_only == qk_norm for g in qk)  # a shared per-unit norm: whole heads only
+    assert all(not g.head_only for g in heads if g not in qk)  # v/o: units within a head move too
+    pinned = sorted(u.what for u in spec.unpermuted if not u.reason.startswith("model output"))
+    assert pinned == ([f"attns.{i}.{n}_norm.{p}[0]" for i in range(2) for n in "kq" for p in ("bias", "weight")]
+                      if qk_norm else [])
+    # every other parameter axis is permuted whole: the share is all but the 8 norm vectors of 4
+    size = {t: torch.Size(spec.shapes[t]).numel() for t in spec.parameters}
+    done = sum(size[t] for t, _ in {(mm.tensor, mm.axis) for g in spec.groups.values() for mm in g.members
+                                    if mm.tensor in size})
+    assert spec.permutable_fraction() == pytest.approx(done / (done + (32 if qk_norm else 0)), abs=1e-12)
+
+
+def test_timm_qk_norm_pins_units_within_a_head_for_a_reason():
+    """With a LayerNorm over each head's q units (its affine shared by every head), reordering the q/k
+    units inside one head changes the function, though moving whole heads does not."""
+    torch.manual_seed(0)
+    m = TimmViT(depth=1, qk_norm=True).double().eval()
+    sd = {k: v.double() for k, v in _noisy(m, 0).items()}
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    ref = _out64(m, sd, x)
+    swap = torch.arange(24)  # qkv rows: q 0-7, k 8-15, v 16-23; head 0 is the first 4 of each
+    swap[[0, 1]], swap[[8, 9]] = torch.tensor([1, 0]), torch.tensor([9, 8])  # q and k units 0, 1 of head 0
+
+    def qkv(rows):
+        return {"attns.0.qkv.weight": sd["attns.0.qkv.weight"][rows], "attns.0.qkv.bias": sd["attns.0.qkv.bias"][rows]}
+
+    assert (ref - _out64(m, {**sd, **qkv(swap)}, x)).abs().max() > 1e-6 * ref.abs().max()
+    plain = {**sd, "attns.0.q_norm.weight": torch.ones(4, dtype=torch.float64),
+             "attns.0.k_norm.weight": torch.ones(4, dtype=torch.float64),
+             "attns.0.q_norm.bias": torch.zeros(4, dtype=torch.float64),
+             "attns.0.k_norm.bias": torch.zeros(4, dtype=torch.float64)}
+    ref_plain = _out64(m, plain, x)
+    assert (ref_plain - _out64(m, {**plain, **qkv(swap)}, x)).abs().max() <= 1e-12 * ref_plain.abs().max()
+    heads = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])  # whole heads swapped (q, k, v and the projection's columns)
+    sp = {**sd, **qkv(torch.cat([heads, 8 + heads, 16 + heads])),
+          "attns.0.proj.weight": sd["attns.0.proj.weight"][:, heads]}
+    assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
+
+
+@settings(max_examples=8, deadline=None)
+@given(heads=st.sampled_from([1, 2, 4]), head_dim=st.integers(2, 3), qk_norm=st.booleans(), fused=st.booleans(),
+       seed=st.integers(0, 100))
+def test_timm_attention_round_trip_over_shapes(heads, head_dim, qk_norm, fused, seed):
+    torch.manual_seed(seed)
+    m = TimmViT(dim=heads * head_dim, heads=heads, qk_norm=qk_norm, fused=fused)
+    _round_trip(m, torch.randn(2, 4, 5), seed)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..layouts import Fused, HLay, Lay, Param
 from ..spec import Member, Probe
-from .attention import matmul
+from .attention import head_norm, matmul
 from .common import EMBEDDING_ROWS, TOKEN_AXIS, Pin, arg, shape_of
 from .pointwise import is_unary
 from .shapes import pad, reshape
@@ -114,8 +114,10 @@ def norm_last(t, node: fx.Node, x: Any, k: int, params: list) -> Any:
     lay, si = t.lay(x), shape_of(x)
     if lay is None:
         return None
+    if isinstance(lay, HLay):
+        return head_norm(t, lay, len(si), k, params, "normalisation")
     if not isinstance(lay, Lay):
-        raise Pin("normalisation of per-head tensors")
+        raise Pin(f"normalisation of {lay.what}")
     if lay.axis < len(si) - k:  # normalised over other axes: the feature axis rides along
         return lay
     if k != 1:
@@ -411,6 +413,8 @@ def _m_layer_norm(t, c: ModuleCall) -> Any:
     if c.lay is None:
         return None
     k = len(c.mod.normalized_shape)
+    if isinstance(c.lay, HLay):
+        return head_norm(t, c.lay, len(c.shape_in), k, [f"{c.name}.weight", f"{c.name}.bias"], "LayerNorm")
     if c.lay.axis < len(c.shape_in) - k:  # normalised over other axes: the feature axis just rides along
         return c.lay
     if k == 1:

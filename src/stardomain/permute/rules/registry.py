@@ -73,8 +73,8 @@ FUNCTION_RULES: dict[Any, Any] = {
     **_rules("plain", _linear, F.linear),
     **_rules("plain", _addmm, torch.addmm),
     **_rules("plain", _embedding, F.embedding),
-    **_rules("plain", _layer_norm, F.layer_norm),
-    **_rules("plain", _rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else [])),
+    **_rules("any", _layer_norm, F.layer_norm),
+    **_rules("any", _rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else [])),
     **_rules("plain", _group_norm, F.group_norm),
     **_rules("plain", _batch_norm_f, F.batch_norm),
     **_rules("plain", _conv_f, F.conv1d, F.conv2d, F.conv3d),
@@ -135,9 +135,9 @@ ATEN_RULES: dict[str, Any] = {
     **_rules("any", _select, "select"),
     **_rules("plain", _linear, "linear"),
     **_rules("plain", lambda t, n: _embedding(t, n, aten=True), "embedding"),
-    **_rules("plain", _layer_norm, "layer_norm"),
-    **_rules("plain", _native_layer_norm, "native_layer_norm"),
-    **_rules("plain", _rms_norm, "rms_norm"),
+    **_rules("any", _layer_norm, "layer_norm"),
+    **_rules("any", _native_layer_norm, "native_layer_norm"),
+    **_rules("any", _rms_norm, "rms_norm"),
     **_rules("plain", _group_norm, "group_norm"),
     **_rules("plain", _batch_norm_aten, "batch_norm"),
     **_rules("plain", _batch_norm_aten_tuple, "_native_batch_norm_legit_no_training", "native_batch_norm",
@@ -175,6 +175,8 @@ class LeafRule:
 
 
 MODULE_RULES: dict[type, LeafRule] = {}
+# module types whose rules read per-head tensors themselves (others are pinned on them before their rule)
+HEAD_MODULES = (nn.LayerNorm, *(t for t in (getattr(nn, "RMSNorm", None),) if t is not None))
 RULES_VERSION = [0]
 
 
