@@ -1,8 +1,8 @@
 """Alignment coverage: how much of each architecture the permutation spec can permute.
 
 For the zoo's models and small stand-ins written here in the shapes of third-party architectures
-(RegNetY, ResNeXt, DPN, PNASNet, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier, timm's ViT
-attention; nothing is downloaded), prints the spec's permutable share (spec.permutable_fraction(): the
+(RegNetY, ResNeXt, DPN, PNASNet, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier (also as
+torch.export sees it), a GRU cell loop, timm's ViT attention; nothing is downloaded), prints the spec's permutable share (spec.permutable_fraction(): the
 permuted share of the parameter axes that carry hidden units), the share of parameters in a tensor with at least one
 permuted axis, the number of groups, the distinct reasons for what stays pinned, the seconds to
 derive the spec (one run, after a warm-up), and whether weight matching finds a planted permutation:
@@ -132,6 +132,30 @@ class LSTMClassifier(nn.Module):
         return self.fc(out[:, -1])
 
 
+class LSTMExported(LSTMClassifier):
+    """The LSTM classifier where only torch.export captures it (a size read off the input): nn.LSTM appears as
+    aten.lstm, its weights a flat list."""
+
+    def forward(self, ids):
+        out, _ = self.lstm(self.embed(ids) + torch.zeros(ids.shape[0], 1, 1))
+        return self.fc(out[:, -1])
+
+
+class GRUCellLoop(nn.Module):
+    """A GRU written as a loop over time with nn.GRUCell (the graph unrolls the loop)."""
+
+    def __init__(self, vocab=1000, dim=64, hidden=64, steps=40, classes=4):
+        super().__init__()
+        self.hidden, self.steps = hidden, steps
+        self.embed, self.cell, self.fc = nn.Embedding(vocab, dim), nn.GRUCell(dim, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, ids):
+        x, h = self.embed(ids), ids.new_zeros(ids.shape[0], self.hidden, dtype=torch.float)
+        for i in range(self.steps):
+            h = self.cell(x[:, i], h)
+        return self.fc(h)
+
+
 class TimmAttention(nn.Module):
     """timm's Attention: fused qkv Linear, reshape to heads, permute, unbind, LayerNorm over each head's
     units (qk_norm), F.scaled_dot_product_attention, heads transposed back, output projection."""
@@ -198,6 +222,8 @@ CASES = {
     "ShuffleNetV2-shaped (split, shuffle)": lambda: (Net(32, [ShuffleUnit(32) for _ in range(3)], 32), IMG),
     "TextCNN (AG-News-shaped)": lambda: (TextCNN(), TOKENS),
     "LSTM classifier (2 layers, bidirectional)": lambda: (LSTMClassifier(), TOKENS),
+    "LSTM classifier, torch.export only (aten.lstm)": lambda: (LSTMExported(), TOKENS),
+    "GRU cell loop (nn.GRUCell over 40 steps)": lambda: (GRUCellLoop(), TOKENS),
     "timm-shaped ViT (fused qkv, qk_norm, SDPA)": lambda: (TimmViT(), IMG),
 }
 

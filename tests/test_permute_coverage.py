@@ -125,15 +125,17 @@ class Recurrent(nn.Module):
     """Embedding -> a recurrent stack -> its last step (or its final state) -> linear."""
 
     def __init__(self, kind="lstm", layers=2, bidirectional=True, batch_first=True, hidden=5, dim=4,
-                 use_state=False):
+                 use_state=False, export=False):
         super().__init__()
-        self.batch_first, self.use_state = batch_first, use_state
+        self.batch_first, self.use_state, self.export = batch_first, use_state, export
         self.embed = nn.Embedding(20, dim)
         self.rnn = RNNS[kind](dim, hidden, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
         self.fc = nn.Linear(hidden * (2 if bidirectional and not use_state else 1), 3)
 
     def forward(self, ids):
         x = self.embed(ids)
+        if self.export:  # beyond torch.fx (a size read off the input): torch.export captures aten.lstm and co.
+            x = x + torch.zeros(ids.shape[0], 1, 1, dtype=x.dtype)
         if not self.batch_first:
             x = x.transpose(0, 1)
         out, state = self.rnn(x)
@@ -143,11 +145,13 @@ class Recurrent(nn.Module):
         return self.fc(out[:, -1] if self.batch_first else out[-1])
 
 
+@pytest.mark.parametrize("export", [False, True])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
-def test_recurrent_hidden_units_are_permuted_per_layer_and_direction(kind):
+def test_recurrent_hidden_units_are_permuted_per_layer_and_direction(kind, export):
     torch.manual_seed(0)
-    m = Recurrent(kind)
+    m = Recurrent(kind, export=export)
     spec = _round_trip(m, torch.randint(0, 20, (3, 6)))
+    assert spec.capture == ("export" if export else "fx")
     gates = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
     hidden = [g for g in spec.groups.values() if g.name.startswith("rnn.")]
     assert len(hidden) == 4 and all(g.size == 5 for g in hidden)  # 2 layers x 2 directions
@@ -156,9 +160,10 @@ def test_recurrent_hidden_units_are_permuted_per_layer_and_direction(kind):
     assert spec.permutable_fraction() == 1.0
 
 
-def test_a_read_final_state_pins_the_recurrent_units():
+@pytest.mark.parametrize("export", [False, True])
+def test_a_read_final_state_pins_the_recurrent_units(export):
     torch.manual_seed(0)
-    m = Recurrent("lstm", use_state=True)
+    m = Recurrent("lstm", use_state=True, export=export)
     spec = _round_trip(m, torch.randint(0, 20, (3, 6)))
     assert not any(g.name.startswith("rnn.") for g in spec.groups.values())
     assert any("final state" in u.reason for u in spec.unpermuted)
@@ -166,10 +171,10 @@ def test_a_read_final_state_pins_the_recurrent_units():
 
 @settings(max_examples=10, deadline=None)
 @given(kind=st.sampled_from(sorted(RNNS)), layers=st.integers(1, 3), bidirectional=st.booleans(),
-       batch_first=st.booleans(), hidden=st.integers(2, 6), seed=st.integers(0, 100))
-def test_recurrent_round_trip_over_shapes(kind, layers, bidirectional, batch_first, hidden, seed):
+       batch_first=st.booleans(), hidden=st.integers(2, 6), export=st.booleans(), seed=st.integers(0, 100))
+def test_recurrent_round_trip_over_shapes(kind, layers, bidirectional, batch_first, hidden, export, seed):
     torch.manual_seed(seed)
-    m = Recurrent(kind, layers, bidirectional, batch_first, hidden)
+    m = Recurrent(kind, layers, bidirectional, batch_first, hidden, export=export)
     spec = _round_trip(m, torch.randint(0, 20, (2, 4)), seed, recovered=False)
     assert sum(g.name.startswith("rnn.") for g in spec.groups.values()) == layers * (1 + bidirectional)
 
@@ -495,3 +500,108 @@ def test_timm_attention_round_trip_over_shapes(heads, head_dim, qk_norm, fused, 
     torch.manual_seed(seed)
     m = TimmViT(dim=heads * head_dim, heads=heads, qk_norm=qk_norm, fused=fused)
     _round_trip(m, torch.randn(2, 4, 5), seed)
+
+
+CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
+
+
+class CellLoop(nn.Module):
+    """A recurrent cell written as a loop over time (the graph unrolls it): embedding -> cell per step ->
+    linear on the last state; learned_h0: the first state a parameter (its units are the cell's)."""
+
+    def __init__(self, kind="lstm", hidden=5, dim=4, steps=4, learned_h0=False, export=False):
+        super().__init__()
+        self.kind, self.hidden, self.steps, self.export = kind, hidden, steps, export
+        self.embed, self.cell, self.fc = nn.Embedding(20, dim), CELLS[kind](dim, hidden), nn.Linear(hidden, 3)
+        self.h0 = nn.Parameter(0.1 * torch.randn(hidden)) if learned_h0 else None
+
+    def forward(self, ids):
+        x = torch.tanh(self.embed(ids))
+        # torch.zeros(batch, hidden) is beyond torch.fx: torch.export captures the model, each step an aten cell op
+        b = ids.shape[0]
+        zeros = torch.zeros(b, self.hidden, dtype=x.dtype) if self.export else ids.new_zeros(b, self.hidden,
+                                                                                              dtype=x.dtype)
+        h = zeros if self.h0 is None else self.h0.expand(ids.shape[0], -1)
+        c = zeros
+        for i in range(self.steps):
+            if self.kind == "lstm":
+                h, c = self.cell(x[:, i], (h, c))
+            else:
+                h = self.cell(x[:, i], h)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("export", [False, True])
+@pytest.mark.parametrize("learned_h0", [False, True])
+@pytest.mark.parametrize("kind", sorted(CELLS))
+def test_recurrent_cells_in_a_loop_share_one_group(kind, learned_h0, export):
+    torch.manual_seed(0)
+    spec = _round_trip(CellLoop(kind, learned_h0=learned_h0, export=export), torch.randint(0, 20, (3, 6)))
+    assert spec.capture == ("export" if export else "fx")
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
+    (cell,) = [g for g in spec.groups.values() if any(mm.tensor == "cell.weight_hh" for mm in g.members)]
+    expected = {Member("cell.weight_ih", 0, rep=gates), Member("cell.weight_hh", 0, rep=gates),
+                Member("cell.bias_ih", 0, rep=gates), Member("cell.bias_hh", 0, rep=gates),
+                Member("cell.weight_hh", 1), Member("fc.weight", 1)} | ({Member("h0", 0)} if learned_h0 else set())
+    assert set(cell.members) == expected and cell.size == 5
+    assert spec.permutable_fraction() == 1.0
+
+
+def test_a_recurrent_cell_state_from_a_layer_joins_its_group():
+    """A first state computed by a linear layer: that layer's outputs are the cell's hidden units."""
+    class Fed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.init, self.cell, self.fc = nn.Linear(4, 5), nn.GRUCell(4, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.fc(self.cell(x, torch.tanh(self.init(x))))
+
+    torch.manual_seed(0)
+    spec = _round_trip(Fed(), torch.randn(3, 4))
+    (g,) = [g for g in spec.groups.values() if Member("cell.weight_hh", 1) in g.members]
+    assert {Member("init.weight", 0), Member("init.bias", 0)} <= set(g.members)
+
+
+class CellCumsum(nn.Module):
+    """A cell whose hidden units are then read by position (a cumulative sum over them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.fc = nn.RNNCell(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc(torch.cumsum(self.cell(x), 1))
+
+
+def test_a_recurrent_cell_whose_units_are_read_by_position_stays_pinned():
+    """Pinned because it must be: reordering the cell's units (its rows, its recurrent matrix on both sides,
+    the next layer's columns) changes the function once a cumsum reads them by position."""
+    torch.manual_seed(0)
+    m, x = CellCumsum(), torch.randn(3, 4)
+    spec = spec_from_model(m, x)
+    assert not any(mm.tensor.startswith("cell.") for g in spec.groups.values() for mm in g.members)
+    assert any("cumsum" in u.reason for u in spec.unpermuted if u.what.startswith("cell."))
+    sd = {k: v.double() for k, v in m.state_dict().items()}
+    p = torch.tensor([1, 0, 2, 3, 4])
+    sp = {"cell.weight_ih": sd["cell.weight_ih"][p], "cell.weight_hh": sd["cell.weight_hh"][p][:, p],
+          "cell.bias_ih": sd["cell.bias_ih"][p], "cell.bias_hh": sd["cell.bias_hh"][p],
+          "fc.weight": sd["fc.weight"][:, p], "fc.bias": sd["fc.bias"]}
+    ref = _out64(m, sd, x)
+    assert (ref - _out64(m, sp, x)).abs().max() > 1e-6 * ref.abs().max()
+    m2 = nn.Sequential(m.cell, nn.Linear(5, 2))  # the same reorder without the cumsum keeps the function
+    sd2 = {"0." + k.removeprefix("cell."): v for k, v in sd.items() if k.startswith("cell.")}
+    sd2.update({"1.weight": sd["fc.weight"], "1.bias": sd["fc.bias"]})
+    sp2 = {"0." + k.removeprefix("cell."): v for k, v in sp.items() if k.startswith("cell.")}
+    sp2.update({"1.weight": sp["fc.weight"], "1.bias": sp["fc.bias"]})
+    ref2 = _out64(m2, sd2, x)
+    assert (ref2 - _out64(m2, sp2, x)).abs().max() <= 1e-12 * ref2.abs().max()
+
+
+@settings(max_examples=8, deadline=None)
+@given(kind=st.sampled_from(sorted(CELLS)), hidden=st.integers(2, 6), steps=st.integers(1, 4),
+       learned_h0=st.booleans(), seed=st.integers(0, 100))
+def test_recurrent_cell_round_trip_over_shapes(kind, hidden, steps, learned_h0, seed):
+    torch.manual_seed(seed)
+    _round_trip(CellLoop(kind, hidden, steps=steps, learned_h0=learned_h0), torch.randint(0, 20, (2, 5)), seed,
+                recovered=False)

@@ -42,6 +42,7 @@ class Tracer:
         self.pinned: dict[str, str] = {}    # tensors an op not understood reads: never permuted
         self.materialised: dict[fx.Node, Any] = {}
         self.token_out: set[fx.Node] = set()  # linear layers back onto the tokens (see token_hidden)
+        self.cells: dict[str, int] = {}     # recurrent cell module -> its hidden units' group (every call)
 
     # -- helpers --
     def lay(self, a: Any) -> Any:

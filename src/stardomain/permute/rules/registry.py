@@ -26,7 +26,7 @@ from .layers import (POOL_MODULES, _addmm, _batch_norm_aten, _batch_norm_aten_tu
                      _m_pinned, _m_pool, _m_reshape, _m_rms_norm, _m_sequential, _m_upsample, _matmul,
                      _native_layer_norm, _rms_norm, _spatial, _spatial_tuple)
 from .pointwise import ELEMENTWISE_MODULES, _binary, _type_as, _unary
-from .recurrent import recurrent
+from .recurrent import aten_cell, aten_stack, recurrent, recurrent_cell
 from .shapes import (_cat, _chunk, _expand, _getitem, _narrow, _pad, _permute, _reduce, _reshape, _select, _slice,
                      _split, _squeeze, _stack, _transpose, _unbind, _unsqueeze)
 
@@ -139,6 +139,8 @@ ATEN_RULES: dict[str, Any] = {
     **_rules("any", _native_layer_norm, "native_layer_norm"),
     **_rules("any", _rms_norm, "rms_norm"),
     **_rules("plain", _group_norm, "group_norm"),
+    **_rules("plain", aten_cell, "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"),
+    **_rules("plain", aten_stack, "lstm.input", "gru.input", "rnn_tanh.input", "rnn_relu.input"),
     **_rules("plain", _batch_norm_aten, "batch_norm"),
     **_rules("plain", _batch_norm_aten_tuple, "_native_batch_norm_legit_no_training", "native_batch_norm",
              "_native_batch_norm_legit"),
@@ -199,6 +201,7 @@ BUILTIN_MODULE_RULES: list[tuple[tuple[type, ...], Any]] = [
     ((nn.Embedding,), _m_embedding),
     ((nn.MultiheadAttention,), lambda t, c: mha(t, c.node, c.mod)),
     ((nn.RNNBase,), recurrent),
+    ((nn.RNNCellBase,), recurrent_cell),
     ((nn.Sequential,), _m_sequential),
 ]
 
