@@ -5,7 +5,8 @@ For the zoo's models and small stand-ins written here in the shapes of third-par
 torch.export sees it), a GRU cell loop, timm's ViT attention; nothing is downloaded), prints the spec's permutable share (spec.permutable_fraction(): the
 permuted share of the parameter axes that carry hidden units), the share of parameters in a tensor with at least one
 permuted axis, the number of groups, the distinct reasons for what stays pinned, the seconds to
-derive the spec (one run, after a warm-up), and whether weight matching finds a planted permutation:
+derive the spec (one run, after a warm-up), the seconds weight matching takes on an independent pair (the
+model against a second initialisation of its architecture), and whether it finds a planted permutation:
 a seeded random legal permutation of the model's own weights, matched back against the original (yes:
 the permutation's inverse exactly, distance 0; else the distance left, relative to the distance before).
 
@@ -215,8 +216,11 @@ CASES = {
         {"name": "gpt", "kwargs": {"kv_heads": 2, "rope": True, "mlp": "swiglu", "norm": "rms"}}, (1, 28, 28), 10),
         torch.randn(2, 1, 28, 28)),
     "ResNeXt-shaped (2 groups)": lambda: (Net(32, [Bottleneck(32, 64, 2) for _ in range(3)], 32), IMG),
+    "ResNeXt-shaped (32 groups of 8)": lambda: (Net(64, [Bottleneck(64, 256, 32) for _ in range(3)], 64), IMG),
     "RegNetY-shaped (group width 8, SE)": lambda: (Net(32, [Bottleneck(32, 48, 6, se=True) for _ in range(3)], 32),
                                                    IMG),
+    "RegNetY-shaped (13, 26, 55 groups of 8, SE)": lambda: (Net(48, [Bottleneck(48, 8 * g, g, se=True)
+                                                                       for g in (13, 26, 55)], 48), IMG),
     "DPN-shaped (dual path)": lambda: (Net(40, [DualPath(32, 8, 32, 4) for _ in range(2)], 40), IMG),
     "PNASNet-shaped (separable cells)": lambda: (Net(16, [PnasCell(16), PnasCell(32)], 64), IMG),
     "ShuffleNetV2-shaped (split, shuffle)": lambda: (Net(32, [ShuffleUnit(32) for _ in range(3)], 32), IMG),
@@ -252,9 +256,9 @@ def _planted(spec, model) -> str:
 
 def main() -> None:
     torch.manual_seed(0)
-    print("| model | parameters | permutable share | parameters touched | groups | seconds | planted found | "
-          "pinned because |")
-    print("|---|---:|---:|---:|---:|---:|---|---|")
+    print("| model | parameters | permutable share | parameters touched | groups | seconds | matching s | "
+          "planted found | pinned because |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for name, make in CASES.items():
         model, x = make()
         model.eval()
@@ -262,11 +266,15 @@ def main() -> None:
         t0 = time.perf_counter()
         spec = spec_from_model(model, x)
         secs = time.perf_counter() - t0
+        other = make()[0].state_dict()
+        t0 = time.perf_counter()
+        weight_matching(spec, model.state_dict(), other)
+        match_secs = time.perf_counter() - t0
         reasons = sorted({r.split(" (at ")[0] for u in spec.unpermuted for r in u.reason.split("; ")
                           if not r.startswith(("model output", "model input"))})
         n = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {n:,} | {100 * spec.permutable_fraction():.1f}% | {100 * _touched(spec):.1f}% | "
-              f"{len(spec.groups)} | {secs:.2f} | {_planted(spec, model)} | {'; '.join(reasons)[:240] or '-'} |")
+              f"{len(spec.groups)} | {secs:.2f} | {match_secs:.2f} | {_planted(spec, model)} | {'; '.join(reasons)[:240] or '-'} |")
 
 
 if __name__ == "__main__":

@@ -32,53 +32,70 @@ def solve_blocks(costs: list[np.ndarray], heads: int, fixed: list[bool] | tuple 
     group; fixed[i]: group i's units keep their order within a block (rotary q/k): whole blocks move only.
     bilinear: (i, j, A, B) terms <A, B with its rows in group i's and its columns in group j's within-block
     order>, A and B shaped (blocks, rows per block, columns per block, rest) (a grouped convolution's
-    weight): for each pairing of A's block a with B's block b, the within-block orders are found by
-    alternating assignments from `start`'s order of block b, each taken only if it gains, so the value of
-    the pairing `start` has never drops; without them each within-block order is one assignment."""
+    weight). With them, the within-block orders of each pairing of A's block a with B's block b come from
+    one round of assignments (each group given the others' orders, starting at `start`'s order of block b,
+    a new order taken only if it gains); the block permutation is the best on those values, and its chosen
+    pairings then alternate to convergence. Each step only gains, so the value `start` has never drops.
+    Without them each within-block order is one assignment."""
     fixed = list(fixed) + [False] * (len(costs) - len(fixed))
     sizes = [c.shape[0] // heads for c in costs]
     mats = [c.reshape(heads, d, heads, d).transpose(0, 2, 1, 3) for c, d in zip(costs, sizes)]
+    pa, pb = np.repeat(np.arange(heads), heads), np.tile(np.arange(heads), heads)  # every pairing (a, b)
     begin = ([local_orders(p, heads).numpy() for p in start] if start is not None and bilinear else
              [np.tile(np.arange(d), (heads, 1)) for d in sizes])
-    score = np.zeros((heads, heads))
-    within: dict[tuple[int, int], list[np.ndarray]] = {}
-    for a in range(heads):
-        for b in range(heads):
-            ws = [o[b] for o in begin]
-            for _ in range(50 if bilinear else 1):
-                moved = False
-                for g, m in enumerate(mats):
-                    if fixed[g]:
-                        continue
-                    c = m[a, b] + sum(_bilinear_cost(g, a, b, t, ws) for t in bilinear)
-                    w, ar = lsa(c), np.arange(len(ws[g]))
-                    old = c[ar, ws[g]].sum()
-                    if not bilinear or c[ar, w].sum() > old + 1e-12 * max(1.0, abs(old)):
-                        moved, ws[g] = moved or not np.array_equal(w, ws[g]), w
-                if not moved:
-                    break
-            within[a, b] = ws
-            score[a, b] = (sum(m[a, b][np.arange(len(w)), w].sum() for m, w in zip(mats, ws))
-                           + sum(_bilinear_value(a, b, t, ws) for t in bilinear))
-    hp = lsa(score)
-    return [torch.from_numpy(np.concatenate([hp[a] * d + within[a, hp[a]][g] for a in range(heads)])).long()
-            for g, d in enumerate(sizes)]
+    ws = [o[pb] for o in begin]  # (pairings, units per block) per group
+    _round(mats, fixed, bilinear, pa, pb, ws)
+    hp = lsa(_values(mats, bilinear, pa, pb, ws).reshape(heads, heads))
+    chosen = np.arange(heads) * heads + hp
+    ws = [w[chosen] for w in ws]
+    for _ in range(50 if bilinear else 0):
+        if not _round(mats, fixed, bilinear, np.arange(heads), hp, ws):
+            break
+    return [torch.from_numpy((hp[:, None] * d + w).reshape(-1)).long() for w, d in zip(ws, sizes)]
 
 
-def _bilinear_cost(g: int, a: int, b: int, term: tuple, ws: list[np.ndarray]):
-    """Group g's within-block cost from one bilinear term, the other group's order held at ws (0 if g is in
-    neither side)."""
+def _round(mats: list, fixed: list, bilinear: list, pa: np.ndarray, pb: np.ndarray, ws: list) -> bool:
+    """One assignment per group and pairing (pa[p], pb[p]), the other groups' orders held at ws (updated in
+    place; with bilinear terms a new order only where it gains) -> whether any order moved."""
+    moved = False
+    rows = np.arange(len(pa))[:, None]
+    for g, m in enumerate(mats):
+        if fixed[g]:
+            continue
+        c = m[pa, pb] + sum(_bilinear_cost(g, t, pa, pb, ws) for t in bilinear)
+        new = np.stack([lsa(x) for x in c])
+        units = np.arange(c.shape[1])[None, :]
+        take = (c[rows, units, new].sum(1) > (old := c[rows, units, ws[g]].sum(1)) + 1e-12 * np.maximum(1.0, abs(old))
+                if bilinear else np.ones(len(pa), dtype=bool))
+        moved = moved or bool((new[take] != ws[g][take]).any())
+        ws[g][take] = new[take]
+    return moved
+
+
+def _bilinear_cost(g: int, term: tuple, pa: np.ndarray, pb: np.ndarray, ws: list):
+    """Group g's within-block cost matrices (pairings x units x units) from one bilinear term, the other
+    group's orders held at ws (0 if g is on neither side)."""
     i, j, A, B = term
-    if g == i:
-        return np.einsum("rck,sck->rs", A[a], B[b][:, ws[j]])
-    if g == j:
-        return np.einsum("rck,rvk->cv", A[a], B[b][ws[i]])
-    return 0.0
+    if g not in (i, j):
+        return 0.0
+    n = len(pa)
+    if g == i:  # B's columns in j's order of each pairing: sum over columns and rest of A's row r, B's row s
+        a = A.transpose(0, 2, 1, 3)[pa]  # (pairings, columns, rows, rest)
+        b = B.transpose(0, 2, 1, 3)[pb[:, None], ws[j]]
+        return np.einsum("pcrk,pcsk->prs", a, b, optimize=True)
+    b = B[pb[:, None], ws[i]]  # B's rows in i's order: sum over rows and rest of A's column c, B's column v
+    return np.einsum("prck,prvk->pcv", A[pa], b, optimize=True)
 
 
-def _bilinear_value(a: int, b: int, term: tuple, ws: list[np.ndarray]) -> float:
-    i, j, A, B = term
-    return float((A[a] * B[b][ws[i]][:, ws[j]]).sum())
+def _values(mats: list, bilinear: list, pa: np.ndarray, pb: np.ndarray, ws: list) -> np.ndarray:
+    """The value of each pairing at the orders ws: its groups' costs and its bilinear terms."""
+    rows = np.arange(len(pa))[:, None]
+    v = sum(m[pa, pb][rows, np.arange(w.shape[1])[None, :], w].sum(1) for m, w in zip(mats, ws))
+    for i, j, A, B in bilinear:
+        b = B[pb[:, None], ws[i]]  # (pairings, rows in i's order, columns, rest)
+        b = np.take_along_axis(b, ws[j][:, None, :, None], axis=2)
+        v = v + (A[pa] * b).reshape(len(pa), -1).sum(1)
+    return v
 
 
 def head_only_flags(spec: PermutationSpec, names) -> list[bool]:
@@ -354,10 +371,10 @@ def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.nda
 
 def _bilinear_total(term: tuple, ps: list[torch.Tensor], heads: int) -> float:
     """A bilinear term's value at the permutations ps of its unit's groups (see solve_blocks)."""
-    i, j = term[:2]
+    i = term[0]
     src = (ps[i].view(heads, -1)[:, 0] // (len(ps[i]) // heads)).numpy()
-    ws = [local_orders(p, heads).numpy() for p in ps]
-    return sum(_bilinear_value(a, b, term, [w[b] for w in ws]) for a, b in enumerate(src))
+    ws = [local_orders(p, heads).numpy()[src] for p in ps]
+    return float(_values([], [term], np.arange(heads), src, ws).sum())
 
 
 def _units(spec: PermutationSpec, costs: _CostCache) -> list[tuple[str, ...]]:
