@@ -1,14 +1,15 @@
 """Alignment coverage: how much of each architecture the permutation spec can permute.
 
-For the zoo's models and small stand-ins written here in the shapes of third-party architectures
-(RegNetY, ResNeXt, DPN, PNASNet, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier (also as
-torch.export sees it), a GRU cell loop, timm's ViT attention; nothing is downloaded), prints the spec's permutable share (spec.permutable_fraction(): the
-permuted share of the parameter axes that carry hidden units), the share of parameters in a tensor with at least one
-permuted axis, the number of groups, the distinct reasons for what stays pinned, the seconds to
-derive the spec (one run, after a warm-up), the seconds weight matching takes on an independent pair (the
-model against a second initialisation of its architecture), and whether it finds a planted permutation:
-a seeded random legal permutation of the model's own weights, matched back against the original (yes:
-the permutation's inverse exactly, distance 0; else the distance left, relative to the distance before).
+For the zoo's models and small stand-ins written here in the shapes of third-party architectures (RegNetY,
+ResNeXt, DPN, PNASNet, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier (also as torch.export sees it),
+a GRU cell loop, timm's ViT attention; nothing is downloaded), prints the spec's permutable share
+(spec.permutable_fraction(): the permuted share of the parameter axes that carry hidden units), the share of
+parameters in a tensor with at least one permuted axis, the number of groups, the distinct reasons for what
+stays pinned, the seconds to derive the spec (one run, after a warm-up), the seconds weight matching takes
+on an independent pair (the model against a second initialisation of its architecture), and whether it finds
+a planted permutation: a seeded random legal permutation of the model's own weights, matched back against
+the original (yes: the permutation's inverse exactly, distance 0; else the distance left, relative to the
+distance before).
 
     .venv/bin/python benchmarks/align_coverage.py
 """
@@ -274,7 +275,8 @@ def main() -> None:
                           if not r.startswith(("model output", "model input"))})
         n = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {n:,} | {100 * spec.permutable_fraction():.1f}% | {100 * _touched(spec):.1f}% | "
-              f"{len(spec.groups)} | {secs:.2f} | {match_secs:.2f} | {_planted(spec, model)} | {'; '.join(reasons)[:240] or '-'} |")
+              f"{len(spec.groups)} | {secs:.2f} | {match_secs:.2f} | {_planted(spec, model)} | "
+              f"{'; '.join(reasons)[:240] or '-'} |")
 
 
 if __name__ == "__main__":
