@@ -155,6 +155,16 @@ def test_study_results_do_not_depend_on_stacking(digits_cfg, tmp_path, capsys):
     results = {m: (tmp_path / m / "results.json").read_text() for m in ("auto", "never")}
     assert results["auto"].count('"stacked_training": "auto"') == 1  # the config it records: otherwise equal
     assert results["auto"] == results["never"].replace('"stacked_training": "never"', '"stacked_training": "auto"')
+    # a killed run's leftovers: two models written but not marked done, one marked but its file lost
+    models = sorted((tmp_path / "auto" / "models").glob("*.safetensors"))
+    for p in models[:2]:
+        p.with_suffix(".json").unlink()
+    models[2].unlink()
+    kept = {p: p.stat().st_mtime_ns for p in models[:2]}
+    run_study(_study(digits_cfg, "auto"), tmp_path / "auto", progress=False, report=False)
+    assert {p: p.stat().st_mtime_ns for p in models[:2]} == kept  # reused, not retrained
+    assert {p.name: p.read_bytes() for p in models} == files["auto"]
+    assert (tmp_path / "auto" / "results.json").read_text() == results["auto"]
     capsys.readouterr()
     run_study(_study(digits_cfg, "auto", bn=True), tmp_path / "bn", progress=False, report=False)
     assert "one model at a time: stacked training handles Flatten, Linear and ReLU" in capsys.readouterr().err
