@@ -217,6 +217,25 @@ def test_autocast_runs_in_bfloat16_and_the_gradient_follows_the_hand_computation
         assert (p.grad - want[k]).norm() <= 0.05 * want[k].norm() + 1e-4, k
 
 
+def test_a_bfloat16_star_trains_against_float32_sources_at_its_own_precision():
+    star, sources = _models()
+    star = star.to(torch.bfloat16)
+    x, y = torch.randn(16, *SHAPE), torch.randint(0, 10, (16,))
+    light = sd.Starlight(star, sources, example_input=x[:2].bfloat16(), align_every=1, seed=4)
+    before = {k: v.clone() for k, v in star.state_dict().items()}
+    star.train()
+    F.cross_entropy(light(x.bfloat16()).float(), y).backward()
+    n, t = light.last_draw
+    aligned = light.aligned_sources[n]  # the originals' own precision, permuted
+    # the same point built by hand in bfloat16: each source weight rounded to bfloat16, then lerped
+    second = copy.deepcopy(star)
+    second.load_state_dict(lerp(before, {k: v.to(torch.bfloat16) for k, v in aligned.items()}, t))
+    F.cross_entropy(second(x.bfloat16()).float(), y).backward()
+    for (k, p), q in zip(star.named_parameters(), second.parameters()):
+        assert p.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(p.grad.float(), (1 - t) * q.grad.float(), rtol=2e-2, atol=1e-3)
+
+
 def test_sources_as_trained_results_files_and_state_dicts_are_the_same(tmp_path):
     cfg = Config.model_validate({"data": {"name": "digits"}, "model": {"name": "mlp", "kwargs": {"width": 8}},
                                  "train": {"epochs": 1, "batch_size": 64}})

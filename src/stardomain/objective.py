@@ -180,13 +180,15 @@ class SourceBank:
     training device when they fit there, else on the CPU with the drawn one moved per step. Originals are
     read through `originals[n]` (a list, or a lazy sequence that reads files) and never modified."""
 
-    def __init__(self, originals: Sequence[StateDict], param_names: list[str], device: torch.device, where: str):
+    def __init__(self, originals: Sequence[StateDict], dtypes: Mapping[str, torch.dtype], device: torch.device,
+                 where: str):
         self.originals = originals
-        self.names = param_names
+        self.dtypes = dict(dtypes)  # the star's own parameter dtypes: a bfloat16 star lerps with bfloat16 sources
+        self.names = list(dtypes)
         self.device = device
         self.perms: list[dict[str, torch.Tensor] | None] = [None] * len(originals)
         first = originals[0]
-        bytes_per = sum(first[k].numel() * first[k].element_size() for k in param_names)
+        bytes_per = sum(first[k].numel() * self.dtypes[k].itemsize for k in self.names)
         if where == "auto":
             where = "device"
             if device.type == "cuda":
@@ -198,7 +200,7 @@ class SourceBank:
 
     def _params(self, sd: StateDict) -> StateDict:
         dev = self.device if self.on_device else torch.device("cpu")
-        return {k: sd[k].detach().to(dev, torch.float32 if sd[k].is_floating_point() else sd[k].dtype)
+        return {k: sd[k].detach().to(dev, self.dtypes[k] if sd[k].is_floating_point() else sd[k].dtype)
                 for k in self.names}
 
     def __len__(self) -> int:
@@ -234,7 +236,8 @@ class SourceBank:
     def align_to_model(self, model: nn.Module, spec, seed: int, n_step: int, max_iter: int) -> None:
         """Re-align to the module's current weights with the seed of step `n_step` (`stardomain star`'s
         and `Starlight`'s common rule)."""
-        star_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        star_sd = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                   for k, v in model.state_dict().items()}  # matching in float32 whatever the star's dtype
         self.align_to(star_sd, permute, spec, seed=seed * 100003 + n_step, max_iter=max_iter)
 
 
@@ -261,11 +264,15 @@ def source_states(sources: Any) -> Sequence[StateDict]:
 
 
 def check_sources(model: nn.Module, sources: Sequence[StateDict]) -> None:
-    """Every source has exactly the model's state-dict names, shapes and dtypes (one clear line if not)."""
-    want = model.state_dict()
+    """Every source has exactly the model's state-dict names and shapes, and its dtypes up to floating-point
+    precision (a bfloat16 star may train against float32 sources), one clear line if not."""
+    def layout(sd: StateDict) -> StateDict:
+        return {k: torch.empty(v.shape, dtype=torch.float32 if v.is_floating_point() else v.dtype, device="meta")
+                for k, v in sd.items()}
+    want = layout(model.state_dict())
     for i in range(len(sources)):
-        check_layout(want, sources[i], f"source {i}", against="the star's model (give sources trained with the "
-                     "same architecture)")
+        check_layout(want, layout(sources[i]), f"source {i}", against="the star's model (give sources trained "
+                     "with the same architecture)")
 
 
 # ---------------------------------------------------------------- the objective
@@ -302,7 +309,7 @@ class Starlight:
             self.spec = permute.spec_for(star, example_input)
         self.params = dict(star.named_parameters())
         self.device = next(iter(self.params.values())).device
-        self.bank = SourceBank(originals, list(self.params), self.device, "auto")
+        self.bank = SourceBank(originals, {k: p.dtype for k, p in self.params.items()}, self.device, "auto")
         self.draws = Draws(self.settings, len(originals), self.seed)
         self.scratch = ({k: b.detach().clone() for k, b in star.named_buffers()} if has_bn(star) else None)
         self.calls, self.alignments = 0, 0

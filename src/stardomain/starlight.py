@@ -268,7 +268,7 @@ def train_star(cfg: Config, sources: Sequence[StateDict], *, seed: int = 0, devi
     spec = permute.spec_for(model, example) if sc.align_every != "never" or sc.init == "average" else None
     _init_star(model, cfg, sources, data, spec, seed)
     model.to(device)
-    bank = SourceBank(sources, [k for k, _ in model.named_parameters()], device, sc.sources_on)
+    bank = SourceBank(sources, {k: p.dtype for k, p in model.named_parameters()}, device, sc.sources_on)
     ids = list(source_ids) if source_ids is not None else [weights_sha256(sources[n]) for n in range(len(sources))]
     digest = config_digest(cfg) + ":" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:16]
     run = _StarRun(cfg, model, sources, data, spec, bank, seed, device, on_epoch)
