@@ -49,7 +49,7 @@ def test_width_sweep_star_recipe_is_the_default_studys():
 
 def test_transformer_studies_plan_controls_and_the_sources_sweep():
     """configs/text_gpt.yaml and configs/mnist_vit.yaml: a transformer per study, the naive-centre and
-    no-alignment controls, the attention alignment variants, a star per |Z| in the sweep, held-outs enough
+    no-alignment controls, the attention alignment variants, n_stars stars per |Z| in the sweep, held-outs enough
     for a significant sign-flip test."""
     for name, data, model in (("text_gpt", "pydoc_text", "gpt"), ("mnist_vit", "mnist", "vit")):
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
@@ -59,7 +59,7 @@ def test_transformer_studies_plan_controls_and_the_sources_sweep():
         assert 2 ** -cfg.study.n_heldouts < cfg.study.alpha  # the smallest sign-flip p can be significant
         plan = build_plan(cfg)
         ops = Counter(t.op for t in plan.tasks)
-        assert ops["star"] == len(cfg.study.sweeps.n_sources) and ops["train"] == cfg.study.n_sources + cfg.study.n_heldouts
+        assert ops["star"] == len(cfg.study.sweeps.n_sources) * cfg.study.n_stars and ops["train"] == cfg.study.n_sources + cfg.study.n_heldouts
         rows = plan.layout["sweeps"]["n_sources"]
         assert [r["value"] for r in rows] == sorted(cfg.study.sweeps.n_sources)
         assert rows[-1]["value"] == cfg.study.n_sources and rows[-1]["star"] == plan.layout["main"]["star"]
