@@ -14,10 +14,12 @@ Four series of the star–held-out / regular–regular training-loss barrier rat
 
 `run` trains and measures (one `stardomain run` per study folder: killed, the same command resumes);
 `report` writes results.json, report.md and the figure from the finished folders (widths not finished
-are listed as pending). The text above the marker line of an existing report.md is kept.
+are listed as pending; --keep carries an earlier results.json's rows for what the runs folder has not
+measured). The text above the marker line of an existing report.md is kept.
 
-    nice -n 5 python benchmarks/paper_side_by_side.py run runs/side --part fit --widths 16 64
-    python benchmarks/paper_side_by_side.py report runs/side --out docs/results/mnist_width_sweep
+    nice -n 5 python benchmarks/paper_side_by_side.py run runs/side --part b --part a --widths 4 8
+    python benchmarks/paper_side_by_side.py report runs/side --out docs/results/mnist_width_sweep \
+        --keep docs/results/mnist_width_sweep/results.json
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ METRIC = "train_loss"
 PARTS = ("paper", "a", "b", "c")
 LABELS = {"paper": "paper (official results, 17 sources, 1 star)",
           "a": "(a) sources to the paper's loss or the cap, star for their epochs",
-          "b": "(b) same sources, fit-matched stars (the config's cap)",
+          "b": "(b) same sources, fit-matched stars (the config's cap, 60 epochs)",
           "c": "(c) our 5-epoch recipe, 15-epoch star"}
 
 
@@ -171,6 +173,7 @@ def part_row(pairs: dict, regular_losses: dict, stars: list[dict], headline: dic
     med = regular_losses["median"]
     star_rows = [{"label": s.get("label"), "seed": s.get("seed"), "train_loss": s["metrics"]["train"]["loss"],
                   "test_acc": s["metrics"]["test"]["acc"], "fit_ratio": s["metrics"]["train"]["loss"] / med,
+                  "fit_met": (s.get("fit") or {}).get("reached"),
                   **own.get(s.get("label"), {})} for s in stars]
     return {"regular_regular": float(rr.mean()), "star_heldout": float(sh.mean()),
             "ratio": float(sh.mean() / rr.mean()),
@@ -199,9 +202,11 @@ def _folder_row(folder: Path, target: float) -> dict | None:
     ep = epochs_taken(folder) + epochs_taken(folder, "heldout")
     stars = _stars(res["models"])
     star_ep = [_epochs_of(folder, s) for s in stars]
+    opt = res["config"]["train"]["optimizer"]
     epochs = {"regular_min": min(ep), "regular_max": max(ep), "stars": star_ep,
               "target_loss": target, "regular_reached": sum(m["metrics"]["train"]["loss"] <= target for m in regular),
-              "cap": res["config"]["train"]["epochs"]}
+              "cap": res["config"]["train"]["epochs"],
+              "recipe": f"{opt['name']} lr {opt['lr']:g}, {res['config']['train']['schedule']['name']}"}
     return part_row(res["pairs"], _losses(regular), stars, res.get("headline"), epochs)
 
 
@@ -246,6 +251,21 @@ def collect(runs: Path) -> dict:
             "parts": {p: {str(w): r for w, r in sorted(rows.items())} for p, rows in parts.items()}}
 
 
+def keep_rows(result: dict, earlier: dict) -> dict:
+    """`result` with the rows of an `earlier` results.json that it does not measure again: each (part, width)
+    the runs folder has no finished study for keeps its earlier row and its part's label (a part measured
+    under an earlier recipe carries its own key and label, so it is never mixed with a new one)."""
+    parts = {p: dict(rows) for p, rows in result["parts"].items()}
+    labels = dict(result["labels"])
+    for part, rows in earlier["parts"].items():
+        for w, row in rows.items():
+            if w not in parts.setdefault(part, {}):
+                parts[part][w] = row
+                labels.setdefault(part, earlier["labels"][part])
+    order = lambda rows: {w: rows[w] for w in sorted(rows, key=int)}  # noqa: E731
+    return {**result, "labels": labels, "parts": {p: order(rows) for p, rows in parts.items()}}
+
+
 # ---------------------------------------------------------------- the report
 
 STYLE = {"paper": ("k", "o", -0.09), "a": ("tab:orange", "s", -0.03), "b": ("tab:blue", "D", 0.03),
@@ -265,15 +285,18 @@ def figure(result: dict) -> bytes:
     for part, rows in result["parts"].items():
         if not rows:
             continue
-        color, marker, dx = STYLE.get(part, EXTRA_STYLE)
+        base = part.split("_")[0]
+        color, marker, dx = STYLE.get(base, EXTRA_STYLE)
+        earlier = dict(ls="--", mfc="none", alpha=0.7) if base != part else {}
         ws = np.array([int(w) for w in rows], float)
-        x = np.log2(ws) + dx
+        x = np.log2(ws) + dx + (0.015 if earlier else 0)
         y = np.array([r["ratio"] for r in rows.values()])
         ci = [r.get("ratio_ci95") or [None, None] for r in rows.values()]
         lo = np.array([y[i] - c[0] if c[0] is not None else 0 for i, c in enumerate(ci)])
         hi = np.array([c[1] - y[i] if c[1] is not None else 0 for i, c in enumerate(ci)])
-        ax.errorbar(x, y, yerr=[lo, hi], color=color, marker=marker, capsize=3, lw=1.2, label=label(part))
-        fx.plot(x, [r["fit_ratio"] for r in rows.values()], color=color, marker=marker, lw=1.2)
+        ax.errorbar(x, y, yerr=[lo, hi], color=color, marker=marker, capsize=3, lw=1.2,
+                    label=result["labels"][part], **earlier)
+        fx.plot(x, [r["fit_ratio"] for r in rows.values()], color=color, marker=marker, lw=1.2, **earlier)
     for a in (ax, fx):
         a.set_xticks(np.log2(WIDTHS), [str(w) for w in WIDTHS])
         a.set_xlabel("hidden width")
@@ -285,8 +308,8 @@ def figure(result: dict) -> bytes:
     fx.set_title("how well the star fits", fontsize=9)
     ax.set_title("barrier ratio (below 1: the star is closer to the held-outs)", fontsize=9)
     handles, names = ax.get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
     return buf.getvalue()
@@ -303,13 +326,18 @@ def _epochs(r: dict) -> str:
     if "fixed" in e:
         return f"{e['fixed']} / {e['star_fixed']} (fixed)"
     reg = f"{e['regular_min']}" if e["regular_min"] == e["regular_max"] else f"{e['regular_min']}–{e['regular_max']}"
-    return f"{reg} (cap {e['cap']}, {e['regular_reached']} reached) / stars {', '.join(map(str, e['stars']))}"
+    recipe = f", {e['recipe']}" if e.get("recipe") else ""
+    return (f"{reg} (cap {e['cap']}, {e['regular_reached']} reached{recipe}) / "
+            f"stars {', '.join(map(str, e['stars']))}")
+
+
+MET = {True: " ✓", False: " ✗"}  # a star's stop rule (fit-matched) met, or stopped at the cap
 
 
 def tables(result: dict) -> list[str]:
     lines = []
     for part, rows in result["parts"].items():
-        lines += [f"### {label(part)}", ""]
+        lines += [f"### {result['labels'][part]}", ""]
         if not rows:
             lines += ["Not run (no finished study folder).", ""]
             continue
@@ -319,12 +347,14 @@ def tables(result: dict) -> list[str]:
         for w, r in rows.items():
             f = r["regular_train_loss"]
             per = ", ".join(f"{s['ratio']:.2f}" for s in r.get("stars", []) if s.get("ratio") is not None) or "—"
-            star = ", ".join(f"{s['train_loss']:.4f}" for s in r.get("stars", [])) or f"{r['star_train_loss_median']:.4f}"
+            star = (", ".join(f"{s['train_loss']:.4f}{MET.get(s.get('fit_met'), '')}" for s in r.get("stars", []))
+                    or f"{r['star_train_loss_median']:.4f}")
             lines.append(f"| {w} | {r['regular_regular']:.4f} | {r['star_heldout']:.4f} | **{r['ratio']:.2f}** "
                          f"{_ci(r.get('ratio_ci95'))} | {per} | {f['median']:.4f} ({f['min']:.4f}–{f['max']:.4f}) | "
                          f"{star} ({r['fit_ratio']:.2f}×) | {_epochs(r)} |")
-        pending = [str(w) for w in WIDTHS if str(w) not in rows]
-        lines += ([f"", f"Pending (not finished): widths {', '.join(pending)}."] if pending else []) + [""]
+        missing = ", ".join(str(w) for w in WIDTHS if str(w) not in rows)
+        why = "Not measured under this earlier recipe" if "_" in part else "Pending (not finished)"
+        lines += ([f"", f"{why}: widths {missing}."] if missing else []) + [""]
     return lines
 
 
@@ -338,9 +368,10 @@ def write_report(result: dict, out: Path) -> None:
     body = [MARKER, "", "![ratio and fit against width](width_sweep.png)", "",
             f"Paper numbers: {src['repository']} at commit `{src['commit']}`, files "
             f"`{src['files']['4'].replace('_4.yaml', '_*.yaml')}`. Ours: {DESIGN['n_sources']} sources, "
-            f"{DESIGN['n_heldouts']} held-outs per width; (b) and (c) {DESIGN['n_stars']} stars per width, (a) one. "
+            f"{DESIGN['n_heldouts']} held-outs per width; stars: as many as a row's per-star ratios. "
             "Training-loss barriers after weight matching, 11 points; intervals: the study's own bootstrap "
-            "over the models (sources and held-outs, and stars where there are several).", ""] + tables(result)
+            "over the models (sources and held-outs, and stars where there are several). Star training losses: ✓ the "
+            "star met its fit rule (its sources' median), ✗ it stopped at the cap without meeting it.", ""] + tables(result)
     atomic_write_text(out / "report.md", head + "\n\n" + "\n".join(body) + "\n")
 
 
@@ -360,9 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="results.json, report.md and the figure from the finished folders")
     p.add_argument("runs", type=Path)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "mnist_width_sweep")
+    p.add_argument("--keep", type=Path, metavar="RESULTS_JSON",
+                   help="an earlier results.json: its rows for (part, width) the runs folder has not finished are kept")
     args = ap.parse_args(argv)
     if args.cmd == "report":
-        write_report(collect(args.runs), args.out)
+        result = collect(args.runs)
+        if args.keep:
+            result = keep_rows(result, json.loads(args.keep.read_text()))
+        write_report(result, args.out)
         return 0
     bad = sorted(set(args.widths) - set(WIDTHS))
     if bad:

@@ -68,10 +68,10 @@ def _side_module():
     return mod
 
 
-def _model(label: str, loss: float, epochs: int) -> dict:
+def _model(label: str, loss: float, epochs: int, reached: bool | None = None) -> dict:
     return {"label": label, "seed": 0, "file": f"models/{label}.safetensors",
             "metrics": {"train": {"loss": loss, "acc": 0.9}, "test": {"loss": loss, "acc": 0.9}},
-            "fit": {"epochs": epochs}}
+            "fit": {"epochs": epochs, "reached": reached}}
 
 
 def test_side_by_side_row_of_a_finished_study(tmp_path):
@@ -80,10 +80,10 @@ def test_side_by_side_row_of_a_finished_study(tmp_path):
     rr = {("s0", "h0"): 1.0, ("s0", "h1"): 3.0, ("s1", "h0"): 2.0, ("s1", "h1"): 2.0}  # grid mean 2.0
     sh = {("star 0", "h0"): 0.5, ("star 0", "h1"): 1.5, ("star 1", "h0"): 2.0, ("star 1", "h1"): 2.0}
     rec = lambda a, b, v: {"a": a, "b": b, "barrier": {"train_loss": v}}  # noqa: E731
-    res = {"config": {"train": {"epochs": 20}},
+    res = {"config": {"train": {"epochs": 20, "optimizer": {"name": "adam", "lr": 0.002}, "schedule": {"name": "cosine"}}},
            "models": {"sources": [_model("s0", 0.01, 20), _model("s1", 0.03, 12)],
                       "heldouts": [_model("h0", 0.02, 20), _model("h1", 0.04, 20)],
-                      "stars": [_model("star 0", 0.025, 30), _model("star 1", 0.05, 40)]},
+                      "stars": [_model("star 0", 0.025, 30, True), _model("star 1", 0.05, 40, False)]},
            "pairs": {"regular_regular": [rec(*k, v) for k, v in rr.items()],
                      "star_heldout": [rec(*k, v) for k, v in sh.items()]},
            "headline": {"ratio": {"ci95": [0.1, 0.9]}, "p_value": 0.25, "min_p": 0.25}}
@@ -93,5 +93,24 @@ def test_side_by_side_row_of_a_finished_study(tmp_path):
     assert [s["ratio"] for s in row["stars"]] == pytest.approx([0.5, 1.0])  # each star over the same grid
     assert row["regular_train_loss"]["median"] == pytest.approx(0.025)
     assert [s["fit_ratio"] for s in row["stars"]] == pytest.approx([1.0, 2.0])
+    assert [s["fit_met"] for s in row["stars"]] == [True, False]
+    table = "\n".join(side.tables({"labels": {"b": "B"}, "parts": {"b": {"16": row}}}))
+    assert "0.0250 ✓, 0.0500 ✗" in table
     assert row["epochs"] == {"regular_min": 12, "regular_max": 20, "stars": [30, 40], "target_loss": 0.02,
-                             "regular_reached": 2, "cap": 20}
+                             "regular_reached": 2, "cap": 20, "recipe": "adam lr 0.002, cosine"}
+
+
+def test_side_by_side_keeps_earlier_rows_it_does_not_remeasure():
+    """`report --keep`: a (part, width) the runs folder finished replaces the earlier row; every other earlier
+    row stays with its own part's label, and widths come out in numeric order."""
+    side = _side_module()
+    new = {"labels": {"a": "A new", "c": "C"}, "parts": {"a": {"8": {"ratio": 0.5}}, "c": {}}}
+    earlier = {"labels": {"a": "A old", "c": "C old", "a_sgd15": "A earlier recipe"},
+               "parts": {"a": {"8": {"ratio": 0.9}, "64": {"ratio": 0.7}}, "c": {"4": {"ratio": 1.0}},
+                         "a_sgd15": {"16": {"ratio": 0.4}}}}
+    out = side.keep_rows(new, earlier)
+    assert out["parts"]["a"] == {"8": {"ratio": 0.5}, "64": {"ratio": 0.7}}
+    assert list(out["parts"]["a"]) == ["8", "64"]
+    assert out["parts"]["c"] == {"4": {"ratio": 1.0}} and out["parts"]["a_sgd15"] == {"16": {"ratio": 0.4}}
+    assert out["labels"] == {"a": "A new", "c": "C", "a_sgd15": "A earlier recipe"}
+    assert new["parts"]["a"] == {"8": {"ratio": 0.5}}  # the input is not changed
