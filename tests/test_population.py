@@ -45,10 +45,12 @@ def _same(a: dict, b: dict) -> bool:
     {"train": {"optimizer": {"weight_decay": 1e-3}, "schedule": {"name": "cosine"}}},
     {"model": {"kwargs": {"depth": 2}}, "train": {"optimizer": {"name": "adam", "lr": 0.01},
                                                   "label_smoothing": 0.1}},
+    {"data": {"augment": True}, "train": {"epochs": 2}},
 ])
 def test_each_member_is_bitwise_its_solo_run(digits_cfg, over):
     """Weights, final metrics and per-epoch history of every member equal the solo run's exactly (SGD with
-    momentum, weight decay and a cosine schedule; Adam, two hidden layers, label smoothing)."""
+    momentum, weight decay and a cosine schedule; Adam, two hidden layers, label smoothing; augmentation
+    drawn from each member's own generator)."""
     cfg = _with(digits_cfg, **over)
     seeds = [5, 2, 9]
     for seed, (model, metrics, hist) in zip(seeds, pop.train_population(cfg, seeds, progress=False)):

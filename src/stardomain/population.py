@@ -159,9 +159,8 @@ def _member(cfg: Config, data: DataBundle, seed: int, steps: int, state_path, de
 def _stack_of(members: Sequence[Member], tc: TrainConfig, steps: int):
     """The members' weights as stacked leaves, with one optimiser and schedule over them whose state is
     theirs stacked (optimisers are elementwise; members at one epoch share the schedule's state)."""
-    names = [n for n, _ in members[0].model.named_parameters()]
-    stack = Stack.of([dict(m.model.named_parameters()) for m in members])
-    leaves = {n: stack.tensors[n].detach().clone().requires_grad_() for n in names}
+    stack = Stack.of([dict(m.model.named_parameters()) for m in members])  # the modules' parameter order
+    leaves = {n: v.detach().requires_grad_() for n, v in stack.tensors.items()}
     opt = build_optimizer(list(leaves.values()), tc.optimizer)
     sched = build_scheduler(opt, tc, steps)
     states = [m.opt.state_dict() for m in members]
