@@ -1,11 +1,15 @@
 """Alignment coverage: how much of each architecture the permutation spec can permute.
 
-For the zoo's models and small stand-ins written here in the shapes of third-party architectures
-(RegNetY, ResNeXt, DPN, PNASNet, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier; nothing is
-downloaded), prints the spec's permutable share (spec.permutable_fraction(): the permuted share of
-the parameter axes that carry hidden units), the share of parameters in a tensor with at least one
-permuted axis, the number of groups, the distinct reasons for what stays pinned, and the seconds to
-derive the spec (one run, after a warm-up).
+For the zoo's models and small stand-ins written here in the shapes of third-party architectures (RegNetY,
+ResNeXt, DPN, PNASNet, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier (also as torch.export sees it),
+a GRU cell loop, timm's ViT attention; nothing is downloaded), prints the spec's permutable share
+(spec.permutable_fraction(): the permuted share of the parameter axes that carry hidden units), the share of
+parameters in a tensor with at least one permuted axis, the number of groups, the distinct reasons for what
+stays pinned, the seconds to derive the spec (one run, after a warm-up), the seconds weight matching takes
+on an independent pair (the model against a second initialisation of its architecture), and whether it finds
+a planted permutation: a seeded random legal permutation of the model's own weights, matched back against
+the original (yes: the permutation's inverse exactly, distance 0; else the distance left, relative to the
+distance before).
 
     .venv/bin/python benchmarks/align_coverage.py
 """
@@ -19,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stardomain.models import build_model
-from stardomain.permute import spec_from_model
+from stardomain.permute import (apply_permutation, distance, inverse, random_permutation, spec_from_model,
+                                weight_matching)
 
 
 def _cbr(i, o, k=1, groups=1, stride=1):
@@ -129,6 +134,74 @@ class LSTMClassifier(nn.Module):
         return self.fc(out[:, -1])
 
 
+class LSTMExported(LSTMClassifier):
+    """The LSTM classifier where only torch.export captures it (a size read off the input): nn.LSTM appears as
+    aten.lstm, its weights a flat list."""
+
+    def forward(self, ids):
+        out, _ = self.lstm(self.embed(ids) + torch.zeros(ids.shape[0], 1, 1))
+        return self.fc(out[:, -1])
+
+
+class GRUCellLoop(nn.Module):
+    """A GRU written as a loop over time with nn.GRUCell (the graph unrolls the loop)."""
+
+    def __init__(self, vocab=1000, dim=64, hidden=64, steps=40, classes=4):
+        super().__init__()
+        self.hidden, self.steps = hidden, steps
+        self.embed, self.cell, self.fc = nn.Embedding(vocab, dim), nn.GRUCell(dim, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, ids):
+        x, h = self.embed(ids), ids.new_zeros(ids.shape[0], self.hidden, dtype=torch.float)
+        for i in range(self.steps):
+            h = self.cell(x[:, i], h)
+        return self.fc(h)
+
+
+class TimmAttention(nn.Module):
+    """timm's Attention: fused qkv Linear, reshape to heads, permute, unbind, LayerNorm over each head's
+    units (qk_norm), F.scaled_dot_product_attention, heads transposed back, output projection."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.LayerNorm(self.hd), nn.LayerNorm(self.hd)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), TimmAttention(dim, heads), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TimmViT(nn.Module):
+    """timm's VisionTransformer in miniature (patch embedding, class token, qk_norm blocks)."""
+
+    def __init__(self, dim=64, heads=4, depth=2, classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.cls, self.pos = nn.Parameter(torch.zeros(1, 1, dim)), nn.Parameter(torch.zeros(1, 17, dim))
+        self.blocks = nn.Sequential(*[TimmBlock(dim, heads) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
 def _zoo(name, **kw):
     return lambda: (build_model({"name": name, "kwargs": kw}, (3, 32, 32), 10), torch.randn(2, 3, 32, 32))
 
@@ -144,13 +217,19 @@ CASES = {
         {"name": "gpt", "kwargs": {"kv_heads": 2, "rope": True, "mlp": "swiglu", "norm": "rms"}}, (1, 28, 28), 10),
         torch.randn(2, 1, 28, 28)),
     "ResNeXt-shaped (2 groups)": lambda: (Net(32, [Bottleneck(32, 64, 2) for _ in range(3)], 32), IMG),
+    "ResNeXt-shaped (32 groups of 8)": lambda: (Net(64, [Bottleneck(64, 256, 32) for _ in range(3)], 64), IMG),
     "RegNetY-shaped (group width 8, SE)": lambda: (Net(32, [Bottleneck(32, 48, 6, se=True) for _ in range(3)], 32),
                                                    IMG),
+    "RegNetY-shaped (13, 26, 55 groups of 8, SE)": lambda: (Net(48, [Bottleneck(48, 8 * g, g, se=True)
+                                                                       for g in (13, 26, 55)], 48), IMG),
     "DPN-shaped (dual path)": lambda: (Net(40, [DualPath(32, 8, 32, 4) for _ in range(2)], 40), IMG),
     "PNASNet-shaped (separable cells)": lambda: (Net(16, [PnasCell(16), PnasCell(32)], 64), IMG),
     "ShuffleNetV2-shaped (split, shuffle)": lambda: (Net(32, [ShuffleUnit(32) for _ in range(3)], 32), IMG),
     "TextCNN (AG-News-shaped)": lambda: (TextCNN(), TOKENS),
     "LSTM classifier (2 layers, bidirectional)": lambda: (LSTMClassifier(), TOKENS),
+    "LSTM classifier, torch.export only (aten.lstm)": lambda: (LSTMExported(), TOKENS),
+    "GRU cell loop (nn.GRUCell over 40 steps)": lambda: (GRUCellLoop(), TOKENS),
+    "timm-shaped ViT (fused qkv, qk_norm, SDPA)": lambda: (TimmViT(), IMG),
 }
 
 
@@ -162,10 +241,25 @@ def _touched(spec) -> float:
     return sum(size[t] for t in touched) / max(1, sum(size.values()))
 
 
+def _planted(spec, model) -> str:
+    """Weight matching of a randomly permuted copy back onto the model: 'yes' if it returns the inverse."""
+    if not spec.groups:
+        return "-"
+    sd = model.state_dict()
+    p = random_permutation(spec, torch.Generator().manual_seed(1))
+    sp = apply_permutation(spec, sd, p)
+    q, _ = weight_matching(spec, sd, sp)
+    if all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups):
+        return "yes"
+    before = distance(sd, sp, spec.parameters)
+    return f"no ({distance(sd, apply_permutation(spec, sp, q), spec.parameters) / max(before, 1e-30):.2f})"
+
+
 def main() -> None:
     torch.manual_seed(0)
-    print("| model | parameters | permutable share | parameters touched | groups | seconds | pinned because |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| model | parameters | permutable share | parameters touched | groups | seconds | matching s | "
+          "planted found | pinned because |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for name, make in CASES.items():
         model, x = make()
         model.eval()
@@ -173,11 +267,16 @@ def main() -> None:
         t0 = time.perf_counter()
         spec = spec_from_model(model, x)
         secs = time.perf_counter() - t0
+        other = make()[0].state_dict()
+        t0 = time.perf_counter()
+        weight_matching(spec, model.state_dict(), other)
+        match_secs = time.perf_counter() - t0
         reasons = sorted({r.split(" (at ")[0] for u in spec.unpermuted for r in u.reason.split("; ")
                           if not r.startswith(("model output", "model input"))})
         n = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {n:,} | {100 * spec.permutable_fraction():.1f}% | {100 * _touched(spec):.1f}% | "
-              f"{len(spec.groups)} | {secs:.2f} | {'; '.join(reasons)[:240] or '-'} |")
+              f"{len(spec.groups)} | {secs:.2f} | {match_secs:.2f} | {_planted(spec, model)} | "
+              f"{'; '.join(reasons)[:240] or '-'} |")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,7 @@ def _flat(d: dict, prefix: str = ""):
 @pytest.fixture
 def no_work(monkeypatch):
     """Any study task, training loop or Starlight run started fails the test."""
+    import stardomain.population as population
     import stardomain.starlight as starlight
     import stardomain.study.executors as executors
     import stardomain.training as training
@@ -137,7 +138,9 @@ def no_work(monkeypatch):
         raise AssertionError("work started before the config was refused")
 
     monkeypatch.setattr(executors, "execute", refuse)
+    monkeypatch.setattr(executors, "execute_unit", refuse)
     monkeypatch.setattr(training, "fit", refuse)
+    monkeypatch.setattr(population, "_epoch", refuse)
     monkeypatch.setattr(starlight, "fit", refuse)
 
 

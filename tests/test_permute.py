@@ -171,9 +171,11 @@ def test_unsupported_layers_stay_unpermuted_and_say_why():
     (g,) = [g for g in spec.groups.values() if any(m.tensor == "dw.weight" for m in g.members)]
     assert {m.tensor for m in g.members} == {"c2.weight", "c2.bias", "dw.weight", "dw.bias", "c3.weight"}
     assert sorted(g.size for g in spec.groups.values()) == [4, 6, 8, 8]  # c3's outputs are pinned (cumsum)
-    # c1's outputs (the grouped conv's inputs) move as whole groups only, coupled with g's outputs
+    # c1's outputs (the grouped conv's inputs) move as whole groups coupled with g's outputs, and within
+    # their group (g's weight's input axis reordered per block of rows)
     c1 = next(g for g in spec.groups.values() if any(m.tensor == "c1.weight" for m in g.members))
-    assert c1.heads == 2 and c1.head_only and spec.groups[c1.couple].heads == 2
+    assert c1.heads == 2 and not c1.head_only and spec.groups[c1.couple].heads == 2
+    assert any(m.tensor == "g.weight" and m.axis == 1 and m.by == 0 for m in c1.members)
 
 
 def test_untraceable_model_permutes_nothing():

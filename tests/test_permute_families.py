@@ -126,7 +126,8 @@ def test_grouped_query_units_move_with_every_query_head_sharing_them(name):
 def test_channel_shuffle_and_token_mixing_are_pinned_with_reasons():
     _, _, shuffle, _ = _family("shuffle", 0)
     reasons = " ".join(u.reason for u in shuffle.unpermuted)
-    assert "grouped convolution" in reasons
+    assert "reshape of per-head tensors" in reasons
+    assert "convolution groups) are coupled with is unpermutable" in reasons
     assert not any(mm.tensor.startswith("gconv") for g in shuffle.groups.values() for mm in g.members)
     _, _, mixer, _ = _family("mixer", 0)
     # the token-mixing MLPs' hidden units are a group (fc1's rows and bias, fc2's columns), the tokens

@@ -58,6 +58,9 @@ CASES = {
     "family_gpt": lambda: (FAMILIES["gpt"]()[0], torch.randint(0, 11, (32, 6))),
     "family_llama_gqa": lambda: (FAMILIES["llama"]()[0], torch.randint(0, 13, (32, 7))),
     "family_vit": lambda: (FAMILIES["vit"]()[0], torch.randn(32, 3, 8, 8)),
+    "grouped_conv": lambda: (torch.nn.Sequential(  # both sides of a grouped convolution move within groups
+        torch.nn.Conv2d(3, 6, 1), torch.nn.ReLU(), torch.nn.Conv2d(6, 4, 3, padding=1, groups=2), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(64, 10)), torch.randn(32, 3, 4, 4)),
 }
 
 

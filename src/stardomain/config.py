@@ -272,6 +272,11 @@ class StudyConfig(Section):
     bootstrap: int = Field(10000, ge=100, le=MAX_BOOTSTRAP)  # resamples for the 95% CI
     alpha: float = Field(0.05, gt=0, lt=1)  # significance level of the headline (sign-flip) test
     merge_rounds: int = Field(20, ge=1, le=10_000)  # merged_heldout: at most this many MergeMany rounds
+    # Sources and held-outs of one recipe trained as stacked populations (stardomain.population; docs/method.md,
+    # "Stacked population training"): bitwise the models one-at-a-time training gives, so it never changes a
+    # result or a cache key, only the time. auto: where the recipe allows (else one at a time, with the
+    # reason on stderr); always: a recipe that does not allow it is an error; never: one at a time.
+    stacked_training: Literal["auto", "always", "never"] = "auto"
 
 
 class StarConfig(Section):

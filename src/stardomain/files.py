@@ -21,6 +21,7 @@ from .data import get_dataset
 from .errors import UserError
 from .report.averaging import plot_result
 from .safety import check_meta_factories
+from .population import train_population
 from .starlight import train_star
 from .training import StopRule, fit_record, model_meta, train
 from .utils import json_safe, resolve_device
@@ -41,17 +42,38 @@ def train_to_file(cfg: Config, seed: int, out: str | Path, *, role: str = "sourc
     """Train and write a model file; resumable through `OUT.state` (removed when done); the per-epoch
     metrics also go to `OUT.csv` (and to `on_epoch`, see `fit`). -> metadata."""
     out = Path(out)
-    state_path = out.with_name(out.name + ".state")
     history: list[dict] = []
-    model, metrics = train(cfg, seed, device=device, state_path=state_path, progress=progress, history=history,
-                           on_epoch=on_epoch)
+    model, metrics = train(cfg, seed, device=device, state_path=_state_path(out), progress=progress,
+                           history=history, on_epoch=on_epoch)
+    return _write_trained(cfg, seed, out, role, device, (model, metrics, history))
+
+
+def _state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".state")
+
+
+def _write_trained(cfg: Config, seed: int, out: Path, role: str, device: str,
+                   trained: tuple[torch.nn.Module, dict, list[dict]]) -> dict[str, Any]:
+    """A trained regular model's file, history CSV and metadata (solo or stacked: the same form)."""
+    model, metrics, history = trained
     meta = save_model(out, model.state_dict(), model_meta(cfg, get_dataset(cfg.data), seed, role, metrics=metrics,
                                                           device=resolve_device(device), history=history,
                                                           fit=fit_record(StopRule.of(cfg.train.stop),
                                                                          cfg.train.epochs, history)))
     write_history_csv(out.with_name(out.name + ".csv"), history)
-    state_path.unlink(missing_ok=True)
+    _state_path(out).unlink(missing_ok=True)
     return meta
+
+
+def train_population_to_files(cfg: Config, seeds: Sequence[int], outs: Sequence[str | Path], roles: Sequence[str], *,
+                              device: str = "auto", progress: bool | None = None) -> list[dict[str, Any]]:
+    """`train_to_file` for a population of one recipe, trained stacked (`population.train_population`):
+    each model gets the same file, history CSV, metadata and `OUT.state` resume file its solo run would.
+    -> the metadata of each."""
+    outs = [Path(o) for o in outs]
+    trained = train_population(cfg, seeds, device=device, state_paths=[_state_path(o) for o in outs],
+                               progress=progress)
+    return [_write_trained(cfg, s, o, r, device, t) for s, o, r, t in zip(seeds, outs, roles, trained)]
 
 
 class SourceFiles(Sequence):

@@ -344,6 +344,13 @@ def fit(model: nn.Module, data: DataBundle, tc: TrainConfig, seed: int, digest: 
     return n_step
 
 
+def diverged_line(loss: float, epoch: int, seed: int, state_path: str | Path | None) -> str:
+    """What a regular run that diverged says (solo or stacked, `population`)."""
+    kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path else ""
+    return (f"training diverged: loss is {loss} at epoch {epoch + 1} (seed {seed}){kept}; "
+            "lower train.optimizer.lr or set train.grad_clip")
+
+
 def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_path: str | Path | None = None,
           progress: bool | None = None, init: dict[str, torch.Tensor] | None = None,
           history: list[dict] | None = None, model: nn.Module | None = None,
@@ -370,12 +377,7 @@ def train(cfg: Config, seed: int, *, device: str | torch.device = "auto", state_
         loss.backward()
         return loss.item(), (out.argmax(-1) == yt).sum().item()
 
-    def diverged(loss, epoch):
-        kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path else ""
-        return (f"training diverged: loss is {loss} at epoch {epoch + 1} (seed {seed}){kept}; "
-                "lower train.optimizer.lr or set train.grad_clip")
-
-    hooks = Hooks(step, diverged, desc=f"train seed {seed}", logged=on_epoch or (lambda epoch, record: None),
+    hooks = Hooks(step, lambda loss, epoch: diverged_line(loss, epoch, seed, state_path), desc=f"train seed {seed}", logged=on_epoch or (lambda epoch, record: None),
                   stop=StopRule.of(tc.stop))
     fit(model, data, tc, seed, config_digest(cfg), hooks, device=device, state_path=state_path, progress=progress,
         history=history)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .capture import capture_module
-from .matching import head_only_flags, lsa, solve_heads
+from .matching import head_only_flags, lsa, solve_blocks
 from .permutations import identity
 from .probes import load_into, observe
 from .spec import PermutationSpec
@@ -39,9 +39,7 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
         corr = {kk: _correlation(g.size, chosen[kk], fused.get(kk, []), acts_a, acts_b, sd_a, sd_b, unit_axes)
                 for kk in ks}
         if g.heads:
-            ps = solve_heads(corr[ks[0]].numpy(), corr[ks[1]].numpy() if len(ks) > 1 else None, g.heads,
-                              head_only_flags(spec, ks))
-            perm.update(zip(ks, ps))
+            perm.update(zip(ks, solve_blocks([corr[kk].numpy() for kk in ks], g.heads, head_only_flags(spec, ks))))
         else:
             perm[k] = torch.from_numpy(lsa(corr[k].numpy())).long()
     return perm, {"iterations": 1, "converged": True, "groups": len(spec.groups)}

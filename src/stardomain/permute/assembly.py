@@ -3,11 +3,13 @@ coupled, every pinned axis listed with its reason."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch.nn as nn
 
 from .builder import GroupBuilder
+from .rules.common import GROUPED_INPUTS
 from .spec import Group, Member, PermutationSpec, Unpermuted
 
 PARTNER_PINNED = "the group its blocks (attention heads, convolution groups) are coupled with is unpermutable"
@@ -22,6 +24,7 @@ def assemble(tr: Any, model: nn.Module, sd: dict, trace_error: str | None = None
     _merge_shared(tr, pinned)
     groups, unperm = _named_groups(tr.b)
     _couple_heads(tr.b, groups, unperm)
+    _check_within_blocks(groups, unperm, sd)
     unperm += _pinned_elsewhere(pinned, groups, unperm, sd)
     if trace_error:
         unperm.append(Unpermuted("whole model", trace_error))
@@ -35,7 +38,7 @@ def _merge_shared(tr: Any, pinned: dict[str, str]) -> None:
     b = tr.b
     roots = list(dict.fromkeys(b.find(g) for g in range(len(b.parent))))  # in trace order: names stay stable
     for r in roots:
-        b.members[r] = list(dict.fromkeys(Member(a, m.axis, m.offset, m.block, m.rep) for m in b.members[r]
+        b.members[r] = list(dict.fromkeys(replace(m, tensor=a) for m in b.members[r]
                                           for a in tr.aliases.get(m.tensor, [m.tensor])))
         for m in b.members[r]:
             if m.tensor in pinned:
@@ -59,7 +62,7 @@ def _named_groups(b: GroupBuilder) -> tuple[dict[str, Group], list[Unpermuted]]:
         if not members:
             continue
         what = ", ".join(dict.fromkeys(f"{m.tensor}[{m.axis}]" for m in members))
-        axes = [[m.tensor, m.axis, m.offset, b.n[r] * m.block * m.rep] for m in members]
+        axes = [[m.tensor, m.axis, m.offset, m.span(b.n[r], b.heads[r])] for m in members]
         if b.reasons[r]:
             unperm.append(Unpermuted(what, "; ".join(dict.fromkeys(b.reasons[r])), axes))
             continue
@@ -92,8 +95,32 @@ def _couple_heads(b: GroupBuilder, groups: dict[str, Group], unperm: list[Unperm
                 gr = groups.pop(b.label[r])
                 unperm.append(Unpermuted(", ".join(f"{m.tensor}[{m.axis}]" for m in gr.members),
                                          PARTNER_PINNED,
-                                         [[m.tensor, m.axis, m.offset, gr.size * m.block * m.rep]
+                                         [[m.tensor, m.axis, m.offset, m.span(gr.size, gr.heads)]
                                           for m in gr.members]))
+
+
+def _check_within_blocks(groups: dict[str, Group], unperm: list[Unpermuted], sd: dict) -> None:
+    """A within-block member (Member.by: a grouped convolution's input axis) is exact only where the tensor's
+    axis `by` is owned, whole and plainly, by the group coupled with this one (the same block permutation)
+    and nothing else permutes the tensor. Elsewhere (a grouped convolution reading its own output through a
+    residual, say) the units keep their order within a block: the member is dropped and its axis pinned."""
+    owners: dict[str, list[tuple[str, Member]]] = {}
+    for k, g in groups.items():
+        for m in g.members:
+            owners.setdefault(m.tensor, []).append((k, m))
+    for k, g in groups.items():
+        for m in [m for m in g.members if m.by >= 0]:
+            partner = groups.get(g.couple) if g.couple else None
+            rows = [(o, r) for o, r in owners[m.tensor] if r != m]
+            ok = (partner is not None and partner.name != k and partner.heads == g.heads > 0 and m.offset == 0
+                  and m.block == m.rep == 1 and len(rows) == 1 and rows[0][0] == partner.name
+                  and rows[0][1] == Member(m.tensor, m.by) and sd[m.tensor].shape[m.by] == partner.size
+                  and sd[m.tensor].shape[m.axis] * g.heads == g.size)
+            if not ok:
+                g.members.remove(m)
+                g.head_only = True
+                unperm.append(Unpermuted(f"{m.tensor}[{m.axis}]", GROUPED_INPUTS,
+                                         [[m.tensor, m.axis, 0, sd[m.tensor].shape[m.axis]]]))
 
 
 def _pinned_elsewhere(pinned: dict[str, str], groups: dict[str, Group], unperm: list[Unpermuted],

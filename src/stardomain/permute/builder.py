@@ -56,7 +56,7 @@ class GroupBuilder:
         r = self.find(g)
         if self.heads[r] or self.couple[r] is not None or r in self.parts or sum(sizes) != self.n[r]:
             return None
-        if any(m.block != 1 or m.rep != 1 for m in self.members[r]):
+        if any(m.block != 1 or m.rep != 1 or m.by >= 0 for m in self.members[r]):
             return None
         subs, off = [], 0
         for n in sizes:
@@ -80,7 +80,7 @@ class GroupBuilder:
             return False
         if self.n[q] != rep * self.n[k] or self.heads[q] != rep * self.heads[k]:
             return False
-        if any(m.rep != 1 for m in self.members[q]):
+        if any(m.rep != 1 or m.by >= 0 for m in self.members[q]):
             return False
         self.reasons[k] += self.reasons[q]
         self.members[k] += [Member(m.tensor, m.axis, m.offset, m.block, rep) for m in self.members[q]]

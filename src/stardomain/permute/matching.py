@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .permutations import CpuThreads, axis_index, identity, member_plan, permute_tensor, slice_rows, unit_major
+from .permutations import (CpuThreads, axis_index, identity, local_orders, member_plan, permute_tensor, slice_rows,
+                           unit_major, within_block)
 from .spec import PermutationSpec
 
 
@@ -24,30 +25,81 @@ def lsa(score: np.ndarray) -> np.ndarray:
     return linear_sum_assignment(d)[1]
 
 
-def solve_heads(cq: np.ndarray, cv: np.ndarray | None, heads: int,
-                 fixed: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Best head-structured assignment for one or two coupled cost matrices (A unit x B unit, float64).
-    fixed[i]: matrix i's units keep their order within a head (rotary q/k): whole heads move only."""
-    n = cq.shape[0]
-    dh = n // heads
-    mats = [c.reshape(heads, dh, heads, dh).transpose(0, 2, 1, 3) for c in (cq, cv) if c is not None]
-    fixed = fixed[:len(mats)]
-    score = np.zeros((heads, heads))
-    within: dict[tuple[int, int], list[np.ndarray]] = {}
-    for a in range(heads):
-        for b in range(heads):
-            cols = [np.arange(dh) if f else lsa(m[a, b]) for m, f in zip(mats, fixed)]
-            within[a, b] = cols
-            score[a, b] = sum(m[a, b][np.arange(dh), c].sum() for m, c in zip(mats, cols))
-    hp = lsa(score)
-    perms = [torch.from_numpy(np.concatenate([hp[a] * dh + within[a, hp[a]][i] for a in range(heads)])).long()
-             for i in range(len(mats))]
-    return perms[0], (perms[1] if len(perms) > 1 else None)
+def solve_blocks(costs: list[np.ndarray], heads: int, fixed: list[bool] | tuple = (), bilinear: list = (),
+                 start: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Best block-structured assignment for groups sharing one block permutation (attention q/k with v/o,
+    a grouped convolution's inputs with its outputs). costs: one (A unit x B unit, float64) matrix per
+    group; fixed[i]: group i's units keep their order within a block (rotary q/k): whole blocks move only.
+    bilinear: (i, j, A, B) terms <A, B with its rows in group i's and its columns in group j's within-block
+    order>, A and B shaped (blocks, rows per block, columns per block, rest) (a grouped convolution's
+    weight). With them, the within-block orders of each pairing of A's block a with B's block b come from
+    one round of assignments (each group given the others' orders, starting at `start`'s order of block b,
+    a new order taken only if it gains); the block permutation is the best on those values, and its chosen
+    pairings then alternate to convergence. Each step only gains, so the value `start` has never drops.
+    Without them each within-block order is one assignment."""
+    fixed = list(fixed) + [False] * (len(costs) - len(fixed))
+    sizes = [c.shape[0] // heads for c in costs]
+    mats = [c.reshape(heads, d, heads, d).transpose(0, 2, 1, 3) for c, d in zip(costs, sizes)]
+    pa, pb = np.repeat(np.arange(heads), heads), np.tile(np.arange(heads), heads)  # every pairing (a, b)
+    begin = ([local_orders(p, heads).numpy() for p in start] if start is not None and bilinear else
+             [np.tile(np.arange(d), (heads, 1)) for d in sizes])
+    ws = [o[pb] for o in begin]  # (pairings, units per block) per group
+    _round(mats, fixed, bilinear, pa, pb, ws)
+    hp = lsa(_values(mats, bilinear, pa, pb, ws).reshape(heads, heads))
+    chosen = np.arange(heads) * heads + hp
+    ws = [w[chosen] for w in ws]
+    for _ in range(50 if bilinear else 0):
+        if not _round(mats, fixed, bilinear, np.arange(heads), hp, ws):
+            break
+    return [torch.from_numpy((hp[:, None] * d + w).reshape(-1)).long() for w, d in zip(ws, sizes)]
 
 
-def head_only_flags(spec: PermutationSpec, names) -> tuple[bool, bool]:
-    flags = tuple(spec.groups[k].head_only for k in names)
-    return (flags + (False, False))[:2]
+def _round(mats: list, fixed: list, bilinear: list, pa: np.ndarray, pb: np.ndarray, ws: list) -> bool:
+    """One assignment per group and pairing (pa[p], pb[p]), the other groups' orders held at ws (updated in
+    place; with bilinear terms a new order only where it gains) -> whether any order moved."""
+    moved = False
+    rows = np.arange(len(pa))[:, None]
+    for g, m in enumerate(mats):
+        if fixed[g]:
+            continue
+        c = m[pa, pb] + sum(_bilinear_cost(g, t, pa, pb, ws) for t in bilinear)
+        new = np.stack([lsa(x) for x in c])
+        units = np.arange(c.shape[1])[None, :]
+        take = (c[rows, units, new].sum(1) > (old := c[rows, units, ws[g]].sum(1)) + 1e-12 * np.maximum(1.0, abs(old))
+                if bilinear else np.ones(len(pa), dtype=bool))
+        moved = moved or bool((new[take] != ws[g][take]).any())
+        ws[g][take] = new[take]
+    return moved
+
+
+def _bilinear_cost(g: int, term: tuple, pa: np.ndarray, pb: np.ndarray, ws: list):
+    """Group g's within-block cost matrices (pairings x units x units) from one bilinear term, the other
+    group's orders held at ws (0 if g is on neither side)."""
+    i, j, A, B = term
+    if g not in (i, j):
+        return 0.0
+    n = len(pa)
+    if g == i:  # B's columns in j's order of each pairing: sum over columns and rest of A's row r, B's row s
+        a = A.transpose(0, 2, 1, 3)[pa]  # (pairings, columns, rows, rest)
+        b = B.transpose(0, 2, 1, 3)[pb[:, None], ws[j]]
+        return np.einsum("pcrk,pcsk->prs", a, b, optimize=True)
+    b = B[pb[:, None], ws[i]]  # B's rows in i's order: sum over rows and rest of A's column c, B's column v
+    return np.einsum("prck,prvk->pcv", A[pa], b, optimize=True)
+
+
+def _values(mats: list, bilinear: list, pa: np.ndarray, pb: np.ndarray, ws: list) -> np.ndarray:
+    """The value of each pairing at the orders ws: its groups' costs and its bilinear terms."""
+    rows = np.arange(len(pa))[:, None]
+    v = sum(m[pa, pb][rows, np.arange(w.shape[1])[None, :], w].sum(1) for m, w in zip(mats, ws))
+    for i, j, A, B in bilinear:
+        b = B[pb[:, None], ws[i]]  # (pairings, rows in i's order, columns, rest)
+        b = np.take_along_axis(b, ws[j][:, None, :, None], axis=2)
+        v = v + (A[pa] * b).reshape(len(pa), -1).sum(1)
+    return v
+
+
+def head_only_flags(spec: PermutationSpec, names) -> list[bool]:
+    return [spec.groups[k].head_only for k in names]
 
 
 def np64(c: torch.Tensor) -> np.ndarray:
@@ -138,21 +190,20 @@ def _sorted_init(spec: PermutationSpec, sd_a: dict, sd_b: dict) -> dict[str, tor
         ks = [k] + ([g.couple] if g.couple else [])
         cs = []
         for kk in ks:
-            c = torch.zeros(g.size, g.size)
+            n = spec.groups[kk].size  # (coupled groups may differ in size: a grouped conv's two sides)
+            c = torch.zeros(n, n)
             for m in spec.groups[kk].members:
-                if m.tensor not in params:
+                if m.tensor not in params or m.by >= 0:  # (a within-block axis: sorted along its rows' axis)
                     continue
-                where = (m.axis, m.offset, g.size, m.block, m.rep, spec.groups[kk].heads)
+                where = (m.axis, m.offset, n, m.block, m.rep, spec.groups[kk].heads)
                 a = slice_rows(sd_a[m.tensor].float(), *where).sort(dim=1).values
                 b = slice_rows(sd_b[m.tensor].float(), *where).sort(dim=1).values
                 c += 2 * a @ b.T - (a * a).sum(1, keepdim=True) - (b * b).sum(1)
             cs.append(np64(c))
         if not any(m.tensor in params for kk in ks for m in spec.groups[kk].members):
-            out.update({kk: torch.arange(g.size) for kk in ks})  # nothing to match: keep the order
+            out.update({kk: torch.arange(spec.groups[kk].size) for kk in ks})  # nothing to match: keep the order
         elif g.heads:
-            solved = solve_heads(cs[0], cs[1] if len(cs) > 1 else None, g.heads, head_only_flags(spec, ks))
-            for kk, p in zip(ks, solved):
-                out[kk] = p
+            out.update(zip(ks, solve_blocks(cs, g.heads, head_only_flags(spec, ks))))
         else:
             out[k] = torch.from_numpy(lsa(cs[0])).long()
     return out
@@ -160,7 +211,10 @@ def _sorted_init(spec: PermutationSpec, sd_a: dict, sd_b: dict) -> dict[str, tor
 
 def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
     """Per group k: (constant part of its cost matrix or None, varying terms), so that
-    cost_k = const + sum over terms of rows(A) @ rows(B permuted along the other groups' axes).T.
+    cost_k = const + sum over terms of rows(A) @ rows(B permuted along the other groups' axes).T; and the
+    bilinear terms: tensor -> (row group, within-block group, A, B as (blocks, rows, columns, rest)), the
+    tensors with a within-block axis (Member.by: a grouped convolution's weight), solved with their two
+    coupled groups at once (solve_blocks).
 
     Everything that does not change during the descent is prepared once: A's row matrices, and B's
     slice with k's axis moved first, so a step costs one gather per other axis and a matmul. Both are
@@ -169,8 +223,16 @@ def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
     term."""
     fixed: dict[str, list] = {k: [] for k in spec.groups}  # (rows of A, rows of B) of the constant part
     terms: dict[str, list] = {k: [] for k in spec.groups}
+    bilinear: dict[str, tuple] = {}
     for t, items in plan.items():
-        for ax, off, n, blk, k, rep, heads in items:
+        inner = [it for it in items if within_block(it)]
+        if inner:  # (assembly checked: one more item, the coupled group's, whole along axis `by`)
+            ax, _, n, _, k, _, heads, by = inner[0]
+            row = next(it[4] for it in items if it is not inner[0])
+            shape = (heads, A[t].shape[by] // heads, n // heads, -1)
+            bilinear[t] = (row, k, *(x[t].movedim((by, ax), (0, 1)).reshape(shape) for x in (A, B)))
+            continue
+        for ax, off, n, blk, k, rep, heads, _ in items:
             if ax == 0 and off == 0 and rep == 1 and n * blk == B[t].shape[0]:  # the usual case: views, no copies
                 ra, bm = A[t].reshape(n, -1).contiguous(), B[t]
             else:
@@ -185,7 +247,7 @@ def _group_costs(spec: PermutationSpec, plan: dict, A: dict, B: dict):
                 fixed[k].append((ra, bm.reshape(n, -1)))
             else:
                 terms[k].append((ra, bm, others))
-    return {k: _constant(fs) for k, fs in fixed.items()}, terms
+    return {k: _constant(fs) for k, fs in fixed.items()}, terms, bilinear
 
 
 def _constant(fs: list) -> torch.Tensor | None:
@@ -210,11 +272,19 @@ class _CostCache:
 
     def __init__(self, spec: PermutationSpec, plan: dict, A: dict, B: dict, dtype: torch.dtype):
         self.spec, self.dtype = spec, dtype
-        self.const, self.terms = _group_costs(spec, plan, A, B)
+        self.const, self.terms, self.bilinear = _group_costs(spec, plan, A, B)
+        self.numpy_terms: dict[tuple[str, ...], list] = {}
         self.last: dict[tuple[str, tuple], tuple[dict, torch.Tensor]] = {}  # -> (term -> index, matrix)
 
     def touches_parameters(self, k: str) -> bool:
-        return self.const[k] is not None or bool(self.terms[k])
+        return self.const[k] is not None or bool(self.terms[k]) or any(k in b[:2] for b in self.bilinear.values())
+
+    def bilinear_of(self, u: tuple[str, ...]) -> list[tuple]:
+        """Unit u's bilinear terms, as solve_blocks takes them (group positions in u, numpy arrays)."""
+        if u not in self.numpy_terms:
+            self.numpy_terms[u] = [(u.index(r), u.index(k), np64(a), np64(b)) for r, k, a, b in self.bilinear.values()
+                                   if r in u and k in u]
+        return self.numpy_terms[u]
 
     def matrix(self, k: str, perm: dict, unknown: set[str]) -> tuple[np.ndarray, list | None]:
         """-> (the cost matrix the assignment is solved on, the terms left out of it or None): terms read
@@ -274,21 +344,20 @@ class _CostCache:
 
 
 def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.ndarray, list | None]],
-                olds: list[torch.Tensor]) -> tuple[list[torch.Tensor], float, float, float, float]:
-    """One step for unit u (a group, or coupled head groups) -> (new permutations of u's groups, value of
-    the old ones, of the new ones (on the matrices solved), the same two on the full cost, left-out terms
-    included). Reads no shared state, so it can run on a thread."""
+                olds: list[torch.Tensor], bilinear: list) -> tuple[list[torch.Tensor], float, float, float, float]:
+    """One step for unit u (a group, or coupled block groups, with their bilinear terms) -> (new permutations
+    of u's groups, value of the old ones, of the new ones (on the matrices solved), the same two on the full
+    cost, left-out terms included). Reads no shared state, so it can run on a thread."""
     g = spec.groups[u[0]]
     seen = [c for c, _ in cs]
     if g.heads:
-        new = [p for p in solve_heads(seen[0], seen[1] if len(seen) > 1 else None, g.heads, head_only_flags(spec, u))
-               if p is not None]
+        new = solve_blocks(seen, g.heads, head_only_flags(spec, u), bilinear, olds)
     else:
         new = [torch.from_numpy(lsa(seen[0])).long()]
-    ar = np.arange(g.size)
 
     def value(ps, full):
-        v = sum(float(c[ar, p.numpy()].sum()) for (c, _), p in zip(cs, ps))
+        v = sum(float(c[np.arange(len(p)), p.numpy()].sum()) for (c, _), p in zip(cs, ps))
+        v += sum(_bilinear_total(t, ps, g.heads) for t in bilinear)
         if full:  # sum_i <A_i, B_p(i)> of each term left out
             v += sum(float(torch.dot(a.reshape(-1), b.index_select(0, p).reshape(-1)))
                      for (_, bl), p in zip(cs, ps) if bl is not None for a, b in bl)
@@ -298,6 +367,14 @@ def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.nda
     if all(b is None for _, b in cs):  # nothing left out: the full cost is the one solved
         return new, old_v, new_v, old_v, new_v
     return new, old_v, new_v, value(olds, True), value(new, True)
+
+
+def _bilinear_total(term: tuple, ps: list[torch.Tensor], heads: int) -> float:
+    """A bilinear term's value at the permutations ps of its unit's groups (see solve_blocks)."""
+    i = term[0]
+    src = (ps[i].view(heads, -1)[:, 0] // (len(ps[i]) // heads)).numpy()
+    ws = [local_orders(p, heads).numpy()[src] for p in ps]
+    return float(_values([], [term], np.arange(heads), src, ws).sum())
 
 
 def _units(spec: PermutationSpec, costs: _CostCache) -> list[tuple[str, ...]]:
@@ -407,7 +484,8 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
                             pending = True  # solved on part of its cost: solve it again next pass
                         else:
                             progress.solved_at[u] = step
-                results = _solve_all(pool, spec, [(u, cs, [perm[k] for k in u]) for u, _, cs in todo])
+                results = _solve_all(pool, spec, [(u, cs, [perm[k] for k in u], costs.bilinear_of(u))
+                                                  for u, _, cs in todo])
                 for (u, s, _), (new, old_v, new_v, old_f, new_f) in zip(todo, results):
                     if new_v > old_v + 1e-9 * max(1.0, abs(old_v)):
                         gain, scale = gain + new_f - old_f, max(scale, abs(old_f), abs(new_f))

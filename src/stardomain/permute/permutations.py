@@ -28,7 +28,7 @@ def random_permutation(spec: PermutationSpec, generator: torch.Generator | None 
                 continue
             hp = torch.randperm(g.heads, generator=generator)
             for name in [k] + ([g.couple] if g.couple else []):
-                dh = g.size // g.heads
+                dh = spec.groups[name].size // g.heads  # (coupled groups may differ in size: a grouped conv's sides)
                 out[name] = head_perm(hp, [torch.arange(dh) if spec.groups[name].head_only else
                                             torch.randperm(dh, generator=generator) for _ in range(g.heads)], dh)
         else:
@@ -41,16 +41,21 @@ def head_perm(head_perm: torch.Tensor, within: list[torch.Tensor], dh: int) -> t
     return torch.cat([int(h) * dh + w for h, w in zip(head_perm, within)])
 
 
-def member_plan(spec: PermutationSpec, tensors=None) -> dict[str, list[tuple[int, int, int, int, str, int, int]]]:
-    """tensor -> [(axis, offset, size, block, group, rep, heads)], over the tensors named in `tensors` if
-    given (rep and heads: see Member.rep)."""
+def member_plan(spec: PermutationSpec, tensors=None) -> dict[str, list[tuple[int, int, int, int, str, int, int, int]]]:
+    """tensor -> [(axis, offset, size, block, group, rep, heads, by)], over the tensors named in `tensors` if
+    given (rep, heads and by: see Member)."""
     keep = None if tensors is None else set(tensors)
     plan: dict[str, list] = {}
     for k, g in spec.groups.items():
         for m in g.members:
             if keep is None or m.tensor in keep:
-                plan.setdefault(m.tensor, []).append((m.axis, m.offset, g.size, m.block, k, m.rep, g.heads))
+                plan.setdefault(m.tensor, []).append((m.axis, m.offset, g.size, m.block, k, m.rep, g.heads, m.by))
     return plan
+
+
+def within_block(item) -> bool:
+    """A plan item of a member that holds one block's units, chosen along another axis (Member.by)."""
+    return len(item) > 7 and item[7] >= 0
 
 
 def _member_index(p: torch.Tensor, n: int, blk: int, rep: int = 1, heads: int = 0) -> torch.Tensor:
@@ -70,10 +75,10 @@ def axis_index(length: int, items, perm) -> torch.Tensor:
     """The gather index along one axis for the groups (items, as _plan's) owning slices of it."""
     if len(items) == 1 and items[0][1] == 0 and items[0][2] * items[0][3] * _rep(items[0]) == length:
         _, _, n, blk, k, *rest = items[0]  # one group owns the whole axis (the usual case)
-        return _member_index(perm[k], n, blk, *rest)
+        return _member_index(perm[k], n, blk, *rest[:2])
     idx = torch.arange(length)
     for _, off, n, blk, k, *rest in items:
-        idx[off:off + n * blk * (rest[0] if rest else 1)] = off + _member_index(perm[k], n, blk, *rest)
+        idx[off:off + n * blk * (rest[0] if rest else 1)] = off + _member_index(perm[k], n, blk, *rest[:2])
     return idx
 
 
@@ -91,9 +96,34 @@ def unit_major(t: torch.Tensor, ax: int, off: int, n: int, blk: int, rep: int = 
     return s.reshape(h, rep, n // h, blk, *s.shape[1:]).transpose(1, 2).reshape(n * rep * blk, *s.shape[1:])
 
 
+def local_orders(p: torch.Tensor, heads: int) -> torch.Tensor:
+    """(heads, units per block): row b is the within-block order that a head-structured permutation p
+    gives the units of B's block b (wherever the block goes)."""
+    p = p.cpu().long().view(heads, -1)
+    dh = p.shape[1]
+    out = torch.empty_like(p)
+    out[p[:, 0] // dh] = p % dh
+    return out
+
+
+def permute_within(t: torch.Tensor, item, perm) -> torch.Tensor:
+    """A Member.by axis permuted: each part of axis `by` (one block of rows) reordered by the local order of
+    the block it reads. Applied before axis `by` itself is permuted, so a part is found by its old position;
+    the result is the same as after, because the group owning axis `by` moves blocks as this group does."""
+    ax, _, n, _, k, _, heads, by = item
+    local = local_orders(perm[k], heads)
+    rows = t.shape[by] // heads
+    s = t.movedim((by, ax), (0, 1))
+    idx = local.repeat_interleave(rows, 0).to(t.device).view(t.shape[by], n // heads, *[1] * (s.dim() - 2))
+    return s.gather(1, idx.expand_as(s)).movedim((0, 1), (by, ax))
+
+
 def permute_tensor(t: torch.Tensor, items, perm) -> torch.Tensor:
     axes: dict[int, list] = {}
     for it in items:
+        if within_block(it):
+            t = permute_within(t, it, perm)
+            continue
         axes.setdefault(it[0], []).append(it)
     for ax, its in axes.items():
         t = t.index_select(ax, axis_index(t.shape[ax], its, perm).to(t.device))

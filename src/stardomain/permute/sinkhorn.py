@@ -20,8 +20,8 @@ import torch
 
 from ..config import LearnedAlignConfig
 from .learned import Learner, batch_statistics
-from .matching import head_only_flags, lsa, solve_heads
-from .permutations import member_plan
+from .matching import head_only_flags, lsa, solve_blocks
+from .permutations import member_plan, within_block
 from .spec import PermutationSpec
 
 # Adam on the logits: on a 64-wide digits MLP, 0.1 changed the rounded permutation once in 100 steps, 1.0 six
@@ -61,14 +61,16 @@ def soft_matrices(spec: PermutationSpec, logits: dict[str, torch.Tensor], cfg: L
         if not g.heads:
             out[u[0]] = log_sinkhorn(logits[u[0]] / cfg.temperature, cfg.sinkhorn_iters).exp()
             continue
-        h, n = g.heads, g.size
-        dh = n // h
-        blocks = {k: (logits[k] / cfg.temperature).view(h, dh, h, dh).permute(0, 2, 1, 3) for k in u}
+        h = g.heads
+        size = {k: spec.groups[k].size for k in u}  # (coupled groups may differ: a grouped conv's two sides)
+        blocks = {k: (logits[k] / cfg.temperature).view(h, size[k] // h, h, size[k] // h).permute(0, 2, 1, 3)
+                  for k in u}
         heads = log_sinkhorn(sum(b.logsumexp((-2, -1)) for b in blocks.values()), cfg.sinkhorn_iters).exp()
         for k in u:
+            dh = size[k] // h
             within = (torch.eye(dh, dtype=heads.dtype).expand(h, h, dh, dh) if spec.groups[k].head_only
                       else log_sinkhorn(blocks[k], cfg.sinkhorn_iters).exp())
-            out[k] = (heads[:, :, None, None] * within).permute(0, 2, 1, 3).reshape(n, n)
+            out[k] = (heads[:, :, None, None] * within).permute(0, 2, 1, 3).reshape(size[k], size[k])
     return out
 
 
@@ -83,7 +85,7 @@ def _soft_axis(t: torch.Tensor, ax: int, items, mats: dict) -> torch.Tensor:
     """t with every slice of axis `ax` a group owns replaced by its matrix times the slice's units (a
     unit's block and rep copies move with it, as in matching._unit_major)."""
     pieces, pos = [], 0
-    for _, off, n, blk, k, rep, heads in sorted(items, key=lambda it: it[1]):
+    for _, off, n, blk, k, rep, heads, _ in sorted(items, key=lambda it: it[1]):
         if off > pos:
             pieces.append(t.narrow(ax, pos, off - pos))
         length = n * blk * rep
@@ -99,17 +101,38 @@ def _soft_axis(t: torch.Tensor, ax: int, items, mats: dict) -> torch.Tensor:
     return torch.cat(pieces, ax) if len(pieces) > 1 else pieces[0]
 
 
+def _block_diagonal(t: torch.Tensor, item, inverse: bool = False) -> torch.Tensor:
+    """A within-block member's tensor (Member.by) written out whole: axis `ax` as long as the group, block i
+    of axis `by` holding its values in block i of axis `ax` and zeros elsewhere (a grouped convolution's
+    weight as the dense one it equals). inverse: the diagonal blocks taken back out."""
+    ax, _, n, _, _, _, h, by = item
+    s = t.movedim((by, ax), (0, 1))
+    rows, rest = s.shape[0] // h, s.shape[2:]
+    if inverse:
+        d = s.reshape(h, rows, h, n // h, *rest).diagonal(dim1=0, dim2=2).movedim(-1, 0)
+        return d.reshape(h * rows, n // h, *rest).movedim((0, 1), (by, ax))
+    eye = torch.eye(h, dtype=t.dtype, device=t.device).view(h, 1, h, 1, *[1] * len(rest))
+    d = s.reshape(h, rows, 1, s.shape[1], *rest) * eye
+    return d.reshape(h * rows, h * s.shape[1], *rest).movedim((0, 1), (by, ax))
+
+
 def soft_apply(spec: PermutationSpec, sd: dict, mats: dict[str, torch.Tensor]) -> dict:
     """A new state dict with every axis a group owns multiplied by the group's matrix (`mats`: every
-    group); with permutation matrices (`one_hot`) this is exactly `apply_permutation`."""
+    group); with permutation matrices (`one_hot`) this is exactly `apply_permutation`. A within-block axis
+    (a grouped convolution's inputs) is multiplied in the tensor's dense form, whose diagonal blocks are
+    then kept: at soft matrices a block pairing's weight enters squared, at permutations it is exact."""
     out = dict(sd)
     for name, items in member_plan(spec).items():
         if name not in sd or not sd[name].is_floating_point():
             continue
         t = sd[name]
+        inner = next((it for it in items if within_block(it)), None)
+        if inner is not None:
+            t = _block_diagonal(t, inner)
+            items = [it[:7] + (-1,) if it is inner else it for it in items]
         for ax in sorted({it[0] for it in items}):
             t = _soft_axis(t, ax, [it for it in items if it[0] == ax], mats)
-        out[name] = t
+        out[name] = t if inner is None else _block_diagonal(t, inner, inverse=True)
     return out
 
 
@@ -121,8 +144,7 @@ def round_matrices(spec: PermutationSpec, mats: dict[str, torch.Tensor], start: 
         g = spec.groups[u[0]]
         cs = [mats[k].detach().double().numpy() for k in u]
         if g.heads:
-            ps = solve_heads(cs[0], cs[1] if len(cs) > 1 else None, g.heads, head_only_flags(spec, u))
-            out.update({k: p for k, p in zip(u, ps) if p is not None})
+            out.update(zip(u, solve_blocks(cs, g.heads, head_only_flags(spec, u))))
         else:
             out[u[0]] = torch.from_numpy(np.asarray(lsa(cs[0]))).long()
     return out

@@ -20,12 +20,23 @@ class Member:
     """Slice [offset, offset + size*block) of `tensor`'s `axis`, viewed as (size, block). rep > 1: the
     slice is rep times longer, viewed as (heads, rep, size // heads, block) (heads: the group's, or 1),
     every copy of a head permuted alike: the query heads sharing one key/value head (grouped-query
-    attention) read the same key units and feed the output projection the same value units."""
+    attention) read the same key units and feed the output projection the same value units.
+    by >= 0: the axis holds the units of one block only (size // heads: the group's units within a
+    block), and which block depends on the position along the tensor's axis `by`, cut into `heads`
+    equal parts: a grouped convolution's weight (out, in / groups, ...), whose rows in output group i
+    read input group i. Each part of axis `by` is reordered by the within-block permutation of the
+    block it reads; axis `by` must belong to the group coupled with this one (the same block
+    permutation), so a row keeps reading its own group's units (apply: permutations.py)."""
     tensor: str
     axis: int
     offset: int = 0
     block: int = 1
     rep: int = 1
+    by: int = -1
+
+    def span(self, size: int, heads: int) -> int:
+        """The length of the axis slice this member covers, in a group of `size` units and `heads` blocks."""
+        return (size // max(heads, 1) if self.by >= 0 else size) * self.block * self.rep
 
 
 @dataclass(frozen=True)
@@ -115,7 +126,7 @@ class PermutationSpec:
         for g in self.groups.values():
             for m in g.members:
                 if m.tensor in params:
-                    done[m.tensor, m.axis] = done.get((m.tensor, m.axis), 0) + g.size * m.block * m.rep
+                    done[m.tensor, m.axis] = done.get((m.tensor, m.axis), 0) + m.span(g.size, g.heads)
         pinned: set[tuple[str, int]] = set()
         for u in self.unpermuted:
             if not _boundary(u.reason):
@@ -150,7 +161,7 @@ class PermutationSpec:
                      + (f" coupled with {g.couple}" if g.couple else "") if g.heads else "")
             ms = ", ".join(f"{m.tensor}[{m.axis}]" + (f"@{m.offset}" if m.offset else "")
                            + (f"x{m.block}" if m.block > 1 else "") + (f"*{m.rep}" if m.rep > 1 else "")
-                           for m in g.members)
+                           + (f" per block of [{m.by}]" if m.by >= 0 else "") for m in g.members)
             lines.append(f"  {g.name} [{g.role}]: size {g.size}{extra}: {ms}")
         if self.unpermuted:
             lines.append("unpermuted:")

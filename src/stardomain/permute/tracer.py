@@ -21,7 +21,7 @@ from .capture import aliases_of, export_graph, fx_graph, graph_signature, short_
 from .layouts import Fused, HLay, Lay, Param
 from .rules.common import SHAPE_ONLY, Pin, aten_name, is_aten, shape_of
 from .rules.layers import ModuleCall, leaf
-from .rules.registry import BUILTIN_MODULE_RULES, rule_of, user_rule
+from .rules.registry import BUILTIN_MODULE_RULES, HEAD_MODULES, rule_of, user_rule
 from .spec import Member, PermutationSpec, Probe
 
 
@@ -42,6 +42,7 @@ class Tracer:
         self.pinned: dict[str, str] = {}    # tensors an op not understood reads: never permuted
         self.materialised: dict[fx.Node, Any] = {}
         self.token_out: set[fx.Node] = set()  # linear layers back onto the tokens (see token_hidden)
+        self.cells: dict[str, int] = {}     # recurrent cell module -> its hidden units' group (every call)
 
     # -- helpers --
     def lay(self, a: Any) -> Any:
@@ -192,7 +193,8 @@ class Tracer:
         rule = user_rule(mod)
         if rule is not None:
             return leaf(self, node, node.target, rule)
-        if any(isinstance(lay, HLay) for lay in self.all_lays((node.args, node.kwargs))):
+        if any(isinstance(lay, HLay) for lay in self.all_lays((node.args, node.kwargs))) and not isinstance(
+                mod, HEAD_MODULES):
             if isinstance(mod, (nn.Dropout, nn.Identity, nn.Softmax)):
                 return self.lay(node.args[0])
             raise Pin(f"{type(mod).__name__} on per-head tensors")

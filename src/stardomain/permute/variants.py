@@ -35,7 +35,7 @@ def restrict(spec: PermutationSpec, variant: str) -> PermutationSpec:
     keep |= {spec.groups[k].couple for k in keep if spec.groups[k].couple in spec.groups}
     dropped = [Unpermuted(", ".join(dict.fromkeys(f"{m.tensor}[{m.axis}]" for m in g.members)),
                           f"left at the identity by the '{variant}' alignment variant (a {g.role} group)",
-                          [[m.tensor, m.axis, m.offset, g.size * m.block * m.rep] for m in g.members])
+                          [[m.tensor, m.axis, m.offset, m.span(g.size, g.heads)] for m in g.members])
                for k, g in spec.groups.items() if k not in keep]
     out = PermutationSpec({k: g for k, g in spec.groups.items() if k in keep}, spec.unpermuted + dropped,
                           spec.shapes, spec.parameters, spec.capture, spec.capture_error)

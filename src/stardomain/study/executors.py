@@ -9,6 +9,7 @@ Tasks whose artifact already exists are skipped, which is what makes a killed st
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .plan import Plan, Task
-from .tasks import execute, is_done
+from .tasks import execute, execute_unit, is_done
 
 
 class _Progress:
@@ -44,9 +45,9 @@ class _Progress:
         self.bar.set_postfix_str(text[:60])
         self._line(running=True)
 
-    def advance(self) -> None:
-        self.done += 1
-        self.bar.update(1)
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
         self._line()
 
     def _line(self, running: bool = False, closing: bool = False) -> None:
@@ -76,6 +77,41 @@ def ready(waiting: dict[str, Task], busy: set[str]) -> list[Task]:
     return [t for t in waiting.values() if not any(d in waiting or d in busy for d in t.deps)]
 
 
+def units(todo: list[Task], workers: int) -> list[list[Task]]:
+    """The pending tasks as units of work, plan order kept: the train tasks of one recipe (config, device,
+    threads), unless study.stacked_training is "never", form one population (tasks.execute_unit trains it
+    stacked), split into `workers` consecutive parts so every worker trains one; any other task is a unit of
+    its own. Members are bitwise their solo models, so how a population is split never changes a result."""
+    groups: dict[str, list[Task]] = {}
+    order: list[str | Task] = []
+    for t in todo:
+        if t.op != "train" or t.params.get("stacked", "never") == "never":
+            order.append(t)
+            continue
+        gid = json.dumps([t.params["config"], t.params.get("device"), t.cpus, t.gpus], sort_keys=True, default=str)
+        if gid not in groups:
+            groups[gid] = []
+            order.append(gid)
+        groups[gid].append(t)
+    out: list[list[Task]] = []
+    for item in order:
+        if isinstance(item, Task):
+            out.append([item])
+            continue
+        members = groups[item]
+        parts = min(workers, len(members))
+        bounds = [round(i * len(members) / parts) for i in range(parts + 1)]
+        out += [members[a:b] for a, b in zip(bounds, bounds[1:])]
+    return out
+
+
+def ready_units(waiting: list[list[Task]], busy: set[str]) -> list[list[Task]]:
+    """`ready` for units: those none of whose tasks needs a task outside the unit still waiting or running."""
+    waiting_keys = {t.key for u in waiting for t in u}
+    return [u for u in waiting
+            if not any((d in waiting_keys or d in busy) and d not in {t.key for t in u} for t in u for d in t.deps)]
+
+
 TASKS_PER_WORKER = 16
 
 
@@ -98,57 +134,62 @@ class LocalExecutor:
         todo = [t for t in pending(plan, root) if only is None or t.op in only]
         bar = _Progress(len(plan.tasks), len(plan.tasks) - len(todo), progress)
         try:
-            if self.workers == 1 or len(todo) <= 1:
-                for t in todo:  # plan order is topological
-                    bar.current(t.label)
-                    execute(t, root)
-                    bar.advance()
+            work = units(todo, self.workers)
+            if self.workers == 1 or len(work) <= 1:
+                for unit in work:  # plan order is topological
+                    bar.current(_label(unit))
+                    execute_unit(unit, root)
+                    bar.advance(len(unit))
             else:
-                self._pool(todo, root, bar)
+                self._pool(work, root, bar)
         finally:
             bar.close()
 
-    def _pool(self, todo: list[Task], root: Path, bar: _Progress) -> None:
+    def _pool(self, work: list[list[Task]], root: Path, bar: _Progress) -> None:
         import multiprocessing as mp
 
-        waiting = {t.key: t for t in todo}
-        running: dict = {}  # future -> task
+        waiting = list(work)
+        running: dict = {}  # future -> unit
         failure: BaseException | None = None
-        # a worker is replaced after TASKS_PER_WORKER tasks: memory torch never returns (each TorchScript freeze
+        # a worker is replaced after TASKS_PER_WORKER units: memory torch never returns (each TorchScript freeze
         # of the fused evaluation keeps 4-7 MB) stays bounded, for ~2 s of start-up per replacement
-        with ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=mp.get_context("spawn"),
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(work)), mp_context=mp.get_context("spawn"),
                                  max_tasks_per_child=TASKS_PER_WORKER) as pool:
             try:
                 while waiting or running:
                     if failure is None:
-                        for t in ready(waiting, {r.key for r in running.values()}):
+                        for u in ready_units(waiting, {t.key for r in running.values() for t in r}):
                             if len(running) >= self.workers:
                                 break
-                            running[pool.submit(execute, t, str(root))] = t
-                            del waiting[t.key]
+                            running[pool.submit(execute_unit, u, str(root))] = u
+                            waiting.remove(u)
                     if not running:
                         if failure is not None:
                             break
                         raise UserError("study plan has tasks whose inputs are never produced (a cycle?)")
-                    bar.current(", ".join(t.label for t in list(running.values())[:2])
+                    bar.current(", ".join(_label(u) for u in list(running.values())[:2])
                                 + (f" (+{len(running) - 2})" if len(running) > 2 else ""))
                     done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                     for fut in done:
-                        t = running.pop(fut)
+                        u = running.pop(fut)
                         try:
                             fut.result()
                         except BrokenProcessPool:
-                            raise UserError(f"study task {t.label!r} failed: a worker process died (killed, or "
+                            raise UserError(f"study task {_label(u)!r} failed: a worker process died (killed, or "
                                             "out of memory?); finished work is kept, re-run to resume it") from None
                         except Exception as e:  # let the others finish: their work is kept
                             failure = failure or e
                             continue
-                        bar.advance()
+                        bar.advance(len(u))
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
         if failure is not None:
             raise failure
+
+
+def _label(unit: list[Task]) -> str:
+    return unit[0].label if len(unit) == 1 else f"{unit[0].label} .. {unit[-1].label}"
 
 
 def _ray_execute(task_dict: dict, root: str) -> str:

@@ -125,7 +125,9 @@ class _Builder:
         name = f"{role}{tag}-s{seed}-{key[:12]}"
         return self._add(Task(key, "train", f"{role} {idx}{tag}", {"config": _model_cfg(cfgd, _REGULAR), "seed": seed,
                                                                    "role": role, "name": name,
-                                                                   "device": self.st.device}, (), **self._res()))
+                                                                   "device": self.st.device,
+                                                                   "stacked": self.st.stacked_training},
+                                        (), **self._res()))
 
     def stars(self, cfgd: dict, sources: list[str], tag: str) -> list[str]:
         """study.n_stars stars on the same sources, star j from its own seed (model_seed(.., "star", j)):

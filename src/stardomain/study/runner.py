@@ -10,6 +10,8 @@ from pathlib import Path
 from ..checkpoint import atomic_write_json
 from ..config import Config
 from ..data import get_dataset
+from ..errors import UserError
+from ..population import recipe_unstackable
 from ..report import write_report
 from .executors import get_executor
 from .folder import check_study_folder, mark_study_folder
@@ -36,7 +38,11 @@ def run_study(cfg: Config, out: str | Path, *, executor: str = "local", ray_addr
     locked while this runs (`lock.study_lock`): a second run on it stops with a UserError naming the holder."""
     ex = get_executor(executor, address=ray_address, num_workers=num_workers)
     plan = build_plan(cfg)
-    get_dataset(cfg.data)  # a missing data set stops here, before any work
+    data = get_dataset(cfg.data)  # a missing data set stops here, before any work
+    if cfg.study.stacked_training == "always":
+        reason = recipe_unstackable(cfg, cfg.study.device, data, cfg.study.cpus_per_task)
+        if reason:
+            raise UserError(f"study.stacked_training is 'always', but {reason}")
     root = Path(out)
     check_study_folder(root, force)
     root.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,10 @@ from ..data import first_inputs, get_dataset, sample_examples
 from ..errors import UserError
 from ..interpolate import average, recalibrate_bn
 from ..merge import merge_many
+from ..population import recipe_unstackable
 from ..permute import align, apply_permutation, check_equivalence, identity, spec_for, weight_matching
 from ..safety import allowed, config_factories
-from ..files import bma_files, star_to_file, train_to_file
+from ..files import bma_files, star_to_file, train_population_to_files, train_to_file
 from ..training import evaluate_splits, model_meta
 from ..utils import TIMING_KEYS, json_safe, resolve_device
 from .plan import _MODEL_OPS, Task
@@ -138,12 +139,17 @@ def _model_task(task: Task, root: Path, make: Callable[[dict, Path], dict],
     not at all), else `make(params, out) -> metadata`; then write the marker that says the task is done."""
     out = root / f"models/{task.params['name']}.safetensors"
     t0 = time.perf_counter()
-    meta = _existing_model(out)
+    meta = _reusable_model(task, root) or make(task.params, out)
+    _finish_model(task, root, meta, info=info(meta), seconds=time.perf_counter() - t0)
+
+
+def _reusable_model(task: Task, root: Path) -> dict | None:
+    """The metadata of the model file a killed run of `task` finished, or None when it must be made."""
+    meta = _existing_model(root / f"models/{task.params['name']}.safetensors")
     done = _read_json(root / task.output) or {}
     if meta is not None and done.get("key") == task.key and meta["sha256"] != done.get("sha256"):
-        meta = None  # a valid model file, but not the one this task made: rebuilt
-    meta = meta or make(task.params, out)
-    _finish_model(task, root, meta, info=info(meta), seconds=time.perf_counter() - t0)
+        return None  # a valid model file, but not the one this task made: rebuilt
+    return meta
 
 
 def _run_train(task: Task, root: Path) -> None:
@@ -262,10 +268,13 @@ def _test_crash_once(task: Task) -> None:
 def execute(task: Task, root: str | Path) -> str:
     """Run one task in this process (any executor calls this). Deterministic: fixed torch threads and a
     global RNG seeded from the task key, so the result never depends on what ran before in the process."""
-
-
-    root = Path(root)
     _test_crash_once(task)
+    _in_task(task, lambda: _OPS[task.op](task, Path(root)))
+    return task.key
+
+
+def _in_task(task: Task, run: Callable[[], None]) -> None:
+    """`run()` with the task's threads, a global RNG seeded from its key and its config's factories trusted."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(task.cpus)))
     # The study config is the user's own: its factories may be imported from the study's model files
@@ -274,8 +283,56 @@ def execute(task: Task, root: str | Path) -> str:
     try:
         with torch.random.fork_rng(devices=[]), allowed(trusted):
             torch.manual_seed(int(task.key[:8], 16))
-            _OPS[task.op](task, root)
+            run()
     finally:
         torch.set_num_threads(threads)
-    return task.key
+
+
+def execute_unit(tasks: list[Task], root: str | Path) -> list[str]:
+    """One task (`execute`), or train tasks of one recipe (executors.units) trained as one stacked population
+    (stardomain.population) when study.stacked_training and the recipe allow, else one at a time. Stacked
+    members are bitwise their solo models: each file and marker is what `execute` writes for its task."""
+    if len(tasks) == 1:
+        return [execute(tasks[0], root)]
+    root = Path(root)
+    for t in tasks:
+        _test_crash_once(t)
+    todo = []
+    for t in tasks:
+        meta = _reusable_model(t, root)
+        if meta is None:
+            todo.append(t)
+        else:
+            _finish_model(t, root, meta)
+    if len(todo) == 1:
+        execute(todo[0], root)
+    elif todo:
+        _in_task(todo[0], lambda: _train_stacked(todo, root) if _stacking(todo[0]) else
+                 [execute(t, root) for t in todo])
+    return [t.key for t in tasks]
+
+
+def _stacking(task: Task) -> bool:
+    """Whether a train task's recipe is trained stacked: study.stacked_training, and whether the recipe
+    allows it (under "auto", the reason it does not goes to stderr; under "always" it is an error)."""
+    mode = task.params.get("stacked", "never")
+    if mode == "never":
+        return False
+    reason = recipe_unstackable(_config(task.params), task.params.get("device", "auto"))
+    if reason and mode == "always":
+        raise UserError(f"study.stacked_training is 'always', but {reason}")
+    if reason:
+        print(f"study: training {task.label} and its recipe one model at a time: {reason}", file=sys.stderr)
+    return reason is None
+
+
+def _train_stacked(tasks: list[Task], root: Path) -> None:
+    p = tasks[0].params
+    t0 = time.perf_counter()
+    metas = train_population_to_files(_config(p), [t.params["seed"] for t in tasks],
+                                      [root / f"models/{t.params['name']}.safetensors" for t in tasks],
+                                      [t.params["role"] for t in tasks], device=p.get("device", "auto"), progress=False)
+    share = (time.perf_counter() - t0) / len(tasks)  # the population's time, shared equally
+    for t, meta in zip(tasks, metas):
+        _finish_model(t, root, meta, seconds=share)
 

@@ -125,6 +125,22 @@ def index_heads(t, lay: HLay, idx: Any, nd: int) -> HLay:
     return HLay(pos[lay.head_axis], None if lay.unit_axis is None else pos[lay.unit_axis], lay.gid, lay.rep)
 
 
+HEAD_NORM = ("a normalisation over each head's units whose parameters every head shares: units keep their "
+             "position within a head")
+
+
+def head_norm(t, lay: HLay, ndim: int, k: int, params: list, what: str) -> HLay:
+    """LayerNorm or RMSNorm over each head's units (timm's qk_norm): every head is normalised alike, so whole
+    heads still move; its parameters index a unit's position within a head, which then stays (pinned)."""
+    if k != 1 or lay.unit_axis != ndim - 1:
+        raise Pin(f"{what} on per-head tensors over other axes than a head's units")
+    t.b.fix_units(lay.gid)
+    for p in params:
+        if p:
+            t.pin_axis(p, 0, HEAD_NORM)
+    return lay
+
+
 def cat_heads(t, lays: list, dim: int) -> HLay:
     """Per-head tensors laid out alike, concatenated along another axis, or along the units (rotary
     rotate_half: cat(-x2, x1)): one group, and in the second case its units stay in place."""

@@ -17,6 +17,8 @@ SHAPE_ONLY = object()  # marker: a rule that returns no layout and must not pin 
 
 EMBEDDING_ROWS = "model input: an embedding's rows are looked up by token id"
 TOKEN_AXIS = "model input: the token axis (the input's positions) of a token-mixing MLP"
+GROUPED_INPUTS = ("a grouped convolution's inputs keep their order within a group (its weight's input axis follows "
+                  "them only where its rows are another group sharing their blocks)")
 
 
 def shape_of(node: Any) -> tuple[int, ...] | None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..layouts import Fused, HLay, Lay, Param
 from ..spec import Member, Probe
-from .attention import matmul
+from .attention import head_norm, matmul
 from .common import EMBEDDING_ROWS, TOKEN_AXIS, Pin, arg, shape_of
 from .pointwise import is_unary
 from .shapes import pad, reshape
@@ -114,8 +114,10 @@ def norm_last(t, node: fx.Node, x: Any, k: int, params: list) -> Any:
     lay, si = t.lay(x), shape_of(x)
     if lay is None:
         return None
+    if isinstance(lay, HLay):
+        return head_norm(t, lay, len(si), k, params, "normalisation")
     if not isinstance(lay, Lay):
-        raise Pin("normalisation of per-head tensors")
+        raise Pin(f"normalisation of {lay.what}")
     if lay.axis < len(si) - k:  # normalised over other axes: the feature axis rides along
         return lay
     if k != 1:
@@ -167,24 +169,19 @@ def spanned_weight_axis(lay: Any, si: tuple, kernel: tuple, padding: Any, dilati
     return 2 + j
 
 
-GROUPED_INPUTS = ("a grouped convolution's inputs keep their order within a group (the weight's input axis is "
-                  "shared by every group's rows)")
-
-
 def grouped_conv(t, lay: Any, w: str, b: str | None, groups: int, out_ch: int, label: str) -> Lay:
     """A grouped convolution: output group i reads only input group i. Whole groups move as blocks, the
-    inputs' and the outputs' alike (coupled groups with `groups` heads); the outputs also move within
-    their group. The inputs keep their order within a group: the weight's input axis is shared by every
-    group's rows, so one reorder of it applies to all groups."""
+    inputs' and the outputs' alike (coupled groups with `groups` heads), and units move within their
+    group on both sides: the weight's input axis holds one group's units, reordered for each block of
+    rows by the order of the input group those rows read (Member.by)."""
     if lay is None:
         raise Pin(f"grouped convolution (groups={groups}) of unpermuted inputs: its groups cannot move")
     if len(lay.segs) != 1:
         raise Pin(f"grouped convolution (groups={groups}) over concatenated channels")
     gin = lay.segs[0][0]
     t.b.set_heads(gin, groups)
-    t.b.fix_units(gin)
-    if lay.segs[0][1] > groups:  # the weight's input axis: units within a group, kept in order
-        t.pin_axis(w, 1, GROUPED_INPUTS)
+    if lay.segs[0][1] > groups and w in t.sd_keys:  # several units per group: their order inside it
+        t.b.add(gin, Member(w, 1, by=0))
     out = t.fresh(out_ch, label, 1, [(w, 0)] + ([(b, 0)] if b else []))
     t.b.set_heads(out.segs[0][0], groups)
     t.b.tie_blocks(gin, out.segs[0][0], "convolution groups")
@@ -416,6 +413,8 @@ def _m_layer_norm(t, c: ModuleCall) -> Any:
     if c.lay is None:
         return None
     k = len(c.mod.normalized_shape)
+    if isinstance(c.lay, HLay):
+        return head_norm(t, c.lay, len(c.shape_in), k, [f"{c.name}.weight", f"{c.name}.bias"], "LayerNorm")
     if c.lay.axis < len(c.shape_in) - k:  # normalised over other axes: the feature axis just rides along
         return c.lay
     if k == 1:

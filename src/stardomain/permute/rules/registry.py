@@ -26,7 +26,7 @@ from .layers import (POOL_MODULES, _addmm, _batch_norm_aten, _batch_norm_aten_tu
                      _m_pinned, _m_pool, _m_reshape, _m_rms_norm, _m_sequential, _m_upsample, _matmul,
                      _native_layer_norm, _rms_norm, _spatial, _spatial_tuple)
 from .pointwise import ELEMENTWISE_MODULES, _binary, _type_as, _unary
-from .recurrent import recurrent
+from .recurrent import aten_cell, aten_stack, recurrent, recurrent_cell
 from .shapes import (_cat, _chunk, _expand, _getitem, _narrow, _pad, _permute, _reduce, _reshape, _select, _slice,
                      _split, _squeeze, _stack, _transpose, _unbind, _unsqueeze)
 
@@ -73,8 +73,8 @@ FUNCTION_RULES: dict[Any, Any] = {
     **_rules("plain", _linear, F.linear),
     **_rules("plain", _addmm, torch.addmm),
     **_rules("plain", _embedding, F.embedding),
-    **_rules("plain", _layer_norm, F.layer_norm),
-    **_rules("plain", _rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else [])),
+    **_rules("any", _layer_norm, F.layer_norm),
+    **_rules("any", _rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else [])),
     **_rules("plain", _group_norm, F.group_norm),
     **_rules("plain", _batch_norm_f, F.batch_norm),
     **_rules("plain", _conv_f, F.conv1d, F.conv2d, F.conv3d),
@@ -135,10 +135,12 @@ ATEN_RULES: dict[str, Any] = {
     **_rules("any", _select, "select"),
     **_rules("plain", _linear, "linear"),
     **_rules("plain", lambda t, n: _embedding(t, n, aten=True), "embedding"),
-    **_rules("plain", _layer_norm, "layer_norm"),
-    **_rules("plain", _native_layer_norm, "native_layer_norm"),
-    **_rules("plain", _rms_norm, "rms_norm"),
+    **_rules("any", _layer_norm, "layer_norm"),
+    **_rules("any", _native_layer_norm, "native_layer_norm"),
+    **_rules("any", _rms_norm, "rms_norm"),
     **_rules("plain", _group_norm, "group_norm"),
+    **_rules("plain", aten_cell, "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"),
+    **_rules("plain", aten_stack, "lstm.input", "gru.input", "rnn_tanh.input", "rnn_relu.input"),
     **_rules("plain", _batch_norm_aten, "batch_norm"),
     **_rules("plain", _batch_norm_aten_tuple, "_native_batch_norm_legit_no_training", "native_batch_norm",
              "_native_batch_norm_legit"),
@@ -175,6 +177,8 @@ class LeafRule:
 
 
 MODULE_RULES: dict[type, LeafRule] = {}
+# module types whose rules read per-head tensors themselves (others are pinned on them before their rule)
+HEAD_MODULES = (nn.LayerNorm, *(t for t in (getattr(nn, "RMSNorm", None),) if t is not None))
 RULES_VERSION = [0]
 
 
@@ -197,6 +201,7 @@ BUILTIN_MODULE_RULES: list[tuple[tuple[type, ...], Any]] = [
     ((nn.Embedding,), _m_embedding),
     ((nn.MultiheadAttention,), lambda t, c: mha(t, c.node, c.mod)),
     ((nn.RNNBase,), recurrent),
+    ((nn.RNNCellBase,), recurrent_cell),
     ((nn.Sequential,), _m_sequential),
 ]
 
