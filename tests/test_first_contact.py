@@ -556,7 +556,12 @@ def test_run_piped_prints_plain_study_lines(monkeypatch, capsys, tmp_path):
     got = [line.match(x) for x in err.splitlines()]
     assert got and all(got), err
     total = {int(m.group(2)) for m in got}
-    n = len(ex.pending(build_plan(load_config(cfg)), tmp_path / "nothing"))
+    todo = ex.pending(build_plan(load_config(cfg)), tmp_path / "nothing")
+    n = len(todo)
     assert total == {n}
     assert [int(m.group(1)) for m in got][-1] == n and got[-1].group(4) is None
-    assert sum(1 for m in got if m.group(4)) == n  # one line as each task starts
+    # one line as each unit of work starts: a task, or a population trained stacked (its first .. last task)
+    work = ex.units(todo, 1)
+    assert len(work) < n and max(len(u) for u in work) == 3  # the 2 sources and the held-out, one population
+    starts = [m.group(4) for m in got if m.group(4)]
+    assert len(starts) == len(work) and ".." in starts[0]
