@@ -217,6 +217,33 @@ def test_autocast_runs_in_bfloat16_and_the_gradient_follows_the_hand_computation
         assert (p.grad - want[k]).norm() <= 0.05 * want[k].norm() + 1e-4, k
 
 
+def test_tied_weights_are_interpolated_wherever_the_module_uses_them():
+    def tied():
+        torch.manual_seed(len(made))
+        m = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+        m[2].weight = m[0].weight  # one parameter under two names
+        made.append(m)
+        return m
+    made: list = []
+    star, sources = tied(), [tied().state_dict() for _ in range(2)]
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    light = sd.Starlight(star, sources, align_every=None, seed=1)
+    before = {k: v.clone() for k, v in star.state_dict().items()}
+    F.cross_entropy(light(x), y).backward()
+    n, t = light.last_draw
+    second = tied()
+    second.load_state_dict(lerp(before, sources[n], t))
+    F.cross_entropy(second(x), y).backward()
+    for (k, p), q in zip(star.named_parameters(), second.parameters()):
+        torch.testing.assert_close(p.grad, (1 - t) * q.grad, rtol=1e-5, atol=1e-7)
+    # the second use matters: the gradient differs from the one with the tie broken
+    untied = tied()
+    untied.load_state_dict(lerp(before, sources[n], t))
+    untied[2].weight = nn.Parameter(untied[0].weight.detach().clone())
+    F.cross_entropy(untied(x), y).backward()
+    assert not torch.allclose(star[0].weight.grad, (1 - t) * untied[0].weight.grad)
+
+
 def test_a_bfloat16_star_trains_against_float32_sources_at_its_own_precision():
     star, sources = _models()
     star = star.to(torch.bfloat16)

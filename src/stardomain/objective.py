@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -126,6 +127,25 @@ def _scale_output(out: Any, factor: float) -> Any | None:
                            if torch.is_tensor(v) and v.requires_grad else v, out)
 
 
+_ALIASES: "weakref.WeakKeyDictionary[nn.Module, dict[str, str]]" = weakref.WeakKeyDictionary()
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """{second name: first name} of every parameter or buffer the module holds under several names (tied
+    weights), found once per module: handing functional_call every name saves it re-deriving the ties on
+    each call (a tenth of a small model's step)."""
+    if model not in _ALIASES:
+        first: dict[int, str] = {}
+        out: dict[str, str] = {}
+        for name, v in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            if id(v) in first:
+                out[name] = first[id(v)]
+            else:
+                first[id(v)] = name
+        _ALIASES[model] = out
+    return _ALIASES[model]
+
+
 def interpolated_forward(model: nn.Module, params: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
                          t: float, args: tuple, kwargs: Mapping[str, Any] | None = None,
                          buffers: Mapping[str, torch.Tensor] | None = None, pool: list | None = None) -> Any:
@@ -137,7 +157,10 @@ def interpolated_forward(model: nn.Module, params: Mapping[str, torch.Tensor], s
     weights = interpolated_weights(params, source, t, factor, pool)
     if buffers:
         weights.update(buffers)
-    out = functional_call(model, weights, args, kwargs)
+    for alias, name in _aliases(model).items():
+        if name in weights:
+            weights[alias] = weights[name]
+    out = functional_call(model, weights, args, kwargs, tie_weights=False)
     if not torch.is_grad_enabled() or _needs_grad((args, kwargs)):
         return out
     scaled = _scale_output(out, 1.0 - t)
