@@ -20,3 +20,18 @@ def run_cli(monkeypatch, capsys, *args, env=None) -> tuple[int, str, str]:
     for k in env or {}:
         monkeypatch.delenv(k)
     return code, out, err
+
+
+def refuse_training(monkeypatch, why: str) -> None:
+    """Make every way of training a model fail the test with `why`: the solo loop, a stacked population's
+    epoch and Starlight (a study trains through the population when it stacks, not through `fit`)."""
+    import stardomain.population as population
+    import stardomain.starlight as starlight
+    import stardomain.training as training
+
+    def refuse(*_a, **_k):
+        raise AssertionError(why)
+
+    monkeypatch.setattr(training, "fit", refuse)
+    monkeypatch.setattr(population, "_epoch", refuse)
+    monkeypatch.setattr(starlight, "fit", refuse)

@@ -129,19 +129,16 @@ def _flat(d: dict, prefix: str = ""):
 @pytest.fixture
 def no_work(monkeypatch):
     """Any study task, training loop or Starlight run started fails the test."""
-    import stardomain.population as population
-    import stardomain.starlight as starlight
     import stardomain.study.executors as executors
-    import stardomain.training as training
+
+    why = "work started before the config was refused"
 
     def refuse(*_a, **_k):
-        raise AssertionError("work started before the config was refused")
+        raise AssertionError(why)
 
     monkeypatch.setattr(executors, "execute", refuse)
     monkeypatch.setattr(executors, "execute_unit", refuse)
-    monkeypatch.setattr(training, "fit", refuse)
-    monkeypatch.setattr(population, "_epoch", refuse)
-    monkeypatch.setattr(starlight, "fit", refuse)
+    clitools.refuse_training(monkeypatch, why)
 
 
 CLI_CASES = [(k, v) for k, v in HOSTILE if k.startswith(("study.", "train.epochs", "train.optimizer.lr", "star."))]

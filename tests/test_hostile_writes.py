@@ -38,14 +38,7 @@ def one_line(code, err, *words):
 
 @pytest.fixture
 def no_training(monkeypatch):
-    import stardomain.starlight as starlight
-    import stardomain.training as training
-
-    def refuse(*_a, **_k):
-        raise AssertionError("training started before the outputs were checked")
-
-    monkeypatch.setattr(training, "fit", refuse)
-    monkeypatch.setattr(starlight, "fit", refuse)
+    clitools.refuse_training(monkeypatch, "training started before the outputs were checked")
 
 
 # ---------------------------------------------------------------- the study lock
