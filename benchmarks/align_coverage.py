@@ -1,7 +1,7 @@
 """Alignment coverage: how much of each architecture the permutation spec can permute.
 
 For the zoo's models and small stand-ins written here in the shapes of third-party architectures (RegNetY,
-ResNeXt, DPN, PNASNet, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier (also as torch.export sees it),
+ResNeXt, DPN, PNASNet (cells A and B), MobileNetV2, ShuffleNetV2, the AG-News TextCNN, an LSTM classifier (also as torch.export sees it),
 a GRU cell loop, timm's ViT attention; nothing is downloaded), prints the spec's permutable share
 (spec.permutable_fraction(): the permuted share of the parameter axes that carry hidden units), the share of
 parameters in a tensor with at least one permuted axis, the number of groups, the distinct reasons for what
@@ -82,6 +82,34 @@ class PnasCell(nn.Module):
 
     def forward(self, x):
         return F.relu(self.sep(x) + F.max_pool2d(self.proj(x), 3, 1, 1))
+
+
+class PnasCellB(nn.Module):
+    """PNASNet's cell B at a reduction: three separable convolutions of the input (multiplier 2) and a 1x1
+    shortcut, summed in pairs, concatenated, reduced by a 1x1 convolution."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.s1, self.s2, self.s3 = SepConv(c, 2 * c), SepConv(c, 2 * c), SepConv(c, 2 * c)
+        self.proj = _cbr(c, 2 * c)
+        self.reduce = _cbr(4 * c, 2 * c)
+
+    def forward(self, x):
+        b1 = F.relu(self.s1(x) + self.s2(x))
+        b2 = F.relu(self.proj(F.max_pool2d(x, 3, 1, 1)) + self.s3(x))
+        return self.reduce(torch.cat([b1, b2], 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion, depthwise 3x3, 1x1 projection, residual."""
+
+    def __init__(self, c, expand):
+        super().__init__()
+        self.body = nn.Sequential(_cbr(c, c * expand), _cbr(c * expand, c * expand, 3, c * expand),
+                                  nn.Conv2d(c * expand, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.body(x)
 
 
 class ShuffleUnit(nn.Module):
@@ -224,6 +252,9 @@ CASES = {
                                                                        for g in (13, 26, 55)], 48), IMG),
     "DPN-shaped (dual path)": lambda: (Net(40, [DualPath(32, 8, 32, 4) for _ in range(2)], 40), IMG),
     "PNASNet-shaped (separable cells)": lambda: (Net(16, [PnasCell(16), PnasCell(32)], 64), IMG),
+    "PNASNet-shaped (cell B: three separable branches, concatenated)": lambda: (Net(16, [PnasCellB(16)], 32), IMG),
+    "MobileNetV2-shaped (depthwise-separable, inverted residuals)": lambda: (
+        Net(16, [InvertedResidual(16, 6) for _ in range(3)], 16), IMG),
     "ShuffleNetV2-shaped (split, shuffle)": lambda: (Net(32, [ShuffleUnit(32) for _ in range(3)], 32), IMG),
     "TextCNN (AG-News-shaped)": lambda: (TextCNN(), TOKENS),
     "LSTM classifier (2 layers, bidirectional)": lambda: (LSTMClassifier(), TOKENS),

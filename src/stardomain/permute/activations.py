@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .capture import capture_module
-from .matching import head_only_flags, lsa, solve_blocks
+from .hierarchy import solving_units
+from .matching import assign
 from .permutations import identity
 from .probes import load_into, observe
 from .spec import PermutationSpec
@@ -17,7 +18,8 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
 
     Each group is observed at up to `max_probes` places in the traced graph (preferring the output
     of nonlinearities); correlations are summed over those places and one assignment solved per group
-    (head groups: whole heads as blocks, units within a head's q/k jointly and v/out jointly).
+    (head groups: whole heads as blocks, units within a head's q/k jointly and v/out jointly; nested
+    groups: their family at once, matching.assign).
     nn.MultiheadAttention computes its q, k and v inside one fused op, so no graph node shows them:
     they are recomputed from the module's observed inputs and the model's own in_proj weights.
     """
@@ -29,19 +31,13 @@ def activation_matching(spec: PermutationSpec, model: torch.nn.Module, sd_a: dic
         for p in g.probes:
             unit_axes.setdefault(p.node, set()).add(p.axis)
     perm: dict[str, torch.Tensor] = {}
-    for k, g in spec.groups.items():
-        if k in perm:
-            continue
-        ks = [k] + ([g.couple] if g.couple else [])
+    for ks in solving_units(spec):
         if not any(chosen[kk] or fused.get(kk) for kk in ks):  # never observed
-            perm.update({kk: torch.arange(g.size) for kk in ks})
+            perm.update({kk: torch.arange(spec.groups[kk].size) for kk in ks})
             continue
-        corr = {kk: _correlation(g.size, chosen[kk], fused.get(kk, []), acts_a, acts_b, sd_a, sd_b, unit_axes)
-                for kk in ks}
-        if g.heads:
-            perm.update(zip(ks, solve_blocks([corr[kk].numpy() for kk in ks], g.heads, head_only_flags(spec, ks))))
-        else:
-            perm[k] = torch.from_numpy(lsa(corr[k].numpy())).long()
+        corr = [_correlation(spec.groups[kk].size, chosen[kk], fused.get(kk, []), acts_a, acts_b, sd_a, sd_b,
+                             unit_axes).numpy() for kk in ks]
+        perm.update(zip(ks, assign(spec, ks, corr)))
     return perm, {"iterations": 1, "converged": True, "groups": len(spec.groups)}
 
 

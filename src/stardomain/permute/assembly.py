@@ -13,6 +13,13 @@ from .rules.common import GROUPED_INPUTS
 from .spec import Group, Member, PermutationSpec, Unpermuted
 
 PARTNER_PINNED = "the group its blocks (attention heads, convolution groups) are coupled with is unpermutable"
+PARENT_PINNED = ("its blocks (a convolution's groups of one input channel) follow the units of a group that is "
+                 "unpermutable")
+CHILD_PINNED = ("units whose order a pinned group's blocks follow (a convolution with one input channel per "
+                "group reads them): pinned with it")
+NESTED_MIXED = ("convolution groups of one input channel nested with another block structure on the same units "
+                "(attention heads, GroupNorm groups, a grouped convolution's coupled groups): not expressed, so "
+                "pinned")
 
 
 def assemble(tr: Any, model: nn.Module, sd: dict, trace_error: str | None = None, capture: str = "fx",
@@ -22,8 +29,10 @@ def assemble(tr: Any, model: nn.Module, sd: dict, trace_error: str | None = None
     params = {n for n, _ in model.named_parameters()}
     pinned = {a: why for t, why in tr.pinned.items() for a in tr.aliases.get(t, [t])}
     _merge_shared(tr, pinned)
+    _pin_parents(tr.b)
     groups, unperm = _named_groups(tr.b)
     _couple_heads(tr.b, groups, unperm)
+    _nest_families(tr.b, groups, unperm)
     _check_within_blocks(groups, unperm, sd)
     unperm += _pinned_elsewhere(pinned, groups, unperm, sd)
     if trace_error:
@@ -78,6 +87,7 @@ def _named_groups(b: GroupBuilder) -> tuple[dict[str, Group], list[Unpermuted]]:
         groups[name] = Group(name, b.n[r], members, list(dict.fromkeys(b.probes[r])), b.heads[r],
                              head_only=b.head_only[r] and b.heads[r] > 0, role=b.role(r))
         b.label[r] = name
+        b.named[r] = name
     return groups, unperm
 
 
@@ -97,6 +107,57 @@ def _couple_heads(b: GroupBuilder, groups: dict[str, Group], unperm: list[Unperm
                                          PARTNER_PINNED,
                                          [[m.tensor, m.axis, m.offset, m.span(gr.size, gr.heads)]
                                           for m in gr.members]))
+
+
+def _pin_parents(b: GroupBuilder) -> None:
+    """A pinned group's blocks cannot move, so neither can the units they follow (up the whole chain)."""
+    todo = [r for r in dict.fromkeys(b.find(g) for g in range(len(b.parent))) if b.reasons[r]]
+    while todo:
+        r = b.find(todo.pop())
+        p = b.nested_in[r]
+        if p is not None and not b.reasons[b.find(p)]:
+            b.fix(p, CHILD_PINNED)
+            todo.append(p)
+
+
+def _nest_families(b: GroupBuilder, groups: dict[str, Group], unperm: list[Unpermuted]) -> None:
+    """Name each nested group's parent (hierarchy.py). A family is kept only where the tree is plain: every
+    child's blocks are its parent's units, the root has no blocks and nothing is coupled; else the family
+    is pinned (never a wrong permutation). A child whose parent is pinned is pinned too."""
+    for r, name in b.named.items():
+        if b.nested_in[r] is not None and name in groups:
+            groups[name].parent = b.named.get(b.find(b.nested_in[r]), "")
+    while True:
+        bad = {k: PARENT_PINNED for k, g in groups.items() if g.parent is not None and g.parent not in groups}
+        bad.update({k: PARTNER_PINNED for k, g in groups.items() if g.couple is not None and g.couple not in groups})
+        for k, g in groups.items():
+            if g.parent is not None or any(h.parent == k for h in groups.values()):
+                fam = _family(groups, k)
+                if any(_mixed(groups, kk) for kk in fam):
+                    bad.update(dict.fromkeys(fam, NESTED_MIXED))
+        if not bad:
+            return
+        for k, why in bad.items():
+            gr = groups.pop(k)
+            unperm.append(Unpermuted(", ".join(dict.fromkeys(f"{m.tensor}[{m.axis}]" for m in gr.members)), why,
+                                     [[m.tensor, m.axis, m.offset, m.span(gr.size, gr.heads)] for m in gr.members]))
+
+
+def _family(groups: dict[str, Group], k: str) -> list[str]:
+    """Group k's root and every group below it (parents that are missing end the walk up)."""
+    while groups[k].parent in groups:
+        k = groups[k].parent
+    out = [k]
+    for x in out:
+        out += [kk for kk, g in groups.items() if g.parent == x]
+    return out
+
+
+def _mixed(groups: dict[str, Group], k: str) -> bool:
+    """A member of a family with a structure the tree does not express."""
+    g = groups[k]
+    return (g.couple is not None or g.head_only or (g.parent is None and g.heads > 0)
+            or (g.parent is not None and g.heads != groups[g.parent].size))
 
 
 def _check_within_blocks(groups: dict[str, Group], unperm: list[Unpermuted], sd: dict) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from .spec import Member, Probe
 
+NESTED_TWICE = ("blocks following the units of two groups whose block sizes do not nest (neither divides the "
+                "other): the permutations keeping both are not expressed, so pinned")
+
 
 class GroupBuilder:
     """Union-find over groups of units: merged when an op ties them, pinned (with reasons) when an op
@@ -22,6 +25,8 @@ class GroupBuilder:
         self.head_only: list[bool] = []
         self.attention: list[bool] = []  # units met in an attention product (role "heads")
         self.summed: list[bool] = []     # the sum of several computed values (role "stream")
+        self.nested_in: list[int | None] = []  # blocks moving as another group's units (hierarchy.py)
+        self.named: dict[int, str] = {}  # root -> its name in the finished spec (assembly.py)
 
     def new(self, n: int, label: str, reason: str | None = None) -> int:
         g = len(self.parent)
@@ -36,6 +41,7 @@ class GroupBuilder:
         self.head_only.append(False)
         self.attention.append(False)
         self.summed.append(False)
+        self.nested_in.append(None)
         return g
 
     def role(self, g: int) -> str:
@@ -121,7 +127,8 @@ class GroupBuilder:
         self.members[a] += self.members[b]
         self.probes[a] += self.probes[b]
         ha, hb = self.heads[a], self.heads[b]
-        if ha and hb and ha != hb:
+        pa, pb = self.nested_in[a], self.nested_in[b]
+        if ha and hb and ha != hb and (pa is None or pb is None):
             self.fix(a, "merged groups split into different numbers of heads")
         self.heads[a] = ha or hb  # a head-structured permutation is legal for the merged group too
         self.head_only[a] = self.head_only[a] or self.head_only[b]
@@ -131,7 +138,35 @@ class GroupBuilder:
         if ca is not None and cb is not None and self.find(ca) != self.find(cb):
             self.fix(a, "attention heads coupled to two different groups")
         self.couple[a] = ca if ca is not None else cb
+        self.nested_in[a] = pa if pa is not None else pb
+        if pa is not None and pb is not None:
+            self.heads[a], self.nested_in[a] = ha, pa
+            self.nest(a, pb)
         return a
+
+    def nest(self, child: int, parent: int) -> None:
+        """Group `child`'s blocks (one per unit of `parent`) move as `parent`'s units do (hierarchy.py). If its
+        blocks already follow another group: of the same size, the two parents' units move alike (one group);
+        of another size whose blocks nest in these (or these in its), the finer parent's units move in blocks
+        following the coarser parent's units (a chain); blocks that do not nest are pinned."""
+        c, p = self.find(child), self.find(parent)
+        old = self.nested_in[c]
+        if old is None:
+            self.set_heads(c, self.n[p])
+            self.nested_in[c] = p
+            return
+        old, h_old, h = self.find(old), self.heads[c], self.n[p]
+        if old == p:
+            return
+        if h_old == h:
+            self.union(old, p)
+        elif max(h_old, h) % min(h_old, h):
+            for g in (c, old, p):
+                self.fix(g, NESTED_TWICE)
+        else:
+            fine, coarse = (old, p) if h_old > h else (p, old)
+            self.heads[c], self.nested_in[c] = self.n[fine], fine
+            self.nest(fine, coarse)
 
     def set_heads(self, g: int, h: int) -> None:
         r = self.find(g)

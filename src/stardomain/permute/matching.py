@@ -5,7 +5,10 @@ by coordinate descent over groups, one linear assignment per group (head groups:
 
 from __future__ import annotations
 
+import itertools
+import math
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -13,6 +16,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .permutations import (CpuThreads, axis_index, identity, local_orders, member_plan, permute_tensor, slice_rows,
                            unit_major, within_block)
+from .hierarchy import is_family, parents_in, solving_units
 from .spec import PermutationSpec
 
 
@@ -52,6 +56,58 @@ def solve_blocks(costs: list[np.ndarray], heads: int, fixed: list[bool] | tuple 
         if not _round(mats, fixed, bilinear, np.arange(heads), hp, ws):
             break
     return [torch.from_numpy((hp[:, None] * d + w).reshape(-1)).long() for w, d in zip(ws, sizes)]
+
+
+def solve_family(costs: list[np.ndarray], parents: list[int]) -> list[torch.Tensor]:
+    """The best legal permutation of a family of nested groups (hierarchy.py) for costs linear in each
+    group's permutation: costs[i] is group i's (A unit x B unit) matrix, parents[i] its parent's position
+    (-1: the root, listed first; each child after its parent). Exact, by dynamic programming up the tree:
+    the value of putting B's unit j of a parent at A's position i is its own cost plus, for each child, the
+    best assignment of the child's block j to its block i (itself such a value, from the child's children);
+    then the root's assignment, and down the tree each chosen block's best order within it."""
+    value = [c.astype(np.float64, copy=True) for c in costs]
+    orders: list = [None] * len(costs)
+    for k in reversed(range(len(costs))):
+        if parents[k] >= 0:
+            m = value[parents[k]].shape[0]
+            r = value[k].shape[0] // m
+            best, orders[k] = _block_pairings(value[k].reshape(m, r, m, r).transpose(0, 2, 1, 3))
+            value[parents[k]] += best
+    perms: list = [None] * len(costs)
+    for k in range(len(costs)):
+        if parents[k] < 0:
+            perms[k] = lsa(value[k])
+        else:
+            src = perms[parents[k]]
+            r = orders[k].shape[-1]
+            perms[k] = (src[:, None] * r + orders[k][np.arange(len(src)), src]).reshape(-1)
+    return [torch.from_numpy(np.asarray(p)).long() for p in perms]
+
+
+def _block_pairings(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(m, m, r, r) score blocks -> (m, m) best assignment value of each and (m, m, r) its order: every
+    order of r at once where r is small (r! of them), else one assignment per pairing."""
+    m, r = blocks.shape[0], blocks.shape[-1]
+    if math.factorial(r) * m * m <= 1 << 22:
+        orders = np.array(list(itertools.permutations(range(r))), dtype=np.int64)  # (r!, r)
+        vals = blocks[:, :, np.arange(r)[None, :], orders].sum(-1)  # (m, m, r!)
+        pick = vals.argmax(-1)
+        return np.take_along_axis(vals, pick[..., None], -1)[..., 0], orders[pick]
+    flat = blocks.reshape(m * m, r, r)
+    order = np.stack([lsa(x) for x in flat])
+    best = np.take_along_axis(flat, order[:, :, None], 2)[..., 0].sum(1)
+    return best.reshape(m, m), order.reshape(m, m, r)
+
+
+def assign(spec: PermutationSpec, u: tuple[str, ...], costs: list[np.ndarray]) -> list[torch.Tensor]:
+    """The best legal permutation of a solving unit (hierarchy.solving_units) for costs linear in each of its
+    groups' permutations (one (A unit x B unit) matrix per group): a family, a coupled pair of block groups
+    or one group."""
+    if is_family(spec, u):
+        return solve_family(costs, parents_in(spec, u))
+    if spec.groups[u[0]].heads:
+        return solve_blocks(costs, spec.groups[u[0]].heads, head_only_flags(spec, u))
+    return [torch.from_numpy(lsa(costs[0])).long()]
 
 
 def _round(mats: list, fixed: list, bilinear: list, pa: np.ndarray, pb: np.ndarray, ws: list) -> bool:
@@ -184,10 +240,7 @@ def _sorted_init(spec: PermutationSpec, sd_a: dict, sd_b: dict) -> dict[str, tor
     sorted values of a unit's slice are invariant to every other group's permutation."""
     params = set(spec.parameters)
     out: dict[str, torch.Tensor] = {}
-    for k, g in spec.groups.items():
-        if k in out:
-            continue
-        ks = [k] + ([g.couple] if g.couple else [])
+    for ks in solving_units(spec):
         cs = []
         for kk in ks:
             n = spec.groups[kk].size  # (coupled groups may differ in size: a grouped conv's two sides)
@@ -202,10 +255,8 @@ def _sorted_init(spec: PermutationSpec, sd_a: dict, sd_b: dict) -> dict[str, tor
             cs.append(np64(c))
         if not any(m.tensor in params for kk in ks for m in spec.groups[kk].members):
             out.update({kk: torch.arange(spec.groups[kk].size) for kk in ks})  # nothing to match: keep the order
-        elif g.heads:
-            out.update(zip(ks, solve_blocks(cs, g.heads, head_only_flags(spec, ks))))
         else:
-            out[k] = torch.from_numpy(lsa(cs[0])).long()
+            out.update(zip(ks, assign(spec, ks, cs)))
     return out
 
 
@@ -344,12 +395,21 @@ class _CostCache:
 
 
 def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.ndarray, list | None]],
-                olds: list[torch.Tensor], bilinear: list) -> tuple[list[torch.Tensor], float, float, float, float]:
+                olds: list[torch.Tensor], bilinear: list,
+                exact=None) -> tuple[list[torch.Tensor], float, float, float, float]:
     """One step for unit u (a group, or coupled block groups, with their bilinear terms) -> (new permutations
     of u's groups, value of the old ones, of the new ones (on the matrices solved), the same two on the full
-    cost, left-out terms included). Reads no shared state, so it can run on a thread."""
+    cost, left-out terms included). A family of nested groups (hierarchy.py) is solved on its matrices,
+    each read through the others' current permutations, and judged by `exact` (its groups' permutations ->
+    the objective over every tensor they touch): a tensor two of its groups permute (a shortcut convolution
+    from a parent to its child) enters the matrices linearised, so only the exact value says whether the
+    step gains. Reads no shared state, so it can run on a thread."""
     g = spec.groups[u[0]]
     seen = [c for c, _ in cs]
+    if exact is not None:
+        new = solve_family(seen, parents_in(spec, u))
+        old_v, new_v = exact(olds), exact(new)
+        return new, old_v, new_v, old_v, new_v
     if g.heads:
         new = solve_blocks(seen, g.heads, head_only_flags(spec, u), bilinear, olds)
     else:
@@ -378,16 +438,22 @@ def _bilinear_total(term: tuple, ps: list[torch.Tensor], heads: int) -> float:
 
 
 def _units(spec: PermutationSpec, costs: _CostCache) -> list[tuple[str, ...]]:
-    """The descent's units in trace order: single groups, or coupled head groups solved jointly; groups
-    touching no parameter have a zero cost and never move."""
-    units, done = [], set()
-    for k, g in spec.groups.items():
-        if k not in done:
-            u = (k, g.couple) if g.couple else (k,)
-            done.update(u)
-            if any(costs.touches_parameters(kk) for kk in u):
-                units.append(u)
-    return units
+    """The descent's units in trace order: single groups, coupled head groups or families of nested groups
+    solved jointly (hierarchy.solving_units); groups touching no parameter have a zero cost and never move."""
+    return [u for u in solving_units(spec) if any(costs.touches_parameters(kk) for kk in u)]
+
+
+class _ExactValue:
+    """The objective over the tensors in `plan` (those unit u's groups touch), as a function of u's
+    permutations ps, every other group held at `perm`: sum of <A, B permuted>."""
+
+    def __init__(self, plan: dict, A: dict, B: dict, u: tuple[str, ...], perm: dict):
+        self.plan = plan
+        self.A, self.B, self.u, self.perm = A, B, u, perm
+
+    def __call__(self, ps: list[torch.Tensor]) -> float:
+        p = {**self.perm, **dict(zip(self.u, ps))}
+        return sum(float((self.A[t] * permute_tensor(self.B[t], items, p)).sum()) for t, items in self.plan.items())
 
 
 def _neighbours(plan: dict, units: list[tuple[str, ...]]) -> dict[tuple[str, ...], set[str]]:
@@ -461,9 +527,12 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
     """
     plan = member_plan(spec, spec.parameters)
     dtype = torch.float64 if any(sd_a[t].dtype == torch.float64 for t in plan) else torch.float32
-    costs = _CostCache(spec, plan, {t: sd_a[t].to(dtype) for t in plan}, {t: sd_b[t].to(dtype) for t in plan}, dtype)
+    A, B = ({t: sd[t].to(dtype) for t in plan} for sd in (sd_a, sd_b))
+    costs = _CostCache(spec, plan, A, B, dtype)
     perm = {k: v.detach().cpu().long().clone() for k, v in (init or identity(spec)).items()}
     units = _units(spec, costs)
+    judged = {u: partial(_ExactValue, {t: its for t, its in plan.items() if any(it[4] in u for it in its)}, A, B, u)
+              for u in units if is_family(spec, u)}  # families: steps judged on the exact objective (_solve_unit)
     nbrs = _neighbours(plan, units)
     unknown = {k for u in units for k in u} if informed else set()  # not yet solved in the informed first pass
     progress = _Progress(spec, nbrs)
@@ -484,7 +553,8 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
                             pending = True  # solved on part of its cost: solve it again next pass
                         else:
                             progress.solved_at[u] = step
-                results = _solve_all(pool, spec, [(u, cs, [perm[k] for k in u], costs.bilinear_of(u))
+                results = _solve_all(pool, spec, [(u, cs, [perm[k] for k in u], costs.bilinear_of(u),
+                                                   judged[u](dict(perm)) if u in judged else None)
                                                   for u, _, cs in todo])
                 for (u, s, _), (new, old_v, new_v, old_f, new_f) in zip(todo, results):
                     if new_v > old_v + 1e-9 * max(1.0, abs(old_v)):

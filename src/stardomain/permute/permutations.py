@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .hierarchy import family_of, is_family, nested
 from .spec import PermutationSpec
 
 
@@ -20,10 +21,18 @@ def inverse(perm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def random_permutation(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """A uniformly random legal permutation (head groups: heads permuted together, units within each)."""
+    """A uniformly random legal permutation (head groups: heads permuted together, units within each; nested
+    groups: each child's blocks following its parent's units, its units reordered within each block)."""
     out: dict[str, torch.Tensor] = {}
     for k, g in spec.groups.items():
-        if g.heads:
+        if is_family(spec, (k,)) or any(h.parent == k for h in spec.groups.values()):
+            for kk in family_of(spec, k):  # nested groups: the root, then each child following its parent
+                if kk not in out:
+                    gg = spec.groups[kk]
+                    out[kk] = (torch.randperm(gg.size, generator=generator) if gg.parent is None else
+                               nested(out[gg.parent], [torch.randperm(gg.size // gg.heads, generator=generator)
+                                                       for _ in range(gg.heads)]))
+        elif g.heads:
             if k in out:
                 continue
             hp = torch.randperm(g.heads, generator=generator)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..config import LearnedAlignConfig
 from .learned import Learner, batch_statistics
-from .matching import head_only_flags, lsa, solve_blocks
+from .hierarchy import is_family, solving_units
+from .matching import assign
 from .permutations import member_plan, within_block
 from .spec import PermutationSpec
 
@@ -39,17 +39,10 @@ def log_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 def units(spec: PermutationSpec) -> list[tuple[str, ...]]:
-    """Groups touching a parameter, a coupled pair of head groups as one unit (they share a head permutation)."""
+    """Groups touching a parameter, a coupled pair of head groups as one unit (they share a head permutation),
+    a family of nested groups as one unit (hierarchy.py)."""
     touched = {it[4] for items in member_plan(spec, spec.parameters).values() for it in items}
-    out, done = [], set()
-    for k, g in spec.groups.items():
-        if k in done:
-            continue
-        u = (k, g.couple) if g.couple else (k,)
-        done.update(u)
-        if any(kk in touched for kk in u):
-            out.append(u)
-    return out
+    return [u for u in solving_units(spec) if any(kk in touched for kk in u)]
 
 
 def soft_matrices(spec: PermutationSpec, logits: dict[str, torch.Tensor], cfg: LearnedAlignConfig) -> dict:
@@ -58,6 +51,9 @@ def soft_matrices(spec: PermutationSpec, logits: dict[str, torch.Tensor], cfg: L
     out = {}
     for u in units(spec):
         g = spec.groups[u[0]]
+        if is_family(spec, u):
+            out.update(_family_matrices(spec, u, logits, cfg))
+            continue
         if not g.heads:
             out[u[0]] = log_sinkhorn(logits[u[0]] / cfg.temperature, cfg.sinkhorn_iters).exp()
             continue
@@ -71,6 +67,20 @@ def soft_matrices(spec: PermutationSpec, logits: dict[str, torch.Tensor], cfg: L
             within = (torch.eye(dh, dtype=heads.dtype).expand(h, h, dh, dh) if spec.groups[k].head_only
                       else log_sinkhorn(blocks[k], cfg.sinkhorn_iters).exp())
             out[k] = (heads[:, :, None, None] * within).permute(0, 2, 1, 3).reshape(size[k], size[k])
+    return out
+
+
+def _family_matrices(spec: PermutationSpec, u: tuple[str, ...], logits: dict, cfg: LearnedAlignConfig) -> dict:
+    """A family of nested groups: the root's matrix as a plain group's; each child's is its parent's matrix
+    (moving whole blocks as the parent's units move) times one soft permutation within each pair of blocks,
+    so a rounded matrix is always a legal nested permutation."""
+    out = {u[0]: log_sinkhorn(logits[u[0]] / cfg.temperature, cfg.sinkhorn_iters).exp()}
+    for k in u[1:]:
+        g = spec.groups[k]
+        m, r = g.heads, g.size // g.heads
+        blocks = (logits[k] / cfg.temperature).view(m, r, m, r).permute(0, 2, 1, 3)
+        within = log_sinkhorn(blocks, cfg.sinkhorn_iters).exp()
+        out[k] = (out[g.parent][:, :, None, None] * within).permute(0, 2, 1, 3).reshape(g.size, g.size)
     return out
 
 
@@ -141,12 +151,7 @@ def round_matrices(spec: PermutationSpec, mats: dict[str, torch.Tensor], start: 
     entries (heads: whole heads, then units within each); groups without a matrix keep `start`."""
     out = {k: v.clone() for k, v in start.items()}
     for u in units(spec):
-        g = spec.groups[u[0]]
-        cs = [mats[k].detach().double().numpy() for k in u]
-        if g.heads:
-            out.update(zip(u, solve_blocks(cs, g.heads, head_only_flags(spec, u))))
-        else:
-            out[u[0]] = torch.from_numpy(np.asarray(lsa(cs[0]))).long()
+        out.update(zip(u, assign(spec, u, [mats[k].detach().double().numpy() for k in u])))
     return out
 
 

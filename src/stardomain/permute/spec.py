@@ -60,6 +60,7 @@ class Group:
     couple: str | None = None  # a group that must share this group's head-level permutation
     head_only: bool = False   # units keep their order within a head (rotary q/k): whole heads move only
     role: str = "mlp"         # what the units are (ROLES): attention heads, a block's hidden units, the stream
+    parent: str | None = None  # its `heads` blocks move as this group's units do (hierarchy.py: nested groups)
 
 
 # A group's role, read off the graph where the group is formed (never off names): "heads" if its units
@@ -98,7 +99,7 @@ class PermutationSpec:
         groups = {k: Group(name=g["name"], size=g["size"], members=[Member(**m) for m in g["members"]],
                            probes=[Probe(**p) for p in g.get("probes", [])], heads=g.get("heads", 0),
                            couple=g.get("couple"), head_only=g.get("head_only", False),
-                           role=g.get("role", "heads" if g.get("couple") else "mlp"))
+                           role=g.get("role", "heads" if g.get("couple") else "mlp"), parent=g.get("parent"))
                   for k, g in d["groups"].items()}
         return cls(groups, [Unpermuted(u["what"], u["reason"], [list(a) for a in u.get("axes", [])])
                             for u in d["unpermuted"]],
@@ -158,7 +159,8 @@ class PermutationSpec:
         lines += [f"warning: {p}" for p in self.problems()]
         for g in self.groups.values():
             extra = (f", {g.heads} heads" + (" (whole heads only)" if g.head_only else "")
-                     + (f" coupled with {g.couple}" if g.couple else "") if g.heads else "")
+                     + (f" coupled with {g.couple}" if g.couple else "")
+                     + (f" following the units of {g.parent}" if g.parent else "") if g.heads else "")
             ms = ", ".join(f"{m.tensor}[{m.axis}]" + (f"@{m.offset}" if m.offset else "")
                            + (f"x{m.block}" if m.block > 1 else "") + (f"*{m.rep}" if m.rep > 1 else "")
                            + (f" per block of [{m.by}]" if m.by >= 0 else "") for m in g.members)

@@ -3,13 +3,14 @@ only that symmetry and leaves every other group at the identity. Comparing the b
 variant says which symmetry carries the barrier (docs/method.md, "Alignment variants").
 
 "full" keeps every group, "none" none; "heads", "mlp" and "stream" keep the groups of that role. A
-kept attention group keeps its coupled partner (they share one head permutation), so a restricted spec
-is always a legal one: any permutation of it computes the same function.
+kept attention group keeps its coupled partner (they share one head permutation), and a kept nested group
+its whole family (hierarchy.py), so a restricted spec is always a legal one: any permutation of it computes the same function.
 """
 
 from __future__ import annotations
 
 from ..errors import UserError
+from .hierarchy import family_of
 from .spec import ROLES, PermutationSpec, Unpermuted
 
 VARIANTS = ("full", *ROLES, "none")
@@ -33,6 +34,7 @@ def restrict(spec: PermutationSpec, variant: str) -> PermutationSpec:
         return spec
     keep = {k for k, g in spec.groups.items() if g.role == variant}
     keep |= {spec.groups[k].couple for k in keep if spec.groups[k].couple in spec.groups}
+    keep |= {kk for k in keep for kk in family_of(spec, k)}  # nested groups: the blocks follow the parent
     dropped = [Unpermuted(", ".join(dict.fromkeys(f"{m.tensor}[{m.axis}]" for m in g.members)),
                           f"left at the identity by the '{variant}' alignment variant (a {g.role} group)",
                           [[m.tensor, m.axis, m.offset, m.span(g.size, g.heads)] for m in g.members])

@@ -176,6 +176,8 @@ def grouped_conv(t, lay: Any, w: str, b: str | None, groups: int, out_ch: int, l
     rows by the order of the input group those rows read (Member.by)."""
     if lay is None:
         raise Pin(f"grouped convolution (groups={groups}) of unpermuted inputs: its groups cannot move")
+    if sum(sg[1] for sg in lay.segs) == groups:
+        return separable(t, lay, w, b, out_ch // groups, label)
     if len(lay.segs) != 1:
         raise Pin(f"grouped convolution (groups={groups}) over concatenated channels")
     gin = lay.segs[0][0]
@@ -186,6 +188,21 @@ def grouped_conv(t, lay: Any, w: str, b: str | None, groups: int, out_ch: int, l
     t.b.set_heads(out.segs[0][0], groups)
     t.b.tie_blocks(gin, out.segs[0][0], "convolution groups")
     return out
+
+
+def separable(t, lay: Lay, w: str, b: str | None, r: int, label: str) -> Lay:
+    """A convolution with one input channel per group (a depthwise convolution with channel multiplier r):
+    the r outputs of block i read input channel i alone, so each input segment's group gets a child group
+    whose blocks move as its units do, the r units of a block free among themselves (hierarchy.py)."""
+    segs = []
+    for gid, n, _, off, _ in lay.seg_offsets():
+        c = t.b.new(n * r, f"{label}[{off * r}:{(off + n) * r}]" if len(lay.segs) > 1 else label)
+        for name in (w, b):
+            if name and name in t.sd_keys:
+                t.b.add(c, Member(name, 0, off * r))
+        t.b.nest(c, gid)
+        segs.append((c, n * r, 1))
+    return Lay(1, tuple(segs))
 
 
 def conv(t, node: fx.Node, x: Any, w: str | None, b: str | None, groups: int, transposed: bool) -> Any:
