@@ -39,9 +39,11 @@ def _noisy(m, seed):
             for k, v in m.eval().state_dict().items()}
 
 
-def _round_trip(m, x, seed=0):
-    """A random legal permutation keeps the function (float64); weight matching and activation matching
-    bring the copy back exactly (the permutation's inverse), and align's checks pass."""
+def _round_trip(m, x, seed=0, exact_activations=True):
+    """A random legal permutation keeps the function (float64); weight matching brings the copy back exactly
+    (the permutation's inverse), and so does activation matching (exact_activations; else, where a random
+    tiny net has units dead on every input and their correlations tie, its answer keeps the function); and
+    align's checks pass."""
     spec = spec_from_model(m, x)
     sd = _noisy(m, seed)
     p = random_permutation(spec, torch.Generator().manual_seed(seed + 1))
@@ -53,7 +55,10 @@ def _round_trip(m, x, seed=0):
         assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups), init
     data = torch.randn(32, *x.shape[1:], generator=torch.Generator().manual_seed(seed))  # (no unit dead on all)
     q, _ = activation_matching(spec, m, sd, sp, data)
-    assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups)
+    if exact_activations:
+        assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups)
+    back = _out64(m, apply_permutation(spec, sp, q), x)
+    assert (ref - back).abs().max() <= 1e-12 * ref.abs().max()
     _, info = align(m, sd, sp, example_input=x)  # checked: outputs and every probed activation
     assert info["equivalence_error"] < 1e-9 and info["distance_after"] == pytest.approx(0.0, abs=1e-9)
     return spec
@@ -127,7 +132,7 @@ def test_depthwise_separable_chains_stay_plain_groups():
        seed=st.integers(0, 100))
 def test_separable_chains_over_widths_and_multipliers(c, rs, shortcut, seed):
     torch.manual_seed(seed)
-    spec = _round_trip(Chain(c, tuple(rs), shortcut), torch.randn(2, 3, 5, 5), seed)
+    spec = _round_trip(Chain(c, tuple(rs), shortcut), torch.randn(2, 3, 5, 5), seed, exact_activations=False)
     assert spec.permutable_fraction() == 1.0
 
 

@@ -17,6 +17,8 @@ PARENT_PINNED = ("its blocks (a convolution's groups of one input channel) follo
                  "unpermutable")
 CHILD_PINNED = ("units whose order a pinned group's blocks follow (a convolution with one input channel per "
                 "group reads them): pinned with it")
+ONE_BLOCK = ("units keeping their order in the one block that follows a single unit (a channel shuffle's row after "
+             "the passthrough was cut down to one unit): only the identity is left")
 NESTED_MIXED = ("convolution groups of one input channel nested with another block structure on the same units "
                 "(attention heads, GroupNorm groups, a grouped convolution's coupled groups): not expressed, so "
                 "pinned")
@@ -125,8 +127,17 @@ def _nest_families(b: GroupBuilder, groups: dict[str, Group], unperm: list[Unper
     child's blocks are its parent's units, the root has no blocks and nothing is coupled; else the family
     is pinned (never a wrong permutation). A child whose parent is pinned is pinned too."""
     for r, name in b.named.items():
-        if b.nested_in[r] is not None and name in groups:
-            groups[name].parent = b.named.get(b.find(b.nested_in[r]), "")
+        p = b.find(b.nested_in[r]) if b.nested_in[r] is not None else None
+        if p is None or name not in groups:
+            continue
+        if b.n[p] == 1 and not b.reasons[p] and not groups[name].head_only:  # one block: its units move freely
+            groups[name].heads = 0
+        elif b.n[p] == 1 and not b.reasons[p]:
+            g = groups.pop(name)
+            unperm.append(Unpermuted(", ".join(dict.fromkeys(f"{m.tensor}[{m.axis}]" for m in g.members)), ONE_BLOCK,
+                                     [[m.tensor, m.axis, m.offset, m.span(g.size, g.heads)] for m in g.members]))
+        else:
+            groups[name].parent = b.named.get(p, "")
     while True:
         bad = {k: PARENT_PINNED for k, g in groups.items() if g.parent is not None and g.parent not in groups}
         bad.update({k: PARTNER_PINNED for k, g in groups.items() if g.couple is not None and g.couple not in groups})
@@ -156,8 +167,8 @@ def _family(groups: dict[str, Group], k: str) -> list[str]:
 def _mixed(groups: dict[str, Group], k: str) -> bool:
     """A member of a family with a structure the tree does not express."""
     g = groups[k]
-    return (g.couple is not None or g.head_only or (g.parent is None and g.heads > 0)
-            or (g.parent is not None and g.heads != groups[g.parent].size))
+    return (g.couple is not None or (g.parent is None and (g.heads > 0 or g.head_only))
+            or (g.parent in groups and g.heads != groups[g.parent].size))
 
 
 def _check_within_blocks(groups: dict[str, Group], unperm: list[Unpermuted], sd: dict) -> None:

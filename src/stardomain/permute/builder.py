@@ -5,7 +5,7 @@ from __future__ import annotations
 from .spec import Member, Probe
 
 NESTED_TWICE = ("blocks following the units of two groups whose block sizes do not nest (neither divides the "
-                "other): the permutations keeping both are not expressed, so pinned")
+                "other), or rigid blocks nested twice: the permutations keeping both are not expressed, so pinned")
 
 
 class GroupBuilder:
@@ -22,10 +22,12 @@ class GroupBuilder:
         self.heads: list[int] = []
         self.couple: list[int | None] = []
         self.parts: dict[int, list[int]] = {}  # a group cut into sub-groups (a fused q/k/v projection)
+        self.cut_into: dict[int, list[int]] = {}  # ... of those, the ones cut (split), not folded
         self.head_only: list[bool] = []
         self.attention: list[bool] = []  # units met in an attention product (role "heads")
         self.summed: list[bool] = []     # the sum of several computed values (role "stream")
         self.nested_in: list[int | None] = []  # blocks moving as another group's units (hierarchy.py)
+        self.as_value: list[bool] = []  # the axis of a parameter read as a plain value (a mask, a table)
         self.named: dict[int, str] = {}  # root -> its name in the finished spec (assembly.py)
 
     def new(self, n: int, label: str, reason: str | None = None) -> int:
@@ -42,6 +44,7 @@ class GroupBuilder:
         self.attention.append(False)
         self.summed.append(False)
         self.nested_in.append(None)
+        self.as_value.append(False)
         return g
 
     def role(self, g: int) -> str:
@@ -55,27 +58,62 @@ class GroupBuilder:
     def _inherit(self, new: int, r: int) -> None:
         self.attention[new], self.summed[new] = self.attention[r], self.summed[r]
 
-    def split(self, g: int, sizes: list[int]) -> list[int] | None:
-        """Cut group g's units into consecutive sub-groups (q, k and v of one fused projection). Only a
-        group whose members all span its units plainly can be cut; using the whole again later pins
-        every part (see union, add, fix). None: it cannot be cut."""
+    def split(self, g: int, sizes: list[int], nested: bool = False) -> list[int] | None:
+        """Cut group g's units into consecutive sub-groups (q, k and v of one fused projection, the two sides
+        of a slice). Only a group whose members all span its units plainly can be cut; groups whose blocks
+        follow its units (hierarchy.py) are cut alike, each part following its part; using the whole again
+        later pins every part (see union, add, fix). None: it cannot be cut. nested: g is such a child."""
         r = self.find(g)
-        if self.heads[r] or self.couple[r] is not None or r in self.parts or sum(sizes) != self.n[r]:
-            return None
-        if any(m.block != 1 or m.rep != 1 or m.by >= 0 for m in self.members[r]):
+        if r in self.cut_into:  # cut before (the same value sliced twice): the same parts, if the same cuts
+            subs = self.cut_into[r]
+            return subs if [self.n[self.find(sg)] for sg in subs] == list(sizes) else None
+        if sum(sizes) != self.n[r] or not self._can_split(r, nested):
             return None
         subs, off = [], 0
         for n in sizes:
             sg = self.new(n, f"{self.label[r]}[{off}:{off + n}]")
             self.reasons[sg] = list(self.reasons[r])
             self._inherit(sg, r)
-            self.members[sg] = [Member(m.tensor, m.axis, m.offset + off, 1) for m in self.members[r]]
+            self.members[sg] = [Member(m.tensor, m.axis, m.offset + off * m.block, m.block) for m in self.members[r]]
             self.probes[sg] = [Probe(p.node, p.axis, p.offset + off * p.block, p.block) for p in self.probes[r]]
             subs.append(sg)
             off += n
         self.members[r], self.probes[r] = [], []
-        self.parts[r] = subs
+        self.parts[r] = self.cut_into[r] = subs
+        for c in self.children(r):  # (checked by _can_split: each can be cut alike)
+            q = self.n[c] // self.n[r]
+            for part, sub in zip(subs, self.split(c, [q * n for n in sizes], nested=True)):
+                self.heads[sub], self.nested_in[sub], self.head_only[sub] = self.n[part], part, self.head_only[c]
         return subs
+
+    def _can_split(self, r: int, nested: bool) -> bool:
+        if r in self.parts or self.couple[r] is not None or (self.heads[r] and not nested):
+            return False
+        if any(m.rep != 1 or m.by >= 0 for m in self.members[r]) or any(p.rep != 1 for p in self.probes[r]):
+            return False
+        return all(self._can_split(c, True) for c in self.children(r))
+
+    def children(self, r: int) -> list[int]:
+        """The groups whose blocks follow group r's units (hierarchy.py)."""
+        return [c for c in range(len(self.parent)) if self.parent[c] == c and self.nested_in[c] is not None
+                and self.find(self.nested_in[c]) == r]
+
+    def leaves(self, g: int) -> list[tuple[int, int]]:
+        """Group g as the groups it has been cut into (split, cut), in order: [(group, units)]."""
+        r = self.find(g)
+        if r not in self.cut_into:
+            return [(r, self.n[r])]
+        return [x for sg in self.cut_into[r] for x in self.leaves(sg)]
+
+    def cut(self, g: int, at: int) -> bool:
+        """Make a boundary at unit `at` of group g, cutting the part it falls in (a slice of the feature axis
+        at a static index: its units are a group of their own) -> False: that part cannot be cut."""
+        off = 0
+        for leaf, n in self.leaves(g):
+            if off < at < off + n:
+                return self.split(leaf, [at - off, off + n - at]) is not None
+            off += n
+        return True
 
     def fold(self, q: int, k: int, rep: int) -> bool:
         """Grouped-query attention: query group q (rep query heads per key head) becomes rep-members of
@@ -134,6 +172,7 @@ class GroupBuilder:
         self.head_only[a] = self.head_only[a] or self.head_only[b]
         self.attention[a] = self.attention[a] or self.attention[b]
         self.summed[a] = self.summed[a] or self.summed[b]
+        self.as_value[a] = self.as_value[a] or self.as_value[b]
         ca, cb = self.couple[a], self.couple[b]
         if ca is not None and cb is not None and self.find(ca) != self.find(cb):
             self.fix(a, "attention heads coupled to two different groups")
@@ -160,13 +199,23 @@ class GroupBuilder:
             return
         if h_old == h:
             self.union(old, p)
-        elif max(h_old, h) % min(h_old, h):
+        elif max(h_old, h) % min(h_old, h) or self.head_only[c]:
             for g in (c, old, p):
                 self.fix(g, NESTED_TWICE)
         else:
             fine, coarse = (old, p) if h_old > h else (p, old)
             self.heads[c], self.nested_in[c] = self.n[fine], fine
             self.nest(fine, coarse)
+
+    def nest_rigid(self, child: int, parent: int) -> bool:
+        """Group `child`'s blocks follow `parent`'s units, its units keeping their order within a block (a
+        channel shuffle's row read in whole blocks). False: child already has a block structure."""
+        c = self.find(child)
+        if self.nested_in[c] is not None or self.heads[c] or self.couple[c] is not None or c == self.find(parent):
+            return False
+        self.nest(c, parent)
+        self.head_only[c] = True
+        return True
 
     def set_heads(self, g: int, h: int) -> None:
         r = self.find(g)

@@ -7,9 +7,10 @@ and the r outputs of a block may also be reordered among themselves. So the outp
 `heads` = (the inputs' count) blocks whose block permutation *is* the inputs' permutation, and whatever that
 permutation is constrained by (the inputs may themselves follow an earlier group's units) the outputs
 inherit. Chains of such convolutions nest: a family is a root group (no parent) with every group whose
-blocks descend from it, one tree. Every solver takes a family as one unit (matching.assign); a legal
-permutation of it is the root's permutation, then each child's blocks following its parent's units and
-its units reordered freely within each block.
+blocks descend from it, one tree. A rigid child (Group.head_only) keeps its units' order within a block:
+a channel shuffle's row whose units join another row's coarser units (rules/shapes.py). Every solver
+takes a family as one unit (matching.assign); a legal permutation of it is the root's permutation, then
+each child's blocks following its parent's units and its units reordered within each block (rigid: not).
 """
 
 from __future__ import annotations

@@ -69,6 +69,31 @@ class HLay:
 
 
 @dataclass(frozen=True)
+class Rows:
+    """A feature axis viewed as rows (a channel shuffle's (g, C/g) view): index i along `row_axis` is row i,
+    whose positions along `unit_axis` the segment segs[i] (gid, n, block) owns. Only moving the axes and
+    merging them back (in either order) is understood (rules/shapes.py)."""
+    row_axis: int
+    unit_axis: int
+    segs: tuple[tuple[int, int, int], ...]
+
+    what: ClassVar[str] = "a feature axis viewed as rows (a channel shuffle)"
+
+    def moved(self, mv: Renumber) -> "Rows":
+        return Rows(mv(self.row_axis), mv(self.unit_axis), self.segs)
+
+    def axes(self) -> tuple:
+        return (self.row_axis, self.unit_axis)
+
+    def gids(self) -> list[int]:
+        return [s[0] for s in self.segs]
+
+    def pin(self, tracer: Any, reason: str) -> None:
+        for gid in self.gids():
+            tracer.b.fix(gid, reason)
+
+
+@dataclass(frozen=True)
 class Fused:
     """A fused projection split over a new axis (q/k/v from reshape(B, T, 3, H, d)): index i along
     `axis` is part i, whose layout (in this tensor's axes) is parts[i]."""

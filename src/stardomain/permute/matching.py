@@ -58,20 +58,26 @@ def solve_blocks(costs: list[np.ndarray], heads: int, fixed: list[bool] | tuple 
     return [torch.from_numpy((hp[:, None] * d + w).reshape(-1)).long() for w, d in zip(ws, sizes)]
 
 
-def solve_family(costs: list[np.ndarray], parents: list[int]) -> list[torch.Tensor]:
+def solve_family(costs: list[np.ndarray], parents: list[int], rigid: list[bool] | tuple = ()) -> list[torch.Tensor]:
     """The best legal permutation of a family of nested groups (hierarchy.py) for costs linear in each
     group's permutation: costs[i] is group i's (A unit x B unit) matrix, parents[i] its parent's position
     (-1: the root, listed first; each child after its parent). Exact, by dynamic programming up the tree:
     the value of putting B's unit j of a parent at A's position i is its own cost plus, for each child, the
     best assignment of the child's block j to its block i (itself such a value, from the child's children);
-    then the root's assignment, and down the tree each chosen block's best order within it."""
+    then the root's assignment, and down the tree each chosen block's best order within it (rigid[i]: group
+    i's units keep their order within a block)."""
+    rigid = list(rigid) + [False] * (len(costs) - len(rigid))
     value = [c.astype(np.float64, copy=True) for c in costs]
     orders: list = [None] * len(costs)
     for k in reversed(range(len(costs))):
         if parents[k] >= 0:
             m = value[parents[k]].shape[0]
             r = value[k].shape[0] // m
-            best, orders[k] = _block_pairings(value[k].reshape(m, r, m, r).transpose(0, 2, 1, 3))
+            blocks = value[k].reshape(m, r, m, r).transpose(0, 2, 1, 3)
+            if rigid[k]:
+                best, orders[k] = np.trace(blocks, axis1=2, axis2=3), np.broadcast_to(np.arange(r), (m, m, r))
+            else:
+                best, orders[k] = _block_pairings(blocks)
             value[parents[k]] += best
     perms: list = [None] * len(costs)
     for k in range(len(costs)):
@@ -104,7 +110,7 @@ def assign(spec: PermutationSpec, u: tuple[str, ...], costs: list[np.ndarray]) -
     groups' permutations (one (A unit x B unit) matrix per group): a family, a coupled pair of block groups
     or one group."""
     if is_family(spec, u):
-        return solve_family(costs, parents_in(spec, u))
+        return solve_family(costs, parents_in(spec, u), head_only_flags(spec, u))
     if spec.groups[u[0]].heads:
         return solve_blocks(costs, spec.groups[u[0]].heads, head_only_flags(spec, u))
     return [torch.from_numpy(lsa(costs[0])).long()]
@@ -407,7 +413,7 @@ def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.nda
     g = spec.groups[u[0]]
     seen = [c for c, _ in cs]
     if exact is not None:
-        new = solve_family(seen, parents_in(spec, u))
+        new = solve_family(seen, parents_in(spec, u), head_only_flags(spec, u))
         old_v, new_v = exact(olds), exact(new)
         return new, old_v, new_v, old_v, new_v
     if g.heads:

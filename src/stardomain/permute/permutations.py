@@ -30,7 +30,8 @@ def random_permutation(spec: PermutationSpec, generator: torch.Generator | None 
                 if kk not in out:
                     gg = spec.groups[kk]
                     out[kk] = (torch.randperm(gg.size, generator=generator) if gg.parent is None else
-                               nested(out[gg.parent], [torch.randperm(gg.size // gg.heads, generator=generator)
+                               nested(out[gg.parent], [torch.arange(gg.size // gg.heads) if gg.head_only else
+                                                       torch.randperm(gg.size // gg.heads, generator=generator)
                                                        for _ in range(gg.heads)]))
         elif g.heads:
             if k in out:

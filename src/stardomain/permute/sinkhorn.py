@@ -72,14 +72,15 @@ def soft_matrices(spec: PermutationSpec, logits: dict[str, torch.Tensor], cfg: L
 
 def _family_matrices(spec: PermutationSpec, u: tuple[str, ...], logits: dict, cfg: LearnedAlignConfig) -> dict:
     """A family of nested groups: the root's matrix as a plain group's; each child's is its parent's matrix
-    (moving whole blocks as the parent's units move) times one soft permutation within each pair of blocks,
-    so a rounded matrix is always a legal nested permutation."""
+    (moving whole blocks as the parent's units move) times one soft permutation within each pair of blocks
+    (the identity for a rigid child), so a rounded matrix is always a legal nested permutation."""
     out = {u[0]: log_sinkhorn(logits[u[0]] / cfg.temperature, cfg.sinkhorn_iters).exp()}
     for k in u[1:]:
         g = spec.groups[k]
         m, r = g.heads, g.size // g.heads
         blocks = (logits[k] / cfg.temperature).view(m, r, m, r).permute(0, 2, 1, 3)
-        within = log_sinkhorn(blocks, cfg.sinkhorn_iters).exp()
+        within = (torch.eye(r, dtype=blocks.dtype).expand(m, m, r, r) if g.head_only  # (rigid: order kept)
+                  else log_sinkhorn(blocks, cfg.sinkhorn_iters).exp())
         out[k] = (out[g.parent][:, :, None, None] * within).permute(0, 2, 1, 3).reshape(g.size, g.size)
     return out
 

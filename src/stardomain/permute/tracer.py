@@ -51,6 +51,8 @@ class Tracer:
             if a not in self.materialised:
                 self.materialised[a] = (self.fresh(v.shape[-1], v.name, len(v.shape) - 1,
                                                    [(v.name, len(v.shape) - 1)]) if v.shape else None)
+                if self.materialised[a] is not None:
+                    self.b.mark(self.b.as_value, self.materialised[a].segs[0][0])
             return self.materialised[a]
         return v
 

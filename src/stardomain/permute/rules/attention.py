@@ -45,6 +45,9 @@ def merge_heads(t, lay: HLay, si: tuple, so: tuple) -> Lay:
     """(.., H, dh, ..) -> (.., H*dh, ..): heads merged back into one feature axis; grouped-query
     output heads (each key/value head repeated rep times) give a segment with that rep."""
     h, u = lay.head_axis, lay.unit_axis
+    if u == h - 1:
+        raise Pin("reshape of per-head tensors interleaving the heads (a channel shuffle of one group's blocks, "
+                  "ShuffleNet v1): a unit's channels would lie a block apart, which no member expresses")
     if u != h + 1:
         raise Pin("reshape of per-head tensors other than merging heads back")
     n = si[h] * si[u]

@@ -131,9 +131,10 @@ def channel_op(t, node: fx.Node, x: Any, params: list, what: str, min_rank: int 
     lay, si = t.lay(x), shape_of(x)
     if lay is None:
         return None
-    if not isinstance(lay, Lay) or lay.axis != 1 or len(si) < min_rank:
+    if not isinstance(lay, Lay) or lay.axis != 1 or len(si) < min_rank or any(len(s) > 3 and s[3] != 1
+                                                                              for s in lay.segs):
         raise Pin(f"{what} over a non-channel axis")
-    t.add_members(lay, [(p, 0) for p in params if p])
+    t.add_members(lay, [(p, 0) for p in params if p], need_block1=False)
     return lay
 
 
@@ -176,6 +177,8 @@ def grouped_conv(t, lay: Any, w: str, b: str | None, groups: int, out_ch: int, l
     rows by the order of the input group those rows read (Member.by)."""
     if lay is None:
         raise Pin(f"grouped convolution (groups={groups}) of unpermuted inputs: its groups cannot move")
+    if any(sg[2] != 1 for sg in lay.segs):
+        raise Pin(f"grouped convolution (groups={groups}) of channels owned in blocks (after a channel shuffle)")
     if sum(sg[1] for sg in lay.segs) == groups:
         return separable(t, lay, w, b, out_ch // groups, label)
     if len(lay.segs) != 1:
@@ -210,22 +213,24 @@ def conv(t, node: fx.Node, x: Any, w: str | None, b: str | None, groups: int, tr
     if not isinstance(t.env.get(node.args[1]), Param):
         raise Pin("a convolution whose weight is computed")
     out_ch = so[1]
-    if lay is not None and (not isinstance(lay, Lay) or lay.axis != 1 or any(sg[2] != 1 for sg in lay.segs)):
+    if lay is not None and (not isinstance(lay, Lay) or lay.axis != 1):
         wax = None if transposed or groups != 1 or not w else spanned_weight_axis(
             lay, shape_of(x), shape_of(node.args[1])[2:], arg(node, 4, "padding", 0), arg(node, 5, "dilation", 1))
         if wax is None:
             raise Pin("convolution over a non-channel axis")
         t.add_members(lay, [(w, wax)])
         return t.fresh(out_ch, w.removesuffix(".weight"), 1, [(w, 0)] + ([(b, 0)] if b else []))
+    if lay is not None and any(len(sg) > 3 and sg[3] != 1 for sg in lay.segs):
+        raise Pin("a convolution over repeated heads")
     if groups == 1:
         if lay is not None and w:
-            t.add_members(lay, [(w, 0 if transposed else 1)])
+            t.add_members(lay, [(w, 0 if transposed else 1)], need_block1=False)
         return t.fresh(out_ch, w.removesuffix(".weight") if w else "conv", 1,
                           [(w, 1 if transposed else 0)] + ([(b, 0)] if b else []))
     if not transposed and groups == shape_of(x)[1] == out_ch:  # depthwise: a per-channel op
         if lay is None:
             return None
-        t.add_members(lay, [(w, 0)] + ([(b, 0)] if b else []))
+        t.add_members(lay, [(w, 0)] + ([(b, 0)] if b else []), need_block1=False)
         return lay
     if transposed or not w:
         raise Pin(f"grouped convolution (groups={groups}) ties channels to groups")
@@ -371,7 +376,9 @@ def _m_reshape(t, c: ModuleCall) -> Any:
 
 def _m_conv(t, c: ModuleCall) -> Any:
     lay, name, mod = c.lay, c.name, c.mod
-    if lay is not None and (lay.axis != 1 or any(s[2] != 1 for s in lay.segs)):
+    if lay is not None and any(len(s) > 3 and s[3] != 1 for s in lay.segs):
+        raise Pin("a convolution over repeated heads")
+    if lay is not None and lay.axis != 1:
         wax = None if mod.groups != 1 else spanned_weight_axis(lay, c.shape_in, mod.kernel_size, mod.padding,
                                                                  mod.dilation)
         if wax is None:
@@ -380,12 +387,12 @@ def _m_conv(t, c: ModuleCall) -> Any:
         return t.fresh(mod.out_channels, name, 1, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
     if mod.groups == 1:
         if lay is not None:
-            t.add_members(lay, [(f"{name}.weight", 1)])
+            t.add_members(lay, [(f"{name}.weight", 1)], need_block1=False)
         return t.fresh(mod.out_channels, name, 1, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
     if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: a per-channel op
         if lay is None:
             return None
-        t.add_members(lay, [(f"{name}.weight", 0), (f"{name}.bias", 0)])
+        t.add_members(lay, [(f"{name}.weight", 0), (f"{name}.bias", 0)], need_block1=False)
         return lay
     return grouped_conv(t, lay, f"{name}.weight", f"{name}.bias", mod.groups, mod.out_channels, name)
 
@@ -404,9 +411,10 @@ def _m_conv_transpose(t, c: ModuleCall) -> Any:
 def _m_batch_norm(t, c: ModuleCall) -> Any:
     if c.lay is None:
         return None
-    if c.lay.axis != 1:
+    if not isinstance(c.lay, Lay) or c.lay.axis != 1 or any(len(s) > 3 and s[3] != 1 for s in c.lay.segs):
         raise Pin("BatchNorm over a non-channel axis")
-    t.add_members(c.lay, [(f"{c.name}.{t}", 0) for t in ("weight", "bias", "running_mean", "running_var")])
+    t.add_members(c.lay, [(f"{c.name}.{t}", 0) for t in ("weight", "bias", "running_mean", "running_var")],
+                  need_block1=False)  # (a unit owning a block of channels: its block of statistics)
     return c.lay
 
 

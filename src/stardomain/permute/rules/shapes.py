@@ -9,7 +9,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..layouts import Fused, HLay, Lay, dropped
+from ..layouts import Fused, HLay, Lay, Rows, dropped
 from .attention import cat_heads, index_fused, index_heads, merge_heads, repeat_heads, split_heads, split_parts
 from .common import Pin, arg, dim_list, only_output, shape_of
 
@@ -23,6 +23,8 @@ def reshape(t, lay: Any, si: tuple | None, so: tuple | None) -> Any:
         return lay
     if isinstance(lay, Fused):
         raise Pin("reshape of a fused projection split over a new axis")
+    if isinstance(lay, Rows):
+        return merge_rows(t, lay, si, so)
     if isinstance(lay, HLay):
         rep = repeat_heads(t, lay, si, so)
         return rep if rep is not None else merge_heads(t, lay, si, so)
@@ -39,7 +41,45 @@ def reshape(t, lay: Any, si: tuple | None, so: tuple | None) -> Any:
                 split = split_parts(t, lay, si, so)
             if split is not None:
                 return split
-        raise
+        rows = shuffle_rows(lay, si, so)
+        if rows is None:
+            raise
+        return rows
+
+
+def shuffle_rows(lay: Lay, si: tuple, so: tuple) -> "Rows | None":
+    """(.., C, ..) -> (.., g, C/g, ..) where each of the g rows is one segment (a channel shuffle's view of
+    concatenated branches): Rows. None: any other split of the feature axis."""
+    a = lay.axis
+    if len(so) != len(si) + 1 or so[:a] != si[:a] or so[a + 2:] != si[a + 1:] or so[a] < 2 or so[a + 1] < 2:
+        return None
+    if len(lay.segs) != so[a] or any(len(sg) != 3 or sg[1] * sg[2] != so[a + 1] for sg in lay.segs):
+        return None
+    return Rows(a, a + 1, tuple(lay.segs))
+
+
+def merge_rows(t, rows: Rows, si: tuple, so: tuple) -> Lay:
+    """Rows merged back: in their order, the segments as they were; transposed (units first: the channel
+    shuffle's (C/g, g) -> C), output position j*g + i is row i's position j. Every row's units then move in
+    blocks following the units of the row with fewest (a group of its own when two rows have as many units,
+    a rigid child of it otherwise, builder.nest_rigid): unit u owns g * C/(g n) consecutive channels."""
+    r, u = rows.row_axis, rows.unit_axis
+    lo = min(r, u)
+    if abs(r - u) != 1 or tuple(so) != tuple(si[:lo]) + (si[r] * si[u],) + tuple(si[lo + 2:]):
+        raise Pin("reshape of a channel shuffle's rows other than merging them back")
+    if r < u:
+        return Lay(r, rows.segs)
+    counts = [n for _, n, _ in rows.segs]
+    n = min(counts)
+    if any(k % n for k in counts):
+        raise Pin("a channel shuffle of rows whose unit counts do not nest (neither divides the other)")
+    parent = rows.segs[counts.index(n)][0]
+    for gid, k, _ in rows.segs:
+        if k == n:
+            t.b.union(gid, parent)
+        elif not t.b.nest_rigid(gid, parent):
+            raise Pin("a channel shuffle of a row whose units already follow another group's blocks")
+    return Lay(lo, ((parent, n, si[r] * si[u] // n),))
 
 
 def reshape_plain(t, lay: Lay, si: tuple, so: tuple) -> Lay:
@@ -126,9 +166,15 @@ def getitem(t, node: fx.Node) -> Any:
         if isinstance(e, fx.Node) or not isinstance(e, (int, slice)):
             raise Pin("advanced indexing")
         if i_in == lay.axis:
-            if not (isinstance(e, slice) and e == slice(None)):
-                raise Pin("model output (a slice of it)" if only_output(node) else "indexing into the feature axis")
-            return Lay(i_out, lay.segs)
+            if isinstance(e, slice) and e == slice(None):
+                return Lay(i_out, lay.segs)
+            if only_output(node):
+                raise Pin("model output (a slice of it)")
+            if (not isinstance(lay, Lay) or not isinstance(e, slice) or e.step not in (None, 1)
+                    or not isinstance(e.start, (int, type(None)))):
+                raise Pin("indexing into the feature axis")
+            lo = slice(e.start, None).indices(shape_of(x)[i_in])[0]  # (the end: read off the output's shape)
+            return Lay(i_out, units_between(t, lay, lo, lo + shape_of(node)[i_out]).segs)
         i_in += 1
         i_out += isinstance(e, slice)
     return Lay(i_out + (lay.axis - i_in), lay.segs)  # the feature axis is past the index
@@ -209,13 +255,14 @@ def split(t, node: fx.Node, x: Any, sizes: Any, dim: int) -> Any:
         need = want[0] - sum(m * bb for _, m, bb in cur)
         if n * blk <= need:
             cur.append((g, n, blk))
-        elif blk == 1 and len(segs) == 0 and len(cur) == 0 and sum(want) == n:
-            subs = t.b.split(g, want)
+        elif len(segs) == 0 and len(cur) == 0 and sum(want) == n * blk and all(w % blk == 0 for w in want):
+            subs = t.b.split(g, [w // blk for w in want])
             if subs is None:
                 raise Pin("splitting a feature axis whose units are tied to other tensors")
-            return tuple(Lay(dim, ((sg, w, 1),)) for sg, w in zip(subs, want))
-        else:
-            raise Pin("split of the feature axis across a group")
+            return tuple(Lay(dim, ((sg, w // blk, blk),)) for sg, w in zip(subs, want))
+        else:  # a piece ends inside a segment: each piece's units cut out (a slice each)
+            ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+            return tuple(units_between(t, lay, a, b) for a, b in zip([0] + ends[:-1], ends))
         if sum(m * bb for _, m, bb in cur) == want[0]:
             out.append(Lay(dim, tuple(cur)))
             cur, want = [], want[1:]
@@ -242,8 +289,37 @@ def unbind(t, node: fx.Node, x: Any, dim: int) -> Any:
     return tuple(dropped(lay, dim) for _ in range(si[dim]))
 
 
-def narrow(t, node: fx.Node, x: Any, dim: int, full: bool) -> Any:
-    """x[.., a:b, ..] along `dim` (full: the whole axis); select=True drops the axis."""
+def units_between(t, lay: Lay, lo: int, hi: int) -> Lay:
+    """The feature axis sliced at static positions [lo, hi) (DPN's dual paths: x[:, :d] and x[:, d:]): the
+    segments inside, and where a slice ends inside a segment, its group cut there at a unit boundary (each
+    side a group of its own, as a split; builder.cut). Inside a unit (a flattened channel's positions) or
+    in a group that cannot be cut (a block structure, tied to other tensors), or the axis of a parameter read
+    as a value (a causal mask's token axis, sliced to the sequence): pinned."""
+    segs, off = [], 0
+    for gid, n, blk, *r in lay.segs:
+        length = n * blk * (r[0] if r else 1)
+        a, b = max(lo, off), min(hi, off + length)
+        if a < b and (a, b) == (off, off + length):
+            segs.append((gid, n, blk, *r))
+        elif a < b:
+            if (r and r[0] != 1) or (a - off) % blk or (b - off) % blk:
+                raise Pin("slicing the feature axis inside a unit")
+            ua, ub = (a - off) // blk, (b - off) // blk
+            if t.b.as_value[t.b.find(gid)]:  # (a causal mask's token axis, sliced to the sequence's length)
+                raise Pin("indexing into the feature axis of a parameter read as a value")
+            if not (t.b.cut(gid, ua) and t.b.cut(gid, ub)):
+                raise Pin("slicing a feature axis whose units are tied to other tensors or to blocks")
+            pos = 0
+            for leaf, m in t.b.leaves(gid):
+                if ua <= pos < ub:
+                    segs.append((leaf, m, blk))
+                pos += m
+        off += length
+    return Lay(lay.axis, tuple(segs))
+
+
+def narrow(t, node: fx.Node, x: Any, dim: int, full: bool, bounds: tuple | None = None) -> Any:
+    """x[.., a:b, ..] along `dim` (full: the whole axis; bounds: (a, b) where static and unit-strided)."""
     lay, si = t.lay(x), shape_of(x)
     if lay is None:
         return None
@@ -254,6 +330,8 @@ def narrow(t, node: fx.Node, x: Any, dim: int, full: bool) -> Any:
     axes = lay.axes()
     if dim in axes and not full and only_output(node):
         raise Pin("model output (a slice of it)")
+    if dim in axes and not full and isinstance(lay, Lay) and bounds is not None:
+        return units_between(t, lay, *bounds)
     if dim in axes and not full:
         raise Pin("slicing into the feature axis (or heads, or a head's units)")
     if isinstance(lay, Fused) and dim != lay.axis:
@@ -384,13 +462,20 @@ def _slice(t, node):  # aten.slice.Tensor(x, dim, start, end, step)
     x = node.args[0]
     dim = arg(node, 1, "dim", 0) % len(shape_of(x))
     full = shape_of(node)[dim] == shape_of(x)[dim]
-    return narrow(t, node, x, dim, full)
+    start, step = arg(node, 2, "start"), arg(node, 4, "step", 1)
+    static = (start is None or isinstance(start, int)) and step == 1  # (the end: read off the output's shape)
+    start = slice(start, None).indices(shape_of(x)[dim])[0] if static else 0
+    return narrow(t, node, x, dim, full, (start, start + shape_of(node)[dim]) if static else None)
 
 
 def _narrow(t, node):  # torch.narrow(x, dim, start, length)
     x = node.args[0]
     dim = arg(node, 1, "dim") % len(shape_of(x))
-    return narrow(t, node, x, dim, shape_of(node)[dim] == shape_of(x)[dim])
+    start = arg(node, 2, "start")
+    static = isinstance(start, int)  # (the length: read off the output's shape)
+    start = start % shape_of(x)[dim] if static else 0
+    return narrow(t, node, x, dim, shape_of(node)[dim] == shape_of(x)[dim],
+                  (start, start + shape_of(node)[dim]) if static else None)
 
 
 def _select(t, node):
