@@ -128,6 +128,32 @@ class ShuffleUnit(nn.Module):
         return y.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
 
 
+class ShuffleDown(nn.Module):
+    """ShuffleNetV2's reducing unit: two branches of the whole input (depthwise then 1x1; 1x1, depthwise,
+    1x1), concatenated, shuffled."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        h = o // 2
+        self.left = nn.Sequential(nn.Conv2d(i, i, 3, 2, 1, groups=i, bias=False), nn.BatchNorm2d(i), _cbr(i, h))
+        self.right = nn.Sequential(_cbr(i, h), nn.Conv2d(h, h, 3, 2, 1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                   _cbr(h, h))
+
+    def forward(self, x):
+        y = torch.cat([self.left(x), self.right(x)], 1)
+        n, c, hh, ww = y.shape
+        return y.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+
+
+def shufflenet_v2(widths=(116, 232, 464), units=(4, 8, 4)):
+    """ShuffleNetV2 x1.0 at full size: stem 24, three stages of a reducing unit then stride-1 units, 1024."""
+    blocks, c = [], 24
+    for w, k in zip(widths, units):
+        blocks += [ShuffleDown(c, w)] + [ShuffleUnit(w) for _ in range(k - 1)]
+        c = w
+    return Net(24, blocks + [_cbr(c, 1024)], 1024)
+
+
 class Net(nn.Module):
     def __init__(self, stem, blocks, c, classes=10):
         super().__init__()
@@ -256,6 +282,7 @@ CASES = {
     "MobileNetV2-shaped (depthwise-separable, inverted residuals)": lambda: (
         Net(16, [InvertedResidual(16, 6) for _ in range(3)], 16), IMG),
     "ShuffleNetV2-shaped (split, shuffle)": lambda: (Net(32, [ShuffleUnit(32) for _ in range(3)], 32), IMG),
+    "ShuffleNetV2 x1.0-shaped, full size (116/232/464 channels, 4/8/4 units)": lambda: (shufflenet_v2(), IMG),
     "TextCNN (AG-News-shaped)": lambda: (TextCNN(), TOKENS),
     "LSTM classifier (2 layers, bidirectional)": lambda: (LSTMClassifier(), TOKENS),
     "LSTM classifier, torch.export only (aten.lstm)": lambda: (LSTMExported(), TOKENS),

@@ -247,3 +247,19 @@ def test_variants_keep_a_family_whole_and_sinkhorn_rounds_to_legal_permutations(
     assert all(torch.equal(q[k], p[k]) for k in spec.groups)
     sq = apply_permutation(spec, sd, q)
     assert distance(sq, sp) == 0.0
+
+
+def test_grouped_convolutions_of_two_group_counts_are_pinned_with_the_reason():
+    """A grouped convolution (2 groups, several channels each) feeding one with 4 groups: the channels
+    between are split in blocks of two sizes that nest; with several channels per group on both sides that
+    hierarchy is not expressed, so they are pinned (said), and the function is kept."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 2))
+    x = torch.randn(2, 3, 4, 4)
+    spec = spec_from_model(m, x)
+    assert any("2 and 4: nested blocks" in u.reason for u in spec.unpermuted)
+    sd = _noisy(m, 0)
+    sp = apply_permutation(spec, sd, random_permutation(spec, torch.Generator().manual_seed(1)))
+    ref = _out64(m, sd, x)
+    assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()

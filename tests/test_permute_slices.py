@@ -117,22 +117,28 @@ def test_dual_paths_over_split_points(d, dense, groups, blocks, seed):
     assert spec.permutable_fraction() == 1.0
 
 
-def test_slices_the_rule_cannot_express_are_pinned_with_the_reason():
-    """A slice inside a unit (a flattened channel's positions) or with a step: pinned, the function kept."""
+def test_a_slice_inside_a_unit_leaves_that_unit_in_place():
+    """A slice ending inside a unit (a flattened channel's 4 positions): that channel becomes a group of one
+    unit (it cannot move), the channels on either side stay permutable; a slice with a step is pinned."""
     class Flat(nn.Module):
         def __init__(self, step):
             super().__init__()
-            self.step, self.conv, self.fc = step, nn.Conv2d(3, 4, 1), nn.Linear(8 if step == 2 else 6, 2)
+            self.step, self.conv, self.fc = step, nn.Conv2d(3, 6, 1), nn.Linear(12 if step == 2 else 14, 2)
+            self.rest = nn.Linear(10, 2)
 
         def forward(self, x):
-            h = torch.relu(self.conv(x)).flatten(1)  # (B, 4 * 4): each channel's 4 positions
-            return self.fc(h[:, ::2] if self.step == 2 else h[:, :6])
+            h = torch.relu(self.conv(x)).flatten(1)  # (B, 6 * 4): each channel's 4 positions
+            if self.step == 2:
+                return self.fc(h[:, ::2])
+            return self.fc(h[:, :14]) + self.rest(h[:, 14:])  # channel 3 cut: positions 12, 13 | 14, 15
 
-    for step, reason in ((1, "slicing the feature axis inside a unit"), (2, "indexing into the feature axis")):
-        m, x = Flat(step), torch.randn(2, 3, 2, 2)
-        spec = spec_from_model(m, x)
-        assert any(reason in u.reason for u in spec.unpermuted) and not spec.groups
-
+    torch.manual_seed(0)
+    m, x = Flat(1), torch.randn(2, 3, 2, 2)
+    spec = _round_trip(m, x)
+    assert sorted(g.size for g in spec.groups.values()) == [2, 3]  # channels 4-5 and 0-2; channel 3 alone
+    m, x = Flat(2), torch.randn(2, 3, 2, 2)
+    spec = spec_from_model(m, x)
+    assert any("indexing into the feature axis" in u.reason for u in spec.unpermuted) and not spec.groups
 
 def channel_shuffle(x, groups):
     """torchvision's channel shuffle."""
@@ -198,8 +204,9 @@ def test_shuffles_over_widths_groups_and_depths(part, g, units, seed):
     assert all(u.reason for u in spec.unpermuted)
 
 
-def test_a_shuffle_the_rules_cannot_express_is_pinned_with_the_reason():
-    """Rows made of two segments (three tensors concatenated, shuffled in 2 rows): pinned, function kept."""
+def test_shuffled_rows_of_several_segments_line_up():
+    """Three tensors concatenated and shuffled in 2 rows: the rows are cut where either has a boundary, and
+    each stretch's units tied; the function is kept and the planted permutation found."""
     class Uneven(nn.Module):
         def __init__(self):
             super().__init__()
@@ -210,9 +217,30 @@ def test_a_shuffle_the_rules_cannot_express_is_pinned_with_the_reason():
             y = channel_shuffle(torch.cat([self.a(x), self.b(x), self.c(x)], 1), 2)
             return self.fc(torch.relu(y).mean((2, 3)))
 
-    m, x = Uneven(), torch.randn(2, 3, 4, 4)
+    torch.manual_seed(0)
+    spec = _round_trip(Uneven(), torch.randn(2, 3, 4, 4))
+    assert spec.permutable_fraction() == 1.0 and sorted(g.size for g in spec.groups.values()) == [2, 2]
+
+
+def test_a_shuffle_the_rules_cannot_express_is_pinned_with_the_reason():
+    """Rows whose units do not nest (2 units of 3 channels beside 3 units of 2, after shuffles with 3 and
+    with 2 groups): pinned, the function kept."""
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.ModuleList(nn.Conv2d(3, 2, 1) for _ in range(3))
+            self.q = nn.ModuleList(nn.Conv2d(3, 3, 1) for _ in range(2))
+            self.fc = nn.Linear(12, 2)
+
+        def forward(self, x):
+            a = channel_shuffle(torch.cat([c(x) for c in self.p], 1), 3)  # 2 units of 3 channels
+            b = channel_shuffle(torch.cat([c(x) for c in self.q], 1), 2)  # 3 units of 2 channels
+            y = channel_shuffle(torch.cat([a, b], 1), 2)
+            return self.fc(torch.relu(y).mean((2, 3)))
+
+    m, x = Mixed(), torch.randn(2, 3, 4, 4)
     spec = spec_from_model(m, x)
-    assert any("reshape that splits the feature axis" in u.reason for u in spec.unpermuted)
+    assert any("unit counts do not nest" in u.reason for u in spec.unpermuted)
     _keeps_function(m, x, spec)
 
 

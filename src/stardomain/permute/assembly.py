@@ -17,8 +17,8 @@ PARENT_PINNED = ("its blocks (a convolution's groups of one input channel) follo
                  "unpermutable")
 CHILD_PINNED = ("units whose order a pinned group's blocks follow (a convolution with one input channel per "
                 "group reads them): pinned with it")
-ONE_BLOCK = ("units keeping their order in the one block that follows a single unit (a channel shuffle's row after "
-             "the passthrough was cut down to one unit): only the identity is left")
+ONE_BLOCK = ("units keeping their order in the one block that follows a single unit (a channel shuffle's row tied to "
+             "a unit that a later chunk or slice cut down to one): only the identity is left")
 NESTED_MIXED = ("convolution groups of one input channel nested with another block structure on the same units "
                 "(attention heads, GroupNorm groups, a grouped convolution's coupled groups): not expressed, so "
                 "pinned")

@@ -220,7 +220,11 @@ class GroupBuilder:
     def set_heads(self, g: int, h: int) -> None:
         r = self.find(g)
         if self.heads[r] and self.heads[r] != h:
-            self.fix(r, "split into different numbers of heads")
+            nested = max(h, self.heads[r]) % min(h, self.heads[r]) == 0
+            self.fix(r, "split into different numbers of heads" + (
+                f" ({min(h, self.heads[r])} and {max(h, self.heads[r])}: nested blocks, which are expressed only for "
+                "convolutions with one input channel per group)" if nested else
+                f" ({h} and {self.heads[r]}: blocks that do not nest)"))
         self.heads[r] = h
 
     def set_couple(self, a: int, b: int) -> None:

@@ -23,9 +23,12 @@ from .spec import PermutationSpec
 def family_of(spec: PermutationSpec, k: str) -> tuple[str, ...]:
     """The family of group k (k alone if it has no parent and no children): the root first, then every
     descendant after its parent."""
-    root = k
+    root, seen = k, {k}
     while spec.groups[root].parent is not None:
         root = spec.groups[root].parent
+        if root in seen or root not in spec.groups:
+            raise ValueError(f"group {k}'s parents do not end in a root group: the spec is not a valid one")
+        seen.add(root)
     kids: dict[str, list[str]] = {}
     for name, g in spec.groups.items():
         if g.parent is not None:

@@ -71,11 +71,11 @@ class HLay:
 @dataclass(frozen=True)
 class Rows:
     """A feature axis viewed as rows (a channel shuffle's (g, C/g) view): index i along `row_axis` is row i,
-    whose positions along `unit_axis` the segment segs[i] (gid, n, block) owns. Only moving the axes and
-    merging them back (in either order) is understood (rules/shapes.py)."""
+    whose positions along `unit_axis` the segments segs[i] ((gid, n, block), ...) own. Only moving the
+    axes and merging them back (in either order) is understood (rules/shapes.py)."""
     row_axis: int
     unit_axis: int
-    segs: tuple[tuple[int, int, int], ...]
+    segs: tuple[tuple[tuple[int, int, int], ...], ...]
 
     what: ClassVar[str] = "a feature axis viewed as rows (a channel shuffle)"
 
@@ -86,7 +86,7 @@ class Rows:
         return (self.row_axis, self.unit_axis)
 
     def gids(self) -> list[int]:
-        return [s[0] for s in self.segs]
+        return [s[0] for row in self.segs for s in row]
 
     def pin(self, tracer: Any, reason: str) -> None:
         for gid in self.gids():

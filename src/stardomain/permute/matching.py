@@ -406,17 +406,19 @@ def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.nda
     """One step for unit u (a group, or coupled block groups, with their bilinear terms) -> (new permutations
     of u's groups, value of the old ones, of the new ones (on the matrices solved), the same two on the full
     cost, left-out terms included). A family of nested groups (hierarchy.py) is solved on its matrices,
-    each read through the others' current permutations, and judged by `exact` (its groups' permutations ->
-    the objective over every tensor they touch): a tensor two of its groups permute (a shortcut convolution
-    from a parent to its child) enters the matrices linearised, so only the exact value says whether the
-    step gains. Reads no shared state, so it can run on a thread."""
+    each read through the others' current permutations; where a tensor crosses two of its groups (a shortcut
+    convolution from a parent to its child) it enters the matrices linearised, so the step is judged by
+    `exact` (its groups' permutations -> the objective over every tensor they touch). Reads no shared
+    state, so it can run on a thread."""
     g = spec.groups[u[0]]
     seen = [c for c, _ in cs]
     if exact is not None:
         new = solve_family(seen, parents_in(spec, u), head_only_flags(spec, u))
         old_v, new_v = exact(olds), exact(new)
         return new, old_v, new_v, old_v, new_v
-    if g.heads:
+    if is_family(spec, u):  # (no tensor crosses two of its groups: its matrices are its exact costs)
+        new = solve_family(seen, parents_in(spec, u), head_only_flags(spec, u))
+    elif g.heads:
         new = solve_blocks(seen, g.heads, head_only_flags(spec, u), bilinear, olds)
     else:
         new = [torch.from_numpy(lsa(seen[0])).long()]
@@ -447,6 +449,12 @@ def _units(spec: PermutationSpec, costs: _CostCache) -> list[tuple[str, ...]]:
     """The descent's units in trace order: single groups, coupled head groups or families of nested groups
     solved jointly (hierarchy.solving_units); groups touching no parameter have a zero cost and never move."""
     return [u for u in solving_units(spec) if any(costs.touches_parameters(kk) for kk in u)]
+
+
+def _crossed(plan: dict, u: tuple[str, ...]) -> bool:
+    """Whether two of unit u's groups permute one tensor (on two axes): then its cost matrices are
+    linearised at the others' permutations and a step must be judged on the exact objective."""
+    return any(len({it[4] for it in items if it[4] in u}) > 1 for items in plan.values())
 
 
 class _ExactValue:
@@ -538,7 +546,7 @@ def _weight_matching(spec: PermutationSpec, sd_a: dict, sd_b: dict, *, seed: int
     perm = {k: v.detach().cpu().long().clone() for k, v in (init or identity(spec)).items()}
     units = _units(spec, costs)
     judged = {u: partial(_ExactValue, {t: its for t, its in plan.items() if any(it[4] in u for it in its)}, A, B, u)
-              for u in units if is_family(spec, u)}  # families: steps judged on the exact objective (_solve_unit)
+              for u in units if is_family(spec, u) and _crossed(plan, u)}  # steps judged exactly (_solve_unit)
     nbrs = _neighbours(plan, units)
     unknown = {k for u in units for k in u} if informed else set()  # not yet solved in the informed first pass
     progress = _Progress(spec, nbrs)

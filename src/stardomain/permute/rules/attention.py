@@ -47,7 +47,7 @@ def merge_heads(t, lay: HLay, si: tuple, so: tuple) -> Lay:
     h, u = lay.head_axis, lay.unit_axis
     if u == h - 1:
         raise Pin("reshape of per-head tensors interleaving the heads (a channel shuffle of one group's blocks, "
-                  "ShuffleNet v1): a unit's channels would lie a block apart, which no member expresses")
+                  "ShuffleNet v1): a head's units would land the head count apart, which no member expresses")
     if u != h + 1:
         raise Pin("reshape of per-head tensors other than merging heads back")
     n = si[h] * si[u]

@@ -48,38 +48,71 @@ def reshape(t, lay: Any, si: tuple | None, so: tuple | None) -> Any:
 
 
 def shuffle_rows(lay: Lay, si: tuple, so: tuple) -> "Rows | None":
-    """(.., C, ..) -> (.., g, C/g, ..) where each of the g rows is one segment (a channel shuffle's view of
+    """(.., C, ..) -> (.., g, C/g, ..) where no segment spans two rows (a channel shuffle's view of
     concatenated branches): Rows. None: any other split of the feature axis."""
     a = lay.axis
     if len(so) != len(si) + 1 or so[:a] != si[:a] or so[a + 2:] != si[a + 1:] or so[a] < 2 or so[a + 1] < 2:
         return None
-    if len(lay.segs) != so[a] or any(len(sg) != 3 or sg[1] * sg[2] != so[a + 1] for sg in lay.segs):
-        return None
-    return Rows(a, a + 1, tuple(lay.segs))
+    rows, row, filled = [], [], 0
+    for sg in lay.segs:
+        if len(sg) != 3:
+            return None
+        row.append(sg)
+        filled += sg[1] * sg[2]
+        if filled == so[a + 1]:
+            rows.append(tuple(row))
+            row, filled = [], 0
+        elif filled > so[a + 1]:
+            return None
+    return Rows(a, a + 1, tuple(rows)) if len(rows) == so[a] else None
 
 
 def merge_rows(t, rows: Rows, si: tuple, so: tuple) -> Lay:
     """Rows merged back: in their order, the segments as they were; transposed (units first: the channel
-    shuffle's (C/g, g) -> C), output position j*g + i is row i's position j. Every row's units then move in
-    blocks following the units of the row with fewest (a group of its own when two rows have as many units,
-    a rigid child of it otherwise, builder.nest_rigid): unit u owns g * C/(g n) consecutive channels."""
+    shuffle's (C/g, g) -> C), output position j*g + i is row i's position j. The rows are cut at every
+    segment boundary any of them has (units_between); in each stretch, every row's units move in blocks
+    following the units of the row with fewest, n (a group of its own when a row has as many, a rigid child
+    of it otherwise, builder.nest_rigid): each of the n units owns g * (the stretch's length) / n
+    consecutive output channels."""
     r, u = rows.row_axis, rows.unit_axis
     lo = min(r, u)
     if abs(r - u) != 1 or tuple(so) != tuple(si[:lo]) + (si[r] * si[u],) + tuple(si[lo + 2:]):
         raise Pin("reshape of a channel shuffle's rows other than merging them back")
     if r < u:
-        return Lay(r, rows.segs)
-    counts = [n for _, n, _ in rows.segs]
+        return Lay(r, tuple(sg for row in rows.segs for sg in row))
+    ends = sorted({e for row in rows.segs for e in _row_ends(t, row)})
+    segs = []
+    for a, b in zip([0] + ends[:-1], ends):
+        pieces = [units_between(t, Lay(0, row), a, b).segs for row in rows.segs]
+        if any(len(p) != 1 for p in pieces):
+            raise Pin("a channel shuffle whose rows' units do not line up")
+        segs.append(_tie_rows(t, [p[0] for p in pieces], len(pieces) * (b - a)))
+    return Lay(lo, tuple(segs))
+
+
+def _row_ends(t, row: tuple) -> list[int]:
+    """Where the units of a row's groups (as cut so far: builder.leaves) end, in positions along the row."""
+    out, off = [], 0
+    for gid, n, blk in row:
+        for _, m in (t.b.leaves(gid) if sum(m for _, m in t.b.leaves(gid)) == n else [(gid, n)]):
+            off += m * blk
+            out.append(off)
+    return out
+
+
+def _tie_rows(t, pieces: list, width: int) -> tuple:
+    """One stretch of every row -> the output's segment: the rows' units tied to the row with fewest."""
+    counts = [n for _, n, _ in pieces]
     n = min(counts)
     if any(k % n for k in counts):
         raise Pin("a channel shuffle of rows whose unit counts do not nest (neither divides the other)")
-    parent = rows.segs[counts.index(n)][0]
-    for gid, k, _ in rows.segs:
+    parent = pieces[counts.index(n)][0]
+    for gid, k, _ in pieces:
         if k == n:
             t.b.union(gid, parent)
         elif not t.b.nest_rigid(gid, parent):
             raise Pin("a channel shuffle of a row whose units already follow another group's blocks")
-    return Lay(lo, ((parent, n, si[r] * si[u] // n),))
+    return (parent, n, width // n)
 
 
 def reshape_plain(t, lay: Lay, si: tuple, so: tuple) -> Lay:
@@ -291,10 +324,11 @@ def unbind(t, node: fx.Node, x: Any, dim: int) -> Any:
 
 def units_between(t, lay: Lay, lo: int, hi: int) -> Lay:
     """The feature axis sliced at static positions [lo, hi) (DPN's dual paths: x[:, :d] and x[:, d:]): the
-    segments inside, and where a slice ends inside a segment, its group cut there at a unit boundary (each
-    side a group of its own, as a split; builder.cut). Inside a unit (a flattened channel's positions) or
-    in a group that cannot be cut (a block structure, tied to other tensors), or the axis of a parameter read
-    as a value (a causal mask's token axis, sliced to the sequence): pinned."""
+    segments inside, and where a slice ends inside a segment, its group cut there (each side a group of its
+    own, as a split; builder.cut). A unit the slice ends inside (a flattened channel's positions, a channel
+    shuffle's block) becomes a group of one unit, which cannot move: its positions lie on both sides. A group
+    that cannot be cut (a block structure, tied to other tensors), repeated heads, or the axis of a parameter
+    read as a value (a causal mask's token axis, sliced to the sequence): pinned."""
     segs, off = [], 0
     for gid, n, blk, *r in lay.segs:
         length = n * blk * (r[0] if r else 1)
@@ -302,20 +336,28 @@ def units_between(t, lay: Lay, lo: int, hi: int) -> Lay:
         if a < b and (a, b) == (off, off + length):
             segs.append((gid, n, blk, *r))
         elif a < b:
-            if (r and r[0] != 1) or (a - off) % blk or (b - off) % blk:
-                raise Pin("slicing the feature axis inside a unit")
-            ua, ub = (a - off) // blk, (b - off) // blk
-            if t.b.as_value[t.b.find(gid)]:  # (a causal mask's token axis, sliced to the sequence's length)
-                raise Pin("indexing into the feature axis of a parameter read as a value")
-            if not (t.b.cut(gid, ua) and t.b.cut(gid, ub)):
-                raise Pin("slicing a feature axis whose units are tied to other tensors or to blocks")
-            pos = 0
-            for leaf, m in t.b.leaves(gid):
-                if ua <= pos < ub:
-                    segs.append((leaf, m, blk))
-                pos += m
+            if r and r[0] != 1:
+                raise Pin("slicing the feature axis inside repeated heads")
+            segs += _segment_part(t, gid, n, blk, a - off, b - off)
         off += length
     return Lay(lay.axis, tuple(segs))
+
+
+def _segment_part(t, gid: int, n: int, blk: int, a: int, b: int) -> list:
+    """Positions [a, b) of one segment (n units of blk positions) as segments of the groups it is cut into;
+    a unit cut inside is a one-unit group, the part its piece (gid, 1, positions inside)."""
+    if t.b.as_value[t.b.find(gid)]:  # (a causal mask's token axis, sliced to the sequence's length)
+        raise Pin("indexing into the feature axis of a parameter read as a value")
+    cuts = {a // blk, a // blk + (a % blk > 0), b // blk, b // blk + (b % blk > 0)}
+    if not all(t.b.cut(gid, c) for c in sorted(cuts) if 0 < c < n):
+        raise Pin("slicing a feature axis whose units are tied to other tensors or to blocks")
+    out, pos = [], 0
+    for leaf, m in t.b.leaves(gid):
+        x, y = max(a, pos * blk), min(b, (pos + m) * blk)
+        if x < y:
+            out.append((leaf, m, blk) if (x, y) == (pos * blk, (pos + m) * blk) else (leaf, 1, y - x))
+        pos += m
+    return out
 
 
 def narrow(t, node: fx.Node, x: Any, dim: int, full: bool, bounds: tuple | None = None) -> Any:
