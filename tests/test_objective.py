@@ -405,6 +405,17 @@ def test_a_graph_kept_for_a_second_backward_keeps_its_interpolated_weights():
         assert torch.equal(p.grad, first[k]), k
 
 
+def test_forwards_kept_without_a_backward_do_not_leave_their_buffers_in_the_pool():
+    star, sources = _models()
+    x = torch.randn(16, *SHAPE)
+    light = sd.Starlight(star.train(), sources, align_every=None, seed=0)
+    kept = [light(x) for _ in range(5)]  # a validation pass with gradients on: five sets in use at once
+    assert len(light.pool) == 5
+    del kept
+    light(x)
+    assert len(light.pool) == 2  # the one in use and one spare
+
+
 def test_steady_training_reuses_the_interpolated_weights_buffers():
     star, sources = _models()
     x, y = torch.randn(16, *SHAPE), torch.randint(0, 10, (16,))

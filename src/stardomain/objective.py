@@ -83,14 +83,18 @@ def interpolated_weights(params: Mapping[str, torch.Tensor], source: Mapping[str
     own view node passes the gradient on (no Python in backward), whose data is a buffer that `torch.lerp`
     wrote. `pool`: a list the caller keeps, of [buffers, weak references to the views] sets, a set reused
     once nothing holds its views any more (the graph that saved them was back-propagated or dropped), so
-    steady training allocates nothing."""
+    steady training allocates nothing; one free set is kept spare, more are let go (forwards kept without a
+    backward, as in a validation pass with gradients on, would otherwise leave their peak in the pool)."""
     names = list(params)
     if not torch.is_grad_enabled():
         return {k: torch.lerp(params[k], source[k], t) for k in names}
     pool = [] if pool is None else pool
-    entry = next((e for e in pool if all(r() is None for r in e[1])), None)
-    if entry is None:
-        entry = [[torch.empty_like(params[k]) for k in names], []]
+    free = [e for e in pool if all(r() is None for r in e[1])]
+    if len(free) > 2:
+        extra = {id(e) for e in free[2:]}
+        pool[:] = [e for e in pool if id(e) not in extra]
+    entry = free[0] if free else [[torch.empty_like(params[k]) for k in names], []]
+    if not free:
         pool.append(entry)
     out = {}
     with torch.no_grad():
