@@ -246,6 +246,28 @@ def test_tied_weights_are_interpolated_wherever_the_module_uses_them():
     assert not torch.allclose(star[0].weight.grad, (1 - t) * untied[0].weight.grad)
 
 
+def test_tied_weights_get_the_factor_once_when_it_goes_onto_the_parameters_gradients():
+    """The context form (and inputs that need gradients) put (1-t) on θ's gradients: a weight used twice
+    must still get it once, on its total gradient."""
+    def tied(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+        m[2].weight = m[0].weight
+        return m
+    star, sources = tied(0), [tied(1).state_dict(), tied(2).state_dict()]
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    light = sd.Starlight(star, sources, align_every=None, seed=1)
+    before = {k: v.clone() for k, v in star.state_dict().items()}
+    with light.drawn() as (n, t):
+        loss = F.cross_entropy(star(x), y)
+    loss.backward()
+    second = tied(3)
+    second.load_state_dict(lerp(before, sources[n], t))
+    F.cross_entropy(second(x), y).backward()
+    for (k, p), q in zip(star.named_parameters(), second.parameters()):
+        torch.testing.assert_close(p.grad, (1 - t) * q.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_the_interpolated_weights_reach_a_shared_submodule_and_one_replaced_after_the_first_call():
     """Where the module holds its tensors is found once per module: a submodule used under two names gets the
     interpolated weights once (not swapped twice), one replaced after the first call is found again (else the
