@@ -11,11 +11,11 @@ interpolated tensors where the module holds its own for the call, as `torch.func
 from places found once per module (no second module), and back-propagation gives θ the gradient
 (1-t)·∇L at the interpolated point, the chain rule's factor applied exactly once:
 
-- each interpolated weight is a view of θ's parameter, so autograd's own view node hands it the incoming
-  gradient unchanged (no Python in backward), whose data is a reused buffer that one `torch.lerp` wrote,
-  and the (1-t) is applied to the *output's* gradient (a few numbers per example, not one pass over every
-  parameter), so a step costs one lerp per parameter and a few Python operations more than an ordinary
-  one;
+- each interpolated weight is a view of θ's parameter whose data is a reused buffer that one `torch.lerp`
+  wrote, so autograd's own view node hands θ the incoming gradient unchanged (no Python in backward), and
+  the (1-t) is applied to the *output's* gradient (a few numbers per example, not one pass over every
+  parameter): a step costs one lerp per parameter (reading the drawn source from memory is most of it)
+  and a few Python operations more than an ordinary one;
 - when an input itself needs a gradient (adversarial training, an upstream encoder), scaling the output
   would scale that gradient too, and an output holding objects that torch's pytree cannot look into
   might hide a tensor from the scaling; in both cases the factor goes onto the parameters' gradients
