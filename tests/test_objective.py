@@ -409,35 +409,6 @@ def test_state_dict_resumes_the_same_draws_and_alignment():
         assert torch.equal(resumed.scratch[k], whole.scratch[k]), k
 
 
-def test_a_graph_kept_for_a_second_backward_keeps_its_interpolated_weights():
-    """Buffers are reused only once nothing holds the interpolated weights: a graph kept with retain_graph
-    still back-propagates through its own draw after other calls have run."""
-    star, sources = _models()
-    x, y = torch.randn(16, *SHAPE), torch.randint(0, 10, (16,))
-    light = sd.Starlight(star.train(), sources, align_every=None, seed=5)
-    kept = F.cross_entropy(light(x), y)
-    kept.backward(retain_graph=True)
-    first = {k: p.grad.clone() for k, p in star.named_parameters()}
-    for _ in range(2):
-        star.zero_grad()
-        F.cross_entropy(light(x), y).backward()  # other draws, other interpolated weights
-    star.zero_grad()
-    kept.backward()
-    for k, p in star.named_parameters():
-        assert torch.equal(p.grad, first[k]), k
-
-
-def test_forwards_kept_without_a_backward_do_not_leave_their_buffers_in_the_pool():
-    star, sources = _models()
-    x = torch.randn(16, *SHAPE)
-    light = sd.Starlight(star.train(), sources, align_every=None, seed=0)
-    kept = [light(x) for _ in range(5)]  # a validation pass with gradients on: five sets in use at once
-    assert len(light.pool) == 5
-    del kept
-    light(x)
-    assert len(light.pool) == 2  # the one in use and one spare
-
-
 def test_steady_training_reuses_the_interpolated_weights_buffers():
     star, sources = _models()
     x, y = torch.randn(16, *SHAPE), torch.randint(0, 10, (16,))

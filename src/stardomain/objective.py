@@ -11,11 +11,12 @@ interpolated tensors where the module holds its own for the call, as `torch.func
 from places found once per module (no second module), and back-propagation gives θ the gradient
 (1-t)·∇L at the interpolated point, the chain rule's factor applied exactly once:
 
-- each interpolated weight is a view of θ's parameter whose data is a reused buffer that one `torch.lerp`
-  wrote, so autograd's own view node hands θ the incoming gradient unchanged (no Python in backward), and
-  the (1-t) is applied to the *output's* gradient (a few numbers per example, not one pass over every
-  parameter): a step costs one lerp per parameter (reading the drawn source from memory is most of it)
-  and a few Python operations more than an ordinary one;
+- the interpolated weights come from one autograd node over all parameters whose backward hands the
+  incoming gradient to θ unchanged (one node for all: a view of each parameter as its own node, tried,
+  costs more on models of many tensors), and the (1-t) is applied to the *output's* gradient (a few
+  numbers per example, not one pass over every parameter), so a step costs one lerp per parameter
+  (reading the drawn source from memory is most of it) and a few Python operations more than an
+  ordinary one;
 - when an input itself needs a gradient (adversarial training, an upstream encoder), scaling the output
   would scale that gradient too, and an output holding objects that torch's pytree cannot look into
   might hide a tensor from the scaling; in both cases the factor goes onto the parameters' gradients
@@ -61,6 +62,30 @@ StateDict = dict[str, torch.Tensor]
 
 # ---------------------------------------------------------------- the step
 
+class _Interpolated(torch.autograd.Function):
+    """(1-t)·θ + t·θ_n for every parameter at once, written into a buffer set from `pool` (a list; reused
+    once this node's backward has run, so steady training allocates nothing). Backward hands θ the
+    incoming gradient times `factor["scale"]`, read at backward time: 1 when the (1-t) went onto the
+    output's gradient instead (`interpolated_forward` decides after the forward, once it has seen the
+    output)."""
+
+    @staticmethod
+    def forward(ctx, t: float, factor: dict, pool: list, sources: tuple, *params: torch.Tensor):  # type: ignore[override]
+        bufs = pool.pop() if pool else [torch.empty_like(p) for p in params]
+        ctx.factor, ctx.pool, ctx.bufs = factor, pool, bufs
+        return tuple(torch.lerp(p, s, t, out=b) for p, s, b in zip(params, sources, bufs))
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        if ctx.bufs is not None:  # this graph is done with its buffers (a second backward would be refused)
+            ctx.pool.append(ctx.bufs)
+            ctx.bufs = None
+        scale = ctx.factor["scale"]
+        if scale != 1.0:
+            grads = tuple(None if g is None else g * scale for g in grads)
+        return (None, None, None, None, *grads)
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by `factor`. (A hook on a view of the output would
     cost a little less but is silently skipped when the caller modifies the output in place; this view
@@ -77,42 +102,16 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def interpolated_weights(params: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], t: float,
-                         pool: list | None = None) -> dict[str, torch.Tensor]:
-    """{name: (1-t)·params[name] + t·source[name]}, differentiable in params with the gradient handed to
-    params unchanged (`scale_gradients` puts a factor on it). Each is a view of params[name], so autograd's
-    own view node passes the gradient on (no Python in backward), whose data is a buffer that `torch.lerp`
-    wrote. `pool`: a list the caller keeps, of [buffers, weak references to the views] sets, a set reused
-    once nothing holds its views any more (the graph that saved them was back-propagated or dropped), so
-    steady training allocates nothing; one free set is kept spare, more are let go (forwards kept without a
-    backward, as in a validation pass with gradients on, would otherwise leave their peak in the pool)."""
+                         factor: dict, pool: list | None = None) -> dict[str, torch.Tensor]:
+    """{name: (1-t)·params[name] + t·source[name]}, differentiable in params with the gradient times
+    factor["scale"] (a dict, so the caller may still change it after the forward). `pool`: a list the
+    caller keeps, of buffer sets to reuse (see _Interpolated)."""
     names = list(params)
     if not torch.is_grad_enabled():
         return {k: torch.lerp(params[k], source[k], t) for k in names}
-    pool = [] if pool is None else pool
-    free = [e for e in pool if all(r() is None for r in e[1])]
-    if len(free) > 2:
-        extra = {id(e) for e in free[2:]}
-        pool[:] = [e for e in pool if id(e) not in extra]
-    entry = free[0] if free else [[torch.empty_like(params[k]) for k in names], []]
-    if not free:
-        pool.append(entry)
-    out = {}
-    with torch.no_grad():
-        for k, buf in zip(names, entry[0]):
-            torch.lerp(params[k], source[k], t, out=buf)
-    for k, buf in zip(names, entry[0]):
-        out[k] = v = params[k].view_as(params[k])
-        v.data = buf
-    entry[1] = [weakref.ref(v) for v in out.values()]
-    return out
-
-
-def scale_gradients(weights: Mapping[str, torch.Tensor], factor: float) -> None:
-    """Multiply the gradient that each of `interpolated_weights`' tensors hands its parameter by `factor`
-    (a hook on its view node: the total gradient of that tensor, once, however often the module used it)."""
-    for v in weights.values():
-        if v.grad_fn is not None:
-            v.grad_fn.register_prehook(lambda g: tuple(None if x is None else x * factor for x in g))
+    out = _Interpolated.apply(t, factor, [] if pool is None else pool, tuple(source[k] for k in names),
+                              *(params[k] for k in names))
+    return dict(zip(names, out))
 
 
 def _needs_grad(args: tuple, kwargs: Mapping[str, Any]) -> bool:
@@ -196,18 +195,21 @@ def interpolated_forward(model: nn.Module, params: Mapping[str, torch.Tensor], s
     output gives params the gradient (1-t)·∇L at the interpolated point (see the module docstring for where
     the factor goes)."""
     kwargs = kwargs or {}
-    interpolated = interpolated_weights(params, source, t, pool)
-    undo = _swap(model, {**interpolated, **buffers} if buffers else interpolated)
+    factor = {"scale": 1.0 - t}
+    weights = interpolated_weights(params, source, t, factor, pool)
+    if buffers:
+        weights.update(buffers)
+    undo = _swap(model, weights)
     try:
         out = model(*args, **kwargs)
     finally:
         _restore(undo)
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or _needs_grad(args, kwargs):
         return out
-    scaled = None if _needs_grad(args, kwargs) else _scale_output(out, 1.0 - t)
-    if scaled is None:  # the factor goes onto θ's gradients instead
-        scale_gradients(interpolated, 1.0 - t)
+    scaled = _scale_output(out, 1.0 - t)
+    if scaled is None:
         return out
+    factor["scale"] = 1.0  # the output's gradient carries (1-t) now
     return scaled
 
 
@@ -401,8 +403,7 @@ class Starlight:
         and BatchNorm buffers swapped), for loops whose forward you do not call yourself. The (1-t) factor
         goes on θ's gradients. Leave the block before `backward()` so the optimiser sees θ. -> (index, t)"""
         n, t = self.next_draw()
-        weights = interpolated_weights(self.params, self.bank.get(n), t, self.pool)
-        scale_gradients(weights, 1.0 - t)
+        weights = interpolated_weights(self.params, self.bank.get(n), t, {"scale": 1.0 - t}, self.pool)
         if self.scratch:
             weights.update(self.scratch)
         undo = _swap(self.star, weights)
