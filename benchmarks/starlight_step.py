@@ -2,7 +2,8 @@
 
 Three steps on the same model, batch and optimiser, timed interleaved in one process:
   plain      zero_grad, forward, cross-entropy, backward, SGD step
-  ours       stardomain.starlight.star_loss: functional_call over lerp(θ, θ_n, t), (1-t) on the output's gradient
+  ours       stardomain.starlight.star_loss: the module run at lerp(θ, θ_n, t) (objective.interpolated_forward),
+             (1-t) on the output's gradient
   reference  the paper code's way: concatenate all parameters into one vector, interpolate the vectors,
              copy the result into a second module, back-propagate there, copy the gradient vector back into
              the star's .grad scaled by (1-t), SGD step

@@ -3,6 +3,8 @@ the drawn (source, t), gradient accumulation, autocast, inputs that need gradien
 sources it accepts, alignment, and the same star as `sd.star` from a hand-written loop."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -242,6 +244,63 @@ def test_tied_weights_are_interpolated_wherever_the_module_uses_them():
     untied[2].weight = nn.Parameter(untied[0].weight.detach().clone())
     F.cross_entropy(untied(x), y).backward()
     assert not torch.allclose(star[0].weight.grad, (1 - t) * untied[0].weight.grad)
+
+
+def test_tied_weights_get_the_factor_once_when_it_goes_onto_the_parameters_gradients():
+    """The context form (and inputs that need gradients) put (1-t) on θ's gradients: a weight used twice
+    must still get it once, on its total gradient."""
+    def tied(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+        m[2].weight = m[0].weight
+        return m
+    star, sources = tied(0), [tied(1).state_dict(), tied(2).state_dict()]
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    light = sd.Starlight(star, sources, align_every=None, seed=1)
+    before = {k: v.clone() for k, v in star.state_dict().items()}
+    with light.drawn() as (n, t):
+        loss = F.cross_entropy(star(x), y)
+    loss.backward()
+    second = tied(3)
+    second.load_state_dict(lerp(before, sources[n], t))
+    F.cross_entropy(second(x), y).backward()
+    for (k, p), q in zip(star.named_parameters(), second.parameters()):
+        torch.testing.assert_close(p.grad, (1 - t) * q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_interpolated_weights_reach_a_shared_submodule_and_one_replaced_after_the_first_call():
+    """Where the module holds its tensors is found once per module: a submodule used under two names gets the
+    interpolated weights once (not swapped twice), one replaced after the first call is found again (else the
+    step would silently run it at its own weights), and a forward that raises leaves the module its own."""
+    def shared(seed):
+        torch.manual_seed(seed)
+        inner = nn.Linear(6, 6)
+        return nn.Sequential(inner, nn.Tanh(), inner, nn.Tanh(), nn.Linear(6, 3))
+    star, sources = shared(0), [shared(1).state_dict(), shared(2).state_dict()]
+    x = torch.randn(8, 6)
+    light = sd.Starlight(star, sources, align_every=None, seed=1)
+
+    def check():
+        before = {k: v.clone() for k, v in star.state_dict().items()}
+        out = light(x)
+        n, t = light.last_draw
+        second = shared(3)
+        second.load_state_dict(lerp(before, sources[n], t))
+        torch.testing.assert_close(out, second(x), rtol=0, atol=0)
+    check()
+    star[4] = copy.deepcopy(star[4])  # the same values in a new submodule holding new tensors
+    light.params = dict(star.named_parameters())
+    check()
+    own = {k: p for k, p in star.named_parameters()}
+    with pytest.raises(ZeroDivisionError):  # raised after the inner module ran at the interpolated weights
+        sd.Starlight(_Wrap(star, lambda m: (lambda v: m(v) * (1 / 0))),
+                     [{f"inner.{k}": v for k, v in s.items()} for s in sources], align_every=None)(x)
+    assert all(p is own[k] for k, p in star.named_parameters())
+    star[4].__dict__["root"] = star  # a plain reference back to the root: the cache must not keep it alive
+    gone = weakref.ref(star)
+    del star, light, own
+    gc.collect()
+    assert gone() is None
 
 
 def test_a_bfloat16_star_trains_against_float32_sources_at_its_own_precision():

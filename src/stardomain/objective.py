@@ -6,14 +6,17 @@
         loss.backward(); opt.step(); opt.zero_grad()
 
 This module holds the one implementation of the Starlight step, which `stardomain star` uses too
-(`starlight.star_loss`): `interpolated_forward` runs the star's module at (1-t)·θ + t·θ_n with
-`torch.func.functional_call` (no second module), and back-propagation gives θ the gradient
+(`starlight.star_loss`): `interpolated_forward` runs the star's module at (1-t)·θ + t·θ_n by putting the
+interpolated tensors where the module holds its own for the call, as `torch.func.functional_call` does but
+from places found once per module (no second module), and back-propagation gives θ the gradient
 (1-t)·∇L at the interpolated point, the chain rule's factor applied exactly once:
 
 - the interpolated weights come from one autograd node over all parameters whose backward hands the
-  incoming gradient to θ unchanged, and the (1-t) is applied to the *output's* gradient (a few
-  numbers per example, not one pass over every parameter), so a step costs one lerp per parameter more
-  than an ordinary one;
+  incoming gradient to θ unchanged (one node for all: a view of each parameter as its own node, tried,
+  costs more on models of many tensors), and the (1-t) is applied to the *output's* gradient (a few
+  numbers per example, not one pass over every parameter), so a step costs one lerp per parameter
+  (reading the drawn source from memory is most of it) and a few Python operations more than an
+  ordinary one;
 - when an input itself needs a gradient (adversarial training, an upstream encoder), scaling the output
   would scale that gradient too, and an output holding objects that torch's pytree cannot look into
   might hide a tensor from the scaling; in both cases the factor goes onto the parameters' gradients
@@ -44,7 +47,6 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -85,7 +87,9 @@ class _Interpolated(torch.autograd.Function):
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by `factor`."""
+    """Identity forward; backward multiplies the gradient by `factor`. (A hook on a view of the output would
+    cost a little less but is silently skipped when the caller modifies the output in place; this view
+    refuses that.)"""
 
     @staticmethod
     def forward(ctx, factor: float, x: torch.Tensor):  # type: ignore[override]
@@ -110,8 +114,10 @@ def interpolated_weights(params: Mapping[str, torch.Tensor], source: Mapping[str
     return dict(zip(names, out))
 
 
-def _needs_grad(tree: Any) -> bool:
-    return any(torch.is_tensor(v) and v.requires_grad for v in pytree.tree_leaves(tree))
+def _needs_grad(args: tuple, kwargs: Mapping[str, Any]) -> bool:
+    if not kwargs and all(type(a) is torch.Tensor for a in args):  # the common call, without pytree's walk
+        return any(a.requires_grad for a in args)
+    return any(torch.is_tensor(v) and v.requires_grad for v in pytree.tree_leaves((args, kwargs)))
 
 
 _PLAIN = (torch.Tensor, int, float, bool, str, bytes, type(None))
@@ -120,6 +126,8 @@ _PLAIN = (torch.Tensor, int, float, bool, str, bytes, type(None))
 def _scale_output(out: Any, factor: float) -> Any | None:
     """`out` with every tensor that needs a gradient passed through _ScaleGrad, or None when the output
     holds objects whose tensors pytree cannot reach (then the factor must go onto θ's gradients)."""
+    if type(out) is torch.Tensor:  # the common output, without pytree's walk
+        return _ScaleGrad.apply(factor, out) if out.requires_grad else out
     leaves = pytree.tree_leaves(out)
     if not all(isinstance(v, _PLAIN) for v in leaves):
         return None
@@ -127,41 +135,76 @@ def _scale_output(out: Any, factor: float) -> Any | None:
                            if torch.is_tensor(v) and v.requires_grad else v, out)
 
 
-_ALIASES: "weakref.WeakKeyDictionary[nn.Module, dict[str, str]]" = weakref.WeakKeyDictionary()
+Slot = tuple[str, dict, str, torch.Tensor]
+_SLOTS: "weakref.WeakKeyDictionary[nn.Module, tuple[list[Slot], list[tuple[Any, str, Any]]]]" = \
+    weakref.WeakKeyDictionary()
 
 
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """{second name: first name} of every parameter or buffer the module holds under several names (tied
-    weights), found once per module: handing functional_call every name saves it re-deriving the ties on
-    each call (a tenth of a small model's step)."""
-    if model not in _ALIASES:
-        first: dict[int, str] = {}
-        out: dict[str, str] = {}
-        for name, v in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-            if id(v) in first:
-                out[name] = first[id(v)]
-            else:
-                first[id(v)] = name
-        _ALIASES[model] = out
-    return _ALIASES[model]
+def _slots(model: nn.Module) -> list[Slot]:
+    """Where `model` holds each parameter and buffer: (the tensor's first name, the owning submodule's
+    `_parameters` or `_buffers` dict, the key there, the tensor found there), once per place, so a tensor held
+    under several names (tied weights, a shared submodule) is replaced everywhere by its first name's value.
+    Found once per module (resolving dotted names on every call was a tenth of a small model's step) and again
+    when a submodule or tensor was replaced since (checked on each call: every link of the module tree and
+    every place still holds what it held)."""
+    found = _SLOTS.get(model)
+    if found is not None and all((p := parent()) is not None and p._modules.get(key) is child()
+                                 for parent, key, child in found[1]) \
+            and all(d.get(key) is v for _, d, key, v in found[0]):
+        return found[0]
+    if isinstance(model, (torch.jit.ScriptModule, nn.DataParallel)):
+        raise UserError(f"a {type(model).__name__} cannot run with interpolated weights: give the plain module")
+    links = [(weakref.ref(m), key, weakref.ref(child))  # weak references: the cache keeps no module alive
+             for m in model.modules() for key, child in m._modules.items() if child is not None]
+    first: dict[int, str] = {}
+    slots, seen = [], set()
+    for kind, named in (("_parameters", model.named_parameters), ("_buffers", model.named_buffers)):
+        for name, v in named(remove_duplicate=False):
+            owner, _, key = name.rpartition(".")
+            d = getattr(model.get_submodule(owner), kind)
+            first.setdefault(id(v), name)
+            if (id(d), key) not in seen:
+                seen.add((id(d), key))
+                slots.append((first[id(v)], d, key, v))
+    _SLOTS[model] = (slots, links)
+    return slots
+
+
+def _swap(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> list[tuple[dict, str, torch.Tensor]]:
+    """Put weights[name] into every place of `model` that holds the tensor called name (what
+    `torch.func.functional_call` does, without re-resolving names per call). -> what `_restore` puts back."""
+    undo = []
+    for name, d, key, _ in _slots(model):
+        w = weights.get(name)
+        if w is not None:
+            undo.append((d, key, d[key]))
+            d[key] = w
+    return undo
+
+
+def _restore(undo: list[tuple[dict, str, torch.Tensor]]) -> None:
+    for d, key, v in reversed(undo):
+        d[key] = v
 
 
 def interpolated_forward(model: nn.Module, params: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
                          t: float, args: tuple, kwargs: Mapping[str, Any] | None = None,
                          buffers: Mapping[str, torch.Tensor] | None = None, pool: list | None = None) -> Any:
     """The Starlight step's forward: `model` run at (1-t)·params + t·source on (args, kwargs), its buffers
-    replaced by `buffers` when given; `pool` as for `interpolated_weights`. Back-propagating any loss of the output gives params the gradient
-    (1-t)·∇L at the interpolated point (see the module docstring for where the factor goes)."""
-    kwargs = dict(kwargs or {})
+    replaced by `buffers` when given; `pool` as for `interpolated_weights`. Back-propagating any loss of the
+    output gives params the gradient (1-t)·∇L at the interpolated point (see the module docstring for where
+    the factor goes)."""
+    kwargs = kwargs or {}
     factor = {"scale": 1.0 - t}
     weights = interpolated_weights(params, source, t, factor, pool)
     if buffers:
         weights.update(buffers)
-    for alias, name in _aliases(model).items():
-        if name in weights:
-            weights[alias] = weights[name]
-    out = functional_call(model, weights, args, kwargs, tie_weights=False)
-    if not torch.is_grad_enabled() or _needs_grad((args, kwargs)):
+    undo = _swap(model, weights)
+    try:
+        out = model(*args, **kwargs)
+    finally:
+        _restore(undo)
+    if not torch.is_grad_enabled() or _needs_grad(args, kwargs):
         return out
     scaled = _scale_output(out, 1.0 - t)
     if scaled is None:
@@ -363,8 +406,11 @@ class Starlight:
         weights = interpolated_weights(self.params, self.bank.get(n), t, {"scale": 1.0 - t}, self.pool)
         if self.scratch:
             weights.update(self.scratch)
-        with torch.nn.utils.stateless._reparametrize_module(self.star, weights, tie_weights=True):  # as functional_call
+        undo = _swap(self.star, weights)
+        try:
             yield n, t
+        finally:
+            _restore(undo)
 
     def realign(self) -> None:
         """Re-align every source to the star's current weights now (weight matching)."""
