@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from stardomain.permute import (activation_matching, align, apply_permutation, distance, inverse, random_permutation,
@@ -39,11 +39,12 @@ def _noisy(m, seed):
             for k, v in m.eval().state_dict().items()}
 
 
-def _round_trip(m, x, seed=0, exact_activations=True):
+def _round_trip(m, x, seed=0, exact_activations=True, exact_inits=("informed", "identity", "sorted")):
     """A random legal permutation keeps the function (float64); weight matching brings the copy back exactly
-    (the permutation's inverse), and so does activation matching (exact_activations; else, where a random
-    tiny net has units dead on every input and their correlations tie, its answer keeps the function); and
-    align's checks pass."""
+    (the permutation's inverse) from each start in exact_inits (from the others, never farther: the paper's
+    descent from the identity may stop in a local optimum on random shapes), and so does activation matching
+    (exact_activations; else, where a random tiny net has units dead on every input and their correlations
+    tie, its answer keeps the function); and align's checks pass."""
     spec = spec_from_model(m, x)
     sd = _noisy(m, seed)
     p = random_permutation(spec, torch.Generator().manual_seed(seed + 1))
@@ -52,7 +53,10 @@ def _round_trip(m, x, seed=0, exact_activations=True):
     assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
     for init in ("informed", "identity", "sorted"):
         q, _ = weight_matching(spec, sd, sp, init=init)
-        assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups), init
+        if init in exact_inits:
+            assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups), init
+        params = spec.parameters
+        assert distance(sd, apply_permutation(spec, sp, q), params) <= distance(sd, sp, params) + 1e-9, init
     data = torch.randn(32, *x.shape[1:], generator=torch.Generator().manual_seed(seed))  # (no unit dead on all)
     q, _ = activation_matching(spec, m, sd, sp, data)
     if exact_activations:
@@ -130,9 +134,11 @@ def test_depthwise_separable_chains_stay_plain_groups():
 @settings(max_examples=12, deadline=None)
 @given(c=st.integers(1, 4), rs=st.lists(st.integers(2, 3), min_size=1, max_size=3), shortcut=st.booleans(),
        seed=st.integers(0, 100))
+@example(c=2, rs=[2], shortcut=True, seed=53)  # (the descent from the identity stops short here; informed not)
 def test_separable_chains_over_widths_and_multipliers(c, rs, shortcut, seed):
     torch.manual_seed(seed)
-    spec = _round_trip(Chain(c, tuple(rs), shortcut), torch.randn(2, 3, 5, 5), seed, exact_activations=False)
+    spec = _round_trip(Chain(c, tuple(rs), shortcut), torch.randn(2, 3, 5, 5), seed, exact_activations=False,
+                       exact_inits=("informed",))
     assert spec.permutable_fraction() == 1.0
 
 

@@ -44,11 +44,11 @@ def solving_units(spec: PermutationSpec) -> list[tuple[str, ...]]:
     """The units every solver assigns at once, in the spec's order: a family of nested groups (root first),
     a coupled pair of block groups (attention q/k with v/o, a grouped convolution's two sides), or a group."""
     out, done = [], set()
+    parents = {g.parent for g in spec.groups.values()}
     for k, g in spec.groups.items():
         if k in done:
             continue
-        has_kids = any(h.parent == k for h in spec.groups.values())
-        u = family_of(spec, k) if g.parent is not None or has_kids else (k, g.couple) if g.couple else (k,)
+        u = family_of(spec, k) if g.parent is not None or k in parents else (k, g.couple) if g.couple else (k,)
         done.update(u)
         out.append(u)
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .hierarchy import family_of, is_family, nested
+from .hierarchy import family_of, nested
 from .spec import PermutationSpec
 
 
@@ -24,8 +24,9 @@ def random_permutation(spec: PermutationSpec, generator: torch.Generator | None 
     """A uniformly random legal permutation (head groups: heads permuted together, units within each; nested
     groups: each child's blocks following its parent's units, its units reordered within each block)."""
     out: dict[str, torch.Tensor] = {}
+    parents = {g.parent for g in spec.groups.values()}
     for k, g in spec.groups.items():
-        if is_family(spec, (k,)) or any(h.parent == k for h in spec.groups.values()):
+        if g.parent is not None or k in parents:
             for kk in family_of(spec, k):  # nested groups: the root, then each child following its parent
                 if kk not in out:
                     gg = spec.groups[kk]
