@@ -160,7 +160,10 @@ def test_ctrl_c_prints_the_resume_line(tmp_path):
     state = out.with_name(out.name + ".state")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "stardomain", "train", "--out", str(out),
-                          "--set", "train.epochs=100000", *DIGITS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                          "--set", "train.epochs=100000", *DIGITS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         # as from a terminal: a suite started in the background (`... &`) hands its children
+                         # SIGINT ignored, and Python then never raises KeyboardInterrupt
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         t0 = time.monotonic()
         while not state.exists() and p.poll() is None and time.monotonic() - t0 < 60:
