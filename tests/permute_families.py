@@ -583,6 +583,18 @@ def noisy(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
+def noisy_bn(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """`noisy`, after giving every BatchNorm2d seeded running statistics (so that a wrong permutation of them
+    shows); the model is left in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(0.1 * torch.randn(mod.running_mean.shape, generator=g))
+            mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g))
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if torch.is_floating_point(v) else v
+            for k, v in model.eval().state_dict().items()}
+
+
 def outputs_f64(model: nn.Module, sd: dict, x) -> torch.Tensor:
     """`model` with weights `sd`, in float64 and eval mode, on x (a tensor or keyword inputs): every
     floating-point output, flattened into one vector."""

@@ -4,7 +4,6 @@ parent's units; chains of them nest. Each structure: a random legal permutation 
 float64 (outputs compared here, not by the library), a planted permutation is recovered exactly, and what
 the rule cannot express is pinned with its reason."""
 
-import copy
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from permute_families import noisy_bn, outputs_f64
 
 from stardomain.permute import (activation_matching, align, apply_permutation, distance, inverse, random_permutation,
                                 spec_from_model, weight_matching)
@@ -22,23 +22,6 @@ from stardomain.permute.matching import solve_family
 from stardomain.permute.variants import restrict
 
 
-def _out64(m, sd, x):
-    m = copy.deepcopy(m).double().eval()
-    m.load_state_dict({k: v.double() for k, v in sd.items()})
-    with torch.no_grad():
-        return m(x.double())
-
-
-def _noisy(m, seed):
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(0.1 * torch.randn(mod.running_mean.shape, generator=g))
-            mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g))
-    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if torch.is_floating_point(v) else v
-            for k, v in m.eval().state_dict().items()}
-
-
 def _round_trip(m, x, seed=0, exact_activations=True, exact_inits=("informed", "identity", "sorted")):
     """A random legal permutation keeps the function (float64); weight matching brings the copy back exactly
     (the permutation's inverse) from each start in exact_inits (from the others, never farther: the paper's
@@ -46,11 +29,11 @@ def _round_trip(m, x, seed=0, exact_activations=True, exact_inits=("informed", "
     (exact_activations; else, where a random tiny net has units dead on every input and their correlations
     tie, its answer keeps the function); and align's checks pass."""
     spec = spec_from_model(m, x)
-    sd = _noisy(m, seed)
+    sd = noisy_bn(m, seed)
     p = random_permutation(spec, torch.Generator().manual_seed(seed + 1))
     sp = apply_permutation(spec, sd, p)
-    ref = _out64(m, sd, x)
-    assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
+    ref = outputs_f64(m, sd, x)
+    assert (ref - outputs_f64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
     for init in ("informed", "identity", "sorted"):
         q, _ = weight_matching(spec, sd, sp, init=init)
         if init in exact_inits:
@@ -61,7 +44,7 @@ def _round_trip(m, x, seed=0, exact_activations=True, exact_inits=("informed", "
     q, _ = activation_matching(spec, m, sd, sp, data)
     if exact_activations:
         assert all(torch.equal(q[k], inverse(p)[k]) for k in spec.groups)
-    back = _out64(m, apply_permutation(spec, sp, q), x)
+    back = outputs_f64(m, apply_permutation(spec, sp, q), x)
     assert (ref - back).abs().max() <= 1e-12 * ref.abs().max()
     _, info = align(m, sd, sp, example_input=x)  # checked: outputs and every probed activation
     assert info["equivalence_error"] < 1e-9 and info["distance_after"] == pytest.approx(0.0, abs=1e-9)
@@ -156,11 +139,11 @@ def test_nested_golden():
     sp = apply_permutation(spec, sd, p)
     assert torch.equal(sp["2.weight"], sd["2.weight"][[5, 3, 4, 0, 2, 1]])
     assert torch.equal(sp["0.weight"], sd["0.weight"][[1, 0]])
-    ref = _out64(m, sd, x)
-    assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
+    ref = outputs_f64(m, sd, x)
+    assert (ref - outputs_f64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
     # what the rule forbids changes the function: a child permutation whose blocks do not follow the parent
     bad = apply_permutation(spec, sd, {root: torch.tensor([1, 0]), child: torch.tensor([0, 1, 2, 3, 4, 5])})
-    assert (ref - _out64(m, bad, x)).abs().max() > 1e-6 * ref.abs().max()
+    assert (ref - outputs_f64(m, bad, x)).abs().max() > 1e-6 * ref.abs().max()
 
 
 def test_solve_family_is_exact_against_brute_force():
@@ -211,10 +194,10 @@ def test_blocks_that_do_not_nest_are_pinned_with_the_reason():
     spec = spec_from_model(m, x)
     assert any(NESTED_TWICE in u.reason for u in spec.unpermuted)
     assert not any(g.parent or any(h.parent == k for h in spec.groups.values()) for k, g in spec.groups.items())
-    sd = _noisy(m, 0)
+    sd = noisy_bn(m, 0)
     sp = apply_permutation(spec, sd, random_permutation(spec, torch.Generator().manual_seed(1)))
-    ref = _out64(m, sd, x)
-    assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
+    ref = outputs_f64(m, sd, x)
+    assert (ref - outputs_f64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
 
 
 def test_a_nested_group_that_is_also_coupled_is_pinned_with_the_reason():
@@ -226,10 +209,10 @@ def test_a_nested_group_that_is_also_coupled_is_pinned_with_the_reason():
     x = torch.randn(2, 3, 4, 4)
     spec = spec_from_model(m, x)
     assert any(u.reason == NESTED_MIXED for u in spec.unpermuted)
-    sd = _noisy(m, 0)
+    sd = noisy_bn(m, 0)
     sp = apply_permutation(spec, sd, random_permutation(spec, torch.Generator().manual_seed(1)))
-    ref = _out64(m, sd, x)
-    assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
+    ref = outputs_f64(m, sd, x)
+    assert (ref - outputs_f64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
 
 
 def test_variants_keep_a_family_whole_and_sinkhorn_rounds_to_legal_permutations():
@@ -242,7 +225,7 @@ def test_variants_keep_a_family_whole_and_sinkhorn_rounds_to_legal_permutations(
     roles = {spec.groups[k].role for k in fam}
     for role in roles:
         assert set(restrict(spec, role).groups) == set(fam)
-    sd = _noisy(m, 0)
+    sd = noisy_bn(m, 0)
     p = random_permutation(spec, torch.Generator().manual_seed(3))
     mats = {k: one_hot(v, torch.float64) for k, v in p.items()}
     soft = soft_apply(spec, sd, mats)
@@ -265,7 +248,7 @@ def test_grouped_convolutions_of_two_group_counts_are_pinned_with_the_reason():
     x = torch.randn(2, 3, 4, 4)
     spec = spec_from_model(m, x)
     assert any("2 and 4: nested blocks" in u.reason for u in spec.unpermuted)
-    sd = _noisy(m, 0)
+    sd = noisy_bn(m, 0)
     sp = apply_permutation(spec, sd, random_permutation(spec, torch.Generator().manual_seed(1)))
-    ref = _out64(m, sd, x)
-    assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
+    ref = outputs_f64(m, sd, x)
+    assert (ref - outputs_f64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()

@@ -3,7 +3,6 @@ units on each side are groups of their own) and ShuffleNetV2's channel split and
 a random legal permutation keeps the function in float64 (outputs compared here, not by the library), a
 planted permutation is recovered exactly, and what the rules cannot express is pinned with its reason."""
 
-import copy
 
 import pytest
 import torch
@@ -11,34 +10,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from permute_families import noisy_bn, outputs_f64
 
 from stardomain.permute import (activation_matching, align, apply_permutation, inverse, random_permutation,
                                 spec_from_model, weight_matching)
 
 
-def _out64(m, sd, x):
-    m = copy.deepcopy(m).double().eval()
-    m.load_state_dict({k: v.double() for k, v in sd.items()})
-    with torch.no_grad():
-        return m(x.double())
-
-
-def _noisy(m, seed):
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(0.1 * torch.randn(mod.running_mean.shape, generator=g))
-            mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g))
-    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if torch.is_floating_point(v) else v
-            for k, v in m.eval().state_dict().items()}
-
-
 def _keeps_function(m, x, spec, seed=0):
-    sd = _noisy(m, seed)
+    sd = noisy_bn(m, seed)
     p = random_permutation(spec, torch.Generator().manual_seed(seed + 1))
     sp = apply_permutation(spec, sd, p)
-    ref = _out64(m, sd, x)
-    assert (ref - _out64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
+    ref = outputs_f64(m, sd, x)
+    assert (ref - outputs_f64(m, sp, x)).abs().max() <= 1e-12 * ref.abs().max()
     return sd, p, sp
 
 
