@@ -353,7 +353,8 @@ def tables(result: dict) -> list[str]:
                          f"{_ci(r.get('ratio_ci95'))} | {per} | {f['median']:.4f} ({f['min']:.4f}–{f['max']:.4f}) | "
                          f"{star} ({r['fit_ratio']:.2f}×) | {_epochs(r)} |")
         missing = ", ".join(str(w) for w in WIDTHS if str(w) not in rows)
-        why = "Not measured under this earlier recipe" if "_" in part else "Pending (not finished)"
+        why = ("Not measured under this earlier recipe" if "_" in part else
+               "Not run with this cap" if part.startswith("bcap") else "Pending (not finished)")
         lines += ([f"", f"{why}: widths {missing}."] if missing else []) + [""]
     return lines
 
