@@ -413,15 +413,13 @@ def _solve_unit(spec: PermutationSpec, u: tuple[str, ...], cs: list[tuple[np.nda
     g = spec.groups[u[0]]
     seen = [c for c, _ in cs]
     if exact is not None:
-        new = solve_family(seen, parents_in(spec, u), head_only_flags(spec, u))
+        new = assign(spec, u, seen)
         old_v, new_v = exact(olds), exact(new)
         return new, old_v, new_v, old_v, new_v
-    if is_family(spec, u):  # (no tensor crosses two of its groups: its matrices are its exact costs)
-        new = solve_family(seen, parents_in(spec, u), head_only_flags(spec, u))
-    elif g.heads:
+    if g.heads and not is_family(spec, u):  # block groups: their bilinear terms enter the assignment
         new = solve_blocks(seen, g.heads, head_only_flags(spec, u), bilinear, olds)
-    else:
-        new = [torch.from_numpy(lsa(seen[0])).long()]
+    else:  # a family (no tensor crosses two of its groups: its matrices are its exact costs) or one group
+        new = assign(spec, u, seen)
 
     def value(ps, full):
         v = sum(float(c[np.arange(len(p)), p.numpy()].sum()) for (c, _), p in zip(cs, ps))
