@@ -1,22 +1,28 @@
 """Step cost of `sd.Starlight` in a hand-written loop against an ordinary training step of the same model.
 
-Two steps on the same model, batch and optimiser, timed interleaved in one process:
-  plain      zero_grad, forward, cross-entropy, backward, SGD step
-  starlight  zero_grad, light(x) (draw, interpolated forward), cross-entropy, backward, SGD step
-             (alignment off, so the step itself is what is timed: weight matching costs the same
-             per alignment as in `stardomain star`, see benchmarks/RESULTS.md)
-Models: MLP 784-512-512-10 (MNIST shape), our BN `cnn` (CIFAR shape), and (`--models mlp16`) the default
-study's MLP 784-16-10, whose step is so small that the fixed per-call cost shows. Batch 128. Target: <= 1.10x.
-`--parts` adds two steps that split the cost: a plain step after only reading the drawn source's parameters
-(the memory traffic any Starlight step needs), and one after lerping them into buffers (no Python beyond).
+Steps on the same model, batch and optimiser, each timed alone, all kinds in a fresh random order every
+round (so the machine's slow spells fall on every kind alike), compared by their median times:
+  plain        zero_grad, forward, cross-entropy, backward, SGD step (momentum 0.9)
+  starlight    the same with `light(x)` (draw, interpolated forward) in place of `model(x)`
+               (alignment off, so the step itself is what is timed: weight matching costs the same per
+               alignment as in `stardomain star`, see benchmarks/RESULTS.md)
+  read source  a plain step after reading the drawn source's parameters once (one sum per tensor)
+  lerp only    a plain step after lerping the drawn source into buffers: the memory traffic any exact
+               Starlight step pays (it must read a source and write the interpolated weights), with none
+               of our code; `starlight` minus `lerp only` is what our implementation adds
+Three sources, drawn as `sd.Starlight` draws them. Models: MLP 784-512-512-10 (MNIST shape, batch 128:
+touches each weight least per example, so the interpolation weighs most), our BN `cnn` and ResNet-20
+(CIFAR shape, batch 128), a GPT of width 128, depth 4 (813k parameters; 32 windows of 64 tokens), and the
+default study's MLP 784-16-10 (`mlp16`, a ~0.6 ms step, where fixed per-call costs show). Target <= 1.10x.
 
-    python benchmarks/starlight_objective.py [--threads 2] [--rounds 15] [--models mlp,cnn] [--clock cpu] [--parts]
+    python benchmarks/starlight_objective.py [--threads 2] [--seconds 40] [--models mlp,cnn,resnet20,gpt,mlp16]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 
@@ -27,92 +33,85 @@ import stardomain as sd
 from stardomain.models import build_model
 from stardomain.objective import Draws
 
-MODELS = {
-    "mlp": ({"name": "mlp", "kwargs": {"width": 512, "depth": 2}}, (1, 28, 28)),
-    "mlp16": ({"name": "mlp", "kwargs": {"width": 16}}, (1, 28, 28)),  # the default study's: overhead-bound
-    "cnn": ({"name": "cnn", "kwargs": {}}, (3, 32, 32)),
+MODELS = {  # name: (model section, input shape, batch, token inputs)
+    "mlp": ({"name": "mlp", "kwargs": {"width": 512, "depth": 2}}, (1, 28, 28), 128, False),
+    "cnn": ({"name": "cnn", "kwargs": {}}, (3, 32, 32), 128, False),
+    "resnet20": ({"name": "resnet", "kwargs": {"depth": 20}}, (3, 32, 32), 128, False),
+    "gpt": ({"name": "gpt", "kwargs": {"dim": 128, "depth": 4, "heads": 4, "mlp_ratio": 4}}, (64,), 32, True),
+    "mlp16": ({"name": "mlp", "kwargs": {"width": 16}}, (1, 28, 28), 128, False),
 }
+CLASSES = 96  # the GPT's vocabulary; 10 classes for the others
 
 
-def make_steps(arch, shape, batch, parts=False):
+def make_steps(arch, shape, batch, tokens):
     torch.manual_seed(0)
-    model = build_model(arch, shape, 10).train()
-    sources = [build_model(arch, shape, 10).state_dict() for _ in range(3)]
-    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+    classes = CLASSES if tokens else 10
+    model = build_model(arch, shape, classes, tokens=tokens).train()
+    sources = [build_model(arch, shape, classes, tokens=tokens).state_dict() for _ in range(3)]
+    if tokens:
+        x, y = torch.randint(0, classes, (batch, *shape)), torch.randint(0, classes, (batch * shape[0],))
+    else:
+        x, y = torch.randn(batch, *shape), torch.randint(0, classes, (batch,))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     light = sd.Starlight(model, sources, align_every=None, seed=0)
-    draws = Draws(light.settings, len(sources), seed=0)  # the parts' own (source, t) stream, as light's
+    draws = Draws(light.settings, len(sources), seed=0)  # the floor steps' own (source, t) stream, as light's
     bufs = {k: torch.empty_like(p) for k, p in light.params.items()}
 
-    def plain():
+    def step(forward):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(forward(x).reshape(len(y), -1), y).backward()
         opt.step()
 
-    def starlight():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(light(x), y).backward()
-        opt.step()
-
-    def read_source():  # the drawn source read once (a sum per tensor), then a plain step
+    def read_source():
         n, _ = draws.draw()
         for v in light.bank.get(n).values():
             v.sum()
-        plain()
+        step(model)
 
-    def lerp_only():  # the drawn source lerped into buffers, then a plain step
+    def lerp_only():
         n, t = draws.draw()
         with torch.no_grad():
             for k, v in light.bank.get(n).items():
                 torch.lerp(light.params[k], v, t, out=bufs[k])
-        plain()
+        step(model)
 
-    steps = {"plain": plain, "starlight": starlight}
-    return {**steps, "read source": read_source, "lerp only": lerp_only} if parts else steps
+    return {"plain": lambda: step(model), "starlight": lambda: step(light), "read source": read_source,
+            "lerp only": lerp_only}
 
 
-def time_steps(steps, rounds, reps, clock):
+def time_steps(steps, seconds, seed=0):
+    """{kind: [seconds per step]}: rounds of one step of every kind in a fresh random order."""
     for f in steps.values():  # warm-up
-        f(), f()
+        for _ in range(3):
+            f()
     per = {k: [] for k in steps}
-    for _ in range(rounds):
-        for k, f in steps.items():
-            t0 = clock()
-            for _ in range(reps):
-                f()
-            per[k].append((clock() - t0) / reps)
+    kinds, rng, end = list(steps), random.Random(seed), time.perf_counter() + seconds
+    while time.perf_counter() < end or len(per["plain"]) < 15:
+        rng.shuffle(kinds)
+        for k in kinds:
+            t0 = time.perf_counter()
+            steps[k]()
+            per[k].append(time.perf_counter() - t0)
     return per
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=41)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--models", default="mlp,cnn")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall: perf_counter; cpu: this process's CPU time (steadier on a crowded machine)")
-    ap.add_argument("--parts", action="store_true", help="also time reading the source, and lerp alone")
+    ap.add_argument("--seconds", type=float, default=40, help="time spent per model")
+    ap.add_argument("--models", default="mlp,cnn,resnet20,gpt,mlp16")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {a.threads} threads, batch {a.batch}, {a.rounds} interleaved rounds, "
-          f"{a.clock} clock, "
+    print(f"torch {torch.__version__}, {a.threads} threads, {a.seconds:.0f} s per model, "
           f"load average {os.getloadavg()[0]:.1f} at start")
-    print(f"{'model':<6} {'plain ms':>9} {'starlight ms':>13} {'ratio':>7} {'median ratio':>13}  (IQR)  "
-          "(ms and ratio: fastest round; median ratio: of each round's own ratio, rounds interleaved)")
+    print(f"{'model':<9} {'rounds':>6} {'plain ms':>9} {'starlight':>10} {'read source':>12} {'lerp only':>10}"
+          "   (median step; ratios to plain)")
     for name in a.models.split(","):
-        arch, shape = MODELS[name]
-        clock = time.perf_counter if a.clock == "wall" else time.process_time
-        per = time_steps(make_steps(arch, shape, a.batch, a.parts), a.rounds, 1 if name == "cnn" else 5, clock)
-        mn = {k: min(v) for k, v in per.items()}
-        paired = [s / p for p, s in zip(per["plain"], per["starlight"])]  # each round's own ratio
-        q1, q2, q3 = statistics.quantiles(paired, n=4)
-        print(f"{name:<6} {mn['plain'] * 1e3:9.2f} {mn['starlight'] * 1e3:13.2f} "
-              f"{mn['starlight'] / mn['plain']:7.3f} {q2:13.3f}  ({q1:.3f}-{q3:.3f})", flush=True)
-        if a.parts:
-            extra = {k: statistics.median(s - p for p, s in zip(per["plain"], v)) * 1e3 for k, v in per.items()}
-            print("       ms per step over plain (median of rounds): "
-                  + ", ".join(f"{k} {v:+.3f}" for k, v in extra.items() if k != "plain"))
+        per = time_steps(make_steps(*MODELS[name]), a.seconds)
+        med = {k: statistics.median(v) for k, v in per.items()}
+        ratio = {k: med[k] / med["plain"] for k in med}
+        print(f"{name:<9} {len(per['plain']):6d} {med['plain'] * 1e3:9.2f} {ratio['starlight']:10.3f} "
+              f"{ratio['read source']:12.3f} {ratio['lerp only']:10.3f}", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
