@@ -10,7 +10,7 @@ round (so the machine's slow spells fall on every kind alike), compared by their
   lerp only    a plain step after lerping the drawn source into buffers: the memory traffic any exact
                Starlight step pays (it must read a source and write the interpolated weights), with none
                of our code; `starlight` minus `lerp only` is what our implementation adds
-Three sources, drawn as `sd.Starlight` draws them. Models: MLP 784-512-512-10 (MNIST shape, batch 128:
+Three sources (`--sources`), drawn as `sd.Starlight` draws them. Models: MLP 784-512-512-10 (MNIST shape, batch 128:
 touches each weight least per example, so the interpolation weighs most), our BN `cnn` and ResNet-20
 (CIFAR shape, batch 128), a GPT of width 128, depth 4 (813k parameters; 32 windows of 64 tokens), and the
 default study's MLP 784-16-10 (`mlp16`, a ~0.6 ms step, where fixed per-call costs show). Target <= 1.10x.
@@ -43,11 +43,11 @@ MODELS = {  # name: (model section, input shape, batch, token inputs)
 CLASSES = 96  # the GPT's vocabulary; 10 classes for the others
 
 
-def make_steps(arch, shape, batch, tokens):
+def make_steps(arch, shape, batch, tokens, n_sources=3):
     torch.manual_seed(0)
     classes = CLASSES if tokens else 10
     model = build_model(arch, shape, classes, tokens=tokens).train()
-    sources = [build_model(arch, shape, classes, tokens=tokens).state_dict() for _ in range(3)]
+    sources = [build_model(arch, shape, classes, tokens=tokens).state_dict() for _ in range(n_sources)]
     if tokens:
         x, y = torch.randint(0, classes, (batch, *shape)), torch.randint(0, classes, (batch * shape[0],))
     else:
@@ -100,14 +100,15 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=40, help="time spent per model")
     ap.add_argument("--models", default="mlp,cnn,resnet20,gpt,mlp16")
+    ap.add_argument("--sources", type=int, default=3, help="sources drawn from (1: the source stays in cache)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {a.threads} threads, {a.seconds:.0f} s per model, "
+    print(f"torch {torch.__version__}, {a.threads} threads, {a.sources} sources, {a.seconds:.0f} s per model, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"{'model':<9} {'rounds':>6} {'plain ms':>9} {'starlight':>10} {'read source':>12} {'lerp only':>10}"
           "   (median step; ratios to plain)")
     for name in a.models.split(","):
-        per = time_steps(make_steps(*MODELS[name]), a.seconds)
+        per = time_steps(make_steps(*MODELS[name], n_sources=a.sources), a.seconds)
         med = {k: statistics.median(v) for k, v in per.items()}
         ratio = {k: med[k] / med["plain"] for k in med}
         print(f"{name:<9} {len(per['plain']):6d} {med['plain'] * 1e3:9.2f} {ratio['starlight']:10.3f} "
