@@ -416,6 +416,26 @@ def test_steady_training_reuses_the_interpolated_weights_buffers():
     for _ in range(3):
         F.cross_entropy(light(x), y).backward()
     assert len(light.pool) == 1  # one set, back in the pool after each backward
-    kept = light.pool[0]
+    kept = [b.data_ptr() for b in light.pool[0]]
     F.cross_entropy(light(x), y).backward()
-    assert len(light.pool) == 1 and light.pool[0] is kept
+    assert len(light.pool) == 1 and [b.data_ptr() for b in light.pool[0]] == kept  # the same memory again
+
+
+def test_forwards_never_back_propagated_leave_nothing_behind():
+    """A validation pass or a skipped batch (light(x) with gradients on, no backward) must free its interpolated
+    weights with its graph, and keep neither the module nor its hooks alive."""
+    star, sources = _models()
+    x = torch.randn(16, *SHAPE)
+    light = sd.Starlight(star.train(), sources, align_every=None, seed=0)
+    seen = []
+    handle = star[1].register_forward_pre_hook(lambda m, a: seen.append(weakref.ref(m.weight)))
+    for _ in range(3):
+        out = light(x)
+        del out
+    handle.remove()
+    gc.collect()
+    assert len(seen) == 3 and all(w() is None for w in seen)  # each call's interpolated weight is gone
+    gone = weakref.ref(star)
+    del star, light
+    gc.collect()
+    assert gone() is None

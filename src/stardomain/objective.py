@@ -64,7 +64,8 @@ StateDict = dict[str, torch.Tensor]
 
 class _Interpolated(torch.autograd.Function):
     """(1-t)·θ + t·θ_n for every parameter at once, written into a buffer set from `pool` (a list; reused
-    once this node's backward has run, so steady training allocates nothing). Backward hands θ the
+    once this node's backward has run, so steady training allocates nothing; a graph dropped without
+    backward takes its set with it). Backward hands θ the
     incoming gradient times `factor["scale"]`, read at backward time: 1 when the (1-t) went onto the
     output's gradient instead (`interpolated_forward` decides after the forward, once it has seen the
     output)."""
@@ -72,7 +73,9 @@ class _Interpolated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: float, factor: dict, pool: list, sources: tuple, *params: torch.Tensor):  # type: ignore[override]
         bufs = pool.pop() if pool else [torch.empty_like(p) for p in params]
-        ctx.factor, ctx.pool, ctx.bufs = factor, pool, bufs
+        # aliases without the outputs' history: holding the outputs themselves would make a cycle (output ->
+        # node -> ctx -> output) that outlives a graph never back-propagated, a weight set leaked per call
+        ctx.factor, ctx.pool, ctx.bufs = factor, pool, [b.detach() for b in bufs]
         return tuple(torch.lerp(p, s, t, out=b) for p, s, b in zip(params, sources, bufs))
 
     @staticmethod
