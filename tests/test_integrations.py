@@ -5,6 +5,7 @@ step it applied is -(1-t)·∇L at the drawn (source, t), which a second module 
 weights computes independently. Lightning's DDP strategy (CPU, gloo, two processes) must leave every rank
 with the same star and the same source permutations."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
+from stardomain.errors import UserError
 from stardomain.interpolate import lerp
 from stardomain.models import build_model
 
@@ -95,7 +97,9 @@ def test_lightning_ddp_ranks_end_with_the_same_star_and_alignment(tmp_path):
     assert not torch.equal(ranks[0]["star.1.weight"], torch.tensor(init["1.weight"]))  # it trained
 
 
-def test_hf_trainer_step_is_the_starlight_step(tmp_path):
+def _hf_vit_trainer(tmp_path, **args):
+    """A one-step StarlightTrainer of a tiny ViT built from its config (nothing downloaded), plain SGD, lr 1.
+    -> (trainer, model factory, model, data (x, y), the model's weights before)"""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from stardomain.integrations.hf import StarlightTrainer
@@ -114,10 +118,15 @@ def test_hf_trainer_step_is_the_starlight_step(tmp_path):
                                           learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
                                           weight_decay=0.0, max_grad_norm=0.0, use_cpu=True, report_to=[],
                                           save_strategy="no", remove_unused_columns=False, seed=0,
-                                          dataloader_num_workers=0, disable_tqdm=True)
+                                          dataloader_num_workers=0, disable_tqdm=True, **args)
     data = [{"pixel_values": x[i], "labels": y[i]} for i in range(8)]
     trainer = StarlightTrainer(model=model, args=args, train_dataset=data,
                                starlight={"sources": sources, "example_input": x[:2], "align_every": 1, "seed": 2})
+    return trainer, make, model, (x, y), before
+
+
+def test_hf_trainer_step_is_the_starlight_step(tmp_path):
+    trainer, make, model, (x, y), before = _hf_vit_trainer(tmp_path)
     trainer.train()
     light = trainer.light
     n, t = light.last_draw
@@ -126,3 +135,19 @@ def test_hf_trainer_step_is_the_starlight_step(tmp_path):
                           lambda m: m(pixel_values=x, labels=y).loss)
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), want[k], rtol=1e-4, atol=1e-6)
+
+
+def test_hf_trainer_refuses_gradient_checkpointing_before_a_wrong_step(tmp_path):
+    """Checkpointing re-runs blocks in backward at the star's own weights: refused, asked for in the
+    arguments (at once) or switched on in the model (by the guard in the first backward), with θ unchanged."""
+    transformers = pytest.importorskip("transformers")
+    new = "activation_checkpointing" in {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    name = "activation_checkpointing" if new else "gradient_checkpointing"  # transformers 5 renamed it
+    with pytest.raises(UserError, match="activation checkpointing"):
+        _hf_vit_trainer(tmp_path, **{name: True})
+    trainer, _, model, _, before = _hf_vit_trainer(tmp_path)
+    getattr(model, f"{name}_enable")()
+    with pytest.raises(UserError, match="activation checkpointing"):
+        trainer.train()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])

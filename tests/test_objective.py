@@ -1,6 +1,7 @@
 """sd.Starlight, the objective for a training loop of one's own: one step's gradient against a second module at
 the drawn (source, t), gradient accumulation, autocast, inputs that need gradients, the context form, the
-sources it accepts, alignment, and the same star as `sd.star` from a hand-written loop."""
+sources it accepts, alignment, the same star as `sd.star` from a hand-written loop, and activation
+checkpointing refused."""
 
 import copy
 import gc
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import stardomain as sd
 from stardomain.config import Config
@@ -439,3 +441,61 @@ def test_forwards_never_back_propagated_leave_nothing_behind():
     del star, light
     gc.collect()
     assert gone() is None
+
+
+class _Checkpointed(nn.Module):
+    """A star whose first layer runs under activation checkpointing: backward re-runs it."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.a, self.b, self.reentrant = nn.Linear(6, 8), nn.Linear(8, 3), reentrant
+
+    def forward(self, x):
+        h = checkpoint(lambda z: torch.tanh(self.a(z)), x, use_reentrant=self.reentrant)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("form", ["call", "drawn"])
+def test_activation_checkpointing_is_refused_before_a_wrong_gradient_reaches_the_star(reentrant, form):
+    torch.manual_seed(0)
+    star, source = _Checkpointed(reentrant), _Checkpointed(reentrant).state_dict()
+    x = torch.randn(5, 6, requires_grad=reentrant)  # reentrant checkpointing needs an input that needs a gradient
+    y = torch.randint(0, 3, (5,))
+    # the premise: the re-run reads the star's own weights, so the gradient would be the one at θ's activations
+    light = sd.Starlight(_Checkpointed(reentrant), [source], align_every=None, seed=0)
+    light.star.load_state_dict(star.state_dict())
+    n, t = light.draws.draw()
+    light.draws = sd.objective.Draws(light.settings, 1, 0)  # the same draw again below
+    with light.drawn():
+        loss = F.cross_entropy(light.star(x), y)
+    sd.objective._unwatch(light.star)  # the guard off
+    loss.backward()
+    second = _Checkpointed(reentrant)
+    second.load_state_dict(lerp(star.state_dict(), source, t))
+    F.cross_entropy(second(x), y).backward()
+    assert not torch.allclose(light.star.a.weight.grad, (1 - t) * second.a.weight.grad, atol=1e-4)
+
+    light = sd.Starlight(star, [source], align_every=None, seed=0)
+    with pytest.raises(UserError, match="activation checkpointing"):
+        if form == "call":
+            loss = F.cross_entropy(light(x), y)
+        else:
+            with light.drawn():
+                loss = F.cross_entropy(star(x), y)
+        loss.backward()
+    assert all(p.grad is None for p in star.parameters())
+
+
+def test_the_checkpointing_guard_leaves_after_one_backward_and_lets_the_star_itself_run_before_it():
+    star, sources = _models()
+    x, y = torch.randn(8, *SHAPE), torch.randint(0, 10, (8,))
+    light = sd.Starlight(star, sources, align_every=None, seed=0)
+    star.train()
+    loss = F.cross_entropy(light(x), y) + 0.5 * F.cross_entropy(star(x), y)  # θ's own term before backward
+    assert all(len(m._forward_pre_hooks) == 1 for m in star.modules())
+    loss.backward()
+    assert all(p.grad is not None for p in star.parameters())
+    assert not any(m._forward_pre_hooks for m in star.modules())  # steady training pays nothing
+    F.cross_entropy(light(x), y).backward()
+    assert not any(m._forward_pre_hooks for m in star.modules())

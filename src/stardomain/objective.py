@@ -24,7 +24,10 @@ from places found once per module (no second module), and back-propagation gives
   Lightning and Hugging Face integrations, which cannot see the output) always works that way.
 
 Gradients reach θ through autograd's ordinary accumulation, so gradient accumulation, `torch.autocast`,
-gradient clipping and DistributedDataParallel (its hooks fire on θ) work as for any module.
+gradient clipping and DistributedDataParallel (its hooks fire on θ) work as for any module. Activation
+checkpointing does not: it re-runs parts of the forward during backward, after θ is back in place, so the
+gradient would be taken at θ's activations; the first backward through an interpolated forward refuses
+such a re-run (`_watch`), with one clear error and θ untouched.
 
 BatchNorm: interpolated forwards run with scratch copies of the buffers, which absorb the running-stat
 updates of the interpolated networks; θ's own statistics are untouched and are recomputed on training data
@@ -83,6 +86,8 @@ class _Interpolated(torch.autograd.Function):
         if ctx.bufs is not None:  # this graph is done with its buffers (a second backward would be refused)
             ctx.pool.append(ctx.bufs)
             ctx.bufs = None
+        if "watch" in ctx.factor:  # this backward ran the whole graph: no re-run of the forward in it
+            _unwatch(ctx.factor.pop("watch"))
         scale = ctx.factor["scale"]
         if scale != 1.0:
             grads = tuple(None if g is None else g * scale for g in grads)
@@ -190,6 +195,37 @@ def _restore(undo: list[tuple[dict, str, torch.Tensor]]) -> None:
         d[key] = v
 
 
+_WATCHED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+RECOMPUTE = ("the star re-runs part of its forward during backward (activation checkpointing: "
+             "torch.utils.checkpoint, gradient_checkpointing); the re-run reads the star's own weights, not the "
+             "interpolated ones, so its gradients would be wrong: train the star without activation checkpointing")
+
+
+def _recompute_guard(module: nn.Module, args: Any) -> None:
+    if torch._C._current_graph_task_id() != -1:  # a forward inside a backward: checkpointing's re-run
+        raise UserError(RECOMPUTE)
+
+
+def _watch(model: nn.Module, factor: dict) -> None:
+    """Activation checkpointing re-runs forwards during backward, after the interpolated weights were put
+    back: the gradient would silently be taken at activations of θ. Until one backward through an
+    interpolated forward of `model` has finished (its `_Interpolated` node runs last, after any re-run),
+    every submodule carries a pre-hook that refuses a forward inside a backward; then the hooks go, so
+    steady training pays nothing."""
+    hooks = _WATCHED.get(model)
+    if hooks == [] or not hasattr(torch._C, "_current_graph_task_id"):
+        return
+    if hooks is None:
+        _WATCHED[model] = [m.register_forward_pre_hook(_recompute_guard) for m in model.modules()]
+    factor["watch"] = model
+
+
+def _unwatch(model: nn.Module) -> None:
+    for h in _WATCHED.get(model, ()):
+        h.remove()
+    _WATCHED[model] = []
+
+
 def interpolated_forward(model: nn.Module, params: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
                          t: float, args: tuple, kwargs: Mapping[str, Any] | None = None,
                          buffers: Mapping[str, torch.Tensor] | None = None, pool: list | None = None) -> Any:
@@ -207,6 +243,8 @@ def interpolated_forward(model: nn.Module, params: Mapping[str, torch.Tensor], s
         out = model(*args, **kwargs)
     finally:
         _restore(undo)
+    if torch.is_grad_enabled():
+        _watch(model, factor)
     if not torch.is_grad_enabled() or _needs_grad(args, kwargs):
         return out
     scaled = _scale_output(out, 1.0 - t)
@@ -406,7 +444,8 @@ class Starlight:
         and BatchNorm buffers swapped), for loops whose forward you do not call yourself. The (1-t) factor
         goes on θ's gradients. Leave the block before `backward()` so the optimiser sees θ. -> (index, t)"""
         n, t = self.next_draw()
-        weights = interpolated_weights(self.params, self.bank.get(n), t, {"scale": 1.0 - t}, self.pool)
+        factor, grad = {"scale": 1.0 - t}, torch.is_grad_enabled()
+        weights = interpolated_weights(self.params, self.bank.get(n), t, factor, self.pool)
         if self.scratch:
             weights.update(self.scratch)
         undo = _swap(self.star, weights)
@@ -414,6 +453,8 @@ class Starlight:
             yield n, t
         finally:
             _restore(undo)
+            if grad:
+                _watch(self.star, factor)
 
     def realign(self) -> None:
         """Re-align every source to the star's current weights now (weight matching)."""

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from transformers import Trainer
 
 from ..errors import UserError
-from ..objective import Starlight
+from ..objective import RECOMPUTE, Starlight
 
 
 class StarlightTrainer(Trainer):
@@ -32,6 +32,8 @@ class StarlightTrainer(Trainer):
         if not isinstance(starlight, Mapping) or "sources" not in starlight:
             raise UserError("StarlightTrainer needs starlight={'sources': [...], ...} (the arguments of sd.Starlight)")
         super().__init__(*args, **kwargs)
+        if any(getattr(self.args, k, False) for k in ("activation_checkpointing", "gradient_checkpointing")):
+            raise UserError(RECOMPUTE)  # (checkpointing switched on in the model itself: refused in its first backward)
         self.starlight_options = dict(starlight)
         self.light: Starlight | None = None
 
