@@ -108,6 +108,15 @@ def test_overrides_as_strings(cfg):
     assert res.config.train.epochs == 1
 
 
+def test_overrides_into_an_unset_section_as_a_mapping_or_as_strings(cfg, pair):
+    """star.train is unset (the star trains with `train`'s recipe) until an override sets one of its fields."""
+    assert cfg.star.train is None
+    a = sd.star(pair, overrides={"star.train.epochs": 1})
+    b = sd.star(pair, overrides=["star.train.epochs=1"])
+    assert a.config.star.train.epochs == b.config.star.train.epochs == 1
+    assert weights_sha256(a.state_dict) == weights_sha256(b.state_dict)
+
+
 def test_star_on_two_trained_results_is_train_star(cfg, pair):
     s = sd.star(pair, overrides={"train.epochs": 1})
     assert isinstance(s, sd.Trained) and s.meta["role"] == "star"

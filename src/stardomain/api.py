@@ -36,7 +36,7 @@ from .barriers import measure as _measure
 from .report.averaging import predictors as _predictors
 from .report.averaging import table as _table
 from .report.barriers import plot as _plot
-from .config import Config, apply_overrides, load_config, validate
+from .config import Config, apply_overrides, load_config, set_path, validate
 from .errors import UserError
 from .report.study import study_html as _study_html
 from .starlight import train_star
@@ -154,11 +154,7 @@ def _config(config: Config | Mapping | str | Path | None, overrides: Sequence[st
     raw = apply_overrides(raw, [o for k, o in items if k is None])
     for k, v in items:
         if k is not None:
-            node = raw
-            *head, last = str(k).split(".")
-            for p in head:
-                node = node.setdefault(p, {})
-            node[last] = v
+            set_path(raw, str(k).split("."), v)
     return validate(Config, raw)
 
 

@@ -491,16 +491,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for p in path[:-1]:
-            child = node.get(p)
-            if not isinstance(child, dict):
-                child = {}
-                node[p] = child
-            node = child
-        node[path[-1]] = value
+        set_path(raw, *parse_override(text))
     return raw
+
+
+def set_path(raw: dict, path: list[str], value: Any) -> None:
+    """raw[path[0]]...[path[-1]] = value, a section that is unset (None) or not a mapping becoming one."""
+    node = raw
+    for p in path[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = node[p] = {}
+        node = child
+    node[path[-1]] = value
 
 
 def read_yaml(path: str | Path) -> dict:
