@@ -352,6 +352,10 @@ def test_bad_input_is_one_clear_error():
         sd.Starlight(star, sources, align_every=None, t_sampling="gaussian")
     with pytest.raises(UserError, match="at least one"):
         sd.Starlight(star, [], align_every=None)
+    light = sd.Starlight(star, sources, align_every=None)
+    star.double()  # converted after Starlight was made: its sources are still float32
+    with pytest.raises(UserError, match="after .to()"):
+        light(torch.randn(4, *SHAPE, dtype=torch.float64))
 
 
 def _hand_loop(cfg, sources, seed):

@@ -415,7 +415,7 @@ class Starlight:
                                 "or align_every=None to train against them as given")
             self.spec = permute.spec_for(star, example_input)
         self.params = dict(star.named_parameters())
-        self.device = next(iter(self.params.values())).device
+        self.device, self.dtype = next(iter(self.params.values())).device, next(iter(self.params.values())).dtype
         self.bank = SourceBank(originals, {k: p.dtype for k, p in self.params.items()}, self.device, "auto")
         self.draws = Draws(self.settings, len(originals), self.seed)
         self.scratch = ({k: b.detach().clone() for k, b in star.named_buffers()} if has_bn(star) else None)
@@ -430,8 +430,10 @@ class Starlight:
 
     def next_draw(self) -> tuple[int, float]:
         """Align when due, then draw the next (source, t) and count the call. -> (source index, t)."""
-        if next(iter(self.params.values())).device != self.device:
-            raise UserError("the star moved to another device after Starlight was created; create it after .to()")
+        first = next(iter(self.params.values()))
+        if first.device != self.device or first.dtype != self.dtype:
+            raise UserError(f"the star moved to {first.device}/{first.dtype} after Starlight was created (on "
+                            f"{self.device}/{self.dtype}); create Starlight after .to()")
         if self.align_every is not None and self.calls % self.align_every == 0:
             self.realign()
         self.last_draw = self.draws.draw()
