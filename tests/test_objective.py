@@ -489,6 +489,16 @@ def test_activation_checkpointing_is_refused_before_a_wrong_gradient_reaches_the
                 loss = F.cross_entropy(star(x), y)
         loss.backward()
     assert all(p.grad is None for p in star.parameters())
+    if form == "drawn":  # backward inside the block: the re-run sees the interpolated weights, and is right
+        light = sd.Starlight(star, [source], align_every=None, seed=0)
+        before = {k: v.clone() for k, v in star.state_dict().items()}
+        with light.drawn() as (n, t):
+            F.cross_entropy(star(x), y).backward()
+        second = _Checkpointed(reentrant)
+        second.load_state_dict(lerp(before, source, t))
+        F.cross_entropy(second(x), y).backward()
+        for p, q in zip(star.parameters(), second.parameters()):
+            torch.testing.assert_close(p.grad, (1 - t) * q.grad)
 
 
 def test_the_checkpointing_guard_leaves_after_one_backward_and_lets_the_star_itself_run_before_it():

@@ -42,6 +42,7 @@ permutation) every `align_every` calls and on `realign()`, with the seed `seed·
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import weakref
 from pathlib import Path
@@ -201,8 +202,10 @@ RECOMPUTE = ("the star re-runs part of its forward during backward (activation c
              "interpolated ones, so its gradients would be wrong: train the star without activation checkpointing")
 
 
-def _recompute_guard(module: nn.Module, args: Any) -> None:
-    if torch._C._current_graph_task_id() != -1:  # a forward inside a backward: checkpointing's re-run
+def _recompute_guard(theta: frozenset, module: nn.Module, args: Any) -> None:
+    """A forward inside a backward (checkpointing's re-run) of a submodule holding θ's own tensors `theta`
+    (ids) is refused; inside `Starlight.drawn()` the module holds the interpolated ones and the re-run is right."""
+    if torch._C._current_graph_task_id() != -1 and any(id(v) in theta for v in module._parameters.values()):
         raise UserError(RECOMPUTE)
 
 
@@ -216,7 +219,8 @@ def _watch(model: nn.Module, factor: dict) -> None:
     if hooks == [] or not hasattr(torch._C, "_current_graph_task_id"):
         return
     if hooks is None:
-        _WATCHED[model] = [m.register_forward_pre_hook(_recompute_guard) for m in model.modules()]
+        guard = functools.partial(_recompute_guard, frozenset(id(p) for p in model.parameters()))
+        _WATCHED[model] = [m.register_forward_pre_hook(guard) for m in model.modules()]
     factor["watch"] = model
 
 
