@@ -69,10 +69,9 @@ StateDict = dict[str, torch.Tensor]
 class _Interpolated(torch.autograd.Function):
     """(1-t)·θ + t·θ_n for every parameter at once, written into a buffer set from `pool` (a list; reused
     once this node's backward has run, so steady training allocates nothing; a graph dropped without
-    backward takes its set with it). Backward hands θ the
-    incoming gradient times `factor["scale"]`, read at backward time: 1 when the (1-t) went onto the
-    output's gradient instead (`interpolated_forward` decides after the forward, once it has seen the
-    output)."""
+    backward takes its set with it). Backward hands θ the incoming gradient times `factor["scale"]`, read
+    at backward time: 1 when the (1-t) went onto the output's gradient instead (`interpolated_forward`
+    decides after the forward, once it has seen the output)."""
 
     @staticmethod
     def forward(ctx, t: float, factor: dict, pool: list, sources: tuple, *params: torch.Tensor):  # type: ignore[override]
@@ -213,8 +212,8 @@ def _watch(model: nn.Module, factor: dict) -> None:
     """Activation checkpointing re-runs forwards during backward, after the interpolated weights were put
     back: the gradient would silently be taken at activations of θ. Until one backward through an
     interpolated forward of `model` has finished (its `_Interpolated` node runs last, after any re-run),
-    every submodule carries a pre-hook that refuses a forward inside a backward; then the hooks go, so
-    steady training pays nothing."""
+    every submodule carries a pre-hook that refuses such a re-run; then the hooks go, so steady training
+    pays nothing."""
     hooks = _WATCHED.get(model)
     if hooks == [] or not hasattr(torch._C, "_current_graph_task_id"):
         return
@@ -419,7 +418,8 @@ class Starlight:
                                 "or align_every=None to train against them as given")
             self.spec = permute.spec_for(star, example_input)
         self.params = dict(star.named_parameters())
-        self.device, self.dtype = next(iter(self.params.values())).device, next(iter(self.params.values())).dtype
+        first = next(iter(self.params.values()))
+        self.device, self.dtype = first.device, first.dtype
         self.bank = SourceBank(originals, {k: p.dtype for k, p in self.params.items()}, self.device, "auto")
         self.draws = Draws(self.settings, len(originals), self.seed)
         self.scratch = ({k: b.detach().clone() for k, b in star.named_buffers()} if has_bn(star) else None)
