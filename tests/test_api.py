@@ -271,3 +271,36 @@ def test_verbs_are_plain_functions_with_their_own_signature_and_docstring(cfg):
     assert inspect.getdoc(sd.barrier) == inspect.getdoc(api.barrier)
     assert "loss barrier" in inspect.getdoc(sd.barrier).lower()
     assert isinstance(sd.train(cfg, seed=0), sd.Trained)
+
+class _TwoHeads(nn.Module):
+    """Returns (logits, features): a common shape of research model, not one the losses can read."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, 16)), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h), h
+
+
+def narrow_mlp():
+    """Five outputs for digits' ten classes."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+
+
+def test_a_model_whose_output_the_losses_cannot_read_is_one_clear_error_before_training(cfg, digits):
+    with pytest.raises(UserError, match="returns a tuple.*return the logits alone"):
+        sd.train(cfg, model=_TwoHeads, data=digits)
+    with pytest.raises(UserError, match=r"logits of shape \(2, 5\).*\(N, 10 classes\)"):
+        sd.train(cfg, model=narrow_mlp(), data=digits)
+    factory = cfg.model_copy(update={"model": cfg.model.model_copy(update={"factory": "test_api:narrow_mlp",
+                                                                           "kwargs": {}})})
+    with pytest.raises(UserError, match=r"\(N, 10 classes\)"):
+        tr.init_model(factory, digits, seed=0)
+    model = live_mlp().train()
+    torch.manual_seed(5)
+    before = torch.rand(3)
+    torch.manual_seed(5)
+    tr.check_output(model, digits)  # a readable model passes, the RNG and the module's mode kept
+    assert torch.equal(torch.rand(3), before) and model.training

@@ -40,7 +40,7 @@ from .config import Config, apply_overrides, load_config, set_path, validate
 from .errors import UserError
 from .report.study import study_html as _study_html
 from .starlight import train_star
-from .training import StopRule, fit_record, init_model, model_meta
+from .training import StopRule, check_output, fit_record, init_model, model_meta
 from .training import train as train_one
 from .utils import resolve_device
 
@@ -225,15 +225,17 @@ def _resolve_model(model: Any, cfg: Config, data: _data.DataBundle, seed: int, i
     if model is None:
         return init_model(cfg, data, seed)
     if isinstance(model, nn.Module):
-        return _reset(model, seed) if init == "seed" else copy.deepcopy(model)
-    if callable(model):
+        built = _reset(model, seed) if init == "seed" else copy.deepcopy(model)
+    elif callable(model):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             built = model()
         if not isinstance(built, nn.Module):
             raise UserError(f"the model callable returned {type(built).__name__}, not an nn.Module")
-        return built
-    raise UserError(f"model must be an nn.Module or a callable building one, not {type(model).__name__}")
+    else:
+        raise UserError(f"model must be an nn.Module or a callable building one, not {type(model).__name__}")
+    check_output(built, data)
+    return built
 
 
 def _meta(cfg: Config, data: _data.DataBundle, module: nn.Module, live_model: bool, seed: int, role: str,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_state, save_state
 from .config import RUN_GUARDS, Config, OptimizerConfig, ScheduleConfig, StopConfig, TrainConfig
-from .data import DataBundle, Split, batches, data_meta, get_dataset, num_batches, per_token
+from .data import DataBundle, Split, batches, data_meta, first_inputs, get_dataset, num_batches, per_token
 from .engine import evaluate_module
 from .errors import UserError
 from .models import build_model
@@ -156,7 +156,38 @@ def init_model(cfg: Config, data: DataBundle, seed: int) -> nn.Module:
     """The seeded initialisation: the same seed always gives the same initial weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(cfg.model, data.input_shape, data.num_classes, tokens=data.sequence)
+        model = build_model(cfg.model, data.input_shape, data.num_classes, tokens=data.sequence)
+    if cfg.model.factory:
+        check_output(model, data)
+    return model
+
+
+def check_output(model: nn.Module, data: DataBundle) -> None:
+    """A model brought by the user must give what every loss and metric here reads: one tensor of logits,
+    (N, classes) for class labels or (N, T, vocabulary) for next-token targets, covering num_classes.
+    Checked once on two training inputs (no gradients, eval mode; the RNG and the module's mode restored),
+    so a mismatch is one clear line, not an error deep in training; a forward that fails here is left to
+    fail where it runs."""
+    x = first_inputs(data.train)
+    p = next(model.parameters(), None)
+    if p is not None:
+        x = x.to(p.device, p.dtype if x.is_floating_point() and p.is_floating_point() else x.dtype)
+    was = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            out = model.eval()(x)
+    except Exception:  # noqa: BLE001 (not this check's to report)
+        return
+    finally:
+        model.train(was)
+    want = (f"(N, T, vocabulary {data.num_classes})" if data.sequence else f"(N, {data.num_classes} classes)")
+    if not torch.is_tensor(out):
+        raise UserError(f"the model returns a {type(out).__name__}; training and evaluation need one tensor of "
+                        f"logits {want}: return the logits alone")
+    lead = tuple(x.shape[:2]) if data.sequence else (len(x),)
+    if tuple(out.shape[:-1]) != lead or out.shape[-1] < data.num_classes:
+        raise UserError(f"the model returns logits of shape {tuple(out.shape)} for inputs of shape {tuple(x.shape)}; "
+                        f"the data need {want} (labels 0..{data.num_classes - 1})")
 
 
 def save_training_state(path, digest: str, seed: int, epoch: int, model: nn.Module, opt, sched,
