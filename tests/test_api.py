@@ -304,3 +304,37 @@ def test_a_model_whose_output_the_losses_cannot_read_is_one_clear_error_before_t
     torch.manual_seed(5)
     tr.check_output(model, digits)  # a readable model passes, the RNG and the module's mode kept
     assert torch.equal(torch.rand(3), before) and model.training
+
+
+class _Items(torch.utils.data.Dataset):
+    """The digits training split as a Dataset of the user's own kind; `kind` says what an item is."""
+
+    def __init__(self, split, kind):
+        self.split, self.kind = split, kind
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        x, y = self.split.x[i], self.split.y[i]
+        return {"tensors": (x, y), "numpy": (x.numpy(), int(y)), "dict": {"image": x, "label": y},
+                "triple": (x, y, i)}[self.kind]
+
+
+def test_datasets_of_arrays_train_as_tensors_and_other_items_are_one_line(cfg, digits):
+    one = {"train.epochs": 1}
+    a = sd.train(cfg, data={"train": _Items(digits.train, "tensors"), "test": digits.test}, num_classes=10,
+                 overrides=one)
+    b = sd.train(cfg, data={"train": _Items(digits.train, "numpy"), "test": digits.test}, num_classes=10,
+                 overrides=one)
+    assert weights_sha256(a.state_dict) == weights_sha256(b.state_dict)  # numpy items are the same data
+    for kind, words in (("dict", "got a dict with keys \\['image', 'label'\\]"), ("triple", "got 3 values")):
+        with pytest.raises(UserError, match=words):
+            sd.train(cfg, data={"train": _Items(digits.train, kind), "test": digits.test}, num_classes=10)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(digits.train.x, digits.train.y))
+
+    with pytest.raises(UserError, match="map-style"):
+        sd.train(cfg, data={"train": Stream(), "test": digits.test}, num_classes=10)

@@ -164,8 +164,6 @@ def _split(v: Any, name: str) -> _data.Split:
         v = v.dataset
     if isinstance(v, TensorDataset) and len(v.tensors) == 2:
         v = tuple(v.tensors)
-    if isinstance(v, Dataset) and not isinstance(v, TensorDataset):
-        return _data.Split(dataset=v)
     return _data._to_split(v, name)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import IterableDataset
 
 from .config import DataConfig, did_you_mean, validate
 from .errors import UserError
@@ -216,11 +217,50 @@ DATASETS: dict[str, Callable[..., dict]] = {
 }
 
 
+class _AsTensors(TorchDataset):
+    """A user's Dataset whose (x, y) items are arrays or numbers, giving them as tensors."""
+
+    def __init__(self, dataset: TorchDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return torch.as_tensor(x), torch.as_tensor(y)
+
+
+def _dataset_split(ds: TorchDataset, split: str) -> Split:
+    """A user's Dataset as a split, its first item checked: a pair (x, y) of tensors, arrays or numbers
+    (these two made tensors on access); anything else is one line saying what to return."""
+    if isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
+        raise UserError(f"data split {split!r}: a Dataset here needs a length and items by index (a map-style "
+                        "Dataset), not an iterable one")
+    if len(ds) == 0:
+        return Split(dataset=ds)  # check_bundle says it is empty
+    item = ds[0]
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        got = (f"a dict with keys {sorted(map(str, item))[:6]}" if isinstance(item, dict) else
+               f"{len(item)} values" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}")
+        raise UserError(f"data split {split!r}: a Dataset item must be a pair (x, y), got {got}; "
+                        "make __getitem__ return (input, label)")
+    if all(torch.is_tensor(v) for v in item):
+        return Split(dataset=ds)
+    try:
+        for v in item:
+            torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"data split {split!r}: a Dataset item's x and y must be tensors, arrays or numbers "
+                        f"({str(e)[:120]})") from None
+    return Split(dataset=_AsTensors(ds))
+
+
 def _to_split(v, split: str) -> Split:
     if isinstance(v, Split):
         return v
     if isinstance(v, TorchDataset):
-        return Split(dataset=v)
+        return _dataset_split(v, split)
     if isinstance(v, (tuple, list)) and len(v) == 2:
         try:
             x, y = (torch.as_tensor(a) for a in v)
