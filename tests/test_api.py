@@ -338,3 +338,18 @@ def test_datasets_of_arrays_train_as_tensors_and_other_items_are_one_line(cfg, d
 
     with pytest.raises(UserError, match="map-style"):
         sd.train(cfg, data={"train": Stream(), "test": digits.test}, num_classes=10)
+
+
+def test_weights_of_another_architecture_or_not_finite_are_one_line(cfg, digits, pair):
+    a, b = pair
+    wide = sd.train(cfg, model=lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10)),
+                    data=digits, overrides={"train.epochs": 1})
+    nan = {k: v.clone() for k, v in b.state_dict.items()}
+    nan["3.bias"][0] = float("nan")
+    for verb in (lambda o: sd.barrier(a, o), lambda o: sd.align(a, o), lambda o: sd.bma(a, [b, o])):
+        with pytest.raises(UserError, match=r"does not fit the model .*other shape for '1.weight'"):
+            verb(wide)
+        with pytest.raises(UserError, match=r"has NaN or infinite weights \('3.bias'\)"):
+            verb(nan)
+    with pytest.raises(UserError, match=r"source 1 has NaN or infinite weights"):
+        sd.star([a, nan], overrides={"train.epochs": 1})

@@ -290,6 +290,13 @@ def _state(x: Any) -> StateDict:
     raise UserError(f"expected a Trained result, a state dict or a model file, not {type(x).__name__}")
 
 
+def _fitting(arch: nn.Module, x: Any, what: str) -> StateDict:
+    """x's state dict, checked against the architecture it is loaded into (and for NaN or infinite weights)."""
+    sd = _state(x)
+    checkpoint.check_fits(arch.state_dict(), sd, what, against="the model (give weights of one architecture)")
+    return sd
+
+
 def _first_trained(*xs: Any) -> Trained | None:
     for x in xs:
         if isinstance(x, (str, Path)):
@@ -367,7 +374,8 @@ def align(a: Any, b: Any, *, model: Any = None, data: Any = None, example_input:
         data_x = {"activation": _example(bundle, 256), "ste": bundle, "sinkhorn": bundle}.get(method)
     from .permute import MatchingOptions, align as permute_align
 
-    sd_p, info = permute_align(copy.deepcopy(arch).cpu(), _state(a), _state(b), example_input=x, method=method,
+    sd_p, info = permute_align(copy.deepcopy(arch).cpu(), _fitting(arch, a, "model A"), _fitting(arch, b, "model B"),
+                               example_input=x, method=method,
                                data_x=data_x, seed=seed, check=check, variant=variant,
                                options=MatchingOptions(learned=learned))
     perm = {k: torch.as_tensor(v) for k, v in info.pop("perm").items()}
@@ -381,7 +389,7 @@ def barrier(a: Any, b: Any, *, model: Any = None, data: Any = None, points: int 
     `barriers.BarrierSettings` (align_method, learned, refine, repair, temperature, bn_batches, ...)."""
     arch, bundle, _ = _context(_first_trained(a, b), model, data)
     settings = _settings(BarrierSettings, points=points, align=align, seed=seed, **kwargs)
-    rec = _measure(copy.deepcopy(arch), _state(a), _state(b), bundle, settings,
+    rec = _measure(copy.deepcopy(arch), _fitting(arch, a, "model A"), _fitting(arch, b, "model B"), bundle, settings,
                    device=resolve_device(device or "auto"))
     return Barrier(rec)
 
@@ -393,7 +401,8 @@ def bma(star_model: Any, sources: Sequence[Any], *, model: Any = None, data: Any
     ref = _first_trained(star_model, *sources)
     arch, bundle, cfg = _context(ref, model, data)
     settings = _settings(BMASettings, k=k, seeds=seeds, seed=seed, align=align, **kwargs)
-    res = _evaluate_predictors(cfg, _state(star_model), [_state(s) for s in sources], settings, device=device,
+    res = _evaluate_predictors(cfg, _fitting(arch, star_model, "the star"),
+                               [_fitting(arch, s, f"source {i}") for i, s in enumerate(sources)], settings, device=device,
                                data=bundle, model=copy.deepcopy(arch).cpu())
     return BMA(res)
 

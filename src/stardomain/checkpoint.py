@@ -287,6 +287,19 @@ def check_layout(want: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], whe
         raise UserError(f"{where} does not fit {against} ({'; '.join(parts)})")
 
 
+def check_fits(want: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], where: str, against: str) -> None:
+    """`sd` can be loaded where `want` (a state dict) is: the same names and shapes, dtypes equal up to
+    floating-point precision (a bfloat16 model takes float32 weights), and finite floating-point weights."""
+    def layout(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: torch.empty(v.shape, dtype=torch.float32 if v.is_floating_point() else v.dtype, device="meta")
+                for k, v in d.items()}
+    check_layout(layout(want), layout(sd), where, against)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{where} has NaN or infinite weights ({', '.join(repr(k) for k in bad[:3])}"
+                        f"{' ...' if len(bad) > 3 else ''})")
+
+
 def parse_meta(text: str, where: str) -> dict[str, Any]:
     """Limits, JSON, version, schema, digest - in that order, before anything else reads the metadata."""
     check_json_limits(text, f"{where}: its stardomain metadata")

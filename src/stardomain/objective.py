@@ -55,7 +55,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import permute
-from .checkpoint import check_layout, read_model_file
+from .checkpoint import check_fits, read_model_file
 from .config import StarConfig, validate
 from .data import Split, _to_split
 from .errors import UserError
@@ -374,15 +374,12 @@ def source_states(sources: Any) -> Sequence[StateDict]:
 
 
 def check_sources(model: nn.Module, sources: Sequence[StateDict]) -> None:
-    """Every source has exactly the model's state-dict names and shapes, and its dtypes up to floating-point
-    precision (a bfloat16 star may train against float32 sources), one clear line if not."""
-    def layout(sd: StateDict) -> StateDict:
-        return {k: torch.empty(v.shape, dtype=torch.float32 if v.is_floating_point() else v.dtype, device="meta")
-                for k, v in sd.items()}
-    want = layout(model.state_dict())
+    """Every source has exactly the model's state-dict names and shapes, its dtypes up to floating-point
+    precision (a bfloat16 star may train against float32 sources) and finite weights, one clear line if not."""
+    want = model.state_dict()
     for i in range(len(sources)):
-        check_layout(want, layout(sources[i]), f"source {i}", against="the star's model (give sources trained "
-                     "with the same architecture)")
+        check_fits(want, sources[i], f"source {i}", against="the star's model (give sources trained "
+                   "with the same architecture)")
 
 
 # ---------------------------------------------------------------- the objective
