@@ -352,6 +352,13 @@ def test_bad_input_is_one_clear_error():
         sd.Starlight(star, sources, align_every=None, t_sampling="gaussian")
     with pytest.raises(UserError, match="at least one"):
         sd.Starlight(star, [], align_every=None)
+    with pytest.raises(UserError, match="no parameters"):
+        sd.Starlight(nn.ReLU(), [{}], align_every=None)
+    for seed in (-1, 1.5, True):
+        with pytest.raises(UserError, match="seed must be a whole number"):
+            sd.Starlight(star, sources, align_every=None, seed=seed)
+    with pytest.raises(UserError, match=r"example_input: the star cannot run on it \(.*shapes cannot be multiplied"):
+        sd.Starlight(star, sources, example_input=torch.randn(2, 7))
     light = sd.Starlight(star, sources, align_every=None)
     star.double()  # converted after Starlight was made: its sources are still float32
     with pytest.raises(UserError, match="after .to()"):

@@ -55,6 +55,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import permute
+from .permute.inputs import call
 from .checkpoint import check_fits, read_model_file
 from .config import StarConfig, validate
 from .data import Split, _to_split
@@ -398,6 +399,10 @@ class Starlight:
                  beta: tuple[float, float] = (2.0, 2.0), t_constant: float = 0.5, match_iters: int = 100):
         if not isinstance(star, nn.Module):
             raise UserError(f"the star must be an nn.Module, not {type(star).__name__}")
+        if next(star.parameters(), None) is None:
+            raise UserError(f"the star ({type(star).__name__}) has no parameters to train")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+            raise UserError(f"seed must be a whole number from 0 to 2**63-1, not {seed!r}")
         if align_every is not None and (isinstance(align_every, bool) or not isinstance(align_every, int)
                                         or align_every < 1):
             raise UserError(f"align_every must be a positive number of calls or None, not {align_every!r}")
@@ -413,6 +418,7 @@ class Starlight:
             if example_input is None:
                 raise UserError("give example_input= (a batch the star accepts) so the sources can be aligned, "
                                 "or align_every=None to train against them as given")
+            _runs_on(star, example_input)
             self.spec = permute.spec_for(star, example_input)
         self.params = dict(star.named_parameters())
         first = next(iter(self.params.values()))
@@ -499,6 +505,20 @@ class Starlight:
         if self.scratch is not None and st.get("scratch") is not None:
             for k, v in st["scratch"].items():
                 self.scratch[k].copy_(v)
+
+
+def _runs_on(star: nn.Module, example_input: Any) -> None:
+    """The star runs on example_input (a tensor, a tuple of arguments or a dict of keywords): one line if not,
+    before the permutation spec is captured from it (a capture of a failing call only warns)."""
+    was = star.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            call(star.eval(), example_input)
+    except Exception as e:  # noqa: BLE001 (whatever the user's module raises is reported in one line)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"example_input: the star cannot run on it ({first[:200]})") from None
+    finally:
+        star.train(was)
 
 
 def _as_split(data: Any) -> Split:
