@@ -510,6 +510,8 @@ class Starlight:
 def _runs_on(star: nn.Module, example_input: Any) -> None:
     """The star runs on example_input (a tensor, a tuple of arguments or a dict of keywords): one line if not,
     before the permutation spec is captured from it (a capture of a failing call only warns)."""
+    device = next(star.parameters()).device  # a batch kept on the CPU while the star went to its GPU is fine
+    example_input = pytree.tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, example_input)
     was = star.training
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
