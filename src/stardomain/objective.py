@@ -55,7 +55,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import permute
-from .permute.inputs import call
+from .permute.inputs import forward_once
 from .checkpoint import check_fits, read_model_file
 from .config import StarConfig, validate
 from .data import Split, _to_split
@@ -510,17 +510,11 @@ class Starlight:
 def _runs_on(star: nn.Module, example_input: Any) -> None:
     """The star runs on example_input (a tensor, a tuple of arguments or a dict of keywords): one line if not,
     before the permutation spec is captured from it (a capture of a failing call only warns)."""
-    device = next(star.parameters()).device  # a batch kept on the CPU while the star went to its GPU is fine
-    example_input = pytree.tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, example_input)
-    was = star.training
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            call(star.eval(), example_input)
+        forward_once(star, example_input)
     except Exception as e:  # noqa: BLE001 (whatever the user's module raises is reported in one line)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"example_input: the star cannot run on it ({first[:200]})") from None
-    finally:
-        star.train(was)
 
 
 def _as_split(data: Any) -> Split:

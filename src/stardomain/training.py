@@ -29,6 +29,7 @@ from .data import DataBundle, Split, batches, data_meta, first_inputs, get_datas
 from .engine import evaluate_module
 from .errors import UserError
 from .models import build_model
+from .permute.inputs import forward_once
 from .utils import resolve_device  # noqa: F401  (moved to utils; importable from here too)
 from .runtime import record, warn_if_changed
 
@@ -169,17 +170,10 @@ def check_output(model: nn.Module, data: DataBundle) -> None:
     so a mismatch is one clear line, not an error deep in training; a forward that fails here is left to
     fail where it runs."""
     x = first_inputs(data.train)
-    p = next(model.parameters(), None)
-    if p is not None:
-        x = x.to(p.device, p.dtype if x.is_floating_point() and p.is_floating_point() else x.dtype)
-    was = model.training
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            out = model.eval()(x)
+        out = forward_once(model, x)
     except Exception:  # noqa: BLE001 (not this check's to report)
         return
-    finally:
-        model.train(was)
     want = (f"(N, T, vocabulary {data.num_classes})" if data.sequence else f"(N, {data.num_classes} classes)")
     if not torch.is_tensor(out):
         raise UserError(f"the model returns a {type(out).__name__}; training and evaluation need one tensor of "

@@ -28,6 +28,26 @@ def call(model: torch.nn.Module, example: Any) -> Any:
     return model(*args, **kwargs)
 
 
+def forward_once(model: torch.nn.Module, example: Any) -> Any:
+    """model(example) as an inspection that changes nothing: eval mode (the module's own mode restored), no
+    gradients, the RNG untouched; the example's tensors moved to the model's device (floating ones to its
+    floating dtype)."""
+    p = next(model.parameters(), None)
+    if p is not None:
+        def to_model(v):
+            if not torch.is_tensor(v):
+                return v
+            return v.to(p.device, p.dtype if v.is_floating_point() and p.is_floating_point() else v.dtype)
+        example = {k: to_model(v) for k, v in example.items()} if isinstance(example, dict) else \
+            tuple(map(to_model, example)) if isinstance(example, (tuple, list)) else to_model(example)
+    was = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            return call(model.eval(), example)
+    finally:
+        model.train(was)
+
+
 def flat_tensors(out: Any) -> list[torch.Tensor]:
     """Every tensor in a nest of tuples, lists, dicts and dataclasses, in a fixed order."""
     if isinstance(out, torch.Tensor):
