@@ -306,17 +306,15 @@ def test_a_model_whose_output_the_losses_cannot_read_is_one_clear_error_before_t
     assert torch.equal(torch.rand(3), before) and model.training
 
 
-class _Items(torch.utils.data.Dataset):
+class _Items(Pairs):
     """The digits training split as a Dataset of the user's own kind; `kind` says what an item is."""
 
     def __init__(self, split, kind):
-        self.split, self.kind = split, kind
-
-    def __len__(self):
-        return len(self.split)
+        super().__init__(split.x, split.y)
+        self.kind = kind
 
     def __getitem__(self, i):
-        x, y = self.split.x[i], self.split.y[i]
+        x, y = super().__getitem__(i)
         return {"tensors": (x, y), "numpy": (x.numpy(), int(y)), "dict": {"image": x, "label": y},
                 "triple": (x, y, i)}[self.kind]
 

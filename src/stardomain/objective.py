@@ -55,12 +55,12 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import permute
-from .permute.inputs import forward_once
 from .checkpoint import check_fits, read_model_file
 from .config import StarConfig, validate
 from .data import Split, _to_split
 from .errors import UserError
 from .interpolate import has_bn, recalibrate_bn as _recalibrate_bn
+from .permute.inputs import forward_once
 
 StateDict = dict[str, torch.Tensor]
 
@@ -197,6 +197,7 @@ def _restore(undo: list[tuple[dict, str, torch.Tensor]]) -> None:
 
 
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_CAN_WATCH = hasattr(torch._C, "_current_graph_task_id")  # a private torch function: without it, no guard
 RECOMPUTE = ("the star re-runs part of its forward during backward (activation checkpointing: "
              "torch.utils.checkpoint, gradient_checkpointing); the re-run reads the star's own weights, not the "
              "interpolated ones, so its gradients would be wrong: train the star without activation checkpointing")
@@ -216,7 +217,7 @@ def _watch(model: nn.Module, factor: dict) -> None:
     every submodule carries a pre-hook that refuses such a re-run; then the hooks go, so steady training
     pays nothing."""
     hooks = _WATCHED.get(model)
-    if hooks == [] or not hasattr(torch._C, "_current_graph_task_id"):
+    if hooks == [] or not _CAN_WATCH:
         return
     if hooks is None:
         guard = functools.partial(_recompute_guard, frozenset(id(p) for p in model.parameters()))
